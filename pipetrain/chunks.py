@@ -1,0 +1,890 @@
+"""Read row ranges of a chunked HDF5 dataset from its raw chunks, past h5py's global lock.
+
+h5py runs every HDF5 call under one process-wide lock, so threads reading compressed
+data through h5py take turns (DESIGN.md, "Facts we measured"). This module reads the
+dataset's chunk index once, with h5py, when the reader is opened; after that a read
+touches neither h5py nor HDF5:
+
+1. each chunk's stored bytes come from a positioned read (``os.preadv``) on the
+   reader's own file descriptor, which releases the GIL;
+2. the filter pipeline is undone in the calling thread with decoders that release
+   the GIL (libdeflate, ISA-L, zlib, lz4, zstd, blosc, ...) and numpy;
+3. the decoded chunk lands in the output array with at most one copy (two with the
+   shuffle filter), or none when a whole chunk decodes straight into the output.
+
+Anything this path cannot reproduce byte for byte makes `open_chunk_reader` return a
+one-line reason instead, and the caller falls back to h5py's own read. A reader also
+checks itself against h5py when it is opened (chunk addresses and two row-chunks), so
+a surprise in the file format shows up as a fallback, not as wrong data.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import operator
+import os
+import threading
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import h5py
+import numpy as np
+
+__all__ = ["ChunkReader", "open_chunk_reader", "read_path"]
+
+# HDF5 filter ids (H5Zpublic.h and the registered-filter list).
+_GZIP, _SHUFFLE, _FLETCHER32, _SZIP, _NBIT, _SCALEOFFSET = 1, 2, 3, 4, 5, 6
+_LZF, _BLOSC, _LZ4, _BITSHUFFLE, _ZSTD, _BLOSC2 = 32000, 32001, 32004, 32008, 32015, 32026
+
+_FILTER_NAMES = {
+    _GZIP: "gzip",
+    _SHUFFLE: "shuffle",
+    _FLETCHER32: "fletcher32",
+    _SZIP: "szip",
+    _NBIT: "nbit",
+    _SCALEOFFSET: "scaleoffset",
+    _LZF: "lzf",
+    _BLOSC: "blosc",
+    _LZ4: "lz4",
+    _BITSHUFFLE: "bitshuffle",
+    _ZSTD: "zstd",
+    _BLOSC2: "blosc2",
+}
+
+# Decoder back ends per filter, fastest first. Measured on the 2-core dev box
+# (benchmarks/bench_decode.py, 256 x 784 float32 chunks, gzip level 1, one thread):
+# libdeflate via imagecodecs ~2.1 GB/s (it decodes straight into the output), the
+# `deflate` package (also libdeflate) ~1.3 GB/s, ISA-L ~1.0 GB/s, zlib ~0.5 GB/s.
+# All of them release the GIL while they work.
+_BACKENDS: dict[str, tuple[str, ...]] = {
+    "gzip": ("imagecodecs", "libdeflate", "isal", "zlib"),
+    "lzf": ("imagecodecs",),
+    "blosc": ("imagecodecs", "numcodecs"),
+    "lz4": ("imagecodecs", "lz4"),
+    "zstd": ("imagecodecs", "numcodecs"),
+    "bitshuffle": ("imagecodecs",),
+}
+_PIP_HINT = {
+    "lzf": "imagecodecs",
+    "blosc": "imagecodecs",
+    "lz4": "lz4",
+    "zstd": "imagecodecs",
+    "bitshuffle": "imagecodecs",
+}
+
+# File drivers whose file is one ordinary file on disk, addressed as HDF5 addresses it.
+_PLAIN_DRIVERS = ("sec2", "stdio")
+
+# A decoder turns one stage's stored bytes back into its input. It writes into `dest`
+# (a uint8 array of exactly the decoded size) when it can, else returns a new buffer.
+_Decoder = Callable[[Any, "np.ndarray | None"], Any]
+
+
+def _module(name: str):
+    """The module `name`, or None when it is not installed (codec packages are optional)."""
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        return None
+
+
+@dataclass(frozen=True)
+class _Stage:
+    """One filter of the dataset's pipeline and how to undo it."""
+
+    name: str  # "gzip", "shuffle", ...
+    via: str  # the library that decodes it, for humans
+    decode: _Decoder
+    shuffle_itemsize: int = 0  # > 0 for the byte-shuffle filter: unshuffled while placing
+
+
+# ----------------------------------------------------------------------------- decoders
+
+
+def _gzip_decoder(backend: str, nbytes: int) -> tuple[_Decoder, str] | None:
+    if backend == "imagecodecs":
+        ic = _module("imagecodecs")
+        if ic is None or not hasattr(ic, "deflate_decode"):
+            return None
+        return (
+            lambda src, dest: ic.deflate_decode(src, out=nbytes if dest is None else dest),
+            "libdeflate (imagecodecs)",
+        )
+    if backend == "libdeflate":
+        lib = _module("deflate")
+        if lib is None:
+            return None
+        return (lambda src, dest: lib.zlib_decompress(src, nbytes)), "libdeflate"
+    if backend == "isal":
+        isal_zlib = _module("isal.isal_zlib")
+        if isal_zlib is None:
+            return None
+        return (lambda src, dest: isal_zlib.decompress(src, 15, nbytes)), "isal"
+    if backend == "zlib":
+        return (lambda src, dest: zlib.decompress(src, 15, nbytes)), "zlib"
+    return None
+
+
+def _lzf_decoder(backend: str, nbytes: int) -> tuple[_Decoder, str] | None:
+    ic = _module("imagecodecs") if backend == "imagecodecs" else None
+    if ic is None or not hasattr(ic, "lzf_decode"):
+        return None
+    # h5py's lzf filter stores a bare LZF stream, no header.
+    return (
+        lambda src, dest: ic.lzf_decode(src, header=False, out=nbytes if dest is None else dest),
+        "imagecodecs",
+    )
+
+
+def _blosc_decoder(backend: str, nbytes: int) -> tuple[_Decoder, str] | None:
+    if backend == "imagecodecs":
+        ic = _module("imagecodecs")
+        if ic is None or not hasattr(ic, "blosc_decode"):
+            return None
+        # One blosc thread: our callers are the threads.
+        return (
+            lambda src, dest: ic.blosc_decode(
+                src, numthreads=1, out=nbytes if dest is None else dest
+            ),
+            "imagecodecs",
+        )
+    if backend == "numcodecs":
+        blosc = _module("numcodecs.blosc")
+        if blosc is None:
+            return None
+
+        def decode(src, dest):
+            target = np.empty(nbytes, np.uint8) if dest is None else dest
+            blosc.decompress(src, target)
+            return target
+
+        return decode, "numcodecs"
+    return None
+
+
+def _lz4_hdf5_frames(src, dest: np.ndarray | None, nbytes: int, decompress_block) -> np.ndarray:
+    """Undo HDF5's lz4 filter framing (filter 32004) with `decompress_block(data, size)`.
+
+    The frame: 8-byte big-endian total size, 4-byte big-endian block size, then per
+    block a 4-byte big-endian stored size and the data; a block whose stored size equals
+    its raw size was kept uncompressed.
+    """
+    view = memoryview(src).cast("B")
+    total = int.from_bytes(view[0:8], "big")
+    block = int.from_bytes(view[8:12], "big")
+    if total != nbytes or block <= 0:
+        raise ValueError(f"lz4 header says {total} bytes in blocks of {block}, expected {nbytes}")
+    out = np.empty(nbytes, np.uint8) if dest is None else dest
+    pos, done = 12, 0
+    while done < total:
+        raw = min(block, total - done)
+        stored = int.from_bytes(view[pos : pos + 4], "big")
+        pos += 4
+        if pos + stored > len(view):
+            raise ValueError(f"lz4 block at byte {pos} runs past the end of the chunk")
+        data = view[pos : pos + stored]
+        out[done : done + raw] = np.frombuffer(
+            data if stored == raw else decompress_block(data, raw), np.uint8
+        )
+        pos += stored
+        done += raw
+    return out
+
+
+def _lz4_decoder(backend: str, nbytes: int) -> tuple[_Decoder, str] | None:
+    if backend == "imagecodecs":
+        ic = _module("imagecodecs")
+        if ic is None or not hasattr(ic, "lz4h5_decode"):
+            return None
+        return (
+            lambda src, dest: ic.lz4h5_decode(src, out=nbytes if dest is None else dest),
+            "imagecodecs",
+        )
+    if backend == "lz4":
+        lz4_block = _module("lz4.block")
+        if lz4_block is None:
+            return None
+
+        def block(data, size):
+            return lz4_block.decompress(data, uncompressed_size=size)
+
+        return (lambda src, dest: _lz4_hdf5_frames(src, dest, nbytes, block)), "lz4"
+    return None
+
+
+def _zstd_decoder(backend: str, nbytes: int) -> tuple[_Decoder, str] | None:
+    if backend == "imagecodecs":
+        ic = _module("imagecodecs")
+        if ic is None or not hasattr(ic, "zstd_decode"):
+            return None
+        return (
+            lambda src, dest: ic.zstd_decode(src, out=nbytes if dest is None else dest),
+            "imagecodecs",
+        )
+    if backend == "numcodecs":
+        zstd = _module("numcodecs.zstd")
+        if zstd is None:
+            return None
+        codec = zstd.Zstd()
+        return (lambda src, dest: codec.decode(src, out=dest)), "numcodecs"
+    return None
+
+
+def _bitshuffle_decoder(backend: str, nbytes: int, cd_values: tuple[int, ...]):
+    """Bitshuffle (filter 32008), optionally with lz4 (cd_values[4] == 2) or zstd (3).
+
+    Compressed, a chunk is: 8-byte big-endian decoded size, 4-byte big-endian block
+    size in bytes, then each block of `block` elements (the last one cut to a multiple
+    of 8 elements) as a 4-byte big-endian stored size and the compressed bit-shuffled
+    bytes, then the last `count % 8` elements as they are. Undone here by decompressing
+    the blocks back to back and bit-unshuffling the whole buffer with the same block size.
+    """
+    ic = _module("imagecodecs") if backend == "imagecodecs" else None
+    if ic is None or not hasattr(ic, "bitshuffle_decode") or len(cd_values) < 3:
+        return None
+    itemsize = cd_values[2]
+    block_elems = cd_values[3] if len(cd_values) > 3 else 0
+    compression = cd_values[4] if len(cd_values) > 4 else 0
+    if itemsize <= 0 or nbytes % itemsize:
+        return None
+    if compression == 0:
+
+        def plain(src, dest):
+            return ic.bitshuffle_decode(
+                memoryview(src),
+                itemsize=itemsize,
+                blocksize=block_elems,
+                out=np.empty(nbytes, np.uint8) if dest is None else dest,
+            )
+
+        return plain, "imagecodecs"
+    if compression == 2:
+        block_codec, label = (lambda data, out: ic.lz4_decode(data, header=False, out=out)), "lz4"
+    elif compression == 3:
+        block_codec, label = (lambda data, out: ic.zstd_decode(data, out=out)), "zstd"
+    else:
+        return None
+
+    def compressed(src, dest):
+        view = memoryview(src).cast("B")
+        total = int.from_bytes(view[0:8], "big")
+        block = int.from_bytes(view[8:12], "big") // itemsize
+        if total != nbytes or block <= 0 or block % 8:
+            raise ValueError(f"bitshuffle header says {total} bytes, blocks of {block} elements")
+        count = total // itemsize
+        shuffled = np.empty(total, np.uint8)
+        pos, done = 12, 0
+        while count - done >= 8:
+            size = min(block, count - done)
+            size -= size % 8
+            stored = int.from_bytes(view[pos : pos + 4], "big")
+            pos += 4
+            target = shuffled[done * itemsize : (done + size) * itemsize]
+            got = block_codec(view[pos : pos + stored], target)
+            if got is not target:
+                target[:] = np.frombuffer(got, np.uint8)
+            pos += stored
+            done += size
+        tail = (count - done) * itemsize
+        shuffled[done * itemsize :] = np.frombuffer(view[pos : pos + tail], np.uint8)
+        return ic.bitshuffle_decode(
+            memoryview(shuffled),
+            itemsize=itemsize,
+            blocksize=block,
+            out=np.empty(nbytes, np.uint8) if dest is None else dest,
+        )
+
+    return compressed, f"imagecodecs ({label} blocks)"
+
+
+def _unshuffle(planes: np.ndarray, dest: np.ndarray) -> None:
+    """Undo HDF5's byte shuffle: `planes` (itemsize, *shape) holds byte k of every element
+    in plane k; write the elements into `dest` (shape, any dtype of that itemsize, any strides).
+
+    For 2-, 4- and 8-byte items the planes are combined as little-endian integers with
+    whole-array shifts and ORs (about 5x faster than numpy's byte-wise transposing copy);
+    other sizes take the transposing copy.
+    """
+    itemsize = planes.shape[0]
+    if itemsize in (2, 4, 8):
+        words = dest.view(f"<u{itemsize}")
+        np.copyto(words, planes[itemsize - 1], casting="safe")
+        for k in range(itemsize - 2, -1, -1):
+            words <<= 8
+            words |= planes[k]
+    else:
+        as_bytes = dest.view(np.uint8).reshape(dest.shape + (itemsize,))
+        np.copyto(as_bytes, np.moveaxis(planes, 0, -1))
+
+
+def _unshuffle_decoder(itemsize: int) -> _Decoder:
+    """Byte-unshuffle a whole buffer; used only when shuffle is not the outermost filter,
+    so its input can be any length: HDF5 leaves the last `len % itemsize` bytes as they are."""
+
+    def decode(src, dest):
+        data = np.frombuffer(src, np.uint8)
+        out = dest if dest is not None and dest.size == data.size else np.empty_like(data)
+        body = data.size - data.size % itemsize
+        _unshuffle(data[:body].reshape(itemsize, -1), out[:body].view(f"V{itemsize}"))
+        out[body:] = data[body:]
+        return out
+
+    return decode
+
+
+_COMPRESSORS = {
+    "gzip": _gzip_decoder,
+    "lzf": _lzf_decoder,
+    "blosc": _blosc_decoder,
+    "lz4": _lz4_decoder,
+    "zstd": _zstd_decoder,
+}
+
+
+def _stages(
+    dcpl, dtype: np.dtype, chunk_nbytes: int, prefer: dict[str, str]
+) -> list[_Stage | None] | str:
+    """The pipeline's stages in file order (None for a no-op stage), or why we cannot undo it."""
+    stages: list[_Stage | None] = []
+    compressors = []
+    for index in range(dcpl.get_nfilters()):
+        code, _flags, cd_values, _label = dcpl.get_filter(index)
+        name = _FILTER_NAMES.get(code, f"id {code}")
+        cd_values = tuple(int(v) for v in cd_values)
+        if code == _SHUFFLE:
+            itemsize = cd_values[0] if cd_values else dtype.itemsize
+            if itemsize != dtype.itemsize:
+                return f"shuffle element size {itemsize} differs from the dtype's {dtype.itemsize}"
+            # HDF5 skips shuffling for one-byte elements.
+            stages.append(
+                None
+                if itemsize <= 1
+                else _Stage("shuffle", "numpy", _unshuffle_decoder(itemsize), itemsize)
+            )
+            continue
+        if name not in _BACKENDS:
+            return f"filter {name} is not supported"
+        candidates = (prefer[name],) if name in prefer else _BACKENDS[name]
+        found = None
+        for backend in candidates:
+            if name == "bitshuffle":
+                found = _bitshuffle_decoder(backend, chunk_nbytes, cd_values)
+            else:
+                found = _COMPRESSORS[name](backend, chunk_nbytes)
+            if found is not None:
+                break
+        if found is None:
+            if name in prefer:
+                return f"{name} decoder {prefer[name]!r} is not available"
+            if name == "bitshuffle" and _module("imagecodecs") is not None:
+                return f"bitshuffle with options {cd_values} is not supported"
+            packages = " or ".join(candidates)
+            return f"{name} needs {packages} (pip install {_PIP_HINT[name]})"
+        stages.append(_Stage(name, found[1], found[0]))
+        if name != "bitshuffle" or (len(cd_values) > 4 and cd_values[4]):
+            compressors.append(name)
+    if len(compressors) > 1:
+        return f"more than one compression filter ({'+'.join(compressors)})"
+    return stages
+
+
+# ------------------------------------------------------------------------------- reader
+
+
+@dataclass(frozen=True)
+class _FeaturePart:
+    """Where one column of chunks (fixed coordinates past the row axis) lands in a row."""
+
+    dst: tuple[slice, ...]  # in the output row, past the row axis
+    src: tuple[slice, ...]  # in the chunk, past the row axis: the part inside the dataset
+    origin: tuple[int, ...]  # element offset of the chunk past the row axis
+
+
+class _Scratch:
+    """Per-thread buffers, so the hot path allocates nothing per chunk."""
+
+    def __init__(self, stored: int, decoded: int):
+        self.stored = np.empty(stored, np.uint8)
+        self.decoded = np.empty(decoded, np.uint8)
+
+
+class ChunkReader:
+    """Reads row ranges of one chunked HDF5 dataset from raw chunks, in the calling thread.
+
+    Open it with `open_chunk_reader`. `read` may be called from many threads at once:
+    the reader holds no lock, and every thread gets its own scratch buffers.
+
+    Example::
+
+        reader = open_chunk_reader(h5py.File("train.h5")["images"])
+        if isinstance(reader, str):
+            print("falling back to h5py:", reader)
+        else:
+            batch, nbytes = reader.read(0, 256)
+    """
+
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    chunks: tuple[int, ...]
+    filters: tuple[str, ...]
+    codec: str
+
+    def __init__(
+        self,
+        *,
+        filename: str,
+        name: str,
+        fd: int,
+        shape,
+        dtype,
+        chunks,
+        stages: list[_Stage | None],
+        fillvalue,
+        offsets: np.ndarray,
+        sizes: np.ndarray,
+        masks: np.ndarray,
+        filters: tuple[str, ...],
+    ):
+        self.shape = tuple(int(n) for n in shape)
+        self.dtype = np.dtype(dtype)
+        self.chunks = tuple(int(n) for n in chunks)
+        self.filters = filters
+        self._filename = filename
+        self._name = name
+        self._fd = fd
+        self._stages = stages
+        self._fill = np.asarray(fillvalue, dtype=self.dtype)
+        # Chunk index by grid coordinate: row-chunk, then the column of chunks past it.
+        rows = offsets.shape[0] if offsets.ndim else 0
+        self._offsets = offsets.reshape(rows, -1)
+        self._sizes = sizes.reshape(rows, -1)
+        self._masks = masks.reshape(rows, -1)
+        self._chunk_nbytes = int(np.prod(self.chunks)) * self.dtype.itemsize
+        self._row_nbytes = int(np.prod(self.shape[1:], dtype=np.int64)) * self.dtype.itemsize
+        self._parts = _feature_parts(self.shape, self.chunks)
+        # A whole row-chunk is then one contiguous block of the output.
+        self._rows_contiguous = self.chunks[1:] == self.shape[1:]
+        self._max_stored = max(int(sizes.max()) if sizes.size else 0, self._chunk_nbytes)
+        self._plans: dict[int, tuple[tuple[_Stage, ...], int]] = {}
+        self._local = threading.local()
+        self.codec = _describe(filters, [s for s in stages if s is not None])
+
+    # -- public ---------------------------------------------------------------------
+
+    def read(self, start: int, stop: int, out: np.ndarray | None = None) -> tuple[np.ndarray, int]:
+        """Rows [start, stop) (shape (stop-start, *shape[1:]), dtype) and the number of bytes fetched from the file.
+
+        With `out` (C-contiguous, right shape and dtype), write into it and return it.
+        Thread-safe: many threads call read() at once.
+        """
+        start, stop = operator.index(start), operator.index(stop)
+        if not 0 <= start <= stop <= self.shape[0]:
+            raise IndexError(f"{self._where()}: rows {start}:{stop} are outside 0:{self.shape[0]}")
+        out = self._output(out, stop - start)
+        if stop == start:
+            return out, 0
+        if self._fd < 0:
+            raise ValueError(f"{self._where()}: the chunk reader is closed")
+        flat = out.reshape(-1).view(np.uint8)
+        rows_per_chunk = self.chunks[0]
+        fetched = 0
+        for row_chunk in range(start // rows_per_chunk, (stop - 1) // rows_per_chunk + 1):
+            for column, part in enumerate(self._parts):
+                fetched += self._place(row_chunk, column, part, start, stop, out, flat)
+        return out, fetched
+
+    def close(self) -> None:
+        """Close the file descriptor. Call it once every read() has returned."""
+        fd, self._fd = self._fd, -1
+        if fd >= 0:
+            os.close(fd)
+
+    def __enter__(self) -> ChunkReader:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self):
+        # Only a fallback: owners call close().
+        with contextlib.suppress(AttributeError, OSError):
+            self.close()
+
+    def __repr__(self) -> str:
+        return (
+            f"<ChunkReader {self._filename}:{self._name} shape={self.shape} "
+            f"chunks={self.chunks} {self.codec}>"
+        )
+
+    # -- hot path -------------------------------------------------------------------
+
+    def _place(
+        self,
+        row_chunk: int,
+        column: int,
+        part: _FeaturePart,
+        start: int,
+        stop: int,
+        out: np.ndarray,
+        flat: np.ndarray,
+    ) -> int:
+        """Put the part of one chunk that lies in rows [start, stop) into `out`; bytes fetched."""
+        rows_per_chunk = self.chunks[0]
+        first = row_chunk * rows_per_chunk
+        lo, hi = max(start, first), min(stop, first + rows_per_chunk)
+        dst = (slice(lo - start, hi - start),) + part.dst
+        offset = int(self._offsets[row_chunk, column])
+        if offset < 0:  # never written: HDF5 reads the fill value
+            out[dst] = self._fill
+            return 0
+        size = int(self._sizes[row_chunk, column])
+        stages, unshuffle = self._plan(int(self._masks[row_chunk, column]))
+        scratch = self._scratch()
+        # The whole chunk is one contiguous run of `out`: decode (or read) straight into it.
+        whole = self._rows_contiguous and lo == first and hi == first + rows_per_chunk
+        direct = (
+            flat[(lo - start) * self._row_nbytes : (hi - start) * self._row_nbytes]
+            if whole
+            else None
+        )
+
+        if not stages and not unshuffle and whole and size == self._chunk_nbytes:
+            self._pread(direct, offset, size, row_chunk, column, start, stop)
+            return size
+        data = self._pread(scratch.stored[:size], offset, size, row_chunk, column, start, stop)
+        for index, stage in enumerate(stages):
+            last = index == len(stages) - 1
+            dest = (direct if whole and not unshuffle else scratch.decoded) if last else None
+            try:
+                data = stage.decode(data, dest)
+            except MemoryError:
+                raise
+            except Exception as exc:  # codecs raise their own types; name the chunk
+                raise ValueError(
+                    f"{self._where(row_chunk, column, start, stop)}: "
+                    f"{stage.name} via {stage.via}: {exc}"
+                ) from exc
+        decoded = memoryview(data).nbytes
+        if decoded != self._chunk_nbytes:
+            raise ValueError(
+                f"{self._where(row_chunk, column, start, stop)}: decoded {decoded} "
+                f"bytes, expected {self._chunk_nbytes}"
+            )
+        if data is direct and direct is not None:
+            return size
+        src = (slice(lo - first, hi - first),) + part.src
+        if unshuffle:
+            planes = np.frombuffer(data, np.uint8).reshape((unshuffle,) + self.chunks)
+            _unshuffle(planes[(slice(None),) + src], out[dst])
+        else:
+            out[dst] = np.frombuffer(data, self.dtype).reshape(self.chunks)[src]
+        return size
+
+    def _pread(
+        self,
+        into: np.ndarray,
+        offset: int,
+        size: int,
+        row_chunk: int,
+        column: int,
+        start: int,
+        stop: int,
+    ) -> np.ndarray:
+        """Fill `into` (exactly `size` bytes) from the file at `offset`, without the GIL."""
+        view = memoryview(into)[:size]
+        done = 0
+        while done < size:
+            try:
+                got = os.preadv(self._fd, [view[done:]], offset + done)
+            except OSError as exc:
+                raise OSError(
+                    exc.errno,
+                    f"{self._where(row_chunk, column, start, stop)}: "
+                    f"read failed at byte {offset + done}: {exc.strerror}",
+                ) from exc
+            if got <= 0:
+                raise OSError(
+                    f"{self._where(row_chunk, column, start, stop)}: short read, "
+                    f"{done} of {size} bytes at byte {offset} (file truncated?)"
+                )
+            done += got
+        return into
+
+    def _plan(self, mask: int) -> tuple[tuple[_Stage, ...], int]:
+        """Decode stages (in decode order) for a chunk's filter mask, and the unshuffle item size.
+
+        A set bit i in the mask means filter i was skipped when the chunk was written.
+        When the outermost applied filter is shuffle, it is undone while placing the
+        chunk into the output, which saves a copy.
+        """
+        plan = self._plans.get(mask)
+        if plan is None:
+            applied = [s for i, s in enumerate(self._stages) if s is not None and not mask >> i & 1]
+            unshuffle = 0
+            if applied and applied[0].shuffle_itemsize:
+                unshuffle = applied.pop(0).shuffle_itemsize
+            plan = self._plans[mask] = (tuple(reversed(applied)), unshuffle)
+        return plan
+
+    def _scratch(self) -> _Scratch:
+        try:
+            return self._local.scratch
+        except AttributeError:
+            scratch = self._local.scratch = _Scratch(self._max_stored, self._chunk_nbytes)
+            return scratch
+
+    def _output(self, out: np.ndarray | None, rows: int) -> np.ndarray:
+        shape = (rows,) + self.shape[1:]
+        if out is None:
+            return np.empty(shape, self.dtype)
+        if out.shape != shape or out.dtype != self.dtype:
+            raise ValueError(
+                f"{self._where()}: out has shape {out.shape} and dtype {out.dtype}, "
+                f"expected {shape} and {self.dtype}"
+            )
+        if not out.flags.c_contiguous or not out.flags.writeable:
+            raise ValueError(f"{self._where()}: out must be a writeable C-contiguous array")
+        return out
+
+    def _where(
+        self,
+        row_chunk: int | None = None,
+        column: int = 0,
+        start: int | None = None,
+        stop: int | None = None,
+    ) -> str:
+        """'file: dataset 'name' chunk at row R, reading rows a:b' for messages."""
+        where = f"{self._filename}: dataset '{self._name}'"
+        if row_chunk is not None:
+            origin = (row_chunk * self.chunks[0],) + self._parts[column].origin
+            at = f"row {origin[0]}" if len(self._parts) == 1 else f"{origin}"
+            where += f" chunk at {at}, reading rows {start}:{stop}"
+        return where
+
+
+def _feature_parts(shape: tuple[int, ...], chunks: tuple[int, ...]) -> list[_FeaturePart]:
+    """The columns of chunks past the row axis, in C order of their grid coordinates."""
+    axes = []
+    for size, chunk in zip(shape[1:], chunks[1:], strict=True):
+        axes.append([(k, min(chunk, size - k)) for k in range(0, max(size, 1), chunk)])
+    parts = []
+    for coords in np.ndindex(*(len(a) for a in axes)):
+        picked = [axes[d][i] for d, i in enumerate(coords)]
+        parts.append(
+            _FeaturePart(
+                dst=tuple(slice(k, k + n) for k, n in picked),
+                src=tuple(slice(0, n) for _, n in picked),
+                origin=tuple(k for k, _ in picked),
+            )
+        )
+    return parts
+
+
+def _describe(filters: tuple[str, ...], stages: list[_Stage]) -> str:
+    """One line for humans, e.g. 'raw chunks: shuffle+gzip via numpy + isal, threads scale'."""
+    if not stages:
+        return "raw chunks: unfiltered, positioned reads, threads scale"
+    via = " + ".join(dict.fromkeys(s.via for s in stages))
+    return f"raw chunks: {'+'.join(filters)} via {via}, threads scale"
+
+
+# --------------------------------------------------------------------------- opening
+
+
+def open_chunk_reader(dset: h5py.Dataset) -> ChunkReader | str:
+    """The fast reader for `dset`, or a one-line reason why pipetrain must fall back to h5py's own read.
+
+    Reasons look like "contiguous layout", "filter fletcher32 is not supported",
+    "file driver 'core'", "lzf needs imagecodecs (pip install imagecodecs)".
+    """
+    return _open_chunk_reader(dset)
+
+
+def read_path(dset) -> str:
+    """One line saying which path pipetrain will use for this dataset and why (for `pipetrain inspect`)."""
+    reader = open_chunk_reader(dset)
+    if isinstance(reader, str):
+        return f"h5py read (threads take turns under h5py's lock): {reader}"
+    with reader:
+        return reader.codec
+
+
+def _open_chunk_reader(
+    dset: h5py.Dataset, prefer: dict[str, str] | None = None
+) -> ChunkReader | str:
+    """`open_chunk_reader`, with `prefer` forcing a decoder back end per filter
+    (e.g. {"gzip": "zlib"}) for tests and benchmarks."""
+    reason = _unsupported(dset)
+    if reason:
+        return reason
+    dcpl = dset.id.get_create_plist()
+    dtype = dset.dtype
+    chunks = tuple(dset.chunks)
+    chunk_nbytes = int(np.prod(chunks)) * dtype.itemsize
+    stages = _stages(dcpl, dtype, chunk_nbytes, prefer or {})
+    if isinstance(stages, str):
+        return stages
+    filters = tuple(
+        _FILTER_NAMES.get(dcpl.get_filter(i)[0], "?") for i in range(dcpl.get_nfilters())
+    )
+
+    try:
+        offsets, sizes, masks, first = _chunk_index(dset)
+    except (OSError, RuntimeError, ValueError) as exc:
+        return f"cannot read the chunk index: {exc}"
+    filename = dset.file.filename
+    try:
+        fd = os.open(filename, os.O_RDONLY | getattr(os, "O_BINARY", 0))
+    except OSError as exc:
+        return f"cannot open {filename} for raw reads: {exc.strerror}"
+    try:
+        if first is not None:
+            base = _address_base(dset, fd, *first)
+            if base is None:
+                os.close(fd)
+                return "chunk addresses from HDF5 do not match the file (self-check)"
+            offsets[offsets >= 0] += base
+        reader = ChunkReader(
+            filename=filename,
+            name=(dset.name or "(anonymous)").lstrip("/"),
+            fd=fd,
+            shape=dset.shape,
+            dtype=dtype,
+            chunks=chunks,
+            stages=stages,
+            fillvalue=_fill_value(dset),
+            offsets=offsets,
+            sizes=sizes,
+            masks=masks,
+            filters=filters,
+        )
+    except BaseException:
+        os.close(fd)
+        raise
+    reason = _self_check(reader, dset, offsets)
+    if reason:
+        reader.close()
+        return reason
+    return reader
+
+
+def _fill_value(dset):
+    """What h5py's read returns for a chunk that was never written.
+
+    HDF5 fills such rows with the fill value, unless the fill time is "never" or the
+    fill value is undefined: then it leaves the buffer alone, and h5py's buffer is zeros.
+    """
+    dcpl = dset.id.get_create_plist()
+    if (
+        dcpl.get_fill_time() == h5py.h5d.FILL_TIME_NEVER
+        or dcpl.fill_value_defined() == h5py.h5d.FILL_VALUE_UNDEFINED
+    ):
+        return 0
+    return dset.fillvalue
+
+
+def _unsupported(dset) -> str | None:
+    """Why the raw-chunk path cannot serve `dset` (storage, file, dtype), or None."""
+    if not isinstance(dset, h5py.Dataset):
+        return f"not an h5py dataset: {type(dset).__name__}"
+    if not hasattr(os, "preadv"):
+        return "no positioned reads (os.preadv) on this platform"
+    f = dset.file
+    if f.driver not in _PLAIN_DRIVERS:
+        return f"file driver '{f.driver}'"
+    if f.mode != "r":
+        return "file open for writing (chunks may still sit in HDF5's cache)"
+    if getattr(f, "swmr_mode", False):
+        return "SWMR mode (the chunk index may change while we read)"
+    if dset.is_virtual:
+        return "virtual dataset"
+    dcpl = dset.id.get_create_plist()
+    if dcpl.get_external_count():
+        return "external storage"
+    layout = dcpl.get_layout()
+    if layout == h5py.h5d.COMPACT:
+        return "compact layout"
+    if layout == h5py.h5d.CONTIGUOUS:
+        return "contiguous layout"
+    if layout != h5py.h5d.CHUNKED:
+        return f"layout {layout}"
+    dtype = dset.dtype
+    if dtype.kind not in "biufc" or dtype.subdtype is not None or dtype.fields:
+        return f"dtype {dtype} is not a plain number type"
+    # Raw bytes equal h5py's result only if h5py reads the stored type without converting.
+    if not h5py.h5t.py_create(dtype).equal(dset.id.get_type()):
+        return f"stored type differs from numpy's {dtype} (h5py converts it)"
+    return None
+
+
+def _chunk_index(dset) -> tuple[np.ndarray, np.ndarray, np.ndarray, tuple | None]:
+    """Offsets (-1 for never written), stored sizes and filter masks by chunk grid coordinate,
+    and (origin, offset, size) of the first stored chunk, from one pass over HDF5's index."""
+    dsid = dset.id
+    shape, chunks = dset.shape, dset.chunks
+    grid = tuple(-(-n // c) for n, c in zip(shape, chunks, strict=True))
+    records: list = []
+    # chunk_iter walks the index once; before HDF5 1.14 its origins were in chunk units.
+    if hasattr(dsid, "chunk_iter") and h5py.version.hdf5_version_tuple >= (1, 14, 0):
+        dsid.chunk_iter(records.append)
+    else:
+        records = [dsid.get_chunk_info(i) for i in range(dsid.get_num_chunks())]
+    offsets = np.full(grid, -1, np.int64)
+    sizes = np.zeros(grid, np.uint32)  # HDF5 chunks are < 4 GiB
+    masks = np.zeros(grid, np.uint32)
+    if not records:
+        return offsets, sizes, masks, None
+    origins = np.array([r.chunk_offset for r in records], np.int64).reshape(
+        len(records), len(shape)
+    )
+    where = tuple((origins // np.array(chunks, np.int64)).T)
+    offsets[where] = [r.byte_offset for r in records]
+    sizes[where] = [r.size for r in records]
+    masks[where] = [r.filter_mask for r in records]
+    first = records[0]
+    return offsets, sizes, masks, (tuple(first.chunk_offset), first.byte_offset, first.size)
+
+
+def _address_base(dset, fd: int, origin, offset: int, size: int) -> int | None:
+    """What to add to HDF5's chunk addresses to get file offsets: 0 or the userblock size.
+
+    HDF5 1.14.4 and later report addresses that already include the userblock; older
+    versions reported them relative to it (HDFGroup/hdf5#3003). Decide by comparing one
+    chunk's bytes with what HDF5 itself returns for it.
+    """
+    try:
+        _mask, expected = dset.id.read_direct_chunk(origin)
+    except (AttributeError, OSError, ValueError):
+        return 0  # cannot compare; trust the address, the self-check follows
+    for base in dict.fromkeys((0, int(dset.file.userblock_size))):
+        try:
+            if os.pread(fd, size, offset + base) == expected:
+                return base
+        except OSError:
+            continue
+    return None
+
+
+def _self_check(reader: ChunkReader, dset, offsets: np.ndarray) -> str | None:
+    """Compare the first written row-chunk and the last row-chunk (edge chunks) with h5py."""
+    rows, per_chunk = reader.shape[0], reader.chunks[0]
+    if rows == 0:
+        return None
+    written = np.flatnonzero((offsets.reshape(offsets.shape[0], -1) >= 0).any(axis=1))
+    firsts = {int(written[0]) * per_chunk} if written.size else set()
+    for first in sorted(firsts | {(rows - 1) // per_chunk * per_chunk}):
+        last = min(first + per_chunk, rows)
+        try:
+            ours, _ = reader.read(first, last)
+        except (OSError, ValueError) as exc:
+            return f"self-check failed: {exc}"
+        try:
+            theirs = dset[first:last]
+        except OSError:
+            continue  # h5py cannot decode it here (e.g. plugin not loaded): nothing to compare
+        if ours.dtype != theirs.dtype or ours.tobytes() != theirs.tobytes():
+            return f"self-check failed: rows {first}:{last} decode differently from h5py's read"
+    return None

@@ -1,0 +1,206 @@
+"""The command line: ``pipetrain train | tail | plot | make-data | inspect``.
+
+Exit codes: 0 done (also when a callback stopped training), 1 training failed, 2 bad
+usage or bad input (one line on stderr naming the file, dataset or flag), 130
+interrupted. ``--debug`` shows full tracebacks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as _dt
+import os
+import sys
+from pathlib import Path
+
+EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+
+class BadInput(Exception):
+    """Bad usage or bad input: exit code 2 with this one line."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, exit 2 (argparse prints usage too)
+        raise BadInput(f"{self.prog}: {message}")
+
+
+def sample_files() -> tuple[Path, Path]:
+    """The sample data set installed with the package (UCI digits, train and validation)."""
+    from importlib.resources import files
+
+    folder = Path(str(files("pipetrain.data")))
+    return folder / "digits-train.h5", folder / "digits-val.h5"
+
+
+@contextlib.contextmanager
+def quiet_native_logs(enabled: bool = True):
+    """Silence TensorFlow's C++ start-up chatter (written to fd 2, before Python's
+    logging exists); Python-level errors still show once it is restored."""
+    if not enabled:
+        yield
+        return
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="pipetrain", description="Train Keras models on HDF5 data larger than memory.")
+    parser.add_argument("--version", action="store_true", help="print the version and exit")
+    sub = parser.add_subparsers(dest="command", parser_class=_Parser)
+
+    t = sub.add_parser("train", help="train a model (no flags: the embedded sample job)")
+    t.add_argument("--data", nargs="+", metavar="PATH", help="training files or globs (default: the sample digits)")
+    t.add_argument("--x", nargs="+", metavar="NAME", help="input dataset name(s); NAME=DATASET to key by input name")
+    t.add_argument("--y", nargs="+", metavar="NAME", help="target dataset name(s); NAME=DATASET to key by output name")
+    t.add_argument("--sample-weight", metavar="NAME", help="dataset of per-row weights")
+    t.add_argument("--val", nargs="+", metavar="PATH", help="validation files or globs")
+    t.add_argument("--model", metavar="FILE.keras|module:function", help="the model (default: a small MLP sized from the data)")
+    t.add_argument("--epochs", type=positive_int, default=None, help="epochs (default 20)")
+    t.add_argument("--batch-size", type=positive_int, default=None, help="rows per batch (default 32)")
+    t.add_argument("--shuffle", choices=["none", "block"], default=None, help="batch order (default block)")
+    t.add_argument("--seed", type=int, default=None, help="seed of the batch order and the model (default 0)")
+    t.add_argument("--workers", type=positive_int, default=None, help="producer threads (default 2)")
+    t.add_argument("--max-queue", type=positive_int, default=None, help="batches prefetched (default 8)")
+    t.add_argument("--shuffle-window", type=positive_int, default=None, help="rows permuted together (default 8192)")
+    t.add_argument("--history", metavar="FILE", help="history file (default runs/<name>/history.jsonl)")
+    t.add_argument("--name", help="run name, for the default history path (default: the start time)")
+    t.add_argument("--monitor-interval", type=float, default=None, help="seconds between system samples (default 2)")
+    t.add_argument("--allow-external", action="store_true", help="allow HDF5 external links and virtual datasets outside the data folders")
+    t.add_argument("--overwrite", action="store_true", help="replace an existing history")
+    t.add_argument("--quiet", action="store_true", help="print nothing but errors")
+    t.add_argument("--debug", action="store_true", help="show full tracebacks")
+    t.set_defaults(func=cmd_train)
+    return parser
+
+
+def _names(values: list[str] | None, default: str | None):
+    """--x a b → ["a", "b"]; --x in1=a in2=b → {"in1": "a", "in2": "b"}; one name → "a"."""
+    if not values:
+        return default
+    if all("=" in v for v in values):
+        return dict(v.split("=", 1) for v in values)
+    if any("=" in v for v in values):
+        raise BadInput("--x/--y: give either all names as NAME=DATASET or none")
+    return values[0] if len(values) == 1 else list(values)
+
+
+def cmd_train(args) -> int:
+    from pipetrain.source import H5Source
+
+    defaults = args.data is None
+    train_paths, val_paths = (sample_files() if defaults else (args.data, None))
+    if args.val:
+        val_paths = args.val
+    x = _names(args.x, "images" if defaults else None)
+    y = _names(args.y, "labels" if defaults else None)
+    if x is None:
+        raise BadInput("pipetrain train: --x is required with --data (the input dataset name)")
+    name = args.name or _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    history = Path(args.history) if args.history else Path("runs") / name / "history.jsonl"
+    if history.exists() and history.stat().st_size and not args.overwrite:
+        raise BadInput(f"{history}: a history exists already; pass --resume to continue that run or --overwrite to replace it")
+    _check_writable(history)
+
+    train = H5Source(train_paths, x=x, y=y, sample_weight=args.sample_weight, allow_external=args.allow_external)
+    val = None
+    if val_paths:
+        val = H5Source(val_paths, x=x, y=y, sample_weight=args.sample_weight, allow_external=args.allow_external)
+
+    with quiet_native_logs(not args.debug):
+        import keras
+
+        from pipetrain.models import default_model, load_model
+        from pipetrain.trainer import train as train_model
+
+        seed = 0 if args.seed is None else args.seed
+        keras.utils.set_random_seed(seed)
+        model = load_model(args.model, train) if args.model else default_model(train)
+    settings = {
+        "data": [str(p) for p in train.paths], "val": [str(p) for p in val.paths] if val else None,
+        "x": x, "y": y, "sample_weight": args.sample_weight, "model": args.model or "default",
+        "history": str(history), "argv": sys.argv[1:],
+    }
+    train_model(
+        model, train, epochs=args.epochs or 20, batch_size=args.batch_size or 32, validation=val,
+        shuffle=args.shuffle or "block", seed=seed, workers=args.workers or 2,
+        max_queue=args.max_queue or 8, history=history, verbose=0 if args.quiet else 1,
+        shuffle_window=args.shuffle_window or 8192, monitor_interval=args.monitor_interval or 2.0,
+        overwrite=args.overwrite, config=settings,
+    )
+    model.save(history.parent / "model.keras")
+    return EXIT_OK
+
+
+def _check_writable(history: Path) -> None:
+    folder = history.parent
+    probe = folder
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
+        raise BadInput(f"{history}: cannot write the history here ({probe} is not a writable folder)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    debug = "--debug" in argv
+    try:
+        args = build_parser().parse_args(argv)
+        if args.version:
+            from pipetrain import __version__
+
+            print(f"pipetrain {__version__}")
+            return EXIT_OK
+        if not getattr(args, "func", None):
+            build_parser().print_help()
+            return EXIT_BAD_INPUT
+        return args.func(args)
+    except KeyboardInterrupt:
+        print("pipetrain: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception as e:
+        if debug:
+            import traceback
+
+            traceback.print_exc()
+        code = EXIT_BAD_INPUT if _is_bad_input(e) else EXIT_FAILED
+        prefix = "pipetrain: " if code == EXIT_BAD_INPUT else "pipetrain: training failed: "
+        print(prefix + _one_line(e), file=sys.stderr)
+        return code
+
+
+def _is_bad_input(e: BaseException) -> bool:
+    from pipetrain.source import SourceError
+
+    if isinstance(e, (BadInput, SourceError)):
+        return True
+    names = {c.__name__ for c in type(e).__mro__}
+    return bool(names & {"RunError", "ModelError"})
+
+
+def _one_line(e: BaseException) -> str:
+    text = " ".join(str(e).split())
+    return text if isinstance(e, BadInput) or _is_bad_input(e) else (text or type(e).__name__)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,158 @@
+"""A background sampler of process and system resources.
+
+Every ``interval`` seconds a daemon thread measures the process's resident memory, CPU
+use (percent of one core, so two busy cores read 200), the system's available memory,
+the process's thread count and, where a GPU is present, its memory (current and peak),
+and hands the sample to ``emit``. It never touches a model; GPU memory comes from a
+probe chosen for the Keras backend in use (:func:`gpu_probe`), which reports nothing on
+a machine without a GPU.
+"""
+
+from __future__ import annotations
+
+import resource
+import sys
+import threading
+from collections.abc import Callable
+
+import psutil
+
+GpuProbe = Callable[[], "dict[str, float] | None"]
+
+
+def peak_rss_mb() -> float:
+    """The process's peak resident memory so far, from the kernel (not a sample)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 1024 if sys.platform != "darwin" else peak / 2**20  # KiB on Linux, bytes on macOS
+
+
+class Monitor:
+    """Samples resources on a thread; :meth:`sample` can also be called directly.
+
+    Example::
+
+        with Monitor(interval=2.0, emit=print):
+            train()
+    """
+
+    def __init__(self, interval: float = 2.0, emit: Callable[[dict], None] | None = None,
+                 gpu: GpuProbe | None = None):
+        if interval <= 0:
+            raise ValueError(f"monitor interval={interval} must be > 0 seconds")
+        self.interval, self.emit, self.gpu = interval, emit, gpu
+        self.process = psutil.Process()
+        self.process.cpu_percent(None)  # the first call only sets the reference point
+        self.peak_rss_mb = 0.0
+        self.samples = 0
+        self.error: BaseException | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def sample(self) -> dict:
+        with self.process.oneshot():
+            rss_mb = self.process.memory_info().rss / 2**20
+            record = {
+                "rss_mb": round(rss_mb, 2),
+                "cpu_pct": round(self.process.cpu_percent(None), 1),
+                "sys_available_mb": round(psutil.virtual_memory().available / 2**20, 1),
+                "threads": self.process.num_threads(),
+            }
+        gpu = self.gpu() if self.gpu is not None else None
+        if gpu is not None:
+            record["gpu_mb"] = gpu
+        self.peak_rss_mb = max(self.peak_rss_mb, rss_mb)
+        self.samples += 1
+        return record
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                record = self.sample()
+                if self.emit is not None:
+                    self.emit(record)
+            except Exception as e:  # recorded for the owner; the training goes on
+                self.error = e
+                return
+
+    def start(self) -> Monitor:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name="pipetrain-monitor", daemon=True)
+            self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout=5)
+        self._thread = None
+
+    def __enter__(self) -> Monitor:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def gpu_probe(backend: str) -> GpuProbe | None:
+    """A probe of GPU memory (MB, current and peak, summed over GPUs) for a Keras
+    backend, or None when there is no GPU. Imports the backend only when asked."""
+    try:
+        if backend == "tensorflow":
+            return _tensorflow_probe()
+        if backend == "jax":
+            return _jax_probe()
+        if backend == "torch":
+            return _torch_probe()
+    except Exception:  # a broken GPU stack must not stop training: no GPU samples
+        return None
+    return None
+
+
+def _tensorflow_probe() -> GpuProbe | None:
+    import tensorflow as tf
+
+    names = [f"GPU:{i}" for i, _ in enumerate(tf.config.list_physical_devices("GPU"))]
+    if not names:
+        return None
+
+    def probe() -> dict[str, float]:
+        infos = [tf.config.experimental.get_memory_info(n) for n in names]
+        return {
+            "current": round(sum(i["current"] for i in infos) / 2**20, 1),
+            "peak": round(sum(i["peak"] for i in infos) / 2**20, 1),
+        }
+
+    return probe
+
+
+def _jax_probe() -> GpuProbe | None:
+    import jax
+
+    devices = [d for d in jax.devices() if d.platform == "gpu"]
+    if not devices:
+        return None
+
+    def probe() -> dict[str, float]:
+        stats = [d.memory_stats() or {} for d in devices]
+        return {
+            "current": round(sum(s.get("bytes_in_use", 0) for s in stats) / 2**20, 1),
+            "peak": round(sum(s.get("peak_bytes_in_use", 0) for s in stats) / 2**20, 1),
+        }
+
+    return probe
+
+
+def _torch_probe() -> GpuProbe | None:
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    count = torch.cuda.device_count()
+
+    def probe() -> dict[str, float]:
+        return {
+            "current": round(sum(torch.cuda.memory_allocated(i) for i in range(count)) / 2**20, 1),
+            "peak": round(sum(torch.cuda.max_memory_allocated(i) for i in range(count)) / 2**20, 1),
+        }
+
+    return probe

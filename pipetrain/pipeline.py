@@ -1,0 +1,359 @@
+"""The producer pool: worker threads read, decode and assemble batches ahead of the
+consumer, into a bounded set of buffers, delivered in plan order.
+
+Separation of concerns: the plan says which rows make each batch; the source reads row
+ranges; this module decides who reads what and when, keeps memory bounded, and carries
+errors and timings to the consumer. It knows nothing of models.
+
+- **Bounded.** At most ``max_queue`` batches (and ``max_queue_bytes``) are in flight:
+  a worker must take a free buffer from the :class:`BufferPool` before it takes the next
+  batch, and buffers come back only when the consumer moves on. A slow consumer stops the
+  producers; memory does not grow.
+- **Ordered.** Batches are built in parallel but handed out in plan order.
+- **Each block decoded once.** A block needed by several batches (a chunk straddling two
+  batches, or a shuffle window) is decoded by the first worker that needs it and kept
+  until its last user, as counted by the plan, has copied its rows.
+- **Errors travel.** An exception in a worker is delivered in place of its batch, with
+  the original traceback and the file, dataset and rows it was reading.
+- **Clean close.** :meth:`Prefetcher.close` (also on error, ``KeyboardInterrupt`` and
+  garbage collection) stops and joins every worker; every wait has a timeout and checks
+  the stop flag, so nothing hangs.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from pipetrain.plan import BatchPlan
+from pipetrain.source import H5Source
+
+POLL_S = 0.1  # how often blocked waits look at the stop flag
+
+
+class PipelineError(RuntimeError):
+    """A producer thread failed; ``__cause__`` is the original exception and traceback."""
+
+
+@dataclass
+class Batch:
+    """One batch, ready for ``train_on_batch``.
+
+    ``x``, ``y`` and ``sample_weight`` follow the structure of the source's names. With
+    recycled buffers (the default in ``train``) the arrays are valid until the next batch
+    is requested: copy what you keep.
+    """
+
+    epoch: int
+    index: int
+    size: int
+    x: object
+    y: object
+    sample_weight: object
+    arrays: dict[str, np.ndarray]
+    read_s: float  # time a worker spent reading, decoding and assembling it
+    read_bytes: int  # bytes fetched from the files for it (compressed size on the fast path)
+    wait_s: float = 0.0  # time the consumer waited for it
+    _buffers: dict | None = field(default=None, repr=False)  # back to the pool when done
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in self.arrays.values())
+
+
+class BufferPool:
+    """Batch buffers, and the permits that bound how many batches are in flight.
+
+    With ``recycle`` the buffers of a released batch are reused (no allocation, no page
+    faults in the hot path); without it each batch gets fresh arrays, but the number in
+    flight is bounded all the same.
+    """
+
+    def __init__(self, fields, batch_size: int, capacity: int, recycle: bool = True):
+        self.fields, self.batch_size, self.recycle = fields, batch_size, recycle
+        self._free: list[dict[str, np.ndarray]] = []
+        self._permits = threading.Semaphore(capacity)
+
+    def acquire(self, stop: threading.Event) -> dict[str, np.ndarray] | None:
+        while not self._permits.acquire(timeout=POLL_S):
+            if stop.is_set():
+                return None
+        try:
+            return self._free.pop()
+        except IndexError:
+            return {name: np.empty((self.batch_size, *f.row_shape), f.dtype) for name, f in self.fields.items()}
+
+    def release(self, buffers: dict[str, np.ndarray] | None) -> None:
+        if buffers is not None and self.recycle:
+            self._free.append(buffers)
+        self._permits.release()
+
+
+@dataclass
+class _Entry:
+    """A block in the cache: decoded once, shared by the batches that use it."""
+
+    remaining: int
+    ready: threading.Event = field(default_factory=threading.Event)
+    arrays: dict[str, np.ndarray] | None = None
+    fetched: int = 0
+    error: BaseException | None = None
+
+
+class BlockCache:
+    """Decoded blocks shared between the batches that read them; dropped after their
+    last planned use."""
+
+    def __init__(self, source: H5Source, blocks):
+        self.source, self.blocks = source, blocks
+        self._lock = threading.Lock()
+        self._entries: dict[tuple[int, int], _Entry] = {}
+
+    def get(self, epoch: int, block: int, uses: int, stop: threading.Event) -> tuple[dict[str, np.ndarray], int]:
+        """The block's arrays, and the bytes fetched if this call decoded it (else 0)."""
+        key = (epoch, block)
+        with self._lock:
+            entry = self._entries.get(key)
+            owner = entry is None
+            if owner:
+                entry = self._entries[key] = _Entry(remaining=uses)
+        if owner:
+            try:
+                b = self.blocks
+                entry.arrays, entry.fetched = self.source.read(
+                    int(b.file[block]), int(b.start[block]), int(b.stop[block])
+                )
+            except BaseException as e:
+                entry.error = e
+            finally:
+                entry.ready.set()
+        else:
+            while not entry.ready.wait(POLL_S):
+                if stop.is_set():
+                    raise _Stopped
+        if entry.error is not None:
+            raise entry.error
+        return entry.arrays, entry.fetched if owner else 0
+
+    def done(self, epoch: int, block: int) -> None:
+        """One planned user of the block has copied its rows."""
+        key = (epoch, block)
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is not None:
+                entry.remaining -= 1
+                if entry.remaining <= 0:
+                    del self._entries[key]
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+class _Stopped(Exception):
+    """The pipeline is closing; a worker leaves quietly."""
+
+
+@dataclass
+class _Failure:
+    plan: BatchPlan | None
+    error: BaseException
+
+
+class Prefetcher(Iterator[Batch]):
+    """Deliver the batches of ``plans`` (in order) built by ``workers`` threads.
+
+    Args:
+        source: the :class:`~pipetrain.source.H5Source` to read.
+        plans: batch plans, in delivery order (they may span epochs).
+        blocks: the plan's block table (``plan.blocks``).
+        batch_size: the largest batch (buffers are this size; a partial batch is a view).
+        workers: producer threads. Defaults to 2.
+        max_queue: batches in flight (being built or waiting). Defaults to 8.
+        max_queue_bytes: bytes in flight; lowers ``max_queue`` for large batches.
+            Defaults to None (no limit beyond ``max_queue``).
+        recycle: reuse the buffers of a batch once the next one is requested. Defaults
+            to True.
+
+    Example::
+
+        with Prefetcher(source, plan.batches(0), plan.blocks, 256) as batches:
+            for batch in batches:
+                model.train_on_batch(batch.x, batch.y)
+    """
+
+    def __init__(
+        self,
+        source: H5Source,
+        plans: Iterable[BatchPlan],
+        blocks,
+        batch_size: int,
+        *,
+        workers: int = 2,
+        max_queue: int = 8,
+        max_queue_bytes: int | None = None,
+        recycle: bool = True,
+        name: str = "pipetrain",
+    ):
+        if workers < 1:
+            raise ValueError(f"workers={workers} must be >= 1")
+        if max_queue < 1:
+            raise ValueError(f"max_queue={max_queue} must be >= 1")
+        self.source = source
+        if max_queue_bytes is not None:
+            batch_bytes = batch_size * sum(f.row_bytes for f in source.fields.values())
+            max_queue = max(1, min(max_queue, max_queue_bytes // max(1, batch_bytes)))
+        # One buffer more than max_queue: the one the consumer holds.
+        self.pool = BufferPool(source.fields, batch_size, max_queue + 1, recycle)
+        self.max_queue = max_queue
+        self.cache = BlockCache(source, blocks)
+        self._plans = enumerate(plans)
+        self._dispatch = threading.Lock()  # take a buffer and the next plan, in that order
+        self._done = threading.Condition()
+        self._results: dict[int, Batch | _Failure] = {}
+        self._issued = 0  # plans handed to workers so far
+        self._total: int | None = None  # number of plans, once the iterator is exhausted
+        self._next = 0
+        self._held: Batch | None = None
+        self._stop = threading.Event()
+        self._threads = [
+            threading.Thread(target=self._work, name=f"{name}-producer-{i}", daemon=True)
+            for i in range(workers)
+        ]
+        for t in self._threads:
+            t.start()
+
+    # -- producer side ------------------------------------------------------------
+
+    def _take(self) -> tuple[int, BatchPlan, dict[str, np.ndarray]] | None:
+        """A buffer and the next plan. Taking the buffer first, under one lock, means the
+        earliest undelivered batch always has a buffer: no deadlock when the pool is dry."""
+        with self._dispatch:
+            if self._stop.is_set() or self._total is not None:
+                return None
+            buffers = self.pool.acquire(self._stop)
+            if buffers is None:
+                return None
+            try:
+                seq, plan = next(self._plans)
+            except StopIteration:
+                self.pool.release(buffers)
+                with self._done:
+                    self._total = self._issued
+                    self._done.notify_all()
+                return None
+            except BaseException as e:  # the plan itself failed: deliver that in its place
+                self.pool.release(buffers)
+                with self._done:
+                    self._results[self._issued] = _Failure(None, e)
+                    self._total = self._issued + 1
+                    self._done.notify_all()
+                return None
+            self._issued = seq + 1
+            return seq, plan, buffers
+
+    def _work(self) -> None:
+        while not self._stop.is_set():
+            taken = self._take()
+            if taken is None:
+                return
+            seq, plan, buffers = taken
+            try:
+                result: Batch | _Failure = self._build(plan, buffers)
+            except _Stopped:
+                self.pool.release(buffers)
+                return
+            except BaseException as e:
+                self.pool.release(buffers)
+                result = _Failure(plan, e)
+            with self._done:
+                self._results[seq] = result
+                self._done.notify_all()
+
+    def _build(self, plan: BatchPlan, buffers: dict[str, np.ndarray]) -> Batch:
+        t0 = time.perf_counter()
+        fetched = 0
+        out = {name: buf[: plan.size] for name, buf in buffers.items()}
+        for part in plan.parts:
+            arrays, n = self.cache.get(plan.epoch, part.block, part.uses, self._stop)
+            fetched += n
+            try:
+                for name, dest in out.items():
+                    if isinstance(part.src, slice):
+                        dest[part.dst] = arrays[name][part.src]
+                    else:
+                        np.take(arrays[name], part.src, axis=0, out=dest[part.dst])
+            finally:
+                self.cache.done(plan.epoch, part.block)
+        x, y, w = self.source.arrange(out)
+        read_s = time.perf_counter() - t0
+        return Batch(plan.epoch, plan.index, plan.size, x, y, w, out, read_s, fetched, _buffers=buffers)
+
+    # -- consumer side ------------------------------------------------------------
+
+    def __next__(self) -> Batch:
+        self._release_held()
+        t0 = time.perf_counter()
+        with self._done:
+            while self._next not in self._results:
+                if self._total is not None and self._next >= self._total:
+                    raise StopIteration
+                if self._stop.is_set():
+                    raise StopIteration
+                self._done.wait(POLL_S)
+            result = self._results.pop(self._next)
+        self._next += 1
+        if isinstance(result, _Failure):
+            self.close()
+            where = f" (epoch {result.plan.epoch}, batch {result.plan.index})" if result.plan else ""
+            raise PipelineError(f"a producer thread failed{where}: {result.error}") from result.error
+        result.wait_s = time.perf_counter() - t0
+        self._held = result
+        return result
+
+    def _release_held(self) -> None:
+        if self._held is not None:
+            self.pool.release(self._held._buffers)
+            self._held = None
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Stop and join every worker; drop what was prefetched."""
+        self._stop.set()
+        with self._done:
+            self._done.notify_all()
+        deadline = time.monotonic() + timeout
+        for t in self._threads:
+            if t is not threading.current_thread():
+                t.join(max(0.0, deadline - time.monotonic()))
+        with self._done:
+            self._results.clear()
+        self._held = None
+
+    @property
+    def alive_workers(self) -> int:
+        return sum(t.is_alive() for t in self._threads)
+
+    def __enter__(self) -> Prefetcher:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self) -> None:  # a fallback: close() is the way
+        if not getattr(self, "_stop", threading.Event()).is_set() and hasattr(self, "_threads"):
+            self._stop.set()
+
+
+def plans_from(plan, epoch: int, start: int = 0, epochs: int | None = None) -> Iterator[BatchPlan]:
+    """The batch plans of ``epoch`` from ``start`` on, then of the following epochs (up
+    to ``epochs``, or forever): one stream, so that workers prefetch across the epoch
+    boundary while the consumer validates."""
+    stop = epochs if epochs is not None else None
+    for e in itertools.count(epoch):
+        if stop is not None and e >= stop:
+            return
+        yield from plan.batches(e, start if e == epoch else 0)

@@ -1,0 +1,355 @@
+"""HDF5 files and the datasets a model trains on: open, validate, describe, read rows.
+
+An :class:`H5Source` is one or many HDF5 files holding the same datasets (``x``, ``y``
+and optionally ``sample_weight``). Opening it checks everything that can be checked
+without a model, and says what is wrong in one line that names the file and dataset.
+Reads are contiguous row ranges; chunked, compressed datasets are read from their raw
+chunks and decoded in the calling thread (:mod:`pipetrain.chunks`), so that several
+producer threads decode in parallel instead of queueing on h5py's global lock.
+
+The source knows nothing of batches or models: the plan says which rows, the pipeline
+asks for them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from pipetrain.chunks import ChunkReader, open_chunk_reader
+
+Names = str | Sequence[str] | Mapping[str, str]
+
+BLOCK_BYTES = 1 << 20  # blocks hold at least this much of the largest dataset when chunks are small
+
+
+class SourceError(ValueError):
+    """Bad input: a file, a dataset or a setting that cannot be used, said in one line."""
+
+
+class SourceReadError(OSError):
+    """Reading rows failed (I/O error, corrupt chunk, file removed), with where it happened."""
+
+
+@dataclass(frozen=True)
+class Field:
+    """One dataset that a batch carries: its name in the files, and one row's shape and dtype."""
+
+    name: str
+    row_shape: tuple[int, ...]
+    dtype: np.dtype
+
+    @property
+    def row_bytes(self) -> int:
+        return int(np.prod(self.row_shape, dtype=np.int64)) * self.dtype.itemsize
+
+
+def expand_paths(paths: str | os.PathLike | Sequence[str | os.PathLike]) -> list[Path]:
+    """Files from paths and globs, in the order given (each glob sorted)."""
+    if isinstance(paths, (str, os.PathLike)):
+        paths = [paths]
+    files: list[Path] = []
+    for p in paths:
+        text = os.fspath(p)
+        if glob.has_magic(text):
+            matches = sorted(glob.glob(text))
+            if not matches:
+                raise SourceError(f"{text}: no file matches")
+            files.extend(Path(m) for m in matches)
+        else:
+            files.append(Path(text))
+    if not files:
+        raise SourceError("no data files given")
+    return files
+
+
+def _names(names: Names | None, what: str) -> list[str]:
+    if names is None:
+        return []
+    if isinstance(names, str):
+        return [names]
+    values = list(names.values()) if isinstance(names, Mapping) else list(names)
+    if not values or not all(isinstance(n, str) and n for n in values):
+        raise SourceError(f"{what}={names!r}: expected a dataset name, a list of names or a dict of names")
+    return values
+
+
+def _arrange(names: Names | None, arrays: Mapping[str, np.ndarray]):
+    """The arrays in the structure the names were given in (one, a list, or a dict)."""
+    if names is None:
+        return None
+    if isinstance(names, str):
+        return arrays[names]
+    if isinstance(names, Mapping):
+        return {key: arrays[name] for key, name in names.items()}
+    return [arrays[name] for name in names]
+
+
+class H5Source:
+    """Rows of named datasets from one or many HDF5 files.
+
+    Args:
+        paths: a file, a glob (``"data/train-*.h5"``), or a list of them; files are read
+            in the order given, each glob sorted.
+        x: the input dataset name; a list of names for a multi-input model (in input
+            order); or a dict keyed by the model's input names.
+        y: the target dataset name(s), in the same forms (keyed by output names). Defaults
+            to None (a model whose loss needs no targets).
+        sample_weight: the name of a dataset of per-row weights. Defaults to None.
+        allow_external: allow external links, external storage and virtual datasets that
+            point outside the folders of the data files. Defaults to False (refused).
+
+    Example::
+
+        train = pipetrain.H5Source("data/train-*.h5", x="images", y="labels")
+        train.rows, train.fields
+    """
+
+    def __init__(
+        self,
+        paths: str | os.PathLike | Sequence[str | os.PathLike],
+        x: Names,
+        y: Names | None = None,
+        sample_weight: str | None = None,
+        *,
+        allow_external: bool = False,
+    ):
+        self.paths = expand_paths(paths)
+        self.x, self.y, self.sample_weight = x, y, sample_weight
+        self.allow_external = allow_external
+        names = _names(x, "x") + _names(y, "y") + _names(sample_weight, "sample_weight")
+        if not _names(x, "x"):
+            raise SourceError("x: no input dataset named")
+        self.names = list(dict.fromkeys(names))  # unique, in order
+        self._roots = {p.resolve().parent for p in self.paths}
+        self._files: list[h5py.File] = []
+        self._readers: list[dict[str, ChunkReader | h5py.Dataset]] = []
+        self.rows_per_file: list[int] = []
+        self.fields: dict[str, Field] = {}
+        try:
+            for path in self.paths:
+                self._open(path)
+        except BaseException:
+            self.close()
+            raise
+        self.rows = sum(self.rows_per_file)
+
+    # -- opening and validation -------------------------------------------------
+
+    def _open(self, path: Path) -> None:
+        if not path.exists():
+            raise SourceError(f"{path}: no such file")
+        if path.is_dir():
+            raise SourceError(f"{path}: is a folder, not an HDF5 file")
+        if not h5py.is_hdf5(path):
+            raise SourceError(f"{path}: not an HDF5 file")
+        try:
+            f = h5py.File(path, "r")
+        except OSError as e:
+            raise SourceError(f"{path}: cannot be opened as HDF5 (truncated or corrupted?): {e}") from None
+        self._files.append(f)
+        readers: dict[str, ChunkReader | h5py.Dataset] = {}
+        rows: dict[str, int] = {}
+        for name in self.names:
+            dset = self._dataset(f, path, name)
+            rows[name] = dset.shape[0]
+            reader = open_chunk_reader(dset)
+            readers[name] = reader if isinstance(reader, ChunkReader) else dset
+        first = self.names[0]
+        for name, n in rows.items():
+            if n != rows[first]:
+                raise SourceError(
+                    f"{path}: dataset '{name}' has {n} rows but '{first}' has {rows[first]}; "
+                    "all datasets of a file need the same number of rows"
+                )
+        self._readers.append(readers)
+        self.rows_per_file.append(rows[first])
+
+    def _dataset(self, f: h5py.File, path: Path, name: str) -> h5py.Dataset:
+        if name not in f:
+            found = ", ".join(sorted(_dataset_names(f))[:10]) or "none"
+            raise SourceError(f"{path}: no dataset '{name}' (datasets: {found})")
+        self._check_links(f, path, name)
+        try:
+            dset = f[name]
+        except (KeyError, OSError) as e:
+            raise SourceError(f"{path}: dataset '{name}' cannot be opened: {e}") from None
+        if not isinstance(dset, h5py.Dataset):
+            raise SourceError(f"{path}: '{name}' is a group, not a dataset")
+        if dset.dtype.kind not in "biuf":
+            raise SourceError(f"{path}: dataset '{name}' has dtype {dset.dtype}; pipetrain needs numbers")
+        if dset.ndim == 0:
+            raise SourceError(f"{path}: dataset '{name}' is a scalar; pipetrain needs one row per sample")
+        if dset.shape[0] == 0:
+            raise SourceError(f"{path}: dataset '{name}' is empty (0 rows)")
+        self._check_storage(path, name, dset)
+        field = Field(name, tuple(dset.shape[1:]), np.dtype(dset.dtype))
+        known = self.fields.setdefault(name, field)
+        if (known.row_shape, known.dtype) != (field.row_shape, field.dtype):
+            raise SourceError(
+                f"{path}: dataset '{name}' rows are {field.row_shape} {field.dtype} but "
+                f"{self.paths[0]} has {known.row_shape} {known.dtype}"
+            )
+        return dset
+
+    def _outside(self, target: Path) -> bool:
+        target = target.resolve()
+        return not any(target.is_relative_to(root) for root in self._roots)
+
+    def _refuse(self, path: Path, name: str, what: str, target: Path) -> None:
+        if not self.allow_external and self._outside(target):
+            raise SourceError(
+                f"{path}: dataset '{name}' is {what} {target}, outside the data files' folders "
+                "(allow it with allow_external=True or --allow-external)"
+            )
+
+    def _check_links(self, f: h5py.File, path: Path, name: str) -> None:
+        """External links anywhere along the dataset's path may point anywhere on disk."""
+        parts = [p for p in name.split("/") if p]
+        for i in range(1, len(parts) + 1):
+            link = f.get("/".join(parts[:i]), getlink=True)
+            if isinstance(link, h5py.ExternalLink):
+                self._refuse(path, name, "an external link to", path.parent / link.filename)
+
+    def _check_storage(self, path: Path, name: str, dset: h5py.Dataset) -> None:
+        for filename, _offset, _size in dset.external or ():
+            self._refuse(path, name, "stored in the external file", path.parent / os.fsdecode(filename))
+        if dset.is_virtual:
+            for source in dset.virtual_sources():
+                if source.file_name != ".":
+                    self._refuse(path, name, "a virtual dataset reading", path.parent / source.file_name)
+
+    def check_model(self, model) -> None:
+        """Check that the datasets fit the model's inputs (and output names), once the
+        model is known. Models without declared inputs (not built yet) are not checked."""
+        inputs = getattr(model, "inputs", None)
+        try:
+            inputs = list(inputs) if inputs else []
+        except TypeError:
+            inputs = []
+        if not inputs:
+            return
+        input_names = [getattr(t, "name", None) for t in inputs]
+        where = self.paths[0]
+        if isinstance(self.x, Mapping):
+            missing = [k for k in input_names if k not in self.x]
+            unknown = [k for k in self.x if k not in input_names]
+            if missing or unknown:
+                raise SourceError(
+                    f"x={dict(self.x)!r} does not match the model's inputs {input_names}"
+                    + (f" (no dataset for {missing})" if missing else "")
+                    + (f" (no input named {unknown})" if unknown else "")
+                )
+            pairs = [(self.x[k], t) for k, t in zip(input_names, inputs, strict=True)]
+        else:
+            names = _names(self.x, "x")
+            if len(names) != len(inputs):
+                raise SourceError(
+                    f"x names {len(names)} dataset(s) ({', '.join(names)}) but the model has "
+                    f"{len(inputs)} input(s) ({', '.join(map(str, input_names))})"
+                )
+            pairs = list(zip(names, inputs, strict=True))
+        for name, tensor in pairs:
+            expected = tuple(tensor.shape[1:])
+            got = self.fields[name].row_shape
+            fits = len(expected) == len(got) and all(e is None or e == g for e, g in zip(expected, got, strict=True))
+            if not fits:
+                shown = tuple("None" if e is None else e for e in expected)
+                raise SourceError(
+                    f"{where}: dataset '{name}' rows are {got} but the model's input "
+                    f"'{tensor.name}' expects {shown}"
+                )
+        if isinstance(self.y, Mapping):
+            outputs = list(getattr(model, "output_names", None) or [])
+            unknown = [k for k in self.y if outputs and k not in outputs]
+            if unknown:
+                raise SourceError(f"y={dict(self.y)!r}: the model has no output named {unknown} (outputs: {outputs})")
+
+    # -- reading ----------------------------------------------------------------
+
+    def block_rows(self) -> list[int]:
+        """Rows per block for each file: whole chunks of the largest dataset, at least
+        ``BLOCK_BYTES`` of it, so that a block decodes whole chunks and nothing else."""
+        main = max(self.names, key=lambda n: self.fields[n].row_bytes)
+        row_bytes = max(1, self.fields[main].row_bytes)
+        per_file = []
+        for f in self._files:
+            chunks = f[main].chunks
+            if chunks is None:
+                per_file.append(max(1, BLOCK_BYTES // row_bytes))
+            else:
+                chunk_rows = chunks[0]
+                per_file.append(chunk_rows * max(1, BLOCK_BYTES // (chunk_rows * row_bytes)))
+        return per_file
+
+    def read(self, file: int, start: int, stop: int) -> tuple[dict[str, np.ndarray], int]:
+        """Rows [start, stop) of every dataset of file number ``file``, and the bytes
+        fetched from disk (compressed size on the fast path)."""
+        arrays, fetched = {}, 0
+        for name, reader in self._readers[file].items():
+            try:
+                if isinstance(reader, ChunkReader):
+                    arrays[name], n = reader.read(start, stop)
+                else:
+                    arrays[name] = reader[start:stop]
+                    n = arrays[name].nbytes
+            except Exception as e:
+                raise SourceReadError(
+                    f"{self.paths[file]}: dataset '{name}' rows {start}-{stop}: {e}"
+                ) from e
+            fetched += n
+        return arrays, fetched
+
+    def arrange(self, arrays: Mapping[str, np.ndarray]):
+        """(x, y, sample_weight) from arrays keyed by dataset name, in the given structure."""
+        return _arrange(self.x, arrays), _arrange(self.y, arrays), _arrange(self.sample_weight, arrays)
+
+    def read_path(self) -> dict[str, str]:
+        """Per dataset: the read path of the first file (raw chunks or h5py, and why)."""
+        from pipetrain.chunks import read_path
+
+        return {name: read_path(self._files[0][name]) for name in self.names}
+
+    def describe(self) -> dict:
+        return {
+            "files": [str(p) for p in self.paths],
+            "rows": self.rows,
+            "rows_per_file": list(self.rows_per_file),
+            "x": self.x, "y": self.y, "sample_weight": self.sample_weight,
+            "fields": {n: {"shape": list(f.row_shape), "dtype": str(f.dtype)} for n, f in self.fields.items()},
+        }
+
+    # -- lifetime ---------------------------------------------------------------
+
+    def close(self) -> None:
+        for readers in self._readers:
+            for reader in readers.values():
+                if isinstance(reader, ChunkReader):
+                    reader.close()
+        for f in self._files:
+            with contextlib.suppress(Exception):  # closing twice or at interpreter exit
+                f.close()
+        self._readers, self._files = [], []
+
+    def __enter__(self) -> H5Source:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        files = self.paths[0] if len(self.paths) == 1 else f"{len(self.paths)} files"
+        return f"H5Source({files}, rows={getattr(self, 'rows', '?')}, x={self.x!r}, y={self.y!r})"
+
+
+def _dataset_names(f: h5py.File) -> list[str]:
+    names: list[str] = []
+    f.visititems(lambda name, obj: names.append(name) if isinstance(obj, h5py.Dataset) else None)
+    return names

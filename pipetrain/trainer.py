@@ -1,0 +1,93 @@
+"""``train()``: the standard consumer loop, ``fit`` for data larger than memory.
+
+It is one short loop on :class:`pipetrain.Run`: for each batch, ``train_on_batch``;
+after each epoch, validation through ``test_on_batch``. Everything else (the producer
+pool, timing, the history, the callbacks, the progress bar) is the run's, shared with
+custom loops.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+
+from pipetrain.run import Run
+from pipetrain.source import H5Source
+
+
+def train(
+    model,
+    source: H5Source,
+    epochs: int = 1,
+    batch_size: int = 32,
+    validation: H5Source | None = None,
+    callbacks=None,
+    shuffle: str = "block",
+    seed: int = 0,
+    workers: int = 2,
+    max_queue: int = 8,
+    history: str | os.PathLike | None = None,
+    verbose: int = 1,
+    *,
+    class_weight: Mapping[int, float] | None = None,
+    validation_batch_size: int | None = None,
+    max_queue_bytes: int | None = None,
+    shuffle_window: int = 8192,
+    drop_remainder: bool = False,
+    monitor_interval: float = 2.0,
+    overwrite: bool = False,
+    config: Mapping | None = None,
+):
+    """Train a compiled Keras model on an :class:`H5Source` with ``train_on_batch``.
+
+    Returns a ``keras.callbacks.History``, as ``fit`` does, whose epoch metrics equal
+    ``fit``'s for the same model, data, batch order and batch size (``shuffle="none"``
+    is ``fit(shuffle=False)``), non-decomposable metrics and a partial last batch
+    included; ``val_*`` equal ``model.evaluate`` on ``validation``.
+
+    Args:
+        model: a compiled Keras model.
+        source: the training data.
+        epochs: epochs to train. Defaults to 1.
+        batch_size: rows per batch. Defaults to 32.
+        validation: data to evaluate on after each epoch. Defaults to None.
+        callbacks: Keras callbacks (EarlyStopping, ModelCheckpoint, ...). Defaults to None.
+        shuffle: ``"block"`` (chunk-aligned blocks in random order, rows permuted within
+            a window) or ``"none"`` (file order). Defaults to "block".
+        seed: seed of the batch order. Defaults to 0.
+        workers: producer threads. Defaults to 2.
+        max_queue: batches prefetched. Defaults to 8.
+        history: JSON Lines history file to append to. Defaults to None (none).
+        verbose: 0 silent, 1 progress bar. Defaults to 1.
+        class_weight: weights by class index, as in ``fit``. Defaults to None.
+        validation_batch_size: defaults to ``batch_size``.
+
+    Example::
+
+        history = pipetrain.train(model, pipetrain.H5Source("train.h5", x="x", y="y"),
+                                  epochs=10, batch_size=256, history="runs/a/history.jsonl")
+        history.history["loss"]
+    """
+    if getattr(model, "optimizer", None) is None:
+        raise ValueError("train(): the model is not compiled; call model.compile(...) first")
+    source.check_model(model)
+    if validation is not None:
+        validation.check_model(model)
+    settings = {
+        "epochs": epochs, "batch_size": batch_size, "shuffle": shuffle, "seed": seed,
+        "workers": workers, "max_queue": max_queue, "validation": [str(p) for p in validation.paths] if validation else None,
+        "class_weight": dict(class_weight) if class_weight else None,
+    }
+    with Run(
+        source, batch_size=batch_size, epochs=epochs, history=history, shuffle=shuffle, seed=seed,
+        workers=workers, max_queue=max_queue, max_queue_bytes=max_queue_bytes,
+        shuffle_window=shuffle_window, drop_remainder=drop_remainder, models=model,
+        callbacks=callbacks, verbose=verbose, monitor_interval=monitor_interval,
+        config={**settings, **(config or {})}, overwrite=overwrite,
+    ) as run:
+        for epoch in run.epochs():
+            for batch in epoch:
+                epoch.train_on_batch(model, batch.x, batch.y, batch.sample_weight, class_weight)
+            if validation is not None:  # also after a callback stopped the epoch, as fit does
+                epoch.evaluate(model, validation, validation_batch_size or batch_size)
+    return run.history

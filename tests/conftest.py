@@ -1,0 +1,45 @@
+"""Shared fixtures: small HDF5 files and a quiet, seeded Keras."""
+
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from pathlib import Path  # noqa: E402
+
+import h5py  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+
+def write_h5(path: Path, chunks: int | None = 16, compression: str | None = "gzip", **datasets) -> Path:
+    """An HDF5 file with the given arrays; datasets chunked by ``chunks`` rows."""
+    with h5py.File(path, "w") as f:
+        for name, array in datasets.items():
+            array = np.asarray(array)
+            kwargs = {}
+            if chunks:
+                kwargs["chunks"] = (min(chunks, len(array)), *array.shape[1:])
+                if compression:
+                    kwargs["compression"] = compression
+            f.create_dataset(name, data=array, **kwargs)
+    return path
+
+
+@pytest.fixture
+def make_h5(tmp_path):
+    def make(name="data.h5", **kwargs):
+        return write_h5(tmp_path / name, **kwargs)
+
+    return make
+
+
+@pytest.fixture
+def classification_files(tmp_path):
+    """Two files of a learnable 3-class problem: 230 + 77 rows of 12 features."""
+    rng = np.random.default_rng(0)
+    paths = []
+    for i, n in enumerate([230, 77]):
+        x = rng.normal(size=(n, 12)).astype("float32")
+        y = (np.argmax(x[:, :3], axis=1)).astype("int64")
+        paths.append(write_h5(tmp_path / f"part-{i}.h5", chunks=16, x=x, y=y))
+    return paths

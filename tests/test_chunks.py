@@ -1,0 +1,502 @@
+"""The raw-chunk reader returns exactly the bytes h5py's own read returns, or says why not."""
+
+from __future__ import annotations
+
+import os
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+
+import h5py
+import numpy as np
+import pytest
+
+from pipetrain import chunks
+from pipetrain.chunks import ChunkReader, open_chunk_reader, read_path
+
+ROWS = 203  # not a multiple of any chunk row count used here
+# Ranges that start and end mid-chunk, span several chunks, touch the edges, or are empty.
+RANGES = [(0, ROWS), (5, 17), (13, 150), (31, 33), (32, 64), (ROWS - 1, ROWS), (100, 100), (0, 1)]
+
+
+def sample(shape, dtype, seed=0) -> np.ndarray:
+    """Compressible rows first, then incompressible bytes (so optional filters get skipped)."""
+    rng = np.random.default_rng(seed)
+    dtype = np.dtype(dtype)
+    if dtype.kind == "b":
+        return rng.random(shape) < 0.3
+    data = rng.integers(0, 7, shape).astype(dtype)
+    noisy = slice(shape[0] * 2 // 3, None)
+    data[noisy] = np.frombuffer(rng.bytes(data[noisy].nbytes), dtype).reshape(data[noisy].shape)
+    return data
+
+
+def write(path, data, chunks=(32, 12), name="x", **options) -> str:
+    with h5py.File(path, "w") as f:
+        f.create_dataset(name, data=data, chunks=chunks, **options)
+    return str(path)
+
+
+def assert_reads_like_h5py(reader: ChunkReader, dset: h5py.Dataset, ranges=RANGES) -> None:
+    for start, stop in ranges:
+        ours, _ = reader.read(start, stop)
+        theirs = dset[start:stop]
+        assert ours.dtype == theirs.dtype, (start, stop)
+        np.testing.assert_array_equal(ours, theirs)
+        assert ours.tobytes() == theirs.tobytes(), (start, stop)
+
+
+def opened(dset, **prefer) -> ChunkReader:
+    reader = chunks._open_chunk_reader(dset, prefer or None)
+    assert isinstance(reader, ChunkReader), reader
+    return reader
+
+
+GZIP_BACKENDS = {
+    "imagecodecs": "imagecodecs",
+    "libdeflate": "deflate",
+    "isal": "isal",
+    "zlib": "zlib",
+}
+
+
+def gzip_backend(backend: str) -> str:
+    """`backend`, after skipping the test when its package is not installed."""
+    pytest.importorskip(GZIP_BACKENDS[backend])
+    return backend
+
+
+def plugin(name: str, **kwargs) -> dict:
+    hdf5plugin = pytest.importorskip("hdf5plugin")
+    return dict(getattr(hdf5plugin, name)(**kwargs))
+
+
+FILTERS = {
+    "none": lambda: {},
+    "gzip-1": lambda: {"compression": "gzip", "compression_opts": 1},
+    "gzip-4": lambda: {"compression": "gzip", "compression_opts": 4},
+    "gzip-9": lambda: {"compression": "gzip", "compression_opts": 9},
+    "shuffle": lambda: {"shuffle": True},
+    "shuffle+gzip": lambda: {"compression": "gzip", "shuffle": True},
+    "lzf": lambda: {"compression": "lzf"},
+    "shuffle+lzf": lambda: {"compression": "lzf", "shuffle": True},
+    "blosc-lz4": lambda: plugin("Blosc", cname="lz4"),
+    "blosc-zstd-bitshuffle": lambda: plugin("Blosc", cname="zstd", shuffle=2),
+    "lz4": lambda: plugin("LZ4"),
+    "lz4-small-blocks": lambda: plugin("LZ4", nbytes=96),
+    "zstd": lambda: plugin("Zstd"),
+    "shuffle+zstd": lambda: {"shuffle": True, **plugin("Zstd")},
+    "bitshuffle": lambda: plugin("Bitshuffle", cname="none"),
+    "bitshuffle-lz4": lambda: plugin("Bitshuffle"),
+    "bitshuffle-zstd": lambda: plugin("Bitshuffle", cname="zstd"),
+}
+DTYPES = ["uint8", "int16", "int64", "float32", "float64", ">i4", ">f8"]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("name", FILTERS)
+def test_every_filter_and_dtype_reads_like_h5py(tmp_path, name, dtype):
+    options = FILTERS[name]()
+    # 7 columns: chunks of 11 rows hold 77 elements, not a multiple of 8 (bitshuffle's tail).
+    path = write(tmp_path / "f.h5", sample((ROWS, 7), dtype), chunks=(11, 7), **options)
+    with h5py.File(path, "r") as f, opened(f["x"]) as reader:
+        assert reader.shape == f["x"].shape and reader.chunks == f["x"].chunks
+        assert reader.dtype == f["x"].dtype
+        assert_reads_like_h5py(reader, f["x"])
+
+
+@pytest.mark.parametrize("dtype", ["bool", "float16", "complex64", "<u4"])
+def test_other_numeric_dtypes(tmp_path, dtype):
+    path = write(tmp_path / "f.h5", sample((ROWS, 12), dtype), compression="gzip", shuffle=True)
+    with h5py.File(path, "r") as f, opened(f["x"]) as reader:
+        assert_reads_like_h5py(reader, f["x"])
+
+
+@pytest.mark.parametrize("backend", GZIP_BACKENDS)
+def test_each_gzip_backend(tmp_path, backend):
+    gzip_backend(backend)
+    path = write(tmp_path / "f.h5", sample((ROWS, 12), "float32"), compression="gzip", shuffle=True)
+    with h5py.File(path, "r") as f, opened(f["x"], gzip=backend) as reader:
+        assert backend in reader.codec
+        assert_reads_like_h5py(reader, f["x"])
+
+
+@pytest.mark.parametrize(
+    ("name", "backend", "module"),
+    [
+        ("lz4", "imagecodecs", "imagecodecs"),
+        ("lz4", "lz4", "lz4.block"),
+        ("zstd", "imagecodecs", "imagecodecs"),
+        ("zstd", "numcodecs", "numcodecs.zstd"),
+        ("blosc", "imagecodecs", "imagecodecs"),
+        ("blosc", "numcodecs", "numcodecs.blosc"),
+    ],
+)
+def test_each_backend_of_the_plugin_filters(tmp_path, name, backend, module):
+    pytest.importorskip(module)
+    options = {
+        "lz4": lambda: plugin("LZ4", nbytes=200),
+        "zstd": lambda: plugin("Zstd"),
+        "blosc": lambda: plugin("Blosc"),
+    }[name]()
+    path = write(tmp_path / "f.h5", sample((ROWS, 12), "int16"), **options)
+    with h5py.File(path, "r") as f, opened(f["x"], **{name: backend}) as reader:
+        assert_reads_like_h5py(reader, f["x"])
+
+
+@pytest.mark.parametrize(
+    ("shape", "chunk_shape"),
+    [
+        ((ROWS, 28), (16, 11)),  # rows split into three chunks, the last one partial
+        ((ROWS, 784), (64, 392)),  # W1 rows split in halves
+        ((ROWS, 8, 8), (64, 4, 4)),
+        ((ROWS, 8, 8), (7, 3, 5)),  # edge chunks in every dimension
+        ((ROWS, 5, 6), (10, 5, 6)),
+    ],
+)
+@pytest.mark.parametrize("options", [{}, {"compression": "gzip", "shuffle": True}])
+def test_chunks_that_split_rows(tmp_path, shape, chunk_shape, options):
+    path = write(tmp_path / "f.h5", sample(shape, "float32"), chunks=chunk_shape, **options)
+    with h5py.File(path, "r") as f, opened(f["x"]) as reader:
+        assert_reads_like_h5py(reader, f["x"])
+
+
+def test_shuffle_applied_after_compression(tmp_path):
+    """A pipeline in unusual order, [gzip, shuffle]: shuffle then runs on compressed bytes."""
+    data = sample((ROWS, 12), "float64")
+    with h5py.File(tmp_path / "f.h5", "w") as f:
+        dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
+        dcpl.set_chunk((32, 12))
+        dcpl.set_deflate(1)
+        dcpl.set_shuffle()
+        space = h5py.h5s.create_simple(data.shape)
+        dsid = h5py.h5d.create(f.id, b"x", h5py.h5t.IEEE_F64LE, space, dcpl=dcpl)
+        h5py.Dataset(dsid)[...] = data
+    with h5py.File(tmp_path / "f.h5", "r") as f, opened(f["x"]) as reader:
+        assert reader.filters == ("gzip", "shuffle")
+        assert any(size % 8 for size in reader._sizes.ravel())  # some stored sizes leave a tail
+        assert_reads_like_h5py(reader, f["x"])
+
+
+def test_one_dimensional_labels(tmp_path):
+    labels = np.arange(ROWS, dtype=np.int64) % 10
+    path = write(tmp_path / "f.h5", labels, chunks=(32,), compression="gzip")
+    with h5py.File(path, "r") as f, opened(f["x"]) as reader:
+        assert_reads_like_h5py(reader, f["x"])
+
+
+def test_bytes_fetched_are_the_stored_chunk_sizes(tmp_path):
+    path = write(tmp_path / "f.h5", sample((ROWS, 12), "float32"), compression="gzip")
+    with h5py.File(path, "r") as f, opened(f["x"]) as reader:
+        _, fetched = reader.read(0, ROWS)
+        assert fetched == f["x"].id.get_storage_size()
+        stored = f["x"].id.get_chunk_info_by_coord((32, 0)).size
+        assert reader.read(40, 50)[1] == stored
+
+
+def test_unwritten_chunks_read_as_the_fill_value(tmp_path):
+    path = tmp_path / "f.h5"
+    with h5py.File(path, "w") as f:
+        d = f.create_dataset(
+            "x",
+            shape=(ROWS, 8, 6),
+            dtype=">i2",
+            chunks=(10, 4, 3),
+            fillvalue=-7,
+            compression="gzip",
+        )
+        d[20:30] = 1  # one whole row-chunk
+        d[55:62, :4, 3:] = 2  # parts of two row-chunks, one chunk column
+    with h5py.File(path, "r") as f, opened(f["x"]) as reader:
+        assert f["x"].id.get_num_chunks() == 4 + 2
+        assert_reads_like_h5py(reader, f["x"], RANGES + [(0, 10), (60, 70)])
+        rows, fetched = reader.read(100, 120)
+        assert fetched == 0 and (rows == -7).all()
+
+
+def test_unwritten_chunks_when_hdf5_never_fills(tmp_path):
+    """Fill time "never": HDF5 leaves the buffer alone and h5py's read gives zeros."""
+    with h5py.File(tmp_path / "f.h5", "w") as f:
+        dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
+        dcpl.set_chunk((10, 4))
+        dcpl.set_fill_time(h5py.h5d.FILL_TIME_NEVER)
+        dcpl.set_fill_value(np.array(-7, "i4"))
+        space = h5py.h5s.create_simple((ROWS, 4))
+        h5py.h5d.create(f.id, b"x", h5py.h5t.STD_I32LE, space, dcpl=dcpl)
+        f["x"][30:40] = 5
+    with h5py.File(tmp_path / "f.h5", "r") as f, opened(f["x"]) as reader:
+        assert_reads_like_h5py(reader, f["x"])
+
+
+def test_userblock(tmp_path):
+    path = tmp_path / "f.h5"
+    with h5py.File(path, "w", userblock_size=4096) as f:
+        f.create_dataset(
+            "x",
+            data=sample((ROWS, 12), "float32"),
+            chunks=(32, 12),
+            compression="gzip",
+            shuffle=True,
+        )
+        f.create_dataset("raw", data=sample((ROWS, 12), "int16"), chunks=(32, 12))
+    with open(path, "r+b") as raw:
+        raw.write(b"user block text, HDF5 ignores it")
+    with h5py.File(path, "r") as f:
+        assert f.userblock_size == 4096
+        for name in ("x", "raw"):
+            with opened(f[name]) as reader:
+                assert_reads_like_h5py(reader, f[name])
+
+
+@pytest.mark.skipif(
+    h5py.version.hdf5_version_tuple < (1, 14, 4),
+    reason="older HDF5 reported chunk addresses without the userblock",
+)
+def test_chunk_addresses_already_include_the_userblock(tmp_path):
+    """A fact the reader relies on (and checks at open): HDFGroup/hdf5#3003, fixed in 1.14.4."""
+    path = write(tmp_path / "plain.h5", sample((ROWS, 12), "float32"), compression="gzip")
+    with h5py.File(tmp_path / "ub.h5", "w", userblock_size=512) as f:
+        f.create_dataset(
+            "x", data=sample((ROWS, 12), "float32"), chunks=(32, 12), compression="gzip"
+        )
+    for name in (path, tmp_path / "ub.h5"):
+        with h5py.File(name, "r") as f, open(name, "rb") as raw:
+            info = f["x"].id.get_chunk_info(0)
+            raw.seek(info.byte_offset)
+            assert raw.read(info.size) == f["x"].id.read_direct_chunk(info.chunk_offset)[1]
+
+
+def test_chunks_that_skipped_filters(tmp_path):
+    """A set bit i of a chunk's filter mask means filter i was not applied to it."""
+    data = sample((40, 12), "int32")
+    path = tmp_path / "f.h5"
+    with h5py.File(path, "w") as f:
+        d = f.create_dataset(
+            "x",
+            shape=data.shape,
+            dtype=data.dtype,
+            chunks=(10, 12),
+            shuffle=True,
+            compression="gzip",
+        )
+        for mask, row in zip((0b00, 0b01, 0b10, 0b11), range(0, 40, 10), strict=True):
+            block = data[row : row + 10]
+            stored = block.tobytes()
+            if not mask & 0b01:  # shuffle applied: byte planes
+                stored = block.view(np.uint8).reshape(-1, 4).T.tobytes()
+            if not mask & 0b10:  # gzip applied
+                stored = zlib.compress(stored)
+            d.id.write_direct_chunk((row, 0), stored, filter_mask=mask)
+    with h5py.File(path, "r") as f, opened(f["x"]) as reader:
+        np.testing.assert_array_equal(f["x"][:], data)  # h5py agrees with how we wrote them
+        assert_reads_like_h5py(reader, f["x"], [(0, 40), (5, 35), (10, 20), (30, 40)])
+
+
+def test_lzf_skips_incompressible_chunks_and_we_follow(tmp_path):
+    path = write(tmp_path / "f.h5", sample((ROWS, 12), "float64"), compression="lzf")
+    with h5py.File(path, "r") as f, opened(f["x"]) as reader:
+        masks = [f["x"].id.get_chunk_info(i).filter_mask for i in range(f["x"].id.get_num_chunks())]
+        assert 0 in masks and 1 in masks
+        assert_reads_like_h5py(reader, f["x"])
+
+
+def test_out_is_written_in_place(tmp_path):
+    path = write(tmp_path / "f.h5", sample((ROWS, 12), "float32"), compression="gzip", shuffle=True)
+    with h5py.File(path, "r") as f, opened(f["x"]) as reader:
+        out = np.full((64, 12), np.nan, np.float32)
+        result, fetched = reader.read(32, 96, out=out)
+        assert result is out and fetched > 0
+        assert out.tobytes() == f["x"][32:96].tobytes()
+        out = np.zeros((40, 12), np.float32)
+        reader.read(10, 50, out=out)  # partial chunks go through the scratch buffer
+        assert out.tobytes() == f["x"][10:50].tobytes()
+        for bad in (
+            np.zeros((63, 12), np.float32),
+            np.zeros((64, 12), np.float64),
+            np.zeros((12, 64), np.float32).T,
+        ):
+            with pytest.raises(ValueError, match="out"):
+                reader.read(32, 96, out=bad)
+
+
+def test_bad_ranges_and_closed_reader(tmp_path):
+    path = write(tmp_path / "f.h5", sample((ROWS, 12), "float32"), compression="gzip")
+    with h5py.File(path, "r") as f:
+        reader = opened(f["x"])
+        for start, stop in [(-1, 5), (5, 4), (0, ROWS + 1)]:
+            with pytest.raises(IndexError, match="rows"):
+                reader.read(start, stop)
+        reader.close()
+        reader.close()  # idempotent
+        with pytest.raises(ValueError, match="closed"):
+            reader.read(0, 5)
+
+
+def test_many_threads_at_once(tmp_path):
+    path = write(
+        tmp_path / "f.h5",
+        sample((ROWS, 8, 6), "float32"),
+        chunks=(16, 4, 6),
+        compression="gzip",
+        shuffle=True,
+    )
+    rng = np.random.default_rng(1)
+    starts = rng.integers(0, ROWS, 400)
+    ranges = [
+        (int(a), int(min(ROWS, a + n)))
+        for a, n in zip(starts, rng.integers(1, 70, 400), strict=True)
+    ]
+    with h5py.File(path, "r") as f, opened(f["x"]) as reader:
+        everything = f["x"][:]
+        with ThreadPoolExecutor(8) as pool:
+            results = list(pool.map(lambda r: reader.read(*r)[0], ranges))
+    for (start, stop), rows in zip(ranges, results, strict=True):
+        assert rows.tobytes() == everything[start:stop].tobytes()
+
+
+def test_index_is_numpy_arrays_by_grid_coordinate(tmp_path):
+    path = write(
+        tmp_path / "f.h5", sample((ROWS, 28), "float32"), chunks=(16, 11), compression="gzip"
+    )
+    with h5py.File(path, "r") as f, opened(f["x"]) as reader:
+        grid = (13, 3)
+        for array in (reader._offsets, reader._sizes, reader._masks):
+            assert isinstance(array, np.ndarray) and array.shape == grid
+        info = f["x"].id.get_chunk_info_by_coord((32, 22))
+        assert reader._offsets[2, 2] == info.byte_offset and reader._sizes[2, 2] == info.size
+
+
+# -------------------------------------------------------------------------- fallbacks
+
+
+def fallback_reason(dset) -> str:
+    reason = open_chunk_reader(dset)
+    assert isinstance(reason, str), reason
+    assert "\n" not in reason and reason
+    return reason
+
+
+def test_fallback_contiguous_fletcher32_scaleoffset_compact(tmp_path):
+    data = sample((ROWS, 12), "int32")
+    with h5py.File(tmp_path / "f.h5", "w") as f:
+        f.create_dataset("contiguous", data=data)
+        f.create_dataset("fletcher32", data=data, chunks=(32, 12), fletcher32=True)
+        f.create_dataset("scaleoffset", data=data, chunks=(32, 12), scaleoffset=0)
+        space = h5py.h5s.create_simple((4, 3))
+        dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
+        dcpl.set_layout(h5py.h5d.COMPACT)
+        h5py.h5d.create(f.id, b"compact", h5py.h5t.NATIVE_INT32, space, dcpl=dcpl)
+    with h5py.File(tmp_path / "f.h5", "r") as f:
+        assert fallback_reason(f["contiguous"]) == "contiguous layout"
+        assert fallback_reason(f["fletcher32"]) == "filter fletcher32 is not supported"
+        assert "scaleoffset" in fallback_reason(f["scaleoffset"])
+        assert fallback_reason(f["compact"]) == "compact layout"
+        assert read_path(f["contiguous"]).startswith("h5py read")
+        assert "contiguous layout" in read_path(f["contiguous"])
+
+
+def test_fallback_external_and_virtual(tmp_path):
+    with h5py.File(tmp_path / "f.h5", "w") as f:
+        f.create_dataset(
+            "external",
+            shape=(10, 4),
+            dtype="f4",
+            external=[(str(tmp_path / "ext.bin"), 0, h5py.h5f.UNLIMITED)],
+        )
+        f.create_dataset("source", data=sample((ROWS, 12), "float32"), chunks=(32, 12))
+        layout = h5py.VirtualLayout(shape=(ROWS, 12), dtype="f4")
+        layout[:] = h5py.VirtualSource(f["source"])
+        f.create_virtual_dataset("virtual", layout)
+    with h5py.File(tmp_path / "f.h5", "r") as f:
+        assert fallback_reason(f["external"]) == "external storage"
+        assert fallback_reason(f["virtual"]) == "virtual dataset"
+
+
+def test_fallback_core_driver_and_writable_file(tmp_path):
+    path = write(tmp_path / "f.h5", sample((ROWS, 12), "float32"), compression="gzip")
+    with h5py.File(path, "r", driver="core") as f:
+        assert fallback_reason(f["x"]) == "file driver 'core'"
+    with h5py.File(path, "r+") as f:
+        assert "writing" in fallback_reason(f["x"])
+
+
+def test_fallback_dtypes(tmp_path):
+    with h5py.File(tmp_path / "f.h5", "w") as f:
+        f.create_dataset("strings", data=np.array([b"ab", b"cd"] * 8), chunks=(4,))
+        f.create_dataset("compound", data=np.zeros(16, "i4,f8"), chunks=(4,))
+        f.create_dataset("vlen", shape=(16,), dtype=h5py.vlen_dtype("f4"), chunks=(4,))
+        f.create_dataset("subarray", shape=(16,), dtype=np.dtype(("f4", (3,))), chunks=(4,))
+    with h5py.File(tmp_path / "f.h5", "r") as f:
+        for name in ("strings", "compound", "vlen", "subarray"):
+            assert "dtype" in fallback_reason(f[name])
+
+
+def test_fallback_names_the_missing_codec_package(tmp_path, monkeypatch):
+    path = write(tmp_path / "f.h5", sample((ROWS, 12), "float32"), compression="lzf")
+    real = chunks._module
+    monkeypatch.setattr(
+        chunks, "_module", lambda name: None if name == "imagecodecs" else real(name)
+    )
+    with h5py.File(path, "r") as f:
+        assert fallback_reason(f["x"]) == "lzf needs imagecodecs (pip install imagecodecs)"
+
+
+def test_read_path_names_the_fast_path(tmp_path):
+    path = write(tmp_path / "f.h5", sample((ROWS, 12), "float32"), compression="gzip", shuffle=True)
+    with h5py.File(path, "r") as f:
+        line = read_path(f["x"])
+    assert line.startswith("raw chunks: shuffle+gzip via ") and "\n" not in line
+
+
+# ---------------------------------------------------------------------------- errors
+
+
+def corrupt_chunk(path, row: int, name="x") -> tuple[int, int]:
+    with h5py.File(path, "r") as f:
+        info = f[name].id.get_chunk_info_by_coord((row,) + (0,) * (f[name].ndim - 1))
+    with open(path, "r+b") as raw:
+        raw.seek(info.byte_offset + 2)
+        raw.write(bytes(b ^ 0x5A for b in raw.read(40)))
+    return info.byte_offset, info.size
+
+
+@pytest.mark.parametrize("backend", GZIP_BACKENDS)
+def test_corrupt_chunk_names_file_dataset_chunk_and_rows(tmp_path, backend):
+    gzip_backend(backend)
+    path = write(
+        tmp_path / "f.h5",
+        sample((ROWS, 12), "float32"),
+        name="images",
+        compression="gzip",
+        shuffle=True,
+    )
+    corrupt_chunk(path, 64, name="images")
+    with h5py.File(path, "r") as f:
+        reader = opened(f["images"], gzip=backend)
+        with pytest.raises(ValueError) as caught:
+            reader.read(50, 100)
+        message = str(caught.value)
+        assert message.startswith(
+            f"{path}: dataset 'images' chunk at row 64, reading rows 50:100: gzip"
+        )
+        reader.read(0, 64)  # the other chunks still read
+        reader.close()
+
+
+def test_corrupt_first_chunk_falls_back_at_open(tmp_path):
+    path = write(tmp_path / "f.h5", sample((ROWS, 12), "float32"), compression="gzip")
+    corrupt_chunk(path, 0)
+    with h5py.File(path, "r") as f:
+        assert fallback_reason(f["x"]).startswith("self-check failed: ")
+
+
+def test_short_read_is_an_oserror_naming_the_chunk(tmp_path):
+    path = write(tmp_path / "f.h5", sample((ROWS, 12), "float32"), compression="gzip")
+    with h5py.File(path, "r") as f:
+        reader = opened(f["x"])
+        offset = int(reader._offsets[3, 0])
+        os.truncate(path, offset + 5)  # the reader's own descriptor sees the shorter file
+        with pytest.raises(
+            OSError, match=r"dataset 'x' chunk at row 96, reading rows 90:100: short read"
+        ):
+            reader.read(90, 100)
+        reader.close()

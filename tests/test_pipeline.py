@@ -1,0 +1,191 @@
+"""The producer pool: plan order, the same bytes as h5py, backpressure, each block
+decoded once, errors that reach the consumer, and no thread left behind."""
+
+import threading
+import time
+
+import h5py
+import numpy as np
+import pytest
+
+from pipetrain.pipeline import Prefetcher, PipelineError, plans_from
+from pipetrain.plan import Plan
+from pipetrain.source import H5Source
+
+
+def producer_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if "-producer-" in t.name]
+
+
+@pytest.fixture(autouse=True)
+def no_thread_left_behind():
+    yield
+    deadline = time.monotonic() + 5
+    while producer_threads() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert producer_threads() == []
+
+
+@pytest.fixture
+def files(make_h5):
+    rng = np.random.default_rng(1)
+    specs = [(301, 32), (77, 10), (128, 64)]  # rows, chunk rows: batches straddle chunks and files
+    paths, xs, ys = [], [], []
+    for i, (rows, chunk) in enumerate(specs):
+        x = rng.integers(0, 255, size=(rows, 4, 3), dtype=np.uint8)
+        y = rng.normal(size=rows).astype(np.float32)
+        paths.append(make_h5(f"f{i}.h5", chunks=chunk, x=x, y=y))
+        xs.append(x)
+        ys.append(y)
+    return paths, np.concatenate(xs), np.concatenate(ys)
+
+
+def expected_rows(plan, epoch):
+    """Global row numbers of each batch, computed from the plan alone."""
+    file_first = {}
+    offset = 0
+    for f in range(plan.blocks.file.max() + 1):
+        file_first[f] = offset
+        offset += int(plan.blocks.rows[plan.blocks.file == f].sum())
+    out = []
+    for batch in plan.batches(epoch):
+        rows = np.empty(batch.size, np.int64)
+        for part in batch.parts:
+            b = part.block
+            rows[part.dst] = file_first[int(plan.blocks.file[b])] + plan.blocks.start[b] + np.arange(plan.blocks.rows[b])[part.src]
+        out.append(rows)
+    return out
+
+
+@pytest.mark.parametrize("workers", [1, 2, 4])
+@pytest.mark.parametrize("shuffle", ["none", "block"])
+def test_batches_arrive_in_plan_order_with_h5py_bytes(files, workers, shuffle):
+    paths, x, y = files
+    with H5Source(paths, x="x", y="y") as source:
+        plan = Plan(source.rows_per_file, 24, block_rows=source.block_rows(), shuffle=shuffle, seed=4, window=64)
+        want = expected_rows(plan, 0) + expected_rows(plan, 1)
+        with Prefetcher(source, plans_from(plan, 0, 0, 2), plan.blocks, 24, workers=workers, max_queue=3) as stream:
+            got = list(stream)
+        assert [(b.epoch, b.index) for b in got] == [(e, i) for e in range(2) for i in range(plan.steps_per_epoch)]
+        assert [b.size for b in got] == [len(rows) for rows in want]
+    # Content, without recycling (each batch keeps its own arrays).
+    with H5Source(paths, x="x", y="y") as source:
+        plan = Plan(source.rows_per_file, 24, block_rows=source.block_rows(), shuffle=shuffle, seed=4, window=64)
+        with Prefetcher(source, plan.batches(0), plan.blocks, 24, workers=workers, recycle=False) as stream:
+            for batch, rows in zip(stream, expected_rows(plan, 0), strict=True):
+                np.testing.assert_array_equal(batch.x, x[rows])
+                np.testing.assert_array_equal(batch.y, y[rows])
+                assert batch.x.dtype == np.uint8 and batch.y.dtype == np.float32
+
+
+def test_recycled_buffers_hold_the_right_rows_while_held(files):
+    paths, x, _ = files
+    with H5Source(paths, x="x", y="y") as source:
+        plan = Plan(source.rows_per_file, 50, block_rows=source.block_rows(), shuffle="none")
+        seen_buffers = set()
+        with Prefetcher(source, plan.batches(0), plan.blocks, 50, workers=2, max_queue=2) as stream:
+            for batch, rows in zip(stream, expected_rows(plan, 0), strict=True):
+                np.testing.assert_array_equal(batch.x, x[rows])
+                seen_buffers.add(batch.x.__array_interface__["data"][0])
+        assert len(seen_buffers) <= 3  # max_queue + 1 buffers, reused
+
+
+def test_backpressure_bounds_the_batches_in_flight(files):
+    paths, _, _ = files
+    built = []
+    with H5Source(paths, x="x", y="y") as source:
+        plan = Plan(source.rows_per_file, 8, block_rows=source.block_rows(), shuffle="none")
+        stream = Prefetcher(source, plan.batches(0), plan.blocks, 8, workers=3, max_queue=2)
+        original = stream._build
+        stream._build = lambda p, b: built.append(p.index) or original(p, b)
+        with stream:
+            next(stream)
+            time.sleep(0.5)  # a slow consumer: producers must stop, not run ahead
+            assert len(built) <= 1 + 2  # the batch held + max_queue
+            assert len(list(stream)) == plan.steps_per_epoch - 1
+
+
+def test_max_queue_bytes_lowers_the_queue(files):
+    paths, _, _ = files
+    with H5Source(paths, x="x", y="y") as source:
+        plan = Plan(source.rows_per_file, 10, block_rows=source.block_rows())
+        batch_bytes = 10 * (12 + 4)
+        with Prefetcher(source, plan.batches(0), plan.blocks, 10, max_queue=8, max_queue_bytes=3 * batch_bytes) as s:
+            assert s.max_queue == 3
+
+
+@pytest.mark.parametrize("shuffle", ["none", "block"])
+def test_each_block_is_decoded_once(files, shuffle):
+    paths, _, _ = files
+    with H5Source(paths, x="x", y="y") as source:
+        plan = Plan(source.rows_per_file, 20, block_rows=source.block_rows(), shuffle=shuffle, window=100)
+        reads = []
+        original = source.read
+        source.read = lambda f, a, b: reads.append((f, a, b)) or original(f, a, b)
+        with Prefetcher(source, plan.batches(0), plan.blocks, 20, workers=3) as stream:
+            list(stream)
+            assert len(stream.cache) == 0  # every block dropped after its last use
+        assert sorted(reads) == sorted(zip(plan.blocks.file.tolist(), plan.blocks.start.tolist(), plan.blocks.stop.tolist()))
+
+
+def test_a_producer_error_reaches_the_consumer_with_where_and_traceback(make_h5):
+    path = make_h5("bad.h5", chunks=10, x=np.zeros((100, 3), np.float32))
+    with H5Source(path, x="x") as source:
+        plan = Plan(source.rows_per_file, 10, block_rows=10)
+        original = source.read
+
+        def failing(f, a, b):
+            if a >= 50:
+                raise OSError("disk on fire")
+            return original(f, a, b)
+
+        source.read = failing
+        stream = Prefetcher(source, plan.batches(0), plan.blocks, 10, workers=2)
+        got = []
+        t0 = time.monotonic()
+        with pytest.raises(PipelineError, match=r"epoch 0, batch 5\).*disk on fire") as info:
+            for batch in stream:
+                got.append(batch.index)
+        assert time.monotonic() - t0 < 1.0
+        assert got == [0, 1, 2, 3, 4]  # every batch before the failure, in order
+        assert isinstance(info.value.__cause__, OSError)
+        frames = []
+        tb = info.value.__cause__.__traceback__
+        while tb:
+            frames.append(tb.tb_frame.f_code.co_name)
+            tb = tb.tb_next
+        assert "failing" in frames  # the original traceback, from the worker thread
+        stream.close()
+
+
+def test_a_read_error_names_file_dataset_and_rows(make_h5, tmp_path):
+    path = make_h5("gone.h5", chunks=10, x=np.zeros((100, 3), np.float32))
+    with H5Source(path, x="x") as source:
+        with h5py.File(path, "r") as f:
+            offset = f["x"].id.get_chunk_info(5).byte_offset
+        with open(path, "r+b") as fh:  # corrupt the chunk holding rows 50-60
+            fh.seek(offset)
+            fh.write(b"\xff" * 16)
+        plan = Plan(source.rows_per_file, 10, block_rows=10)
+        with pytest.raises(PipelineError) as info:
+            with Prefetcher(source, plan.batches(0), plan.blocks, 10) as stream:
+                list(stream)
+        message = str(info.value)
+        assert str(path) in message and "'x'" in message and "50-60" in message
+
+
+def test_closing_mid_stream_and_on_keyboard_interrupt_stops_every_thread(files):
+    paths, _, _ = files
+    with H5Source(paths, x="x", y="y") as source:
+        plan = Plan(source.rows_per_file, 4, block_rows=source.block_rows())
+        stream = Prefetcher(source, plans_from(plan, 0), plan.blocks, 4, workers=4, max_queue=2)
+        next(stream)
+        assert len(producer_threads()) == 4
+        stream.close()
+        assert producer_threads() == []
+        with pytest.raises(KeyboardInterrupt):
+            with Prefetcher(source, plans_from(plan, 0), plan.blocks, 4, workers=3) as stream:
+                for i, _batch in enumerate(stream):
+                    if i == 3:
+                        raise KeyboardInterrupt
+        assert producer_threads() == []

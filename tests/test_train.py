@@ -1,0 +1,267 @@
+"""train() against fit(): the same epoch metrics (AUC, precision, a partial last batch,
+validation, several inputs and outputs, sample and class weights) and the same weights,
+with Keras callbacks working as they do in fit."""
+
+import csv
+
+import h5py
+import keras
+import numpy as np
+import pytest
+
+import pipetrain
+from tests.conftest import write_h5
+
+RTOL = 1e-5  # the promise; in practice the numbers are bit-for-bit equal
+
+
+def arrays(paths, *names):
+    out = []
+    for name in names:
+        parts = []
+        for p in paths:
+            with h5py.File(p, "r") as f:
+                parts.append(f[name][...])
+        out.append(np.concatenate(parts))
+    return out
+
+
+def assert_same_history(ours: dict, theirs: dict):
+    assert set(ours) == set(theirs), (sorted(ours), sorted(theirs))
+    for key in theirs:
+        np.testing.assert_allclose(ours[key], theirs[key], rtol=RTOL, err_msg=key)
+
+
+def assert_same_weights(a, b):
+    for wa, wb in zip(a.get_weights(), b.get_weights(), strict=True):
+        np.testing.assert_allclose(wa, wb, rtol=RTOL, atol=1e-7)
+
+
+@pytest.fixture
+def binary_files(tmp_path):
+    """Two files (150 + 61 rows) of a noisy binary problem, and a validation file."""
+    rng = np.random.default_rng(7)
+
+    def make(name, n):
+        x = rng.normal(size=(n, 10)).astype("float32")
+        y = (x[:, 0] - x[:, 1] + rng.normal(scale=0.7, size=n) > 0).astype("float32")
+        w = rng.uniform(0.2, 2.0, size=n).astype("float32")
+        return write_h5(tmp_path / name, chunks=32, x=x, y=y, w=w)
+
+    return [make("a.h5", 150), make("b.h5", 61)], make("val.h5", 45)
+
+
+def binary_model(seed=0):
+    keras.utils.set_random_seed(seed)
+    model = keras.Sequential([
+        keras.Input((10,)),
+        keras.layers.Dense(8, activation="relu"),
+        keras.layers.Dense(1, activation="sigmoid"),
+    ])
+    model.compile(
+        keras.optimizers.Adam(0.01), "binary_crossentropy",
+        metrics=["accuracy", keras.metrics.AUC(name="auc"), keras.metrics.Precision(name="precision")],
+    )
+    return model
+
+
+def test_epoch_metrics_equal_fit_with_auc_precision_and_a_partial_batch(binary_files):
+    train_paths, val_path = binary_files
+    x, y = arrays(train_paths, "x", "y")
+    vx, vy = arrays([val_path], "x", "y")
+    reference = binary_model()
+    expected = reference.fit(x, y, batch_size=32, epochs=3, shuffle=False, validation_data=(vx, vy), verbose=0)
+
+    model = binary_model()
+    source = pipetrain.H5Source(train_paths, x="x", y="y")
+    val = pipetrain.H5Source(val_path, x="x", y="y")
+    history = pipetrain.train(model, source, epochs=3, batch_size=32, validation=val, shuffle="none", verbose=0)
+
+    assert isinstance(history, keras.callbacks.History)
+    assert 211 % 32 != 0  # the last batch is partial
+    assert_same_history(history.history, expected.history)
+    assert_same_weights(model, reference)
+    # val_* equal evaluate() on the validation file.
+    ours = pipetrain.evaluate(model, val, batch_size=32)
+    theirs = model.evaluate(vx, vy, batch_size=32, verbose=0, return_dict=True)
+    assert_same_history({k: [v] for k, v in ours.items()}, {k: [v] for k, v in theirs.items()})
+
+
+def test_sample_weights_from_a_dataset_equal_fit(binary_files):
+    train_paths, _ = binary_files
+    x, y, w = arrays(train_paths, "x", "y", "w")
+    reference = binary_model(1)
+    expected = reference.fit(x, y, sample_weight=w, batch_size=40, epochs=2, shuffle=False, verbose=0)
+    model = binary_model(1)
+    source = pipetrain.H5Source(train_paths, x="x", y="y", sample_weight="w")
+    history = pipetrain.train(model, source, epochs=2, batch_size=40, shuffle="none", verbose=0)
+    assert_same_history(history.history, expected.history)
+    assert_same_weights(model, reference)
+
+
+def test_class_weights_equal_fit(classification_files):
+    x, y = arrays(classification_files, "x", "y")
+
+    def make():
+        keras.utils.set_random_seed(3)
+        m = keras.Sequential([keras.Input((12,)), keras.layers.Dense(3, activation="softmax")])
+        m.compile(keras.optimizers.SGD(0.1), "sparse_categorical_crossentropy", metrics=["accuracy"])
+        return m
+
+    weights = {0: 0.5, 1: 2.0, 2: 1.0}
+    reference = make()
+    expected = reference.fit(x, y, class_weight=weights, batch_size=50, epochs=2, shuffle=False, verbose=0)
+    model = make()
+    history = pipetrain.train(
+        model, pipetrain.H5Source(classification_files, x="x", y="y"), epochs=2, batch_size=50,
+        shuffle="none", class_weight=weights, verbose=0,
+    )
+    assert_same_history(history.history, expected.history)
+
+
+@pytest.fixture
+def multi_files(tmp_path):
+    rng = np.random.default_rng(11)
+    paths = []
+    for i, n in enumerate([90, 47]):
+        image = rng.normal(size=(n, 4, 4)).astype("float32")
+        meta = rng.normal(size=(n, 3)).astype("float32")
+        label = (image.mean(axis=(1, 2)) + meta[:, 0] > 0).astype("int64")
+        score = (meta.sum(axis=1, keepdims=True)).astype("float32")
+        paths.append(write_h5(tmp_path / f"m{i}.h5", chunks=16, image=image, meta=meta, label=label, score=score))
+    return paths
+
+
+def multi_model():
+    keras.utils.set_random_seed(5)
+    image = keras.Input((4, 4), name="image_in")
+    meta = keras.Input((3,), name="meta_in")
+    h = keras.layers.Concatenate()([keras.layers.Flatten()(image), meta])
+    h = keras.layers.Dense(8, activation="relu")(h)
+    cls = keras.layers.Dense(2, activation="softmax", name="cls")(h)
+    reg = keras.layers.Dense(1, name="reg")(h)
+    model = keras.Model({"image_in": image, "meta_in": meta}, {"cls": cls, "reg": reg})
+    model.compile(
+        keras.optimizers.Adam(0.01),
+        loss={"cls": "sparse_categorical_crossentropy", "reg": "mse"},
+        metrics={"cls": ["accuracy"], "reg": ["mae"]},
+    )
+    return model
+
+
+def test_multi_input_multi_output_equal_fit(multi_files):
+    image, meta, label, score = arrays(multi_files, "image", "meta", "label", "score")
+    reference = multi_model()
+    expected = reference.fit(
+        {"image_in": image, "meta_in": meta}, {"cls": label, "reg": score},
+        batch_size=32, epochs=2, shuffle=False, verbose=0,
+    )
+    model = multi_model()
+    source = pipetrain.H5Source(
+        multi_files, x={"image_in": "image", "meta_in": "meta"}, y={"cls": "label", "reg": "score"}
+    )
+    history = pipetrain.train(model, source, epochs=2, batch_size=32, shuffle="none", verbose=0)
+    assert_same_history(history.history, expected.history)
+    assert_same_weights(model, reference)
+
+
+def test_shapes_that_do_not_fit_the_model_are_refused(binary_files):
+    train_paths, _ = binary_files
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((11,)), keras.layers.Dense(1)])
+    model.compile("sgd", "mse")
+    with pytest.raises(pipetrain.SourceError, match=r"dataset 'x' rows are \(10,\) but the model's input .* expects \(11,\)"):
+        pipetrain.train(model, pipetrain.H5Source(train_paths, x="x", y="y"), verbose=0)
+
+
+# -- Keras callbacks, driven by hand as fit drives them ------------------------------------
+
+
+def test_early_stopping_and_reduce_lr_behave_as_in_fit(binary_files, tmp_path):
+    train_paths, val_path = binary_files
+    x, y = arrays(train_paths, "x", "y")
+    vx, vy = arrays([val_path], "x", "y")
+
+    def callbacks(folder):
+        return [
+            keras.callbacks.EarlyStopping(monitor="val_loss", patience=1, min_delta=0.05),
+            keras.callbacks.ReduceLROnPlateau(monitor="loss", patience=0, factor=0.5, min_delta=0.5),
+            keras.callbacks.CSVLogger(str(folder / "log.csv")),
+        ]
+
+    (tmp_path / "fit").mkdir()
+    (tmp_path / "ours").mkdir()
+    reference = binary_model()
+    expected = reference.fit(x, y, batch_size=32, epochs=30, shuffle=False, validation_data=(vx, vy),
+                             callbacks=callbacks(tmp_path / "fit"), verbose=0)
+    model = binary_model()
+    history = pipetrain.train(
+        model, pipetrain.H5Source(train_paths, x="x", y="y"), epochs=30, batch_size=32,
+        validation=pipetrain.H5Source(val_path, x="x", y="y"), shuffle="none",
+        callbacks=callbacks(tmp_path / "ours"), verbose=0, history=tmp_path / "ours" / "history.jsonl",
+    )
+    assert len(expected.history["loss"]) < 30  # early stopping did stop
+    assert_same_history(history.history, expected.history)  # same epochs, same learning rates
+    with open(tmp_path / "fit" / "log.csv") as a, open(tmp_path / "ours" / "log.csv") as b:
+        rows_a, rows_b = list(csv.DictReader(a)), list(csv.DictReader(b))
+    assert [r["epoch"] for r in rows_a] == [r["epoch"] for r in rows_b]
+    for ra, rb in zip(rows_a, rows_b, strict=True):
+        for key in ra:
+            np.testing.assert_allclose(float(rb[key]), float(ra[key]), rtol=RTOL, err_msg=key)
+    end = pipetrain.read_history(tmp_path / "ours" / "history.jsonl").end
+    assert end["status"] == "stopped" and end["epochs"] == len(expected.history["loss"])
+
+
+def test_model_checkpoint_terminate_on_nan_and_tensorboard(binary_files, tmp_path):
+    train_paths, _ = binary_files
+    source = pipetrain.H5Source(train_paths, x="x", y="y")
+    model = binary_model()
+    pipetrain.train(
+        model, source, epochs=2, batch_size=32, verbose=0,
+        callbacks=[
+            keras.callbacks.ModelCheckpoint(str(tmp_path / "ckpt-{epoch}.keras")),
+            keras.callbacks.TensorBoard(str(tmp_path / "tb"), update_freq="batch"),
+        ],
+    )
+    assert (tmp_path / "ckpt-1.keras").exists() and (tmp_path / "ckpt-2.keras").exists()
+    restored = keras.saving.load_model(tmp_path / "ckpt-2.keras")
+    assert_same_weights(restored, model)
+    events = list((tmp_path / "tb").rglob("events.out.tfevents.*"))
+    assert events and all(e.stat().st_size > 0 for e in events)
+
+    # TerminateOnNaN stops on the first non-finite batch loss, as in fit.
+    keras.utils.set_random_seed(0)
+    exploding = keras.Sequential([keras.Input((10,)), keras.layers.Dense(1)])
+    exploding.compile(keras.optimizers.SGD(1e30), "mse")
+    history = pipetrain.train(
+        exploding, source, epochs=5, batch_size=32, shuffle="none", verbose=0,
+        callbacks=[keras.callbacks.TerminateOnNaN()], history=tmp_path / "nan.jsonl",
+    )
+    h = pipetrain.read_history(tmp_path / "nan.jsonl")
+    assert len(history.history["loss"]) == 1
+    assert h.end["status"] == "stopped"
+    assert h.batches[-1]["loss"] is None  # NaN is written as null: strict JSON
+    assert len(h.batches) < 7  # stopped mid-epoch
+
+
+def test_batch_callbacks_see_running_epoch_metrics_as_in_fit(binary_files):
+    train_paths, _ = binary_files
+    x, y = arrays(train_paths, "x", "y")
+
+    class Recorder(keras.callbacks.Callback):
+        def __init__(self):
+            super().__init__()
+            self.batches = []
+
+        def on_train_batch_end(self, batch, logs=None):
+            self.batches.append((batch, dict(logs)))
+
+    theirs, ours = Recorder(), Recorder()
+    binary_model().fit(x, y, batch_size=32, epochs=2, shuffle=False, callbacks=[theirs], verbose=0)
+    pipetrain.train(binary_model(), pipetrain.H5Source(train_paths, x="x", y="y"), epochs=2,
+                    batch_size=32, shuffle="none", callbacks=[ours], verbose=0)
+    assert [b for b, _ in ours.batches] == [b for b, _ in theirs.batches]
+    for (_, a), (_, b) in zip(ours.batches, theirs.batches, strict=True):
+        assert set(a) == set(b)
+        for key in b:
+            np.testing.assert_allclose(a[key], b[key], rtol=RTOL, err_msg=key)
