@@ -90,7 +90,53 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--quiet", action="store_true", help="print nothing but errors")
     t.add_argument("--debug", action="store_true", help="show full tracebacks")
     t.set_defaults(func=cmd_train)
+
+    tail = sub.add_parser("tail", help="show a history: the run, epochs, throughput, memory")
+    tail.add_argument("file", metavar="FILE", help="a history.jsonl (or its run folder)")
+    tail.add_argument("--follow", "-f", action="store_true", help="keep showing new records until the run ends")
+    tail.add_argument("--raw", action="store_true", help="print the complete lines as they are")
+    tail.add_argument("--poll", type=float, default=0.25, help="seconds between looks at the file (default 0.25)")
+    tail.add_argument("--debug", action="store_true", help="show full tracebacks")
+    tail.set_defaults(func=_lazy("pipetrain.tail", "cmd_tail"))
+
+    plot = sub.add_parser("plot", help="plot one or several histories to a PNG")
+    plot.add_argument("files", nargs="+", metavar="FILE", help="history files (or run folders)")
+    plot.add_argument("-o", "--output", required=True, metavar="OUT.png", help="the picture to write")
+    plot.add_argument("--debug", action="store_true", help="show full tracebacks")
+    plot.set_defaults(func=_lazy("pipetrain.plot", "cmd_plot"))
+
+    make = sub.add_parser("make-data", help="write a learnable synthetic data set of any size")
+    make.add_argument("output", metavar="OUT.h5")
+    make.add_argument("--rows", type=positive_int, required=True, help="rows to write")
+    make.add_argument("--features", default="784", help="row shape, e.g. 784 or 28x28x1 (default 784)")
+    make.add_argument("--classes", type=positive_int, default=10, help="label classes (default 10)")
+    make.add_argument("--dtype", default="float32", choices=["float32", "float64", "float16", "uint8", "int16"],
+                      help="feature dtype (default float32)")
+    make.add_argument("--compression", default="gzip", help="gzip[:LEVEL], lzf, blosc, zstd, lz4, none (default gzip:1)")
+    make.add_argument("--shuffle-filter", action="store_true", help="add HDF5's byte-shuffle filter")
+    make.add_argument("--chunk-rows", type=positive_int, default=256, help="rows per chunk (default 256)")
+    make.add_argument("--seed", type=int, default=0)
+    make.add_argument("--overwrite", action="store_true", help="replace an existing file")
+    make.add_argument("--quiet", action="store_true")
+    make.add_argument("--debug", action="store_true", help="show full tracebacks")
+    make.set_defaults(func=_lazy("pipetrain.synth", "cmd_make_data"))
+
+    inspect = sub.add_parser("inspect", help="datasets, shapes, chunking, filters and the read path of an HDF5 file")
+    inspect.add_argument("file", metavar="FILE.h5")
+    inspect.add_argument("--debug", action="store_true", help="show full tracebacks")
+    inspect.set_defaults(func=_lazy("pipetrain.inspect", "cmd_inspect"))
     return parser
+
+
+def _lazy(module: str, function: str):
+    """A command implemented in its own module, imported only when it runs."""
+
+    def run(args) -> int:
+        import importlib
+
+        return getattr(importlib.import_module(module), function)(args)
+
+    return run
 
 
 def _names(values: list[str] | None, default: str | None):
@@ -163,6 +209,7 @@ def _check_writable(history: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     debug = "--debug" in argv
+    command = next((a for a in argv if not a.startswith("-")), "")
     try:
         args = build_parser().parse_args(argv)
         if args.version:
@@ -183,7 +230,8 @@ def main(argv: list[str] | None = None) -> int:
 
             traceback.print_exc()
         code = EXIT_BAD_INPUT if _is_bad_input(e) else EXIT_FAILED
-        prefix = "pipetrain: " if code == EXIT_BAD_INPUT else "pipetrain: training failed: "
+        failed = "training failed" if command == "train" else f"{command} failed"
+        prefix = "pipetrain: " if code == EXIT_BAD_INPUT else f"pipetrain: {failed}: "
         print(prefix + _one_line(e), file=sys.stderr)
         return code
 
