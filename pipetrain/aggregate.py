@@ -87,11 +87,17 @@ class MetricSums:
         self._take: Callable[[], list[np.ndarray]] | None = None
         self._put: Callable[[list[np.ndarray]], None] | None = None
         self.sums: list[np.ndarray] | None = None
+        self.partial_batch = False
 
-    def reset(self) -> None:
-        """Zero the sums and the model's metric state."""
+    def reset(self, partial_batch: bool = False) -> None:
+        """Zero the sums and the model's metric state, before a pass over the data.
+
+        ``partial_batch``: the pass ends with a partial batch (see
+        :func:`_per_output_loss_pairs` for why ``fit`` then counts some metrics per batch).
+        """
         self.model.reset_metrics()
         self.sums = None
+        self.partial_batch = partial_batch
 
     def _bind(self) -> None:
         # Compiled metrics are built on the first train_on_batch: bind after it.
@@ -104,7 +110,7 @@ class MetricSums:
         if self._variables is None:
             self._bind()
         state = self._take()
-        for total, count in self._once_per_batch:
+        for total, count in self._once_per_batch if self.partial_batch else ():
             if state[count] > 0:
                 state[total] = np.asarray(state[total] / state[count], state[total].dtype)
                 state[count] = np.ones_like(state[count])
@@ -146,12 +152,13 @@ def _per_output_loss_pairs(model, variables: list) -> list[tuple[int, int]]:
     """Positions of (total, count) of the per-output loss trackers (``out_a_loss``) that
     ``fit`` on TensorFlow counts once per batch.
 
-    Keras weights these trackers by the *static* batch size (``y_pred.shape[0]``). ``fit``
-    on TensorFlow feeds batches whose batch dimension is unknown, so each batch counts
-    once and the epoch value is the plain mean of the batch means; ``train_on_batch``
-    traces static shapes and would weight by batch size. To report what ``fit`` reports,
-    each batch is counted once here too. JAX and PyTorch trace static shapes in ``fit``
-    as well, and their batches keep their weights.
+    Keras weights these trackers by the *static* batch size (``y_pred.shape[0]``). When
+    the data does not divide into whole batches, ``fit`` on TensorFlow feeds batches whose
+    batch dimension is unknown, so each batch counts once and the epoch value is the plain
+    mean of the batch means; when it divides evenly the dimension is known and batches
+    are weighted by size. ``train_on_batch`` always traces static shapes. To report what
+    ``fit`` reports, a pass with a partial batch counts each batch once here too. JAX and
+    PyTorch trace static shapes in ``fit`` as well, and their batches keep their weights.
     """
     if keras.backend.backend() != "tensorflow":
         return []

@@ -83,6 +83,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--max-queue", type=positive_int, default=None, help="batches prefetched (default 8)")
     t.add_argument("--shuffle-window", type=positive_int, default=None, help="rows permuted together (default 8192)")
     t.add_argument("--history", metavar="FILE", help="history file (default runs/<name>/history.jsonl)")
+    t.add_argument("--checkpoint-every", type=positive_int, default=None, metavar="N",
+                   help="batches between checkpoints, besides each epoch end (default 1000)")
+    t.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR at the exact next batch")
+    t.add_argument("--allow-nonfinite", action="store_true", help="keep training when a loss is NaN or infinite")
     t.add_argument("--name", help="run name, for the default history path (default: the start time)")
     t.add_argument("--monitor-interval", type=float, default=None, help="seconds between system samples (default 2)")
     t.add_argument("--allow-external", action="store_true", help="allow HDF5 external links and virtual datasets outside the data folders")
@@ -150,27 +154,84 @@ def _names(values: list[str] | None, default: str | None):
     return values[0] if len(values) == 1 else list(values)
 
 
+# Settings of `pipetrain train` and their defaults. Those in FIXED_ON_RESUME define the
+# run (its data, model and batch order) and cannot change when it resumes.
+TRAIN_DEFAULTS = {
+    "epochs": 20, "batch_size": 32, "shuffle": "block", "seed": 0, "workers": 2, "max_queue": 8,
+    "shuffle_window": 8192, "monitor_interval": 2.0, "checkpoint_every": 1000,
+}
+FIXED_ON_RESUME = ("data", "val", "x", "y", "sample_weight", "model", "batch_size", "shuffle", "seed",
+                   "shuffle_window", "allow_external")
+
+
+def _new_run_settings(args) -> dict:
+    defaults = args.data is None
+    train_paths, val_paths = sample_files() if defaults else (args.data, None)
+    settings = {key: getattr(args, key) if getattr(args, key) is not None else value
+                for key, value in TRAIN_DEFAULTS.items()}
+    settings.update(
+        data=[str(p) for p in (train_paths if isinstance(train_paths, list) else [train_paths])],
+        val=[str(p) for p in (args.val or ([val_paths] if val_paths else []))] or None,
+        x=_names(args.x, "images" if defaults else None),
+        y=_names(args.y, "labels" if defaults else None),
+        sample_weight=args.sample_weight, model=args.model, allow_external=args.allow_external,
+    )
+    if settings["x"] is None:
+        raise BadInput("pipetrain train: --x is required with --data (the input dataset name)")
+    return settings
+
+
+def _resumed_settings(args, run_dir: Path) -> dict:
+    from pipetrain import checkpoint
+
+    path = checkpoint.latest(run_dir / "checkpoint")
+    if not (run_dir / "history.jsonl").exists():
+        raise BadInput(f"--resume {run_dir}: no history.jsonl there (is it a run folder?)")
+    if path is None:
+        raise BadInput(f"--resume {run_dir}: no checkpoint to resume from in {run_dir / 'checkpoint'}")
+    meta, _ = checkpoint.load(path)
+    settings = dict(meta["config"].get("cli") or {})
+    if not settings:
+        raise BadInput(f"--resume {run_dir}: the run was not started by `pipetrain train`; resume it from Python")
+    for key in FIXED_ON_RESUME:
+        given = getattr(args, key, None)
+        if given is not None and given is not False:
+            flag = "--" + key.replace("_", "-")
+            raise BadInput(f"{flag} cannot change when resuming (the run was started with {settings.get(key)!r})")
+    for key in ("epochs", "workers", "max_queue", "monitor_interval", "checkpoint_every"):
+        if getattr(args, key) is not None:
+            settings[key] = getattr(args, key)
+    position = meta["position"]
+    if settings["epochs"] < position["epoch"] + (1 if position["batch"] else 0):
+        raise BadInput(f"--epochs {settings['epochs']}: the run is at epoch {position['epoch'] + 1} already")
+    return settings
+
+
 def cmd_train(args) -> int:
     from pipetrain.source import H5Source
 
-    defaults = args.data is None
-    train_paths, val_paths = (sample_files() if defaults else (args.data, None))
-    if args.val:
-        val_paths = args.val
-    x = _names(args.x, "images" if defaults else None)
-    y = _names(args.y, "labels" if defaults else None)
-    if x is None:
-        raise BadInput("pipetrain train: --x is required with --data (the input dataset name)")
-    name = args.name or _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    history = Path(args.history) if args.history else Path("runs") / name / "history.jsonl"
-    if history.exists() and history.stat().st_size and not args.overwrite:
-        raise BadInput(f"{history}: a history exists already; pass --resume to continue that run or --overwrite to replace it")
-    _check_writable(history)
+    if args.resume:
+        if args.overwrite:
+            raise BadInput("--resume and --overwrite exclude each other")
+        if args.history or args.name:
+            raise BadInput("--resume takes the run folder; --history and --name do not apply")
+        run_dir = Path(args.resume)
+        settings = _resumed_settings(args, run_dir)
+        history = run_dir / "history.jsonl"
+    else:
+        settings = _new_run_settings(args)
+        name = args.name or _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+        history = Path(args.history) if args.history else Path("runs") / name / "history.jsonl"
+        if history.exists() and history.stat().st_size and not args.overwrite:
+            raise BadInput(f"{history}: a history exists already; pass --resume {history.parent} to continue that run or --overwrite to replace it")
+        _check_writable(history)
 
-    train = H5Source(train_paths, x=x, y=y, sample_weight=args.sample_weight, allow_external=args.allow_external)
-    val = None
-    if val_paths:
-        val = H5Source(val_paths, x=x, y=y, sample_weight=args.sample_weight, allow_external=args.allow_external)
+    sources = {}
+    for role in ("data", "val"):
+        if settings[role]:
+            sources[role] = H5Source(settings[role], x=settings["x"], y=settings["y"],
+                                     sample_weight=settings["sample_weight"],
+                                     allow_external=settings["allow_external"])
 
     with quiet_native_logs(not args.debug):
         import keras
@@ -178,23 +239,27 @@ def cmd_train(args) -> int:
         from pipetrain.models import default_model, load_model
         from pipetrain.trainer import train as train_model
 
-        seed = 0 if args.seed is None else args.seed
-        keras.utils.set_random_seed(seed)
-        model = load_model(args.model, train) if args.model else default_model(train)
-    settings = {
-        "data": [str(p) for p in train.paths], "val": [str(p) for p in val.paths] if val else None,
-        "x": x, "y": y, "sample_weight": args.sample_weight, "model": args.model or "default",
-        "history": str(history), "argv": sys.argv[1:],
-    }
-    train_model(
-        model, train, epochs=args.epochs or 20, batch_size=args.batch_size or 32, validation=val,
-        shuffle=args.shuffle or "block", seed=seed, workers=args.workers or 2,
-        max_queue=args.max_queue or 8, history=history, verbose=0 if args.quiet else 1,
-        shuffle_window=args.shuffle_window or 8192, monitor_interval=args.monitor_interval or 2.0,
-        overwrite=args.overwrite, config=settings,
-    )
+        keras.utils.set_random_seed(settings["seed"])
+        train = sources["data"]
+        model = load_model(settings["model"], train) if settings["model"] else default_model(train)
+    try:
+        train_model(
+            model, train, epochs=settings["epochs"], batch_size=settings["batch_size"],
+            validation=sources.get("val"), shuffle=settings["shuffle"], seed=settings["seed"],
+            workers=settings["workers"], max_queue=settings["max_queue"], history=history,
+            verbose=0 if args.quiet else 1, shuffle_window=settings["shuffle_window"],
+            monitor_interval=settings["monitor_interval"], overwrite=args.overwrite,
+            resume=bool(args.resume), checkpoint_every=settings["checkpoint_every"],
+            stop_on_nonfinite=not args.allow_nonfinite, config={"cli": settings, "argv": sys.argv[1:]},
+        )
+    except KeyboardInterrupt as e:
+        raise Interrupted(f"{e or 'interrupted'}; resume with: pipetrain train --resume {history.parent}") from None
     model.save(history.parent / "model.keras")
     return EXIT_OK
+
+
+class Interrupted(KeyboardInterrupt):
+    """Training stopped on SIGINT/SIGTERM, with a checkpoint to resume from."""
 
 
 def _check_writable(history: Path) -> None:
@@ -221,8 +286,8 @@ def main(argv: list[str] | None = None) -> int:
             build_parser().print_help()
             return EXIT_BAD_INPUT
         return args.func(args)
-    except KeyboardInterrupt:
-        print("pipetrain: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as e:
+        print(f"pipetrain: {e}" if isinstance(e, Interrupted) else "pipetrain: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
     except Exception as e:
         if debug:
@@ -237,12 +302,17 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _is_bad_input(e: BaseException) -> bool:
+    """Bad usage or bad data: our own input errors, also when a producer thread met
+    them (a corrupt chunk) and they reached the consumer as its cause."""
     from pipetrain.source import SourceError
 
-    if isinstance(e, (BadInput, SourceError)):
-        return True
-    names = {c.__name__ for c in type(e).__mro__}
-    return bool(names & {"RunError", "ModelError"})
+    while e is not None:
+        if isinstance(e, (BadInput, SourceError)):
+            return True
+        if {c.__name__ for c in type(e).__mro__} & {"RunError", "ModelError"}:
+            return True
+        e = e.__cause__ if type(e).__name__ == "PipelineError" else None
+    return False
 
 
 def _one_line(e: BaseException) -> str:

@@ -14,6 +14,7 @@ or with pandas::
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -109,10 +110,15 @@ class HistoryWriter:
     def sync(self) -> None:
         with self._lock:
             if self._fd >= 0:
-                try:
-                    os.fsync(self._fd)
-                except OSError as e:
-                    raise HistoryWriteError(f"{self.path}: cannot sync the history: {e.strerror or e}") from e
+                self._fsync(self._fd)
+
+    def _fsync(self, fd: int) -> None:
+        try:
+            os.fsync(fd)
+        except OSError as e:
+            if e.errno == errno.EINVAL:  # not a regular file (a pipe, /dev/null): nothing to sync
+                return
+            raise HistoryWriteError(f"{self.path}: cannot sync the history: {e.strerror or e}") from e
 
     def close(self) -> None:
         with self._lock:
@@ -120,7 +126,7 @@ class HistoryWriter:
                 return
             fd, self._fd = self._fd, -1
             try:
-                os.fsync(fd)
+                self._fsync(fd)
             finally:
                 os.close(fd)
 
@@ -131,27 +137,81 @@ class HistoryWriter:
         self.close()
 
 
+def history_file(path: str | os.PathLike) -> Path:
+    """The history file that ``path`` names: the file itself, or a run folder's
+    ``history.jsonl``. A path that does not exist yet names a file if it ends in
+    ``.jsonl`` or ``.json``, else a run folder (so a watcher can start before the run).
+
+    >>> history_file("runs/exp1/history.jsonl"), history_file("runs/not-yet")
+    (PosixPath('runs/exp1/history.jsonl'), PosixPath('runs/not-yet/history.jsonl'))
+    """
+    path = Path(path)
+    if path.is_dir() or (not path.exists() and path.suffix not in (".jsonl", ".json")):
+        return path / "history.jsonl"
+    return path
+
+
+def run_name(path: str | os.PathLike, run: Mapping | None = None) -> str:
+    """A run's name for people: its folder's name when the file is a run folder's
+    ``history.jsonl``, else the run id of its ``run`` record, else the file's name.
+
+    >>> run_name("runs/exp1/history.jsonl"), run_name("h.jsonl", {"run": "20250101-abc"})
+    ('exp1', '20250101-abc')
+    """
+    path = Path(path)
+    if path.name == "history.jsonl" and path.parent.name not in ("", "."):
+        return path.parent.name
+    return str((run or {}).get("run") or path.stem)
+
+
+def decode_line(line: bytes) -> dict | None:
+    """The record on one line, or None if the line is blank, torn or not a record."""
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return None
+    return record if isinstance(record, dict) and "type" in record else None
+
+
 def parse_lines(data: bytes) -> tuple[list[dict], int]:
     """The records in ``data`` and how many lines were skipped (torn or not JSON objects).
-    A trailing fragment without its newline is not a record yet."""
+    A trailing fragment without its newline is not a record yet.
+
+    >>> parse_lines(b'{"type":"end","run":"r","t":1}\\n{"type":"ba')
+    ([{'type': 'end', 'run': 'r', 't': 1}], 0)
+    """
     records, skipped = [], 0
     for line in data.split(b"\n")[:-1]:
         if not line.strip():
             continue
-        try:
-            record = json.loads(line)
-        except ValueError:
+        record = decode_line(line)
+        if record is None:
             skipped += 1
-            continue
-        if isinstance(record, dict) and "type" in record:
-            records.append(record)
         else:
-            skipped += 1
+            records.append(record)
     return records, skipped
 
 
 def _position(record: Mapping) -> tuple[int, int]:
-    return int(record.get("epoch", 0)), int(record.get("batch", 0))
+    """(epoch, batch) of a record or a ``resume``; a missing or null field counts as 0."""
+    return int(record.get("epoch") or 0), int(record.get("batch") or 0)
+
+
+def resume_point(run: Mapping) -> tuple[int, int] | None:
+    """The (epoch, batch) that a ``run`` record resumes from, or None for a fresh start."""
+    resume = run.get("resume")
+    return _position(resume) if isinstance(resume, Mapping) else None
+
+
+def superseded(record: Mapping, at: tuple[int, int]) -> bool:
+    """Whether a segment resumed at ``at`` (epoch, batch) trains ``record`` again: the
+    batches from that position on, and the epoch records of that epoch and later."""
+    kind = record.get("type")
+    if kind == "batch":
+        return _position(record) >= at
+    if kind == "epoch":
+        return _position(record)[0] >= at[0]
+    return False
 
 
 @dataclass
@@ -161,7 +221,12 @@ class History:
     A resumed run appends a new ``run`` record whose ``resume`` names the (epoch, batch)
     it continues from; the batches and epochs that the earlier segment recorded at or
     after that position were trained again, so only their new records are kept: every
-    (epoch, batch) appears once.
+    (epoch, batch) appears once. System records are kept: they are measurements in time.
+
+    Example::
+
+        h = read_history("runs/exp1/history.jsonl")
+        [e["val_loss"] for e in h.epochs], h.end["status"] if h.end else "running"
     """
 
     runs: list[dict] = field(default_factory=list)
@@ -175,11 +240,10 @@ class History:
     def add(self, record: dict) -> None:
         kind = record.get("type")
         if kind == "run":
-            resume = record.get("resume")
-            if resume:
-                at = _position(resume)
-                self.batches = [b for b in self.batches if _position(b) < at]
-                self.epochs = [e for e in self.epochs if int(e.get("epoch", 0)) < at[0]]
+            at = resume_point(record)
+            if at is not None:
+                self.batches = [b for b in self.batches if not superseded(b, at)]
+                self.epochs = [e for e in self.epochs if not superseded(e, at)]
             self.end = None
             self.runs.append(record)
         elif kind == "batch":
@@ -198,12 +262,19 @@ class History:
         """The settings of the latest run segment."""
         return self.runs[-1].get("config", {}) if self.runs else {}
 
-    def to_pandas(self):
-        """The epoch, batch and system tables as pandas DataFrames (needs pandas)."""
+    def to_pandas(self) -> dict:
+        """The ``epochs``, ``batches`` and ``system`` tables as pandas DataFrames, one
+        row per record, one column per field (needs pandas).
+
+        Example::
+
+            tables = read_history("runs/exp1/history.jsonl").to_pandas()
+            tables["batches"].loss.rolling(50).mean().plot()
+        """
         try:
             import pandas as pd
         except ImportError as e:  # pragma: no cover - depends on the environment
-            raise ImportError("History.to_pandas needs pandas: pip install pandas") from e
+            raise ImportError('History.to_pandas needs pandas: pip install "pipetrain[pandas]"') from e
         return {
             "epochs": pd.DataFrame(self.epochs),
             "batches": pd.DataFrame(self.batches),
@@ -212,12 +283,12 @@ class History:
 
 
 def read_history(path: str | os.PathLike) -> History:
-    """Read a history file as one continuous :class:`History`.
+    """Read a history file (or a run folder's) as one continuous :class:`History`.
 
     A torn last line (a run killed mid-write, or a line still being written) and any
     other line that is not a JSON object are skipped and counted in ``skipped``.
     """
-    path = Path(path)
+    path = history_file(path)
     try:
         data = path.read_bytes()
     except FileNotFoundError:
@@ -233,6 +304,117 @@ def read_history(path: str | os.PathLike) -> History:
     return history
 
 
+class Follower:
+    """The complete lines appended to a history file, read without blocking.
+
+    Each :meth:`read` returns the lines completed since the last one, each with its
+    record (None for a line that is not one); a line still being written waits for its
+    newline. The file may appear late. When it is truncated, rewritten from the top or
+    replaced by a new file (a new inode), reading starts again at the new file's first
+    line and ``restarts`` counts up. ``finished`` tells that the run has ended: the last
+    record is an ``end`` (no resumed segment after it) and nothing more is there to read.
+
+    Example::
+
+        with Follower("runs/exp1/history.jsonl") as follower:
+            while not follower.finished:
+                for line, record in follower.read():
+                    print(line.decode(), end="")
+                time.sleep(0.2)
+    """
+
+    HEAD_BYTES = 256  # the file's first bytes, compared to notice it was written anew
+
+    def __init__(self, path: str | os.PathLike, chunk_bytes: int = 1 << 20):
+        self.path = Path(path)
+        self.chunk_bytes = chunk_bytes  # bounded reads: a long history is not read at once
+        self.restarts = 0
+        self.at_eof = False
+        self.ended = False
+        self._handle = None
+        self._inode: int | None = None
+        self._pending = b""
+        self._head = b""
+
+    @property
+    def exists(self) -> bool:
+        """Whether the file has been opened (it may not exist yet)."""
+        return self._handle is not None
+
+    @property
+    def finished(self) -> bool:
+        return self.ended and self.at_eof
+
+    def read(self) -> list[tuple[bytes, dict | None]]:
+        """The complete lines (with their ``\\n``) and records read since the last call."""
+        if self._handle is None and not self._open():
+            self.at_eof = True
+            return []
+        if self._rewritten() or (self._at_end() and self._replaced()):
+            self._restart()
+            if self._handle is None:  # removed again in between
+                self.at_eof = True
+                return []
+        chunk = self._handle.read(self.chunk_bytes)
+        self.at_eof = len(chunk) < self.chunk_bytes
+        if len(self._head) < self.HEAD_BYTES:
+            self._head = (self._head + chunk)[: self.HEAD_BYTES]
+        lines = (self._pending + chunk).split(b"\n")
+        self._pending = lines.pop()
+        return [self._take(line + b"\n") for line in lines]
+
+    def _take(self, line: bytes) -> tuple[bytes, dict | None]:
+        record = decode_line(line)
+        if record is not None:
+            kind = record.get("type")
+            # A resumed segment starts with a run record: the run goes on after an end.
+            self.ended = kind == "end" or (self.ended and kind != "run")
+        return line, record
+
+    def _open(self) -> bool:
+        try:
+            self._handle = open(self.path, "rb")  # noqa: SIM115 - kept open across reads
+        except FileNotFoundError:
+            return False
+        self._inode = os.fstat(self._handle.fileno()).st_ino
+        self._pending, self._head, self.ended = b"", b"", False
+        return True
+
+    def _restart(self) -> None:
+        self.close()
+        self.restarts += 1
+        self._open()
+
+    def _rewritten(self) -> bool:
+        """The same file made shorter, or with other first bytes than we read."""
+        fd = self._handle.fileno()
+        position = self._handle.tell()
+        if os.fstat(fd).st_size < position:
+            return True
+        return bool(self._head) and os.pread(fd, len(self._head), 0) != self._head
+
+    def _at_end(self) -> bool:
+        return self._handle.tell() >= os.fstat(self._handle.fileno()).st_size
+
+    def _replaced(self) -> bool:
+        """Another file under the same name; a removed file is read to its end."""
+        try:
+            return os.stat(self.path).st_ino != self._inode
+        except FileNotFoundError:
+            return False
+
+    def close(self) -> None:
+        if self._handle is not None:
+            self._handle.close()
+            self._handle = None
+
+    def __enter__(self) -> Follower:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
 def follow(
     path: str | os.PathLike,
     *,
@@ -240,59 +422,31 @@ def follow(
     poll: float = 0.2,
     timeout: float | None = None,
 ) -> Iterator[dict]:
-    """Yield the records of a history file as they are appended, from its first line.
+    """Yield the records of a history file (or a run folder's) as they are appended,
+    from its first line.
 
     Waits for the file to appear; never yields half a line; starts again from the top
     when the file is truncated or replaced (a new inode). With ``until_end`` (the
-    default) it returns after an ``end`` record; ``timeout`` returns after that many
-    seconds without a new record.
+    default) it returns once the run has ended: after an ``end`` record that is the last
+    record in the file (an ``end`` followed by a resumed segment does not stop it).
+    ``timeout`` returns after that many seconds without a new record.
+
+    Example::
+
+        for record in pipetrain.follow("runs/exp1"):
+            if record["type"] == "epoch":
+                print(record["epoch"], record["loss"])
     """
-    path = Path(path)
-    handle, inode, pending, mtime = None, None, b"", None
     last_news = time.monotonic()
-    try:
+    with Follower(history_file(path)) as follower:
         while True:
-            if handle is None:
-                try:
-                    handle = open(path, "rb")  # noqa: SIM115 - kept open across iterations
-                    inode, pending = os.fstat(handle.fileno()).st_ino, b""
-                except FileNotFoundError:
-                    handle = None
-            if handle is not None:
-                chunk = handle.read()
-                if chunk:
-                    mtime = os.fstat(handle.fileno()).st_mtime_ns
-                    pending += chunk
-                    lines = pending.split(b"\n")
-                    pending = lines.pop()
-                    for line in lines:
-                        records, _ = parse_lines(line + b"\n")
-                        for record in records:
-                            last_news = time.monotonic()
-                            yield record
-                            if until_end and record.get("type") == "end":
-                                return
-                    continue
-                if _replaced_or_truncated(path, handle, inode, mtime):
-                    handle.close()
-                    handle = None
-                    continue
-            if timeout is not None and time.monotonic() - last_news > timeout:
+            for _, record in follower.read():
+                if record is not None:
+                    last_news = time.monotonic()
+                    yield record
+            if until_end and follower.finished:
                 return
-            time.sleep(poll)
-    finally:
-        if handle is not None:
-            handle.close()
-
-
-def _replaced_or_truncated(path: Path, handle, inode: int, mtime: int | None) -> bool:
-    """A new file under the same name, a shorter file, or one rewritten to the very
-    length we had read (modified, yet nothing new to read)."""
-    try:
-        st = os.stat(path)
-    except FileNotFoundError:
-        return False  # removed: keep reading what we have until a new file appears
-    position = handle.tell()
-    if st.st_ino != inode or st.st_size < position:
-        return True
-    return mtime is not None and st.st_size == position and st.st_mtime_ns != mtime
+            if follower.at_eof:
+                if timeout is not None and time.monotonic() - last_news > timeout:
+                    return
+                time.sleep(poll)

@@ -1,11 +1,12 @@
-"""A training run: the batches of a source, epoch after epoch, measured and recorded.
+"""A training run: the batches of a source, epoch after epoch, measured, recorded and
+checkpointed.
 
 :class:`Run` is the one place where batches are handed out, timed, recorded and
 checkpointed; :func:`pipetrain.train` is one loop written on it, and a custom loop (a GAN
 alternating two ``train_on_batch`` calls) is another. Separation of concerns:
 
 - the :class:`Run` owns the plan, the producer pool, the history writer, the system
-  monitor, the progress display, the Keras callbacks and the checkpoints;
+  monitor, the progress display, the Keras callbacks, checkpoints, resume and signals;
 - an :class:`Epoch` hands out that epoch's batches and collects what the loop computed:
   per-model metrics through :meth:`Epoch.train_on_batch` (aggregated exactly as ``fit``
   does), other values through :meth:`Epoch.record` (means weighted by batch size), and
@@ -15,10 +16,10 @@ alternating two ``train_on_batch`` calls) is another. Separation of concerns:
 Example::
 
     with pipetrain.Run(source, batch_size=64, epochs=5, history="runs/gan/history.jsonl",
-                       models={"generator": g, "discriminator": d}) as run:
+                       models={"d": discriminator, "gan": gan}) as run:
         for epoch in run.epochs():
             for batch in epoch:
-                epoch.train_on_batch(d, ..., prefix="d_")
+                epoch.train_on_batch(discriminator, ..., prefix="d_")
                 epoch.train_on_batch(gan, ..., prefix="g_")
 """
 
@@ -26,9 +27,12 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import math
 import os
 import platform
+import signal
 import socket
+import threading
 import time
 import uuid
 from collections import deque
@@ -41,19 +45,29 @@ import numpy as np
 import psutil
 
 from pipetrain import __version__
+from pipetrain import checkpoint as ckpt
 from pipetrain.aggregate import MetricSums, WeightedMeans, pythonify
 from pipetrain.history import SCHEMA, HistoryWriteError, HistoryWriter, jsonable
 from pipetrain.monitor import Monitor, gpu_probe, peak_rss_mb
 from pipetrain.pipeline import Batch, Prefetcher, plans_from
 from pipetrain.plan import Plan
 from pipetrain.progress import Progress
-from pipetrain.source import H5Source, SourceError
+from pipetrain.source import H5Source
 
 RATE_WINDOW = 20  # batches in the "recent" samples/s of batch records
+CHECKPOINT_EVERY = 1000  # batches between checkpoints, besides one at each epoch end
 
 
 class RunError(ValueError):
-    """A run that cannot start as asked (an existing history, bad settings)."""
+    """A run that cannot start as asked (an existing history, bad settings, no checkpoint)."""
+
+
+class NonFiniteLoss(FloatingPointError):
+    """A batch produced a NaN or infinite loss."""
+
+
+class _Interrupted(Exception):
+    """Validation stops early because the run was asked to stop."""
 
 
 def _overrides(callback, *names: str) -> bool:
@@ -91,14 +105,41 @@ def host_info() -> dict:
     }
 
 
+class _Signals:
+    """SIGINT and SIGTERM ask the run to stop at the next batch boundary; a second one
+    stops at once (``KeyboardInterrupt``). Installed only in the main thread."""
+
+    def __init__(self):
+        self.received: str | None = None
+        self._previous: dict[int, object] = {}
+
+    def install(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        if self.received is not None:
+            raise KeyboardInterrupt
+        self.received = signal.Signals(signum).name
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
+
+
 class Run:
     """A training run over an :class:`~pipetrain.source.H5Source`.
 
     Args:
         source: the training data.
         batch_size: rows per batch.
-        epochs: number of epochs. Defaults to 1.
-        history: path of the JSON Lines history, or None for none. Defaults to None.
+        epochs: number of epochs (may be raised when resuming). Defaults to 1.
+        history: path of the JSON Lines history; its folder is the run folder, which
+            also holds ``checkpoint/``. None for no history and no checkpoints.
+            Defaults to None.
         shuffle: ``"block"`` or ``"none"`` (see :mod:`pipetrain.plan`). Defaults to "block".
         seed: the seed of the batch order. Defaults to 0.
         workers: producer threads. Defaults to 2.
@@ -106,14 +147,23 @@ class Run:
         max_queue_bytes: bytes prefetched ahead of the loop. Defaults to None.
         shuffle_window: rows permuted together by ``shuffle="block"``. Defaults to 8192.
         drop_remainder: drop the partial last batch of each epoch. Defaults to False.
-        models: the model(s) of the run: one, a list, or a dict by name. The first is the
-            one callbacks see. Defaults to None.
+        models: the model(s) of the run: one, a list, or a dict by name. Checkpoints
+            cover each (weights and optimizer); the first is the one callbacks see.
+            Defaults to None.
         callbacks: Keras callbacks, driven as ``fit`` drives them. Defaults to None.
         verbose: 0 silent, 1 a progress bar (plain lines when not on a terminal).
             Defaults to 1.
         monitor_interval: seconds between system samples. Defaults to 2.0.
         config: settings recorded in the ``run`` record as given. Defaults to None.
         overwrite: replace an existing history. Defaults to False (refused).
+        resume: continue the run whose history is ``history`` from its last checkpoint,
+            at the exact next batch. Defaults to False.
+        checkpoint_every: batches between checkpoints (besides each epoch end); None or
+            0 for epoch ends only. Defaults to 1000.
+        stop_on_nonfinite: stop with status ``failed`` when a loss is NaN or infinite.
+            Defaults to True.
+        handle_signals: SIGINT/SIGTERM stop at the next batch with a checkpoint.
+            Defaults to True.
         recycle: reuse batch buffers once the next batch is requested (copy what you
             keep). Defaults to True.
     """
@@ -138,16 +188,23 @@ class Run:
         monitor_interval: float = 2.0,
         config: Mapping | None = None,
         overwrite: bool = False,
+        resume: bool = False,
+        checkpoint_every: int | None = CHECKPOINT_EVERY,
+        stop_on_nonfinite: bool = True,
+        handle_signals: bool = True,
         recycle: bool = True,
     ):
-        if not isinstance(batch_size, int) or batch_size < 1:
-            raise RunError(f"batch_size={batch_size!r} must be a whole number >= 1")
-        if not isinstance(epochs, int) or epochs < 1:
-            raise RunError(f"epochs={epochs!r} must be a whole number >= 1")
+        for name, value in (("batch_size", batch_size), ("epochs", epochs)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise RunError(f"{name}={value!r} must be a whole number >= 1")
         if workers < 1:
             raise RunError(f"workers={workers!r} must be >= 1")
         if max_queue < 1:
             raise RunError(f"max_queue={max_queue!r} must be >= 1")
+        if resume and overwrite:
+            raise RunError("resume and overwrite exclude each other")
+        if resume and history is None:
+            raise RunError("resume needs the history of the run to resume")
         self.source = source
         self.batch_size, self.epochs_total = batch_size, epochs
         self.workers, self.max_queue, self.max_queue_bytes = workers, max_queue, max_queue_bytes
@@ -160,16 +217,18 @@ class Run:
         except ValueError as e:
             raise RunError(str(e)) from None
         if self.plan.steps_per_epoch == 0:
-            raise RunError(
-                f"batch_size={batch_size} with drop_remainder leaves no batch of {source.rows} rows"
-            )
+            raise RunError(f"batch_size={batch_size} with drop_remainder leaves no batch of {source.rows} rows")
         self.models = _models(models)
         self.model = next(iter(self.models.values()), None)
         self.history_path = Path(history) if history is not None else None
+        self.run_dir = self.history_path.parent if self.history_path is not None else None
+        self.checkpoint_dir = self.run_dir / "checkpoint" if self.run_dir is not None else None
+        self.checkpoint_every = checkpoint_every or 0
         self.verbose = verbose
         self.monitor_interval = monitor_interval
         self.config = dict(config or {})
-        self.overwrite = overwrite
+        self.overwrite, self.resume = overwrite, resume
+        self.stop_on_nonfinite = stop_on_nonfinite
         self.run_id = f"{_dt.datetime.now():%Y%m%d-%H%M%S}-{uuid.uuid4().hex[:6]}"
         self.callbacks = keras.callbacks.CallbackList(
             callbacks, add_history=True, add_progbar=False, model=self.model,
@@ -181,17 +240,21 @@ class Run:
         self._test_batch_hooks = any(_overrides(c, "on_test_batch_end", "on_test_batch_begin") for c in cbs)
         self.history = next(c for c in cbs if isinstance(c, keras.callbacks.History))
         # Where the run is: the next batch to train, and what is done.
-        self.epoch, self.batch, self.steps_done = 0, 0, 0
-        self.epochs_done = 0
+        self.epoch, self.batch, self.steps_done, self.epochs_done = 0, 0, 0, 0
         self.status: str | None = None
         self.stop_requested = False
-        self.last_epoch_logs: dict = {}
+        self.last_checkpoint: Path | None = None
+        self._signals = _Signals() if handle_signals else None
         self._sums: dict[tuple[int, str], MetricSums] = {}
+        self._resumed: tuple[dict, dict] | None = None  # checkpoint (meta, arrays) to apply
         self._writer: HistoryWriter | None = None
         self._monitor: Monitor | None = None
         self._progress: Progress | None = None
         self._stream: Prefetcher | None = None
-        self._stream_at: tuple[int, int] | None = None  # where the open stream will deliver next
+        self._stream_at: tuple[int, int] | None = None  # where the open stream delivers next
+        self._epoch: Epoch | None = None
+        self._epochs_iter = None
+        self._failing = False
 
     # -- records ------------------------------------------------------------------
 
@@ -204,10 +267,7 @@ class Run:
             self._progress.handle(record)
         return record
 
-    def _emit_system(self, sample: dict) -> None:
-        self.emit("system", **sample)
-
-    def _run_record(self) -> dict:
+    def _run_record(self, resume: dict | None) -> dict:
         model = None
         if self.model is not None:
             try:
@@ -233,36 +293,52 @@ class Run:
             "models": {name: getattr(m, "name", name) for name, m in self.models.items()},
             "data": data,
             "host": host_info(),
-            "resume": None,
+            "resume": resume,
         }
 
     # -- lifetime -------------------------------------------------------------------
 
     def __enter__(self) -> Run:
-        if self.history_path is not None:
+        resume = self._load_checkpoint() if self.resume else None
+        if self.history_path is not None and not self.resume:
             if self.history_path.exists() and self.history_path.stat().st_size and not self.overwrite:
                 raise RunError(
                     f"{self.history_path}: a history exists already; pass --resume to continue "
                     "that run or --overwrite to replace it"
                 )
-            if self.overwrite and self.history_path.exists():
-                self.history_path.unlink()
+            if self.overwrite:
+                self.history_path.unlink(missing_ok=True)
+                if self.checkpoint_dir is not None:
+                    for old in self.checkpoint_dir.glob("ckpt-*.npz"):
+                        old.unlink()
+        if self.history_path is not None:
             self._writer = HistoryWriter(self.history_path)
         if self.verbose:
             self._progress = Progress(self.verbose, history_path=self.history_path)
         try:
-            self.emit("run", **self._run_record())
+            self.emit("run", **self._run_record(resume))
             probe = gpu_probe(keras.backend.backend())
-            self._monitor = Monitor(self.monitor_interval, self._emit_system, probe)
+            self._monitor = Monitor(self.monitor_interval, lambda s: self.emit("system", **s), probe)
             self.emit("system", **self._monitor.sample())
             self._monitor.start()
+            if self._signals is not None:
+                self._signals.install()
         except BaseException:
-            self._close_sinks()
+            with contextlib.suppress(Exception):  # the first error is the one to report
+                self._close_sinks()
             raise
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
+        self._failing = exc_type is not None
+        if self._failing and self._epoch is not None:
+            self._epoch._current = None  # the batch in hand was not trained: do not record it
+        for generator in (getattr(self._epoch, "_iterator", None), self._epochs_iter):
+            if generator is not None:
+                generator.close()
         self._close_stream()
+        if self._signals is not None:
+            self._signals.restore()
         if self._monitor is not None:
             self._monitor.stop()
             with contextlib.suppress(Exception):  # a last sample is nice to have, not needed
@@ -271,17 +347,23 @@ class Run:
             self.status = "stopped" if self.stop_requested or self.epochs_done < self.epochs_total else "completed"
             error = None
         elif issubclass(exc_type, KeyboardInterrupt):
-            self.status, error = "interrupted", "interrupted"
+            self.status = "interrupted"
+            error = f"interrupted by {self._signals.received}" if self._signals and self._signals.received else "interrupted"
         else:
-            self.status, error = "failed", _one_line(exc)
+            self.status, error = "failed", one_line(exc)
         try:
             if not isinstance(exc, HistoryWriteError):
                 self.emit(
                     "end", status=self.status, epochs=self.epochs_done, steps=self.steps_done,
                     error=error, peak_rss_mb=round(peak_rss_mb(), 1),
+                    checkpoint=str(self.last_checkpoint) if self.last_checkpoint else None,
                 )
         finally:
-            self._close_sinks()
+            if exc_type is None:
+                self._close_sinks()
+            else:
+                with contextlib.suppress(Exception):  # the first error is the one to report
+                    self._close_sinks()
 
     def _close_sinks(self) -> None:
         if self._monitor is not None:
@@ -300,13 +382,28 @@ class Run:
 
     def epochs(self) -> Iterator[Epoch]:
         """The epochs still to train, each an iterable of its batches."""
+        self._epochs_iter = self._epochs()
+        return self._epochs_iter
+
+    def _epochs(self) -> Iterator[Epoch]:
         self.callbacks.on_train_begin()
+        epoch_state = self._apply_checkpoint()
         previous: Epoch | None = None
         while self.epoch < self.epochs_total and not self._should_stop():
-            epoch = Epoch(self, self.epoch, self.batch)
-            yield epoch
+            epoch = self._epoch = Epoch(self, self.epoch, self.batch, epoch_state)
+            epoch_state = None
+            try:
+                yield epoch
+            except GeneratorExit:  # the loop left early: the epoch so far still counts
+                if not self._failing and not epoch.ended:
+                    epoch.end()
+                    if self.checkpoint_dir is not None:
+                        self.save_checkpoint()
+                raise
             epoch.end()
             previous = epoch
+            if self.checkpoint_dir is not None:
+                self.save_checkpoint()
             if self._should_stop():
                 break
         self._close_stream()
@@ -321,22 +418,26 @@ class Run:
             self.stop_requested = True
         return self.stop_requested
 
+    @property
+    def interrupted(self) -> str | None:
+        """The signal that asked the run to stop (``"SIGINT"``, ``"SIGTERM"``), if any."""
+        return self._signals.received if self._signals is not None else None
+
     def stop(self) -> None:
         """Stop after the current batch (as a callback setting ``model.stop_training``)."""
         self.stop_requested = True
 
     def _batches(self, epoch: int, start: int) -> Prefetcher:
         """The producer pool, positioned at (epoch, start); one stream across epochs."""
-        stream = self._stream
-        if stream is None or self._stream_at != (epoch, start):
+        if self._stream is None or self._stream_at != (epoch, start):
             self._close_stream()
-            stream = self._stream = Prefetcher(
+            self._stream = Prefetcher(
                 self.source, plans_from(self.plan, epoch, start, self.epochs_total), self.plan.blocks,
                 self.batch_size, workers=self.workers, max_queue=self.max_queue,
                 max_queue_bytes=self.max_queue_bytes, recycle=self.recycle, name="train",
             )
             self._stream_at = (epoch, start)
-        return stream
+        return self._stream
 
     def metric_sums(self, model, prefix: str = "") -> MetricSums:
         key = (id(model), prefix)
@@ -344,33 +445,124 @@ class Run:
             self._sums[key] = MetricSums(model)
         return self._sums[key]
 
+    def model_name(self, model) -> str:
+        for name, m in self.models.items():
+            if m is model:
+                return name
+        if self.checkpoint_dir is not None:
+            raise RunError(
+                f"model {getattr(model, 'name', model)!r} is not one of the run's models; pass it in "
+                "Run(models=...) so that checkpoints cover it"
+            )
+        return getattr(model, "name", "model")
+
+    # -- checkpoints and resume -------------------------------------------------------
+
+    def save_checkpoint(self, epoch: Epoch | None = None) -> Path | None:
+        """Write the run's state (mid-``epoch`` if given); atomic, so a kill at any
+        instant leaves the last complete checkpoint usable."""
+        if self.checkpoint_dir is None:
+            return None
+        arrays: dict[str, np.ndarray] = {}
+        for name, model in self.models.items():
+            arrays.update(ckpt.model_arrays(name, model))
+        callbacks, callback_arrays = ckpt.callback_state(self.callbacks.callbacks)
+        rng, rng_arrays = ckpt.rng_state()
+        arrays.update(callback_arrays)
+        arrays.update(rng_arrays)
+        epoch_meta = None
+        if epoch is not None and not epoch.ended:
+            epoch_meta, epoch_arrays = epoch.state()
+            arrays.update(epoch_arrays)
+        meta = {
+            "format": 1,
+            "run_id": self.run_id,
+            "position": {"epoch": self.epoch, "batch": self.batch},
+            "steps_done": self.steps_done,
+            "epochs_done": self.epochs_done,
+            "epochs": self.epochs_total,
+            "plan": self.plan.describe(),
+            "rows_per_file": list(self.source.rows_per_file),
+            "config": jsonable(self.config),
+            "models": list(self.models),
+            "epoch": epoch_meta,
+            "callbacks": callbacks,
+            "rng": rng,
+            "saved": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
+        }
+        self.last_checkpoint = ckpt.save(self.checkpoint_dir, self.steps_done, meta, arrays)
+        return self.last_checkpoint
+
+    def _load_checkpoint(self) -> dict:
+        """Read the newest checkpoint and check that it fits this run; returns the
+        ``resume`` field of the run record. The state is applied when training starts."""
+        path = ckpt.latest(self.checkpoint_dir)
+        if path is None:
+            raise RunError(f"{self.checkpoint_dir}: no checkpoint to resume from")
+        meta, arrays = ckpt.load(path)
+        ours = self.plan.describe()
+        for key, theirs in meta["plan"].items():
+            if ours.get(key) != theirs:
+                raise RunError(f"cannot resume {path}: {key} was {theirs!r}, now {ours.get(key)!r}")
+        if list(meta["rows_per_file"]) != list(self.source.rows_per_file):
+            raise RunError(f"cannot resume {path}: the data files have changed ({meta['rows_per_file']} rows then)")
+        if sorted(meta["models"]) != sorted(self.models):
+            raise RunError(f"cannot resume {path}: the models were {meta['models']}, now {sorted(self.models)}")
+        self.run_id = meta["run_id"]
+        self.epoch, self.batch = meta["position"]["epoch"], meta["position"]["batch"]
+        self.steps_done, self.epochs_done = meta["steps_done"], meta["epochs_done"]
+        for name, model in self.models.items():
+            ckpt.restore_model(name, model, arrays)
+        self._resumed = (meta, arrays)
+        self.last_checkpoint = path
+        return {"epoch": self.epoch, "batch": self.batch, "checkpoint": str(path)}
+
+    def _apply_checkpoint(self) -> dict | None:
+        """After ``on_train_begin`` (which resets callbacks): callback and RNG state;
+        returns the partial epoch's state, if the checkpoint was taken mid-epoch."""
+        if self._resumed is None:
+            return None
+        meta, arrays = self._resumed
+        self._resumed = None
+        ckpt.restore_callbacks(self.callbacks.callbacks, meta["callbacks"], arrays)
+        ckpt.restore_rng(meta["rng"], arrays)
+        return {"meta": meta["epoch"], "arrays": arrays} if meta["epoch"] else None
+
 
 class Epoch:
     """One epoch of a :class:`Run`: iterate it for its batches."""
 
-    def __init__(self, run: Run, index: int, start: int):
+    def __init__(self, run: Run, index: int, start: int, state: dict | None = None):
         self.run, self.index, self.start = run, index, start
         self.steps = run.plan.steps_per_epoch
         self.logs: dict = {}
         self.ended = False
         self._means = WeightedMeans()
-        self._models: dict[tuple[int, str], tuple[object, str]] = {}
+        self._models: dict[tuple[str, str], tuple[object, str]] = {}  # (name, prefix) -> (model, prefix)
         self._val_logs: dict = {}
         self._train_logs: dict | None = None
         self._values: dict = {}
         self._current: Batch | None = None
         self._handed = 0.0
         self._recent: deque = deque(maxlen=RATE_WINDOW)
+        self._iterator = None
         self.samples = self.batches = 0
         self.wait_s = self.read_s = 0.0
         self.read_bytes = self.nbytes = 0
         self.val_time_s = 0.0
+        self.train_s = 0.0  # training time of this epoch before a resume
         self._t0: float | None = None
         self._t_train_end: float | None = None
+        if state is not None:
+            self._load_state(state["meta"], state["arrays"])
 
     # -- batches --------------------------------------------------------------------
 
     def __iter__(self) -> Iterator[Batch]:
+        self._iterator = self._batches()
+        return self._iterator
+
+    def _batches(self) -> Iterator[Batch]:
         run = self.run
         run.callbacks.on_epoch_begin(self.index)
         self._t0 = time.perf_counter()
@@ -388,21 +580,24 @@ class Epoch:
                 yield batch
                 self._finish_batch()
             finished = True
-        finally:
+        except GeneratorExit:  # the loop left after training the batch in hand: it counts
             if self._current is not None:
-                self._finish_batch()
+                self._finish_batch(check=False)
+            raise
+        finally:
+            self._current = None
             self._t_train_end = time.perf_counter()
             # The stream is positioned at the next epoch only if this one ran to its end.
             run._stream_at = (self.index + 1, 0) if finished and not run.stop_requested else None
 
-    def _finish_batch(self) -> None:
+    def _finish_batch(self, check: bool = True) -> None:
         batch, run = self._current, self.run
         self._current = None
         now = time.perf_counter()
         step_s = now - self._handed
-        self._recent.append((now, batch.size, step_s + batch.wait_s))
-        span = sum(r[2] for r in self._recent)
-        rate = sum(r[1] for r in self._recent) / span if span > 0 else None
+        self._recent.append((batch.size, step_s + batch.wait_s))
+        span = sum(r[1] for r in self._recent)
+        rate = sum(r[0] for r in self._recent) / span if span > 0 else None
         self._means.add(self._values, batch.size)
         self.samples += batch.size
         self.batches += 1
@@ -419,6 +614,27 @@ class Epoch:
         )
         if run._batch_hooks:
             run.callbacks.on_train_batch_end(batch.index, self._running_logs())
+        if not check:
+            return
+        self._check_finite(batch)
+        if run.interrupted:
+            run.save_checkpoint(self)
+            raise KeyboardInterrupt(f"stopped by {run.interrupted} after epoch {self.index}, batch {batch.index}")
+        if run.checkpoint_every and run.steps_done % run.checkpoint_every == 0 and run.batch < self.steps:
+            run.save_checkpoint(self)
+
+    def _check_finite(self, batch: Batch) -> None:
+        run = self.run
+        if not run.stop_on_nonfinite or run._should_stop():  # a TerminateOnNaN has stopped it
+            return
+        bad = {k: v for k, v in self._values.items()
+               if k.endswith("loss") and isinstance(v, float) and not math.isfinite(v)}
+        if bad:
+            shown = ", ".join(f"{k}={v}" for k, v in bad.items())
+            raise NonFiniteLoss(
+                f"non-finite loss at epoch {self.index}, batch {batch.index}: {shown} "
+                "(training stopped; the last checkpoint holds finite weights)"
+            )
 
     def _running_logs(self) -> dict:
         """What ``fit`` passes to ``on_train_batch_end``: the epoch's metrics so far."""
@@ -430,16 +646,22 @@ class Epoch:
 
     # -- what the loop computed -----------------------------------------------------
 
+    def _track(self, model, prefix: str) -> MetricSums:
+        """The metric sums of ``model`` for this epoch (zeroed on first use)."""
+        key = (self.run.model_name(model), prefix)
+        sums = self.run.metric_sums(model, prefix)
+        if key not in self._models:
+            self._models[key] = (model, prefix)
+            plan = self.run.plan
+            sums.reset(partial_batch=plan.rows % plan.batch_size != 0 and not plan.drop_remainder)
+        return sums
+
     def train_on_batch(self, model, x, y=None, sample_weight=None, class_weight=None, prefix: str = "") -> dict:
         """``model.train_on_batch`` on this batch, recorded under ``prefix``.
 
         Returns the batch's own metrics (not running averages). The epoch's metrics for
         this model are aggregated from the metric state exactly as ``fit`` does."""
-        sums = self.run.metric_sums(model, prefix)
-        key = (id(model), prefix)
-        if key not in self._models:
-            self._models[key] = (model, prefix)
-            sums.reset()
+        sums = self._track(model, prefix)
         logs = model.train_on_batch(x, y, sample_weight=sample_weight, class_weight=class_weight, return_dict=True)
         sums.take()
         logs = {prefix + k: v for k, v in pythonify(logs).items()}
@@ -449,7 +671,7 @@ class Epoch:
     def record(self, **values: float) -> None:
         """Record scalar values of the current batch (averaged over the epoch by batch size)."""
         if self._current is None:
-            raise RuntimeError("Epoch.record() is called for the batch being trained: call it inside the batch loop")
+            raise RuntimeError("Epoch.record() is for the batch being trained: call it inside the batch loop")
         self._values.update({k: float(v) for k, v in values.items()})
 
     def _train_results(self) -> dict:
@@ -464,14 +686,18 @@ class Epoch:
     def evaluate(self, model, source: H5Source, batch_size: int | None = None, prefix: str = "val_") -> dict:
         """Evaluate ``model`` on ``source`` (file order, every row), as ``fit`` validates:
         returns and records ``val_*`` metrics equal to ``model.evaluate``."""
-        self._train_results()  # before validation touches the metric variables
         run = self.run
+        self._train_results()  # before validation touches the metric variables
         t0 = time.perf_counter()
-        logs = evaluate(
-            model, source, batch_size or run.batch_size, workers=run.workers,
-            max_queue=run.max_queue, callbacks=run.callbacks if run._test_batch_hooks else None,
-            sums=run.metric_sums(model, "__eval__" + prefix),
-        )
+        try:
+            logs = evaluate(
+                model, source, batch_size or run.batch_size, workers=run.workers,
+                max_queue=run.max_queue, callbacks=run.callbacks, batch_hooks=run._test_batch_hooks,
+                sums=run.metric_sums(model, "__eval__" + prefix), interrupted=lambda: run.interrupted,
+            )
+        except _Interrupted:
+            run.save_checkpoint(self)
+            raise KeyboardInterrupt(f"stopped by {run.interrupted} during validation of epoch {self.index}") from None
         self.val_time_s += time.perf_counter() - t0
         logs = {prefix + k: v for k, v in logs.items()}
         self._val_logs.update(logs)
@@ -484,9 +710,10 @@ class Epoch:
             return self.logs
         self.ended = True
         run = self.run
-        train_time = (self._t_train_end or time.perf_counter()) - (self._t0 or time.perf_counter())
+        now = time.perf_counter()
+        train_time = self.train_s + (self._t_train_end or now) - (self._t0 or now)
         self.logs = {**self._train_results(), **self._val_logs, **{k: float(v) for k, v in logs.items()}}
-        complete = self.start + self.batches == self.steps
+        complete = self.batches == self.steps
         stats = {
             "samples": self.samples,
             "batches": self.batches,
@@ -503,30 +730,71 @@ class Epoch:
         run.emit("epoch", epoch=self.index, **self.logs, **stats)
         if run._writer is not None:
             run._writer.sync()
-        run.last_epoch_logs = self.logs
         run.callbacks.on_epoch_end(self.index, dict(self.logs))
         if complete:
             run.epochs_done = self.index + 1
             run.epoch, run.batch = self.index + 1, 0
         return self.logs
 
+    # -- checkpointed state -----------------------------------------------------------
+
+    COUNTERS = ("samples", "batches", "wait_s", "read_s", "read_bytes", "nbytes")
+
+    def state(self) -> tuple[dict, dict[str, np.ndarray]]:
+        """The epoch so far: counters, recorded means, each model's metric sums."""
+        now = time.perf_counter()
+        train_s = self.train_s + ((self._t_train_end or now) - self._t0 if self._t0 is not None else 0.0)
+        meta = {
+            "counters": {name: getattr(self, name) for name in self.COUNTERS},
+            "train_s": train_s,
+            "means": self._means.state(),
+            "models": [],
+            # Once every batch is trained, the results themselves: a run resumed before
+            # validation has no batch left to build the model's metrics with.
+            "train_logs": jsonable(self._train_results()) if self.batches == self.steps else None,
+        }
+        arrays = {}
+        for i, ((name, prefix), (model, _)) in enumerate(self._models.items()):
+            sums = self.run.metric_sums(model, prefix).state() or []
+            meta["models"].append({"name": name, "prefix": prefix, "arrays": len(sums)})
+            arrays.update({f"sums/{i}/{j}": s for j, s in enumerate(sums)})
+        return meta, arrays
+
+    def _load_state(self, meta: dict, arrays: dict[str, np.ndarray]) -> None:
+        for name, value in meta["counters"].items():
+            setattr(self, name, value)
+        self.train_s = meta["train_s"]
+        self._means.load_state(meta["means"])
+        self._train_logs = meta.get("train_logs")
+        for i, entry in enumerate(meta["models"]):
+            model = self.run.models[entry["name"]]
+            sums = self._track(model, entry["prefix"])
+            if self._train_logs is None:
+                sums.load_state([arrays[f"sums/{i}/{j}"] for j in range(entry["arrays"])] or None)
+
 
 def evaluate(model, source: H5Source, batch_size: int, *, workers: int = 2, max_queue: int = 8,
-             callbacks=None, sums: MetricSums | None = None) -> dict:
-    """``model.evaluate`` over ``source`` in file order, through the producer pool."""
+             callbacks=None, batch_hooks: bool = True, sums: MetricSums | None = None,
+             interrupted=None) -> dict:
+    """``model.evaluate`` over ``source`` in file order, through the producer pool.
+
+    Returns the metrics ``model.evaluate(..., return_dict=True)`` returns for the same
+    batches; ``callbacks`` (a ``CallbackList``) get the ``on_test_*`` hooks."""
     plan = Plan(source.rows_per_file, batch_size, block_rows=source.block_rows(), shuffle="none")
     sums = sums or MetricSums(model)
-    sums.reset()
+    sums.reset(partial_batch=source.rows % batch_size != 0)
     if callbacks is not None:
         callbacks.on_test_begin()
     with Prefetcher(source, plan.batches(0), plan.blocks, batch_size, workers=workers,
                     max_queue=max_queue, name="val") as batches:
         for batch in batches:
-            if callbacks is not None:
+            if interrupted is not None and interrupted():
+                raise _Interrupted
+            if callbacks is not None and batch_hooks:
                 callbacks.on_test_batch_begin(batch.index)
             logs = model.test_on_batch(batch.x, batch.y, sample_weight=batch.sample_weight, return_dict=True)
             sums.take()
-            if callbacks is not None:
+            if callbacks is not None and batch_hooks:
                 callbacks.on_test_batch_end(batch.index, pythonify(logs))
     logs = sums.result()
     if callbacks is not None:
@@ -534,11 +802,11 @@ def evaluate(model, source: H5Source, batch_size: int, *, workers: int = 2, max_
     return logs
 
 
-def _one_line(exc: BaseException | None) -> str | None:
+def one_line(exc: BaseException | None) -> str | None:
+    """An exception as one line: its message, with the type unless it is bad input."""
     if exc is None:
         return None
     text = " ".join(str(exc).split()) or type(exc).__name__
-    if isinstance(exc, (SourceError, RunError)):
+    if isinstance(exc, ValueError) and type(exc).__name__ in {"SourceError", "RunError", "ModelError"}:
         return text
     return f"{type(exc).__name__}: {text}"
-

@@ -35,7 +35,11 @@ class SourceError(ValueError):
 
 
 class SourceReadError(OSError):
-    """Reading rows failed (I/O error, corrupt chunk, file removed), with where it happened."""
+    """Reading rows failed (an I/O error), with where it happened."""
+
+
+class CorruptDataError(SourceError):
+    """Rows could not be decoded (a corrupt or truncated chunk): bad input, found mid-run."""
 
 
 @dataclass(frozen=True)
@@ -300,10 +304,10 @@ class H5Source:
                 else:
                     arrays[name] = reader[start:stop]
                     n = arrays[name].nbytes
+            except OSError as e:
+                raise SourceReadError(f"{self.paths[file]}: dataset '{name}' rows {start}-{stop}: {e}") from e
             except Exception as e:
-                raise SourceReadError(
-                    f"{self.paths[file]}: dataset '{name}' rows {start}-{stop}: {e}"
-                ) from e
+                raise CorruptDataError(f"{self.paths[file]}: dataset '{name}' rows {start}-{stop}: {e}") from e
             fetched += n
         return arrays, fetched
 

@@ -36,6 +36,9 @@ def train(
     drop_remainder: bool = False,
     monitor_interval: float = 2.0,
     overwrite: bool = False,
+    resume: bool = False,
+    checkpoint_every: int | None = 1000,
+    stop_on_nonfinite: bool = True,
     config: Mapping | None = None,
 ):
     """Train a compiled Keras model on an :class:`H5Source` with ``train_on_batch``.
@@ -61,6 +64,15 @@ def train(
         verbose: 0 silent, 1 progress bar. Defaults to 1.
         class_weight: weights by class index, as in ``fit``. Defaults to None.
         validation_batch_size: defaults to ``batch_size``.
+        resume: continue the run of ``history`` from its last checkpoint, at the exact
+            next batch (the model must be built as it was; its weights, optimizer state
+            and the epoch's metrics are restored). Defaults to False.
+        checkpoint_every: batches between checkpoints in the run folder, besides one at
+            each epoch end. Defaults to 1000.
+        stop_on_nonfinite: stop (status ``failed``) on a NaN or infinite loss. Defaults
+            to True.
+
+    Other arguments are those of :class:`pipetrain.Run`.
 
     Example::
 
@@ -83,7 +95,8 @@ def train(
         workers=workers, max_queue=max_queue, max_queue_bytes=max_queue_bytes,
         shuffle_window=shuffle_window, drop_remainder=drop_remainder, models=model,
         callbacks=callbacks, verbose=verbose, monitor_interval=monitor_interval,
-        config={**settings, **(config or {})}, overwrite=overwrite,
+        config={**settings, **(config or {})}, overwrite=overwrite, resume=resume,
+        checkpoint_every=checkpoint_every, stop_on_nonfinite=stop_on_nonfinite,
     ) as run:
         for epoch in run.epochs():
             for batch in epoch:

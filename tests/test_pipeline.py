@@ -8,7 +8,7 @@ import h5py
 import numpy as np
 import pytest
 
-from pipetrain.pipeline import Prefetcher, PipelineError, plans_from
+from pipetrain.pipeline import PipelineError, Prefetcher, plans_from
 from pipetrain.plan import Plan
 from pipetrain.source import H5Source
 
@@ -125,7 +125,8 @@ def test_each_block_is_decoded_once(files, shuffle):
         with Prefetcher(source, plan.batches(0), plan.blocks, 20, workers=3) as stream:
             list(stream)
             assert len(stream.cache) == 0  # every block dropped after its last use
-        assert sorted(reads) == sorted(zip(plan.blocks.file.tolist(), plan.blocks.start.tolist(), plan.blocks.stop.tolist()))
+        blocks = plan.blocks
+        assert sorted(reads) == sorted(zip(blocks.file.tolist(), blocks.start.tolist(), blocks.stop.tolist(), strict=True))
 
 
 def test_a_producer_error_reaches_the_consumer_with_where_and_traceback(make_h5):
@@ -167,9 +168,8 @@ def test_a_read_error_names_file_dataset_and_rows(make_h5, tmp_path):
             fh.seek(offset)
             fh.write(b"\xff" * 16)
         plan = Plan(source.rows_per_file, 10, block_rows=10)
-        with pytest.raises(PipelineError) as info:
-            with Prefetcher(source, plan.batches(0), plan.blocks, 10) as stream:
-                list(stream)
+        with pytest.raises(PipelineError) as info, Prefetcher(source, plan.batches(0), plan.blocks, 10) as stream:
+            list(stream)
         message = str(info.value)
         assert str(path) in message and "'x'" in message and "50-60" in message
 
@@ -183,9 +183,8 @@ def test_closing_mid_stream_and_on_keyboard_interrupt_stops_every_thread(files):
         assert len(producer_threads()) == 4
         stream.close()
         assert producer_threads() == []
-        with pytest.raises(KeyboardInterrupt):
-            with Prefetcher(source, plans_from(plan, 0), plan.blocks, 4, workers=3) as stream:
-                for i, _batch in enumerate(stream):
-                    if i == 3:
-                        raise KeyboardInterrupt
+        with pytest.raises(KeyboardInterrupt), Prefetcher(source, plans_from(plan, 0), plan.blocks, 4, workers=3) as stream:
+            for i, _batch in enumerate(stream):
+                if i == 3:
+                    raise KeyboardInterrupt
         assert producer_threads() == []

@@ -41,7 +41,8 @@ def test_none_is_file_order_like_fit():
     assert [len(b) for b in batches] == [8] * 13 + [2]  # the partial last batch is kept
     assert plan.steps_per_epoch == 14
     # The same every epoch, whatever the seed.
-    assert all(np.array_equal(a, b) for a, b in zip(batches, epoch_rows(Plan([37, 5, 64], 8, block_rows=7, seed=9), 3)))
+    again = epoch_rows(Plan([37, 5, 64], 8, block_rows=7, seed=9), 3)
+    assert all(np.array_equal(a, b) for a, b in zip(batches, again, strict=True))
 
 
 def test_drop_remainder_drops_the_partial_batch():

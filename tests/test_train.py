@@ -149,18 +149,19 @@ def multi_model():
     return model
 
 
-def test_multi_input_multi_output_equal_fit(multi_files):
+@pytest.mark.parametrize("batch_size", [32, 137])  # 137 rows: a partial last batch, then none
+def test_multi_input_multi_output_equal_fit(multi_files, batch_size):
     image, meta, label, score = arrays(multi_files, "image", "meta", "label", "score")
     reference = multi_model()
     expected = reference.fit(
         {"image_in": image, "meta_in": meta}, {"cls": label, "reg": score},
-        batch_size=32, epochs=2, shuffle=False, verbose=0,
+        batch_size=batch_size, epochs=2, shuffle=False, verbose=0,
     )
     model = multi_model()
     source = pipetrain.H5Source(
         multi_files, x={"image_in": "image", "meta_in": "meta"}, y={"cls": "label", "reg": "score"}
     )
-    history = pipetrain.train(model, source, epochs=2, batch_size=32, shuffle="none", verbose=0)
+    history = pipetrain.train(model, source, epochs=2, batch_size=batch_size, shuffle="none", verbose=0)
     assert_same_history(history.history, expected.history)
     assert_same_weights(model, reference)
 

@@ -1,0 +1,233 @@
+"""A run's state on disk, written atomically, so that a run killed at any instant resumes
+at the exact next batch.
+
+A checkpoint is one file, ``checkpoint/ckpt-<step>.npz``: every array (each model's
+variables, seed-generator states included; each optimizer's variables; the epoch's
+metric sums; callback arrays such as ``EarlyStopping.best_weights``) and one JSON
+document (position, settings, counters, callback and RNG state). It is written to a
+temporary file, flushed to disk, and renamed into place: the rename is the commit
+point, so the newest ``ckpt-*.npz`` is always complete. Older ones are then removed.
+
+Keras' own ``BackupAndRestore`` saves the batch index but restarts the epoch from batch
+0; here the position, the batch order (a pure function of seed and epoch) and the
+epoch's partial metrics are all saved, so no batch is trained twice.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+KEEP = 2  # checkpoints kept: the newest, and one before it
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be written, read, or applied to these models."""
+
+
+def latest(folder: str | os.PathLike) -> Path | None:
+    """The newest complete checkpoint in ``folder``, or None."""
+    folder = Path(folder)
+    found = sorted(folder.glob("ckpt-*.npz")) if folder.is_dir() else []
+    return found[-1] if found else None
+
+
+def save(folder: str | os.PathLike, step: int, meta: dict, arrays: dict[str, np.ndarray]) -> Path:
+    """Write one checkpoint atomically (temporary file, fsync, rename); return its path."""
+    folder = Path(folder)
+    final = folder / f"ckpt-{step:012d}.npz"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".ckpt-", suffix=".tmp", dir=folder)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                document = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
+                np.savez(f, __meta__=document, **arrays)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, final)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        _fsync_folder(folder)
+    except OSError as e:
+        raise CheckpointError(f"{folder}: cannot write a checkpoint: {e.strerror or e}") from e
+    for old in sorted(folder.glob("ckpt-*.npz"))[:-KEEP]:
+        old.unlink(missing_ok=True)
+    return final
+
+
+def load(path: str | os.PathLike) -> tuple[dict, dict[str, np.ndarray]]:
+    """The JSON document and the arrays of a checkpoint file."""
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            arrays = {k: data[k] for k in data.files}
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: cannot read the checkpoint: {e}") from e
+    meta = json.loads(arrays.pop("__meta__").tobytes().decode())
+    return meta, arrays
+
+
+def _fsync_folder(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+# -- what goes in -----------------------------------------------------------------------
+
+
+def model_arrays(name: str, model) -> dict[str, np.ndarray]:
+    """A model's variables (weights, seed-generator states) and its optimizer's."""
+    out = {f"model/{name}/{i}": np.asarray(v.numpy()) for i, v in enumerate(model.variables)}
+    optimizer = getattr(model, "optimizer", None)
+    if optimizer is not None and getattr(optimizer, "built", False):
+        out.update({f"optimizer/{name}/{i}": np.asarray(v.numpy()) for i, v in enumerate(optimizer.variables)})
+    return out
+
+
+def restore_model(name: str, model, arrays: dict[str, np.ndarray]) -> None:
+    """Assign a model's (and its optimizer's) variables from checkpoint arrays."""
+    _assign(f"model/{name}/", list(model.variables), arrays, f"model {name!r}")
+    optimizer = getattr(model, "optimizer", None)
+    saved = [k for k in arrays if k.startswith(f"optimizer/{name}/")]
+    if optimizer is not None and saved:
+        if not getattr(optimizer, "built", False):
+            optimizer.build(model.trainable_variables)
+        _assign(f"optimizer/{name}/", list(optimizer.variables), arrays, f"the optimizer of model {name!r}")
+
+
+def _assign(prefix: str, variables: list, arrays: dict[str, np.ndarray], what: str) -> None:
+    keys = sorted((k for k in arrays if k.startswith(prefix)), key=lambda k: int(k[len(prefix):]))
+    if len(keys) != len(variables):
+        raise CheckpointError(f"the checkpoint holds {len(keys)} variables for {what}, which has {len(variables)}")
+    for key, variable in zip(keys, variables, strict=True):
+        value = arrays[key]
+        if tuple(value.shape) != tuple(variable.shape):
+            raise CheckpointError(
+                f"the checkpoint's {key} has shape {value.shape} but {what}'s variable "
+                f"{variable.path} has {tuple(variable.shape)}"
+            )
+        variable.assign(value)
+
+
+def _plain(value) -> bool:
+    if isinstance(value, (bool, int, float, str)) or value is None:
+        return True
+    if isinstance(value, (list, tuple)):
+        return all(_plain(v) for v in value)
+    if isinstance(value, dict):
+        return all(isinstance(k, str) and _plain(v) for k, v in value.items())
+    return False
+
+
+# The attributes that carry the training state of Keras' own callbacks (what their
+# ``on_train_begin`` resets); their settings (patience, monitor, ...) are not saved, so a
+# resumed run uses the callbacks as given. Any callback may instead define
+# ``get_state()`` returning plain values (and lists of arrays) and ``set_state(state)``.
+KERAS_CALLBACK_STATE = {
+    "History": ("history", "epoch"),
+    "EarlyStopping": ("wait", "stopped_epoch", "best", "best_weights", "best_epoch"),
+    "ReduceLROnPlateau": ("wait", "best", "cooldown_counter"),
+    "ModelCheckpoint": ("best", "_batches_seen_since_last_saving", "_last_batch_seen", "_current_epoch"),
+    "TensorBoard": ("_global_train_batch", "_global_test_batch", "_previous_epoch_iterations"),
+}
+
+
+def _stateful_names(cb) -> tuple[str, ...]:
+    for klass in type(cb).__mro__:
+        if klass.__name__ in KERAS_CALLBACK_STATE and klass.__module__.startswith("keras"):
+            return KERAS_CALLBACK_STATE[klass.__name__]
+    return ()
+
+
+def _to_plain(value):
+    if isinstance(value, np.generic):
+        return value.item()
+    if hasattr(value, "numpy") and not isinstance(value, np.ndarray):  # a tensor counter
+        return np.asarray(value.numpy()).item()
+    return value
+
+
+def callback_state(callbacks: list) -> tuple[list[dict], dict[str, np.ndarray]]:
+    """Each callback's training state (counters, best values, histories) and its arrays
+    (``EarlyStopping.best_weights``), by position in the callback list."""
+    states, arrays = [], {}
+    for i, cb in enumerate(callbacks):
+        if hasattr(cb, "get_state") and hasattr(cb, "set_state"):
+            raw, custom = cb.get_state(), True
+        else:
+            raw = {n: getattr(cb, n) for n in _stateful_names(cb) if hasattr(cb, n)}
+            custom = False
+        state = {}
+        for key, value in raw.items():
+            value = _to_plain(value)
+            if isinstance(value, list) and value and all(isinstance(v, np.ndarray) for v in value):
+                state[key] = {"__arrays__": len(value)}
+                arrays.update({f"callback/{i}/{key}/{j}": v for j, v in enumerate(value)})
+            elif _plain(value):
+                state[key] = value
+            else:
+                raise CheckpointError(f"callback {type(cb).__name__}: state {key!r} is not plain data ({type(value).__name__})")
+        states.append({"class": type(cb).__name__, "custom": custom, "state": state})
+    return states, arrays
+
+
+def restore_callbacks(callbacks: list, states: list[dict], arrays: dict[str, np.ndarray]) -> None:
+    """Put back what :func:`callback_state` took, after ``on_train_begin`` has reset them."""
+    if [type(cb).__name__ for cb in callbacks] != [s["class"] for s in states]:
+        raise CheckpointError(
+            "the callbacks differ from the checkpoint's: "
+            f"{[s['class'] for s in states]} were saved, {[type(cb).__name__ for cb in callbacks]} given"
+        )
+    for i, (cb, saved) in enumerate(zip(callbacks, states, strict=True)):
+        state = {}
+        for key, value in saved["state"].items():
+            if isinstance(value, dict) and set(value) == {"__arrays__"}:
+                value = [arrays[f"callback/{i}/{key}/{j}"] for j in range(value["__arrays__"])]
+            state[key] = value
+        if saved["custom"]:
+            cb.set_state(state)
+        else:
+            for key, value in state.items():
+                setattr(cb, key, value)
+
+
+def rng_state() -> tuple[dict, dict[str, np.ndarray]]:
+    """Python's and numpy's global random states, and Keras' global seed generator."""
+    version, internal, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    meta = {"python": [version, list(internal), gauss], "numpy": [kind, int(pos), int(has_gauss), float(cached)]}
+    arrays = {"rng/numpy": np.asarray(keys)}
+    generator = _keras_global_seed_generator()
+    if generator is not None:
+        arrays["rng/keras"] = np.asarray(generator.state.numpy())
+    return meta, arrays
+
+
+def restore_rng(meta: dict, arrays: dict[str, np.ndarray]) -> None:
+    version, internal, gauss = meta["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, pos, has_gauss, cached = meta["numpy"]
+    np.random.set_state((kind, arrays["rng/numpy"], pos, has_gauss, cached))
+    generator = _keras_global_seed_generator()
+    if generator is not None and "rng/keras" in arrays:
+        generator.state.assign(arrays["rng/keras"])
+
+
+def _keras_global_seed_generator():
+    """Keras' global seed generator (used by unseeded random ops), if one exists yet."""
+    try:
+        from keras.src.backend.common import global_state
+        from keras.src.random.seed_generator import GLOBAL_SEED_GENERATOR
+
+        return global_state.get_global_attribute(GLOBAL_SEED_GENERATOR)
+    except Exception:  # a Keras without it (private API): nothing to save
+        return None

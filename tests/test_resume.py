@@ -1,0 +1,88 @@
+"""A run killed with SIGKILL at any point resumes at the exact next batch and ends with
+the same weights, the same epoch metrics and a history in which every batch appears once."""
+
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import pipetrain
+from pipetrain import checkpoint
+from tests.conftest import write_h5
+
+JOB = Path(__file__).parent / "jobs" / "resume_job.py"
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("data")
+    rng = np.random.default_rng(0)
+    for name, n in [("train-0.h5", 200), ("train-1.h5", 110), ("val.h5", 50)]:
+        x = rng.normal(size=(n, 12)).astype("float32")
+        y = np.argmax(x[:, :3] + 0.3 * rng.normal(size=(n, 3)), axis=1).astype("int64")
+        write_h5(folder / name, chunks=16, x=x, y=y)
+    return folder
+
+
+def job(data, run_dir, kill="none", resume=False):
+    args = [sys.executable, str(JOB), str(data), str(run_dir), kill] + (["--resume"] if resume else [])
+    return subprocess.run(args, capture_output=True, text=True, timeout=180, cwd=ROOT)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(data, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("whole")
+    done = job(data, run_dir)
+    assert done.returncode == 0, done.stderr
+    return run_dir
+
+
+def weights(run_dir):
+    with np.load(run_dir / "weights.npz") as f:
+        return [f[k] for k in sorted(f.files, key=lambda k: int(k.split("_")[1]))]
+
+
+METRICS = ("loss", "accuracy", "top2", "val_loss", "val_accuracy", "val_top2")
+
+
+@pytest.mark.parametrize("kill", [
+    "batch:1:6",   # mid-epoch, between checkpoints (checkpoints every 4 batches: 10 per epoch)
+    "batch:1:2",   # right after a checkpoint (the 12th step completed just before)
+    "val:1:1",     # during validation
+    "batch:2:0",   # right after the epoch-end checkpoint
+    "int-batch:1:9",  # Ctrl-C in the last batch: stops with every batch trained, before validation
+])
+def test_killed_and_resumed_equals_uninterrupted(data, uninterrupted, tmp_path, kill):
+    killed = job(data, tmp_path, kill)
+    assert killed.returncode == (-signal.SIGINT if kill.startswith("int") else -signal.SIGKILL), killed.stderr
+    assert checkpoint.latest(tmp_path / "checkpoint") is not None
+    assert not (tmp_path / "weights.npz").exists()
+
+    resumed = job(data, tmp_path, kill="none", resume=True)
+    assert resumed.returncode == 0, resumed.stderr
+
+    for ours, theirs in zip(weights(tmp_path), weights(uninterrupted), strict=True):
+        np.testing.assert_array_equal(ours, theirs)
+    ours, theirs = pipetrain.read_history(tmp_path / "history.jsonl"), pipetrain.read_history(uninterrupted / "history.jsonl")
+    assert len(ours.epochs) == len(theirs.epochs) == 3
+    for a, b in zip(ours.epochs, theirs.epochs, strict=True):
+        for key in METRICS:
+            assert a[key] == b[key], (key, a["epoch"])
+        assert a["samples"] == b["samples"] == 310 and a["batches"] == b["batches"] == 10
+    positions = [(r["epoch"], r["batch"]) for r in ours.batches]
+    assert positions == [(e, b) for e in range(3) for b in range(10)]  # every batch exactly once
+    assert [r["loss"] for r in ours.batches] == [r["loss"] for r in theirs.batches]
+    assert len(ours.runs) == 2 and ours.runs[1]["resume"]["epoch"] == int(kill.split(":")[1])
+    if kill.startswith("int"):
+        assert ours.runs[1]["resume"]["batch"] == 10  # every batch of epoch 1 was trained
+    assert ours.end["status"] == "completed" and ours.end["steps"] == 30
+
+
+def test_nothing_to_resume_is_a_clear_error(data, tmp_path):
+    done = job(data, tmp_path, resume=True)
+    assert done.returncode != 0
+    assert "no checkpoint to resume from" in done.stderr
