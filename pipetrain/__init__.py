@@ -17,6 +17,14 @@ __version__ = "0.1.0"
 from pipetrain.history import History, HistoryWriter, follow, read_history
 from pipetrain.source import H5Source, SourceError
 
+def sample_data():
+    """The sample data set that ships with pipetrain, the UCI handwritten digits (8x8
+    uint8 ``images``, int64 ``labels``): the paths of its train and validation files."""
+    from pipetrain.data import DIGITS_TRAIN, DIGITS_VAL
+
+    return DIGITS_TRAIN, DIGITS_VAL
+
+
 _LAZY = {"train": "pipetrain.trainer", "Run": "pipetrain.run", "Epoch": "pipetrain.run",
          "evaluate": "pipetrain.run"}
 
@@ -31,4 +39,4 @@ def __getattr__(name):
 
 
 __all__ = ["H5Source", "SourceError", "History", "HistoryWriter", "follow", "read_history",
-           "train", "Run", "Epoch", "evaluate", "__version__"]
+           "train", "Run", "Epoch", "evaluate", "sample_data", "__version__"]

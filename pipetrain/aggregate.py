@@ -64,6 +64,32 @@ class WeightedMeans:
         self.weights = dict(state["weights"])
 
 
+class MetricObjects:
+    """Keras metric objects that a custom loop updates itself (a discriminator's AUC,
+    say): reset at the start of an epoch, read at its end. They accumulate across the
+    epoch on their own, so the epoch result is exact without per-batch bookkeeping."""
+
+    def __init__(self, metrics=()):
+        self.metrics = list(metrics)
+
+    def reset(self) -> None:
+        for metric in self.metrics:
+            metric.reset_state()
+
+    def result(self) -> dict:
+        return pythonify({metric.name: metric.result() for metric in self.metrics})
+
+    def state(self) -> list[np.ndarray]:
+        return [np.asarray(v.numpy()) for metric in self.metrics for v in metric.variables]
+
+    def load_state(self, arrays: list[np.ndarray]) -> None:
+        variables = [v for metric in self.metrics for v in metric.variables]
+        if len(arrays) != len(variables):
+            raise ValueError(f"the checkpoint holds {len(arrays)} metric variables, the run's metrics have {len(variables)}")
+        for variable, value in zip(variables, arrays, strict=True):
+            variable.assign(value)
+
+
 class MetricSums:
     """Epoch results of a model's compiled metrics, summed from per-batch state.
 

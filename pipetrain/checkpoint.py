@@ -93,14 +93,29 @@ def model_arrays(name: str, model) -> dict[str, np.ndarray]:
     return out
 
 
-def restore_model(name: str, model, arrays: dict[str, np.ndarray]) -> None:
-    """Assign a model's (and its optimizer's) variables from checkpoint arrays."""
+def optimizer_targets(model) -> list[str] | None:
+    """Paths of the variables a model's optimizer was built for: not always the model's
+    trainable variables now (a GAN freezes its discriminator inside the combined model)."""
+    optimizer = getattr(model, "optimizer", None)
+    targets = getattr(optimizer, "_trainable_variables", None)  # set by Keras' optimizer.build
+    if not getattr(optimizer, "built", False) or targets is None:
+        return None
+    return [v.path for v in targets]
+
+
+def restore_model(name: str, model, arrays: dict[str, np.ndarray], targets: list[str] | None = None) -> None:
+    """Assign a model's (and its optimizer's) variables from checkpoint arrays; an
+    optimizer not built yet is built for the variables it was built for originally."""
     _assign(f"model/{name}/", list(model.variables), arrays, f"model {name!r}")
     optimizer = getattr(model, "optimizer", None)
     saved = [k for k in arrays if k.startswith(f"optimizer/{name}/")]
     if optimizer is not None and saved:
         if not getattr(optimizer, "built", False):
-            optimizer.build(model.trainable_variables)
+            by_path = {v.path: v for v in model.variables}
+            if targets and all(p in by_path for p in targets):
+                optimizer.build([by_path[p] for p in targets])
+            else:
+                optimizer.build(model.trainable_variables)
         _assign(f"optimizer/{name}/", list(optimizer.variables), arrays, f"the optimizer of model {name!r}")
 
 

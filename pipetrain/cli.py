@@ -26,14 +26,6 @@ class _Parser(argparse.ArgumentParser):
         raise BadInput(f"{self.prog}: {message}")
 
 
-def sample_files() -> tuple[Path, Path]:
-    """The sample data set installed with the package (UCI digits, train and validation)."""
-    from importlib.resources import files
-
-    folder = Path(str(files("pipetrain.data")))
-    return folder / "digits-train.h5", folder / "digits-val.h5"
-
-
 @contextlib.contextmanager
 def quiet_native_logs(enabled: bool = True):
     """Silence TensorFlow's C++ start-up chatter (written to fd 2, before Python's
@@ -166,7 +158,9 @@ FIXED_ON_RESUME = ("data", "val", "x", "y", "sample_weight", "model", "batch_siz
 
 def _new_run_settings(args) -> dict:
     defaults = args.data is None
-    train_paths, val_paths = sample_files() if defaults else (args.data, None)
+    from pipetrain import sample_data
+
+    train_paths, val_paths = sample_data() if defaults else (args.data, None)
     settings = {key: getattr(args, key) if getattr(args, key) is not None else value
                 for key, value in TRAIN_DEFAULTS.items()}
     settings.update(

@@ -46,7 +46,7 @@ import psutil
 
 from pipetrain import __version__
 from pipetrain import checkpoint as ckpt
-from pipetrain.aggregate import MetricSums, WeightedMeans, pythonify
+from pipetrain.aggregate import MetricObjects, MetricSums, WeightedMeans, pythonify
 from pipetrain.history import SCHEMA, HistoryWriteError, HistoryWriter, jsonable
 from pipetrain.monitor import Monitor, gpu_probe, peak_rss_mb
 from pipetrain.pipeline import Batch, Prefetcher, plans_from
@@ -150,6 +150,8 @@ class Run:
         models: the model(s) of the run: one, a list, or a dict by name. Checkpoints
             cover each (weights and optimizer); the first is the one callbacks see.
             Defaults to None.
+        metrics: Keras metric objects the loop updates itself (``auc.update_state``);
+            reset each epoch, reported under their names, checkpointed. Defaults to None.
         callbacks: Keras callbacks, driven as ``fit`` drives them. Defaults to None.
         verbose: 0 silent, 1 a progress bar (plain lines when not on a terminal).
             Defaults to 1.
@@ -157,7 +159,8 @@ class Run:
         config: settings recorded in the ``run`` record as given. Defaults to None.
         overwrite: replace an existing history. Defaults to False (refused).
         resume: continue the run whose history is ``history`` from its last checkpoint,
-            at the exact next batch. Defaults to False.
+            at the exact next batch; ``"auto"`` resumes when a checkpoint exists and
+            starts afresh otherwise (a script that is simply run again). Defaults to False.
         checkpoint_every: batches between checkpoints (besides each epoch end); None or
             0 for epoch ends only. Defaults to 1000.
         stop_on_nonfinite: stop with status ``failed`` when a loss is NaN or infinite.
@@ -183,12 +186,13 @@ class Run:
         shuffle_window: int = 8192,
         drop_remainder: bool = False,
         models=None,
+        metrics=None,
         callbacks=None,
         verbose: int = 1,
         monitor_interval: float = 2.0,
         config: Mapping | None = None,
         overwrite: bool = False,
-        resume: bool = False,
+        resume: bool | str = False,
         checkpoint_every: int | None = CHECKPOINT_EVERY,
         stop_on_nonfinite: bool = True,
         handle_signals: bool = True,
@@ -201,10 +205,14 @@ class Run:
             raise RunError(f"workers={workers!r} must be >= 1")
         if max_queue < 1:
             raise RunError(f"max_queue={max_queue!r} must be >= 1")
+        if resume not in (True, False, "auto"):
+            raise RunError(f"resume={resume!r}: expected True, False or 'auto'")
         if resume and overwrite:
             raise RunError("resume and overwrite exclude each other")
         if resume and history is None:
             raise RunError("resume needs the history of the run to resume")
+        if resume == "auto":
+            resume = ckpt.latest(Path(history).parent / "checkpoint") is not None
         self.source = source
         self.batch_size, self.epochs_total = batch_size, epochs
         self.workers, self.max_queue, self.max_queue_bytes = workers, max_queue, max_queue_bytes
@@ -220,6 +228,7 @@ class Run:
             raise RunError(f"batch_size={batch_size} with drop_remainder leaves no batch of {source.rows} rows")
         self.models = _models(models)
         self.model = next(iter(self.models.values()), None)
+        self.metrics = MetricObjects(metrics or [])
         self.history_path = Path(history) if history is not None else None
         self.run_dir = self.history_path.parent if self.history_path is not None else None
         self.checkpoint_dir = self.run_dir / "checkpoint" if self.run_dir is not None else None
@@ -485,6 +494,7 @@ class Run:
             "rows_per_file": list(self.source.rows_per_file),
             "config": jsonable(self.config),
             "models": list(self.models),
+            "optimizer_targets": {name: ckpt.optimizer_targets(m) for name, m in self.models.items()},
             "epoch": epoch_meta,
             "callbacks": callbacks,
             "rng": rng,
@@ -511,8 +521,9 @@ class Run:
         self.run_id = meta["run_id"]
         self.epoch, self.batch = meta["position"]["epoch"], meta["position"]["batch"]
         self.steps_done, self.epochs_done = meta["steps_done"], meta["epochs_done"]
+        targets = meta.get("optimizer_targets") or {}
         for name, model in self.models.items():
-            ckpt.restore_model(name, model, arrays)
+            ckpt.restore_model(name, model, arrays, targets.get(name))
         self._resumed = (meta, arrays)
         self.last_checkpoint = path
         return {"epoch": self.epoch, "batch": self.batch, "checkpoint": str(path)}
@@ -555,6 +566,8 @@ class Epoch:
         self._t_train_end: float | None = None
         if state is not None:
             self._load_state(state["meta"], state["arrays"])
+        else:
+            run.metrics.reset()
 
     # -- batches --------------------------------------------------------------------
 
@@ -642,6 +655,7 @@ class Epoch:
         for model, prefix in self._models.values():
             sums = self.run.metric_sums(model, prefix)
             logs.update({prefix + k: v for k, v in sums.running().items()})
+        logs.update(self.run.metrics.result())
         return logs
 
     # -- what the loop computed -----------------------------------------------------
@@ -680,6 +694,7 @@ class Epoch:
             for model, prefix in self._models.values():
                 sums = self.run.metric_sums(model, prefix)
                 logs.update({prefix + k: v for k, v in sums.result().items()})
+            logs.update(self.run.metrics.result())
             self._train_logs = logs
         return self._train_logs
 
@@ -753,7 +768,7 @@ class Epoch:
             # validation has no batch left to build the model's metrics with.
             "train_logs": jsonable(self._train_results()) if self.batches == self.steps else None,
         }
-        arrays = {}
+        arrays = {f"metrics/{i}": a for i, a in enumerate(self.run.metrics.state())}
         for i, ((name, prefix), (model, _)) in enumerate(self._models.items()):
             sums = self.run.metric_sums(model, prefix).state() or []
             meta["models"].append({"name": name, "prefix": prefix, "arrays": len(sums)})
@@ -766,6 +781,8 @@ class Epoch:
         self.train_s = meta["train_s"]
         self._means.load_state(meta["means"])
         self._train_logs = meta.get("train_logs")
+        self.run.metrics.load_state([arrays[k] for k in sorted((k for k in arrays if k.startswith("metrics/")),
+                                                               key=lambda k: int(k.split("/")[1]))])
         for i, entry in enumerate(meta["models"]):
             model = self.run.models[entry["name"]]
             sums = self._track(model, entry["prefix"])

@@ -1,0 +1,124 @@
+"""Custom loops on pipetrain.Run: the README's GAN runs as written, is killed and resumed
+exactly; two models' epoch aggregates are right; Keras callbacks see the batches."""
+
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import keras
+import numpy as np
+import pytest
+
+import pipetrain
+from tests.conftest import write_h5
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def readme_gan() -> str:
+    text = (ROOT / "README.md").read_text()
+    block = next(b for b in re.findall(r"```python\n(.*?)```", text, flags=re.S) if b.startswith("# gan.py"))
+    return block
+
+
+def run_script(folder: Path, timeout=180):
+    return subprocess.Popen([sys.executable, "gan.py"], cwd=folder, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+@pytest.fixture(scope="module")
+def gan_runs(tmp_path_factory):
+    """The README's GAN: once straight through, once killed with SIGKILL and run again."""
+    whole, killed = tmp_path_factory.mktemp("whole"), tmp_path_factory.mktemp("killed")
+    for folder in (whole, killed):
+        (folder / "gan.py").write_text(readme_gan())
+    straight = run_script(whole)
+    victim = run_script(killed)
+    history = killed / "runs" / "gan" / "history.jsonl"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and (not history.exists() or history.read_text().count('"type":"batch"') < 100):
+        time.sleep(0.05)
+    victim.send_signal(signal.SIGKILL)
+    victim.wait(30)
+    assert straight.wait(180) == 0, straight.stderr.read()
+    again = run_script(killed)
+    out, err = again.communicate(timeout=180)
+    assert again.returncode == 0, err
+    assert "resuming at epoch" in out
+    return whole, killed
+
+
+def test_the_readme_gan_is_killed_resumed_and_equals_the_straight_run(gan_runs):
+    whole, killed = gan_runs
+    a = pipetrain.read_history(whole / "runs" / "gan" / "history.jsonl")
+    b = pipetrain.read_history(killed / "runs" / "gan" / "history.jsonl")
+    assert len(b.runs) == 2 and b.runs[1]["resume"] is not None
+    positions = [(r["epoch"], r["batch"]) for r in b.batches]
+    assert positions == [(e, i) for e in range(10) for i in range(23)]  # each batch once
+    assert {"d_loss", "d_accuracy", "g_loss", "step_s", "wait_s"} <= b.batches[0].keys()
+    assert {"d_loss", "d_accuracy", "g_loss", "d_auc", "samples_per_s"} <= b.epochs[0].keys()
+    for ea, eb in zip(a.epochs, b.epochs, strict=True):
+        for key in ("d_loss", "d_accuracy", "g_loss", "d_auc"):
+            assert ea[key] == eb[key], (key, ea["epoch"])
+    assert [r["g_loss"] for r in a.batches] == [r["g_loss"] for r in b.batches]
+    assert b.end["status"] == "completed"
+
+
+def test_epoch_values_are_the_batch_size_weighted_means_of_two_models(tmp_path):
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(100, 4)).astype("float32")
+    path = write_h5(tmp_path / "d.h5", chunks=16, x=x, y=(x[:, 0] > 0).astype("float32"))
+
+    def model(name):
+        keras.utils.set_random_seed(1)
+        m = keras.Sequential([keras.Input((4,)), keras.layers.Dense(1, activation="sigmoid")], name=name)
+        m.compile("sgd", "binary_crossentropy", metrics=[keras.metrics.AUC(name="auc")])
+        return m
+
+    a, b = model("a"), model("b")
+    with pipetrain.Run(pipetrain.H5Source(path, x="x", y="y"), batch_size=32, epochs=1, shuffle="none",
+                       models=[a, b], verbose=0, history=tmp_path / "run" / "history.jsonl") as run:
+        for epoch in run.epochs():
+            for batch in epoch:
+                epoch.train_on_batch(a, batch.x, batch.y, prefix="a_")
+                epoch.train_on_batch(b, batch.x, 1 - batch.y, prefix="b_")
+                epoch.record(rows=batch.size, half=0.5 * batch.size)
+    h = pipetrain.read_history(tmp_path / "run" / "history.jsonl")
+    sizes = [r["size"] for r in h.batches]
+    assert sizes == [32, 32, 32, 4]
+    e = h.epochs[0]
+    # Recorded scalars: means weighted by batch size.
+    assert e["rows"] == pytest.approx(sum(s * s for s in sizes) / sum(sizes))
+    # Each model's loss is the size-weighted mean of its batch losses; AUC is over all rows.
+    for prefix in ("a_", "b_"):
+        losses = [r[prefix + "loss"] for r in h.batches]
+        assert e[prefix + "loss"] == pytest.approx(np.dot(losses, sizes) / sum(sizes), rel=1e-6)
+        assert 0.0 <= e[prefix + "auc"] <= 1.0
+    assert e["a_loss"] != e["b_loss"]
+
+
+def test_a_users_batch_callback_works_unchanged_in_a_custom_loop(tmp_path):
+    x = np.random.default_rng(0).normal(size=(64, 4)).astype("float32")
+    path = write_h5(tmp_path / "d.h5", chunks=16, x=x, y=(x[:, 0] > 0).astype("float32"))
+
+    class LossPerBatch(keras.callbacks.Callback):
+        def on_train_begin(self, logs=None):
+            self.seen = []
+
+        def on_train_batch_end(self, batch, logs=None):
+            self.seen.append((batch, logs["loss"]))
+
+    keras.utils.set_random_seed(0)
+    m = keras.Sequential([keras.Input((4,)), keras.layers.Dense(1, activation="sigmoid")])
+    m.compile("sgd", "binary_crossentropy")
+    recorder = LossPerBatch()
+    with pipetrain.Run(pipetrain.H5Source(path, x="x", y="y"), batch_size=16, epochs=2, shuffle="none",
+                       models=m, callbacks=[recorder], verbose=0) as run:
+        for epoch in run.epochs():
+            for batch in epoch:
+                epoch.train_on_batch(m, batch.x, batch.y)
+    assert [b for b, _ in recorder.seen] == [0, 1, 2, 3] * 2
+    assert all(np.isfinite(loss) for _, loss in recorder.seen)
