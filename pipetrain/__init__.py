@@ -17,6 +17,7 @@ __version__ = "0.1.0"
 from pipetrain.history import History, HistoryWriter, follow, read_history
 from pipetrain.source import H5Source, SourceError
 
+
 def sample_data():
     """The sample data set that ships with pipetrain, the UCI handwritten digits (8x8
     uint8 ``images``, int64 ``labels``): the paths of its train and validation files."""

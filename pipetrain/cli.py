@@ -14,10 +14,12 @@ import os
 import sys
 from pathlib import Path
 
+from pipetrain.errors import InputError
+
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 
-class BadInput(Exception):
+class BadInput(InputError):
     """Bad usage or bad input: exit code 2 with this one line."""
 
 
@@ -296,14 +298,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _is_bad_input(e: BaseException) -> bool:
-    """Bad usage or bad data: our own input errors, also when a producer thread met
-    them (a corrupt chunk) and they reached the consumer as its cause."""
-    from pipetrain.source import SourceError
-
+    """Bad usage or bad data: an InputError, also when a producer thread met it (a
+    corrupt chunk) and it reached the consumer as the cause of a PipelineError."""
     while e is not None:
-        if isinstance(e, (BadInput, SourceError)):
-            return True
-        if {c.__name__ for c in type(e).__mro__} & {"RunError", "ModelError"}:
+        if isinstance(e, InputError):
             return True
         e = e.__cause__ if type(e).__name__ == "PipelineError" else None
     return False

@@ -15,12 +15,13 @@ from pathlib import Path
 
 import numpy as np
 
+from pipetrain.errors import InputError
 from pipetrain.source import H5Source, SourceError
 
 SAMPLE_ROWS = 4096  # rows the default model's input normalisation is fitted on
 
 
-class ModelError(ValueError):
+class ModelError(InputError):
     """A model that cannot be loaded or built, said in one line."""
 
 

@@ -47,6 +47,7 @@ import psutil
 from pipetrain import __version__
 from pipetrain import checkpoint as ckpt
 from pipetrain.aggregate import MetricObjects, MetricSums, WeightedMeans, pythonify
+from pipetrain.errors import InputError
 from pipetrain.history import SCHEMA, HistoryWriteError, HistoryWriter, jsonable
 from pipetrain.monitor import Monitor, gpu_probe, peak_rss_mb
 from pipetrain.pipeline import Batch, Prefetcher, plans_from
@@ -58,7 +59,7 @@ RATE_WINDOW = 20  # batches in the "recent" samples/s of batch records
 CHECKPOINT_EVERY = 1000  # batches between checkpoints, besides one at each epoch end
 
 
-class RunError(ValueError):
+class RunError(InputError):
     """A run that cannot start as asked (an existing history, bad settings, no checkpoint)."""
 
 
@@ -824,6 +825,6 @@ def one_line(exc: BaseException | None) -> str | None:
     if exc is None:
         return None
     text = " ".join(str(exc).split()) or type(exc).__name__
-    if isinstance(exc, ValueError) and type(exc).__name__ in {"SourceError", "RunError", "ModelError"}:
+    if isinstance(exc, InputError):
         return text
     return f"{type(exc).__name__}: {text}"

@@ -24,13 +24,14 @@ import h5py
 import numpy as np
 
 from pipetrain.chunks import ChunkReader, open_chunk_reader
+from pipetrain.errors import InputError
 
 Names = str | Sequence[str] | Mapping[str, str]
 
 BLOCK_BYTES = 1 << 20  # blocks hold at least this much of the largest dataset when chunks are small
 
 
-class SourceError(ValueError):
+class SourceError(InputError):
     """Bad input: a file, a dataset or a setting that cannot be used, said in one line."""
 
 
