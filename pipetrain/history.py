@@ -84,11 +84,21 @@ class HistoryWriter:
         self._end_torn_line()
 
     def _end_torn_line(self) -> None:
-        """A process killed mid-write can leave half a line; end it so that the next
-        record starts on a line of its own (readers skip the torn one)."""
+        """A process killed mid-write can leave half a line at the end: cut it off, so
+        the file stays strict JSON Lines for jq and pandas. (It never held a record; a
+        follower sees the file shrink and reads it again from the top.)"""
         size = os.fstat(self._fd).st_size
-        if size and os.pread(self._fd, 1, size - 1) != b"\n":
-            self._write_bytes(b"\n")
+        end = size
+        while end > 0:
+            start = max(0, end - 65536)
+            chunk = os.pread(self._fd, end - start, start)
+            newline = chunk.rfind(b"\n")
+            if newline >= 0:
+                end = start + newline + 1
+                break
+            end = start
+        if end != size:
+            os.ftruncate(self._fd, end)
 
     def write(self, record: Mapping) -> None:
         self._write_bytes(encode(record))

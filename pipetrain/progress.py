@@ -1,34 +1,47 @@
-"""The console view of a run: a progress bar per epoch, a line per epoch, a summary.
+"""The console view of a run: what its records say, in words, for the console.
 
-A sink of history records, like the JSONL writer: it shows what the run recorded and
-knows nothing of models. On a terminal the bar (rich) redraws in place, at most ten
-times a second; into a pipe or a file it prints one plain line per epoch.
+Separation of concerns:
+
+- :class:`RunState` is fed a run's records one by one and knows what they say so far:
+  the run, its finished epochs, the epoch in progress (batches done, ETA, running
+  means), the latest batch and system sample, the end. It is pure (no I/O, no clock)
+  and keeps no per-batch history, so it can watch a job of any length.
+- The formatters turn a state or a record into text: :func:`run_line`,
+  :func:`epoch_line`, :func:`position_line`, :func:`summary`; :func:`lines_for` says
+  which plain lines a record adds (the run, one line per epoch, the closing summary);
+  :func:`epoch_bar` draws the epoch in progress as a rich progress bar.
+- :class:`Progress` is the sink that ``Run`` feeds during training; ``pipetrain tail``
+  (:mod:`pipetrain.tail`) feeds the same state from the history file and prints the
+  same lines and the same bar, so a run looks the same watched from either side.
+
+Example::
+
+    state = RunState()
+    for record in pipetrain.follow("runs/exp1"):   # until the run ends
+        state.add(record)
+        for line in lines_for(record, state):
+            print(line)
 """
 
 from __future__ import annotations
 
+import threading
 import time
+from collections import deque
+from collections.abc import Iterable
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
-from rich.progress import Progress as RichProgress
+from rich.live import Live
+from rich.progress_bar import ProgressBar
+from rich.table import Table
+from rich.text import Text
 
-REFRESH_S = 0.1
-SHOWN_METRICS = 4  # metrics on the bar; the epoch line shows them all
+from pipetrain.history import resume_point, superseded
 
-
-def fmt(value) -> str:
-    """A metric value for people: 4 significant digits, or '-'."""
-    if value is None:
-        return "-"
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    return str(value)
-
-
-def metric_items(record: dict, skip: set[str]) -> list[tuple[str, object]]:
-    return [(k, v) for k, v in record.items() if k not in skip and isinstance(v, (int, float)) and not isinstance(v, bool)]
-
+REFRESH_S = 0.1  # the bar redraws at most ten times a second
+BAR_WIDTH = 30
+ETA_EPOCHS = 5  # finished epochs that the run's ETA averages over
+RATE_BATCHES = 50  # batches that the recent samples/s spans
 
 BATCH_KEYS = {"type", "run", "t", "epoch", "batch", "step", "size", "step_s", "wait_s", "samples_per_s"}
 EPOCH_KEYS = {
@@ -37,142 +50,474 @@ EPOCH_KEYS = {
 }
 
 
+# -- numbers as text --------------------------------------------------------------------
+
+def fmt(value) -> str:
+    """A metric value for people: 4 significant digits, or '-'.
+
+    >>> fmt(0.123456), fmt(None), fmt(3)
+    ('0.1235', '-', '3')
+    """
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def fmt_duration(seconds: float | None) -> str:
+    """A duration as h:mm:ss, or '-:--:--' when unknown.
+
+    >>> fmt_duration(83.4), fmt_duration(None)
+    ('0:01:23', '-:--:--')
+    """
+    if seconds is None:
+        return "-:--:--"
+    whole = max(0, round(seconds))
+    return f"{whole // 3600}:{whole // 60 % 60:02d}:{whole % 60:02d}"
+
+
+def fmt_rate(samples_per_s: float | None) -> str:
+    """A speed for people.
+
+    >>> fmt_rate(21754.7)
+    '21,755 samples/s'
+    """
+    return "-" if samples_per_s is None else f"{samples_per_s:,.0f} samples/s"
+
+
+def is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def metric_items(record: dict, skip: set[str]) -> list[tuple[str, object]]:
+    """The record's metrics (numbers and nulls under names not in ``skip``), in order.
+    A null is a metric that was not finite (a NaN loss), shown as '-'."""
+    return [(k, v) for k, v in record.items() if k not in skip and (v is None or is_number(v))]
+
+
+def epoch_metrics(epochs: Iterable[dict]) -> list[str]:
+    """The metric names of epoch records, as tables show them: the loss first, the other
+    training metrics in Keras' order, then the ``val_*`` ones in the same way.
+
+    >>> epoch_metrics([{"accuracy": 0.9, "loss": 0.2, "val_loss": 0.3, "val_accuracy": 0.8}])
+    ['loss', 'accuracy', 'val_loss', 'val_accuracy']
+    """
+    names: dict[str, None] = {}
+    for record in epochs:
+        names.update((k, None) for k, _ in metric_items(record, EPOCH_KEYS))
+    train = [n for n in names if not n.startswith("val_")]
+    val = [n for n in names if n.startswith("val_")]
+    return sorted(train, key=lambda n: n != "loss") + sorted(val, key=lambda n: n != "val_loss")
+
+
+# -- the state ----------------------------------------------------------------------------
+
+class RunState:
+    """What a run's records say so far; fed records one by one with :meth:`add`.
+
+    A resumed segment (a ``run`` record with ``resume``) continues the same state: the
+    epochs it trains again are dropped exactly as :func:`pipetrain.read_history` drops
+    them. Everything here is derived from the records alone, so a view of it is the same
+    whenever and wherever it is drawn.
+
+    Example::
+
+        # every record written so far (timeout=0: read what is there, then return)
+        state = RunState().extend(pipetrain.follow("runs/exp1", until_end=False, timeout=0))
+        state.current_epoch, state.batches_done, state.eta_s, [e["loss"] for e in state.epochs]
+    """
+
+    def __init__(self):
+        self.runs: list[dict] = []
+        self.epochs: list[dict] = []
+        self.batch: dict | None = None  # the latest batch record
+        self.system: dict | None = None  # the latest system sample
+        self.first_rss_mb: float | None = None
+        self.peak_rss_mb = 0.0
+        self.end: dict | None = None
+        self.last_t: float | None = None
+        self.position = (0, 0)  # the next (epoch, batch) to train
+        self._current = _EpochSoFar()
+
+    def add(self, record: dict) -> None:
+        if is_number(record.get("t")):
+            self.last_t = record["t"]
+        handler = {"run": self._run, "batch": self._batch, "epoch": self._epoch,
+                   "system": self._system, "end": self._end}.get(record.get("type"))
+        if handler is not None:  # unknown record types are ignored (forward compatible)
+            handler(record)
+
+    def extend(self, records: Iterable[dict]) -> RunState:
+        for record in records:
+            self.add(record)
+        return self
+
+    def _run(self, record: dict) -> None:
+        at = resume_point(record)
+        if at is not None:
+            self.epochs = [e for e in self.epochs if not superseded(e, at)]
+            if self.batch is not None and superseded(self.batch, at):
+                self.batch = None
+        self.position = at or (0, 0)
+        self._current = _EpochSoFar()  # a resumed epoch's figures start at the resume
+        self.end = None
+        self.runs.append(record)
+
+    def _batch(self, record: dict) -> None:
+        epoch, index = int(record.get("epoch") or 0), int(record.get("batch") or 0)
+        if epoch != self._current.epoch:
+            self._current = _EpochSoFar(epoch)
+        self._current.add(record)
+        self.batch = record
+        self.position = (epoch, index + 1)
+
+    def _epoch(self, record: dict) -> None:
+        self.epochs.append(record)
+        self.position = (int(record.get("epoch") or 0) + 1, 0)
+
+    def _system(self, record: dict) -> None:
+        self.system = record
+        rss = record.get("rss_mb")
+        if is_number(rss):
+            self.first_rss_mb = rss if self.first_rss_mb is None else self.first_rss_mb
+            self.peak_rss_mb = max(self.peak_rss_mb, rss)
+
+    def _end(self, record: dict) -> None:
+        self.end = record
+        if is_number(record.get("peak_rss_mb")):
+            self.peak_rss_mb = max(self.peak_rss_mb, record["peak_rss_mb"])
+
+    # -- what the records say -------------------------------------------------------------
+
+    @property
+    def run(self) -> dict:
+        """The latest run record (segment), or {} before the first."""
+        return self.runs[-1] if self.runs else {}
+
+    @property
+    def data(self) -> dict:
+        return self.run.get("data") or {}
+
+    @property
+    def epochs_total(self) -> int | None:
+        return self.data.get("epochs") or (self.run.get("config") or {}).get("epochs")
+
+    @property
+    def steps(self) -> int | None:
+        return self.data.get("steps_per_epoch")
+
+    @property
+    def started_t(self) -> float | None:
+        return self.runs[0].get("t") if self.runs else None
+
+    @property
+    def elapsed_s(self) -> float | None:
+        """Seconds from the first run record to the latest record."""
+        if self.started_t is None or self.last_t is None:
+            return None
+        return self.last_t - self.started_t
+
+    @property
+    def current_epoch(self) -> int | None:
+        """The epoch being trained (or about to be), or None when the run has ended."""
+        epoch = self.position[0]
+        if not self.runs or self.end is not None:
+            return None
+        if self.epochs_total is not None and epoch >= self.epochs_total:
+            return None
+        return epoch
+
+    @property
+    def batches_done(self) -> int:
+        return self.position[1]
+
+    def _so_far(self) -> _EpochSoFar | None:
+        """The figures of the epoch in progress, if it has batches."""
+        return self._current if self._current.epoch == self.current_epoch else None
+
+    @property
+    def means(self) -> dict[str, float]:
+        """The current epoch's metrics so far: batch values averaged by batch size."""
+        so_far = self._so_far()
+        return so_far.result() if so_far else {}
+
+    @property
+    def input_bound_pct(self) -> float | None:
+        """The current epoch's share of wall time spent waiting for data, so far."""
+        so_far = self._so_far()
+        return so_far.input_bound_pct() if so_far else None
+
+    @property
+    def rate(self) -> float | None:
+        """Samples/s over the wall time of the latest batches of the current epoch
+        (the batch record's own rate until there are two)."""
+        so_far = self._so_far()
+        if so_far is None:
+            return None
+        return so_far.rate() or (self.batch or {}).get("samples_per_s")
+
+    @property
+    def eta_s(self) -> float | None:
+        """Seconds to the end of the current epoch's batches, at the recent rate."""
+        size = self.data.get("batch_size")
+        if self.current_epoch is None or not self.steps or not self.rate or not size:
+            return None
+        return max(0, self.steps - self.batches_done) * size / self.rate
+
+    @property
+    def run_eta_s(self) -> float | None:
+        """Seconds to the end of the run: this epoch, then the epochs left at the pace
+        of the latest ones (training and validation)."""
+        if self.current_epoch is None or not self.epochs_total or self.eta_s is None:
+            return None
+        recent = [(e.get("time_s") or 0.0) + (e.get("val_time_s") or 0.0) for e in self.epochs[-ETA_EPOCHS:]]
+        if not recent:
+            return None
+        left = self.epochs_total - self.current_epoch - 1
+        return self.eta_s + left * sum(recent) / len(recent)
+
+
+class _EpochSoFar:
+    """One epoch's figures so far: running means of its batch metrics (weighted by batch
+    size), its time waiting for data, and its recent pace over wall time."""
+
+    def __init__(self, epoch: int | None = None):
+        self.epoch = epoch
+        self.sums: dict[str, float] = {}
+        self.samples: dict[str, int] = {}
+        self.wait_s = 0.0
+        self.began: float | None = None  # when the first batch was handed out
+        self.last_t: float | None = None
+        self.recent: deque[tuple[float, int]] = deque(maxlen=RATE_BATCHES)  # (t, samples so far)
+        self.total = 0
+
+    def add(self, batch: dict) -> None:
+        size = batch.get("size") or 0
+        for name, value in metric_items(batch, BATCH_KEYS):
+            if value is not None:
+                self.sums[name] = self.sums.get(name, 0.0) + value * size
+                self.samples[name] = self.samples.get(name, 0) + size
+        wait = batch.get("wait_s") or 0.0
+        self.wait_s += wait
+        t = batch.get("t")
+        if is_number(t):
+            if self.began is None:
+                self.began = t - wait - (batch.get("step_s") or 0.0)
+            self.last_t = t
+            self.total += size
+            self.recent.append((t, self.total))
+
+    def result(self) -> dict[str, float]:
+        return {name: total / self.samples[name] for name, total in self.sums.items() if self.samples[name]}
+
+    def input_bound_pct(self) -> float | None:
+        if self.began is None or self.last_t is None or self.last_t <= self.began:
+            return None
+        return 100 * self.wait_s / (self.last_t - self.began)
+
+    def rate(self) -> float | None:
+        if len(self.recent) < 2:
+            return None
+        (t0, n0), (t1, n1) = self.recent[0], self.recent[-1]
+        return (n1 - n0) / (t1 - t0) if t1 > t0 else None
+
+
+# -- plain text -----------------------------------------------------------------------------
+
+def run_line(record: dict) -> str:
+    """One line for a run record: what trains on what; where a resumed segment starts."""
+    data, model = record.get("data") or {}, record.get("model") or {}
+    models = record.get("models") or {}
+    what = f"model {model.get('name')!r}" if model.get("name") else "a custom loop"
+    if len(models) > 1:
+        what = "models " + ", ".join(repr(name) for name in models)
+    elif model.get("params"):
+        what += f" ({model['params']:,} params)"
+    files = data.get("files") or []
+    line = (
+        f"pipetrain: {what} on {data.get('rows') or 0:,} rows from {len(files)} file(s), "
+        f"batch {data.get('batch_size')}, {data.get('steps_per_epoch')} steps/epoch, "
+        f"shuffle {data.get('shuffle')}"
+    )
+    at = resume_point(record)
+    if at is not None:
+        line += f"; resuming at epoch {at[0] + 1}, batch {at[1]}"
+    return line
+
+
+def epoch_title(epoch: int, epochs: int | None) -> str:
+    """An epoch as Keras names it, counting from 1.
+
+    >>> epoch_title(0, 5)
+    'Epoch 1/5'
+    """
+    return f"Epoch {epoch + 1}/{epochs}" if epochs else f"Epoch {epoch + 1}"
+
+
 def epoch_line(record: dict, epochs: int | None) -> str:
-    """One line for a finished epoch."""
-    n = record.get("epoch", 0) + 1
-    head = f"Epoch {n}/{epochs}" if epochs else f"Epoch {n}"
+    """One line for a finished epoch: its metrics, time, speed and input-bound share."""
+    head = epoch_title(int(record.get("epoch") or 0), epochs)
     metrics = "  ".join(f"{k} {fmt(v)}" for k, v in metric_items(record, EPOCH_KEYS))
-    rate = record.get("samples_per_s")
-    bound = record.get("input_bound_pct")
-    tail = f"{fmt(record.get('time_s'))} s  {rate:,.0f} samples/s" if rate else ""
+    rate, bound = record.get("samples_per_s"), record.get("input_bound_pct")
+    tail = f"{fmt(record.get('time_s'))} s  {fmt_rate(rate)}" if rate else ""
     if bound is not None:
         tail += f"  input-bound {bound:.1f}%"
+    if record.get("complete") is False:
+        tail += f"  (partial: {record.get('batches', 0)} batches)"
     return "  ".join(p for p in (head, metrics, tail) if p)
 
 
+def speed_text(state: RunState) -> str:
+    """The epoch in progress in words: running loss, samples/s, input-bound share."""
+    parts = []
+    loss = next((v for k, v in state.means.items() if k.endswith("loss")), None)
+    if loss is not None:
+        parts.append(f"loss {fmt(loss)}")
+    if state.rate:
+        parts.append(fmt_rate(state.rate))
+    if state.input_bound_pct is not None:
+        parts.append(f"input-bound {state.input_bound_pct:.1f}%")
+    return "  ".join(parts)
+
+
+def position_line(state: RunState) -> str:
+    """Where a run that has not ended is: the epoch in progress, its batches and ETA."""
+    epoch = state.current_epoch
+    if epoch is None:
+        return "running"
+    done = f"{state.batches_done}/{state.steps}" if state.steps else str(state.batches_done)
+    parts = [epoch_title(epoch, state.epochs_total), f"{done} batches", f"ETA {fmt_duration(state.eta_s)}"]
+    return "  ".join(p for p in (*parts, speed_text(state)) if p)
+
+
+def summary(state: RunState, history_path=None) -> str:
+    """The closing lines: how it ended, the final validation metric, speed, memory."""
+    end = state.end or {}
+    lines = [f"{end.get('status', '?')}: {end.get('epochs', 0)} epoch(s), {end.get('steps') or 0:,} steps"]
+    if end.get("error"):
+        lines[0] += f" - {end['error']}"
+    epochs = state.epochs
+    if epochs:
+        val = [(k, v) for k, v in metric_items(epochs[-1], EPOCH_KEYS) if k.startswith("val_")]
+        shown = [(k, v) for k, v in val if k != "val_loss"][:1] or val[:1]
+        if shown:
+            lines.append("final " + ", ".join(f"{k} {fmt(v)}" for k, v in shown))
+        samples = sum(e.get("samples") or 0 for e in epochs)
+        seconds = sum(e.get("time_s") or 0.0 for e in epochs)
+        waits = sum(e.get("wait_s") or 0.0 for e in epochs)
+        if seconds > 0:
+            lines.append(f"{fmt_rate(samples / seconds)}, input-bound {100 * waits / seconds:.1f}%")
+    if state.peak_rss_mb:
+        lines.append(f"peak RSS {state.peak_rss_mb:,.0f} MB")
+    if history_path:
+        lines.append(f"history: {history_path}")
+    return "\n".join(lines)
+
+
+def lines_for(record: dict, state: RunState, history_path=None) -> list[str]:
+    """The plain lines that ``record`` adds to a log of the run, once ``state`` has it:
+    the run line, one line per epoch, and the closing summary."""
+    kind = record.get("type")
+    if kind == "run":
+        return [run_line(record)]
+    if kind == "epoch":
+        return [epoch_line(record, state.epochs_total)]
+    if kind == "end":
+        return summary(state, history_path).splitlines()
+    return []
+
+
+# -- the bar ----------------------------------------------------------------------------------
+
+def epoch_bar(state: RunState) -> EpochBar | Text:
+    """The epoch in progress as one line: a bar, batches done, ETA, speed (or nothing
+    when no epoch is in progress)."""
+    return Text("") if state.current_epoch is None else EpochBar(state)
+
+
+class EpochBar:
+    """One line: 'Epoch 3/5 ━━━━━━━━━╸━━━━━━ 30/45 ETA 0:00:12 loss 0.12  900 samples/s ...';
+    the bar takes the width the text leaves, up to BAR_WIDTH, and the line never wraps."""
+
+    def __init__(self, state: RunState):
+        self.title = epoch_title(state.current_epoch, state.epochs_total)
+        self.steps, self.done = state.steps, state.batches_done
+        self.after = f"{self.done}/{self.steps or '?'} ETA {fmt_duration(state.eta_s)}"
+        self.speed = speed_text(state)
+
+    def __rich_console__(self, console, options):
+        spare = options.max_width - len(self.title) - len(self.after) - len(self.speed) - 3
+        row = Table.grid(padding=(0, 1))
+        row.add_column(no_wrap=True, min_width=len(self.title))
+        row.add_column(width=max(10, min(BAR_WIDTH, spare)))
+        row.add_column(no_wrap=True, min_width=len(self.after))
+        row.add_column(no_wrap=True, overflow="ellipsis")  # the speed gives way first
+        row.add_row(
+            Text(self.title, style="bold"),
+            ProgressBar(total=self.steps or None, completed=self.done),
+            Text(self.after, style="cyan"),
+            Text(self.speed),
+        )
+        yield row
+
+
+# -- the sink of a training run ---------------------------------------------------------------
+
 class Progress:
-    """Shows records on the console as they arrive."""
+    """Shows a training run's records on the console as they arrive.
+
+    On a terminal (``verbose=1``) the epoch in progress is a bar that redraws in place,
+    at most ten times a second; each finished epoch leaves one line; the run ends with a
+    summary. Into a pipe or a file (or with ``verbose=2``) only the lines are printed:
+    the same lines ``pipetrain tail`` prints. ``Run`` creates none with ``verbose=0``.
+
+    Example::
+
+        progress = Progress(history_path="runs/a/history.jsonl")
+        for record in records:
+            progress.handle(record)
+        progress.close()
+    """
 
     def __init__(self, verbose: int = 1, console: Console | None = None, history_path=None):
         self.verbose = verbose
         self.console = console or Console(highlight=False, soft_wrap=True)
         self.history_path = history_path
-        self.live = self.console.is_terminal
-        self.epochs: int | None = None
-        self.steps: int | None = None
-        self._bar: RichProgress | None = None
-        self._task = None
-        self._last_refresh = 0.0
-        self._loss = [0.0, 0]  # running loss of the epoch on the bar: total, samples
-        self.epoch_records: list[dict] = []
-        self.peak_rss_mb = 0.0
+        self.live = verbose == 1 and self.console.is_terminal
+        self.state = RunState()
+        self._bar: Live | None = None
+        self._last_draw = 0.0
+        self._lock = threading.Lock()  # the monitor thread sends system records too
 
     def handle(self, record: dict) -> None:
-        kind = record.get("type")
-        if kind == "run":
-            self._start(record)
-        elif kind == "batch":
-            self._batch(record)
-        elif kind == "epoch":
-            self._epoch(record)
-        elif kind == "system":
-            self.peak_rss_mb = max(self.peak_rss_mb, record.get("rss_mb") or 0.0)
-        elif kind == "end":
-            self._end(record)
+        with self._lock:
+            self.state.add(record)
+            kind = record.get("type")
+            if kind == "end":
+                self._stop_bar()
+            for line in lines_for(record, self.state, self.history_path):
+                self.console.print(line, markup=False, highlight=False)
+            if self.live and kind in ("run", "batch", "epoch"):
+                self._draw_bar(force=kind != "batch")
 
-    def _start(self, record: dict) -> None:
-        data, model = record.get("data") or {}, record.get("model") or {}
-        self.epochs, self.steps = data.get("epochs"), data.get("steps_per_epoch")
-        resume = record.get("resume")
-        what = f"model {model.get('name')!r}" if model.get("name") else "a custom loop"
-        if model.get("params"):
-            what += f" ({model['params']:,} params)"
-        files = data.get("files") or []
-        self.console.print(
-            f"pipetrain: {what} on {data.get('rows', 0):,} rows from {len(files)} file(s), "
-            f"batch {data.get('batch_size')}, {self.steps} steps/epoch, shuffle {data.get('shuffle')}"
-            + (f"; resuming at epoch {resume['epoch'] + 1}, batch {resume['batch']}" if resume else "")
-        )
-
-    def _bar_for(self, record: dict) -> None:
-        if self._bar is None and self.live:
-            self._bar = RichProgress(
-                TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                TimeRemainingColumn(), TextColumn("{task.fields[info]}"),
-                console=self.console, auto_refresh=False, transient=True,
-            )
-            self._bar.start()
-            n = record.get("epoch", 0) + 1
-            self._task = self._bar.add_task(
-                f"Epoch {n}/{self.epochs}" if self.epochs else f"Epoch {n}",
-                total=self.steps, completed=record.get("batch", 0), info="",
-            )
-
-    def _batch(self, record: dict) -> None:
-        size = record.get("size") or 0
-        loss = next((v for k, v in record.items() if k.endswith("loss") and isinstance(v, (int, float))), None)
-        if loss is not None:
-            self._loss[0] += loss * size
-            self._loss[1] += size
-        if not self.live:
-            return
-        self._bar_for(record)
+    def _draw_bar(self, force: bool) -> None:
         now = time.monotonic()
-        last = self.steps is not None and record.get("batch", 0) + 1 >= self.steps
-        if now - self._last_refresh < REFRESH_S and not last:
+        state = self.state
+        last_batch = state.steps is not None and state.batches_done >= state.steps
+        if not force and not last_batch and now - self._last_draw < REFRESH_S:
             return
-        self._last_refresh = now
-        info = []
-        if self._loss[1]:
-            info.append(f"loss {self._loss[0] / self._loss[1]:.4g}")
-        rate = record.get("samples_per_s")
-        if rate:
-            info.append(f"{rate:,.0f} samples/s")
-        step, wait = record.get("step_s") or 0.0, record.get("wait_s") or 0.0
-        if step + wait > 0:
-            info.append(f"waiting {100 * wait / (step + wait):.0f}%")
-        self._bar.update(self._task, completed=record.get("batch", 0) + 1, info="  ".join(info))
-        self._bar.refresh()
+        self._last_draw = now
+        if self._bar is None:
+            self._bar = Live(console=self.console, auto_refresh=False, transient=True)
+            self._bar.start()
+        self._bar.update(epoch_bar(state), refresh=True)
 
     def _stop_bar(self) -> None:
         if self._bar is not None:
             self._bar.stop()
-            self._bar, self._task = None, None
-
-    def _epoch(self, record: dict) -> None:
-        self._stop_bar()
-        self._loss = [0.0, 0]
-        self.epoch_records.append(record)
-        self.console.print(epoch_line(record, self.epochs))
-
-    def _end(self, record: dict) -> None:
-        self._stop_bar()
-        self.console.print(summary(record, self.epoch_records, self.peak_rss_mb, self.history_path))
+            self._bar = None
 
     def close(self) -> None:
-        self._stop_bar()
-
-
-def summary(end: dict, epochs: list[dict], peak_rss_mb: float = 0.0, history_path=None) -> str:
-    """The closing lines: how it ended, the final validation metric, speed, memory."""
-    status = end.get("status", "?")
-    lines = [f"{status}: {end.get('epochs', 0)} epoch(s), {end.get('steps', 0):,} steps"]
-    if end.get("error"):
-        lines[0] += f" - {end['error']}"
-    if epochs:
-        last = epochs[-1]
-        val = [(k, v) for k, v in metric_items(last, EPOCH_KEYS) if k.startswith("val_") and k != "val_loss"]
-        shown = val[:1] or [(k, v) for k, v in metric_items(last, EPOCH_KEYS) if k.startswith("val_")][:1]
-        if shown:
-            lines.append("final " + ", ".join(f"{k} {fmt(v)}" for k, v in shown))
-        samples = sum(e.get("samples", 0) for e in epochs)
-        seconds = sum(e.get("time_s") or 0.0 for e in epochs)
-        waits = sum(e.get("wait_s") or 0.0 for e in epochs)
-        if seconds > 0:
-            lines.append(f"{samples / seconds:,.0f} samples/s, input-bound {100 * waits / seconds:.1f}%")
-    peak = max(peak_rss_mb, end.get("peak_rss_mb") or 0.0)
-    if peak:
-        lines.append(f"peak RSS {peak:,.0f} MB")
-    if history_path:
-        lines.append(f"history: {history_path}")
-    return "\n".join(lines)
+        with self._lock:
+            self._stop_bar()

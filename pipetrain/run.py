@@ -156,7 +156,8 @@ class Run:
         callbacks: Keras callbacks, driven as ``fit`` drives them. Defaults to None.
         verbose: 0 silent, 1 a progress bar (plain lines when not on a terminal).
             Defaults to 1.
-        monitor_interval: seconds between system samples. Defaults to 2.0.
+        monitor_interval: seconds between system samples; None for no monitor.
+            Defaults to 2.0.
         config: settings recorded in the ``run`` record as given. Defaults to None.
         overwrite: replace an existing history. Defaults to False (refused).
         resume: continue the run whose history is ``history`` from its last checkpoint,
@@ -190,7 +191,7 @@ class Run:
         metrics=None,
         callbacks=None,
         verbose: int = 1,
-        monitor_interval: float = 2.0,
+        monitor_interval: float | None = 2.0,
         config: Mapping | None = None,
         overwrite: bool = False,
         resume: bool | str = False,
@@ -327,10 +328,11 @@ class Run:
             self._progress = Progress(self.verbose, history_path=self.history_path)
         try:
             self.emit("run", **self._run_record(resume))
-            probe = gpu_probe(keras.backend.backend())
-            self._monitor = Monitor(self.monitor_interval, lambda s: self.emit("system", **s), probe)
-            self.emit("system", **self._monitor.sample())
-            self._monitor.start()
+            if self.monitor_interval:
+                probe = gpu_probe(keras.backend.backend())
+                self._monitor = Monitor(self.monitor_interval, lambda s: self.emit("system", **s), probe)
+                self.emit("system", **self._monitor.sample())
+                self._monitor.start()
             if self._signals is not None:
                 self._signals.install()
         except BaseException:
@@ -609,9 +611,11 @@ class Epoch:
         self._current = None
         now = time.perf_counter()
         step_s = now - self._handed
-        self._recent.append((batch.size, step_s + batch.wait_s))
-        span = sum(r[1] for r in self._recent)
-        rate = sum(r[0] for r in self._recent) / span if span > 0 else None
+        # Recent samples/s over wall time (the batches after the oldest one kept).
+        self._recent.append((now, batch.size))
+        first_t = self._recent[0][0] if len(self._recent) > 1 else now - step_s - batch.wait_s
+        sizes = sum(size for _, size in self._recent) - (self._recent[0][1] if len(self._recent) > 1 else 0)
+        rate = sizes / (now - first_t) if now > first_t else None
         self._means.add(self._values, batch.size)
         self.samples += batch.size
         self.batches += 1

@@ -34,7 +34,7 @@ def train(
     max_queue_bytes: int | None = None,
     shuffle_window: int = 8192,
     drop_remainder: bool = False,
-    monitor_interval: float = 2.0,
+    monitor_interval: float | None = 2.0,
     overwrite: bool = False,
     resume: bool = False,
     checkpoint_every: int | None = 1000,

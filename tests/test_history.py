@@ -4,9 +4,11 @@ continuous history across a resumed run, and a follower that never yields half a
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
+import time
 
 import numpy as np
 import pytest
@@ -38,16 +40,16 @@ def test_records_are_visible_at_once_without_close(tmp_path):
     w.close()
 
 
-def test_a_torn_last_line_is_skipped_and_ended_before_appending(tmp_path):
+def test_a_torn_last_line_is_skipped_and_cut_before_appending(tmp_path):
     path = tmp_path / "h.jsonl"
     path.write_bytes(b'{"type":"run","run":"r","t":0}\n{"type":"batch","run":"r","t":1,"epoch":0,"bat')
     h = read_history(path)
     assert len(h.runs) == 1 and h.batches == [] and h.skipped == 1
-    with HistoryWriter(path) as w:  # a resumed run appends after the torn line
+    with HistoryWriter(path) as w:  # a resumed run cuts the torn fragment, then appends
         w.write({"type": "end", "run": "r", "t": 2, "status": "completed"})
+    assert lines(path) == ['{"type":"run","run":"r","t":0}', '{"type":"end","run":"r","t":2,"status":"completed"}']
     h = read_history(path)
-    assert h.end["status"] == "completed" and h.skipped == 1
-    assert lines(path)[-1] == '{"type":"end","run":"r","t":2,"status":"completed"}'
+    assert h.end["status"] == "completed" and h.skipped == 0  # strict JSON Lines again
 
 
 def test_a_resumed_run_reads_as_one_continuous_history(tmp_path):
@@ -120,3 +122,187 @@ def test_an_unwritable_history_is_a_clear_error(tmp_path):
     (tmp_path / "file").write_text("")
     with pytest.raises(HistoryWriteError, match="cannot write the history"):
         HistoryWriter(tmp_path / "file" / "h.jsonl")
+
+
+# -- a known history, shared by the tail and plot tests ----------------------------------------
+
+def known_records(epochs_done=2, batches_in_last=0, end="completed", run_id="r1", t0=1000.0):
+    """A small, exact history: 3 epochs of 10 batches planned (95 rows, batch 10), with
+    ``epochs_done`` finished, then ``batches_in_last`` batches of the next, then an end
+    record when ``end`` is given."""
+    t = t0
+    records = [{
+        "type": "run", "run": run_id, "t": t, "schema": 1, "started": "2025-01-01T12:00:00+00:00",
+        "config": {"epochs": 3, "batch_size": 10, "workers": 2, "max_queue": 8,
+                   "validation": ["/d/val.h5"], "model": "default", "argv": ["train"]},
+        "model": {"name": "mlp", "params": 1234},
+        "data": {"files": ["/d/train.h5"], "rows": 95, "batch_size": 10, "steps_per_epoch": 10,
+                 "shuffle": "block", "seed": 0, "epochs": 3},
+        "host": {"hostname": "box", "cpus": 2, "memory_mb": 8000, "python": "3.11.7", "keras": "3.15.1",
+                 "backend": "tensorflow", "backend_version": "2.21.0", "h5py": "3.14.0"},
+        "resume": None,
+    }, {"type": "system", "run": run_id, "t": t, "rss_mb": 500.0, "cpu_pct": 0.0,
+        "sys_available_mb": 8000.0, "threads": 8}]
+
+    def batches(epoch, count):
+        nonlocal t
+        for b in range(count):
+            t += 0.0125
+            size = 5 if b == 9 else 10
+            loss = round(2.0 / (1 + epoch * 10 + b), 4)
+            records.append({"type": "batch", "run": run_id, "t": round(t, 4), "epoch": epoch, "batch": b,
+                            "step": epoch * 10 + b, "size": size, "accuracy": 0.5, "loss": loss,
+                            "step_s": 0.01, "wait_s": 0.0025, "samples_per_s": 800.0})
+
+    for epoch in range(epochs_done):
+        batches(epoch, 10)
+        t += 0.5
+        records.append({"type": "epoch", "run": run_id, "t": round(t, 4), "epoch": epoch,
+                        "loss": round(0.5 / (epoch + 1), 4), "accuracy": 0.8 + epoch / 10,
+                        "val_loss": round(0.6 / (epoch + 1), 4), "val_accuracy": 0.75 + epoch / 10,
+                        "samples": 95, "batches": 10, "time_s": 0.125, "samples_per_s": 760.0,
+                        "wait_s": 0.025, "input_bound_pct": 20.0, "read_mb": 0.1, "read_mb_s": 50.0,
+                        "disk_mb": 0.05, "val_time_s": 0.5, "complete": True})
+        records.append({"type": "system", "run": run_id, "t": round(t, 4), "rss_mb": 520.0 + 10 * epoch,
+                        "cpu_pct": 150.0, "sys_available_mb": 7900.0, "threads": 9})
+    batches(epochs_done, batches_in_last)
+    if end:
+        records.append({"type": "end", "run": run_id, "t": round(t + 0.1, 4), "status": end,
+                        "epochs": epochs_done, "steps": epochs_done * 10 + batches_in_last,
+                        "error": None, "peak_rss_mb": 560.0})
+    return records
+
+
+def write_records(path, records, tail=b""):
+    """The records as history lines (the writer's own encoding), then ``tail`` bytes."""
+    from pipetrain.history import encode
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"".join(encode(r) for r in records) + tail)
+    return path
+
+
+def resumed_records():
+    """Killed in epoch 2 at batch 6 with a checkpoint at (1, 4): epoch 1's record and
+    batches (1, 4)... are trained again by the resumed segment."""
+    first = known_records(epochs_done=2, batches_in_last=6, end="interrupted")
+    second = known_records(epochs_done=3, end="completed", t0=5000.0)
+    run = dict(second[0], resume={"epoch": 1, "batch": 4})
+    again = [r for r in second[1:] if r["type"] in ("system", "end")
+             or (r["type"] == "epoch" and r["epoch"] >= 1)
+             or (r["type"] == "batch" and (r["epoch"], r["batch"]) >= (1, 4))]
+    return first + [run] + again
+
+
+# -- reading ------------------------------------------------------------------------------------
+
+def test_superseded_records_are_the_ones_trained_again():
+    from pipetrain.history import superseded
+
+    at = (1, 4)
+    assert not superseded({"type": "batch", "epoch": 1, "batch": 3}, at)
+    assert superseded({"type": "batch", "epoch": 1, "batch": 4}, at)
+    assert superseded({"type": "batch", "epoch": 2, "batch": 0}, at)
+    assert not superseded({"type": "epoch", "epoch": 0}, at)
+    assert superseded({"type": "epoch", "epoch": 1}, at)
+    assert not superseded({"type": "system", "epoch": 5}, at)
+
+
+def test_a_resumed_history_keeps_each_batch_and_epoch_once(tmp_path):
+    path = write_records(tmp_path / "h.jsonl", resumed_records())
+    h = read_history(path)
+    positions = [(b["epoch"], b["batch"]) for b in h.batches]
+    assert positions == [(e, b) for e in range(3) for b in range(10)]
+    assert [b["t"] >= 5000 for b in h.batches] == [(e, b) >= (1, 4) for e in range(3) for b in range(10)]
+    assert [e["epoch"] for e in h.epochs] == [0, 1, 2] and h.epochs[0]["t"] < 5000 < h.epochs[1]["t"]
+    assert h.end["status"] == "completed" and len(h.runs) == 2
+    assert len(h.system) == 3 + 4  # measurements are kept from both segments
+
+
+def test_a_run_folder_names_its_history(tmp_path):
+    from pipetrain.history import history_file
+
+    path = write_records(tmp_path / "exp1" / "history.jsonl", known_records())
+    assert history_file(tmp_path / "exp1") == path
+    assert history_file(tmp_path / "later") == tmp_path / "later" / "history.jsonl"
+    assert history_file(tmp_path / "later.jsonl") == tmp_path / "later.jsonl"
+    assert len(read_history(tmp_path / "exp1").epochs) == 2
+
+
+def test_to_pandas_gives_the_epoch_batch_and_system_tables(tmp_path):
+    pytest.importorskip("pandas")
+    tables = read_history(write_records(tmp_path / "h.jsonl", resumed_records())).to_pandas()
+    assert tables["epochs"].epoch.tolist() == [0, 1, 2]
+    assert len(tables["batches"]) == 30 and tables["batches"].loss.notna().all()
+    assert tables["system"].rss_mb.tolist() == [500.0, 520.0, 530.0, 500.0, 520.0, 530.0, 540.0]
+
+
+def test_pandas_and_jq_read_the_file_as_it_is(tmp_path):
+    pd = pytest.importorskip("pandas")
+    records = known_records()
+    path = write_records(tmp_path / "h.jsonl", records)
+    frame = pd.read_json(path, lines=True)
+    assert frame.type.tolist() == [r["type"] for r in records]
+    epochs = frame[frame.type == "epoch"]
+    assert epochs.val_loss.tolist() == pytest.approx([r["val_loss"] for r in records if r["type"] == "epoch"])
+
+    jq = shutil.which("jq")
+    if jq is None:
+        pytest.skip("jq is not installed")
+    out = subprocess.run([jq, "-c", "."], stdin=path.open("rb"), capture_output=True, check=True).stdout
+    assert [json.loads(line) for line in out.splitlines()] == records
+    query = 'select(.type == "epoch") | {epoch, loss, val_accuracy, samples_per_s, input_bound_pct}'
+    out = subprocess.run([jq, "-c", query, str(path)], capture_output=True, check=True, text=True).stdout
+    assert json.loads(out.splitlines()[-1]) == {"epoch": 1, "loss": 0.25, "val_accuracy": 0.85,
+                                                "samples_per_s": 760.0, "input_bound_pct": 20.0}
+
+
+# -- following -----------------------------------------------------------------------------------
+
+def test_follower_reads_complete_lines_only_across_reads(tmp_path):
+    from pipetrain.history import Follower
+
+    path = tmp_path / "h.jsonl"
+    line = b'{"type":"batch","run":"r","t":1,"batch":0}\n'
+    with Follower(path, chunk_bytes=16) as follower:
+        assert follower.read() == [] and not follower.exists  # not there yet
+        path.write_bytes(line[:20])
+        assert follower.read() == []  # half a line: nothing yet
+        with path.open("ab") as f:
+            f.write(line[20:] + line)
+        got = []
+        while not follower.at_eof or not got:  # small chunks: several reads
+            got += follower.read()
+        assert [raw for raw, _ in got] == [line, line]
+        assert got[0][1] == {"type": "batch", "run": "r", "t": 1, "batch": 0}
+
+
+def test_follower_notices_a_rewrite_that_grew_past_the_old_end(tmp_path):
+    from pipetrain.history import Follower
+
+    path = tmp_path / "h.jsonl"
+    write_records(path, known_records(epochs_done=0, batches_in_last=2, run_id="old", end=None))
+    with Follower(path) as follower:
+        assert {r["run"] for _, r in follower.read()} == {"old"}
+        # --overwrite style rewrite in place, longer than before, between two reads
+        write_records(path, known_records(epochs_done=1, run_id="new"))
+        records = [r for _, r in follower.read()]
+    assert follower.restarts == 1
+    assert records == known_records(epochs_done=1, run_id="new")
+
+
+def test_follow_goes_on_after_an_end_that_a_resumed_run_follows(tmp_path):
+    path = write_records(tmp_path / "h.jsonl", resumed_records())
+    records = list(follow(path, poll=0.01, timeout=5))
+    assert records == resumed_records()  # did not stop at the first segment's end
+
+
+def test_follow_returns_at_once_on_a_finished_history_and_waits_on_a_running_one(tmp_path):
+    path = write_records(tmp_path / "h.jsonl", known_records(end=None))
+    start = time.monotonic()
+    assert len(list(follow(path, poll=0.01, timeout=0.3))) == len(known_records(end=None))
+    assert time.monotonic() - start >= 0.3  # no end record: waited for more
+    path = write_records(tmp_path / "done.jsonl", known_records())
+    start = time.monotonic()
+    assert list(follow(path, poll=0.01, timeout=30)) == known_records()
+    assert time.monotonic() - start < 5

@@ -1,0 +1,375 @@
+"""``pipetrain tail``: watch a run from its history file, live or once, as a view or raw.
+
+One loop reads the file (:func:`updates`: complete lines only, from the top, waiting for
+the file, starting over if it is replaced) and feeds a :class:`~pipetrain.progress.RunState`;
+views draw that state:
+
+- :func:`dashboard`: the run (model, data, config, host), the epoch in progress (the same
+  bar ``pipetrain train`` shows), the latest batch, the finished epochs, throughput,
+  memory and CPU. On a terminal it redraws in place (``--follow``) or prints once.
+- plain lines (into a pipe or a file): the lines ``pipetrain train`` itself prints,
+  from :func:`pipetrain.progress.lines_for` - the run, one per epoch, the summary.
+- ``--raw``: the complete lines of the file as they are.
+
+Example (a shell)::
+
+    pipetrain tail runs/exp1 --follow          # live; exits 0 after the run's end
+    pipetrain tail runs/exp1 | grep Epoch      # one line per finished epoch
+    pipetrain tail runs/exp1 --raw --follow | jq -c 'select(.type == "epoch")'
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from rich.console import Console, Group
+from rich.live import Live
+from rich.panel import Panel
+from rich.table import Table
+from rich.text import Text
+
+from pipetrain.cli import EXIT_OK, BadInput
+from pipetrain.history import Follower, history_file, resume_point, run_name
+from pipetrain.progress import (
+    BATCH_KEYS,
+    RunState,
+    epoch_bar,
+    epoch_metrics,
+    fmt,
+    fmt_duration,
+    fmt_rate,
+    is_number,
+    lines_for,
+    metric_items,
+    position_line,
+)
+
+STALE_S = 60.0  # a running job silent for this long is flagged in the live view
+DRAW_S = 0.25  # the live view redraws at most this often while catching up on a long file
+CONFIG_SHOWN_ELSEWHERE = {"data", "val", "validation", "history", "argv", "epochs", "batch_size",
+                          "shuffle", "seed"}
+SEP = " · "
+STATUS_STYLE = {"completed": "bold green", "stopped": "bold yellow", "interrupted": "bold yellow",
+                "failed": "bold red"}
+
+
+# -- reading ------------------------------------------------------------------------------
+
+@dataclass
+class Update:
+    """The state after one look at the file, and what that look added."""
+
+    state: RunState
+    raw: list[bytes] = field(default_factory=list)  # the complete lines read, as they are
+    lines: list[str] = field(default_factory=list)  # the plain lines of the new records
+    waiting: bool = False  # the file does not exist yet
+    restarted: bool = False  # the file was truncated or replaced: the state starts over
+    at_eof: bool = True
+
+
+def updates(path: Path, *, follow: bool = True, poll: float = 0.25) -> Iterator[Update]:
+    """Look at the history file until the run ends (``follow``) or until its end now.
+
+    Yields after each look; sleeps ``poll`` seconds between looks that found nothing
+    more to read. Raises :class:`BadInput` for a file that holds lines but no records.
+    """
+    state = RunState()
+    lines_seen = records_seen = 0
+    with Follower(path) as follower:
+        while True:
+            restarts = follower.restarts
+            new = follower.read()
+            restarted = follower.restarts != restarts
+            if restarted:
+                state, lines_seen, records_seen = RunState(), 0, 0
+            update = Update(state, raw=[line for line, _ in new], waiting=not follower.exists,
+                            restarted=restarted, at_eof=follower.at_eof)
+            for line, record in new:
+                lines_seen += bool(line.strip())
+                if record is not None:
+                    records_seen += 1
+                    state.add(record)
+                    update.lines += lines_for(record, state, path)
+            if follower.at_eof and lines_seen and not records_seen:
+                raise BadInput(f"{path}: not a pipetrain history (no JSON records in {lines_seen} line(s))")
+            yield update
+            if follower.finished or (not follow and follower.at_eof):
+                return
+            if follower.at_eof:
+                time.sleep(poll)
+
+
+# -- the dashboard ------------------------------------------------------------------------------
+
+def dashboard(state: RunState, path: Path, *, now: float | None = None, waiting: bool = False,
+              max_epochs: int | None = None):
+    """The whole view of ``state``: a pure function of it (and of ``now``, for the
+    'no new record for ...' warning), so a known history always draws the same."""
+    if waiting:
+        return Text(f"Waiting for {path} to appear...", style="yellow")
+    if not state.runs:
+        return Text(f"Waiting for the first record of {path}...", style="yellow")
+    parts = [run_panel(state, path), progress_view(state, now)]
+    if state.batch is not None and state.current_epoch is not None:
+        parts.append(batch_line(state.batch))
+    if state.epochs:
+        parts.append(epochs_table(state, max_epochs))
+    parts.append(resources(state))
+    return Group(*parts)
+
+
+def _grid() -> Table:
+    grid = Table.grid(padding=(0, 2))
+    grid.add_column(style="bold", no_wrap=True)
+    grid.add_column()
+    return grid
+
+
+def run_panel(state: RunState, path: Path) -> Panel:
+    first, run = state.runs[0], state.run
+    grid = _grid()
+    model = run.get("model") or {}
+    if model.get("name"):
+        params = f" ({model['params']:,} params)" if model.get("params") else ""
+        grid.add_row("model", f"{model['name']}{params}")
+    elif run.get("models"):
+        grid.add_row("models", ", ".join(run["models"]))
+    grid.add_row("data", data_text(run))
+    config = config_text(run.get("config") or {})
+    if config:
+        grid.add_row("config", config)
+    grid.add_row("host", host_text(run.get("host") or {}))
+    started = f"{first.get('started', '?')}{SEP}elapsed {fmt_duration(state.elapsed_s)}"
+    resumes = [r for r in state.runs if resume_point(r) is not None]
+    if resumes:
+        at = resume_point(resumes[-1])
+        started += f"{SEP}resumed {len(resumes)}x, last at epoch {at[0] + 1}, batch {at[1]}"
+    grid.add_row("started", started)
+    title = f"[bold]{run_name(path, first)}[/]  {first.get('run', '')}"
+    return Panel(grid, title=title, title_align="left", subtitle=str(path), subtitle_align="right")
+
+
+def data_text(run: dict) -> str:
+    data = run.get("data") or {}
+    files = data.get("files") or []
+    parts = [f"{data.get('rows') or 0:,} rows in {_files(files)}", f"batch {data.get('batch_size')}",
+             f"{data.get('steps_per_epoch')} steps/epoch",
+             f"shuffle {data.get('shuffle')} (seed {data.get('seed')})"]
+    validation = (run.get("config") or {}).get("validation")
+    if validation:
+        parts.append(f"validation {_files(validation)}")
+    return SEP.join(parts)
+
+
+def _files(paths: list) -> str:
+    """One file by its name, several by their number.
+
+    >>> _files(["/d/train.h5"]), _files(["a.h5", "b.h5"])
+    ('train.h5', '2 files')
+    """
+    return Path(paths[0]).name if len(paths) == 1 else f"{len(paths)} files"
+
+
+def config_text(config: dict) -> str:
+    """The settings not shown elsewhere, those with a short value."""
+    shown = [f"{k} {v}" for k, v in config.items()
+             if k not in CONFIG_SHOWN_ELSEWHERE and v is not None and isinstance(v, (str, int, float, bool))]
+    return SEP.join(shown)
+
+
+def host_text(host: dict) -> str:
+    parts = [host.get("hostname") or "?"]
+    if host.get("cpus"):
+        parts.append(f"{host['cpus']} CPUs")
+    if host.get("memory_mb"):
+        parts.append(f"{host['memory_mb']:,} MB")
+    versions = [f"{name} {host[name]}" for name in ("python", "keras") if host.get(name)]
+    if host.get("backend"):
+        versions.append(f"{host['backend']} {host.get('backend_version') or ''}".strip())
+    return SEP.join(parts + versions)
+
+
+def progress_view(state: RunState, now: float | None):
+    """The epoch in progress with its bar, or how the run ended."""
+    end = state.end
+    if end is not None:
+        status = end.get("status", "?")
+        text = Text(f"{status}: ", style=STATUS_STYLE.get(status, "bold"))
+        text.append(f"{end.get('epochs', 0)} epoch(s), {end.get('steps') or 0:,} steps")
+        if end.get("error"):
+            text.append(f" - {end['error']}", style="red")
+        return text
+    rows = [epoch_bar(state)]
+    run_eta = state.run_eta_s
+    if run_eta is not None:
+        rows.append(Text(f"run ETA {fmt_duration(run_eta)}", style="cyan"))
+    if now is not None and state.last_t is not None and now - state.last_t > STALE_S:
+        rows.append(Text(f"no new record for {fmt_duration(now - state.last_t)}", style="bold yellow"))
+    return Group(*rows)
+
+
+def batch_line(batch: dict) -> Text:
+    """The latest batch: where it is and its own metrics."""
+    text = Text("last batch  ", style="bold")
+    text.append(f"epoch {int(batch.get('epoch') or 0) + 1}, batch {batch.get('batch')}, step {batch.get('step')}: ")
+    text.append("  ".join(f"{k} {fmt(v)}" for k, v in metric_items(batch, BATCH_KEYS)))
+    step, wait = batch.get("step_s"), batch.get("wait_s")
+    if is_number(step) and is_number(wait):
+        text.append(f"   step {1000 * step:.1f} ms, waited {1000 * wait:.1f} ms", style="dim")
+    return text
+
+
+def epochs_table(state: RunState, max_epochs: int | None = None) -> Table:
+    """The finished epochs: metrics, time, samples/s, input-bound share (the latest
+    ``max_epochs`` of them when given)."""
+    epochs = state.epochs
+    shown = epochs[-max_epochs:] if max_epochs else epochs
+    names = epoch_metrics(epochs)
+    caption = f"{len(epochs) - len(shown)} earlier epoch(s) not shown" if len(shown) < len(epochs) else None
+    table = Table(title="Finished epochs", title_justify="left", title_style="bold", caption=caption,
+                  caption_justify="left", header_style="bold")
+    table.add_column("epoch", justify="right")
+    for name in names:
+        table.add_column(name, justify="right", style="magenta" if name.startswith("val_") else None)
+    for name in ("time", "samples/s", "input-bound"):
+        table.add_column(name, justify="right")
+    for record in shown:
+        rate, bound = record.get("samples_per_s"), record.get("input_bound_pct")
+        epoch = str(int(record.get("epoch") or 0) + 1) + ("*" if record.get("complete") is False else "")
+        table.add_row(
+            epoch, *(fmt(record.get(n)) for n in names),
+            f"{record['time_s']:.2f} s" if is_number(record.get("time_s")) else "-",
+            f"{rate:,.0f}" if is_number(rate) else "-",
+            f"{bound:.1f}%" if is_number(bound) else "-",
+        )
+    return table
+
+
+def resources(state: RunState) -> Table:
+    """Throughput, memory and CPU, latest and over the run."""
+    grid = _grid()
+    last = state.epochs[-1] if state.epochs else None
+    speed = []
+    if state.rate and state.current_epoch is not None:
+        speed.append(f"now {fmt_rate(state.rate)}")
+    if last is not None:
+        speed.append(f"last epoch {fmt_rate(last.get('samples_per_s'))}")
+        if is_number(last.get("input_bound_pct")):
+            speed.append(f"input-bound {last['input_bound_pct']:.1f}%")
+        if is_number(last.get("read_mb_s")):
+            speed.append(f"read {last['read_mb_s']:,.1f} MB/s")
+    if speed:
+        grid.add_row("throughput", SEP.join(speed))
+    system = state.system
+    if system is not None:
+        grid.add_row("memory", memory_text(state))
+        cpu = f"{fmt(system.get('cpu_pct'))}% of one core{SEP}{system.get('threads', '?')} threads"
+        grid.add_row("cpu", cpu)
+        gpu = system.get("gpu_mb")
+        if isinstance(gpu, dict):
+            grid.add_row("gpu", f"{gpu.get('current', 0):,.0f} MB (peak {gpu.get('peak', 0):,.0f} MB)")
+    return grid
+
+
+def memory_text(state: RunState) -> str:
+    system = state.system or {}
+    rss = system.get("rss_mb")
+    parts = []
+    if is_number(rss):
+        growth = f", {rss - state.first_rss_mb:+,.0f} MB since start" if state.first_rss_mb is not None else ""
+        parts.append(f"RSS {rss:,.0f} MB (peak {state.peak_rss_mb:,.0f} MB{growth})")
+    if is_number(system.get("sys_available_mb")):
+        parts.append(f"system available {system['sys_available_mb']:,.0f} MB")
+    return SEP.join(parts)
+
+
+# -- the command ------------------------------------------------------------------------------
+
+def cmd_tail(args) -> int:
+    """``pipetrain tail FILE [--follow] [--raw] [--poll S]``."""
+    path = history_file(args.file)
+    if args.poll <= 0:
+        raise BadInput(f"--poll: must be > 0 seconds, got {args.poll}")
+    if not args.follow and not path.exists():
+        raise BadInput(f"{path}: no such history file (--follow waits for it)")
+    try:
+        if args.raw:
+            return tail_raw(path, follow=args.follow, poll=args.poll)
+        console = Console(highlight=False)
+        if not console.is_terminal:
+            return tail_plain(path, follow=args.follow, poll=args.poll)
+        if args.follow:
+            return tail_live(path, console, poll=args.poll)
+        return tail_once(path, console)
+    except BrokenPipeError:  # `pipetrain tail ... | head`: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_OK
+    except OSError as e:  # a folder in the way, no permission: bad input, not a crash
+        raise BadInput(f"{path}: cannot read the history: {e.strerror or e}") from None
+
+
+def tail_raw(path: Path, *, follow: bool, poll: float, out=None) -> int:
+    """The complete lines of the file as they are; with ``follow``, until the run ends."""
+    out = out or sys.stdout.buffer
+    for update in announced(updates(path, follow=follow, poll=poll), path):
+        out.write(b"".join(update.raw))
+        out.flush()
+    return EXIT_OK
+
+
+def tail_plain(path: Path, *, follow: bool, poll: float, out=None) -> int:
+    """The plain lines, as ``pipetrain train`` prints them into a file; without
+    ``follow``, those so far and, while the run goes on, where it is now."""
+    out = out or sys.stdout
+    state = None
+    for update in announced(updates(path, follow=follow, poll=poll), path):
+        state = update.state
+        for line in update.lines:
+            print(line, file=out, flush=True)
+    if not follow and state is not None and state.runs and state.end is None:
+        print(position_line(state), file=out, flush=True)
+    return EXIT_OK
+
+
+def announced(stream: Iterator[Update], path: Path) -> Iterator[Update]:
+    """The updates, saying on stderr (not in the output) when the file is not there yet
+    and when it was truncated or replaced."""
+    waiting_said = False
+    for update in stream:
+        if update.waiting and not waiting_said:
+            print(f"pipetrain: waiting for {path} to appear", file=sys.stderr, flush=True)
+            waiting_said = True
+        if update.restarted:
+            print(f"pipetrain: {path} was truncated or replaced: reading it again from the top",
+                  file=sys.stderr, flush=True)
+        yield update
+
+
+def tail_once(path: Path, console: Console) -> int:
+    """The dashboard of the history as it is now."""
+    state = RunState()
+    for update in updates(path, follow=False):
+        state = update.state
+    console.print(dashboard(state, path, now=time.time()))
+    return EXIT_OK
+
+
+def tail_live(path: Path, console: Console, *, poll: float) -> int:
+    """The dashboard, redrawn in place as records arrive, until the run ends."""
+    with Live(console=console, auto_refresh=False, redirect_stdout=False, redirect_stderr=False) as live:
+        drawn = 0.0
+        for update in updates(path, follow=True, poll=poll):
+            if update.at_eof or time.monotonic() - drawn > DRAW_S:
+                view = dashboard(update.state, path, now=time.time(), waiting=update.waiting,
+                                 max_epochs=max(3, console.height - 24))
+                live.update(view, refresh=True)
+                drawn = time.monotonic()
+    return EXIT_OK
+
+
+__all__ = ["cmd_tail", "dashboard", "updates", "Update"]

@@ -1,0 +1,293 @@
+"""`pipetrain tail` and the console view of a run: the same state, lines and bar whether
+drawn by the training process or by a watcher of its history; exact text for a known
+history; raw lines exactly as written; a live watcher started before a real run exits 0
+by itself when the run ends."""
+
+import io
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from rich.console import Console
+
+from pipetrain import cli
+from pipetrain.history import encode, read_history
+from pipetrain.progress import Progress, RunState, epoch_line, lines_for
+from pipetrain.tail import dashboard, tail_live, updates
+from tests.test_history import known_records, resumed_records, write_records
+
+PLAIN_FINISHED = """\
+pipetrain: model 'mlp' (1,234 params) on 95 rows from 1 file(s), batch 10, 10 steps/epoch, shuffle block
+Epoch 1/3  loss 0.5  accuracy 0.8  val_loss 0.6  val_accuracy 0.75  0.125 s  760 samples/s  input-bound 20.0%
+Epoch 2/3  loss 0.25  accuracy 0.9  val_loss 0.3  val_accuracy 0.85  0.125 s  760 samples/s  input-bound 20.0%
+completed: 2 epoch(s), 20 steps
+final val_accuracy 0.85
+760 samples/s, input-bound 20.0%
+peak RSS 560 MB
+history: runs/done/history.jsonl
+"""
+
+DASHBOARD_RUNNING = """\
+╭─ running  r1 ────────────────────────────────────────────────────────────────────────────────────╮
+│ model    mlp (1,234 params)                                                                      │
+│ data     95 rows in train.h5 · batch 10 · 10 steps/epoch · shuffle block (seed 0) · validation   │
+│          val.h5                                                                                  │
+│ config   workers 2 · max_queue 8 · model default                                                 │
+│ host     box · 2 CPUs · 8,000 MB · python 3.11.7 · keras 3.15.1 · tensorflow 2.21.0              │
+│ started  2025-01-01T12:00:00+00:00 · elapsed 0:00:01                                             │
+╰───────────────────────────────────────────────────────────────────── runs/running/history.jsonl ─╯
+Epoch 3/3 ━━━━━━━━━━╸                 4/10 ETA 0:00:00 loss 0.0891  800 samples/s  input-bound 20.0%
+run ETA 0:00:00
+no new record for 0:01:30
+last batch  epoch 3, batch 3, step 23: accuracy 0.5  loss 0.0833   step 10.0 ms, waited 2.5 ms
+Finished epochs
+┏━━━━━━━┳━━━━━━┳━━━━━━━━━━┳━━━━━━━━━━┳━━━━━━━━━━━━━━┳━━━━━━━━┳━━━━━━━━━━━┳━━━━━━━━━━━━━┓
+┃ epoch ┃ loss ┃ accuracy ┃ val_loss ┃ val_accuracy ┃   time ┃ samples/s ┃ input-bound ┃
+┡━━━━━━━╇━━━━━━╇━━━━━━━━━━╇━━━━━━━━━━╇━━━━━━━━━━━━━━╇━━━━━━━━╇━━━━━━━━━━━╇━━━━━━━━━━━━━┩
+│     1 │  0.5 │      0.8 │      0.6 │         0.75 │ 0.12 s │       760 │       20.0% │
+│     2 │ 0.25 │      0.9 │      0.3 │         0.85 │ 0.12 s │       760 │       20.0% │
+└───────┴──────┴──────────┴──────────┴──────────────┴────────┴───────────┴─────────────┘
+throughput  now 800 samples/s · last epoch 760 samples/s · input-bound 20.0% · read 50.0 MB/s
+memory      RSS 530 MB (peak 530 MB, +30 MB since start) · system available 7,900 MB
+cpu         150% of one core · 9 threads
+"""
+
+
+@pytest.fixture
+def runs(tmp_path, monkeypatch):
+    """runs/done (finished), runs/running (in epoch 3), runs/resumed, in a fresh folder."""
+    monkeypatch.chdir(tmp_path)
+    write_records(tmp_path / "runs" / "done" / "history.jsonl", known_records())
+    write_records(tmp_path / "runs" / "running" / "history.jsonl",
+                  known_records(epochs_done=2, batches_in_last=4, end=None))
+    write_records(tmp_path / "runs" / "resumed" / "history.jsonl", resumed_records())
+    return tmp_path / "runs"
+
+
+def text_of(renderable, width=100) -> str:
+    console = Console(width=width, file=io.StringIO(), color_system=None, record=True)
+    console.print(renderable)
+    return "\n".join(line.rstrip() for line in console.export_text().splitlines()) + "\n"
+
+
+def epoch_column(text: str) -> list[str]:
+    """The first column of the rows of the finished-epochs table."""
+    return [line.split()[1] for line in text.splitlines() if line.count("│") > 5]
+
+
+def state_of(records) -> RunState:
+    return RunState().extend(records)
+
+
+# -- the state ----------------------------------------------------------------------------------
+
+def test_the_state_knows_where_a_running_job_is():
+    state = state_of(known_records(epochs_done=2, batches_in_last=4, end=None))
+    assert (state.current_epoch, state.batches_done, state.steps, state.epochs_total) == (2, 4, 10, 3)
+    assert state.eta_s == pytest.approx(6 * 10 / 800)  # 6 batches of 10 at 800 samples/s
+    assert state.run_eta_s == pytest.approx(state.eta_s)  # the last epoch
+    assert state.means["loss"] == pytest.approx(sum(2.0 / (21 + b) for b in range(4)) / 4, abs=1e-4)
+    assert state.input_bound_pct == pytest.approx(20.0)
+    assert state.batch["batch"] == 3 and state.end is None
+
+
+def test_a_resumed_run_continues_the_state_as_read_history_does(runs):
+    records = resumed_records()
+    resume_at = next(i for i, r in enumerate(records) if r["type"] == "run" and r["resume"])
+    state = state_of(records[: resume_at + 1])
+    assert state.end is None and state.position == (1, 4)  # the resumed segment goes on
+    assert [e["epoch"] for e in state.epochs] == [0]  # epoch 1 is trained again
+    assert state.batch is None  # the last batch (2, 5) was superseded
+    state.extend(records[resume_at + 1:])
+    assert state.epochs == read_history(runs / "resumed").epochs
+    assert state.end["status"] == "completed" and state.peak_rss_mb == 560.0
+
+
+def test_unknown_record_types_and_fields_are_ignored():
+    records = known_records()
+    records.insert(3, {"type": "note", "run": "r1", "t": 1000.01, "text": "hello"})
+    records[-2]["future_field"] = {"nested": True}
+    path = Path("h.jsonl")
+    assert text_of(dashboard(state_of(records), path)) == text_of(dashboard(state_of(known_records()), path))
+
+
+def test_epoch_lines_show_a_non_finite_metric_and_a_partial_epoch():
+    record = dict(known_records()[12], loss=None, complete=False, batches=4)
+    assert epoch_line(record, 3) == (
+        "Epoch 1/3  loss -  accuracy 0.8  val_loss 0.6  val_accuracy 0.75  0.125 s  760 samples/s  "
+        "input-bound 20.0%  (partial: 4 batches)")
+
+
+# -- the views of a known history ---------------------------------------------------------------
+
+def test_plain_view_of_a_finished_run_is_exact(runs, capsys):
+    assert cli.main(["tail", "runs/done"]) == 0
+    assert capsys.readouterr().out == PLAIN_FINISHED
+
+
+def test_plain_view_of_a_running_job_ends_with_where_it_is(runs, capsys):
+    assert cli.main(["tail", "runs/running/history.jsonl"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[:3] == PLAIN_FINISHED.splitlines()[:3]
+    assert out[3:] == ["Epoch 3/3  4/10 batches  ETA 0:00:00  loss 0.0891  800 samples/s  input-bound 20.0%"]
+
+
+def test_the_training_display_prints_the_same_lines_as_tail(runs, capsys):
+    console = Console(file=io.StringIO(), width=300, color_system=None)  # not a terminal
+    progress = Progress(console=console, history_path="runs/done/history.jsonl")
+    for record in known_records():
+        progress.handle(record)
+    progress.close()
+    assert console.file.getvalue() == PLAIN_FINISHED
+
+
+def test_dashboard_of_a_running_job_is_exact(runs):
+    path = Path("runs/running/history.jsonl")
+    state = [u.state for u in updates(path, follow=False)][-1]
+    assert text_of(dashboard(state, path, now=state.last_t + 90)) == DASHBOARD_RUNNING
+
+
+def test_dashboard_of_finished_and_resumed_runs(runs):
+    state = state_of(resumed_records())
+    text = text_of(dashboard(state, runs / "resumed" / "history.jsonl", now=1e10))
+    assert "completed: 3 epoch(s), 30 steps" in text
+    assert "resumed 1x, last at epoch 2, batch 4" in text
+    assert epoch_column(text) == ["1", "2", "3"]
+    assert "no new record" not in text and "ETA" not in text  # an ended run is not stale
+
+
+def test_dashboard_before_the_first_record():
+    path = Path("runs/next/history.jsonl")
+    assert text_of(dashboard(RunState(), path, waiting=True)) == f"Waiting for {path} to appear...\n"
+    assert text_of(dashboard(RunState(), path)) == f"Waiting for the first record of {path}...\n"
+
+
+def test_long_runs_show_the_latest_epochs(tmp_path):
+    records = known_records()
+    epochs = [dict(records[12], epoch=i) for i in range(40)]
+    state = state_of(records[:1] + epochs)
+    text = text_of(dashboard(state, tmp_path / "h.jsonl", max_epochs=5))
+    assert "35 earlier epoch(s) not shown" in text
+    assert epoch_column(text) == ["36", "37", "38", "39", "40"]
+
+
+def test_live_view_draws_the_final_state_and_returns(runs):
+    console = Console(file=io.StringIO(), width=100, force_terminal=True, color_system=None, height=50)
+    assert tail_live(runs / "done" / "history.jsonl", console, poll=0.01) == 0
+    out = console.file.getvalue()
+    assert "completed: 2 epoch(s), 20 steps" in out and "Finished epochs" in out
+
+
+def test_a_replaced_history_starts_the_view_over(tmp_path, capsys):
+    path = write_records(tmp_path / "h.jsonl", known_records(end=None, run_id="old"))
+    stream = updates(path, follow=True, poll=0.01)
+    first = next(stream)
+    assert first.state.run["run"] == "old" and len(first.state.epochs) == 2
+    replacement = write_records(tmp_path / "new.jsonl", known_records(epochs_done=1, run_id="new"))
+    replacement.replace(path)  # --overwrite: a new file under the same name
+    later = [u for u in stream]
+    assert later[-1].state.run["run"] == "new" and len(later[-1].state.runs) == 1
+    assert [e["run"] for e in later[-1].state.epochs] == ["new"]
+    assert any(u.restarted for u in later)
+
+
+def test_the_training_display_on_a_terminal_leaves_the_lines_and_summary():
+    console = Console(file=io.StringIO(), width=120, force_terminal=True, color_system=None)
+    progress = Progress(console=console)
+    assert progress.live
+    for record in known_records():
+        progress.handle(record)
+    progress.close()
+    out = console.file.getvalue()
+    for line in PLAIN_FINISHED.splitlines()[:-1]:  # no history path given here
+        assert line in out
+    assert "━" in out  # the bar was drawn (and then removed: transient)
+
+
+# -- raw ------------------------------------------------------------------------------------------
+
+def test_raw_prints_the_complete_lines_exactly(tmp_path, capfdbinary):
+    path = write_records(tmp_path / "h.jsonl", known_records(end=None), tail=b'{"type":"batch","ru')
+    assert cli.main(["tail", "--raw", str(path)]) == 0
+    data = path.read_bytes()
+    assert capfdbinary.readouterr().out == data[: data.rindex(b"\n") + 1]
+
+
+def test_raw_follow_prints_every_line_until_the_end(tmp_path):
+    path = tmp_path / "live" / "history.jsonl"
+    lines = [encode(r) for r in resumed_records()]
+    tail = subprocess.Popen([sys.executable, "-m", "pipetrain", "tail", "--raw", "--follow", "--poll", "0.02",
+                             str(path.parent)], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        assert b"waiting for" in tail.stderr.readline()  # started before the file exists
+        path.parent.mkdir()
+        with path.open("ab", buffering=0) as f:
+            for line in lines:
+                f.write(line[:9])  # half lines on the way
+                time.sleep(0.001)
+                f.write(line[9:])
+        out, _ = tail.communicate(timeout=30)
+    finally:
+        tail.kill()
+    assert tail.returncode == 0
+    assert out == b"".join(lines)  # also past the first segment's end record
+
+
+# -- bad input --------------------------------------------------------------------------------
+
+def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys):
+    (tmp_path / "notes.txt").write_text("hello\nworld\n")
+    cases = [
+        (["tail", str(tmp_path / "missing.jsonl")], "missing.jsonl: no such history file (--follow waits for it)"),
+        (["tail", "--follow", str(tmp_path / "notes.txt" / "h.jsonl")], "cannot read the history: Not a directory"),
+        (["tail", str(tmp_path / "notes.txt")], "notes.txt: not a pipetrain history (no JSON records in 2 line(s))"),
+        (["tail", "--poll", "0", str(tmp_path / "notes.txt")], "--poll: must be > 0 seconds"),
+    ]
+    for args, message in cases:
+        assert cli.main(args) == 2
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1, err
+
+
+# -- a real run ------------------------------------------------------------------------------
+
+def test_tail_follow_started_before_a_real_run_ends_by_itself(tmp_path):
+    command = [sys.executable, "-m", "pipetrain"]
+    tail = subprocess.Popen([*command, "tail", "runs/live", "--follow", "--poll", "0.05"], cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        time.sleep(0.3)
+        assert tail.poll() is None  # waiting for the file
+        train = subprocess.run([*command, "train", "--epochs", "2", "--name", "live"], cwd=tmp_path,
+                               capture_output=True, text=True, timeout=180)
+        assert train.returncode == 0, train.stderr
+        out, err = tail.communicate(timeout=30)
+    finally:
+        tail.kill()
+    assert tail.returncode == 0, err
+    assert "waiting for runs/live/history.jsonl to appear" in err
+    # The watcher prints exactly what the training process printed into its pipe.
+    assert out == train.stdout
+    assert [line.split()[1] for line in out.splitlines() if line.startswith("Epoch")] == ["1/2", "2/2"]
+    assert out.splitlines()[-5].startswith("completed: 2 epoch(s), 90 steps")
+    # and a snapshot taken afterwards is the same log
+    again = subprocess.run([*command, "tail", "runs/live"], cwd=tmp_path, capture_output=True, text=True)
+    assert again.stdout == train.stdout
+    # which is what the state and lines_for make of the records
+    state, lines = RunState(), []
+    for line in (tmp_path / "runs/live/history.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        state.add(record)
+        lines += lines_for(record, state, "runs/live/history.jsonl")
+    assert lines == train.stdout.splitlines()
+
+
+def test_quiet_training_prints_nothing(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "pipetrain", "train", "--epochs", "1", "--quiet", "--name", "q"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "" and done.stderr == ""
+    assert read_history(tmp_path / "runs" / "q").end["status"] == "completed"
