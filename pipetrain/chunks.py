@@ -54,11 +54,11 @@ _FILTER_NAMES = {
     _BLOSC2: "blosc2",
 }
 
-# Decoder back ends per filter, fastest first. Measured on the 2-core dev box
-# (benchmarks/bench_decode.py, 256 x 784 float32 chunks, gzip level 1, one thread):
-# libdeflate via imagecodecs ~2.1 GB/s (it decodes straight into the output), the
-# `deflate` package (also libdeflate) ~1.3 GB/s, ISA-L ~1.0 GB/s, zlib ~0.5 GB/s.
-# All of them release the GIL while they work.
+# Decoder back ends per filter, fastest first. gzip, measured with
+# benchmarks/bench_decode.py (W1: 256 x 784 float32 chunks, gzip level 1, one thread,
+# whole batches): libdeflate through imagecodecs ~2.4 GB/s (it inflates straight into
+# the output array), libdeflate through the `deflate` package ~2.3 GB/s, ISA-L ~1.35 GB/s,
+# zlib ~0.5 GB/s (h5py's own read: ~0.5 GB/s). All of them release the GIL.
 _BACKENDS: dict[str, tuple[str, ...]] = {
     "gzip": ("imagecodecs", "libdeflate", "isal", "zlib"),
     "lzf": ("imagecodecs",),

@@ -265,6 +265,24 @@ def test_chunk_addresses_already_include_the_userblock(tmp_path):
             assert raw.read(info.size) == f["x"].id.read_direct_chunk(info.chunk_offset)[1]
 
 
+def test_userblock_offset_is_detected_either_way(tmp_path):
+    """HDF5 before 1.14.4 reported chunk addresses relative to the userblock; we detect which."""
+    with h5py.File(tmp_path / "f.h5", "w", userblock_size=512) as f:
+        f.create_dataset(
+            "x", data=sample((ROWS, 12), "float32"), chunks=(32, 12), compression="gzip"
+        )
+    fd = os.open(tmp_path / "f.h5", os.O_RDONLY)
+    try:
+        with h5py.File(tmp_path / "f.h5", "r") as f:
+            info = f["x"].id.get_chunk_info(0)
+            origin, size = info.chunk_offset, info.size
+            assert chunks._address_base(f["x"], fd, origin, info.byte_offset, size) == 0
+            assert chunks._address_base(f["x"], fd, origin, info.byte_offset - 512, size) == 512
+            assert chunks._address_base(f["x"], fd, origin, info.byte_offset + 3, size) is None
+    finally:
+        os.close(fd)
+
+
 def test_chunks_that_skipped_filters(tmp_path):
     """A set bit i of a chunk's filter mask means filter i was not applied to it."""
     data = sample((40, 12), "int32")
