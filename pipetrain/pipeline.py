@@ -278,7 +278,17 @@ class Prefetcher(Iterator[Batch]):
         t0 = time.perf_counter()
         fetched = 0
         out = {name: buf[: plan.size] for name, buf in buffers.items()}
+        blocks = self.cache.blocks
         for part in plan.parts:
+            whole = isinstance(part.src, slice) and part.src == slice(0, int(blocks.rows[part.block]))
+            if whole and part.uses == 1:
+                # A whole block that no other batch needs: decode it straight into the
+                # batch's buffer, no cache and no copy.
+                b = part.block
+                _, n = self.source.read(int(blocks.file[b]), int(blocks.start[b]), int(blocks.stop[b]),
+                                        out={name: dest[part.dst] for name, dest in out.items()})
+                fetched += n
+                continue
             arrays, n = self.cache.get(plan.epoch, part.block, part.uses, self._stop)
             fetched += n
             try:

@@ -256,7 +256,7 @@ class Run:
         self.stop_requested = False
         self.last_checkpoint: Path | None = None
         self._signals = _Signals() if handle_signals else None
-        self._sums: dict[tuple[int, str], MetricSums] = {}
+        self._sums: dict[tuple[int, str, str], MetricSums] = {}
         self._resumed: tuple[dict, dict] | None = None  # checkpoint (meta, arrays) to apply
         self._writer: HistoryWriter | None = None
         self._monitor: Monitor | None = None
@@ -349,6 +349,8 @@ class Run:
             if generator is not None:
                 generator.close()
         self._close_stream()
+        for sums in self._sums.values():  # the models get their own step functions back
+            sums.detach()
         if self._signals is not None:
             self._signals.restore()
         if self._monitor is not None:
@@ -451,10 +453,11 @@ class Run:
             self._stream_at = (epoch, start)
         return self._stream
 
-    def metric_sums(self, model, prefix: str = "") -> MetricSums:
-        key = (id(model), prefix)
+    def metric_sums(self, model, prefix: str = "", step: str = "train") -> MetricSums:
+        """The epoch sums of ``model``'s metrics (one per model, prefix and step)."""
+        key = (id(model), prefix, step)
         if key not in self._sums:
-            self._sums[key] = MetricSums(model)
+            self._sums[key] = MetricSums(model, step)
         return self._sums[key]
 
     def model_name(self, model) -> str:
@@ -713,7 +716,7 @@ class Epoch:
             logs = evaluate(
                 model, source, batch_size or run.batch_size, workers=run.workers,
                 max_queue=run.max_queue, callbacks=run.callbacks, batch_hooks=run._test_batch_hooks,
-                sums=run.metric_sums(model, "__eval__" + prefix), interrupted=lambda: run.interrupted,
+                sums=run.metric_sums(model, prefix, step="test"), interrupted=lambda: run.interrupted,
             )
         except _Interrupted:
             run.save_checkpoint(self)
@@ -803,7 +806,8 @@ def evaluate(model, source: H5Source, batch_size: int, *, workers: int = 2, max_
     Returns the metrics ``model.evaluate(..., return_dict=True)`` returns for the same
     batches; ``callbacks`` (a ``CallbackList``) get the ``on_test_*`` hooks."""
     plan = Plan(source.rows_per_file, batch_size, block_rows=source.block_rows(), shuffle="none")
-    sums = sums or MetricSums(model)
+    own = sums is None
+    sums = sums or MetricSums(model, "test")
     sums.reset(partial_batch=source.rows % batch_size != 0)
     if callbacks is not None:
         callbacks.on_test_begin()
@@ -819,6 +823,8 @@ def evaluate(model, source: H5Source, batch_size: int, *, workers: int = 2, max_
             if callbacks is not None and batch_hooks:
                 callbacks.on_test_batch_end(batch.index, pythonify(logs))
     logs = sums.result()
+    if own:
+        sums.detach()
     if callbacks is not None:
         callbacks.on_test_end(logs)
     return logs

@@ -294,14 +294,21 @@ class H5Source:
                 per_file.append(chunk_rows * max(1, BLOCK_BYTES // (chunk_rows * row_bytes)))
         return per_file
 
-    def read(self, file: int, start: int, stop: int) -> tuple[dict[str, np.ndarray], int]:
+    def read(
+        self, file: int, start: int, stop: int, out: Mapping[str, np.ndarray] | None = None
+    ) -> tuple[dict[str, np.ndarray], int]:
         """Rows [start, stop) of every dataset of file number ``file``, and the bytes
-        fetched from disk (compressed size on the fast path)."""
+        fetched from disk (compressed size on the fast path). With ``out`` (C-contiguous
+        arrays by dataset name), the rows are decoded straight into them."""
         arrays, fetched = {}, 0
         for name, reader in self._readers[file].items():
+            dest = out[name] if out is not None else None
             try:
                 if isinstance(reader, ChunkReader):
-                    arrays[name], n = reader.read(start, stop)
+                    arrays[name], n = reader.read(start, stop, out=dest)
+                elif dest is not None:
+                    reader.read_direct(dest, source_sel=np.s_[start:stop])
+                    arrays[name], n = dest, dest.nbytes
                 else:
                     arrays[name] = reader[start:stop]
                     n = arrays[name].nbytes

@@ -254,11 +254,11 @@ def test_in_python_a_producer_io_error_fails_the_run_with_where(folder, monkeypa
     source = pipetrain.H5Source(folder / "d.h5", x="x", y="y")
     real = source._readers[0]["x"]
 
-    class FailingDisk:
-        def __getitem__(self, rows):
-            if rows.start >= 128:
+    class FailingDisk:  # a reader in h5py's place whose disk fails at row 128
+        def read_direct(self, dest, source_sel):
+            if source_sel.start >= 128:
                 raise OSError(5, "Input/output error")
-            return real.read(rows.start, rows.stop)[0] if hasattr(real, "read") else real[rows]
+            real.read(source_sel.start, source_sel.stop, out=dest)
 
     source._readers[0]["x"] = FailingDisk()
     monkeypatch.setattr(source, "block_rows", lambda: [16])

@@ -121,7 +121,7 @@ def test_each_block_is_decoded_once(files, shuffle):
         plan = Plan(source.rows_per_file, 20, block_rows=source.block_rows(), shuffle=shuffle, window=100)
         reads = []
         original = source.read
-        source.read = lambda f, a, b: reads.append((f, a, b)) or original(f, a, b)
+        source.read = lambda f, a, b, out=None: reads.append((f, a, b)) or original(f, a, b, out)
         with Prefetcher(source, plan.batches(0), plan.blocks, 20, workers=3) as stream:
             list(stream)
             assert len(stream.cache) == 0  # every block dropped after its last use
@@ -135,10 +135,10 @@ def test_a_producer_error_reaches_the_consumer_with_where_and_traceback(make_h5)
         plan = Plan(source.rows_per_file, 10, block_rows=10)
         original = source.read
 
-        def failing(f, a, b):
+        def failing(f, a, b, out=None):
             if a >= 50:
                 raise OSError("disk on fire")
-            return original(f, a, b)
+            return original(f, a, b, out)
 
         source.read = failing
         stream = Prefetcher(source, plan.batches(0), plan.blocks, 10, workers=2)
@@ -188,3 +188,17 @@ def test_closing_mid_stream_and_on_keyboard_interrupt_stops_every_thread(files):
                 if i == 3:
                     raise KeyboardInterrupt
         assert producer_threads() == []
+
+
+def test_whole_blocks_decode_straight_into_the_batch_buffer(make_h5):
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(200, 5)).astype(np.float32)
+    path = make_h5("aligned.h5", chunks=32, x=x, y=np.arange(200))
+    with H5Source(path, x="x", y="y") as source:
+        plan = Plan(source.rows_per_file, 32, block_rows=32, shuffle="none")
+        with Prefetcher(source, plan.batches(0), plan.blocks, 32, workers=2, recycle=False) as stream:
+            stream.cache.get = None  # the cache must not be needed: every part is a whole block
+            got = list(stream)
+        np.testing.assert_array_equal(np.concatenate([b.x for b in got]), x)
+        np.testing.assert_array_equal(np.concatenate([b.y for b in got]), np.arange(200))
+        assert [b.size for b in got] == [32] * 6 + [8]

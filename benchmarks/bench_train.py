@@ -1,0 +1,306 @@
+"""pipetrain against the tools people would otherwise use, on the same files and model.
+
+    python benchmarks/bench_train.py [--workload w1 w2] [--repeat 3] [--out benchmarks/results/train.json]
+
+For each workload, in one process, variants run round-robin (so machine noise spreads
+evenly), each for ``--epochs`` epochs of which the first is warm-up (tracing, page
+cache); the time of the others is the measure:
+
+- ``read``: pipetrain's producer pool delivering every batch, no training;
+- ``train``: ``train_on_batch`` on one in-memory batch, as many steps as an epoch;
+- ``sync``: the plain loop: ``dset[a:b]`` from h5py, then ``train_on_batch``;
+- ``tf.data``: ``fit`` on ``tf.data.Dataset.from_generator`` + ``prefetch(AUTOTUNE)``;
+- ``PyDataset``: ``fit`` on a ``keras.utils.PyDataset`` with 2 worker threads;
+- ``pipetrain``: ``pipetrain.train`` (file order, like the peers; history of every batch
+  and the system monitor on);
+- ``pipetrain-bare``: the same without history and monitor (their cost);
+- ``pipetrain-block``: ``pipetrain.train`` with the block shuffle.
+
+The limit a perfect pipeline approaches is max(read, train). Reported: median epoch
+seconds, samples/s, ratios to the limit and to each peer, pipetrain's input-bound %
+(its own measure), and the peak RSS growth of each variant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import h5py  # noqa: E402
+import numpy as np  # noqa: E402
+import psutil  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import keras  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+import pipetrain  # noqa: E402
+from pipetrain.pipeline import Prefetcher  # noqa: E402
+from pipetrain.plan import Plan  # noqa: E402
+from pipetrain.synth import make_data  # noqa: E402
+
+WORKLOADS = {
+    # W1 of DESIGN.md: 100,000 x 784 float32, gzip level 1, chunks of 256 rows; an MLP.
+    "w1": {"rows": 100_000, "features": (784,), "dtype": "float32", "compression": "gzip:1",
+           "shuffle_filter": False, "batch": 256, "model": "mlp"},
+    # Images as uint8 with the shuffle filter, and a small CNN (compute-heavy).
+    "w2": {"rows": 20_000, "features": (32, 32, 3), "dtype": "uint8", "compression": "gzip:1",
+           "shuffle_filter": True, "batch": 128, "model": "cnn"},
+}
+
+
+def build_model(kind: str, shape: tuple[int, ...]):
+    keras.utils.set_random_seed(0)
+    if kind == "mlp":
+        layers = [keras.Input(shape), keras.layers.Dense(256, activation="relu"),
+                  keras.layers.Dense(256, activation="relu"), keras.layers.Dense(10, activation="softmax")]
+    else:
+        layers = [keras.Input(shape), keras.layers.Rescaling(1 / 255),
+                  keras.layers.Conv2D(16, 3, activation="relu"), keras.layers.MaxPooling2D(),
+                  keras.layers.Conv2D(32, 3, activation="relu"), keras.layers.MaxPooling2D(),
+                  keras.layers.Flatten(), keras.layers.Dense(64, activation="relu"),
+                  keras.layers.Dense(10, activation="softmax")]
+    model = keras.Sequential(layers)
+    model.compile(keras.optimizers.Adam(1e-3), "sparse_categorical_crossentropy", metrics=["accuracy"])
+    return model
+
+
+class PeakRss:
+    """Largest RSS seen while a variant runs (sampled every 20 ms), minus where it began."""
+
+    def __init__(self):
+        self.process = psutil.Process()
+
+    def __enter__(self):
+        self.start = self.peak = self.process.memory_info().rss
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+        self._thread.start()
+        return self
+
+    def _loop(self):
+        while not self._stop.wait(0.02):
+            self.peak = max(self.peak, self.process.memory_info().rss)
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.growth_mb = (self.peak - self.start) / 2**20
+
+
+class EpochTimes(keras.callbacks.Callback):
+    def on_train_begin(self, logs=None):
+        self.times = []
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._t0 = time.perf_counter()
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.times.append(time.perf_counter() - self._t0)
+
+
+# -- the variants: each returns the seconds of its measured epochs ---------------------------
+
+
+def v_read(path, spec, epochs):
+    source = pipetrain.H5Source(path, x="x", y="y")
+    plan = Plan(source.rows_per_file, spec["batch"], block_rows=source.block_rows())
+    times = []
+    for e in range(epochs):
+        t0 = time.perf_counter()
+        with Prefetcher(source, plan.batches(e), plan.blocks, spec["batch"], workers=2) as stream:
+            for _ in stream:
+                pass
+        times.append(time.perf_counter() - t0)
+    source.close()
+    return times[1:], None
+
+
+def v_train(path, spec, epochs):
+    model = build_model(spec["model"], spec["features"])
+    with h5py.File(path) as f:
+        x, y = f["x"][: spec["batch"]], f["y"][: spec["batch"]]
+    steps = -(-spec["rows"] // spec["batch"])
+    times = []
+    for _ in range(epochs):
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            model.train_on_batch(x, y)
+        times.append(time.perf_counter() - t0)
+    return times[1:], None
+
+
+def v_sync(path, spec, epochs):
+    model = build_model(spec["model"], spec["features"])
+    times = []
+    with h5py.File(path) as f:
+        xs, ys = f["x"], f["y"]
+        for _ in range(epochs):
+            t0 = time.perf_counter()
+            for a in range(0, spec["rows"], spec["batch"]):
+                model.train_on_batch(xs[a : a + spec["batch"]], ys[a : a + spec["batch"]])
+            times.append(time.perf_counter() - t0)
+    return times[1:], None
+
+
+def v_tfdata(path, spec, epochs):
+    model = build_model(spec["model"], spec["features"])
+    batch, rows = spec["batch"], spec["rows"]
+    dtype = tf.as_dtype(np.dtype(spec["dtype"]))
+
+    def batches():
+        with h5py.File(path) as f:
+            for a in range(0, rows, batch):
+                yield f["x"][a : a + batch], f["y"][a : a + batch]
+
+    data = tf.data.Dataset.from_generator(batches, output_signature=(
+        tf.TensorSpec((None, *spec["features"]), dtype), tf.TensorSpec((None,), tf.int64),
+    )).prefetch(tf.data.AUTOTUNE)
+    timer = EpochTimes()
+    model.fit(data, epochs=epochs, verbose=0, callbacks=[timer])
+    return timer.times[1:], None
+
+
+class H5Batches(keras.utils.PyDataset):
+    def __init__(self, path, batch, rows, **kwargs):
+        super().__init__(**kwargs)
+        self.file = h5py.File(path)
+        self.batch, self.rows = batch, rows
+
+    def __len__(self):
+        return -(-self.rows // self.batch)
+
+    def __getitem__(self, i):
+        a = i * self.batch
+        return self.file["x"][a : a + self.batch], self.file["y"][a : a + self.batch]
+
+
+def v_pydataset(path, spec, epochs):
+    model = build_model(spec["model"], spec["features"])
+    data = H5Batches(path, spec["batch"], spec["rows"], workers=2, use_multiprocessing=False, max_queue_size=8)
+    timer = EpochTimes()
+    model.fit(data, epochs=epochs, verbose=0, callbacks=[timer], shuffle=False)
+    data.file.close()
+    return timer.times[1:], None
+
+
+def _pipetrain(path, spec, epochs, shuffle="none", history=True):
+    model = build_model(spec["model"], spec["features"])
+    timer = EpochTimes()
+    with tempfile.TemporaryDirectory() as tmp:
+        history_path = Path(tmp) / "history.jsonl" if history else None
+        pipetrain.train(model, pipetrain.H5Source(path, x="x", y="y"), epochs=epochs, batch_size=spec["batch"],
+                        shuffle=shuffle, workers=2, max_queue=8, history=history_path, verbose=0,
+                        callbacks=[timer], monitor_interval=2.0 if history else None)
+        bound = None
+        if history_path is not None:
+            records = pipetrain.read_history(history_path).epochs[1:]
+            bound = statistics.median(r["input_bound_pct"] for r in records)
+    return timer.times[1:], bound
+
+
+VARIANTS = {
+    "read": v_read,
+    "train": v_train,
+    "sync": v_sync,
+    "tf.data": v_tfdata,
+    "PyDataset": v_pydataset,
+    "pipetrain": lambda p, s, e: _pipetrain(p, s, e),
+    "pipetrain-bare": lambda p, s, e: _pipetrain(p, s, e, history=False),
+    "pipetrain-block": lambda p, s, e: _pipetrain(p, s, e, shuffle="block"),
+}
+
+
+def bench(name: str, spec: dict, folder: Path, repeat: int, epochs: int) -> dict:
+    path = folder / f"{name}.h5"
+    if not path.exists():
+        make_data(path, spec["rows"], spec["features"], 10, spec["dtype"], spec["compression"],
+                  spec["shuffle_filter"], 256)
+    runs: dict[str, list[float]] = {v: [] for v in VARIANTS}
+    bound: dict[str, list[float]] = {v: [] for v in VARIANTS}
+    rss: dict[str, list[float]] = {v: [] for v in VARIANTS}
+    for r in range(repeat):
+        for variant, fn in VARIANTS.items():
+            with PeakRss() as peak:
+                times, input_bound = fn(path, spec, epochs)
+            runs[variant].extend(times)
+            rss[variant].append(peak.growth_mb)
+            if input_bound is not None:
+                bound[variant].append(input_bound)
+            print(f"  {name} round {r + 1}/{repeat} {variant:16s} {statistics.median(times):7.3f} s/epoch",
+                  flush=True)
+    median = {v: statistics.median(t) for v, t in runs.items()}
+    limit = max(median["read"], median["train"])
+    result = {
+        "spec": {k: (list(v) if isinstance(v, tuple) else v) for k, v in spec.items()},
+        "file_mb": round(path.stat().st_size / 2**20, 1),
+        "epoch_s": {v: round(t, 3) for v, t in median.items()},
+        "samples_per_s": {v: round(spec["rows"] / t) for v, t in median.items()},
+        "limit_s": round(limit, 3),
+        "vs_limit": {v: round(t / limit, 3) for v, t in median.items()},
+        "pipetrain_speedup": {peer: round(median[peer] / median["pipetrain"], 3)
+                              for peer in ("sync", "tf.data", "PyDataset")},
+        "vs_train_alone": round(median["pipetrain"] / median["train"], 3),
+        "logging_cost_pct": round(100 * (median["pipetrain"] / median["pipetrain-bare"] - 1), 2),
+        "input_bound_pct": {v: round(statistics.median(b), 1) for v, b in bound.items() if b},
+        "peak_rss_growth_mb": {v: round(max(m), 1) for v, m in rss.items()},
+        "epochs_measured": {v: len(t) for v, t in runs.items()},
+    }
+    return result
+
+
+def table(name: str, r: dict) -> str:
+    lines = [f"### {name}: {r['spec']['rows']:,} rows {tuple(r['spec']['features'])} {r['spec']['dtype']}, "
+             f"{r['spec']['compression']}{' +shuffle' if r['spec']['shuffle_filter'] else ''}, "
+             f"batch {r['spec']['batch']}, {r['spec']['model']} ({r['file_mb']} MB file)",
+             "", "| variant | s/epoch | samples/s | × limit | pipetrain is faster by | peak RSS growth MB |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for v, t in r["epoch_s"].items():
+        speedup = r["pipetrain_speedup"].get(v)
+        lines.append(f"| {v} | {t:.3f} | {r['samples_per_s'][v]:,} | {r['vs_limit'][v]:.2f} | "
+                     f"{f'{speedup:.2f}×' if speedup else ''} | {r['peak_rss_growth_mb'][v]} |")
+    lines += ["", f"limit max(read, train) = {r['limit_s']:.3f} s; pipetrain / train alone = "
+              f"{r['vs_train_alone']:.3f}; history + monitor cost {r['logging_cost_pct']:+.1f}%; "
+              f"input-bound % (pipetrain's own measure): {r['input_bound_pct']}"]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workload", nargs="+", default=list(WORKLOADS), choices=list(WORKLOADS))
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--epochs", type=int, default=3, help="per variant and round; the first is warm-up")
+    parser.add_argument("--data-dir", help="keep the generated files here (default: a temporary folder)")
+    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "train.json"))
+    args = parser.parse_args()
+
+    results = {"machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
+                           "tensorflow": tf.__version__, "keras": keras.__version__, "h5py": h5py.__version__},
+               "repeat": args.repeat, "epochs": args.epochs, "workloads": {}}
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(args.data_dir or tmp)
+        folder.mkdir(parents=True, exist_ok=True)
+        for name in args.workload:
+            print(f"{name}:", flush=True)
+            results["workloads"][name] = bench(name, WORKLOADS[name], folder, args.repeat, args.epochs)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
+    print()
+    for name, r in results["workloads"].items():
+        print(table(name, r))
+        print()
+
+
+if __name__ == "__main__":
+    main()
