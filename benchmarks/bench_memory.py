@@ -69,7 +69,7 @@ def main() -> None:
                 make_data(files[rows], rows, (784,), 10, "float32", "gzip:1", False, 256)
         for _ in range(args.repeat):
             for shuffle in ("none", "block"):
-                for rows, path in files.items():
+                for path in files.values():
                     done = subprocess.run([sys.executable, __file__, "--child", str(path), shuffle],
                                           capture_output=True, text=True, check=True)
                     result = json.loads(done.stdout.strip().splitlines()[-1])
