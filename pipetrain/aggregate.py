@@ -275,6 +275,7 @@ class _InStepSums:
             self._accumulate()
             return logs
 
+        self.saved_function = getattr(model, f"{step}_function", None)
         setattr(model, f"{step}_step", step_and_accumulate)
         setattr(model, f"{step}_function", None)  # traced again, with the wrapper
 
@@ -327,4 +328,5 @@ class _InStepSums:
     def detach(self) -> None:
         if f"{self.step}_step" in vars(self.model):
             delattr(self.model, f"{self.step}_step")
-        setattr(self.model, f"{self.step}_function", None)
+        # The function traced before the run (if any): no second trace for the user.
+        setattr(self.model, f"{self.step}_function", self.saved_function)

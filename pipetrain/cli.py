@@ -75,6 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--seed", type=int, default=None, help="seed of the batch order and the model (default 0)")
     t.add_argument("--workers", type=positive_int, default=None, help="producer threads (default 2)")
     t.add_argument("--max-queue", type=positive_int, default=None, help="batches prefetched (default 8)")
+    t.add_argument("--producer-priority", choices=["idle", "low", "normal"], default=None,
+                   help="CPU priority of the producer threads (default idle: they use the cores' idle time)")
     t.add_argument("--shuffle-window", type=positive_int, default=None, help="rows permuted together (default 8192)")
     t.add_argument("--history", metavar="FILE", help="history file (default runs/<name>/history.jsonl)")
     t.add_argument("--checkpoint-every", type=positive_int, default=None, metavar="N",
@@ -152,7 +154,7 @@ def _names(values: list[str] | None, default: str | None):
 # run (its data, model and batch order) and cannot change when it resumes.
 TRAIN_DEFAULTS = {
     "epochs": 20, "batch_size": 32, "shuffle": "block", "seed": 0, "workers": 2, "max_queue": 8,
-    "shuffle_window": 8192, "monitor_interval": 2.0, "checkpoint_every": 1000,
+    "shuffle_window": 8192, "monitor_interval": 2.0, "checkpoint_every": 1000, "producer_priority": "idle",
 }
 FIXED_ON_RESUME = ("data", "val", "x", "y", "sample_weight", "model", "batch_size", "shuffle", "seed",
                    "shuffle_window", "allow_external")
@@ -194,7 +196,7 @@ def _resumed_settings(args, run_dir: Path) -> dict:
         if given is not None and given is not False:
             flag = "--" + key.replace("_", "-")
             raise BadInput(f"{flag} cannot change when resuming (the run was started with {settings.get(key)!r})")
-    for key in ("epochs", "workers", "max_queue", "monitor_interval", "checkpoint_every"):
+    for key in ("epochs", "workers", "max_queue", "monitor_interval", "checkpoint_every", "producer_priority"):
         if getattr(args, key) is not None:
             settings[key] = getattr(args, key)
     position = meta["position"]
@@ -246,7 +248,8 @@ def cmd_train(args) -> int:
             verbose=0 if args.quiet else 1, shuffle_window=settings["shuffle_window"],
             monitor_interval=settings["monitor_interval"], overwrite=args.overwrite,
             resume=bool(args.resume), checkpoint_every=settings["checkpoint_every"],
-            stop_on_nonfinite=not args.allow_nonfinite, config={"cli": settings, "argv": sys.argv[1:]},
+            stop_on_nonfinite=not args.allow_nonfinite, producer_priority=settings.get("producer_priority", "idle"),
+            config={"cli": settings, "argv": sys.argv[1:]},
         )
     except KeyboardInterrupt as e:
         raise Interrupted(f"{e or 'interrupted'}; resume with: pipetrain train --resume {history.parent}") from None

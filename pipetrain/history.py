@@ -56,7 +56,11 @@ def jsonable(value):
 
 def encode(record: Mapping) -> bytes:
     """One record as one complete line of strict JSON."""
-    return (json.dumps(jsonable(record), allow_nan=False, separators=(",", ":")) + "\n").encode()
+    try:  # the common case: plain finite values, no conversion needed
+        line = json.dumps(record, allow_nan=False, separators=(",", ":"))
+    except (TypeError, ValueError):  # numpy values, NaN or infinity somewhere
+        line = json.dumps(jsonable(record), allow_nan=False, separators=(",", ":"))
+    return (line + "\n").encode()
 
 
 class HistoryWriter:

@@ -23,6 +23,7 @@ errors and timings to the consumer. It knows nothing of models.
 from __future__ import annotations
 
 import itertools
+import os
 import threading
 import time
 from collections.abc import Iterable, Iterator
@@ -34,6 +35,27 @@ from pipetrain.plan import BatchPlan
 from pipetrain.source import H5Source
 
 POLL_S = 0.1  # how often blocked waits look at the stop flag
+PRIORITIES = ("idle", "low", "normal")
+
+
+def lower_priority(priority: str) -> None:
+    """Lower the calling thread's CPU priority (Linux; elsewhere nothing happens).
+
+    The training step of a CPU backend runs on every core; a producer thread that takes
+    a core from it makes the whole step wait for its slowest shard. At idle priority
+    the producers decode in the cores' idle moments instead (measured on 2 cores, W1:
+    epochs 1.76 s at normal priority, 1.45 s at nice 19, 1.36 s idle; train alone 1.05 s).
+    """
+    if priority == "normal" or not hasattr(os, "sched_setscheduler"):
+        return
+    tid = threading.get_native_id()
+    try:
+        if priority == "idle":
+            os.sched_setscheduler(tid, os.SCHED_IDLE, os.sched_param(0))
+        else:
+            os.setpriority(os.PRIO_PROCESS, tid, 19)
+    except OSError:  # not permitted here: keep the normal priority
+        pass
 
 
 class PipelineError(RuntimeError):
@@ -178,6 +200,9 @@ class Prefetcher(Iterator[Batch]):
             Defaults to None (no limit beyond ``max_queue``).
         recycle: reuse the buffers of a batch once the next one is requested. Defaults
             to True.
+        priority: CPU priority of the producer threads: ``"idle"`` (they run only when
+            a core is otherwise idle, so decoding never slows the training step that
+            shares the cores), ``"low"`` (nice 19) or ``"normal"``. Defaults to "idle".
 
     Example::
 
@@ -197,13 +222,16 @@ class Prefetcher(Iterator[Batch]):
         max_queue: int = 8,
         max_queue_bytes: int | None = None,
         recycle: bool = True,
+        priority: str = "idle",
         name: str = "pipetrain",
     ):
         if workers < 1:
             raise ValueError(f"workers={workers} must be >= 1")
         if max_queue < 1:
             raise ValueError(f"max_queue={max_queue} must be >= 1")
-        self.source = source
+        if priority not in PRIORITIES:
+            raise ValueError(f"priority={priority!r}: expected one of {', '.join(PRIORITIES)}")
+        self.source, self.priority = source, priority
         if max_queue_bytes is not None:
             batch_bytes = batch_size * sum(f.row_bytes for f in source.fields.values())
             max_queue = max(1, min(max_queue, max_queue_bytes // max(1, batch_bytes)))
@@ -257,6 +285,7 @@ class Prefetcher(Iterator[Batch]):
             return seq, plan, buffers
 
     def _work(self) -> None:
+        lower_priority(self.priority)
         while not self._stop.is_set():
             taken = self._take()
             if taken is None:

@@ -50,7 +50,7 @@ from pipetrain.aggregate import MetricObjects, MetricSums, WeightedMeans, python
 from pipetrain.errors import InputError
 from pipetrain.history import SCHEMA, HistoryWriteError, HistoryWriter, jsonable
 from pipetrain.monitor import Monitor, gpu_probe, peak_rss_mb
-from pipetrain.pipeline import Batch, Prefetcher, plans_from
+from pipetrain.pipeline import PRIORITIES, Batch, Prefetcher, plans_from
 from pipetrain.plan import Plan
 from pipetrain.progress import Progress
 from pipetrain.source import H5Source
@@ -171,6 +171,9 @@ class Run:
             Defaults to True.
         recycle: reuse batch buffers once the next batch is requested (copy what you
             keep). Defaults to True.
+        producer_priority: CPU priority of the producer threads, ``"idle"``, ``"low"``
+            or ``"normal"`` (see :func:`pipetrain.pipeline.lower_priority`). Defaults to
+            "idle".
     """
 
     def __init__(
@@ -199,6 +202,7 @@ class Run:
         stop_on_nonfinite: bool = True,
         handle_signals: bool = True,
         recycle: bool = True,
+        producer_priority: str = "idle",
     ):
         for name, value in (("batch_size", batch_size), ("epochs", epochs)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -219,6 +223,9 @@ class Run:
         self.batch_size, self.epochs_total = batch_size, epochs
         self.workers, self.max_queue, self.max_queue_bytes = workers, max_queue, max_queue_bytes
         self.recycle = recycle
+        if producer_priority not in PRIORITIES:
+            raise RunError(f"producer_priority={producer_priority!r}: expected one of {', '.join(PRIORITIES)}")
+        self.producer_priority = producer_priority
         try:
             self.plan = Plan(
                 source.rows_per_file, batch_size, block_rows=source.block_rows(), shuffle=shuffle,
@@ -448,7 +455,8 @@ class Run:
             self._stream = Prefetcher(
                 self.source, plans_from(self.plan, epoch, start, self.epochs_total), self.plan.blocks,
                 self.batch_size, workers=self.workers, max_queue=self.max_queue,
-                max_queue_bytes=self.max_queue_bytes, recycle=self.recycle, name="train",
+                max_queue_bytes=self.max_queue_bytes, recycle=self.recycle,
+                priority=self.producer_priority, name="train",
             )
             self._stream_at = (epoch, start)
         return self._stream
@@ -715,7 +723,8 @@ class Epoch:
         try:
             logs = evaluate(
                 model, source, batch_size or run.batch_size, workers=run.workers,
-                max_queue=run.max_queue, callbacks=run.callbacks, batch_hooks=run._test_batch_hooks,
+                max_queue=run.max_queue, priority=run.producer_priority,
+                callbacks=run.callbacks, batch_hooks=run._test_batch_hooks,
                 sums=run.metric_sums(model, prefix, step="test"), interrupted=lambda: run.interrupted,
             )
         except _Interrupted:
@@ -799,8 +808,8 @@ class Epoch:
 
 
 def evaluate(model, source: H5Source, batch_size: int, *, workers: int = 2, max_queue: int = 8,
-             callbacks=None, batch_hooks: bool = True, sums: MetricSums | None = None,
-             interrupted=None) -> dict:
+             priority: str = "idle", callbacks=None, batch_hooks: bool = True,
+             sums: MetricSums | None = None, interrupted=None) -> dict:
     """``model.evaluate`` over ``source`` in file order, through the producer pool.
 
     Returns the metrics ``model.evaluate(..., return_dict=True)`` returns for the same
@@ -812,7 +821,7 @@ def evaluate(model, source: H5Source, batch_size: int, *, workers: int = 2, max_
     if callbacks is not None:
         callbacks.on_test_begin()
     with Prefetcher(source, plan.batches(0), plan.blocks, batch_size, workers=workers,
-                    max_queue=max_queue, name="val") as batches:
+                    max_queue=max_queue, priority=priority, name="val") as batches:
         for batch in batches:
             if interrupted is not None and interrupted():
                 raise _Interrupted

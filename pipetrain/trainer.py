@@ -39,6 +39,7 @@ def train(
     resume: bool = False,
     checkpoint_every: int | None = 1000,
     stop_on_nonfinite: bool = True,
+    producer_priority: str = "idle",
     config: Mapping | None = None,
 ):
     """Train a compiled Keras model on an :class:`H5Source` with ``train_on_batch``.
@@ -97,6 +98,7 @@ def train(
         callbacks=callbacks, verbose=verbose, monitor_interval=monitor_interval,
         config={**settings, **(config or {})}, overwrite=overwrite, resume=resume,
         checkpoint_every=checkpoint_every, stop_on_nonfinite=stop_on_nonfinite,
+        producer_priority=producer_priority,
     ) as run:
         for epoch in run.epochs():
             for batch in epoch:

@@ -1,6 +1,7 @@
 """The producer pool: plan order, the same bytes as h5py, backpressure, each block
 decoded once, errors that reach the consumer, and no thread left behind."""
 
+import os
 import threading
 import time
 
@@ -202,3 +203,25 @@ def test_whole_blocks_decode_straight_into_the_batch_buffer(make_h5):
         np.testing.assert_array_equal(np.concatenate([b.x for b in got]), x)
         np.testing.assert_array_equal(np.concatenate([b.y for b in got]), np.arange(200))
         assert [b.size for b in got] == [32] * 6 + [8]
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_getscheduler"), reason="Linux scheduling policies")
+@pytest.mark.parametrize("priority", ["idle", "low", "normal"])
+def test_producers_run_at_the_priority_asked(files, priority):
+    paths, _, _ = files
+    seen = {}
+    with H5Source(paths, x="x", y="y") as source:
+        plan = Plan(source.rows_per_file, 8, block_rows=source.block_rows())
+        stream = Prefetcher(source, plan.batches(0), plan.blocks, 8, workers=2, priority=priority)
+        original = stream._build
+
+        def build(p, b):
+            tid = threading.get_native_id()
+            seen[tid] = (os.sched_getscheduler(tid), os.getpriority(os.PRIO_PROCESS, tid))
+            return original(p, b)
+
+        stream._build = build
+        with stream:
+            assert len(list(stream)) == plan.steps_per_epoch
+    expected = {"idle": (os.SCHED_IDLE, 0), "low": (os.SCHED_OTHER, 19), "normal": (os.SCHED_OTHER, 0)}[priority]
+    assert set(seen.values()) == {expected}
