@@ -136,8 +136,11 @@ class BlockCache:
         self._lock = threading.Lock()
         self._entries: dict[tuple[int, int], _Entry] = {}
 
-    def get(self, epoch: int, block: int, uses: int, stop: threading.Event) -> tuple[dict[str, np.ndarray], int]:
-        """The block's arrays, and the bytes fetched if this call decoded it (else 0)."""
+    def get(
+        self, epoch: int, block: int, uses: int, stop: threading.Event, wait: bool = True
+    ) -> tuple[dict[str, np.ndarray], int] | None:
+        """The block's arrays, and the bytes fetched if this call decoded it (else 0).
+        Without ``wait``, None while another thread is decoding it."""
         key = (epoch, block)
         with self._lock:
             entry = self._entries.get(key)
@@ -154,6 +157,8 @@ class BlockCache:
                 entry.error = e
             finally:
                 entry.ready.set()
+        elif not wait and not entry.ready.is_set():
+            return None
         else:
             while not entry.ready.wait(POLL_S):
                 if stop.is_set():
@@ -308,6 +313,7 @@ class Prefetcher(Iterator[Batch]):
         fetched = 0
         out = {name: buf[: plan.size] for name, buf in buffers.items()}
         blocks = self.cache.blocks
+        shared = []
         for part in plan.parts:
             whole = isinstance(part.src, slice) and part.src == slice(0, int(blocks.rows[part.block]))
             if whole and part.uses == 1:
@@ -318,19 +324,39 @@ class Prefetcher(Iterator[Batch]):
                                         out={name: dest[part.dst] for name, dest in out.items()})
                 fetched += n
                 continue
-            arrays, n = self.cache.get(plan.epoch, part.block, part.uses, self._stop)
-            fetched += n
-            try:
-                for name, dest in out.items():
-                    if isinstance(part.src, slice):
-                        dest[part.dst] = arrays[name][part.src]
-                    else:
-                        np.take(arrays[name], part.src, axis=0, out=dest[part.dst])
-            finally:
-                self.cache.done(plan.epoch, part.block)
+            shared.append(part)
+        # Blocks shared with other batches go through the cache. Blocks another worker is
+        # decoding are left for later, so that the workers decode a shuffle window's
+        # blocks side by side instead of queueing behind one another.
+        while shared:
+            later = []
+            for part in shared:
+                got = self.cache.get(plan.epoch, part.block, part.uses, self._stop, wait=False)
+                if got is None:
+                    later.append(part)
+                    continue
+                fetched += got[1]
+                self._copy(plan.epoch, part, got[0], out)
+            if later and len(later) == len(shared):  # all being decoded elsewhere: wait for one
+                part = later.pop(0)
+                arrays, n = self.cache.get(plan.epoch, part.block, part.uses, self._stop)
+                fetched += n
+                self._copy(plan.epoch, part, arrays, out)
+            shared = later
         x, y, w = self.source.arrange(out)
         read_s = time.perf_counter() - t0
         return Batch(plan.epoch, plan.index, plan.size, x, y, w, out, read_s, fetched, _buffers=buffers)
+
+    def _copy(self, epoch: int, part, arrays: dict[str, np.ndarray], out: dict[str, np.ndarray]) -> None:
+        """Copy a part's rows from a cached block into the batch, then release the block."""
+        try:
+            for name, dest in out.items():
+                if isinstance(part.src, slice):
+                    dest[part.dst] = arrays[name][part.src]
+                else:
+                    np.take(arrays[name], part.src, axis=0, out=dest[part.dst])
+        finally:
+            self.cache.done(epoch, part.block)
 
     # -- consumer side ------------------------------------------------------------
 

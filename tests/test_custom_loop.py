@@ -67,6 +67,22 @@ def test_the_readme_gan_is_killed_resumed_and_equals_the_straight_run(gan_runs):
     assert b.end["status"] == "completed"
 
 
+def test_tail_and_plot_show_the_custom_loops_history(gan_runs, tmp_path, capsys):
+    from pipetrain.cli import main
+
+    _, killed = gan_runs
+    run_dir = killed / "runs" / "gan"
+    assert main(["tail", str(run_dir)]) == 0
+    out = capsys.readouterr().out
+    assert "models 'discriminator', 'gan'" in out and "resuming at epoch" in out
+    epoch_lines = [line for line in out.splitlines() if line.startswith("Epoch ")]
+    assert len(epoch_lines) == 10 and all("d_loss" in line and "g_loss" in line for line in epoch_lines)
+    assert "completed: 10 epoch(s)" in out
+    pytest.importorskip("matplotlib")
+    assert main(["plot", str(run_dir), "-o", str(tmp_path / "gan.png")]) == 0
+    assert (tmp_path / "gan.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 def test_epoch_values_are_the_batch_size_weighted_means_of_two_models(tmp_path):
     rng = np.random.default_rng(0)
     x = rng.normal(size=(100, 4)).astype("float32")

@@ -1,0 +1,57 @@
+"""The system monitor: real samples of this process, on a background thread, GPU memory
+where a probe reports it, and nothing of a GPU where there is none."""
+
+import threading
+import time
+
+import numpy as np
+
+from pipetrain.monitor import Monitor, gpu_probe, peak_rss_mb
+
+
+def test_a_sample_describes_this_process():
+    monitor = Monitor(interval=1.0)
+    ballast = np.ones(64 * 2**20 // 8)  # 64 MB that the sample must see
+    sample = monitor.sample()
+    assert set(sample) == {"rss_mb", "cpu_pct", "sys_available_mb", "threads"}
+    assert sample["rss_mb"] >= 64 and sample["sys_available_mb"] > 0
+    assert sample["threads"] == threading.active_count() or sample["threads"] >= 1
+    assert peak_rss_mb() >= sample["rss_mb"] * 0.9
+    del ballast
+
+
+def test_samples_arrive_on_a_thread_at_the_interval_and_stop():
+    got = []
+    with Monitor(interval=0.05, emit=got.append) as monitor:
+        time.sleep(0.5)
+    count = len(got)
+    assert 4 <= count <= 12
+    time.sleep(0.2)
+    assert len(got) == count  # stopped
+    assert not any(t.name == "pipetrain-monitor" for t in threading.enumerate())
+    assert monitor.peak_rss_mb >= max(s["rss_mb"] for s in got)
+
+
+def test_gpu_memory_comes_from_the_probe_when_there_is_one():
+    fake = {"current": 512.0, "peak": 1024.0}
+    sample = Monitor(interval=1.0, gpu=lambda: fake).sample()
+    assert sample["gpu_mb"] == fake
+
+
+def test_no_gpu_means_no_probe_and_no_gpu_field():
+    import tensorflow as tf
+
+    if tf.config.list_physical_devices("GPU"):  # pragma: no cover - only on GPU machines
+        return
+    assert gpu_probe("tensorflow") is None
+    assert gpu_probe("an unknown backend") is None
+    assert "gpu_mb" not in Monitor(interval=1.0, gpu=gpu_probe("tensorflow")).sample()
+
+
+def test_a_failing_sample_stops_the_monitor_not_the_training():
+    def broken():
+        raise RuntimeError("driver gone")
+
+    with Monitor(interval=0.02, gpu=broken) as monitor:
+        time.sleep(0.2)
+    assert isinstance(monitor.error, RuntimeError)
