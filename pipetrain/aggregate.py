@@ -254,42 +254,48 @@ class _EagerSums:
 
 
 class _InStepSums:
-    """TensorFlow: the model's ``train_step`` (or ``test_step``) is wrapped so that, in
-    the same compiled call, the batch's metric state is added to sums held in TensorFlow
-    variables and zeroed. The step's logs are read before the zeroing (TensorFlow orders
-    the reads and writes of a variable as written), so they are the batch's own. No
-    extra call per batch: a separate compiled call cost about 100 us a step here."""
+    """TensorFlow: after the first batch, the model's ``train_step`` (or ``test_step``)
+    is wrapped so that, in the same compiled call, the batch's metric state is added to
+    sums held in TensorFlow variables and zeroed. The step's logs are read before the
+    zeroing (TensorFlow orders the reads and writes of a variable as written), so they
+    are the batch's own. No extra call per batch: a separate compiled call cost about
+    100 us a step here.
+
+    The first batch is taken eagerly: only then do the compiled metrics exist, and the
+    sums are created outside any traced function (Keras 3.0 traces its step over a
+    Python iterator, which a second trace for new variables would find exhausted).
+    """
 
     def __init__(self, model, step: str):
         import tensorflow as tf
 
         self.tf, self.model, self.step = tf, model, step
-        self.variables: list | None = None
+        self.eager = _EagerSums(model)  # the sums until the step is wrapped
         self.sums: list | None = None
-        self.pending: list[np.ndarray] | None = None
         self.once_per_batch = tf.Variable(False, trainable=False, name="pipetrain_once_per_batch")
-        original = getattr(model, f"{step}_step")
+        self.saved_function = None
+        self.wrapped = False
+
+    def _wrap(self) -> None:
+        """Move the sums into TensorFlow variables and wrap the step (once)."""
+        tf, eager = self.tf, self.eager
+        self.variables, self.pairs = eager.variables, dict(eager.pairs)
+        self.sums = [tf.Variable(s, trainable=False) for s in eager.sums]
+        original = getattr(self.model, f"{self.step}_step")
 
         def step_and_accumulate(data):
             logs = original(data)
             self._accumulate()
             return logs
 
-        self.saved_function = getattr(model, f"{step}_function", None)
-        setattr(model, f"{step}_step", step_and_accumulate)
-        setattr(model, f"{step}_function", None)  # traced again, with the wrapper
+        self.saved_function = getattr(self.model, f"{self.step}_function", None)
+        setattr(self.model, f"{self.step}_step", step_and_accumulate)
+        setattr(self.model, f"{self.step}_function", None)  # traced again, with the wrapper
+        self.wrapped = True
 
     def _accumulate(self) -> None:
         """Build (while the step is traced) the ops that add the state to the sums."""
         tf = self.tf
-        if self.sums is None:
-            self.variables = list(self.model.metrics_variables)
-            self.pairs = dict(_per_output_loss_pairs(self.model, self.variables))
-            with tf.init_scope():  # created once, outside the traced function
-                self.sums = [tf.Variable(tf.zeros(v.shape, v.dtype), trainable=False) for v in self.variables]
-                if self.pending is not None:
-                    self.set(self.pending)
-                    self.pending = None
         handles = [v.value for v in self.variables]
         values = [h.read_value() for h in handles]
         for total, count in self.pairs.items():  # per-output losses: the batch mean, counted once
@@ -302,23 +308,32 @@ class _InStepSums:
 
     def reset(self, partial_batch: bool) -> None:
         self.once_per_batch.assign(partial_batch)
-        self.pending = None
+        self.eager.reset(partial_batch)
         for s in self.sums or ():
             s.assign(self.tf.zeros_like(s))
 
     def take(self, once_per_batch: bool) -> None:
-        """Nothing to do: the step itself added the batch."""
+        if self.wrapped:
+            return  # the step itself added the batch
+        self.eager.take(once_per_batch)
+        if self.eager.sums is not None:
+            self._wrap()
 
     def commit(self) -> None:
-        for v, s in zip(self.variables or (), self.sums or (), strict=True):
+        if not self.wrapped:
+            self.eager.commit()
+            return
+        for v, s in zip(self.variables, self.sums, strict=True):
             v.assign(s)
 
     def get(self) -> list[np.ndarray] | None:
-        return [np.array(s.numpy()) for s in self.sums] if self.sums is not None else self.pending
+        if not self.wrapped:
+            return self.eager.get()
+        return [np.array(s.numpy()) for s in self.sums]
 
     def set(self, arrays: list[np.ndarray]) -> None:
-        if self.sums is None:
-            self.pending = arrays
+        if not self.wrapped:
+            self.eager.set(arrays)
             return
         if len(arrays) != len(self.sums):
             raise ValueError(f"{len(arrays)} metric sums given for {len(self.sums)} metric variables")
@@ -326,7 +341,10 @@ class _InStepSums:
             s.assign(np.asarray(a).reshape(s.shape))
 
     def detach(self) -> None:
+        if not self.wrapped:
+            return
         if f"{self.step}_step" in vars(self.model):
             delattr(self.model, f"{self.step}_step")
         # The function traced before the run (if any): no second trace for the user.
         setattr(self.model, f"{self.step}_function", self.saved_function)
+        self.wrapped = False

@@ -827,7 +827,13 @@ def evaluate(model, source: H5Source, batch_size: int, *, workers: int = 2, max_
                 raise _Interrupted
             if callbacks is not None and batch_hooks:
                 callbacks.on_test_batch_begin(batch.index)
-            logs = model.test_on_batch(batch.x, batch.y, sample_weight=batch.sample_weight, return_dict=True)
+            try:
+                logs = model.test_on_batch(batch.x, batch.y, sample_weight=batch.sample_weight, return_dict=True)
+            except StopIteration:
+                # Keras < 3.8: the first test_on_batch of a fresh model builds its metrics
+                # while tracing, traces again and finds its one-batch iterator spent. That
+                # call ran nothing; the second one runs.
+                logs = model.test_on_batch(batch.x, batch.y, sample_weight=batch.sample_weight, return_dict=True)
             sums.take()
             if callbacks is not None and batch_hooks:
                 callbacks.on_test_batch_end(batch.index, pythonify(logs))
