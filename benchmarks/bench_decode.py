@@ -38,7 +38,7 @@ import h5py
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from pipetrain import chunks  # noqa: E402
+from pipetrain import chunks, codecs  # noqa: E402
 
 FEATURES = 784
 CHUNK_ROWS = 256
@@ -192,7 +192,7 @@ def measure_gzip_decoders(path, rows, repeat, threads, timer) -> list[dict]:
     results = []
     with h5py.File(path, "r") as f:
         readers = {}
-        for backend in chunks._BACKENDS["gzip"]:
+        for backend in codecs._BACKENDS["gzip"]:
             reader = chunks._open_chunk_reader(f["x"], {"gzip": backend})
             if isinstance(reader, str):
                 print(f"  gzip decoder {backend}: {reader}", file=sys.stderr)

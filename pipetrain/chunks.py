@@ -21,375 +21,20 @@ a surprise in the file format shows up as a fallback, not as wrong data.
 from __future__ import annotations
 
 import contextlib
-import importlib
 import operator
 import os
 import threading
-import zlib
-from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 import h5py
 import numpy as np
 
+from pipetrain.codecs import FILTER_NAMES, Stage, stages, unshuffle_planes
+
 __all__ = ["ChunkReader", "open_chunk_reader", "read_path"]
-
-# HDF5 filter ids (H5Zpublic.h and the registered-filter list).
-_GZIP, _SHUFFLE, _FLETCHER32, _SZIP, _NBIT, _SCALEOFFSET = 1, 2, 3, 4, 5, 6
-_LZF, _BLOSC, _LZ4, _BITSHUFFLE, _ZSTD, _BLOSC2 = 32000, 32001, 32004, 32008, 32015, 32026
-
-_FILTER_NAMES = {
-    _GZIP: "gzip",
-    _SHUFFLE: "shuffle",
-    _FLETCHER32: "fletcher32",
-    _SZIP: "szip",
-    _NBIT: "nbit",
-    _SCALEOFFSET: "scaleoffset",
-    _LZF: "lzf",
-    _BLOSC: "blosc",
-    _LZ4: "lz4",
-    _BITSHUFFLE: "bitshuffle",
-    _ZSTD: "zstd",
-    _BLOSC2: "blosc2",
-}
-
-# Decoder back ends per filter, fastest first. gzip, measured with
-# benchmarks/bench_decode.py (W1: 256 x 784 float32 chunks, gzip level 1, one thread,
-# whole batches): libdeflate through imagecodecs ~2.4 GB/s (it inflates straight into
-# the output array), libdeflate through the `deflate` package ~2.3 GB/s, ISA-L ~1.35 GB/s,
-# zlib ~0.5 GB/s (h5py's own read: ~0.5 GB/s). All of them release the GIL.
-_BACKENDS: dict[str, tuple[str, ...]] = {
-    "gzip": ("imagecodecs", "libdeflate", "isal", "zlib"),
-    "lzf": ("imagecodecs",),
-    "blosc": ("imagecodecs", "numcodecs"),
-    "lz4": ("imagecodecs", "lz4"),
-    "zstd": ("imagecodecs", "numcodecs"),
-    "bitshuffle": ("imagecodecs",),
-}
-_PIP_HINT = {
-    "lzf": "imagecodecs",
-    "blosc": "imagecodecs",
-    "lz4": "lz4",
-    "zstd": "imagecodecs",
-    "bitshuffle": "imagecodecs",
-}
 
 # File drivers whose file is one ordinary file on disk, addressed as HDF5 addresses it.
 _PLAIN_DRIVERS = ("sec2", "stdio")
-
-# A decoder turns one stage's stored bytes back into its input. It writes into `dest`
-# (a uint8 array of exactly the decoded size) when it can, else returns a new buffer.
-_Decoder = Callable[[Any, "np.ndarray | None"], Any]
-
-
-def _module(name: str):
-    """The module `name`, or None when it is not installed (codec packages are optional)."""
-    try:
-        return importlib.import_module(name)
-    except ImportError:
-        return None
-
-
-@dataclass(frozen=True)
-class _Stage:
-    """One filter of the dataset's pipeline and how to undo it."""
-
-    name: str  # "gzip", "shuffle", ...
-    via: str  # the library that decodes it, for humans
-    decode: _Decoder
-    shuffle_itemsize: int = 0  # > 0 for the byte-shuffle filter: unshuffled while placing
-
-
-# ----------------------------------------------------------------------------- decoders
-
-
-def _gzip_decoder(backend: str, nbytes: int) -> tuple[_Decoder, str] | None:
-    if backend == "imagecodecs":
-        ic = _module("imagecodecs")
-        if ic is None or not hasattr(ic, "deflate_decode"):
-            return None
-        return (
-            lambda src, dest: ic.deflate_decode(src, out=nbytes if dest is None else dest),
-            "libdeflate (imagecodecs)",
-        )
-    if backend == "libdeflate":
-        lib = _module("deflate")
-        if lib is None:
-            return None
-        return (lambda src, dest: lib.zlib_decompress(src, nbytes)), "libdeflate"
-    if backend == "isal":
-        isal_zlib = _module("isal.isal_zlib")
-        if isal_zlib is None:
-            return None
-        return (lambda src, dest: isal_zlib.decompress(src, 15, nbytes)), "isal"
-    if backend == "zlib":
-        return (lambda src, dest: zlib.decompress(src, 15, nbytes)), "zlib"
-    return None
-
-
-def _lzf_decoder(backend: str, nbytes: int) -> tuple[_Decoder, str] | None:
-    ic = _module("imagecodecs") if backend == "imagecodecs" else None
-    if ic is None or not hasattr(ic, "lzf_decode"):
-        return None
-    # h5py's lzf filter stores a bare LZF stream, no header.
-    return (
-        lambda src, dest: ic.lzf_decode(src, header=False, out=nbytes if dest is None else dest),
-        "imagecodecs",
-    )
-
-
-def _blosc_decoder(backend: str, nbytes: int) -> tuple[_Decoder, str] | None:
-    if backend == "imagecodecs":
-        ic = _module("imagecodecs")
-        if ic is None or not hasattr(ic, "blosc_decode"):
-            return None
-        # One blosc thread: our callers are the threads.
-        return (
-            lambda src, dest: ic.blosc_decode(
-                src, numthreads=1, out=nbytes if dest is None else dest
-            ),
-            "imagecodecs",
-        )
-    if backend == "numcodecs":
-        blosc = _module("numcodecs.blosc")
-        if blosc is None:
-            return None
-
-        def decode(src, dest):
-            target = np.empty(nbytes, np.uint8) if dest is None else dest
-            blosc.decompress(src, target)
-            return target
-
-        return decode, "numcodecs"
-    return None
-
-
-def _lz4_hdf5_frames(src, dest: np.ndarray | None, nbytes: int, decompress_block) -> np.ndarray:
-    """Undo HDF5's lz4 filter framing (filter 32004) with `decompress_block(data, size)`.
-
-    The frame: 8-byte big-endian total size, 4-byte big-endian block size, then per
-    block a 4-byte big-endian stored size and the data; a block whose stored size equals
-    its raw size was kept uncompressed.
-    """
-    view = memoryview(src).cast("B")
-    total = int.from_bytes(view[0:8], "big")
-    block = int.from_bytes(view[8:12], "big")
-    if total != nbytes or block <= 0:
-        raise ValueError(f"lz4 header says {total} bytes in blocks of {block}, expected {nbytes}")
-    out = np.empty(nbytes, np.uint8) if dest is None else dest
-    pos, done = 12, 0
-    while done < total:
-        raw = min(block, total - done)
-        stored = int.from_bytes(view[pos : pos + 4], "big")
-        pos += 4
-        if pos + stored > len(view):
-            raise ValueError(f"lz4 block at byte {pos} runs past the end of the chunk")
-        data = view[pos : pos + stored]
-        out[done : done + raw] = np.frombuffer(
-            data if stored == raw else decompress_block(data, raw), np.uint8
-        )
-        pos += stored
-        done += raw
-    return out
-
-
-def _lz4_decoder(backend: str, nbytes: int) -> tuple[_Decoder, str] | None:
-    if backend == "imagecodecs":
-        ic = _module("imagecodecs")
-        if ic is None or not hasattr(ic, "lz4h5_decode"):
-            return None
-        return (
-            lambda src, dest: ic.lz4h5_decode(src, out=nbytes if dest is None else dest),
-            "imagecodecs",
-        )
-    if backend == "lz4":
-        lz4_block = _module("lz4.block")
-        if lz4_block is None:
-            return None
-
-        def block(data, size):
-            return lz4_block.decompress(data, uncompressed_size=size)
-
-        return (lambda src, dest: _lz4_hdf5_frames(src, dest, nbytes, block)), "lz4"
-    return None
-
-
-def _zstd_decoder(backend: str, nbytes: int) -> tuple[_Decoder, str] | None:
-    if backend == "imagecodecs":
-        ic = _module("imagecodecs")
-        if ic is None or not hasattr(ic, "zstd_decode"):
-            return None
-        return (
-            lambda src, dest: ic.zstd_decode(src, out=nbytes if dest is None else dest),
-            "imagecodecs",
-        )
-    if backend == "numcodecs":
-        zstd = _module("numcodecs.zstd")
-        if zstd is None:
-            return None
-        codec = zstd.Zstd()
-        return (lambda src, dest: codec.decode(src, out=dest)), "numcodecs"
-    return None
-
-
-def _bitshuffle_decoder(backend: str, nbytes: int, cd_values: tuple[int, ...]):
-    """Bitshuffle (filter 32008), optionally with lz4 (cd_values[4] == 2) or zstd (3).
-
-    Compressed, a chunk is: 8-byte big-endian decoded size, 4-byte big-endian block
-    size in bytes, then each block of `block` elements (the last one cut to a multiple
-    of 8 elements) as a 4-byte big-endian stored size and the compressed bit-shuffled
-    bytes, then the last `count % 8` elements as they are. Undone here by decompressing
-    the blocks back to back and bit-unshuffling the whole buffer with the same block size.
-    """
-    ic = _module("imagecodecs") if backend == "imagecodecs" else None
-    if ic is None or not hasattr(ic, "bitshuffle_decode") or len(cd_values) < 3:
-        return None
-    itemsize = cd_values[2]
-    block_elems = cd_values[3] if len(cd_values) > 3 else 0
-    compression = cd_values[4] if len(cd_values) > 4 else 0
-    if itemsize <= 0 or nbytes % itemsize:
-        return None
-    if compression == 0:
-
-        def plain(src, dest):
-            return ic.bitshuffle_decode(
-                memoryview(src),
-                itemsize=itemsize,
-                blocksize=block_elems,
-                out=np.empty(nbytes, np.uint8) if dest is None else dest,
-            )
-
-        return plain, "imagecodecs"
-    if compression == 2:
-        block_codec, label = (lambda data, out: ic.lz4_decode(data, header=False, out=out)), "lz4"
-    elif compression == 3:
-        block_codec, label = (lambda data, out: ic.zstd_decode(data, out=out)), "zstd"
-    else:
-        return None
-
-    def compressed(src, dest):
-        view = memoryview(src).cast("B")
-        total = int.from_bytes(view[0:8], "big")
-        block = int.from_bytes(view[8:12], "big") // itemsize
-        if total != nbytes or block <= 0 or block % 8:
-            raise ValueError(f"bitshuffle header says {total} bytes, blocks of {block} elements")
-        count = total // itemsize
-        shuffled = np.empty(total, np.uint8)
-        pos, done = 12, 0
-        while count - done >= 8:
-            size = min(block, count - done)
-            size -= size % 8
-            stored = int.from_bytes(view[pos : pos + 4], "big")
-            pos += 4
-            target = shuffled[done * itemsize : (done + size) * itemsize]
-            got = block_codec(view[pos : pos + stored], target)
-            if got is not target:
-                target[:] = np.frombuffer(got, np.uint8)
-            pos += stored
-            done += size
-        tail = (count - done) * itemsize
-        shuffled[done * itemsize :] = np.frombuffer(view[pos : pos + tail], np.uint8)
-        return ic.bitshuffle_decode(
-            memoryview(shuffled),
-            itemsize=itemsize,
-            blocksize=block,
-            out=np.empty(nbytes, np.uint8) if dest is None else dest,
-        )
-
-    return compressed, f"imagecodecs ({label} blocks)"
-
-
-def _unshuffle(planes: np.ndarray, dest: np.ndarray) -> None:
-    """Undo HDF5's byte shuffle: `planes` (itemsize, *shape) holds byte k of every element
-    in plane k; write the elements into `dest` (shape, any dtype of that itemsize, any strides).
-
-    For 2-, 4- and 8-byte items the planes are combined as little-endian integers with
-    whole-array shifts and ORs (about 5x faster than numpy's byte-wise transposing copy);
-    other sizes take the transposing copy.
-    """
-    itemsize = planes.shape[0]
-    if itemsize in (2, 4, 8):
-        words = dest.view(f"<u{itemsize}")
-        np.copyto(words, planes[itemsize - 1], casting="safe")
-        for k in range(itemsize - 2, -1, -1):
-            words <<= 8
-            words |= planes[k]
-    else:
-        as_bytes = dest.view(np.uint8).reshape(dest.shape + (itemsize,))
-        np.copyto(as_bytes, np.moveaxis(planes, 0, -1))
-
-
-def _unshuffle_decoder(itemsize: int) -> _Decoder:
-    """Byte-unshuffle a whole buffer; used only when shuffle is not the outermost filter,
-    so its input can be any length: HDF5 leaves the last `len % itemsize` bytes as they are."""
-
-    def decode(src, dest):
-        data = np.frombuffer(src, np.uint8)
-        out = dest if dest is not None and dest.size == data.size else np.empty_like(data)
-        body = data.size - data.size % itemsize
-        _unshuffle(data[:body].reshape(itemsize, -1), out[:body].view(f"V{itemsize}"))
-        out[body:] = data[body:]
-        return out
-
-    return decode
-
-
-_COMPRESSORS = {
-    "gzip": _gzip_decoder,
-    "lzf": _lzf_decoder,
-    "blosc": _blosc_decoder,
-    "lz4": _lz4_decoder,
-    "zstd": _zstd_decoder,
-}
-
-
-def _stages(
-    dcpl, dtype: np.dtype, chunk_nbytes: int, prefer: dict[str, str]
-) -> list[_Stage | None] | str:
-    """The pipeline's stages in file order (None for a no-op stage), or why we cannot undo it."""
-    stages: list[_Stage | None] = []
-    compressors = []
-    for index in range(dcpl.get_nfilters()):
-        code, _flags, cd_values, _label = dcpl.get_filter(index)
-        name = _FILTER_NAMES.get(code, f"id {code}")
-        cd_values = tuple(int(v) for v in cd_values)
-        if code == _SHUFFLE:
-            itemsize = cd_values[0] if cd_values else dtype.itemsize
-            if itemsize != dtype.itemsize:
-                return f"shuffle element size {itemsize} differs from the dtype's {dtype.itemsize}"
-            # HDF5 skips shuffling for one-byte elements.
-            stages.append(
-                None
-                if itemsize <= 1
-                else _Stage("shuffle", "numpy", _unshuffle_decoder(itemsize), itemsize)
-            )
-            continue
-        if name not in _BACKENDS:
-            return f"filter {name} is not supported"
-        candidates = (prefer[name],) if name in prefer else _BACKENDS[name]
-        found = None
-        for backend in candidates:
-            if name == "bitshuffle":
-                found = _bitshuffle_decoder(backend, chunk_nbytes, cd_values)
-            else:
-                found = _COMPRESSORS[name](backend, chunk_nbytes)
-            if found is not None:
-                break
-        if found is None:
-            if name in prefer:
-                return f"{name} decoder {prefer[name]!r} is not available"
-            if name == "bitshuffle" and _module("imagecodecs") is not None:
-                return f"bitshuffle with options {cd_values} is not supported"
-            packages = " or ".join(candidates)
-            return f"{name} needs {packages} (pip install {_PIP_HINT[name]})"
-        stages.append(_Stage(name, found[1], found[0]))
-        if name != "bitshuffle" or (len(cd_values) > 4 and cd_values[4]):
-            compressors.append(name)
-    if len(compressors) > 1:
-        return f"more than one compression filter ({'+'.join(compressors)})"
-    return stages
-
 
 # ------------------------------------------------------------------------------- reader
 
@@ -441,7 +86,7 @@ class ChunkReader:
         shape,
         dtype,
         chunks,
-        stages: list[_Stage | None],
+        stages: list[Stage | None],
         fillvalue,
         offsets: np.ndarray,
         sizes: np.ndarray,
@@ -455,7 +100,7 @@ class ChunkReader:
         self._filename = filename
         self._name = name
         self._fd = fd
-        self._stages = stages
+        self.stages = stages
         self._fill = np.asarray(fillvalue, dtype=self.dtype)
         # Chunk index by grid coordinate: row-chunk, then the column of chunks past it.
         rows = offsets.shape[0] if offsets.ndim else 0
@@ -468,7 +113,7 @@ class ChunkReader:
         # A whole row-chunk is then one contiguous block of the output.
         self._rows_contiguous = self.chunks[1:] == self.shape[1:]
         self._max_stored = max(int(sizes.max()) if sizes.size else 0, self._chunk_nbytes)
-        self._plans: dict[int, tuple[tuple[_Stage, ...], int]] = {}
+        self._plans: dict[int, tuple[tuple[Stage, ...], int]] = {}
         self._local = threading.local()
         self.codec = _describe(filters, [s for s in stages if s is not None])
 
@@ -578,7 +223,7 @@ class ChunkReader:
         src = (slice(lo - first, hi - first),) + part.src
         if unshuffle:
             planes = np.frombuffer(data, np.uint8).reshape((unshuffle,) + self.chunks)
-            _unshuffle(planes[(slice(None),) + src], out[dst])
+            unshuffle_planes(planes[(slice(None),) + src], out[dst])
         else:
             out[dst] = np.frombuffer(data, self.dtype).reshape(self.chunks)[src]
         return size
@@ -613,7 +258,7 @@ class ChunkReader:
             done += got
         return into
 
-    def _plan(self, mask: int) -> tuple[tuple[_Stage, ...], int]:
+    def _plan(self, mask: int) -> tuple[tuple[Stage, ...], int]:
         """Decode stages (in decode order) for a chunk's filter mask, and the unshuffle item size.
 
         A set bit i in the mask means filter i was skipped when the chunk was written.
@@ -622,7 +267,7 @@ class ChunkReader:
         """
         plan = self._plans.get(mask)
         if plan is None:
-            applied = [s for i, s in enumerate(self._stages) if s is not None and not mask >> i & 1]
+            applied = [s for i, s in enumerate(self.stages) if s is not None and not mask >> i & 1]
             unshuffle = 0
             if applied and applied[0].shuffle_itemsize:
                 unshuffle = applied.pop(0).shuffle_itemsize
@@ -683,7 +328,7 @@ def _feature_parts(shape: tuple[int, ...], chunks: tuple[int, ...]) -> list[_Fea
     return parts
 
 
-def _describe(filters: tuple[str, ...], stages: list[_Stage]) -> str:
+def _describe(filters: tuple[str, ...], stages: list[Stage]) -> str:
     """One line for humans, e.g. 'raw chunks: shuffle+gzip via numpy + isal, threads scale'."""
     if not stages:
         return "raw chunks: unfiltered, positioned reads, threads scale"
@@ -724,11 +369,11 @@ def _open_chunk_reader(
     dtype = dset.dtype
     chunks = tuple(dset.chunks)
     chunk_nbytes = int(np.prod(chunks)) * dtype.itemsize
-    stages = _stages(dcpl, dtype, chunk_nbytes, prefer or {})
-    if isinstance(stages, str):
-        return stages
+    pipeline = stages(dcpl, dtype, chunk_nbytes, prefer or {})
+    if isinstance(pipeline, str):
+        return pipeline
     filters = tuple(
-        _FILTER_NAMES.get(dcpl.get_filter(i)[0], "?") for i in range(dcpl.get_nfilters())
+        FILTER_NAMES.get(dcpl.get_filter(i)[0], "?") for i in range(dcpl.get_nfilters())
     )
 
     try:
@@ -754,7 +399,7 @@ def _open_chunk_reader(
             shape=dset.shape,
             dtype=dtype,
             chunks=chunks,
-            stages=stages,
+            stages=pipeline,
             fillvalue=_fill_value(dset),
             offsets=offsets,
             sizes=sizes,

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import h5py
 
-from pipetrain.chunks import _FILTER_NAMES as FILTER_NAMES
 from pipetrain.chunks import read_path
+from pipetrain.codecs import FILTER_NAMES
 
 
 def _filters(dset: h5py.Dataset) -> str:

@@ -10,7 +10,7 @@ import h5py
 import numpy as np
 import pytest
 
-from pipetrain import chunks
+from pipetrain import chunks, codecs
 from pipetrain.chunks import ChunkReader, open_chunk_reader, read_path
 
 ROWS = 203  # not a multiple of any chunk row count used here
@@ -450,9 +450,9 @@ def test_fallback_dtypes(tmp_path):
 
 def test_fallback_names_the_missing_codec_package(tmp_path, monkeypatch):
     path = write(tmp_path / "f.h5", sample((ROWS, 12), "float32"), compression="lzf")
-    real = chunks._module
+    real = codecs._module
     monkeypatch.setattr(
-        chunks, "_module", lambda name: None if name == "imagecodecs" else real(name)
+        codecs, "_module", lambda name: None if name == "imagecodecs" else real(name)
     )
     with h5py.File(path, "r") as f:
         assert fallback_reason(f["x"]) == "lzf needs imagecodecs (pip install imagecodecs)"
