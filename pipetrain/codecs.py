@@ -87,15 +87,18 @@ class Stage:
 # ----------------------------------------------------------------------------- decoders
 
 
+def _imagecodecs(function: str, nbytes: int, label: str = "imagecodecs", **options):
+    """An imagecodecs decoder that writes into `dest` (or a new buffer of `nbytes`)."""
+    ic = _module("imagecodecs")
+    decode = getattr(ic, function, None) if ic is not None else None
+    if decode is None:
+        return None
+    return (lambda src, dest: decode(src, out=nbytes if dest is None else dest, **options)), label
+
+
 def _gzip_decoder(backend: str, nbytes: int) -> tuple[_Decoder, str] | None:
     if backend == "imagecodecs":
-        ic = _module("imagecodecs")
-        if ic is None or not hasattr(ic, "deflate_decode"):
-            return None
-        return (
-            lambda src, dest: ic.deflate_decode(src, out=nbytes if dest is None else dest),
-            "libdeflate (imagecodecs)",
-        )
+        return _imagecodecs("deflate_decode", nbytes, "libdeflate (imagecodecs)")
     if backend == "libdeflate":
         lib = _module("deflate")
         if lib is None:
@@ -112,28 +115,13 @@ def _gzip_decoder(backend: str, nbytes: int) -> tuple[_Decoder, str] | None:
 
 
 def _lzf_decoder(backend: str, nbytes: int) -> tuple[_Decoder, str] | None:
-    ic = _module("imagecodecs") if backend == "imagecodecs" else None
-    if ic is None or not hasattr(ic, "lzf_decode"):
-        return None
     # h5py's lzf filter stores a bare LZF stream, no header.
-    return (
-        lambda src, dest: ic.lzf_decode(src, header=False, out=nbytes if dest is None else dest),
-        "imagecodecs",
-    )
+    return _imagecodecs("lzf_decode", nbytes, header=False) if backend == "imagecodecs" else None
 
 
 def _blosc_decoder(backend: str, nbytes: int) -> tuple[_Decoder, str] | None:
-    if backend == "imagecodecs":
-        ic = _module("imagecodecs")
-        if ic is None or not hasattr(ic, "blosc_decode"):
-            return None
-        # One blosc thread: our callers are the threads.
-        return (
-            lambda src, dest: ic.blosc_decode(
-                src, numthreads=1, out=nbytes if dest is None else dest
-            ),
-            "imagecodecs",
-        )
+    if backend == "imagecodecs":  # one blosc thread: our callers are the threads
+        return _imagecodecs("blosc_decode", nbytes, numthreads=1)
     if backend == "numcodecs":
         blosc = _module("numcodecs.blosc")
         if blosc is None:
@@ -179,13 +167,7 @@ def _lz4_hdf5_frames(src, dest: np.ndarray | None, nbytes: int, decompress_block
 
 def _lz4_decoder(backend: str, nbytes: int) -> tuple[_Decoder, str] | None:
     if backend == "imagecodecs":
-        ic = _module("imagecodecs")
-        if ic is None or not hasattr(ic, "lz4h5_decode"):
-            return None
-        return (
-            lambda src, dest: ic.lz4h5_decode(src, out=nbytes if dest is None else dest),
-            "imagecodecs",
-        )
+        return _imagecodecs("lz4h5_decode", nbytes)
     if backend == "lz4":
         lz4_block = _module("lz4.block")
         if lz4_block is None:
@@ -200,13 +182,7 @@ def _lz4_decoder(backend: str, nbytes: int) -> tuple[_Decoder, str] | None:
 
 def _zstd_decoder(backend: str, nbytes: int) -> tuple[_Decoder, str] | None:
     if backend == "imagecodecs":
-        ic = _module("imagecodecs")
-        if ic is None or not hasattr(ic, "zstd_decode"):
-            return None
-        return (
-            lambda src, dest: ic.zstd_decode(src, out=nbytes if dest is None else dest),
-            "imagecodecs",
-        )
+        return _imagecodecs("zstd_decode", nbytes)
     if backend == "numcodecs":
         zstd = _module("numcodecs.zstd")
         if zstd is None:
