@@ -327,11 +327,15 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=3, help="per variant and round; the first is warm-up")
     parser.add_argument("--data-dir", help="keep the generated files here (default: a temporary folder)")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "train.json"))
+    parser.add_argument("--compute-threads", type=int, help="TensorFlow intra-op threads (default: all cores)")
     args = parser.parse_args()
+    if args.compute_threads:
+        tf.config.threading.set_intra_op_parallelism_threads(args.compute_threads)
 
     results = {"machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
                            "tensorflow": tf.__version__, "keras": keras.__version__, "h5py": h5py.__version__},
-               "repeat": args.repeat, "epochs": args.epochs, "workloads": {}}
+               "repeat": args.repeat, "epochs": args.epochs, "compute_threads": args.compute_threads,
+               "workloads": {}}
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(args.data_dir or tmp)
         folder.mkdir(parents=True, exist_ok=True)

@@ -75,6 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--seed", type=int, default=None, help="seed of the batch order and the model (default 0)")
     t.add_argument("--workers", type=positive_int, default=None, help="producer threads (default 2)")
     t.add_argument("--max-queue", type=positive_int, default=None, help="batches prefetched (default 8)")
+    t.add_argument("--compute-threads", type=positive_int, default=None, metavar="N",
+                   help="threads TensorFlow uses within one op (default: all cores); on a small "
+                        "CPU machine, fewer leave a core to the producers")
     t.add_argument("--producer-priority", choices=["idle", "low", "normal"], default=None,
                    help="CPU priority of the producer threads (default idle: they use the cores' idle time)")
     t.add_argument("--shuffle-window", type=positive_int, default=None, help="rows permuted together (default 8192)")
@@ -234,6 +237,9 @@ def cmd_train(args) -> int:
     with quiet_native_logs(not args.debug):
         import keras
 
+        if args.compute_threads:
+            set_compute_threads(args.compute_threads)
+
         from pipetrain.models import default_model, load_model
         from pipetrain.trainer import train as train_model
 
@@ -255,6 +261,19 @@ def cmd_train(args) -> int:
         raise Interrupted(f"{e or 'interrupted'}; resume with: pipetrain train --resume {history.parent}") from None
     model.save(history.parent / "model.keras")
     return EXIT_OK
+
+
+def set_compute_threads(n: int) -> None:
+    """Limit the threads the backend uses within one op (TensorFlow's intra-op pool), before
+    it starts. On two cores, W1 trains at 1.11 s/epoch with one compute thread against
+    1.67 s with two: the producers get a core of their own (benchmarks/bench_train.py)."""
+    import keras
+
+    if keras.backend.backend() != "tensorflow":
+        raise BadInput(f"--compute-threads: only for the TensorFlow backend (this is {keras.backend.backend()})")
+    import tensorflow as tf
+
+    tf.config.threading.set_intra_op_parallelism_threads(n)
 
 
 class Interrupted(KeyboardInterrupt):

@@ -61,3 +61,11 @@ def test_an_existing_history_is_never_clobbered(tmp_path, data):
     assert done.returncode == 2
     assert "a history exists already; pass --resume" in done.stderr and "--overwrite to replace it" in done.stderr
     assert history.read_text() == '{"type":"run","run":"old","t":0}\n'
+
+
+def test_compute_threads_limits_tensorflow_before_it_starts(tmp_path):
+    code = ("from pipetrain.cli import set_compute_threads; set_compute_threads(1); "
+            "import tensorflow as tf; print(tf.config.threading.get_intra_op_parallelism_threads())")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "1"
