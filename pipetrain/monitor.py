@@ -60,7 +60,7 @@ class Monitor:
         gpu = self.gpu() if self.gpu is not None else None
         if gpu is not None:
             record["gpu_mb"] = gpu
-        self.peak_rss_mb = max(self.peak_rss_mb, rss_mb)
+        self.peak_rss_mb = max(self.peak_rss_mb, record["rss_mb"])  # as recorded
         self.samples += 1
         return record
 
