@@ -1,8 +1,12 @@
 """Shared fixtures: small HDF5 files and a quiet, seeded Keras."""
 
 import os
+import signal
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# Ctrl-C as an interactive shell delivers it, even when the tests were started with
+# SIGINT ignored (nohup): the processes the tests start then inherit it too.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 
 from pathlib import Path  # noqa: E402
 
