@@ -271,3 +271,20 @@ def test_in_python_a_producer_io_error_fails_the_run_with_where(folder, monkeypa
     assert h.end["status"] == "failed" and "rows 128-144" in h.end["error"]
     assert len(h.batches) == 8  # every batch before the failing rows was trained and recorded
     assert producer_threads() == []
+
+
+def test_a_sigint_ignored_by_the_parent_stays_ignored(folder):
+    seen = []
+
+    class Look(keras.callbacks.Callback):
+        def on_train_batch_begin(self, batch, logs=None):
+            seen.append((signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)))
+
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # as under nohup
+    try:
+        pipetrain.train(small_model(), pipetrain.H5Source(folder / "d.h5", x="x", y="y"), epochs=1,
+                        batch_size=64, verbose=0, callbacks=[Look()])
+        assert {s[0] for s in seen} == {signal.SIG_IGN}  # not taken over
+        assert all(callable(s[1]) for s in seen)  # SIGTERM is handled at batch boundaries
+    finally:
+        signal.signal(signal.SIGINT, previous)
