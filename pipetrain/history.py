@@ -357,7 +357,8 @@ class Follower:
 
     @property
     def finished(self) -> bool:
-        return self.ended and self.at_eof
+        # Half a line after the end record means a resumed segment is being written.
+        return self.ended and self.at_eof and not self._pending
 
     def read(self) -> list[tuple[bytes, dict | None]]:
         """The complete lines (with their ``\\n``) and records read since the last call."""
