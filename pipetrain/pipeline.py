@@ -38,24 +38,30 @@ POLL_S = 0.1  # how often blocked waits look at the stop flag
 PRIORITIES = ("idle", "low", "normal")
 
 
-def lower_priority(priority: str) -> None:
-    """Lower the calling thread's CPU priority (Linux; elsewhere nothing happens).
+STARVED_S = 0.5  # a wait this long for one batch means idle-priority producers starve
+
+
+def set_priority(priority: str, tid: int | None = None) -> bool:
+    """Set a thread's CPU priority (the calling thread's by default); Linux only, and
+    False where it is not allowed.
 
     The training step of a CPU backend runs on every core; a producer thread that takes
     a core from it makes the whole step wait for its slowest shard. At idle priority
     the producers decode in the cores' idle moments instead (measured on 2 cores, W1:
     epochs 1.76 s at normal priority, 1.45 s at nice 19, 1.36 s idle; train alone 1.05 s).
     """
-    if priority == "normal" or not hasattr(os, "sched_setscheduler"):
-        return
-    tid = threading.get_native_id()
+    if not hasattr(os, "sched_setscheduler"):
+        return False
+    tid = threading.get_native_id() if tid is None else tid
     try:
         if priority == "idle":
             os.sched_setscheduler(tid, os.SCHED_IDLE, os.sched_param(0))
         else:
-            os.setpriority(os.PRIO_PROCESS, tid, 19)
-    except OSError:  # not permitted here: keep the normal priority
-        pass
+            os.sched_setscheduler(tid, os.SCHED_OTHER, os.sched_param(0))
+            os.setpriority(os.PRIO_PROCESS, tid, 19 if priority == "low" else 0)
+    except OSError:  # not permitted here
+        return False
+    return True
 
 
 class PipelineError(RuntimeError):
@@ -237,6 +243,7 @@ class Prefetcher(Iterator[Batch]):
         if priority not in PRIORITIES:
             raise ValueError(f"priority={priority!r}: expected one of {', '.join(PRIORITIES)}")
         self.source, self.priority = source, priority
+        self._tids: list[int] = []  # the producers' thread ids, to raise their priority
         if max_queue_bytes is not None:
             batch_bytes = batch_size * sum(f.row_bytes for f in source.fields.values())
             max_queue = max(1, min(max_queue, max_queue_bytes // max(1, batch_bytes)))
@@ -290,7 +297,9 @@ class Prefetcher(Iterator[Batch]):
             return seq, plan, buffers
 
     def _work(self) -> None:
-        lower_priority(self.priority)
+        self._tids.append(threading.get_native_id())
+        if self.priority != "normal":
+            set_priority(self.priority)
         while not self._stop.is_set():
             taken = self._take()
             if taken is None:
@@ -377,8 +386,18 @@ class Prefetcher(Iterator[Batch]):
             where = f" (epoch {result.plan.epoch}, batch {result.plan.index})" if result.plan else ""
             raise PipelineError(f"a producer thread failed{where}: {result.error}") from result.error
         result.wait_s = time.perf_counter() - t0
+        if result.wait_s > STARVED_S and self.priority != "normal":
+            # Other processes keep the cores busy, so idle-time producers hardly run:
+            # give them a normal share rather than let training crawl.
+            self.raise_priority()
         self._held = result
         return result
+
+    def raise_priority(self) -> None:
+        """Put the producers at normal priority for the rest of the stream."""
+        for tid in list(self._tids):
+            set_priority("normal", tid)
+        self.priority = "normal"
 
     def _release_held(self) -> None:
         if self._held is not None:

@@ -174,8 +174,9 @@ class Run:
         recycle: reuse batch buffers once the next batch is requested (copy what you
             keep). Defaults to True.
         producer_priority: CPU priority of the producer threads, ``"idle"``, ``"low"``
-            or ``"normal"`` (see :func:`pipetrain.pipeline.lower_priority`). Defaults to
-            "idle".
+            or ``"normal"`` (see :func:`pipetrain.pipeline.set_priority`); producers that
+            starve (a batch waited for over half a second) are raised to normal.
+            Defaults to "idle".
     """
 
     def __init__(

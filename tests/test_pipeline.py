@@ -225,3 +225,30 @@ def test_producers_run_at_the_priority_asked(files, priority):
             assert len(list(stream)) == plan.steps_per_epoch
     expected = {"idle": (os.SCHED_IDLE, 0), "low": (os.SCHED_OTHER, 19), "normal": (os.SCHED_OTHER, 0)}[priority]
     assert set(seen.values()) == {expected}
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_getscheduler"), reason="Linux scheduling policies")
+def test_starving_idle_producers_are_raised_to_normal_priority(make_h5):
+    path = make_h5("slow.h5", chunks=10, x=np.zeros((40, 3), np.float32))
+    with H5Source(path, x="x") as source:
+        plan = Plan(source.rows_per_file, 10, block_rows=10)
+        original = source.read
+
+        def slow(f, a, b, out=None):  # as if other processes kept the cores busy
+            if a == 20:
+                time.sleep(0.7)
+            return original(f, a, b, out)
+
+        source.read = slow
+        policies = []
+        with Prefetcher(source, plan.batches(0), plan.blocks, 10, workers=2, priority="idle") as stream:
+            assert stream.priority == "idle"
+            for batch in stream:
+                if batch.wait_s > 0.5:  # right after the starved batch, while the threads live
+                    policies = [os.sched_getscheduler(tid) for tid in stream._tids if _alive(tid)]
+            assert stream.priority == "normal"
+        assert policies and set(policies) == {os.SCHED_OTHER}
+
+
+def _alive(tid: int) -> bool:
+    return os.path.exists(f"/proc/self/task/{tid}")
