@@ -13,6 +13,9 @@ errors and timings to the consumer. It knows nothing of models.
 - **Each block decoded once.** A block needed by several batches (a chunk straddling two
   batches, or a shuffle window) is decoded by the first worker that needs it and kept
   until its last user, as counted by the plan, has copied its rows.
+- **Ahead of time.** While every buffer is in use, workers decode the cached blocks of
+  batches not started yet (``lookahead``), so the first batch of a shuffle window, which
+  reads all of the window's blocks, does not make the consumer wait.
 - **Errors travel.** An exception in a worker is delivered in place of its batch, with
   the original traceback and the file, dataset and rows it was reading.
 - **Clean close.** :meth:`Prefetcher.close` (also on error, ``KeyboardInterrupt`` and
@@ -22,6 +25,7 @@ errors and timings to the consumer. It knows nothing of models.
 
 from __future__ import annotations
 
+import collections
 import itertools
 import os
 import threading
@@ -107,9 +111,11 @@ class BufferPool:
         self._free: list[dict[str, np.ndarray]] = []
         self._permits = threading.Semaphore(capacity)
 
-    def acquire(self, stop: threading.Event) -> dict[str, np.ndarray] | None:
-        while not self._permits.acquire(timeout=POLL_S):
-            if stop.is_set():
+    def acquire(self, stop: threading.Event, wait: bool = True) -> dict[str, np.ndarray] | None:
+        """A free buffer; None once ``stop`` is set, or at once without ``wait`` when
+        every buffer is in use."""
+        while not self._permits.acquire(timeout=POLL_S if wait else None, blocking=wait):
+            if stop.is_set() or not wait:
                 return None
         try:
             return self._free.pop()
@@ -129,7 +135,8 @@ class _Entry:
     remaining: int
     ready: threading.Event = field(default_factory=threading.Event)
     arrays: dict[str, np.ndarray] | None = None
-    fetched: int = 0
+    fetched: int = 0  # bytes read from the file, until its first user counts them
+    ahead_s: float = 0.0  # seconds spent decoding it ahead of any batch, likewise
     error: BaseException | None = None
 
 
@@ -142,27 +149,43 @@ class BlockCache:
         self._lock = threading.Lock()
         self._entries: dict[tuple[int, int], _Entry] = {}
 
+    def claim(self, epoch: int, block: int, uses: int) -> _Entry | None:
+        """A new entry for the block, which the caller must :meth:`fill`; None when the
+        block is already decoded or being decoded."""
+        entry, new = self._entry(epoch, block, uses)
+        return entry if new else None
+
+    def _entry(self, epoch: int, block: int, uses: int) -> tuple[_Entry, bool]:
+        with self._lock:
+            entry = self._entries.get((epoch, block))
+            if entry is not None:
+                return entry, False
+            entry = self._entries[epoch, block] = _Entry(remaining=uses)
+            return entry, True
+
+    def fill(self, block: int, entry: _Entry, ahead: bool = False) -> None:
+        """Decode the block into a claimed entry (an error is kept for its users).
+        ``ahead``: decoded before any batch asked, so its time is not in a batch's yet."""
+        t0 = time.perf_counter()
+        try:
+            b = self.blocks
+            entry.arrays, entry.fetched = self.source.read(int(b.file[block]), int(b.start[block]), int(b.stop[block]))
+        except BaseException as e:
+            entry.error = e
+        finally:
+            if ahead:
+                entry.ahead_s = time.perf_counter() - t0
+            entry.ready.set()
+
     def get(
         self, epoch: int, block: int, uses: int, stop: threading.Event, wait: bool = True
-    ) -> tuple[dict[str, np.ndarray], int] | None:
-        """The block's arrays, and the bytes fetched if this call decoded it (else 0).
-        Without ``wait``, None while another thread is decoding it."""
-        key = (epoch, block)
-        with self._lock:
-            entry = self._entries.get(key)
-            owner = entry is None
-            if owner:
-                entry = self._entries[key] = _Entry(remaining=uses)
-        if owner:
-            try:
-                b = self.blocks
-                entry.arrays, entry.fetched = self.source.read(
-                    int(b.file[block]), int(b.start[block]), int(b.stop[block])
-                )
-            except BaseException as e:
-                entry.error = e
-            finally:
-                entry.ready.set()
+    ) -> tuple[dict[str, np.ndarray], int, float] | None:
+        """The block's arrays, decoding them if no one has; with the bytes fetched for
+        it and the seconds spent decoding it ahead (both counted for its first user
+        only). Without ``wait``, None while another thread is decoding it."""
+        entry, new = self._entry(epoch, block, uses)
+        if new:
+            self.fill(block, entry)
         elif not wait and not entry.ready.is_set():
             return None
         else:
@@ -171,7 +194,10 @@ class BlockCache:
                     raise _Stopped
         if entry.error is not None:
             raise entry.error
-        return entry.arrays, entry.fetched if owner else 0
+        with self._lock:
+            fetched, seconds = entry.fetched, entry.ahead_s
+            entry.fetched, entry.ahead_s = 0, 0.0
+        return entry.arrays, fetched, seconds
 
     def done(self, epoch: int, block: int) -> None:
         """One planned user of the block has copied its rows."""
@@ -214,6 +240,10 @@ class Prefetcher(Iterator[Batch]):
         priority: CPU priority of the producer threads: ``"idle"`` (they run only when
             a core is otherwise idle, so decoding never slows the training step that
             shares the cores), ``"low"`` (nice 19) or ``"normal"``. Defaults to "idle".
+        lookahead: batches beyond those in flight whose cached blocks workers decode
+            while every buffer is in use (for a shuffle window: one window's batches,
+            so the next window's blocks are ready when its first batch is due; they
+            cost one more window of memory). Defaults to 0.
 
     Example::
 
@@ -234,6 +264,7 @@ class Prefetcher(Iterator[Batch]):
         max_queue_bytes: int | None = None,
         recycle: bool = True,
         priority: str = "idle",
+        lookahead: int = 0,
         name: str = "pipetrain",
     ):
         if workers < 1:
@@ -252,6 +283,10 @@ class Prefetcher(Iterator[Batch]):
         self.max_queue = max_queue
         self.cache = BlockCache(source, blocks)
         self._plans = enumerate(plans)
+        self.lookahead = lookahead
+        self._ahead: collections.deque = collections.deque()  # (seq, plan) taken from _plans, not issued
+        self._pending: collections.deque = collections.deque()  # (seq, epoch, part) to decode ahead
+        self._peeked_all = False
         self._dispatch = threading.Lock()  # take a buffer and the next plan, in that order
         self._done = threading.Condition()
         self._results: dict[int, Batch | _Failure] = {}
@@ -270,31 +305,86 @@ class Prefetcher(Iterator[Batch]):
     # -- producer side ------------------------------------------------------------
 
     def _take(self) -> tuple[int, BatchPlan, dict[str, np.ndarray]] | None:
-        """A buffer and the next plan. Taking the buffer first, under one lock, means the
-        earliest undelivered batch always has a buffer: no deadlock when the pool is dry."""
-        with self._dispatch:
+        """A buffer and the next plan; None when the stream is done or closing.
+
+        Buffers are taken before plans and plans are issued in order, so the earliest
+        undelivered batch always gets a buffer: no deadlock when the pool is dry. While
+        every buffer is in use, the worker decodes blocks for batches further ahead."""
+        while True:
             if self._stop.is_set() or self._total is not None:
                 return None
-            buffers = self.pool.acquire(self._stop)
+            buffers = self.pool.acquire(self._stop, wait=False)
             if buffers is None:
-                return None
-            try:
-                seq, plan = next(self._plans)
-            except StopIteration:
-                self.pool.release(buffers)
-                with self._done:
-                    self._total = self._issued
-                    self._done.notify_all()
-                return None
-            except BaseException as e:  # the plan itself failed: deliver that in its place
-                self.pool.release(buffers)
-                with self._done:
-                    self._results[self._issued] = _Failure(None, e)
-                    self._total = self._issued + 1
-                    self._done.notify_all()
-                return None
-            self._issued = seq + 1
-            return seq, plan, buffers
+                if self._read_ahead():
+                    continue
+                buffers = self.pool.acquire(self._stop)
+                if buffers is None:
+                    return None
+            with self._dispatch:
+                if self._stop.is_set() or self._total is not None:
+                    self.pool.release(buffers)
+                    return None
+                try:
+                    seq, plan = self._ahead.popleft() if self._ahead else next(self._plans)
+                    if isinstance(plan, BaseException):
+                        raise plan
+                except StopIteration:
+                    self.pool.release(buffers)
+                    with self._done:
+                        self._total = self._issued
+                        self._done.notify_all()
+                    return None
+                except BaseException as e:  # the plan itself failed: deliver that in its place
+                    self.pool.release(buffers)
+                    with self._done:
+                        self._results[self._issued] = _Failure(None, e)
+                        self._total = self._issued + 1
+                        self._done.notify_all()
+                    return None
+                self._issued = seq + 1
+                return seq, plan, buffers
+
+    def _read_ahead(self) -> bool:
+        """Decode one block that a batch not started yet (within ``lookahead``) will
+        read; False when there is none. This is how a shuffle window's blocks are ready
+        before its first batch, which reads them all, is due."""
+        if not self.lookahead:
+            return False
+        with self._dispatch:
+            while True:
+                while not self._pending:
+                    if self._peeked_all or len(self._ahead) >= self.lookahead:
+                        return False
+                    self._peek()
+                seq, epoch, part = self._pending.popleft()
+                if seq < self._issued:
+                    continue  # its batch has started: the builder decodes what it needs
+                # Claimed while its batch is not issued, so the entry is certain to be used.
+                entry = self.cache.claim(epoch, part.block, part.uses)
+                if entry is not None:
+                    break
+        self.cache.fill(part.block, entry, ahead=True)
+        return True
+
+    def _peek(self) -> None:
+        """Take the next plan from the iterator into the look-ahead (under _dispatch)."""
+        try:
+            seq, plan = next(self._plans)
+        except StopIteration:
+            self._peeked_all = True
+            return
+        except BaseException as e:  # delivered when its turn comes
+            self._ahead.append((self._issued + len(self._ahead), e))
+            self._peeked_all = True
+            return
+        self._ahead.append((seq, plan))
+        self._pending.extend((seq, plan.epoch, part) for part in plan.parts if not self._direct(part))
+
+    def _direct(self, part) -> bool:
+        """A whole block that no other batch needs: decoded straight into the batch's
+        buffer, no cache and no copy."""
+        rows = int(self.cache.blocks.rows[part.block])
+        return part.uses == 1 and isinstance(part.src, slice) and part.src == slice(0, rows)
 
     def _work(self) -> None:
         self._tids.append(threading.get_native_id())
@@ -322,12 +412,10 @@ class Prefetcher(Iterator[Batch]):
         fetched = 0
         out = {name: buf[: plan.size] for name, buf in buffers.items()}
         blocks = self.cache.blocks
+        ahead_s = 0.0
         shared = []
         for part in plan.parts:
-            whole = isinstance(part.src, slice) and part.src == slice(0, int(blocks.rows[part.block]))
-            if whole and part.uses == 1:
-                # A whole block that no other batch needs: decode it straight into the
-                # batch's buffer, no cache and no copy.
+            if self._direct(part):
                 b = part.block
                 _, n = self.source.read(int(blocks.file[b]), int(blocks.start[b]), int(blocks.stop[b]),
                                         out={name: dest[part.dst] for name, dest in out.items()})
@@ -344,16 +432,16 @@ class Prefetcher(Iterator[Batch]):
                 if got is None:
                     later.append(part)
                     continue
-                fetched += got[1]
+                fetched, ahead_s = fetched + got[1], ahead_s + got[2]
                 self._copy(plan.epoch, part, got[0], out)
             if later and len(later) == len(shared):  # all being decoded elsewhere: wait for one
                 part = later.pop(0)
-                arrays, n = self.cache.get(plan.epoch, part.block, part.uses, self._stop)
-                fetched += n
+                arrays, n, seconds = self.cache.get(plan.epoch, part.block, part.uses, self._stop)
+                fetched, ahead_s = fetched + n, ahead_s + seconds
                 self._copy(plan.epoch, part, arrays, out)
             shared = later
         x, y, w = self.source.arrange(out)
-        read_s = time.perf_counter() - t0
+        read_s = time.perf_counter() - t0 + ahead_s
         return Batch(plan.epoch, plan.index, plan.size, x, y, w, out, read_s, fetched, _buffers=buffers)
 
     def _copy(self, epoch: int, part, arrays: dict[str, np.ndarray], out: dict[str, np.ndarray]) -> None:

@@ -117,10 +117,18 @@ class Plan:
         self.shuffle = shuffle
         self.seed = int(seed)
         self.drop_remainder = bool(drop_remainder)
-        typical_block = int(np.max(self.blocks.rows)) if len(self.blocks) else 1
-        self.window_blocks = max(1, round(window / typical_block))
+        self.typical_block = int(np.max(self.blocks.rows)) if len(self.blocks) else 1
+        self.window_blocks = max(1, round(window / self.typical_block))
         full, rest = divmod(self.rows, self.batch_size)
         self.steps_per_epoch = full + (1 if rest and not drop_remainder else 0)
+
+    @property
+    def window_batches(self) -> int:
+        """Batches cut from one window (at most): how far ahead a reader looks to have
+        the next window's blocks decoded before its first batch is due."""
+        if not SHUFFLES[self.shuffle].rows_permuted:
+            return 1
+        return -(-self.window_blocks * self.typical_block // self.batch_size)
 
     def batches(self, epoch: int, start: int = 0) -> Iterator[BatchPlan]:
         """The batches of ``epoch`` from batch ``start`` on, in training order."""

@@ -459,7 +459,7 @@ class Run:
                 self.source, plans_from(self.plan, epoch, start, self.epochs_total), self.plan.blocks,
                 self.batch_size, workers=self.workers, max_queue=self.max_queue,
                 max_queue_bytes=self.max_queue_bytes, recycle=self.recycle,
-                priority=self.producer_priority, name="train",
+                priority=self.producer_priority, lookahead=self.plan.window_batches + 1, name="train",
             )
             self._stream_at = (epoch, start)
         return self._stream

@@ -1,6 +1,7 @@
 """The producer pool: plan order, the same bytes as h5py, backpressure, each block
 decoded once, errors that reach the consumer, and no thread left behind."""
 
+import itertools
 import os
 import threading
 import time
@@ -60,19 +61,22 @@ def expected_rows(plan, epoch):
 
 @pytest.mark.parametrize("workers", [1, 2, 4])
 @pytest.mark.parametrize("shuffle", ["none", "block"])
-def test_batches_arrive_in_plan_order_with_h5py_bytes(files, workers, shuffle):
+@pytest.mark.parametrize("lookahead", [0, 5])
+def test_batches_arrive_in_plan_order_with_h5py_bytes(files, workers, shuffle, lookahead):
     paths, x, y = files
     with H5Source(paths, x="x", y="y") as source:
         plan = Plan(source.rows_per_file, 24, block_rows=source.block_rows(), shuffle=shuffle, seed=4, window=64)
         want = expected_rows(plan, 0) + expected_rows(plan, 1)
-        with Prefetcher(source, plans_from(plan, 0, 0, 2), plan.blocks, 24, workers=workers, max_queue=3) as stream:
+        with Prefetcher(source, plans_from(plan, 0, 0, 2), plan.blocks, 24, workers=workers, max_queue=3,
+                        lookahead=lookahead) as stream:
             got = list(stream)
         assert [(b.epoch, b.index) for b in got] == [(e, i) for e in range(2) for i in range(plan.steps_per_epoch)]
         assert [b.size for b in got] == [len(rows) for rows in want]
     # Content, without recycling (each batch keeps its own arrays).
     with H5Source(paths, x="x", y="y") as source:
         plan = Plan(source.rows_per_file, 24, block_rows=source.block_rows(), shuffle=shuffle, seed=4, window=64)
-        with Prefetcher(source, plan.batches(0), plan.blocks, 24, workers=workers, recycle=False) as stream:
+        with Prefetcher(source, plan.batches(0), plan.blocks, 24, workers=workers, recycle=False,
+                        lookahead=lookahead) as stream:
             for batch, rows in zip(stream, expected_rows(plan, 0), strict=True):
                 np.testing.assert_array_equal(batch.x, x[rows])
                 np.testing.assert_array_equal(batch.y, y[rows])
@@ -116,18 +120,73 @@ def test_max_queue_bytes_lowers_the_queue(files):
 
 
 @pytest.mark.parametrize("shuffle", ["none", "block"])
-def test_each_block_is_decoded_once(files, shuffle):
+@pytest.mark.parametrize("lookahead", [0, 8])
+def test_each_block_is_decoded_once(files, shuffle, lookahead):
     paths, _, _ = files
     with H5Source(paths, x="x", y="y") as source:
         plan = Plan(source.rows_per_file, 20, block_rows=source.block_rows(), shuffle=shuffle, window=100)
         reads = []
         original = source.read
         source.read = lambda f, a, b, out=None: reads.append((f, a, b)) or original(f, a, b, out)
-        with Prefetcher(source, plan.batches(0), plan.blocks, 20, workers=3) as stream:
-            list(stream)
+        with Prefetcher(source, plan.batches(0), plan.blocks, 20, workers=3, max_queue=2, lookahead=lookahead) as stream:
+            got = []
+            for batch in stream:
+                got.append(batch.read_bytes)
+                time.sleep(0.002)  # a consumer slower than the producers, so they read ahead
             assert len(stream.cache) == 0  # every block dropped after its last use
         blocks = plan.blocks
         assert sorted(reads) == sorted(zip(blocks.file.tolist(), blocks.start.tolist(), blocks.stop.tolist(), strict=True))
+        # Bytes fetched are counted once, by the first batch that reads a block.
+        with H5Source(paths, x="x", y="y") as plain:
+            with Prefetcher(plain, plan.batches(0), plan.blocks, 20, workers=1) as stream:
+                assert sum(got) == sum(b.read_bytes for b in stream)
+
+
+def test_the_next_window_is_decoded_while_the_consumer_holds_every_buffer(files):
+    paths, x, _ = files
+    with H5Source(paths, x="x", y="y") as source:
+        # The first file only (32-row chunks): a block is known by its first row.
+        plan = Plan(source.rows_per_file[:1], 16, block_rows=32, shuffle="block", seed=2, window=64)
+        plans = list(plan.batches(0))
+        lookahead = plan.window_batches + 1  # 4 batches per window: the next window is in reach
+        reads = []
+        original = source.read
+        source.read = lambda f, a, b, out=None: reads.append(a) or original(f, a, b, out)
+        with Prefetcher(source, plan.batches(0), plan.blocks, 16, workers=2, max_queue=2,
+                        lookahead=lookahead, recycle=False) as stream:
+            first = next(stream)
+            time.sleep(0.5)  # the consumer holds one batch, two wait: every buffer in use
+            issued = stream._issued
+            assert issued == 3
+            def blocks_of(batches):
+                return {int(plan.blocks.start[p.block]) for bp in batches for p in bp.parts}
+
+            started, ahead = blocks_of(plans[:issued]), blocks_of(plans[issued : issued + lookahead])
+            assert len(ahead - started) == 2  # the next window's two blocks
+            assert set(reads) == started | ahead  # decoded already, and nothing further
+            assert len(set(reads)) == len(reads)
+            rest = list(stream)
+        rows = expected_rows(plan, 0)
+        for batch, want in zip([first, *rest], rows, strict=True):
+            np.testing.assert_array_equal(batch.x, x[want])
+
+
+def test_a_failing_plan_seen_ahead_is_delivered_in_its_turn(files):
+    paths, _, _ = files
+    with H5Source(paths, x="x", y="y") as source:
+        plan = Plan(source.rows_per_file, 16, block_rows=source.block_rows(), shuffle="block", window=64)
+
+        def plans():
+            yield from itertools.islice(plan.batches(0), 5)
+            raise RuntimeError("plan broke")
+
+        with Prefetcher(source, plans(), plan.blocks, 16, workers=2, max_queue=1, lookahead=10) as stream:
+            got = []
+            with pytest.raises(PipelineError, match="plan broke"):
+                for batch in stream:
+                    got.append(batch.index)
+                    time.sleep(0.05)
+        assert got == [0, 1, 2, 3, 4]
 
 
 def test_a_producer_error_reaches_the_consumer_with_where_and_traceback(make_h5):
