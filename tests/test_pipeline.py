@@ -137,9 +137,8 @@ def test_each_block_is_decoded_once(files, shuffle, lookahead):
         blocks = plan.blocks
         assert sorted(reads) == sorted(zip(blocks.file.tolist(), blocks.start.tolist(), blocks.stop.tolist(), strict=True))
         # Bytes fetched are counted once, by the first batch that reads a block.
-        with H5Source(paths, x="x", y="y") as plain:
-            with Prefetcher(plain, plan.batches(0), plan.blocks, 20, workers=1) as stream:
-                assert sum(got) == sum(b.read_bytes for b in stream)
+        with H5Source(paths, x="x", y="y") as plain, Prefetcher(plain, plan.batches(0), plan.blocks, 20, workers=1) as stream:
+            assert sum(got) == sum(b.read_bytes for b in stream)
 
 
 def test_the_next_window_is_decoded_while_the_consumer_holds_every_buffer(files):
