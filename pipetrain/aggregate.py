@@ -18,6 +18,7 @@ batch, averaged with the batch size as weight.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Mapping
 
 import keras
@@ -94,20 +95,19 @@ class MetricSums:
     """Epoch results of a model's compiled metrics, summed from per-batch state.
 
     Call :meth:`reset` before the first batch of an epoch (or of an evaluation),
-    :meth:`take` right after every ``train_on_batch`` (``test_on_batch`` for
+    run every batch through :meth:`accumulate` (``train_on_batch``, or ``test_on_batch`` for
     ``step="test"``), and :meth:`result` at the end; :meth:`detach` when done.
 
-    On TensorFlow the state is added to the sums inside the model's own compiled step
-    (its ``train_step`` is wrapped), so a batch costs no extra call at all; elsewhere
-    :meth:`take` reads and zeroes the metric variables eagerly.
+    On TensorFlow the state is added to the sums inside a compiled step of our own (the
+    model's ``train_step`` wrapped, in use only during :meth:`accumulate`), so a batch costs
+    no extra call at all; elsewhere the metric variables are read and zeroed eagerly.
 
     Example::
 
         sums = MetricSums(model)
         sums.reset()
         for x, y in batches:
-            model.train_on_batch(x, y)
-            sums.take()
+            sums.accumulate(lambda: model.train_on_batch(x, y))
         epoch_logs = sums.result()   # == fit's History for the same batches
         sums.detach()
     """
@@ -137,9 +137,17 @@ class MetricSums:
         self.partial_batch = partial_batch
         self._bound().reset(partial_batch)
 
-    def take(self) -> None:
-        """Add the metric state of the batch just run to the sums, and zero it."""
-        self._bound().take(self.partial_batch)
+    def accumulate(self, call):
+        """Run one batch, ``call()`` (the model's ``train_on_batch`` or ``test_on_batch``),
+        and add its metric state to the sums; returns what ``call`` returns.
+
+        Only these calls add to the sums: the model's own ``fit``, ``evaluate`` or
+        ``train_on_batch`` elsewhere (in a callback, say) run the model's unwrapped step."""
+        bound = self._bound()
+        with bound.engaged():
+            result = call()
+        bound.take(self.partial_batch)
+        return result
 
     def result(self) -> dict:
         """The model's metric results over every batch taken since :meth:`reset`.
@@ -223,6 +231,9 @@ class _EagerSums:
             for s in self.sums:
                 s[...] = 0
 
+    def engaged(self):
+        return contextlib.nullcontext()
+
     def take(self, once_per_batch: bool) -> None:
         if not self._ready():
             return
@@ -254,12 +265,16 @@ class _EagerSums:
 
 
 class _InStepSums:
-    """TensorFlow: after the first batch, the model's ``train_step`` (or ``test_step``)
-    is wrapped so that, in the same compiled call, the batch's metric state is added to
-    sums held in TensorFlow variables and zeroed. The step's logs are read before the
-    zeroing (TensorFlow orders the reads and writes of a variable as written), so they
-    are the batch's own. No extra call per batch: a separate compiled call cost about
-    100 us a step here.
+    """TensorFlow: after the first batch, the batches go through a compiled step of our
+    own, the model's ``train_step`` (or ``test_step``) followed, in the same compiled
+    call, by adding the batch's metric state to sums held in TensorFlow variables and
+    zeroing it. The step's logs are read before the zeroing (TensorFlow orders the reads
+    and writes of a variable as written), so they are the batch's own. No extra call
+    per batch: a separate compiled call cost about 100 us a step here.
+
+    Our step is the model's only while :meth:`engaged`: a ``model.evaluate`` in a
+    callback runs the model's own. It starts from zeroed metric state, so what such a
+    call leaves in the metric variables is not counted.
 
     The first batch is taken eagerly: only then do the compiled metrics exist, and the
     sums are created outside any traced function (Keras 3.0 traces its step over a
@@ -270,28 +285,48 @@ class _InStepSums:
         import tensorflow as tf
 
         self.tf, self.model, self.step = tf, model, step
-        self.eager = _EagerSums(model)  # the sums until the step is wrapped
+        self.eager = _EagerSums(model)  # the sums until our step exists
         self.sums: list | None = None
         self.once_per_batch = tf.Variable(False, trainable=False, name="pipetrain_once_per_batch")
-        self.saved_function = None
+        self.step_and_accumulate = None  # the model's step followed by the sums' update
+        self.function = None  # our compiled step, traced by Keras on first use
         self.wrapped = False
 
     def _wrap(self) -> None:
-        """Move the sums into TensorFlow variables and wrap the step (once)."""
+        """Move the sums into TensorFlow variables and define our step (once)."""
         tf, eager = self.tf, self.eager
         self.variables, self.pairs = eager.variables, dict(eager.pairs)
         self.sums = [tf.Variable(s, trainable=False) for s in eager.sums]
         original = getattr(self.model, f"{self.step}_step")
 
         def step_and_accumulate(data):
+            for v in self.variables:  # what other calls left there is not this batch's
+                v.value.assign(tf.zeros_like(v.value))
             logs = original(data)
             self._accumulate()
             return logs
 
-        self.saved_function = getattr(self.model, f"{self.step}_function", None)
-        setattr(self.model, f"{self.step}_step", step_and_accumulate)
-        setattr(self.model, f"{self.step}_function", None)  # traced again, with the wrapper
+        self.step_and_accumulate = step_and_accumulate
         self.wrapped = True
+
+    @contextlib.contextmanager
+    def engaged(self):
+        """Our step is the model's for the duration (Keras traces and calls it as its
+        ``train_function``); the model's own is back afterwards."""
+        if not self.wrapped:
+            yield
+            return
+        model, function, step = self.model, f"{self.step}_function", f"{self.step}_step"
+        own = getattr(model, function, None)
+        setattr(model, step, self.step_and_accumulate)
+        setattr(model, function, self.function)
+        try:
+            yield
+        finally:
+            self.function = getattr(model, function, None)
+            if step in vars(model):
+                delattr(model, step)
+            setattr(model, function, own)
 
     def _accumulate(self) -> None:
         """Build (while the step is traced) the ops that add the state to the sums."""
@@ -341,10 +376,5 @@ class _InStepSums:
             s.assign(np.asarray(a).reshape(s.shape))
 
     def detach(self) -> None:
-        if not self.wrapped:
-            return
-        if f"{self.step}_step" in vars(self.model):
-            delattr(self.model, f"{self.step}_step")
-        # The function traced before the run (if any): no second trace for the user.
-        setattr(self.model, f"{self.step}_function", self.saved_function)
+        self.function = self.step_and_accumulate = None
         self.wrapped = False

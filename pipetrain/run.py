@@ -695,8 +695,8 @@ class Epoch:
         Returns the batch's own metrics (not running averages). The epoch's metrics for
         this model are aggregated from the metric state exactly as ``fit`` does."""
         sums = self._track(model, prefix)
-        logs = model.train_on_batch(x, y, sample_weight=sample_weight, class_weight=class_weight, return_dict=True)
-        sums.take()
+        logs = sums.accumulate(lambda: model.train_on_batch(x, y, sample_weight=sample_weight, class_weight=class_weight,
+                                                      return_dict=True))
         logs = {prefix + k: v for k, v in pythonify(logs).items()}
         self._values.update(logs)
         return logs
@@ -830,14 +830,7 @@ def evaluate(model, source: H5Source, batch_size: int, *, workers: int = 2, max_
                 raise _Interrupted
             if callbacks is not None and batch_hooks:
                 callbacks.on_test_batch_begin(batch.index)
-            try:
-                logs = model.test_on_batch(batch.x, batch.y, sample_weight=batch.sample_weight, return_dict=True)
-            except StopIteration:
-                # Keras < 3.8: the first test_on_batch of a fresh model builds its metrics
-                # while tracing, traces again and finds its one-batch iterator spent. That
-                # call ran nothing; the second one runs.
-                logs = model.test_on_batch(batch.x, batch.y, sample_weight=batch.sample_weight, return_dict=True)
-            sums.take()
+            logs = sums.accumulate(lambda b=batch: _test_on_batch(model, b))
             if callbacks is not None and batch_hooks:
                 callbacks.on_test_batch_end(batch.index, pythonify(logs))
     logs = sums.result()
@@ -846,6 +839,16 @@ def evaluate(model, source: H5Source, batch_size: int, *, workers: int = 2, max_
     if callbacks is not None:
         callbacks.on_test_end(logs)
     return logs
+
+
+def _test_on_batch(model, batch: Batch) -> dict:
+    try:
+        return model.test_on_batch(batch.x, batch.y, sample_weight=batch.sample_weight, return_dict=True)
+    except StopIteration:
+        # Keras < 3.8: the first test_on_batch of a fresh model builds its metrics while
+        # tracing, traces again and finds its one-batch iterator spent. That call ran
+        # nothing; the second one runs.
+        return model.test_on_batch(batch.x, batch.y, sample_weight=batch.sample_weight, return_dict=True)
 
 
 def one_line(exc: BaseException | None) -> str | None:

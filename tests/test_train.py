@@ -266,3 +266,40 @@ def test_batch_callbacks_see_running_epoch_metrics_as_in_fit(binary_files):
         assert set(a) == set(b)
         for key in b:
             np.testing.assert_allclose(a[key], b[key], rtol=RTOL, err_msg=key)
+
+
+def test_the_models_own_evaluate_in_a_callback_is_untouched_and_counts_nothing(binary_files):
+    """A callback may call ``model.evaluate`` mid-epoch (validating every N batches):
+    it gets the model's true metrics, and the epoch's metrics stay those of ``fit``."""
+    train_paths, val_path = binary_files
+    x, y = arrays(train_paths, "x", "y")
+    vx, vy = arrays([val_path], "x", "y")
+
+    class EvaluatesToo(keras.callbacks.Callback):
+        def __init__(self):
+            super().__init__()
+            self.pairs = []
+
+        def on_train_batch_end(self, batch, logs=None):
+            if batch % 3 == 1:
+                self.check()
+
+        def on_epoch_end(self, epoch, logs=None):
+            self.check()
+
+        def check(self):
+            got = self.model.evaluate(vx, vy, batch_size=16, verbose=0, return_dict=True)
+            twin = binary_model()
+            twin.set_weights(self.model.get_weights())
+            self.pairs.append((got, twin.evaluate(vx, vy, batch_size=16, verbose=0, return_dict=True)))
+
+    expected = binary_model().fit(x, y, batch_size=32, epochs=2, shuffle=False, validation_data=(vx, vy), verbose=0)
+    callback = EvaluatesToo()
+    history = pipetrain.train(binary_model(), pipetrain.H5Source(train_paths, x="x", y="y"), epochs=2,
+                              batch_size=32, validation=pipetrain.H5Source(val_path, x="x", y="y"),
+                              shuffle="none", callbacks=[callback], verbose=0)
+    assert_same_history(history.history, expected.history)
+    assert len(callback.pairs) == 2 * (2 + 1)  # batches 1 and 4 of 7, and the epoch end
+    for got, want in callback.pairs:
+        assert got["loss"] > 0
+        assert_same_history(got, want)
