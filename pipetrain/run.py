@@ -35,6 +35,7 @@ import socket
 import threading
 import time
 import uuid
+import warnings
 from collections import deque
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -418,24 +419,37 @@ class Run:
             epoch_state = None
             try:
                 yield epoch
-            except GeneratorExit:  # the loop left early: the epoch so far still counts
-                if not self._failing and not epoch.ended:
-                    epoch.end()
-                    if self.checkpoint_dir is not None:
-                        self.save_checkpoint()
+            except GeneratorExit:  # the loop left run.epochs() early: the epoch so far counts
+                if not self._failing:
+                    self._end_epoch(epoch)
+                    self._end_training(epoch)
                 raise
-            epoch.end()
+            self._end_epoch(epoch)
             previous = epoch
-            if self.checkpoint_dir is not None:
-                self.save_checkpoint()
             if self._should_stop():
                 break
+        self._end_training(previous)
+
+    def _end_epoch(self, epoch: Epoch) -> None:
+        if epoch._iterator is not None:
+            epoch._iterator.close()  # a batch loop left early: the batch in hand counts
+        epoch.end()
+        if epoch.batches < epoch.steps and not self._should_stop():
+            # The loop left the epoch's batches without stopping the run: the run stops
+            # here (rather than train the epoch again), resumable at the next batch.
+            warnings.warn(f"epoch {epoch.index} left after {epoch.batches} of {epoch.steps} batches: "
+                          "the run stops here (call run.stop() to say so)", stacklevel=3)
+            self.stop_requested = True
+        if self.checkpoint_dir is not None:  # with the epoch so far if it is to go on
+            self.save_checkpoint(epoch if epoch.batches < epoch.steps else None)
+
+    def _end_training(self, last: Epoch | None) -> None:
         self._close_stream()
         for model in self.models.values():
             optimizer = getattr(model, "optimizer", None)
             if optimizer is not None and hasattr(optimizer, "finalize_variable_values"):
                 optimizer.finalize_variable_values(model.trainable_weights)
-        self.callbacks.on_train_end(logs=previous.logs if previous else None)
+        self.callbacks.on_train_end(logs=last.logs if last else None)
 
     def _should_stop(self) -> bool:
         if any(getattr(m, "stop_training", False) for m in self.models.values()):
@@ -497,7 +511,7 @@ class Run:
         arrays.update(callback_arrays)
         arrays.update(rng_arrays)
         epoch_meta = None
-        if epoch is not None and not epoch.ended:
+        if epoch is not None and (not epoch.ended or epoch.batches < epoch.steps):
             epoch_meta, epoch_arrays = epoch.state()
             arrays.update(epoch_arrays)
         meta = {

@@ -140,3 +140,49 @@ def test_a_users_batch_callback_works_unchanged_in_a_custom_loop(tmp_path):
                 epoch.train_on_batch(m, batch.x, batch.y)
     assert [b for b, _ in recorder.seen] == [0, 1, 2, 3] * 2
     assert all(np.isfinite(loss) for _, loss in recorder.seen)
+
+
+def test_leaving_the_batch_loop_early_stops_the_run_resumably(tmp_path):
+    x = np.random.default_rng(0).normal(size=(64, 4)).astype("float32")
+    path = write_h5(tmp_path / "d.h5", chunks=16, x=x, y=(x[:, 0] > 0).astype("float32"))
+
+    class Ends(keras.callbacks.Callback):
+        def on_train_begin(self, logs=None):
+            self.ended = False
+
+        def on_train_end(self, logs=None):
+            self.ended = True
+
+    def run_loop(resume, leave_at=None, folder="run"):
+        keras.utils.set_random_seed(0)
+        m = keras.Sequential([keras.Input((4,)), keras.layers.Dense(1, activation="sigmoid")], name="m")
+        m.compile("sgd", "binary_crossentropy")
+        ends = Ends()
+        with pipetrain.Run(pipetrain.H5Source(path, x="x", y="y"), batch_size=8, epochs=2, shuffle="none",
+                           models=m, callbacks=[ends], verbose=0, history=tmp_path / folder / "history.jsonl",
+                           resume=resume) as run:
+            for epoch in run.epochs():
+                for batch in epoch:
+                    epoch.train_on_batch(m, batch.x, batch.y)
+                    if batch.index == leave_at:
+                        break
+        return run, ends, m
+
+    with pytest.warns(UserWarning, match="epoch 0 left after 4 of 8 batches"):
+        run, ends, _ = run_loop(resume=False, leave_at=3)
+    assert run.status == "stopped" and ends.ended
+    h = pipetrain.read_history(tmp_path / "run" / "history.jsonl")
+    assert [(r["epoch"], r["batch"]) for r in h.batches] == [(0, b) for b in range(4)]
+    assert len(h.epochs) == 1 and h.epochs[0]["complete"] is False and h.end["status"] == "stopped"
+    # Resumed, it goes on at the next batch and ends after two epochs.
+    run, ends, model = run_loop(resume=True)
+    assert run.status == "completed" and ends.ended
+    h = pipetrain.read_history(tmp_path / "run" / "history.jsonl")
+    assert [(r["epoch"], r["batch"]) for r in h.batches] == [(e, b) for e in range(2) for b in range(8)]
+    # ... exactly as a run that never left: same epoch losses, same weights.
+    _, _, straight = run_loop(resume=False, folder="straight")
+    s = pipetrain.read_history(tmp_path / "straight" / "history.jsonl")
+    assert [e["loss"] for e in h.epochs] == [e["loss"] for e in s.epochs]
+    assert all(e["complete"] for e in h.epochs)
+    for a, b in zip(model.get_weights(), straight.get_weights(), strict=True):
+        np.testing.assert_array_equal(a, b)
