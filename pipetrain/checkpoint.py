@@ -19,15 +19,33 @@ import json
 import os
 import random
 import tempfile
+import zipfile
 from pathlib import Path
 
 import numpy as np
+
+from pipetrain.errors import RunError
 
 KEEP = 2  # checkpoints kept: the newest, and one before it
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be written, read, or applied to these models."""
+
+
+def check_new_run(history: Path, folder: Path | None, overwrite: bool) -> None:
+    """Refuse to start a new run over another one's history or checkpoints (a resume
+    would pick the checkpoints up) unless ``overwrite``."""
+    if overwrite:
+        return
+    if history.is_dir():
+        raise RunError(f"{history}: is a folder; give the history file (say {history / 'history.jsonl'})")
+    if history.exists() and history.stat().st_size:
+        raise RunError(f"{history}: a history exists already; pass --resume {history.parent} to continue "
+                       "that run or --overwrite to replace it")
+    if folder is not None and latest(folder) is not None:
+        raise RunError(f"{folder}: holds the checkpoints of another run; pass --resume to continue it, "
+                       "--overwrite to replace it, or choose another folder")
 
 
 def latest(folder: str | os.PathLike) -> Path | None:
@@ -65,12 +83,32 @@ def save(folder: str | os.PathLike, step: int, meta: dict, arrays: dict[str, np.
 def load(path: str | os.PathLike) -> tuple[dict, dict[str, np.ndarray]]:
     """The JSON document and the arrays of a checkpoint file."""
     try:
+        _check_archive(path)
         with np.load(path, allow_pickle=False) as data:
             arrays = {k: data[k] for k in data.files}
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"{path}: cannot read the checkpoint: {e}") from e
-    meta = json.loads(arrays.pop("__meta__").tobytes().decode())
+        meta = json.loads(arrays.pop("__meta__").tobytes().decode())
+    except Exception as e:  # not a zip, a damaged member, no or bad __meta__
+        raise CheckpointError(f"{path}: cannot read the checkpoint ({_reason(e)})") from e
     return meta, arrays
+
+
+def load_meta(path: str | os.PathLike) -> dict:
+    """The JSON document of a checkpoint file alone (the arrays stay on disk)."""
+    try:
+        _check_archive(path)
+        with np.load(path, allow_pickle=False) as data:
+            return json.loads(data["__meta__"].tobytes().decode())
+    except Exception as e:  # not a zip, a damaged member, no or bad __meta__
+        raise CheckpointError(f"{path}: cannot read the checkpoint ({_reason(e)})") from e
+
+
+def _check_archive(path) -> None:
+    if not zipfile.is_zipfile(path):  # numpy would take it for a pickle
+        raise ValueError("not an .npz archive")
+
+
+def _reason(e: Exception) -> str:
+    return f"no {e}" if isinstance(e, KeyError) else str(e) or type(e).__name__
 
 
 def _fsync_folder(folder: Path) -> None:

@@ -57,6 +57,26 @@ def positive_int(text: str) -> int:
     return value
 
 
+def seed_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if not 0 <= value < 2**32:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 2**32 - 1, got {value}")
+    return value
+
+
+def positive_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    if not 0 < value < 86400:  # also refuses nan and inf
+        raise argparse.ArgumentTypeError(f"must be a number of seconds above 0 and below a day, got {text}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="pipetrain", description="Train Keras models on HDF5 data larger than memory.")
     parser.add_argument("--version", action="store_true", help="print the version and exit")
@@ -72,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--epochs", type=positive_int, default=None, help="epochs (default 20)")
     t.add_argument("--batch-size", type=positive_int, default=None, help="rows per batch (default 32)")
     t.add_argument("--shuffle", choices=["none", "block"], default=None, help="batch order (default block)")
-    t.add_argument("--seed", type=int, default=None, help="seed of the batch order and the model (default 0)")
+    t.add_argument("--seed", type=seed_int, default=None, help="seed of the batch order and the model (default 0)")
     t.add_argument("--workers", type=positive_int, default=None, help="producer threads (default 2)")
     t.add_argument("--max-queue", type=positive_int, default=None, help="batches prefetched (default 8)")
     t.add_argument("--compute-threads", type=positive_int, default=None, metavar="N",
@@ -84,10 +104,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--history", metavar="FILE", help="history file (default runs/<name>/history.jsonl)")
     t.add_argument("--checkpoint-every", type=positive_int, default=None, metavar="N",
                    help="batches between checkpoints, besides each epoch end (default 1000)")
-    t.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR at the exact next batch")
+    t.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR (or of that history file) at the exact next batch")
     t.add_argument("--allow-nonfinite", action="store_true", help="keep training when a loss is NaN or infinite")
     t.add_argument("--name", help="run name, for the default history path (default: the start time)")
-    t.add_argument("--monitor-interval", type=float, default=None, help="seconds between system samples (default 2)")
+    t.add_argument("--monitor-interval", type=positive_seconds, default=None, metavar="S",
+                   help="seconds between system samples (default 2)")
     t.add_argument("--allow-external", action="store_true", help="allow HDF5 external links and virtual datasets outside the data folders")
     t.add_argument("--overwrite", action="store_true", help="replace an existing history")
     t.add_argument("--quiet", action="store_true", help="print nothing but errors")
@@ -98,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     tail.add_argument("file", metavar="FILE", help="a history.jsonl (or its run folder)")
     tail.add_argument("--follow", "-f", action="store_true", help="keep showing new records until the run ends")
     tail.add_argument("--raw", action="store_true", help="print the complete lines as they are")
-    tail.add_argument("--poll", type=float, default=0.25, help="seconds between looks at the file (default 0.25)")
+    tail.add_argument("--poll", type=positive_seconds, default=0.25, help="seconds between looks at the file (default 0.25)")
     tail.add_argument("--debug", action="store_true", help="show full tracebacks")
     tail.set_defaults(func=_lazy("pipetrain.tail", "cmd_tail"))
 
@@ -118,7 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
     make.add_argument("--compression", default="gzip", help="gzip[:LEVEL], lzf, blosc, zstd, lz4, none (default gzip:1)")
     make.add_argument("--shuffle-filter", action="store_true", help="add HDF5's byte-shuffle filter")
     make.add_argument("--chunk-rows", type=positive_int, default=256, help="rows per chunk (default 256)")
-    make.add_argument("--seed", type=int, default=0)
+    make.add_argument("--seed", type=seed_int, default=0)
     make.add_argument("--overwrite", action="store_true", help="replace an existing file")
     make.add_argument("--quiet", action="store_true")
     make.add_argument("--debug", action="store_true", help="show full tracebacks")
@@ -176,32 +197,60 @@ def _new_run_settings(args) -> dict:
         x=_names(args.x, "images" if defaults else None),
         y=_names(args.y, "labels" if defaults else None),
         sample_weight=args.sample_weight, model=args.model, allow_external=args.allow_external,
+        allow_nonfinite=args.allow_nonfinite, compute_threads=args.compute_threads,
     )
     if settings["x"] is None:
         raise BadInput("pipetrain train: --x is required with --data (the input dataset name)")
     return settings
 
 
-def _resumed_settings(args, run_dir: Path) -> dict:
+def _recorded(settings: dict) -> dict:
+    """The settings as the checkpoint keeps them: paths made absolute, so that a resume
+    from another folder finds the same files."""
+    model = settings["model"]
+    if model and (model.endswith(".keras") or os.path.isfile(model)):
+        model = os.path.abspath(model)
+    return {**settings, "model": model, "data": [os.path.abspath(p) for p in settings["data"]],
+            "val": [os.path.abspath(p) for p in settings["val"]] if settings["val"] else None}
+
+
+def _run_to_resume(given: str) -> Path:
+    """The history of the run that ``--resume`` names: a run folder, or a history file."""
+    path = Path(given)
+    if path.is_dir():
+        found = [path / "history.jsonl"] if (path / "history.jsonl").exists() else sorted(path.glob("*.jsonl"))
+        if len(found) != 1:
+            raise BadInput(f"--resume {given}: no history file there (is it a run folder?)" if not found else
+                           f"--resume {given}: several histories there; name one: {', '.join(str(f) for f in found)}")
+        return found[0]
+    if not path.is_file():
+        raise BadInput(f"--resume {given}: no such run folder or history file")
+    return path
+
+
+def _resumed_settings(args, history: Path) -> dict:
     from pipetrain import checkpoint
 
-    path = checkpoint.latest(run_dir / "checkpoint")
-    if not (run_dir / "history.jsonl").exists():
-        raise BadInput(f"--resume {run_dir}: no history.jsonl there (is it a run folder?)")
+    path = checkpoint.latest(history.parent / "checkpoint")
     if path is None:
-        raise BadInput(f"--resume {run_dir}: no checkpoint to resume from in {run_dir / 'checkpoint'}")
-    meta, _ = checkpoint.load(path)
+        raise BadInput(f"--resume {args.resume}: no checkpoint to resume from in {history.parent / 'checkpoint'}")
+    try:
+        meta = checkpoint.load_meta(path)
+    except checkpoint.CheckpointError as e:
+        raise BadInput(str(e)) from None
     settings = dict(meta["config"].get("cli") or {})
     if not settings:
-        raise BadInput(f"--resume {run_dir}: the run was not started by `pipetrain train`; resume it from Python")
+        raise BadInput(f"--resume {args.resume}: the run was not started by `pipetrain train`; resume it from Python")
     for key in FIXED_ON_RESUME:
         given = getattr(args, key, None)
         if given is not None and given is not False:
             flag = "--" + key.replace("_", "-")
             raise BadInput(f"{flag} cannot change when resuming (the run was started with {settings.get(key)!r})")
-    for key in ("epochs", "workers", "max_queue", "monitor_interval", "checkpoint_every", "producer_priority"):
+    for key in ("epochs", "workers", "max_queue", "monitor_interval", "checkpoint_every", "producer_priority",
+                "compute_threads"):
         if getattr(args, key) is not None:
             settings[key] = getattr(args, key)
+    settings["allow_nonfinite"] = settings.get("allow_nonfinite", False) or args.allow_nonfinite
     position = meta["position"]
     if settings["epochs"] < position["epoch"] + (1 if position["batch"] else 0):
         raise BadInput(f"--epochs {settings['epochs']}: the run is at epoch {position['epoch'] + 1} already")
@@ -209,6 +258,7 @@ def _resumed_settings(args, run_dir: Path) -> dict:
 
 
 def cmd_train(args) -> int:
+    from pipetrain import checkpoint
     from pipetrain.source import H5Source
 
     if args.resume:
@@ -216,15 +266,13 @@ def cmd_train(args) -> int:
             raise BadInput("--resume and --overwrite exclude each other")
         if args.history or args.name:
             raise BadInput("--resume takes the run folder; --history and --name do not apply")
-        run_dir = Path(args.resume)
-        settings = _resumed_settings(args, run_dir)
-        history = run_dir / "history.jsonl"
+        history = _run_to_resume(args.resume)
+        settings = _resumed_settings(args, history)
     else:
         settings = _new_run_settings(args)
         name = args.name or _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
         history = Path(args.history) if args.history else Path("runs") / name / "history.jsonl"
-        if history.exists() and history.stat().st_size and not args.overwrite:
-            raise BadInput(f"{history}: a history exists already; pass --resume {history.parent} to continue that run or --overwrite to replace it")
+        checkpoint.check_new_run(history, history.parent / "checkpoint", args.overwrite)  # before the model loads
         _check_writable(history)
 
     sources = {}
@@ -237,8 +285,8 @@ def cmd_train(args) -> int:
     with quiet_native_logs(not args.debug):
         import keras
 
-        if args.compute_threads:
-            set_compute_threads(args.compute_threads)
+        if settings.get("compute_threads"):
+            set_compute_threads(settings["compute_threads"])
 
         from pipetrain.models import default_model, load_model
         from pipetrain.trainer import train as train_model
@@ -254,11 +302,12 @@ def cmd_train(args) -> int:
             verbose=0 if args.quiet else 1, shuffle_window=settings["shuffle_window"],
             monitor_interval=settings["monitor_interval"], overwrite=args.overwrite,
             resume=bool(args.resume), checkpoint_every=settings["checkpoint_every"],
-            stop_on_nonfinite=not args.allow_nonfinite, producer_priority=settings.get("producer_priority", "idle"),
-            config={"cli": settings, "argv": sys.argv[1:]},
+            stop_on_nonfinite=not settings.get("allow_nonfinite"), producer_priority=settings.get("producer_priority", "idle"),
+            config={"cli": _recorded(settings), "argv": sys.argv[1:]},
         )
     except KeyboardInterrupt as e:
-        raise Interrupted(f"{e or 'interrupted'}; resume with: pipetrain train --resume {history.parent}") from None
+        where = history.parent if history.name == "history.jsonl" else history
+        raise Interrupted(f"{e or 'interrupted'}; resume with: pipetrain train --resume {where}") from None
     model.save(history.parent / "model.keras")
     return EXIT_OK
 

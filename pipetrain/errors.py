@@ -9,3 +9,7 @@ pipetrain raises its own subclass (``SourceError``, ``RunError``, ``ModelError``
 
 class InputError(ValueError):
     """Bad usage or bad input, said in one line."""
+
+
+class RunError(InputError):
+    """A run that cannot start as asked (an existing history, bad settings, no checkpoint)."""

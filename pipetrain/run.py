@@ -48,8 +48,8 @@ import psutil
 from pipetrain import __version__
 from pipetrain import checkpoint as ckpt
 from pipetrain.aggregate import MetricObjects, MetricSums, WeightedMeans, pythonify
-from pipetrain.errors import InputError
-from pipetrain.history import SCHEMA, HistoryWriteError, HistoryWriter, jsonable
+from pipetrain.errors import InputError, RunError
+from pipetrain.history import SCHEMA, HistoryWriteError, HistoryWriter, jsonable, read_history
 from pipetrain.monitor import Monitor, gpu_probe, peak_rss_mb
 from pipetrain.pipeline import PRIORITIES, Batch, Prefetcher, plans_from
 from pipetrain.plan import Plan
@@ -58,10 +58,6 @@ from pipetrain.source import H5Source
 
 RATE_WINDOW = 20  # batches in the "recent" samples/s of batch records
 CHECKPOINT_EVERY = 1000  # batches between checkpoints, besides one at each epoch end
-
-
-class RunError(InputError):
-    """A run that cannot start as asked (an existing history, bad settings, no checkpoint)."""
 
 
 class NonFiniteLoss(FloatingPointError):
@@ -323,11 +319,7 @@ class Run:
     def __enter__(self) -> Run:
         resume = self._load_checkpoint() if self.resume else None
         if self.history_path is not None and not self.resume:
-            if self.history_path.exists() and self.history_path.stat().st_size and not self.overwrite:
-                raise RunError(
-                    f"{self.history_path}: a history exists already; pass --resume to continue "
-                    "that run or --overwrite to replace it"
-                )
+            ckpt.check_new_run(self.history_path, self.checkpoint_dir, self.overwrite)
             if self.overwrite:
                 self.history_path.unlink(missing_ok=True)
                 if self.checkpoint_dir is not None:
@@ -540,7 +532,14 @@ class Run:
         path = ckpt.latest(self.checkpoint_dir)
         if path is None:
             raise RunError(f"{self.checkpoint_dir}: no checkpoint to resume from")
-        meta, arrays = ckpt.load(path)
+        try:
+            meta, arrays = ckpt.load(path)
+        except ckpt.CheckpointError as e:
+            raise RunError(str(e)) from e
+        runs = read_history(self.history_path).runs if self.history_path is not None and self.history_path.exists() else []
+        if runs and runs[-1].get("run") != meta["run_id"]:
+            raise RunError(f"cannot resume {path}: it belongs to run {meta['run_id']}, "
+                           f"but {self.history_path} to run {runs[-1].get('run')}")
         ours = self.plan.describe()
         for key, theirs in meta["plan"].items():
             if ours.get(key) != theirs:
@@ -553,8 +552,11 @@ class Run:
         self.epoch, self.batch = meta["position"]["epoch"], meta["position"]["batch"]
         self.steps_done, self.epochs_done = meta["steps_done"], meta["epochs_done"]
         targets = meta.get("optimizer_targets") or {}
-        for name, model in self.models.items():
-            ckpt.restore_model(name, model, arrays, targets.get(name))
+        try:
+            for name, model in self.models.items():
+                ckpt.restore_model(name, model, arrays, targets.get(name))
+        except ckpt.CheckpointError as e:
+            raise RunError(f"cannot resume {path}: {e}") from e
         self._resumed = (meta, arrays)
         self.last_checkpoint = path
         return {"epoch": self.epoch, "batch": self.batch, "checkpoint": str(path)}
@@ -566,7 +568,10 @@ class Run:
             return None
         meta, arrays = self._resumed
         self._resumed = None
-        ckpt.restore_callbacks(self.callbacks.callbacks, meta["callbacks"], arrays)
+        try:
+            ckpt.restore_callbacks(self.callbacks.callbacks, meta["callbacks"], arrays)
+        except ckpt.CheckpointError as e:
+            raise RunError(f"cannot resume {self.last_checkpoint}: {e}") from e
         ckpt.restore_rng(meta["rng"], arrays)
         return {"meta": meta["epoch"], "arrays": arrays} if meta["epoch"] else None
 

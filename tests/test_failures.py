@@ -53,6 +53,12 @@ def folder(tmp_path):
     with h5py.File(tmp_path / "sub" / "link.h5", "w") as f:
         f["x"] = h5py.ExternalLink("../d.h5", "x")
         f["y"] = np.zeros(300, np.int64)
+    # A folder with another run's checkpoint and no history; a run whose checkpoint is junk.
+    (tmp_path / "past" / "old" / "checkpoint").mkdir(parents=True)
+    (tmp_path / "past" / "old" / "checkpoint" / "ckpt-000000000004.npz").write_bytes(b"left behind")
+    (tmp_path / "past" / "bad" / "checkpoint").mkdir(parents=True)
+    (tmp_path / "past" / "bad" / "history.jsonl").write_text('{"type": "run", "run": "r1", "t": 1.0}\n')
+    (tmp_path / "past" / "bad" / "checkpoint" / "ckpt-000000000004.npz").write_bytes(b"not a zip")
     return tmp_path
 
 
@@ -74,7 +80,16 @@ BAD_INPUTS = {
     "epochs": (["--data", "d.h5", "--x", "x", "--epochs", "0"], "--epochs: must be >= 1, got 0"),
     "batch size": (["--data", "d.h5", "--x", "x", "--batch-size", "x"], "--batch-size: expected a whole number, got 'x'"),
     "history unwritable": (["--data", "d.h5", "--x", "x", "--y", "y", "--history", "d.h5/h.jsonl"], "cannot write the history"),
-    "resume nothing": (["--resume", "nowhere"], "--resume nowhere: no history.jsonl there"),
+    "resume nothing": (["--resume", "nowhere"], "--resume nowhere: no such run folder or history file"),
+    "resume a corrupt checkpoint": (["--resume", "past/bad"], "ckpt-000000000004.npz: cannot read the checkpoint (not an .npz archive)"),
+    "another run's checkpoints": (["--data", "d.h5", "--x", "x", "--y", "y", "--history", "past/old/history.jsonl"],
+                                  "past/old/checkpoint: holds the checkpoints of another run"),
+    "history is a folder": (["--data", "d.h5", "--x", "x", "--y", "y", "--history", "past"], "past: is a folder"),
+    "seed": (["--data", "d.h5", "--x", "x", "--seed", "-1"], "--seed: must be between 0 and 2**32 - 1, got -1"),
+    "monitor interval": (["--data", "d.h5", "--x", "x", "--monitor-interval", "-1"],
+                         "--monitor-interval: must be a number of seconds above 0 and below a day, got -1"),
+    "monitor interval nan": (["--data", "d.h5", "--x", "x", "--monitor-interval", "nan"],
+                             "--monitor-interval: must be a number of seconds above 0 and below a day, got nan"),
     "x missing": (["--data", "d.h5"], "--x is required with --data"),
     "negative batch": (["--data", "d.h5", "--x", "x", "--batch-size", "-3"], "--batch-size: must be >= 1, got -3"),
     "shuffle choice": (["--data", "d.h5", "--x", "x", "--shuffle", "random"], "--shuffle: invalid choice"),

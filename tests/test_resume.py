@@ -86,3 +86,35 @@ def test_nothing_to_resume_is_a_clear_error(data, tmp_path):
     done = job(data, tmp_path, resume=True)
     assert done.returncode != 0
     assert "no checkpoint to resume from" in done.stderr
+
+
+def test_the_command_line_resumes_from_anywhere_with_the_flags_it_was_started_with(data, tmp_path):
+    """Relative data paths, a history file of another name, flags that are not data:
+    `pipetrain train --resume` from another folder finds and keeps them all."""
+    start = tmp_path / "start"
+    start.mkdir()
+    for name in ("train-0.h5", "val.h5"):
+        (start / name).symlink_to(data / name)
+
+    def train(*args, cwd):
+        return subprocess.run([sys.executable, "-m", "pipetrain", "train", "--quiet", *args],
+                              capture_output=True, text=True, timeout=180, cwd=cwd)
+
+    first = train("--data", "train-0.h5", "--val", "val.h5", "--x", "x", "--y", "y", "--epochs", "1",
+                  "--batch-size", "64", "--history", "h2/foo.jsonl", "--allow-nonfinite", "--compute-threads", "1",
+                  cwd=start)
+    assert first.returncode == 0, first.stderr
+    history = start / "h2" / "foo.jsonl"
+    recorded = checkpoint.load_meta(checkpoint.latest(start / "h2" / "checkpoint"))["config"]["cli"]
+    assert recorded["data"] == [str(start / "train-0.h5")] and recorded["val"] == [str(start / "val.h5")]
+    assert recorded["allow_nonfinite"] is True and recorded["compute_threads"] == 1
+    again = train("--resume", str(history), "--epochs", "2", cwd=tmp_path)
+    assert again.returncode == 0, again.stderr
+    h = pipetrain.read_history(history)
+    assert [e["epoch"] for e in h.epochs] == [0, 1] and h.end["status"] == "completed"
+    assert h.runs[-1]["config"]["cli"]["allow_nonfinite"] is True
+    assert h.runs[-1]["config"]["cli"]["compute_threads"] == 1
+    # The folder alone names the run too, when it holds one history.
+    third = train("--resume", str(start / "h2"), "--epochs", "3", cwd=tmp_path)
+    assert third.returncode == 0, third.stderr
+    assert [e["epoch"] for e in pipetrain.read_history(history).epochs] == [0, 1, 2]
