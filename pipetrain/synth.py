@@ -12,6 +12,7 @@ memory holds one block whatever the number of rows.
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from pathlib import Path
@@ -43,25 +44,38 @@ def parse_shape(text: str) -> tuple[int, ...]:
 def compression_options(text: str, shuffle: bool) -> dict:
     """h5py ``create_dataset`` options for ``gzip[:LEVEL]``, ``lzf``, ``blosc``, ``zstd``,
     ``lz4`` or ``none`` (the last three through hdf5plugin)."""
-    name, _, level = text.lower().partition(":")
+    name, _, level_text = text.lower().partition(":")
     options: dict = {"shuffle": shuffle} if shuffle else {}
-    if name in ("none", ""):
+
+    def level(default: int, low: int, high: int) -> int:
+        try:
+            value = int(level_text) if level_text else default
+        except ValueError:
+            value = None
+        if value is None or not low <= value <= high:
+            raise DataSpecError(f"--compression {text!r}: the {name} level must be a whole number from {low} to {high}")
+        return value
+
+    if name in ("none", "") and not level_text:
         return options
     if name == "gzip":
-        return {**options, "compression": "gzip", "compression_opts": int(level or 1)}
-    if name == "lzf":
+        return {**options, "compression": "gzip", "compression_opts": level(1, 0, 9)}
+    if name == "lzf" and not level_text:
         return {**options, "compression": "lzf"}
     if name in ("blosc", "zstd", "lz4"):
+        clevel = level(5, 0, 9) if name == "blosc" else level(3, 1, 22) if name == "zstd" else None
+        if name == "lz4" and level_text:
+            raise DataSpecError(f"--compression {text!r}: lz4 takes no level")
         try:
             import hdf5plugin
         except ImportError:
             raise DataSpecError(f"--compression {text}: needs hdf5plugin (pip install hdf5plugin)") from None
         if name == "blosc":
-            return {**options, **hdf5plugin.Blosc(cname="lz4", clevel=int(level or 5), shuffle=hdf5plugin.Blosc.SHUFFLE)}
+            return {**options, **hdf5plugin.Blosc(cname="lz4", clevel=clevel, shuffle=hdf5plugin.Blosc.SHUFFLE)}
         if name == "zstd":
-            return {**options, **hdf5plugin.Zstd(clevel=int(level or 3))}
+            return {**options, **hdf5plugin.Zstd(clevel=clevel)}
         return {**options, **hdf5plugin.LZ4()}
-    raise DataSpecError(f"--compression {text!r}: expected gzip[:LEVEL], lzf, blosc, zstd, lz4 or none")
+    raise DataSpecError(f"--compression {text!r}: expected gzip[:LEVEL], lzf, blosc[:LEVEL], zstd[:LEVEL], lz4 or none")
 
 
 def _to_dtype(values: np.ndarray, dtype: np.dtype) -> np.ndarray:
@@ -102,6 +116,20 @@ def make_data(
     scale = SEPARATION / np.sqrt(width)
     prototypes = scale * np.random.default_rng([seed, 2**31]).normal(size=(classes, width)).astype(np.float32)
     chunk = min(chunk_rows, rows)
+    # Written beside the target and renamed into place: a failure (or Ctrl-C) leaves no
+    # half file, and an existing file is replaced only by a complete one.
+    partial = path.with_name(f".{path.name}.partial-{os.getpid()}")
+    try:
+        _write(partial, rows, features, classes, dtype, options, chunk, prototypes, seed, x_name, y_name, progress)
+        os.replace(partial, path)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _write(path, rows, features, classes, dtype, options, chunk, prototypes, seed, x_name, y_name, progress) -> None:
+    width = prototypes.shape[1]
     with h5py.File(path, "w") as f:
         x = f.create_dataset(x_name, shape=(rows, *features), dtype=dtype, chunks=(chunk, *features), **options)
         y = f.create_dataset(y_name, shape=(rows,), dtype=np.int64, chunks=(min(rows, 16 * chunk),),
@@ -117,7 +145,6 @@ def make_data(
             y[start:stop] = labels
             if progress is not None:
                 progress(stop, rows)
-    return path
 
 
 def cmd_make_data(args) -> int:
@@ -138,12 +165,8 @@ def cmd_make_data(args) -> int:
         if live:
             print(f"\r{done:,}/{total:,} rows", end="", flush=True)
 
-    try:
-        make_data(path, args.rows, features, args.classes, args.dtype, args.compression,
-                  args.shuffle_filter, args.chunk_rows, args.seed, progress=progress)
-    except BaseException:
-        path.unlink(missing_ok=True)  # never leave half a file behind
-        raise
+    make_data(path, args.rows, features, args.classes, args.dtype, args.compression,
+              args.shuffle_filter, args.chunk_rows, args.seed, progress=progress)
     if not args.quiet:
         size = path.stat().st_size / 2**20
         raw = args.rows * int(np.prod(features)) * np.dtype(args.dtype).itemsize / 2**20

@@ -36,7 +36,18 @@ def test_make_data_command_and_its_errors(tmp_path, capsys):
     assert "--features '8xq'" in capsys.readouterr().err
     assert main(["make-data", str(tmp_path / "n.h5"), "--rows", "10", "--compression", "rar"]) == 2
     assert "--compression 'rar'" in capsys.readouterr().err
+    for bad in ("gzip:99", "gzip:x", "zstd:0", "lz4:3"):
+        assert main(["make-data", str(tmp_path / "n.h5"), "--rows", "10", "--compression", bad]) == 2
+        assert f"--compression '{bad}'" in capsys.readouterr().err
     assert not (tmp_path / "n.h5").exists()  # nothing left behind
+    # --overwrite with bad settings, or interrupted, keeps the file that was there.
+    before = out.read_bytes()
+    assert main(["make-data", str(out), "--rows", "10", "--compression", "gzip:99", "--overwrite"]) == 2
+    assert out.read_bytes() == before
+    with pytest.raises(KeyboardInterrupt):
+        make_data(out, rows=20_000, features=(4,), progress=lambda done, total: (_ for _ in ()).throw(KeyboardInterrupt))
+    assert out.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["img.h5"]  # no partial file either
 
 
 def test_parse_shape():
