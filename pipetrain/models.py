@@ -32,7 +32,7 @@ def label_classes(source: H5Source, name: str) -> int:
     for f, rows in enumerate(source.rows_per_file):
         step = 1 << 20
         for start in range(0, rows, step):
-            arrays, _ = source.read(f, start, min(rows, start + step))
+            arrays, _ = source.read(f, start, min(rows, start + step), names=[name])
             labels = arrays[name]
             if labels.size:
                 if labels.min() < 0:

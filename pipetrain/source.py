@@ -16,7 +16,7 @@ from __future__ import annotations
 import contextlib
 import glob
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -295,13 +295,16 @@ class H5Source:
         return per_file
 
     def read(
-        self, file: int, start: int, stop: int, out: Mapping[str, np.ndarray] | None = None
+        self, file: int, start: int, stop: int, out: Mapping[str, np.ndarray] | None = None,
+        names: Iterable[str] | None = None,
     ) -> tuple[dict[str, np.ndarray], int]:
-        """Rows [start, stop) of every dataset of file number ``file``, and the bytes
-        fetched from disk (compressed size on the fast path). With ``out`` (C-contiguous
-        arrays by dataset name), the rows are decoded straight into them."""
+        """Rows [start, stop) of every dataset (or of ``names``) of file number ``file``,
+        and the bytes fetched from disk (compressed size on the fast path). With ``out``
+        (C-contiguous arrays by dataset name), the rows are decoded straight into them."""
         arrays, fetched = {}, 0
-        for name, reader in self._readers[file].items():
+        readers = self._readers[file]
+        for name in readers if names is None else names:
+            reader = readers[name]
             dest = out[name] if out is not None else None
             try:
                 if isinstance(reader, ChunkReader):

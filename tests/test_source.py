@@ -105,3 +105,15 @@ def test_links_and_virtual_datasets_outside_the_data_folder_are_refused(tmp_path
         np.testing.assert_array_equal(source.read(0, 0, 4)[0]["ext"], np.zeros((4, 2)))
     with H5Source(inside / "links.h5", x="virtual", allow_external=True) as source:
         assert source.rows == 4
+
+
+def test_the_label_count_reads_the_labels_alone(make_h5):
+    from pipetrain.models import label_classes
+
+    path = make_h5("labels.h5", chunks=10, x=np.zeros((50, 3), np.float32), y=np.arange(50) % 7)
+    with H5Source(path, x="x", y="y") as source:
+        read = source.read
+        asked = []
+        source.read = lambda f, a, b, out=None, names=None: asked.append(names) or read(f, a, b, out, names)
+        assert label_classes(source, "y") == 7
+        assert asked == [["y"]]
