@@ -184,7 +184,47 @@ def decode_line(line: bytes) -> dict | None:
         record = json.loads(line)
     except ValueError:
         return None
-    return record if isinstance(record, dict) and "type" in record else None
+    return record if isinstance(record, dict) and well_formed(record) else None
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def numeric_view(record: dict) -> dict:
+    """A ``batch``, ``epoch`` or ``system`` record as it is displayed and plotted: text
+    where measurements are numbers (a hand-edited file) shows as missing. Other
+    records are returned as they are."""
+    if record.get("type") not in ("batch", "epoch", "system"):
+        return record
+    return {k: None if isinstance(v, str) and k not in ("type", "run") else v for k, v in record.items()}
+
+
+def well_formed(record: Mapping) -> bool:
+    """Whether a record has what readers rely on (schema 1): a ``type``, a time ``t``,
+    whole-number positions and counts (a missing one counts as 0). Records written
+    by pipetrain always are; a file edited by hand or by another tool may not be, and
+    such a record is skipped like a torn line."""
+    kind = record.get("type")
+    if not isinstance(kind, str) or not is_number(record.get("t")):
+        return False
+    if kind in ("batch", "epoch", "system"):
+        positions = {"batch": ("epoch", "batch"), "epoch": ("epoch",)}.get(kind, ())
+        return all(record.get(k) is None or _is_int(record[k]) for k in positions)
+    if kind == "run":
+        resume, data = record.get("resume"), record.get("data", {})
+        if resume is not None and not (isinstance(resume, dict) and all(
+                _is_int(resume.get(k) or 0) for k in ("epoch", "batch"))):
+            return False
+        return isinstance(data, dict) and all(
+            data.get(k) is None or _is_int(data[k]) for k in ("rows", "batch_size", "steps_per_epoch", "epochs"))
+    if kind == "end":
+        return all(record.get(k) is None or _is_int(record[k]) for k in ("epochs", "steps"))
+    return True
 
 
 def parse_lines(data: bytes) -> tuple[list[dict], int]:

@@ -37,8 +37,8 @@ class Monitor:
 
     def __init__(self, interval: float = 2.0, emit: Callable[[dict], None] | None = None,
                  gpu: GpuProbe | None = None):
-        if interval <= 0:
-            raise ValueError(f"monitor interval={interval} must be > 0 seconds")
+        if not 0 < interval < float("inf"):  # nan too
+            raise ValueError(f"monitor interval={interval} must be a number of seconds > 0")
         self.interval, self.emit, self.gpu = interval, emit, gpu
         self.process = psutil.Process()
         self.process.cpu_percent(None)  # the first call only sets the reference point

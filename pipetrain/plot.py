@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from pipetrain.cli import EXIT_OK, BadInput
-from pipetrain.history import History, history_file, read_history, run_name
+from pipetrain.history import History, history_file, numeric_view, read_history, run_name
 from pipetrain.progress import epoch_metrics
 
 MAX_POINTS = 4000  # points drawn per line: enough for the eye, quick for a long run
@@ -201,6 +201,8 @@ def load(paths: Sequence[str | os.PathLike]) -> list[Series]:
             history = read_history(path)
         except OSError as e:
             raise BadInput(f"{path}: cannot read the history: {e.strerror or e}") from None
+        for table in ("batches", "epochs", "system"):
+            setattr(history, table, [numeric_view(r) for r in getattr(history, table)])
         if not history.runs:
             problem = f"{history.skipped} line(s) are not JSON records" if history.skipped else "it is empty"
             raise BadInput(f"{path}: no run to plot ({problem})")

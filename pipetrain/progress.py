@@ -36,7 +36,7 @@ from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
 
-from pipetrain.history import resume_point, superseded
+from pipetrain.history import is_number, numeric_view, resume_point, superseded
 
 REFRESH_S = 0.1  # the bar redraws at most ten times a second
 BAR_WIDTH = 30
@@ -84,10 +84,6 @@ def fmt_rate(samples_per_s: float | None) -> str:
     '21,755 samples/s'
     """
     return "-" if samples_per_s is None else f"{samples_per_s:,.0f} samples/s"
-
-
-def is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def metric_items(record: dict, skip: set[str]) -> list[tuple[str, object]]:
@@ -141,6 +137,7 @@ class RunState:
         self._current = _EpochSoFar()
 
     def add(self, record: dict) -> None:
+        record = numeric_view(record)
         if is_number(record.get("t")):
             self.last_t = record["t"]
         handler = {"run": self._run, "batch": self._batch, "epoch": self._epoch,
@@ -418,6 +415,7 @@ def summary(state: RunState, history_path=None) -> str:
 def lines_for(record: dict, state: RunState, history_path=None) -> list[str]:
     """The plain lines that ``record`` adds to a log of the run, once ``state`` has it:
     the run line, one line per epoch, and the closing summary."""
+    record = numeric_view(record)
     kind = record.get("type")
     if kind == "run":
         return [run_line(record)]

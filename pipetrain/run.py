@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import datetime as _dt
 import math
+import operator
 import os
 import platform
 import signal
@@ -204,13 +205,13 @@ class Run:
         recycle: bool = True,
         producer_priority: str = "idle",
     ):
-        for name, value in (("batch_size", batch_size), ("epochs", epochs)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise RunError(f"{name}={value!r} must be a whole number >= 1")
-        if workers < 1:
-            raise RunError(f"workers={workers!r} must be >= 1")
-        if max_queue < 1:
-            raise RunError(f"max_queue={max_queue!r} must be >= 1")
+        batch_size, epochs = _whole("batch_size", batch_size), _whole("epochs", epochs)
+        workers, max_queue = _whole("workers", workers), _whole("max_queue", max_queue)
+        if checkpoint_every:  # None or 0: at epoch ends only
+            checkpoint_every = _whole("checkpoint_every", checkpoint_every)
+        if monitor_interval is not None and not (isinstance(monitor_interval, (int, float))
+                                                 and 0 < monitor_interval < math.inf):
+            raise RunError(f"monitor_interval={monitor_interval!r} must be a number of seconds > 0 (or None)")
         if resume not in (True, False, "auto"):
             raise RunError(f"resume={resume!r}: expected True, False or 'auto'")
         if resume and overwrite:
@@ -858,6 +859,17 @@ def evaluate(model, source: H5Source, batch_size: int, *, workers: int = 2, max_
     if callbacks is not None:
         callbacks.on_test_end(logs)
     return logs
+
+
+def _whole(name: str, value) -> int:
+    """A whole number >= 1 (Python or numpy integers), or a RunError naming the setting."""
+    try:
+        number = operator.index(value)
+    except TypeError:
+        number = None
+    if number is None or isinstance(value, bool) or number < 1:
+        raise RunError(f"{name}={value!r} must be a whole number >= 1")
+    return number
 
 
 def _test_on_batch(model, batch: Batch) -> dict:

@@ -293,8 +293,6 @@ def memory_text(state: RunState) -> str:
 def cmd_tail(args) -> int:
     """``pipetrain tail FILE [--follow] [--raw] [--poll S]``."""
     path = history_file(args.file)
-    if args.poll <= 0:
-        raise BadInput(f"--poll: must be > 0 seconds, got {args.poll}")
     if not args.follow and not path.exists():
         raise BadInput(f"{path}: no such history file (--follow waits for it)")
     try:

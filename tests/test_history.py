@@ -306,3 +306,27 @@ def test_follow_returns_at_once_on_a_finished_history_and_waits_on_a_running_one
     start = time.monotonic()
     assert list(follow(path, poll=0.01, timeout=30)) == known_records()
     assert time.monotonic() - start < 5
+
+
+def test_records_that_break_the_schema_are_skipped_like_torn_lines(tmp_path):
+    """A file edited by hand or by another tool: records whose positions, counts or
+    times are not numbers would crash every reader; they are skipped and counted."""
+    good = [
+        {"type": "run", "run": "r", "t": 1.0, "data": {"rows": 10, "steps_per_epoch": 2}, "resume": None},
+        {"type": "batch", "run": "r", "t": 2.0, "epoch": 0, "batch": 0, "loss": 0.5, "gpu_mb": {"current": 1.0}},
+        {"type": "epoch", "run": "r", "t": 3.0, "epoch": 0, "loss": 0.5, "f1": [0.1, 0.2], "complete": True},
+        {"type": "end", "run": "r", "t": 4.0, "status": "completed", "epochs": 1, "steps": 2, "error": None},
+    ]
+    bad = [
+        {"type": "run", "run": "r", "t": 1.5, "data": {"rows": "abc"}},
+        {"type": "run", "run": "r", "t": 1.6, "resume": {"epoch": "a"}},
+        {"type": "run", "run": "r"},  # no time
+        {"type": "batch", "run": "r", "t": 2.5, "epoch": "a", "batch": 1},
+        {"type": "epoch", "run": "r", "t": True, "epoch": 0},
+        {"type": "end", "run": "r", "t": 4.5, "epochs": "one"},
+    ]
+    path = tmp_path / "h.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in good[:1] + bad + good[1:]))
+    h = read_history(path)
+    assert h.runs == good[:1] and h.batches == good[1:2] and h.epochs == good[2:3] and h.end == good[3]
+    assert h.skipped == len(bad)

@@ -91,3 +91,14 @@ def test_without_matplotlib_a_clear_line_and_exit_2(runs, capsys, monkeypatch):
     assert cli.main(["plot", "a/runs/exp", "-o", "x.png"]) == 2
     assert capsys.readouterr().err == 'pipetrain: pipetrain plot needs matplotlib: pip install "pipetrain[plot]"\n'
     assert not (runs / "x.png").exists()
+
+
+def test_text_where_numbers_belong_is_plotted_as_missing(tmp_path):
+    records = known_records()
+    for record in records:
+        if record["type"] in ("batch", "epoch", "system"):
+            record.update({k: "n/a" for k in ("loss", "samples_per_s", "rss_mb") if k in record})
+    records.insert(0, {"type": "run", "run": "x", "data": {"rows": "many"}})  # no time: skipped
+    write_records(tmp_path / "edited.jsonl", records)
+    assert cli.main(["plot", str(tmp_path / "edited.jsonl"), "-o", str(tmp_path / "e.png")]) == 0
+    assert png_size(tmp_path / "e.png")[0] > 0

@@ -114,6 +114,19 @@ def test_unknown_record_types_and_fields_are_ignored():
     assert text_of(dashboard(state_of(records), path)) == text_of(dashboard(state_of(known_records()), path))
 
 
+def test_text_where_numbers_belong_shows_as_missing(tmp_path, capsys):
+    """A hand-edited file: text in place of measurements is shown as '-', not a crash."""
+    records = known_records()
+    for record in records:
+        if record["type"] in ("batch", "epoch", "system"):
+            record.update({k: "n/a" for k in ("loss", "samples_per_s", "rss_mb", "input_bound_pct") if k in record})
+    write_records(tmp_path / "edited.jsonl", records)
+    assert cli.main(["tail", str(tmp_path / "edited.jsonl")]) == 0
+    out = capsys.readouterr().out
+    assert "Epoch 1/3  loss -  accuracy 0.8" in out
+    text_of(dashboard(state_of(records), Path("edited.jsonl")))  # draws
+
+
 def test_epoch_lines_show_a_non_finite_metric_and_a_partial_epoch():
     record = dict(known_records()[12], loss=None, complete=False, batches=4)
     assert epoch_line(record, 3) == (
@@ -249,7 +262,7 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys):
         (["tail", str(tmp_path / "missing.jsonl")], "missing.jsonl: no such history file (--follow waits for it)"),
         (["tail", "--follow", str(tmp_path / "notes.txt" / "h.jsonl")], "cannot read the history: Not a directory"),
         (["tail", str(tmp_path / "notes.txt")], "notes.txt: not a pipetrain history (no JSON records in 2 line(s))"),
-        (["tail", "--poll", "0", str(tmp_path / "notes.txt")], "--poll: must be > 0 seconds"),
+        (["tail", "--poll", "0", str(tmp_path / "notes.txt")], "--poll: must be a number of seconds above 0"),
     ]
     for args, message in cases:
         assert cli.main(args) == 2
