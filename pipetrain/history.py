@@ -90,7 +90,8 @@ class HistoryWriter:
     def _end_torn_line(self) -> None:
         """A process killed mid-write can leave half a line at the end: cut it off, so
         the file stays strict JSON Lines for jq and pandas. (It never held a record; a
-        follower sees the file shrink and reads it again from the top.)"""
+        follower sees the file shrink and reads it again from the top.) A whole record
+        that lacks only its newline is a record (read_history shows it): it gets one."""
         size = os.fstat(self._fd).st_size
         end = size
         while end > 0:
@@ -101,7 +102,11 @@ class HistoryWriter:
                 end = start + newline + 1
                 break
             end = start
-        if end != size:
+        if end == size:
+            return
+        if decode_line(os.pread(self._fd, size - end, end)) is not None:
+            os.write(self._fd, b"\n")
+        else:
             os.ftruncate(self._fd, end)
 
     def write(self, record: Mapping) -> None:

@@ -52,6 +52,16 @@ def test_a_torn_last_line_is_skipped_and_cut_before_appending(tmp_path):
     assert h.end["status"] == "completed" and h.skipped == 0  # strict JSON Lines again
 
 
+def test_a_whole_last_record_without_its_newline_is_kept_when_appending(tmp_path):
+    path = tmp_path / "h.jsonl"
+    path.write_bytes(b'{"type":"run","run":"r","t":0}\n{"type":"batch","run":"r","t":1,"epoch":0,"batch":0}')
+    assert len(read_history(path).batches) == 1
+    with HistoryWriter(path) as w:
+        w.write({"type": "end", "run": "r", "t": 2, "status": "completed"})
+    assert lines(path)[1:] == ['{"type":"batch","run":"r","t":1,"epoch":0,"batch":0}',
+                               '{"type":"end","run":"r","t":2,"status":"completed"}']
+
+
 def test_a_resumed_run_reads_as_one_continuous_history(tmp_path):
     path = tmp_path / "h.jsonl"
     with HistoryWriter(path) as w:
