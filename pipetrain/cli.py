@@ -14,7 +14,7 @@ import os
 import sys
 from pathlib import Path
 
-from pipetrain.errors import InputError
+from pipetrain.errors import InputError, is_bad_input, one_line
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
 
@@ -361,26 +361,11 @@ def main(argv: list[str] | None = None) -> int:
             import traceback
 
             traceback.print_exc()
-        code = EXIT_BAD_INPUT if _is_bad_input(e) else EXIT_FAILED
+        code = EXIT_BAD_INPUT if is_bad_input(e) else EXIT_FAILED
         failed = "training failed" if command == "train" else f"{command} failed"
         prefix = "pipetrain: " if code == EXIT_BAD_INPUT else f"pipetrain: {failed}: "
-        print(prefix + _one_line(e), file=sys.stderr)
+        print(prefix + one_line(e), file=sys.stderr)
         return code
-
-
-def _is_bad_input(e: BaseException) -> bool:
-    """Bad usage or bad data: an InputError, also when a producer thread met it (a
-    corrupt chunk) and it reached the consumer as the cause of a PipelineError."""
-    while e is not None:
-        if isinstance(e, InputError):
-            return True
-        e = e.__cause__ if type(e).__name__ == "PipelineError" else None
-    return False
-
-
-def _one_line(e: BaseException) -> str:
-    text = " ".join(str(e).split())
-    return text if isinstance(e, BadInput) or _is_bad_input(e) else (text or type(e).__name__)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -13,3 +13,20 @@ class InputError(ValueError):
 
 class RunError(InputError):
     """A run that cannot start as asked (an existing history, bad settings, no checkpoint)."""
+
+
+def is_bad_input(exc: BaseException | None) -> bool:
+    """Bad usage or bad data: an InputError, also when a producer thread met it (a
+    corrupt chunk) and it reached the consumer as the cause of a PipelineError."""
+    while exc is not None:
+        if isinstance(exc, InputError):
+            return True
+        exc = exc.__cause__ if type(exc).__name__ == "PipelineError" else None
+    return False
+
+
+def one_line(exc: BaseException, with_type: bool = False) -> str:
+    """An exception's message on one line; ``with_type`` prefixes the exception's type
+    unless it is bad input (whose message says all)."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return f"{type(exc).__name__}: {text}" if with_type and not is_bad_input(exc) else text

@@ -49,7 +49,7 @@ import psutil
 from pipetrain import __version__
 from pipetrain import checkpoint as ckpt
 from pipetrain.aggregate import MetricObjects, MetricSums, WeightedMeans, pythonify
-from pipetrain.errors import InputError, RunError
+from pipetrain.errors import RunError, one_line
 from pipetrain.history import SCHEMA, HistoryWriteError, HistoryWriter, jsonable, read_history
 from pipetrain.monitor import Monitor, gpu_probe, peak_rss_mb
 from pipetrain.pipeline import PRIORITIES, Batch, Prefetcher, plans_from
@@ -328,10 +328,12 @@ class Run:
                         old.unlink()
         if self.history_path is not None:
             self._writer = HistoryWriter(self.history_path)
-        if self.verbose:
-            self._progress = Progress(self.verbose, history_path=self.history_path)
+        started = False
         try:
+            if self.verbose:
+                self._progress = Progress(self.verbose, history_path=self.history_path)
             self.emit("run", **self._run_record(resume))
+            started = True
             if self.monitor_interval:
                 probe = gpu_probe(keras.backend.backend())
                 self._monitor = Monitor(self.monitor_interval, lambda s: self.emit("system", **s), probe)
@@ -339,8 +341,11 @@ class Run:
                 self._monitor.start()
             if self._signals is not None:
                 self._signals.install()
-        except BaseException:
+        except BaseException as e:
             with contextlib.suppress(Exception):  # the first error is the one to report
+                if started:  # a follower waits for the end of what began
+                    self.emit("end", status="failed", epochs=self.epochs_done, steps=self.steps_done,
+                              error=one_line(e, with_type=True), peak_rss_mb=round(peak_rss_mb(), 1), checkpoint=None)
                 self._close_sinks()
             raise
         return self
@@ -368,7 +373,7 @@ class Run:
             self.status = "interrupted"
             error = f"interrupted by {self._signals.received}" if self._signals and self._signals.received else "interrupted"
         else:
-            self.status, error = "failed", one_line(exc)
+            self.status, error = "failed", one_line(exc, with_type=True)
         try:
             if not isinstance(exc, HistoryWriteError):
                 self.emit(
@@ -880,13 +885,3 @@ def _test_on_batch(model, batch: Batch) -> dict:
         # tracing, traces again and finds its one-batch iterator spent. That call ran
         # nothing; the second one runs.
         return model.test_on_batch(batch.x, batch.y, sample_weight=batch.sample_weight, return_dict=True)
-
-
-def one_line(exc: BaseException | None) -> str | None:
-    """An exception as one line: its message, with the type unless it is bad input."""
-    if exc is None:
-        return None
-    text = " ".join(str(exc).split()) or type(exc).__name__
-    if isinstance(exc, InputError):
-        return text
-    return f"{type(exc).__name__}: {text}"
