@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import threading
 import time
-from collections import deque
 from collections.abc import Iterable
 
 from rich.console import Console
@@ -41,7 +40,6 @@ from pipetrain.history import is_number, numeric_view, resume_point, superseded
 REFRESH_S = 0.1  # the bar redraws at most ten times a second
 BAR_WIDTH = 30
 ETA_EPOCHS = 5  # finished epochs that the run's ETA averages over
-RATE_BATCHES = 50  # batches that the recent samples/s spans
 
 BATCH_KEYS = {"type", "run", "t", "epoch", "batch", "step", "size", "step_s", "wait_s", "samples_per_s"}
 EPOCH_KEYS = {
@@ -247,12 +245,12 @@ class RunState:
 
     @property
     def rate(self) -> float | None:
-        """Samples/s over the wall time of the latest batches of the current epoch
-        (the batch record's own rate until there are two)."""
-        so_far = self._so_far()
-        if so_far is None:
+        """Samples/s of the latest batches of the current epoch: the latest batch
+        record's own ``samples_per_s`` (the run measures it over its recent batches)."""
+        if self._so_far() is None:
             return None
-        return so_far.rate() or (self.batch or {}).get("samples_per_s")
+        rate = (self.batch or {}).get("samples_per_s")
+        return rate if is_number(rate) and rate > 0 else None
 
     @property
     def eta_s(self) -> float | None:
@@ -277,7 +275,7 @@ class RunState:
 
 class _EpochSoFar:
     """One epoch's figures so far: running means of its batch metrics (weighted by batch
-    size), its time waiting for data, and its recent pace over wall time."""
+    size) and its time waiting for data."""
 
     def __init__(self, epoch: int | None = None):
         self.epoch = epoch
@@ -286,8 +284,6 @@ class _EpochSoFar:
         self.wait_s = 0.0
         self.began: float | None = None  # when the first batch was handed out
         self.last_t: float | None = None
-        self.recent: deque[tuple[float, int]] = deque(maxlen=RATE_BATCHES)  # (t, samples so far)
-        self.total = 0
 
     def add(self, batch: dict) -> None:
         size = batch.get("size") or 0
@@ -302,8 +298,6 @@ class _EpochSoFar:
             if self.began is None:
                 self.began = t - wait - (batch.get("step_s") or 0.0)
             self.last_t = t
-            self.total += size
-            self.recent.append((t, self.total))
 
     def result(self) -> dict[str, float]:
         return {name: total / self.samples[name] for name, total in self.sums.items() if self.samples[name]}
@@ -313,11 +307,6 @@ class _EpochSoFar:
             return None
         return 100 * self.wait_s / (self.last_t - self.began)
 
-    def rate(self) -> float | None:
-        if len(self.recent) < 2:
-            return None
-        (t0, n0), (t1, n1) = self.recent[0], self.recent[-1]
-        return (n1 - n0) / (t1 - t0) if t1 > t0 else None
 
 
 # -- plain text -----------------------------------------------------------------------------
