@@ -266,6 +266,7 @@ class Run:
         self._signals = _Signals() if handle_signals else None
         self._sums: dict[tuple[int, str, str], MetricSums] = {}
         self._resumed: tuple[dict, dict] | None = None  # checkpoint (meta, arrays) to apply
+        self._saved_names: dict[str, str] = {}  # model name in the checkpoint -> name here
         self._writer: HistoryWriter | None = None
         self._monitor: Monitor | None = None
         self._progress: Progress | None = None
@@ -409,6 +410,10 @@ class Run:
         return self._epochs_iter
 
     def _epochs(self) -> Iterator[Epoch]:
+        if self._resumed is not None:  # a resumed run's CSV goes on where it stopped
+            for callback in self.callbacks.callbacks:
+                if isinstance(callback, keras.callbacks.CSVLogger):
+                    callback.append = True
         self.callbacks.on_train_begin()
         epoch_state = self._apply_checkpoint()
         previous: Epoch | None = None
@@ -431,15 +436,20 @@ class Run:
     def _end_epoch(self, epoch: Epoch) -> None:
         if epoch._iterator is not None:
             epoch._iterator.close()  # a batch loop left early: the batch in hand counts
-        epoch.end()
-        if epoch.batches < epoch.steps and not self._should_stop():
+        incomplete = epoch.batches < epoch.steps
+        if incomplete and not self._should_stop():
             # The loop left the epoch's batches without stopping the run: the run stops
             # here (rather than train the epoch again), resumable at the next batch.
             warnings.warn(f"epoch {epoch.index} left after {epoch.batches} of {epoch.steps} batches: "
                           "the run stops here (call run.stop() to say so)", stacklevel=3)
             self.stop_requested = True
-        if self.checkpoint_dir is not None:  # with the epoch so far if it is to go on
-            self.save_checkpoint(epoch if epoch.batches < epoch.steps else None)
+        if incomplete and self.checkpoint_dir is not None:
+            # Before the epoch's end reaches the callbacks: a resume trains the rest of
+            # the epoch and ends it once, as if it had never stopped.
+            self.save_checkpoint(epoch)
+        epoch.end()
+        if not incomplete and self.checkpoint_dir is not None:
+            self.save_checkpoint()
 
     def _end_training(self, last: Epoch | None) -> None:
         self._close_stream()
@@ -509,7 +519,7 @@ class Run:
         arrays.update(callback_arrays)
         arrays.update(rng_arrays)
         epoch_meta = None
-        if epoch is not None and (not epoch.ended or epoch.batches < epoch.steps):
+        if epoch is not None and not epoch.ended:
             epoch_meta, epoch_arrays = epoch.state()
             arrays.update(epoch_arrays)
         meta = {
@@ -552,15 +562,20 @@ class Run:
                 raise RunError(f"cannot resume {path}: {key} was {theirs!r}, now {ours.get(key)!r}")
         if list(meta["rows_per_file"]) != list(self.source.rows_per_file):
             raise RunError(f"cannot resume {path}: the data files have changed ({meta['rows_per_file']} rows then)")
-        if sorted(meta["models"]) != sorted(self.models):
+        if sorted(meta["models"]) == sorted(self.models):
+            saved = {name: name for name in self.models}
+        elif len(meta["models"]) == len(self.models) == 1:  # one model: its name may differ (sequential_3)
+            saved = {next(iter(self.models)): meta["models"][0]}
+        else:
             raise RunError(f"cannot resume {path}: the models were {meta['models']}, now {sorted(self.models)}")
+        self._saved_names = {saved_name: name for name, saved_name in saved.items()}
         self.run_id = meta["run_id"]
         self.epoch, self.batch = meta["position"]["epoch"], meta["position"]["batch"]
         self.steps_done, self.epochs_done = meta["steps_done"], meta["epochs_done"]
         targets = meta.get("optimizer_targets") or {}
         try:
             for name, model in self.models.items():
-                ckpt.restore_model(name, model, arrays, targets.get(name))
+                ckpt.restore_model(saved[name], model, arrays, targets.get(saved[name]))
         except ckpt.CheckpointError as e:
             raise RunError(f"cannot resume {path}: {e}") from e
         self._resumed = (meta, arrays)
@@ -829,7 +844,7 @@ class Epoch:
         self.run.metrics.load_state([arrays[k] for k in sorted((k for k in arrays if k.startswith("metrics/")),
                                                                key=lambda k: int(k.split("/")[1]))])
         for i, entry in enumerate(meta["models"]):
-            model = self.run.models[entry["name"]]
+            model = self.run.models[self.run._saved_names.get(entry["name"], entry["name"])]
             sums = self._track(model, entry["prefix"])
             if self._train_logs is None:
                 sums.load_state([arrays[f"sums/{i}/{j}"] for j in range(entry["arrays"])] or None)

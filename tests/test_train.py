@@ -303,3 +303,43 @@ def test_the_models_own_evaluate_in_a_callback_is_untouched_and_counts_nothing(b
     for got, want in callback.pairs:
         assert got["loss"] > 0
         assert_same_history(got, want)
+
+
+def test_a_resumed_run_continues_its_csv_log(binary_files, tmp_path):
+    train_paths, _ = binary_files
+    source = pipetrain.H5Source(train_paths, x="x", y="y")
+
+    def run(folder, epochs, resume=False):
+        model = binary_model()
+        pipetrain.train(model, source, epochs=epochs, batch_size=32, shuffle="none", verbose=0, resume=resume,
+                        history=folder / "history.jsonl", callbacks=[keras.callbacks.CSVLogger(str(folder / "log.csv"))])
+
+    run(tmp_path / "straight", 3)
+    run(tmp_path / "resumed", 1)
+    run(tmp_path / "resumed", 3, resume=True)  # the model is sequential_2 now, not sequential_1: one model, it fits
+    straight, resumed = ((tmp_path / f / "log.csv").read_text().splitlines() for f in ("straight", "resumed"))
+    assert resumed == straight  # one header, every epoch once, the same values
+
+
+def test_a_single_models_resume_mid_epoch_does_not_depend_on_its_name(binary_files, tmp_path):
+    train_paths, _ = binary_files
+    source = pipetrain.H5Source(train_paths, x="x", y="y")
+
+    class StopAt(keras.callbacks.Callback):  # the same callbacks on resume, this one idle then
+        def __init__(self, at=None):
+            super().__init__()
+            self.at = at
+
+        def on_train_batch_end(self, batch, logs=None):
+            if batch == self.at:
+                self.model.stop_training = True
+
+    straight = pipetrain.train(binary_model(), source, epochs=2, batch_size=32, shuffle="none", verbose=0,
+                               history=tmp_path / "a" / "history.jsonl")
+    pipetrain.train(binary_model(), source, epochs=2, batch_size=32, shuffle="none", verbose=0,
+                    history=tmp_path / "b" / "history.jsonl", callbacks=[StopAt(3)])
+    resumed = pipetrain.train(binary_model(), source, epochs=2, batch_size=32, shuffle="none", verbose=0,
+                              history=tmp_path / "b" / "history.jsonl", resume=True, callbacks=[StopAt()])
+    assert_same_history(resumed.history, {k: v[-len(resumed.history[k]):] for k, v in straight.history.items()})
+    a, b = (pipetrain.read_history(tmp_path / f / "history.jsonl") for f in ("a", "b"))
+    assert [e["loss"] for e in b.epochs] == [e["loss"] for e in a.epochs]
