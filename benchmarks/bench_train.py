@@ -1,6 +1,7 @@
 """pipetrain against the tools people would otherwise use, on the same files and model.
 
     python benchmarks/bench_train.py [--workload w1 w2] [--repeat 3] [--out benchmarks/results/train.json]
+    python benchmarks/bench_train.py --workload w1-raw --out benchmarks/results/train-w1-raw.json
 
 For each workload, in one process, variants run round-robin (so machine noise spreads
 evenly), each for ``--epochs`` epochs of which the first is warm-up (tracing, page
@@ -54,6 +55,9 @@ WORKLOADS = {
     # W1 of DESIGN.md: 100,000 x 784 float32, gzip level 1, chunks of 256 rows; an MLP.
     "w1": {"rows": 100_000, "features": (784,), "dtype": "float32", "compression": "gzip:1",
            "shuffle_filter": False, "batch": 256, "model": "mlp"},
+    # W1 uncompressed: producers only copy from the page cache (is decoding the cost?).
+    "w1-raw": {"rows": 100_000, "features": (784,), "dtype": "float32", "compression": "none",
+               "shuffle_filter": False, "batch": 256, "model": "mlp"},
     # Images as uint8 with the shuffle filter, and a small CNN (compute-heavy).
     "w2": {"rows": 20_000, "features": (32, 32, 3), "dtype": "uint8", "compression": "gzip:1",
            "shuffle_filter": True, "batch": 128, "model": "cnn"},
@@ -322,7 +326,7 @@ def table(name: str, r: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--workload", nargs="+", default=list(WORKLOADS), choices=list(WORKLOADS))
+    parser.add_argument("--workload", nargs="+", default=["w1", "w2"], choices=list(WORKLOADS))
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--epochs", type=int, default=3, help="per variant and round; the first is warm-up")
     parser.add_argument("--data-dir", help="keep the generated files here (default: a temporary folder)")
