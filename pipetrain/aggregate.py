@@ -318,13 +318,16 @@ class _InStepSums:
             return
         model, function, step = self.model, f"{self.step}_function", f"{self.step}_step"
         own = getattr(model, function, None)
+        own_step = vars(model).get(step)  # a step the user set on the instance, if any
         setattr(model, step, self.step_and_accumulate)
         setattr(model, function, self.function)
         try:
             yield
         finally:
             self.function = getattr(model, function, None)
-            if step in vars(model):
+            if own_step is not None:
+                setattr(model, step, own_step)
+            elif step in vars(model):
                 delattr(model, step)
             setattr(model, function, own)
 

@@ -86,7 +86,7 @@ def load(path: str | os.PathLike) -> tuple[dict, dict[str, np.ndarray]]:
         _check_archive(path)
         with np.load(path, allow_pickle=False) as data:
             arrays = {k: data[k] for k in data.files}
-        meta = json.loads(arrays.pop("__meta__").tobytes().decode())
+        meta = _check_meta(json.loads(arrays.pop("__meta__").tobytes().decode()))
     except Exception as e:  # not a zip, a damaged member, no or bad __meta__
         raise CheckpointError(f"{path}: cannot read the checkpoint ({_reason(e)})") from e
     return meta, arrays
@@ -97,9 +97,20 @@ def load_meta(path: str | os.PathLike) -> dict:
     try:
         _check_archive(path)
         with np.load(path, allow_pickle=False) as data:
-            return json.loads(data["__meta__"].tobytes().decode())
+            return _check_meta(json.loads(data["__meta__"].tobytes().decode()))
     except Exception as e:  # not a zip, a damaged member, no or bad __meta__
         raise CheckpointError(f"{path}: cannot read the checkpoint ({_reason(e)})") from e
+
+
+REQUIRED = ("run_id", "position", "steps_done", "epochs_done", "plan", "rows_per_file", "config", "models",
+            "callbacks", "rng", "epoch")
+
+
+def _check_meta(meta) -> dict:
+    missing = [key for key in REQUIRED if not isinstance(meta, dict) or key not in meta]
+    if missing:
+        raise ValueError(f"its document lacks {', '.join(missing)}")
+    return meta
 
 
 def _check_archive(path) -> None:

@@ -217,15 +217,21 @@ def _recorded(settings: dict) -> dict:
 
 def _run_to_resume(given: str) -> Path:
     """The history of the run that ``--resume`` names: a run folder, or a history file."""
+    from pipetrain.history import decode_line
+
     path = Path(given)
     if path.is_dir():
         found = [path / "history.jsonl"] if (path / "history.jsonl").exists() else sorted(path.glob("*.jsonl"))
         if len(found) != 1:
             raise BadInput(f"--resume {given}: no history file there (is it a run folder?)" if not found else
                            f"--resume {given}: several histories there; name one: {', '.join(str(f) for f in found)}")
-        return found[0]
-    if not path.is_file():
+        path = found[0]
+    elif not path.is_file():
         raise BadInput(f"--resume {given}: no such run folder or history file")
+    with open(path, "rb") as f:
+        first = decode_line(f.readline())
+    if first is None or first.get("type") != "run":  # never append to a file that is not a history
+        raise BadInput(f"--resume {given}: {path} is not a pipetrain history (its first line is not a run record)")
     return path
 
 

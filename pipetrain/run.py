@@ -436,7 +436,7 @@ class Run:
     def _end_epoch(self, epoch: Epoch) -> None:
         if epoch._iterator is not None:
             epoch._iterator.close()  # a batch loop left early: the batch in hand counts
-        incomplete = epoch.batches < epoch.steps
+        incomplete = epoch.batches < epoch.steps  # counters include the batches before a resume
         if incomplete and not self._should_stop():
             # The loop left the epoch's batches without stopping the run: the run stops
             # here (rather than train the epoch again), resumable at the next batch.
@@ -519,7 +519,7 @@ class Run:
         arrays.update(callback_arrays)
         arrays.update(rng_arrays)
         epoch_meta = None
-        if epoch is not None and not epoch.ended:
+        if epoch is not None and (not epoch.ended or epoch.batches < epoch.steps):  # mid-epoch: it goes on
             epoch_meta, epoch_arrays = epoch.state()
             arrays.update(epoch_arrays)
         meta = {
@@ -552,7 +552,10 @@ class Run:
             meta, arrays = ckpt.load(path)
         except ckpt.CheckpointError as e:
             raise RunError(str(e)) from e
-        runs = read_history(self.history_path).runs if self.history_path is not None and self.history_path.exists() else []
+        history = read_history(self.history_path) if self.history_path is not None and self.history_path.exists() else None
+        runs = history.runs if history is not None else []
+        if history is not None and not runs and self.history_path.stat().st_size:
+            raise RunError(f"{self.history_path}: not a pipetrain history (no run record); nothing was written to it")
         if runs and runs[-1].get("run") != meta["run_id"]:
             raise RunError(f"cannot resume {path}: it belongs to run {meta['run_id']}, "
                            f"but {self.history_path} to run {runs[-1].get('run')}")
@@ -783,6 +786,8 @@ class Epoch:
         callbacks' ``on_epoch_end``. Extra ``logs`` (say, your own validation) join it."""
         if self.ended:
             return self.logs
+        if self._iterator is not None:
+            self._iterator.close()  # a batch loop left early: the batch in hand counts
         self.ended = True
         run = self.run
         now = time.perf_counter()

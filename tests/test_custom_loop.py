@@ -186,3 +186,52 @@ def test_leaving_the_batch_loop_early_stops_the_run_resumably(tmp_path):
     assert all(e["complete"] for e in h.epochs)
     for a, b in zip(model.get_weights(), straight.get_weights(), strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+def test_an_epoch_ended_by_the_loop_itself_resumes_and_completes(tmp_path):
+    """A loop that leaves the batches and ends the epoch itself (with its own values):
+    the run stops there, and a resume trains the epoch's remaining batches once."""
+    x = np.random.default_rng(0).normal(size=(64, 4)).astype("float32")
+    path = write_h5(tmp_path / "d.h5", chunks=16, x=x, y=(x[:, 0] > 0).astype("float32"))
+
+    def run_loop(leave_at=None):
+        keras.utils.set_random_seed(0)
+        m = keras.Sequential([keras.Input((4,)), keras.layers.Dense(1, activation="sigmoid")], name="m")
+        m.compile("sgd", "binary_crossentropy")
+        with pipetrain.Run(pipetrain.H5Source(path, x="x", y="y"), batch_size=8, epochs=1, shuffle="none",
+                           models=m, verbose=0, history=tmp_path / "run" / "history.jsonl", resume="auto") as run:
+            for epoch in run.epochs():
+                for batch in epoch:
+                    epoch.train_on_batch(m, batch.x, batch.y)
+                    if batch.index == leave_at:
+                        break
+                epoch.end(mine=1.0)
+        return run
+
+    with pytest.warns(UserWarning, match="epoch 0 left after 5 of 8 batches"):
+        assert run_loop(leave_at=4).status == "stopped"
+    assert run_loop().status == "completed"
+    h = pipetrain.read_history(tmp_path / "run" / "history.jsonl")
+    assert [(r["epoch"], r["batch"]) for r in h.batches] == [(0, b) for b in range(8)]
+    assert h.epochs[-1]["complete"] and h.epochs[-1]["batches"] == 8 and h.epochs[-1]["mine"] == 1.0
+
+
+def test_a_train_step_set_on_the_model_stays_its_own(tmp_path):
+    x = np.random.default_rng(0).normal(size=(32, 4)).astype("float32")
+    path = write_h5(tmp_path / "d.h5", chunks=16, x=x, y=(x[:, 0] > 0).astype("float32"))
+    m = keras.Sequential([keras.Input((4,)), keras.layers.Dense(1, activation="sigmoid")])
+    m.compile("sgd", "binary_crossentropy")
+    calls = []
+    own = m.train_step
+
+    def mine(data):
+        calls.append(1)
+        return own(data)
+
+    m.train_step = mine
+    with pipetrain.Run(pipetrain.H5Source(path, x="x", y="y"), batch_size=8, epochs=1, shuffle="none",
+                       models=m, verbose=0) as run:
+        for epoch in run.epochs():
+            for batch in epoch:
+                epoch.train_on_batch(m, batch.x, batch.y)
+    assert vars(m)["train_step"] is mine and calls  # pipetrain's step wrapped the user's, then gave it back

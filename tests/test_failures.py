@@ -59,6 +59,7 @@ def folder(tmp_path):
     (tmp_path / "past" / "bad" / "checkpoint").mkdir(parents=True)
     (tmp_path / "past" / "bad" / "history.jsonl").write_text('{"type": "run", "run": "r1", "t": 1.0}\n')
     (tmp_path / "past" / "bad" / "checkpoint" / "ckpt-000000000004.npz").write_bytes(b"not a zip")
+    (tmp_path / "past" / "bad" / "model.keras").write_bytes(b"PK\x03\x04 a model, not a history")
     return tmp_path
 
 
@@ -82,6 +83,7 @@ BAD_INPUTS = {
     "history unwritable": (["--data", "d.h5", "--x", "x", "--y", "y", "--history", "d.h5/h.jsonl"], "cannot write the history"),
     "resume nothing": (["--resume", "nowhere"], "--resume nowhere: no such run folder or history file"),
     "resume a corrupt checkpoint": (["--resume", "past/bad"], "ckpt-000000000004.npz: cannot read the checkpoint (not an .npz archive)"),
+    "resume a model file": (["--resume", "past/bad/model.keras"], "model.keras is not a pipetrain history"),
     "another run's checkpoints": (["--data", "d.h5", "--x", "x", "--y", "y", "--history", "past/old/history.jsonl"],
                                   "past/old/checkpoint: holds the checkpoints of another run"),
     "history is a folder": (["--data", "d.h5", "--x", "x", "--y", "y", "--history", "past"], "past: is a folder"),
