@@ -111,11 +111,15 @@ class BufferPool:
         self._free: list[dict[str, np.ndarray]] = []
         self._permits = threading.Semaphore(capacity)
 
-    def acquire(self, stop: threading.Event, wait: bool = True) -> dict[str, np.ndarray] | None:
-        """A free buffer; None once ``stop`` is set, or at once without ``wait`` when
-        every buffer is in use."""
-        while not self._permits.acquire(timeout=POLL_S if wait else None, blocking=wait):
-            if stop.is_set() or not wait:
+    def acquire(self, stop: threading.Event, timeout: float | None = None) -> dict[str, np.ndarray] | None:
+        """A free buffer, waiting up to ``timeout`` seconds (None: as long as it takes);
+        None when the time is up or once ``stop`` is set."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            left = POLL_S if deadline is None else min(POLL_S, deadline - time.monotonic())
+            if self._permits.acquire(timeout=max(0.0, left)):
+                break
+            if stop.is_set() or (deadline is not None and time.monotonic() >= deadline):
                 return None
         try:
             return self._free.pop()
@@ -184,11 +188,13 @@ class BlockCache:
         it and the seconds spent decoding it ahead (both counted for its first user
         only). Without ``wait``, None while another thread is decoding it."""
         entry, new = self._entry(epoch, block, uses)
+        waited = False
         if new:
             self.fill(block, entry)
         elif not wait and not entry.ready.is_set():
             return None
         else:
+            waited = not entry.ready.is_set()
             while not entry.ready.wait(POLL_S):
                 if stop.is_set():
                     raise _Stopped
@@ -197,7 +203,8 @@ class BlockCache:
         with self._lock:
             fetched, seconds = entry.fetched, entry.ahead_s
             entry.fetched, entry.ahead_s = 0, 0.0
-        return entry.arrays, fetched, seconds
+        # Time spent waiting for a block decoded ahead is in the caller's own time already.
+        return entry.arrays, fetched, 0.0 if waited else seconds
 
     def done(self, epoch: int, block: int) -> None:
         """One planned user of the block has copied its rows."""
@@ -313,13 +320,15 @@ class Prefetcher(Iterator[Batch]):
         while True:
             if self._stop.is_set() or self._total is not None:
                 return None
-            buffers = self.pool.acquire(self._stop, wait=False)
+            buffers = self.pool.acquire(self._stop, timeout=0)
             if buffers is None:
                 if self._read_ahead():
                     continue
-                buffers = self.pool.acquire(self._stop)
+                # Wait for a buffer, looking again for read-ahead work now and then (the
+                # look-ahead moves on when another worker takes the next batch).
+                buffers = self.pool.acquire(self._stop, timeout=POLL_S)
                 if buffers is None:
-                    return None
+                    continue
             with self._dispatch:
                 if self._stop.is_set() or self._total is not None:
                     self.pool.release(buffers)
