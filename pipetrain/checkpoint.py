@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from pipetrain.errors import RunError
+from pipetrain.history import run_records
 
 KEEP = 2  # checkpoints kept: the newest, and one before it
 
@@ -46,6 +47,16 @@ def check_new_run(history: Path, folder: Path | None, overwrite: bool) -> None:
     if folder is not None and latest(folder) is not None:
         raise RunError(f"{folder}: holds the checkpoints of another run; pass --resume to continue it, "
                        "--overwrite to replace it, or choose another folder")
+
+
+def check_resume(history: Path, run_id: str | None = None) -> None:
+    """Refuse to resume into a file that is not a pipetrain history (nothing is written
+    to it), or, given the checkpoint's ``run_id``, into another run's history."""
+    runs = run_records(history) if history.is_file() else []
+    if not runs and history.is_file() and history.stat().st_size:
+        raise RunError(f"{history} is not a pipetrain history (no run record); nothing was written to it")
+    if run_id is not None and runs and runs[-1].get("run") != run_id:
+        raise RunError(f"{history} belongs to run {runs[-1].get('run')}, but its checkpoint to run {run_id}")
 
 
 def latest(folder: str | os.PathLike) -> Path | None:
@@ -82,24 +93,24 @@ def save(folder: str | os.PathLike, step: int, meta: dict, arrays: dict[str, np.
 
 def load(path: str | os.PathLike) -> tuple[dict, dict[str, np.ndarray]]:
     """The JSON document and the arrays of a checkpoint file."""
-    try:
-        _check_archive(path)
-        with np.load(path, allow_pickle=False) as data:
-            arrays = {k: data[k] for k in data.files}
-        meta = _check_meta(json.loads(arrays.pop("__meta__").tobytes().decode()))
-    except Exception as e:  # not a zip, a damaged member, no or bad __meta__
-        raise CheckpointError(f"{path}: cannot read the checkpoint ({_reason(e)})") from e
-    return meta, arrays
+    return _read(path, with_arrays=True)
 
 
 def load_meta(path: str | os.PathLike) -> dict:
     """The JSON document of a checkpoint file alone (the arrays stay on disk)."""
+    return _read(path, with_arrays=False)[0]
+
+
+def _read(path, with_arrays: bool) -> tuple[dict, dict[str, np.ndarray]]:
     try:
-        _check_archive(path)
+        if not zipfile.is_zipfile(path):  # numpy would take it for a pickle
+            raise ValueError("not an .npz archive")
         with np.load(path, allow_pickle=False) as data:
-            return _check_meta(json.loads(data["__meta__"].tobytes().decode()))
+            meta = _check_meta(json.loads(data["__meta__"].tobytes().decode()))
+            arrays = {k: data[k] for k in data.files if k != "__meta__"} if with_arrays else {}
     except Exception as e:  # not a zip, a damaged member, no or bad __meta__
         raise CheckpointError(f"{path}: cannot read the checkpoint ({_reason(e)})") from e
+    return meta, arrays
 
 
 REQUIRED = ("run_id", "position", "steps_done", "epochs_done", "plan", "rows_per_file", "config", "models",
@@ -111,11 +122,6 @@ def _check_meta(meta) -> dict:
     if missing:
         raise ValueError(f"its document lacks {', '.join(missing)}")
     return meta
-
-
-def _check_archive(path) -> None:
-    if not zipfile.is_zipfile(path):  # numpy would take it for a pickle
-        raise ValueError("not an .npz archive")
 
 
 def _reason(e: Exception) -> str:

@@ -217,7 +217,7 @@ def _recorded(settings: dict) -> dict:
 
 def _run_to_resume(given: str) -> Path:
     """The history of the run that ``--resume`` names: a run folder, or a history file."""
-    from pipetrain.history import decode_line
+    from pipetrain import checkpoint
 
     path = Path(given)
     if path.is_dir():
@@ -228,10 +228,7 @@ def _run_to_resume(given: str) -> Path:
         path = found[0]
     elif not path.is_file():
         raise BadInput(f"--resume {given}: no such run folder or history file")
-    with open(path, "rb") as f:
-        first = decode_line(f.readline())
-    if first is None or first.get("type") != "run":  # never append to a file that is not a history
-        raise BadInput(f"--resume {given}: {path} is not a pipetrain history (its first line is not a run record)")
+    checkpoint.check_resume(path)  # before the model loads: never append to a file that is not a history
     return path
 
 

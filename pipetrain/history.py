@@ -341,6 +341,21 @@ class History:
         }
 
 
+RUN_LINE = b'{"type":"run"'  # how the writer begins every run record (see encode)
+
+
+def run_records(path: str | os.PathLike) -> list[dict]:
+    """The ``run`` records of a history file, in order, decoding only the lines that
+    begin as the writer begins a run record: a long run's batch lines are not parsed
+    (a file whose lines are written otherwise is read whole)."""
+    data = Path(path).read_bytes()
+    runs = [r for r in map(decode_line, (line for line in data.split(b"\n") if line.startswith(RUN_LINE)))
+            if r is not None and r["type"] == "run"]
+    if not runs and data.strip():
+        runs = [r for r in parse_lines(data + b"\n")[0] if r["type"] == "run"]
+    return runs
+
+
 def read_history(path: str | os.PathLike) -> History:
     """Read a history file (or a run folder's) as one continuous :class:`History`.
 

@@ -40,8 +40,6 @@ from pipetrain.source import H5Source
 
 POLL_S = 0.1  # how often blocked waits look at the stop flag
 PRIORITIES = ("idle", "low", "normal")
-
-
 STARVED_S = 0.5  # a wait this long for one batch means idle-priority producers starve
 
 
@@ -172,8 +170,7 @@ class BlockCache:
         ``ahead``: decoded before any batch asked, so its time is not in a batch's yet."""
         t0 = time.perf_counter()
         try:
-            b = self.blocks
-            entry.arrays, entry.fetched = self.source.read(int(b.file[block]), int(b.start[block]), int(b.stop[block]))
+            entry.arrays, entry.fetched = self.source.read(*self.blocks.span(block))
         except BaseException as e:
             entry.error = e
         finally:
@@ -425,9 +422,7 @@ class Prefetcher(Iterator[Batch]):
         shared = []
         for part in plan.parts:
             if self._direct(part):
-                b = part.block
-                _, n = self.source.read(int(blocks.file[b]), int(blocks.start[b]), int(blocks.stop[b]),
-                                        out={name: dest[part.dst] for name, dest in out.items()})
+                _, n = self.source.read(*blocks.span(part.block), out={name: dest[part.dst] for name, dest in out.items()})
                 fetched += n
                 continue
             shared.append(part)

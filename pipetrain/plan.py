@@ -87,6 +87,10 @@ class Blocks:
     def __len__(self) -> int:
         return len(self.file)
 
+    def span(self, block: int) -> tuple[int, int, int]:
+        """(file, start, stop) of a block, as ``H5Source.read`` takes them."""
+        return int(self.file[block]), int(self.start[block]), int(self.stop[block])
+
 
 class Plan:
     """Batches of ``batch_size`` rows over files of ``rows_per_file`` rows.

@@ -404,12 +404,11 @@ def summary(state: RunState, history_path=None) -> str:
 def lines_for(record: dict, state: RunState, history_path=None) -> list[str]:
     """The plain lines that ``record`` adds to a log of the run, once ``state`` has it:
     the run line, one line per epoch, and the closing summary."""
-    record = numeric_view(record)
     kind = record.get("type")
     if kind == "run":
         return [run_line(record)]
     if kind == "epoch":
-        return [epoch_line(record, state.epochs_total)]
+        return [epoch_line(numeric_view(record), state.epochs_total)]
     if kind == "end":
         return summary(state, history_path).splitlines()
     return []

@@ -50,7 +50,7 @@ from pipetrain import __version__
 from pipetrain import checkpoint as ckpt
 from pipetrain.aggregate import MetricObjects, MetricSums, WeightedMeans, pythonify
 from pipetrain.errors import RunError, one_line
-from pipetrain.history import SCHEMA, HistoryWriteError, HistoryWriter, jsonable, read_history
+from pipetrain.history import SCHEMA, HistoryWriteError, HistoryWriter, jsonable
 from pipetrain.monitor import Monitor, gpu_probe, peak_rss_mb
 from pipetrain.pipeline import PRIORITIES, Batch, Prefetcher, plans_from
 from pipetrain.plan import Plan
@@ -434,8 +434,7 @@ class Run:
         self._end_training(previous)
 
     def _end_epoch(self, epoch: Epoch) -> None:
-        if epoch._iterator is not None:
-            epoch._iterator.close()  # a batch loop left early: the batch in hand counts
+        epoch._close_batches()
         incomplete = epoch.batches < epoch.steps  # counters include the batches before a resume
         if incomplete and not self._should_stop():
             # The loop left the epoch's batches without stopping the run: the run stops
@@ -552,13 +551,8 @@ class Run:
             meta, arrays = ckpt.load(path)
         except ckpt.CheckpointError as e:
             raise RunError(str(e)) from e
-        history = read_history(self.history_path) if self.history_path is not None and self.history_path.exists() else None
-        runs = history.runs if history is not None else []
-        if history is not None and not runs and self.history_path.stat().st_size:
-            raise RunError(f"{self.history_path}: not a pipetrain history (no run record); nothing was written to it")
-        if runs and runs[-1].get("run") != meta["run_id"]:
-            raise RunError(f"cannot resume {path}: it belongs to run {meta['run_id']}, "
-                           f"but {self.history_path} to run {runs[-1].get('run')}")
+        if self.history_path is not None:
+            ckpt.check_resume(self.history_path, meta["run_id"])
         ours = self.plan.describe()
         for key, theirs in meta["plan"].items():
             if ours.get(key) != theirs:
@@ -662,6 +656,11 @@ class Epoch:
             self._t_train_end = time.perf_counter()
             # The stream is positioned at the next epoch only if this one ran to its end.
             run._stream_at = (self.index + 1, 0) if finished and not run.stop_requested else None
+
+    def _close_batches(self) -> None:
+        """Close the batch loop; if it was left early, the batch in hand counts."""
+        if self._iterator is not None:
+            self._iterator.close()
 
     def _finish_batch(self, check: bool = True) -> None:
         batch, run = self._current, self.run
@@ -786,8 +785,7 @@ class Epoch:
         callbacks' ``on_epoch_end``. Extra ``logs`` (say, your own validation) join it."""
         if self.ended:
             return self.logs
-        if self._iterator is not None:
-            self._iterator.close()  # a batch loop left early: the batch in hand counts
+        self._close_batches()
         self.ended = True
         run = self.run
         now = time.perf_counter()

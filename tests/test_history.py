@@ -13,7 +13,7 @@ import time
 import numpy as np
 import pytest
 
-from pipetrain.history import HistoryWriter, follow, read_history
+from pipetrain.history import HistoryWriter, follow, read_history, run_records
 
 
 def lines(path):
@@ -340,3 +340,13 @@ def test_records_that_break_the_schema_are_skipped_like_torn_lines(tmp_path):
     h = read_history(path)
     assert h.runs == good[:1] and h.batches == good[1:2] and h.epochs == good[2:3] and h.end == good[3]
     assert h.skipped == len(bad)
+
+
+def test_run_records_are_those_read_history_finds(tmp_path):
+    path = tmp_path / "h.jsonl"
+    write_records(path, resumed_records())
+    assert len(run_records(path)) == 2 and run_records(path) == read_history(path).runs
+    # Written by another tool, keys in another order: read whole, the same records.
+    other = tmp_path / "other.jsonl"
+    other.write_text("".join(json.dumps(dict(reversed(list(r.items())))) + "\n" for r in resumed_records()))
+    assert run_records(other) == read_history(other).runs and len(run_records(other)) == 2
