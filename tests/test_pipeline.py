@@ -287,7 +287,9 @@ def test_producers_run_at_the_priority_asked(files, priority):
 
 @pytest.mark.skipif(not hasattr(os, "sched_getscheduler"), reason="Linux scheduling policies")
 def test_starving_idle_producers_are_raised_to_normal_priority(make_h5):
-    path = make_h5("slow.h5", chunks=10, x=np.zeros((40, 3), np.float32))
+    # Many batches and a short queue: after the starved batch the producers are still
+    # alive, waiting for buffers, so their scheduling policy can be read.
+    path = make_h5("slow.h5", chunks=10, x=np.zeros((200, 3), np.float32))
     with H5Source(path, x="x") as source:
         plan = Plan(source.rows_per_file, 10, block_rows=10)
         original = source.read
@@ -299,7 +301,7 @@ def test_starving_idle_producers_are_raised_to_normal_priority(make_h5):
 
         source.read = slow
         policies = []
-        with Prefetcher(source, plan.batches(0), plan.blocks, 10, workers=2, priority="idle") as stream:
+        with Prefetcher(source, plan.batches(0), plan.blocks, 10, workers=2, max_queue=2, priority="idle") as stream:
             assert stream.priority == "idle"
             for batch in stream:
                 if batch.wait_s > 0.5:  # right after the starved batch, while the threads live
