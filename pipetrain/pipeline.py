@@ -279,6 +279,7 @@ class Prefetcher(Iterator[Batch]):
             raise ValueError(f"priority={priority!r}: expected one of {', '.join(PRIORITIES)}")
         self.source, self.priority = source, priority
         self._tids: list[int] = []  # the producers' thread ids, to raise their priority
+        self._priority_lock = threading.Lock()
         if max_queue_bytes is not None:
             batch_bytes = batch_size * sum(f.row_bytes for f in source.fields.values())
             max_queue = max(1, min(max_queue, max_queue_bytes // max(1, batch_bytes)))
@@ -393,9 +394,10 @@ class Prefetcher(Iterator[Batch]):
         return part.uses == 1 and isinstance(part.src, slice) and part.src == slice(0, rows)
 
     def _work(self) -> None:
-        self._tids.append(threading.get_native_id())
-        if self.priority != "normal":
-            set_priority(self.priority)
+        with self._priority_lock:  # not between raise_priority's reading and its setting
+            self._tids.append(threading.get_native_id())
+            if self.priority != "normal":
+                set_priority(self.priority)
         while not self._stop.is_set():
             taken = self._take()
             if taken is None:
@@ -487,9 +489,10 @@ class Prefetcher(Iterator[Batch]):
 
     def raise_priority(self) -> None:
         """Put the producers at normal priority for the rest of the stream."""
-        for tid in list(self._tids):
-            set_priority("normal", tid)
-        self.priority = "normal"
+        with self._priority_lock:
+            for tid in self._tids:
+                set_priority("normal", tid)
+            self.priority = "normal"
 
     def _release_held(self) -> None:
         if self._held is not None:

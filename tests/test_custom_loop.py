@@ -39,8 +39,9 @@ def gan_runs(tmp_path_factory):
     victim = run_script(killed)
     history = killed / "runs" / "gan" / "history.jsonl"
     deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and (not history.exists() or history.read_text().count('"type":"batch"') < 100):
+    while time.monotonic() < deadline and (not history.exists() or history.read_text().count('"type":"batch"') < 60):
         time.sleep(0.05)
+    assert victim.poll() is None, "the run ended before it could be killed"
     victim.send_signal(signal.SIGKILL)
     victim.wait(30)
     assert straight.wait(180) == 0, straight.stderr.read()

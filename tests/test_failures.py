@@ -200,7 +200,9 @@ def test_a_signal_stops_at_the_next_batch_with_a_checkpoint_and_exit_130(folder,
     proc.send_signal(sig)
     t0 = time.monotonic()
     _, err = proc.communicate(timeout=30)
-    assert time.monotonic() - t0 < 5
+    # Seconds, not an epoch's worth of work or a hang (the checkpoint position below
+    # shows it stopped at the next batch); generous, for a busy machine.
+    assert time.monotonic() - t0 < 20
     assert proc.returncode == 130, err
     assert f"stopped by {sig.name}" in err and "resume with: pipetrain train --resume" in err
     h = pipetrain.read_history(history)

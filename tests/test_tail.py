@@ -277,8 +277,8 @@ def test_tail_follow_started_before_a_real_run_ends_by_itself(tmp_path):
     tail = subprocess.Popen([*command, "tail", "runs/live", "--follow", "--poll", "0.05"], cwd=tmp_path,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        time.sleep(0.3)
-        assert tail.poll() is None  # waiting for the file
+        assert "waiting for runs/live/history.jsonl to appear" in tail.stderr.readline()
+        assert tail.poll() is None
         train = subprocess.run([*command, "train", "--epochs", "2", "--name", "live"], cwd=tmp_path,
                                capture_output=True, text=True, timeout=180)
         assert train.returncode == 0, train.stderr
@@ -286,7 +286,6 @@ def test_tail_follow_started_before_a_real_run_ends_by_itself(tmp_path):
     finally:
         tail.kill()
     assert tail.returncode == 0, err
-    assert "waiting for runs/live/history.jsonl to appear" in err
     # The watcher prints exactly what the training process printed into its pipe.
     assert out == train.stdout
     assert [line.split()[1] for line in out.splitlines() if line.startswith("Epoch")] == ["1/2", "2/2"]
