@@ -1,4 +1,4 @@
-"""README.md is what users run: CI runs its test command verbatim."""
+"""README.md is what users run: CI runs its test command verbatim, and its examples run as written."""
 
 import re
 import subprocess
