@@ -2,6 +2,7 @@
 
 import os
 import signal
+import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # Ctrl-C as an interactive shell delivers it, even when the tests were started with
@@ -13,6 +14,16 @@ from pathlib import Path  # noqa: E402
 import h5py  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+
+
+def wait_until(condition, timeout: float = 30.0, poll: float = 0.01) -> bool:
+    """Poll ``condition`` until it holds or ``timeout`` seconds pass; whether it holds.
+    Threads at idle priority and processes on a busy machine may take a while: a test
+    states what becomes true, not how soon."""
+    deadline = time.monotonic() + timeout
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(poll)
+    return condition()
 
 
 def write_h5(path: Path, chunks: int | None = 16, compression: str | None = "gzip", **datasets) -> Path:

@@ -5,7 +5,6 @@ import re
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import keras
@@ -13,7 +12,7 @@ import numpy as np
 import pytest
 
 import pipetrain
-from tests.conftest import write_h5
+from tests.conftest import wait_until, write_h5
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -38,9 +37,7 @@ def gan_runs(tmp_path_factory):
     straight = run_script(whole)
     victim = run_script(killed)
     history = killed / "runs" / "gan" / "history.jsonl"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and (not history.exists() or history.read_text().count('"type":"batch"') < 60):
-        time.sleep(0.05)
+    wait_until(lambda: history.exists() and history.read_text().count('"type":"batch"') >= 60, timeout=120, poll=0.05)
     assert victim.poll() is None, "the run ended before it could be killed"
     victim.send_signal(signal.SIGKILL)
     victim.wait(30)

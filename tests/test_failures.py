@@ -16,7 +16,7 @@ import pytest
 
 import pipetrain
 from pipetrain import checkpoint
-from tests.conftest import write_h5
+from tests.conftest import wait_until, write_h5
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -194,9 +194,7 @@ def test_a_signal_stops_at_the_next_batch_with_a_checkpoint_and_exit_130(folder,
          "--batch-size", "8", "--checkpoint-every", "1000000", "--quiet", "--history", str(history)],
         cwd=folder, stderr=subprocess.PIPE, text=True,
     )
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and (not history.exists() or history.read_text().count('"batch"') < 50):
-        time.sleep(0.05)
+    wait_until(lambda: history.exists() and history.read_text().count('"batch"') >= 50, timeout=60, poll=0.05)
     proc.send_signal(sig)
     t0 = time.monotonic()
     _, err = proc.communicate(timeout=30)

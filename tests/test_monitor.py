@@ -7,6 +7,7 @@ import time
 import numpy as np
 
 from pipetrain.monitor import Monitor, gpu_probe, peak_rss_mb
+from tests.conftest import wait_until
 
 
 def test_a_sample_describes_this_process():
@@ -24,9 +25,7 @@ def test_samples_arrive_on_a_thread_at_the_interval_and_stop():
     got = []
     t0 = time.monotonic()
     with Monitor(interval=0.05, emit=got.append) as monitor:
-        deadline = t0 + 30
-        while len(got) < 4 and time.monotonic() < deadline:  # samples keep arriving
-            time.sleep(0.01)
+        wait_until(lambda: len(got) >= 4)  # samples keep arriving
     elapsed = time.monotonic() - t0
     count = len(got)
     # Every sample follows a full interval's wait: never more than the time allows.
@@ -58,7 +57,5 @@ def test_a_failing_sample_stops_the_monitor_not_the_training():
         raise RuntimeError("driver gone")
 
     with Monitor(interval=0.02, gpu=broken) as monitor:
-        deadline = time.monotonic() + 30
-        while monitor.error is None and time.monotonic() < deadline:
-            time.sleep(0.01)
+        wait_until(lambda: monitor.error is not None)
     assert isinstance(monitor.error, RuntimeError)

@@ -14,19 +14,11 @@ import pipetrain.pipeline
 from pipetrain.pipeline import PipelineError, Prefetcher, plans_from
 from pipetrain.plan import Plan
 from pipetrain.source import H5Source
+from tests.conftest import wait_until
 
 
 def producer_threads() -> list[threading.Thread]:
     return [t for t in threading.enumerate() if "-producer-" in t.name]
-
-
-def wait_until(condition, timeout=30.0) -> bool:
-    """Poll ``condition`` until it holds: idle-priority producers on a busy machine may
-    take a while, and a test should state what becomes true, not how soon."""
-    deadline = time.monotonic() + timeout
-    while not condition() and time.monotonic() < deadline:
-        time.sleep(0.01)
-    return condition()
 
 
 @pytest.fixture(autouse=True)
