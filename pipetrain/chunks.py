@@ -13,9 +13,16 @@ touches neither h5py nor HDF5:
    shuffle filter), or none when a whole chunk decodes straight into the output.
 
 Anything this path cannot reproduce byte for byte makes `open_chunk_reader` return a
-one-line reason instead, and the caller falls back to h5py's own read. A reader also
-checks itself against h5py when it is opened (chunk addresses and two row-chunks), so
-a surprise in the file format shows up as a fallback, not as wrong data.
+one-line reason instead, and the caller falls back to h5py's own read.
+
+A damaged file is never a quiet answer. The index is checked when the reader opens
+(every chunk inside the dataset and the file, once, not overlapping another); the first
+and last row-chunks are compared with h5py's read; and the first read of each chunk
+asks HDF5's own lookup for it (``read_direct_chunk``, a search of the index, not a
+decode) and compares the stored bytes, so that rows HDF5 would not find (a damaged
+index node: h5py returns fill values there) or would read elsewhere are not read from
+the wrong place either. Each of these raises :class:`DamagedChunk`, which names the
+file, the dataset and the rows.
 """
 
 from __future__ import annotations
@@ -30,8 +37,14 @@ import h5py
 import numpy as np
 
 from pipetrain.codecs import FILTER_NAMES, Stage, stages, unshuffle_planes
+from pipetrain.errors import InputError
 
-__all__ = ["ChunkReader", "open_chunk_reader", "read_path"]
+__all__ = ["ChunkReader", "DamagedChunk", "check_index", "open_chunk_reader", "read_path"]
+
+
+class DamagedChunk(InputError):
+    """Stored rows that cannot be read as the file describes them (a corrupt or truncated
+    chunk, a damaged chunk index), said in one line naming the file, dataset and rows."""
 
 # File drivers whose file is one ordinary file on disk, addressed as HDF5 addresses it.
 _PLAIN_DRIVERS = ("sec2", "stdio")
@@ -92,6 +105,7 @@ class ChunkReader:
         sizes: np.ndarray,
         masks: np.ndarray,
         filters: tuple[str, ...],
+        dsid=None,
     ):
         self.shape = tuple(int(n) for n in shape)
         self.dtype = np.dtype(dtype)
@@ -115,6 +129,10 @@ class ChunkReader:
         self._max_stored = max(int(sizes.max()) if sizes.size else 0, self._chunk_nbytes)
         self._plans: dict[int, tuple[tuple[Stage, ...], int]] = {}
         self._local = threading.local()
+        # HDF5's own lookup of each stored chunk, made on its first read (see the module
+        # docstring); without a dataset to ask (tests), nothing is checked.
+        self._dsid = dsid
+        self._checked = np.zeros(self._offsets.shape, bool) if dsid is not None else None
         self.codec = _describe(filters, [s for s in stages if s is not None])
 
     # -- public ---------------------------------------------------------------------
@@ -198,8 +216,10 @@ class ChunkReader:
 
         if not stages and not unshuffle and whole and size == self._chunk_nbytes:
             self._pread(direct, offset, size, row_chunk, column, start, stop)
+            self._lookup(row_chunk, column, direct, start, stop)
             return size
         data = self._pread(scratch.stored[:size], offset, size, row_chunk, column, start, stop)
+        self._lookup(row_chunk, column, data, start, stop)
         for index, stage in enumerate(stages):
             last = index == len(stages) - 1
             dest = (direct if whole and not unshuffle else scratch.decoded) if last else None
@@ -208,13 +228,13 @@ class ChunkReader:
             except MemoryError:
                 raise
             except Exception as exc:  # codecs raise their own types; name the chunk
-                raise ValueError(
+                raise DamagedChunk(
                     f"{self._where(row_chunk, column, start, stop)}: "
                     f"{stage.name} via {stage.via}: {exc}"
                 ) from exc
         decoded = memoryview(data).nbytes
         if decoded != self._chunk_nbytes:
-            raise ValueError(
+            raise DamagedChunk(
                 f"{self._where(row_chunk, column, start, stop)}: decoded {decoded} "
                 f"bytes, expected {self._chunk_nbytes}"
             )
@@ -251,12 +271,34 @@ class ChunkReader:
                     f"read failed at byte {offset + done}: {exc.strerror}",
                 ) from exc
             if got <= 0:
-                raise OSError(
+                raise DamagedChunk(
                     f"{self._where(row_chunk, column, start, stop)}: short read, "
                     f"{done} of {size} bytes at byte {offset} (file truncated?)"
                 )
             done += got
         return into
+
+    def _lookup(self, row_chunk: int, column: int, stored: np.ndarray, start: int, stop: int) -> None:
+        """Once per chunk: HDF5's own index search must find the same stored bytes (and
+        filter mask) that the index walk gave us, else HDF5's read would differ."""
+        if self._checked is None or self._checked[row_chunk, column]:
+            return
+        origin = (row_chunk * self.chunks[0],) + self._parts[column].origin
+        try:
+            mask, expected = self._dsid.read_direct_chunk(origin)
+        except Exception as exc:  # h5py raises OSError, or others on a damaged index
+            raise DamagedChunk(
+                f"{self._where(row_chunk, column, start, stop)}: the chunk index is damaged "
+                f"(HDF5's own lookup fails: {' '.join(str(exc).split())})"
+            ) from None
+        if int(mask) != int(self._masks[row_chunk, column]) or not np.array_equal(
+            np.frombuffer(expected, np.uint8), np.frombuffer(stored, np.uint8)
+        ):
+            raise DamagedChunk(
+                f"{self._where(row_chunk, column, start, stop)}: the chunk index is damaged "
+                "(HDF5's own lookup finds other bytes than its index lists)"
+            )
+        self._checked[row_chunk, column] = True
 
     def _plan(self, mask: int) -> tuple[tuple[Stage, ...], int]:
         """Decode stages (in decode order) for a chunk's filter mask, and the unshuffle item size.
@@ -350,7 +392,10 @@ def open_chunk_reader(dset: h5py.Dataset) -> ChunkReader | str:
 
 def read_path(dset) -> str:
     """One line saying which path pipetrain will use for this dataset and why (for `pipetrain inspect`)."""
-    reader = open_chunk_reader(dset)
+    try:
+        reader = open_chunk_reader(dset)
+    except DamagedChunk as exc:
+        return f"damaged: {exc}"
     if isinstance(reader, str):
         return f"h5py read (threads take turns under h5py's lock): {reader}"
     with reader:
@@ -375,12 +420,14 @@ def _open_chunk_reader(
     filters = tuple(
         FILTER_NAMES.get(dcpl.get_filter(i)[0], "?") for i in range(dcpl.get_nfilters())
     )
-
+    filename = dset.file.filename
+    name = (dset.name or "(anonymous)").lstrip("/")
     try:
         offsets, sizes, masks, first = _chunk_index(dset)
-    except (OSError, RuntimeError, ValueError) as exc:
-        return f"cannot read the chunk index: {exc}"
-    filename = dset.file.filename
+    except Exception as exc:  # a damaged index node: HDF5 fails to walk it
+        raise DamagedChunk(
+            f"{filename}: dataset '{name}': the chunk index is damaged ({' '.join(str(exc).split())})"
+        ) from None
     try:
         fd = os.open(filename, os.O_RDONLY | getattr(os, "O_BINARY", 0))
     except OSError as exc:
@@ -394,7 +441,7 @@ def _open_chunk_reader(
             offsets[offsets >= 0] += base
         reader = ChunkReader(
             filename=filename,
-            name=(dset.name or "(anonymous)").lstrip("/"),
+            name=name,
             fd=fd,
             shape=dset.shape,
             dtype=dtype,
@@ -405,15 +452,89 @@ def _open_chunk_reader(
             sizes=sizes,
             masks=masks,
             filters=filters,
+            dsid=dset.id,
         )
     except BaseException:
         os.close(fd)
         raise
-    reason = _self_check(reader, dset, offsets)
-    if reason:
+    try:
+        real = sum(1 << i for i, stage in enumerate(pipeline) if stage is not None)
+        _check_index(
+            filename, name, reader.shape, chunks, reader._offsets.reshape(offsets.shape), sizes,
+            masks, real, chunk_nbytes, os.fstat(fd).st_size,
+        )
+        _self_check(reader, dset, offsets)
+    except BaseException:
         reader.close()
-        return reason
+        raise
     return reader
+
+
+def check_index(dset) -> None:
+    """The structural checks of :func:`_check_index` for a chunked dataset that h5py
+    reads (a filter the fast path does not undo): DamagedChunk naming the rows."""
+    if dset.chunks is None or dset.is_virtual or dset.id.get_create_plist().get_external_count():
+        return
+    filename = dset.file.filename
+    name = (dset.name or "(anonymous)").lstrip("/")
+    try:
+        offsets, sizes, masks, _ = _chunk_index(dset)
+    except Exception as exc:
+        raise DamagedChunk(
+            f"{filename}: dataset '{name}': the chunk index is damaged ({' '.join(str(exc).split())})"
+        ) from None
+    base = int(dset.file.userblock_size) if h5py.version.hdf5_version_tuple < (1, 14, 4) else 0
+    offsets[offsets >= 0] += base
+    _check_index(
+        filename, name, tuple(dset.shape), tuple(dset.chunks), offsets, sizes, masks,
+        unfiltered_bits=0, chunk_nbytes=int(np.prod(dset.chunks)) * dset.dtype.itemsize,
+        file_size=os.path.getsize(filename),
+    )
+
+
+def _check_index(
+    filename: str, name: str, shape: tuple, chunks: tuple, offsets: np.ndarray, sizes: np.ndarray,
+    masks: np.ndarray, unfiltered_bits: int | None, chunk_nbytes: int, file_size: int,
+) -> None:
+    """Every listed chunk lies inside the file and overlaps no other chunk; a chunk that
+    no size-changing filter touched (``unfiltered_bits``: the mask bits of those filters,
+    None to skip this check) holds a whole chunk. Else DamagedChunk naming its rows."""
+    grid = offsets.shape
+    offsets, sizes, masks = offsets.reshape(-1), sizes.reshape(-1).astype(np.int64), masks.reshape(-1)
+    stored = np.flatnonzero(offsets >= 0)
+    if not stored.size:
+        return
+
+    def damaged(index: int, why: str) -> DamagedChunk:
+        coords = np.unravel_index(int(index), grid)
+        origin = tuple(int(c) * n for c, n in zip(coords, chunks, strict=True))
+        first, last = origin[0], min(origin[0] + chunks[0], shape[0])
+        part = f" (chunk at {origin})" if len(shape) > 1 and any(origin[1:]) else ""
+        return DamagedChunk(f"{filename}: dataset '{name}' rows {first}-{last}{part}: {why}")
+
+    ends = offsets[stored] + sizes[stored]
+    bad = stored[(sizes[stored] <= 0) | (ends > file_size)]
+    if bad.size:
+        i = int(bad[0])
+        raise damaged(
+            i,
+            f"its chunk of {int(sizes[i])} bytes at byte {int(offsets[i])} lies outside the "
+            f"file of {file_size} bytes (truncated or damaged)",
+        )
+    order = stored[np.argsort(offsets[stored], kind="stable")]
+    overlap = np.flatnonzero(offsets[order][1:] < (offsets[order] + sizes[order])[:-1])
+    if overlap.size:
+        raise damaged(int(order[overlap[0] + 1]), "its chunk overlaps another chunk (damaged index)")
+    if unfiltered_bits is None:
+        return
+    unfiltered = stored[masks[stored] & unfiltered_bits == unfiltered_bits]
+    wrong = unfiltered[sizes[unfiltered] != chunk_nbytes]
+    if wrong.size:
+        i = int(wrong[0])
+        raise damaged(
+            i,
+            f"its unfiltered chunk is stored as {int(sizes[i])} bytes, not {chunk_nbytes} (damaged index)",
+        )
 
 
 def _fill_value(dset):
@@ -485,8 +606,16 @@ def _chunk_index(dset) -> tuple[np.ndarray, np.ndarray, np.ndarray, tuple | None
     origins = np.array([r.chunk_offset for r in records], np.int64).reshape(
         len(records), len(shape)
     )
-    where = tuple((origins // np.array(chunks, np.int64)).T)
-    offsets[where] = [r.byte_offset for r in records]
+    step = np.array(chunks, np.int64)
+    inside = (origins >= 0) & (origins < np.array(shape, np.int64)) & (origins % step == 0)
+    if not inside.all():
+        bad = origins[int(np.flatnonzero(~inside.all(axis=1))[0])]
+        raise ValueError(f"it lists a chunk at {tuple(int(v) for v in bad)}, outside the dataset's {shape}")
+    where = tuple((origins // step).T)
+    linear = np.ravel_multi_index(where, grid)
+    if np.unique(linear).size != linear.size:
+        raise ValueError("it lists a chunk twice")
+    offsets[where] = [-1 if r.byte_offset is None else r.byte_offset for r in records]
     sizes[where] = [r.size for r in records]
     masks[where] = [r.filter_mask for r in records]
     first = records[0]
@@ -513,23 +642,34 @@ def _address_base(dset, fd: int, origin, offset: int, size: int) -> int | None:
     return None
 
 
-def _self_check(reader: ChunkReader, dset, offsets: np.ndarray) -> str | None:
-    """Compare the first written row-chunk and the last row-chunk (edge chunks) with h5py."""
+def _self_check(reader: ChunkReader, dset, offsets: np.ndarray) -> None:
+    """Compare the first written row-chunk and the last row-chunk (edge chunks) with
+    h5py's read; rows that read differently, or that HDF5 cannot read, are damaged."""
     rows, per_chunk = reader.shape[0], reader.chunks[0]
     if rows == 0:
-        return None
+        return
     written = np.flatnonzero((offsets.reshape(offsets.shape[0], -1) >= 0).any(axis=1))
     firsts = {int(written[0]) * per_chunk} if written.size else set()
     for first in sorted(firsts | {(rows - 1) // per_chunk * per_chunk}):
         last = min(first + per_chunk, rows)
-        try:
-            ours, _ = reader.read(first, last)
-        except (OSError, ValueError) as exc:
-            return f"self-check failed: {exc}"
+        ours, _ = reader.read(first, last)  # DamagedChunk names the rows
         try:
             theirs = dset[first:last]
-        except OSError:
-            continue  # h5py cannot decode it here (e.g. plugin not loaded): nothing to compare
+        except OSError as exc:
+            if not _filters_available(dset):
+                continue  # h5py cannot decode it here (plugin not loaded): nothing to compare
+            raise DamagedChunk(
+                f"{reader._where()} rows {first}-{last}: HDF5 cannot read them "
+                f"({' '.join(str(exc).split())})"
+            ) from None
         if ours.dtype != theirs.dtype or ours.tobytes() != theirs.tobytes():
-            return f"self-check failed: rows {first}:{last} decode differently from h5py's read"
-    return None
+            raise DamagedChunk(
+                f"{reader._where()} rows {first}-{last}: h5py's read of them differs from "
+                "their stored chunk (damaged chunk or index)"
+            )
+
+
+def _filters_available(dset) -> bool:
+    """Whether HDF5 itself has every filter of the dataset's pipeline."""
+    dcpl = dset.id.get_create_plist()
+    return all(h5py.h5z.filter_avail(dcpl.get_filter(i)[0]) for i in range(dcpl.get_nfilters()))

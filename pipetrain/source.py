@@ -14,6 +14,7 @@ asks for them.
 from __future__ import annotations
 
 import contextlib
+import errno
 import glob
 import os
 from collections.abc import Iterable, Mapping, Sequence
@@ -23,8 +24,9 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from pipetrain.chunks import ChunkReader, open_chunk_reader
-from pipetrain.errors import InputError
+from pipetrain.chunks import ChunkReader, DamagedChunk, check_index, open_chunk_reader
+from pipetrain.codecs import FILTER_NAMES
+from pipetrain.errors import InputError, one_line
 
 Names = str | Sequence[str] | Mapping[str, str]
 
@@ -57,13 +59,15 @@ class Field:
 
 
 def expand_paths(paths: str | os.PathLike | Sequence[str | os.PathLike]) -> list[Path]:
-    """Files from paths and globs, in the order given (each glob sorted)."""
+    """Files from paths and globs, in the order given (each glob sorted). A path that
+    exists is that file, whatever characters it holds (``train[1].h5``); only a path
+    that does not exist is expanded as a glob."""
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
     files: list[Path] = []
     for p in paths:
         text = os.fspath(p)
-        if glob.has_magic(text):
+        if glob.has_magic(text) and not os.path.lexists(text):
             matches = sorted(glob.glob(text))
             if not matches:
                 raise SourceError(f"{text}: no file matches")
@@ -133,11 +137,14 @@ class H5Source:
         if not _names(x, "x"):
             raise SourceError("x: no input dataset named")
         self.names = list(dict.fromkeys(names))  # unique, in order
-        self._roots = {p.resolve().parent for p in self.paths}
         self._files: list[h5py.File] = []
         self._readers: list[dict[str, ChunkReader | h5py.Dataset]] = []
+        self._zero_first: list[set[str]] = []  # per file: datasets read by h5py that HDF5 never fills
         self.rows_per_file: list[int] = []
         self.fields: dict[str, Field] = {}
+        for path in self.paths:
+            _check_path(path)
+        self._roots = {p.resolve().parent for p in self.paths}
         try:
             for path in self.paths:
                 self._open(path)
@@ -149,24 +156,24 @@ class H5Source:
     # -- opening and validation -------------------------------------------------
 
     def _open(self, path: Path) -> None:
-        if not path.exists():
-            raise SourceError(f"{path}: no such file")
-        if path.is_dir():
-            raise SourceError(f"{path}: is a folder, not an HDF5 file")
-        if not h5py.is_hdf5(path):
-            raise SourceError(f"{path}: not an HDF5 file")
         try:
             f = h5py.File(path, "r")
-        except OSError as e:
-            raise SourceError(f"{path}: cannot be opened as HDF5 (truncated or corrupted?): {e}") from None
+        except Exception as e:  # OSError, or others from a damaged superblock
+            raise SourceError(f"{path}: cannot be opened as HDF5 (truncated or corrupted?): {one_line(e)}") from None
         self._files.append(f)
         readers: dict[str, ChunkReader | h5py.Dataset] = {}
+        self._readers.append(readers)  # closed with the source, also when this file is refused
+        self._zero_first.append(set())
         rows: dict[str, int] = {}
         for name in self.names:
-            dset = self._dataset(f, path, name)
-            rows[name] = dset.shape[0]
-            reader = open_chunk_reader(dset)
-            readers[name] = reader if isinstance(reader, ChunkReader) else dset
+            try:
+                dset = self._dataset(f, path, name)
+                rows[name] = dset.shape[0]
+                readers[name] = self._reader(path, name, dset)
+            except InputError:
+                raise
+            except Exception as e:  # a damaged file: h5py raises IndexError, OverflowError, ...
+                raise SourceError(f"{path}: dataset '{name}' cannot be read (damaged file?): {one_line(e, with_type=True)}") from None
         first = self.names[0]
         for name, n in rows.items():
             if n != rows[first]:
@@ -174,8 +181,26 @@ class H5Source:
                     f"{path}: dataset '{name}' has {n} rows but '{first}' has {rows[first]}; "
                     "all datasets of a file need the same number of rows"
                 )
-        self._readers.append(readers)
         self.rows_per_file.append(rows[first])
+
+    def _reader(self, path: Path, name: str, dset: h5py.Dataset) -> ChunkReader | h5py.Dataset:
+        """The fast reader of a dataset, or the dataset itself for h5py's read, after the
+        checks that make a damaged or truncated file an error instead of a quiet answer."""
+        reader = open_chunk_reader(dset)  # DamagedChunk names the rows
+        if isinstance(reader, ChunkReader):
+            return reader
+        _check_filters(path, name, dset)
+        check_index(dset)
+        _check_contiguous(path, name, dset)
+        dcpl = dset.id.get_create_plist()
+        if (
+            dcpl.get_fill_time() == h5py.h5d.FILL_TIME_NEVER
+            or dcpl.fill_value_defined() == h5py.h5d.FILL_VALUE_UNDEFINED
+        ):
+            # HDF5 leaves unwritten storage out of the buffer (h5py's own buffers are
+            # zeros): a recycled buffer must be zeroed first or it keeps an older batch.
+            self._zero_first[-1].add(name)
+        return dset
 
     def _dataset(self, f: h5py.File, path: Path, name: str) -> h5py.Dataset:
         if name not in f:
@@ -183,17 +208,37 @@ class H5Source:
             raise SourceError(f"{path}: no dataset '{name}' (datasets: {found})")
         self._check_links(f, path, name)
         try:
-            dset = f[name]
+            dset = _open_dataset(f, name)
         except (KeyError, OSError) as e:
-            raise SourceError(f"{path}: dataset '{name}' cannot be opened: {e}") from None
+            raise SourceError(f"{path}: dataset '{name}' cannot be opened: {one_line(e)}") from None
         if not isinstance(dset, h5py.Dataset):
             raise SourceError(f"{path}: '{name}' is a group, not a dataset")
+        actual = Path(dset.file.filename)
+        if actual.resolve() != path.resolve():  # reached through a link into another file
+            self._refuse(path, name, "an external link to", actual)
+        if dset.shape is None:
+            raise SourceError(f"{path}: dataset '{name}' has a null dataspace (no values at all); pipetrain needs one row per sample")
+        if dset.dtype.kind == "O":
+            what = "variable-length strings" if h5py.check_string_dtype(dset.dtype) else "variable-length or reference data"
+            raise SourceError(f"{path}: dataset '{name}' holds {what}; pipetrain needs numbers")
         if dset.dtype.kind not in "biuf":
             raise SourceError(f"{path}: dataset '{name}' has dtype {dset.dtype}; pipetrain needs numbers")
+        if dset.dtype.kind == "f" and dset.dtype.itemsize > 8:
+            raise SourceError(
+                f"{path}: dataset '{name}' has dtype {dset.dtype} (extended precision), which Keras "
+                "cannot take; store it as float64 or float32"
+            )
         if dset.ndim == 0:
             raise SourceError(f"{path}: dataset '{name}' is a scalar; pipetrain needs one row per sample")
         if dset.shape[0] == 0:
             raise SourceError(f"{path}: dataset '{name}' is empty (0 rows)")
+        if 0 in dset.shape[1:]:
+            raise SourceError(f"{path}: dataset '{name}' has rows of shape {dset.shape[1:]}, which hold no values")
+        if name == self.sample_weight and dset.shape[1:] not in ((), (1,)):
+            raise SourceError(
+                f"{path}: dataset '{name}' has rows of shape {dset.shape[1:]}; sample weights "
+                "need one number per row"
+            )
         self._check_storage(path, name, dset)
         field = Field(name, tuple(dset.shape[1:]), np.dtype(dset.dtype))
         known = self.fields.setdefault(name, field)
@@ -216,20 +261,47 @@ class H5Source:
             )
 
     def _check_links(self, f: h5py.File, path: Path, name: str) -> None:
-        """External links anywhere along the dataset's path may point anywhere on disk."""
-        parts = [p for p in name.split("/") if p]
-        for i in range(1, len(parts) + 1):
-            link = f.get("/".join(parts[:i]), getlink=True)
-            if isinstance(link, h5py.ExternalLink):
+        """External links anywhere along the dataset's path may point anywhere on disk;
+        soft links are followed to see where they lead (a soft link to an external link)."""
+        todo = [p for p in name.split("/") if p not in ("", ".")]
+        here, hops = "", 0
+        while todo:
+            step = f"{here}/{todo.pop(0)}"
+            link = f.get(step, getlink=True)
+            if isinstance(link, h5py.SoftLink):
+                hops += 1
+                if hops > 32:
+                    raise SourceError(f"{path}: dataset '{name}' is a loop of soft links")
+                target = link.path
+                todo = [p for p in target.split("/") if p not in ("", ".")] + todo
+                here = "" if target.startswith("/") else here
+            elif isinstance(link, h5py.ExternalLink):
                 self._refuse(path, name, "an external link to", path.parent / link.filename)
+                return  # the rest of the path lies in the other file
+            elif link is None:
+                return  # opening it says what is missing
+            else:
+                here = step
 
     def _check_storage(self, path: Path, name: str, dset: h5py.Dataset) -> None:
-        for filename, _offset, _size in dset.external or ():
-            self._refuse(path, name, "stored in the external file", path.parent / os.fsdecode(filename))
+        if dset.external:
+            # HDF5 finds relative names under the access list's prefix: the data file's
+            # folder (_open_dataset sets it), so the refusal checks what is read.
+            prefix = os.fsdecode(dset.id.get_access_plist().get_efile_prefix() or b"")
+            for filename, _offset, _size in dset.external:
+                target = Path(prefix or os.getcwd()) / os.fsdecode(filename)
+                self._refuse(path, name, "stored in the external file", target)
         if dset.is_virtual:
             for source in dset.virtual_sources():
                 if source.file_name != ".":
-                    self._refuse(path, name, "a virtual dataset reading", path.parent / source.file_name)
+                    target = path.parent / source.file_name
+                    self._refuse(path, name, "a virtual dataset reading", target)
+                    if not self.allow_external and not target.exists():
+                        # HDF5 would look for it elsewhere (the working folder) instead
+                        raise SourceError(
+                            f"{path}: dataset '{name}' is a virtual dataset reading {target}, which "
+                            "does not exist (allow it with allow_external=True or --allow-external)"
+                        )
 
     def check_model(self, model) -> None:
         """Check that the datasets fit the model's inputs (and output names), once the
@@ -310,15 +382,24 @@ class H5Source:
                 if isinstance(reader, ChunkReader):
                     arrays[name], n = reader.read(start, stop, out=dest)
                 elif dest is not None:
+                    if name in self._zero_first[file]:
+                        dest[...] = 0
                     reader.read_direct(dest, source_sel=np.s_[start:stop])
                     arrays[name], n = dest, dest.nbytes
                 else:
                     arrays[name] = reader[start:stop]
                     n = arrays[name].nbytes
+            except DamagedChunk as e:  # names the file, dataset and rows already
+                raise CorruptDataError(str(e)) from e
             except OSError as e:
-                raise SourceReadError(f"{self.paths[file]}: dataset '{name}' rows {start}-{stop}: {e}") from e
+                where = f"{self.paths[file]}: dataset '{name}' rows {start}-{stop}"
+                if _io_error(e):
+                    raise SourceReadError(f"{where}: {e}") from e
+                # HDF5's own read failed on what the file holds (a checksum, a filter,
+                # an address past the end): damaged data, not a failing disk.
+                raise CorruptDataError(f"{where}: HDF5 cannot read them (damaged file?): {one_line(e)}") from e
             except Exception as e:
-                raise CorruptDataError(f"{self.paths[file]}: dataset '{name}' rows {start}-{stop}: {e}") from e
+                raise CorruptDataError(f"{self.paths[file]}: dataset '{name}' rows {start}-{stop}: {one_line(e)}") from e
             fetched += n
         return arrays, fetched
 
@@ -351,7 +432,7 @@ class H5Source:
         for f in self._files:
             with contextlib.suppress(Exception):  # closing twice or at interpreter exit
                 f.close()
-        self._readers, self._files = [], []
+        self._readers, self._files, self._zero_first = [], [], []
 
     def __enter__(self) -> H5Source:
         return self
@@ -362,6 +443,86 @@ class H5Source:
     def __repr__(self) -> str:
         files = self.paths[0] if len(self.paths) == 1 else f"{len(self.paths)} files"
         return f"H5Source({files}, rows={getattr(self, 'rows', '?')}, x={self.x!r}, y={self.y!r})"
+
+
+def _check_path(path: Path) -> None:
+    """A data path that is an HDF5 file, or SourceError saying what it is instead."""
+    try:
+        os.stat(path)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise SourceError(f"{path}: a loop of symbolic links") from None
+        if os.path.islink(path):
+            raise SourceError(f"{path}: a symbolic link to {os.readlink(path)}, which does not exist") from None
+        if e.errno == errno.ENOENT:
+            raise SourceError(f"{path}: no such file") from None
+        raise SourceError(f"{path}: cannot be opened: {e.strerror}") from None
+    if path.is_dir():
+        raise SourceError(f"{path}: is a folder, not an HDF5 file")
+    try:
+        hdf5 = h5py.is_hdf5(path)
+    except OSError as e:
+        raise SourceError(f"{path}: cannot be read: {e.strerror or one_line(e)}") from None
+    if not hdf5:
+        raise SourceError(f"{path}: not an HDF5 file")
+
+
+def _open_dataset(f: h5py.File, name: str) -> h5py.Dataset | h5py.Group:
+    """``f[name]``, with relative names of external storage and virtual sources found
+    in the data file's folder (HDF5 looks in the working folder unless told)."""
+    if f.get(name, getclass=True) is not h5py.Dataset:
+        return f[name]
+    dapl = h5py.h5p.create(h5py.h5p.DATASET_ACCESS)
+    dapl.set_efile_prefix(b"${ORIGIN}")
+    dapl.set_virtual_prefix(b"${ORIGIN}")
+    return h5py.Dataset(h5py.h5d.open(f.id, name.encode(), dapl=dapl))
+
+
+def _check_filters(path: Path, name: str, dset: h5py.Dataset) -> None:
+    """Filters h5py's read needs that this HDF5 lacks: load hdf5plugin's when it is
+    installed, else name the package that provides them."""
+    dcpl = dset.id.get_create_plist()
+    codes = [dcpl.get_filter(i)[0] for i in range(dcpl.get_nfilters())]
+    missing = [c for c in codes if not h5py.h5z.filter_avail(c)]
+    if not missing:
+        return
+    with contextlib.suppress(ImportError):
+        import hdf5plugin  # noqa: F401  (registers its filters with HDF5)
+    missing = [c for c in missing if not h5py.h5z.filter_avail(c)]
+    if missing:
+        names = ", ".join(FILTER_NAMES.get(c, f"filter {c}") for c in missing)
+        raise SourceError(
+            f"{path}: dataset '{name}' is stored with {names}, which this HDF5 cannot decode; "
+            "install hdf5plugin (pip install hdf5plugin, or pip install 'pipetrain[filters]')"
+        )
+
+
+def _check_contiguous(path: Path, name: str, dset: h5py.Dataset) -> None:
+    """A contiguous dataset lies inside the file (a truncated file cuts it short)."""
+    dcpl = dset.id.get_create_plist()
+    if dcpl.get_layout() != h5py.h5d.CONTIGUOUS or dcpl.get_external_count() or dset.is_virtual:
+        return
+    offset = dset.id.get_offset()
+    if offset is None:
+        return  # never written
+    size = os.path.getsize(path)
+    end = offset + dset.id.get_storage_size()
+    if end > size:
+        row_bytes = max(1, dset.id.get_storage_size() // max(1, dset.shape[0]))
+        first = max(0, (size - offset) // row_bytes)
+        raise SourceError(
+            f"{path}: dataset '{name}' rows {first}-{dset.shape[0]} lie past the end of the file "
+            f"({end} of {size} bytes: truncated?)"
+        )
+
+
+def _io_error(e: OSError) -> bool:
+    """An operating-system read error (a failing disk), as against HDF5 refusing what the
+    file holds; h5py puts the system's errno into the message of the first kind."""
+    if e.errno:
+        return True
+    text = str(e)
+    return "errno = " in text and "errno = 0," not in text
 
 
 def _dataset_names(f: h5py.File) -> list[str]:

@@ -500,21 +500,23 @@ def test_corrupt_chunk_names_file_dataset_chunk_and_rows(tmp_path, backend):
         reader.close()
 
 
-def test_corrupt_first_chunk_falls_back_at_open(tmp_path):
+@pytest.mark.parametrize("row", [0, ROWS - 1])
+def test_a_corrupt_first_or_last_chunk_is_an_error_naming_its_rows_not_a_fallback(tmp_path, row):
     path = write(tmp_path / "f.h5", sample((ROWS, 12), "float32"), compression="gzip")
-    corrupt_chunk(path, 0)
-    with h5py.File(path, "r") as f:
-        assert fallback_reason(f["x"]).startswith("self-check failed: ")
+    corrupt_chunk(path, row)
+    first = row // 32 * 32
+    with h5py.File(path, "r") as f, pytest.raises(chunks.DamagedChunk, match=f"{path}: dataset 'x' chunk at row {first}"):
+        open_chunk_reader(f["x"])
 
 
-def test_short_read_is_an_oserror_naming_the_chunk(tmp_path):
+def test_short_read_is_a_damaged_chunk_naming_the_rows(tmp_path):
     path = write(tmp_path / "f.h5", sample((ROWS, 12), "float32"), compression="gzip")
     with h5py.File(path, "r") as f:
         reader = opened(f["x"])
         offset = int(reader._offsets[3, 0])
         os.truncate(path, offset + 5)  # the reader's own descriptor sees the shorter file
         with pytest.raises(
-            OSError, match=r"dataset 'x' chunk at row 96, reading rows 90:100: short read"
+            chunks.DamagedChunk, match=r"dataset 'x' chunk at row 96, reading rows 90:100: short read"
         ):
             reader.read(90, 100)
         reader.close()
