@@ -487,7 +487,7 @@ def check_index(dset) -> None:
     offsets[offsets >= 0] += base
     _check_index(
         filename, name, tuple(dset.shape), tuple(dset.chunks), offsets, sizes, masks,
-        unfiltered_bits=0, chunk_nbytes=int(np.prod(dset.chunks)) * dset.dtype.itemsize,
+        unfiltered_bits=(1 << dset.id.get_create_plist().get_nfilters()) - 1, chunk_nbytes=int(np.prod(dset.chunks)) * dset.dtype.itemsize,
         file_size=os.path.getsize(filename),
     )
 

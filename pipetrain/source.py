@@ -468,10 +468,15 @@ def _check_path(path: Path) -> None:
 
 
 def _open_dataset(f: h5py.File, name: str) -> h5py.Dataset | h5py.Group:
-    """``f[name]``, with relative names of external storage and virtual sources found
-    in the data file's folder (HDF5 looks in the working folder unless told)."""
-    if f.get(name, getclass=True) is not h5py.Dataset:
-        return f[name]
+    """``f[name]``; a dataset stored in other files (external storage, virtual) is opened
+    again so that HDF5 finds relative names of those files in the data file's folder, as
+    the refusal checks them (HDF5 looks in the working folder unless told). Only those:
+    HDF5 refuses to open one dataset twice with different prefixes, which would break
+    anyone else opening it in this process."""
+    obj = f[name]
+    if not isinstance(obj, h5py.Dataset) or not (obj.is_virtual or obj.id.get_create_plist().get_external_count()):
+        return obj
+    obj.id.close()
     dapl = h5py.h5p.create(h5py.h5p.DATASET_ACCESS)
     dapl.set_efile_prefix(b"${ORIGIN}")
     dapl.set_virtual_prefix(b"${ORIGIN}")
