@@ -505,12 +505,14 @@ def _check_index(
     if not stored.size:
         return
 
-    def damaged(index: int, why: str) -> DamagedChunk:
+    def rows(index: int) -> str:
         coords = np.unravel_index(int(index), grid)
         origin = tuple(int(c) * n for c, n in zip(coords, chunks, strict=True))
         first, last = origin[0], min(origin[0] + chunks[0], shape[0])
-        part = f" (chunk at {origin})" if len(shape) > 1 and any(origin[1:]) else ""
-        return DamagedChunk(f"{filename}: dataset '{name}' rows {first}-{last}{part}: {why}")
+        return f"rows {first}-{last}" + (f" (chunk at {origin})" if len(shape) > 1 and any(origin[1:]) else "")
+
+    def damaged(index: int, why: str) -> DamagedChunk:
+        return DamagedChunk(f"{filename}: dataset '{name}' {rows(index)}: {why}")
 
     ends = offsets[stored] + sizes[stored]
     bad = stored[(sizes[stored] <= 0) | (ends > file_size)]
@@ -524,7 +526,8 @@ def _check_index(
     order = stored[np.argsort(offsets[stored], kind="stable")]
     overlap = np.flatnonzero(offsets[order][1:] < (offsets[order] + sizes[order])[:-1])
     if overlap.size:
-        raise damaged(int(order[overlap[0] + 1]), "its chunk overlaps another chunk (damaged index)")
+        earlier, later = int(order[overlap[0]]), int(order[overlap[0] + 1])
+        raise damaged(earlier, f"its chunk overlaps the chunk of {rows(later)} (damaged index)")
     if unfiltered_bits is None:
         return
     unfiltered = stored[masks[stored] & unfiltered_bits == unfiltered_bits]

@@ -45,6 +45,10 @@ class CorruptDataError(SourceError):
     """Rows could not be decoded (a corrupt or truncated chunk): bad input, found mid-run."""
 
 
+class LabelRangeError(SourceError):
+    """A class label outside the range the model's output takes: bad input, found mid-run."""
+
+
 @dataclass(frozen=True)
 class Field:
     """One dataset that a batch carries: its name in the files, and one row's shape and dtype."""
@@ -140,6 +144,7 @@ class H5Source:
         self._files: list[h5py.File] = []
         self._readers: list[dict[str, ChunkReader | h5py.Dataset]] = []
         self._zero_first: list[set[str]] = []  # per file: datasets read by h5py that HDF5 never fills
+        self._label_limits: dict = {}  # dataset name -> pipetrain.labels.LabelLimit
         self.rows_per_file: list[int] = []
         self.fields: dict[str, Field] = {}
         for path in self.paths:
@@ -401,7 +406,37 @@ class H5Source:
             except Exception as e:
                 raise CorruptDataError(f"{self.paths[file]}: dataset '{name}' rows {start}-{stop}: {one_line(e)}") from e
             fetched += n
+            limit = self._label_limits.get(name)
+            if limit is not None:
+                self._check_labels(file, start, name, arrays[name], limit)
         return arrays, fetched
+
+    def limit_labels(self, limits: Mapping) -> None:
+        """Check every read of these datasets (name -> :class:`pipetrain.labels.LabelLimit`)
+        for class labels outside ``0..classes-1``: LabelRangeError names the file, dataset
+        and row. ``train`` sets them from the model's sparse categorical outputs."""
+        unknown = [name for name in limits if name not in self.fields]
+        if unknown:
+            raise SourceError(f"limit_labels: no dataset {unknown} in this source ({', '.join(self.fields)})")
+        self._label_limits = dict(limits)
+
+    def _check_labels(self, file: int, start: int, name: str, labels: np.ndarray, limit) -> None:
+        flat = labels.reshape(len(labels), -1)
+        if not flat.size:
+            return
+        low, high = flat.min(), flat.max()
+        if low >= 0 and high < limit.classes:  # the whole check, nearly always (NaN fails it)
+            return
+        bad = ~((flat >= 0) & (flat < limit.classes))
+        if limit.ignore is not None:
+            bad &= flat != limit.ignore
+        if not bad.any():
+            return
+        row = int(np.flatnonzero(bad.any(axis=1))[0])
+        value = flat[row][bad[row]][0]
+        raise LabelRangeError(
+            f"{self.paths[file]}: dataset '{name}' row {start + row} holds label {value}, but {limit.describe()}"
+        )
 
     def arrange(self, arrays: Mapping[str, np.ndarray]):
         """(x, y, sample_weight) from arrays keyed by dataset name, in the given structure."""
