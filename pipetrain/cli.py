@@ -380,7 +380,7 @@ def main(argv: list[str] | None = None) -> int:
         failed = "training failed" if command == "train" else f"{command} failed"
         prefix = "pipetrain: " if code == EXIT_BAD_INPUT else f"pipetrain: {failed}: "
         text = one_line(e)
-        if code == EXIT_BAD_INPUT and text.startswith("pipetrain "):  # "pipetrain train: ..." names itself
+        if code == EXIT_BAD_INPUT and text.startswith(("pipetrain ", "pipetrain:")):  # "pipetrain train: ..." names itself
             prefix = ""
         print(prefix + text, file=sys.stderr)
         return code

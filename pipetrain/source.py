@@ -144,11 +144,12 @@ class H5Source:
         self._files: list[h5py.File] = []
         self._readers: list[dict[str, ChunkReader | h5py.Dataset]] = []
         self._zero_first: list[set[str]] = []  # per file: datasets read by h5py that HDF5 never fills
+        self._datasets: list[dict[str, h5py.Dataset]] = []  # per file, as opened (see _open_dataset)
         self._label_limits: dict = {}  # dataset name -> pipetrain.labels.LabelLimit
         self.rows_per_file: list[int] = []
         self.fields: dict[str, Field] = {}
         for path in self.paths:
-            _check_path(path)
+            check_path(path)
         self._roots = {p.resolve().parent for p in self.paths}
         try:
             for path in self.paths:
@@ -169,10 +170,12 @@ class H5Source:
         readers: dict[str, ChunkReader | h5py.Dataset] = {}
         self._readers.append(readers)  # closed with the source, also when this file is refused
         self._zero_first.append(set())
+        datasets: dict[str, h5py.Dataset] = {}
+        self._datasets.append(datasets)
         rows: dict[str, int] = {}
         for name in self.names:
             try:
-                dset = self._dataset(f, path, name)
+                dset = datasets[name] = self._dataset(f, path, name)
                 rows[name] = dset.shape[0]
                 readers[name] = self._reader(path, name, dset)
             except InputError:
@@ -362,8 +365,8 @@ class H5Source:
         main = max(self.names, key=lambda n: self.fields[n].row_bytes)
         row_bytes = max(1, self.fields[main].row_bytes)
         per_file = []
-        for f in self._files:
-            chunks = f[main].chunks
+        for datasets in self._datasets:
+            chunks = datasets[main].chunks
             if chunks is None:
                 per_file.append(max(1, BLOCK_BYTES // row_bytes))
             else:
@@ -400,6 +403,8 @@ class H5Source:
                 where = f"{self.paths[file]}: dataset '{name}' rows {start}-{stop}"
                 if _io_error(e):
                     raise SourceReadError(f"{where}: {e}") from e
+                first, last = _failing_rows(reader, start, stop)
+                where = f"{self.paths[file]}: dataset '{name}' rows {first}-{last}"
                 # HDF5's own read failed on what the file holds (a checksum, a filter,
                 # an address past the end): damaged data, not a failing disk.
                 raise CorruptDataError(f"{where}: HDF5 cannot read them (damaged file?): {one_line(e)}") from e
@@ -446,7 +451,9 @@ class H5Source:
         """Per dataset: the read path of the first file (raw chunks or h5py, and why)."""
         from pipetrain.chunks import read_path
 
-        return {name: read_path(self._files[0][name]) for name in self.names}
+        readers = self._readers[0]
+        return {name: readers[name].codec if isinstance(readers[name], ChunkReader) else read_path(readers[name])
+                for name in self.names}
 
     def describe(self) -> dict:
         return {
@@ -467,7 +474,7 @@ class H5Source:
         for f in self._files:
             with contextlib.suppress(Exception):  # closing twice or at interpreter exit
                 f.close()
-        self._readers, self._files, self._zero_first = [], [], []
+        self._readers, self._files, self._zero_first, self._datasets = [], [], [], []
 
     def __enter__(self) -> H5Source:
         return self
@@ -480,7 +487,7 @@ class H5Source:
         return f"H5Source({files}, rows={getattr(self, 'rows', '?')}, x={self.x!r}, y={self.y!r})"
 
 
-def _check_path(path: Path) -> None:
+def check_path(path: Path) -> None:
     """A data path that is an HDF5 file, or SourceError saying what it is instead."""
     try:
         os.stat(path)
@@ -554,6 +561,20 @@ def _check_contiguous(path: Path, name: str, dset: h5py.Dataset) -> None:
             f"{path}: dataset '{name}' rows {first}-{dset.shape[0]} lie past the end of the file "
             f"({end} of {size} bytes: truncated?)"
         )
+
+
+def _failing_rows(dset: h5py.Dataset, start: int, stop: int) -> tuple[int, int]:
+    """The first chunk's worth of rows in [start, stop) that h5py cannot read (the whole
+    range when none alone fails), to name them."""
+    step = dset.chunks[0] if dset.chunks else max(1, (stop - start) // 64)
+    first = start - start % step
+    for lo in range(first, stop, step):
+        a, b = max(lo, start), min(lo + step, stop)
+        try:
+            dset[a:b]
+        except OSError:
+            return a, b
+    return start, stop
 
 
 def _io_error(e: OSError) -> bool:
