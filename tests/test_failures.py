@@ -26,6 +26,12 @@ def cli(*args, cwd, timeout=120, **kwargs):
                           text=True, timeout=timeout, **kwargs)
 
 
+def with_path(folder: Path) -> dict:
+    """The environment with ``folder`` first on PYTHONPATH (the rest kept: it may name the
+    pipetrain under test)."""
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(folder), os.environ.get("PYTHONPATH")]))}
+
+
 @pytest.fixture(scope="module")
 def model_files(tmp_path_factory):
     """The .keras files of the folder below, saved once (saving takes a while) and copied."""
@@ -35,8 +41,9 @@ def model_files(tmp_path_factory):
     wide = keras.Sequential([keras.Input((5,)), keras.layers.Dense(2, activation="softmax")])
     wide.compile("sgd", "sparse_categorical_crossentropy")
     wide.save(where / "wide.keras")
-    code = keras.Sequential([keras.Input((3,)), keras.layers.Lambda(lambda t: t * 2), keras.layers.Dense(2)])
-    code.compile("sgd", "mse")
+    code = keras.Sequential([keras.Input((3,)), keras.layers.Lambda(lambda t: t * 2),
+                             keras.layers.Dense(2, activation="softmax")])
+    code.compile("sgd", "sparse_categorical_crossentropy")
     code.save(where / "code.keras")
     four = keras.Sequential([keras.Input((3,)), keras.layers.Dense(4, activation="softmax")])
     four.compile("sgd", "sparse_categorical_crossentropy")
@@ -282,10 +289,11 @@ def test_a_corrupt_chunk_mid_run_is_bad_input_with_where(folder):
     )
     done = cli("train", "--data", "d.h5", "--x", "x", "--y", "y", "--shuffle", "none", "--quiet",
                "--model", "tiny:model", "--history", "runs/c/history.jsonl", cwd=folder,
-               env={**os.environ, "PYTHONPATH": str(folder)})
+               env=with_path(folder))
     assert done.returncode == 2, done.stderr
     line = done.stderr.strip()
     assert len(line.splitlines()) == 1 and "d.h5" in line and "'x'" in line and "160" in line
+    assert line.count("d.h5: dataset 'x'") == 1, line  # said once, not once per layer
     end = pipetrain.read_history(folder / "runs/c/history.jsonl").end
     assert end["status"] == "failed" and "d.h5" in end["error"]
 
@@ -299,7 +307,7 @@ def test_a_non_finite_loss_fails_clearly_unless_allowed(folder):
         "    m.compile(keras.optimizers.SGD(1e30), 'mse')\n"
         "    return m\n"
     )
-    env = {**os.environ, "PYTHONPATH": str(folder)}
+    env = with_path(folder)
     done = cli("train", "--data", "d.h5", "--x", "x", "--y", "y", "--model", "explode:model", "--quiet",
                "--history", "runs/n/history.jsonl", cwd=folder, env=env)
     assert done.returncode == 1
@@ -438,3 +446,119 @@ def test_a_sigint_ignored_by_the_parent_stays_ignored(folder):
         assert all(callable(s[1]) for s in seen)  # SIGTERM is handled at batch boundaries
     finally:
         signal.signal(signal.SIGINT, previous)
+
+
+INSPECTED = ["zw.h5", "zwc.h5", "f128.h5", "loop.h5", "null.h5", "vlen.h5", "w.h5", "first.h5", "last.h5", "f32.h5",
+             "so.h5", "eof.h5", "key.h5", "stub.h5", "cut.h5", "notes.h5", "sub/link.h5", "empty.h5", "text.h5"]
+
+
+def test_inspect_describes_or_refuses_every_bad_file_in_one_line(folder, capsys, monkeypatch):
+    from pipetrain.cli import main
+
+    monkeypatch.chdir(folder)
+    for name in INSPECTED:
+        code = main(["inspect", name])
+        out, err = capsys.readouterr()
+        assert code in (0, 2) and "Traceback" not in out + err, (name, out, err)
+        if code == 2:
+            assert len(err.strip().splitlines()) == 1 and name in err, (name, err)
+        else:
+            assert out.startswith(name) and "\n" in out, (name, out)
+    main(["inspect", "zw.h5"])
+    assert "refused: has rows of shape (0,), which hold no values" in capsys.readouterr().out
+    main(["inspect", "null.h5"])
+    out = capsys.readouterr().out
+    assert "null" in out and "refused: has a null dataspace" in out
+    main(["inspect", "first.h5"])
+    assert "refused: chunk at row 0, reading rows 0:16: gzip" in capsys.readouterr().out
+    assert main(["inspect", "loop.h5"]) == 2
+    assert capsys.readouterr().err == "pipetrain: loop.h5: a loop of symbolic links\n"
+
+
+def test_a_blosc2_dataset_without_hdf5plugin_names_the_package_and_the_extra(tmp_path):
+    hdf5plugin = pytest.importorskip("hdf5plugin")
+    x = np.arange(600, dtype="float32").reshape(200, 3)
+    with h5py.File(tmp_path / "b2.h5", "w") as f:
+        f.create_dataset("x", data=x, chunks=(16, 3), **hdf5plugin.Blosc2())
+        f["y"] = np.zeros(200, np.int64)
+    # A fresh interpreter in which hdf5plugin cannot be imported: HDF5 lacks the filter.
+    code = "import sys; sys.modules['hdf5plugin'] = None; from pipetrain.cli import main; sys.exit(main())"
+    for args in (["train", "--data", "b2.h5", "--x", "x", "--y", "y"], ["inspect", "b2.h5"]):
+        done = subprocess.run([sys.executable, "-c", code, *args], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+        said = done.stderr if args[0] == "train" else done.stdout
+        assert "b2.h5" in said and "blosc2" in said and "pip install hdf5plugin, or pip install 'pipetrain[filters]'" in said, done
+        if args[0] == "train":
+            assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1, done.stderr
+    with pipetrain.H5Source(tmp_path / "b2.h5", x="x") as source:  # with hdf5plugin: read by h5py
+        assert source.read(0, 0, 200)[0]["x"].tobytes() == x.tobytes()
+
+
+@pytest.mark.model
+def test_datasets_in_groups_train_with_the_default_model(tmp_path):
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(64, 3)).astype("float32")
+    with h5py.File(tmp_path / "g.h5", "w") as f:
+        f["a/b/x"] = x
+        f["a/b/y"] = (x[:, 0] > 0).astype("int64")
+    from pipetrain.cli import main
+
+    code = main(["train", "--data", str(tmp_path / "g.h5"), "--x", "/a/b/x", "--y", "a/b/y", "--epochs", "1",
+                 "--quiet", "--history", str(tmp_path / "runs" / "g" / "history.jsonl")])
+    assert code == 0
+    assert pipetrain.read_history(tmp_path / "runs" / "g" / "history.jsonl").end["status"] == "completed"
+
+
+@pytest.mark.model
+def test_unsafe_model_loads_code_with_a_warning_and_the_resume_keeps_it(folder, capsys, monkeypatch):
+    from pipetrain.cli import main
+
+    monkeypatch.chdir(folder)
+    assert main(["train", "--data", "d.h5", "--x", "x", "--y", "y", "--model", "code.keras", "--unsafe-model",
+                 "--epochs", "1", "--quiet", "--history", "runs/u/history.jsonl"]) == 0
+    assert "warning: --unsafe-model: loading code.keras runs the Python code stored in it" in capsys.readouterr().err
+    assert main(["train", "--resume", "runs/u", "--epochs", "2", "--quiet"]) == 0, capsys.readouterr().err
+    assert [e["epoch"] for e in pipetrain.read_history(folder / "runs/u/history.jsonl").epochs] == [0, 1]
+
+
+@pytest.mark.model
+def test_a_model_factory_in_the_current_folder_under_the_console_script(folder, tmp_path, monkeypatch):
+    """The `pipetrain` console script runs with its own folder first on sys.path, not the
+    current one as `python -m pipetrain` has it: the factory must be found all the same,
+    and again by a resume started from another folder (in a new process, as here: the
+    module is forgotten and neither folder is on sys.path)."""
+    from pipetrain.cli import main
+
+    (folder / "mine_factory.py").write_text(
+        "import keras\n"
+        "def model():\n"
+        "    m = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2, activation='softmax')])\n"
+        "    m.compile('sgd', 'sparse_categorical_crossentropy')\n"
+        "    return m\n"
+    )
+    as_a_console_script = [p for p in sys.path if p not in ("", os.getcwd(), str(folder), str(tmp_path))]
+    monkeypatch.setattr(sys, "path", list(as_a_console_script))
+    monkeypatch.chdir(folder)
+    assert main(["train", "--data", "d.h5", "--x", "x", "--y", "y", "--model", "mine_factory:model",
+                 "--epochs", "1", "--quiet", "--history", "runs/m/history.jsonl"]) == 0
+    monkeypatch.setattr(sys, "path", list(as_a_console_script))
+    monkeypatch.delitem(sys.modules, "mine_factory")
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", "--resume", str(folder / "runs" / "m"), "--epochs", "2", "--quiet"]) == 0
+    assert sys.modules["mine_factory"].__file__ == str(folder / "mine_factory.py")
+
+
+def test_keras_errors_are_cut_after_a_word_never_inside_one():
+    from pipetrain.models import _shorten
+
+    text = "The config of this layer holds a function. " * 20 + "see keras.config.enable_unsafe_deserialization()"
+    short = _shorten(text)
+    assert len(short) <= 602 and short.endswith(" …") and short[:-2].endswith("function.")
+    assert _shorten("short words only") == "short words only"
+
+
+def test_make_data_names_only_the_setting_that_is_wrong(tmp_path):
+    from pipetrain.synth import DataSpecError, make_data
+
+    with pytest.raises(DataSpecError) as info:
+        make_data(tmp_path / "m.h5", rows=10, classes=1)
+    assert str(info.value) == "classes=1: must be >= 2 (labels of one class teach nothing)"
