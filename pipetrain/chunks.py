@@ -284,6 +284,8 @@ class ChunkReader:
         if self._checked is None or self._checked[row_chunk, column]:
             return
         origin = (row_chunk * self.chunks[0],) + self._parts[column].origin
+        if not self._dsid.valid:
+            raise ValueError(f"{self._where()}: its HDF5 file was closed; keep it open while the reader reads")
         try:
             mask, expected = self._dsid.read_direct_chunk(origin)
         except Exception as exc:  # h5py raises OSError, or others on a damaged index

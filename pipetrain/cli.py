@@ -308,7 +308,7 @@ def cmd_train(args) -> int:
                   "stored in it; use it only for files you trust", file=sys.stderr)
         model = (load_model(settings["model"], train, unsafe=bool(settings.get("unsafe_model")),
                             folders=[settings["model_dir"]] if settings.get("model_dir") else [])
-                 if settings["model"] else default_model(train))
+                 if settings["model"] else default_model(train, validation=sources.get("val")))
     try:
         train_model(
             model, train, epochs=settings["epochs"], batch_size=settings["batch_size"],

@@ -54,6 +54,22 @@ def label_classes(source: H5Source, name: str) -> int:
     return top + 1
 
 
+def _check_below(source: H5Source, name: str, classes: int, train: H5Source) -> None:
+    """Labels of ``source`` are classes of the default model sized from ``train``."""
+    found = label_classes(source, name)
+    if found <= classes:
+        return
+    for f, rows in enumerate(source.rows_per_file):
+        for start in range(0, rows, 1 << 20):
+            labels = source.read(f, start, min(rows, start + (1 << 20)), names=[name])[0][name].reshape(-1)
+            over = np.flatnonzero(labels >= classes)
+            if over.size:
+                raise ModelError(
+                    f"{source.paths[f]}: dataset '{name}' row {start + int(over[0])} holds label {labels[over[0]]}, "
+                    f"but the default model has {classes} classes (sized from the labels of {train.paths[0]})"
+                )
+
+
 def _check_finite(source: H5Source, sample) -> None:
     """The rows the default model's normalisation adapts on hold no NaN or infinity
     (one would make every statistic NaN, and the whole run learn nothing)."""
@@ -75,8 +91,9 @@ def layer_name(dataset: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", dataset.strip("/")) or "x"
 
 
-def default_model(source: H5Source, learning_rate: float = 3e-3):
-    """A compiled MLP for ``source`` (one x dataset, one y dataset)."""
+def default_model(source: H5Source, learning_rate: float = 3e-3, validation: H5Source | None = None):
+    """A compiled MLP for ``source`` (one x dataset, one y dataset). Integer labels of
+    ``validation`` above the training labels' classes are refused before training."""
     import keras
 
     if not isinstance(source.x, str) or not isinstance(source.y, str):
@@ -93,6 +110,8 @@ def default_model(source: H5Source, learning_rate: float = 3e-3):
     layers.append(keras.layers.Dense(128, activation="relu"))
     if y.dtype.kind in "ui" and y.row_shape in ((), (1,)):
         classes = label_classes(source, source.y)
+        if validation is not None and isinstance(validation.y, str):
+            _check_below(validation, validation.y, max(2, classes), source)
         layers.append(keras.layers.Dense(max(2, classes), activation="softmax"))
         loss, metrics = "sparse_categorical_crossentropy", ["accuracy"]
     else:

@@ -198,6 +198,7 @@ class H5Source:
         if isinstance(reader, ChunkReader):
             return reader
         _check_filters(path, name, dset)
+        _check_filter_parameters(path, name, dset)
         check_index(dset)
         _check_contiguous(path, name, dset)
         dcpl = dset.id.get_create_plist()
@@ -542,6 +543,24 @@ def _check_filters(path: Path, name: str, dset: h5py.Dataset) -> None:
             f"{path}: dataset '{name}' is stored with {names}, which this HDF5 cannot decode; "
             "install hdf5plugin (pip install hdf5plugin, or pip install 'pipetrain[filters]')"
         )
+
+
+def _check_filter_parameters(path: Path, name: str, dset: h5py.Dataset) -> None:
+    """The element count that HDF5 stores in the scale-offset and n-bit filters' parameters
+    fits the chunk: a damaged count makes HDF5 decode part of each chunk and leave the rest
+    of its buffer as it was (h5py's own reads then differ from one another)."""
+    if dset.chunks is None:
+        return
+    dcpl = dset.id.get_create_plist()
+    elements = int(np.prod(dset.chunks))
+    for i in range(dcpl.get_nfilters()):
+        code, _flags, values, _label = dcpl.get_filter(i)
+        at = {6: 2, 5: 2}.get(code)  # scaleoffset: cd_values[2]; nbit: cd_values[2]
+        if at is not None and len(values) > at and int(values[at]) != elements:
+            raise SourceError(
+                f"{path}: dataset '{name}' has {FILTER_NAMES[code]} parameters for chunks of "
+                f"{int(values[at])} values, but its chunks hold {elements} (damaged file?)"
+            )
 
 
 def _check_contiguous(path: Path, name: str, dset: h5py.Dataset) -> None:

@@ -201,8 +201,11 @@ BAD_INPUTS = {
                           "w.h5: dataset 'w' has rows of shape (2,); sample weights need one number per row"),
     "label out of the model's range": (["--data", "lab.h5", "--x", "x", "--y", "y", "--model", "four.keras", "--history", "runs/l/h.jsonl"],
                                        "lab.h5: dataset 'y' row 200 holds label 9, but the model's output"),
-    "validation label out of the default model's range": (["--data", "d.h5", "--val", "val9.h5", "--x", "x", "--y", "y", "--history", "runs/v/h.jsonl"],
-                                                           "val9.h5: dataset 'y' row 30 holds label 9, but the model's output"),
+    "validation label out of the default model's range": (["--data", "d.h5", "--val", "val9.h5", "--x", "x", "--y", "y"],
+                                                           "val9.h5: dataset 'y' row 30 holds label 9, but the default model has 2 classes"),
+    "validation label out of the model's range": (["--data", "d.h5", "--val", "val9.h5", "--x", "x", "--y", "y", "--model", "four.keras",
+                                                   "--batch-size", "100", "--history", "runs/w/h.jsonl"],
+                                                  "val9.h5: dataset 'y' row 30 holds label 9, but the model's output"),
     "label 2**45, default model": (["--data", "big.h5", "--x", "x", "--y", "y"],
                                    "big.h5: dataset 'y' row 5 holds label 35184372088832; the default model takes class numbers 0 to 1,048,575"),
     "label uint64 max, default model": (["--data", "umax.h5", "--x", "x", "--y", "y"], "umax.h5: dataset 'y' row 3 holds label 18446744073709551615"),
@@ -226,10 +229,10 @@ BAD_INPUTS = {
 # mid-run: those leave a run folder whose history records the failure; nothing that was
 # there before changes.
 MODEL_CASES = {"label out of the model's range", "validation label out of the default model's range",
+               "validation label out of the model's range",
                "label 2**45, default model", "label uint64 max, default model", "label uint64 max, user model",
                "NaN in x, default model", "fletcher32 checksum", "scaleoffset+gzip corruption"}
-MID_RUN = {"label out of the model's range", "validation label out of the default model's range",
-           "label uint64 max, user model"}
+MID_RUN = {"label out of the model's range", "validation label out of the model's range", "label uint64 max, user model"}
 
 
 def snapshot(folder: Path) -> dict:
@@ -562,3 +565,18 @@ def test_make_data_names_only_the_setting_that_is_wrong(tmp_path):
     with pytest.raises(DataSpecError) as info:
         make_data(tmp_path / "m.h5", rows=10, classes=1)
     assert str(info.value) == "classes=1: must be >= 2 (labels of one class teach nothing)"
+
+
+def test_tensorflow_op_errors_become_the_one_line_that_says_what_failed():
+    from pipetrain.errors import one_line
+
+    text = (
+        "Graph execution error:\n\nDetected at node compile_loss/x defined at (most recent call last):\n"
+        '  File "/tmp/job.py", line 5, in <module>\n\n  File "/keras/nn.py", line 1438, in sparse\n\n'
+        "Received a label value of 9 which is outside the valid range of [0, 4).  Label values: "
+        + " ".join(["1"] * 40) + "\n\t [[{{node compile_loss/lambda/Sparse}}]] [Op:__inference_one_step_on_data_130]"
+    )
+    assert one_line(RuntimeError(text), with_type=True) == (
+        "RuntimeError: Received a label value of 9 which is outside the valid range of [0, 4). "
+        "Label values: 1 1 1 1 1 1 1 1 …"
+    )
