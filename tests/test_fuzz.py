@@ -5,6 +5,7 @@ exactly as h5py reads it, or is refused in one line naming the file; none hangs.
 import subprocess
 import sys
 
+import h5py
 import numpy as np
 import pytest
 
@@ -43,14 +44,15 @@ def test_the_command_line_on_damaged_copies_exits_0_or_2_with_one_line(tmp_path)
         "                '--history', f'runs/{i}/history.jsonl']) for i, name in enumerate(sys.argv[1:])]\n"
         "print(codes)\n"
     )
+    with h5py.File(tmp_path / "o0.h5", "r") as f:
+        inside = f["x"].id.get_chunk_info(3).byte_offset + 5  # a byte of a stored chunk
+    changes = [("gzip", fuzz_files.mutation(rng, len(originals["gzip"]))),
+               ("fletcher32", fuzz_files.mutation(rng, len(originals["fletcher32"]))),
+               ("gzip", fuzz_files.Mutation("flip", inside, 0x41)),
+               ("fletcher32", fuzz_files.Mutation("truncate+eof", len(originals["fletcher32"]) * 3 // 4))]
     names = []
-    for i in range(4):
-        layout = ["gzip", "fletcher32"][i % 2]
-        data = originals[layout]
-        change = fuzz_files.mutation(rng, len(data))
-        while change.kind != "flip":  # flips reach the metadata; cuts mostly end at open
-            change = fuzz_files.mutation(rng, len(data))
-        (tmp_path / f"c{i}.h5").write_bytes(change.apply(data))
+    for i, (layout, change) in enumerate(changes):
+        (tmp_path / f"c{i}.h5").write_bytes(change.apply(originals[layout]))
         names.append(f"c{i}.h5")
     done = subprocess.run([sys.executable, "-c", driver, *names], cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr
