@@ -287,7 +287,7 @@ class ChunkReader:
         if not self._dsid.valid:
             raise ValueError(f"{self._where()}: its HDF5 file was closed; keep it open while the reader reads")
         try:
-            mask, expected = self._dsid.read_direct_chunk(origin)
+            mask, expected = _raw_chunk(self._dsid, origin, int(self._sizes[row_chunk, column]), self._chunk_nbytes)
         except Exception as exc:  # h5py raises OSError, or others on a damaged index
             raise DamagedChunk(
                 f"{self._where(row_chunk, column, start, stop)}: the chunk index is damaged "
@@ -345,12 +345,14 @@ class ChunkReader:
         start: int | None = None,
         stop: int | None = None,
     ) -> str:
-        """'file: dataset 'name' chunk at row R, reading rows a:b' for messages."""
+        """"file: dataset 'name' rows a-b" for messages: the rows of the chunk being read
+        that were asked for (and the chunk's origin, when chunks split rows)."""
         where = f"{self._filename}: dataset '{self._name}'"
         if row_chunk is not None:
             origin = (row_chunk * self.chunks[0],) + self._parts[column].origin
-            at = f"row {origin[0]}" if len(self._parts) == 1 else f"{origin}"
-            where += f" chunk at {at}, reading rows {start}:{stop}"
+            first = max(start, origin[0])
+            last = min(stop, origin[0] + self.chunks[0])
+            where += f" rows {first}-{last}" + (f" (chunk at {origin})" if len(self._parts) > 1 else "")
         return where
 
 
@@ -627,6 +629,19 @@ def _chunk_index(dset) -> tuple[np.ndarray, np.ndarray, np.ndarray, tuple | None
     return offsets, sizes, masks, (tuple(first.chunk_offset), first.byte_offset, first.size)
 
 
+def _raw_chunk(dsid, origin, size: int, chunk_nbytes: int) -> tuple[int, np.ndarray]:
+    """``dsid.read_direct_chunk(origin)``, into a buffer with room to spare.
+
+    h5py sizes its buffer with H5Dget_chunk_storage_size and then lets H5Dread_chunk
+    write what the index lookup says; on a damaged file the two can disagree (an
+    unfiltered chunk whose key claims more bytes than a chunk holds), and HDF5 writes
+    past h5py's buffer, crashing the process later (found by tests/fuzz_files.py).
+    """
+    room = np.empty(2 * max(size, chunk_nbytes) + 4096, np.uint8)
+    mask, view = dsid.read_direct_chunk(origin, out=room)
+    return mask, np.asarray(view)
+
+
 def _address_base(dset, fd: int, origin, offset: int, size: int) -> int | None:
     """What to add to HDF5's chunk addresses to get file offsets: 0 or the userblock size.
 
@@ -634,13 +649,14 @@ def _address_base(dset, fd: int, origin, offset: int, size: int) -> int | None:
     versions reported them relative to it (HDFGroup/hdf5#3003). Decide by comparing one
     chunk's bytes with what HDF5 itself returns for it.
     """
+    chunk_nbytes = int(np.prod(dset.chunks)) * dset.dtype.itemsize
     try:
-        _mask, expected = dset.id.read_direct_chunk(origin)
+        _mask, expected = _raw_chunk(dset.id, origin, size, chunk_nbytes)
     except (AttributeError, OSError, ValueError):
         return 0  # cannot compare; trust the address, the self-check follows
     for base in dict.fromkeys((0, int(dset.file.userblock_size))):
         try:
-            if os.pread(fd, size, offset + base) == expected:
+            if os.pread(fd, size, offset + base) == expected.tobytes():
                 return base
         except OSError:
             continue

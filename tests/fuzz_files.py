@@ -186,7 +186,7 @@ def check_file(path: Path) -> Outcome:
     return Outcome("refused rows", refused[0]) if refused else Outcome("same")
 
 
-def run(cases: int, seed: int, folder: Path, timeout: float = 30.0, log=print, progress: int = 0) -> dict:
+def run(cases: int, seed: int, folder: Path, timeout: float = 30.0, log=print, progress: int = 0, start: int = 0) -> dict:
     """Run ``cases`` seeded cases; a summary with counts, failures and the slowest case."""
     originals = {layout: make_file(folder / f"orig-{i}.h5", layout).read_bytes() for i, layout in enumerate(LAYOUTS)}
     counts = collections.Counter()
@@ -197,6 +197,8 @@ def run(cases: int, seed: int, folder: Path, timeout: float = 30.0, log=print, p
         layout = LAYOUTS[case % len(LAYOUTS)]
         data = originals[layout]
         change = mutation(rng, len(data))
+        if case < start:  # drawn, not run: case numbers stay those of a whole run
+            continue
         target.write_bytes(change.apply(data))
         label = f"case {case} ({layout}, {change})"
         # A hang in HDF5's C code holds the GIL: only faulthandler's own thread can end it.
@@ -225,13 +227,15 @@ def main(argv=None) -> int:
     parser.add_argument("--cases", type=int, default=2000)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--timeout", type=float, default=30.0, help="seconds a case may take before it counts as a hang")
+    parser.add_argument("--start", type=int, default=0, help="run cases from this one on (the same cases as in a whole run)")
     parser.add_argument("--keep", type=Path, help="folder to work in (kept), instead of a temporary one")
     args = parser.parse_args(argv)
+    faulthandler.enable()  # a crash in C code prints where it happened
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         folder = args.keep or Path(tmp)
         folder.mkdir(parents=True, exist_ok=True)
-        summary = run(args.cases, args.seed, folder, args.timeout, progress=1000)
+        summary = run(args.cases, args.seed, folder, args.timeout, progress=500, start=args.start)
     summary["seconds"] = round(time.perf_counter() - t0, 1)
     print({k: v for k, v in summary.items() if k != "failures"})
     print(f"{len(summary['failures'])} failure(s)")

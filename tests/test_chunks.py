@@ -494,7 +494,7 @@ def test_corrupt_chunk_names_file_dataset_chunk_and_rows(tmp_path, backend):
             reader.read(50, 100)
         message = str(caught.value)
         assert message.startswith(
-            f"{path}: dataset 'images' chunk at row 64, reading rows 50:100: gzip"
+            f"{path}: dataset 'images' rows 64-96: gzip"
         )
         reader.read(0, 64)  # the other chunks still read
         reader.close()
@@ -505,7 +505,7 @@ def test_a_corrupt_first_or_last_chunk_is_an_error_naming_its_rows_not_a_fallbac
     path = write(tmp_path / "f.h5", sample((ROWS, 12), "float32"), compression="gzip")
     corrupt_chunk(path, row)
     first = row // 32 * 32
-    with h5py.File(path, "r") as f, pytest.raises(chunks.DamagedChunk, match=f"{path}: dataset 'x' chunk at row {first}"):
+    with h5py.File(path, "r") as f, pytest.raises(chunks.DamagedChunk, match=f"{path}: dataset 'x' rows {first}-{min(first + 32, ROWS)}: "):
         open_chunk_reader(f["x"])
 
 
@@ -516,7 +516,7 @@ def test_short_read_is_a_damaged_chunk_naming_the_rows(tmp_path):
         offset = int(reader._offsets[3, 0])
         os.truncate(path, offset + 5)  # the reader's own descriptor sees the shorter file
         with pytest.raises(
-            chunks.DamagedChunk, match=r"dataset 'x' chunk at row 96, reading rows 90:100: short read"
+            chunks.DamagedChunk, match=r"dataset 'x' rows 96-100: short read"
         ):
             reader.read(90, 100)
         reader.close()
@@ -557,7 +557,7 @@ def test_a_chunk_the_index_search_cannot_find_is_an_error_not_the_chunk_or_fill_
         reader = opened(f["x"])
         ours, _ = reader.read(0, 16)  # the chunks HDF5 finds still read
         assert ours.tobytes() == x[:16].tobytes()
-        with pytest.raises(chunks.DamagedChunk, match=rf"{path}: dataset 'x' chunk at row 16, reading rows 10:20: the chunk index is damaged"):
+        with pytest.raises(chunks.DamagedChunk, match=rf"{path}: dataset 'x' rows 16-20: the chunk index is damaged"):
             reader.read(10, 20)
         reader.close()
 

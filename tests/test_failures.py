@@ -212,8 +212,8 @@ BAD_INPUTS = {
     "label uint64 max, user model": (["--data", "umax.h5", "--x", "x", "--y", "y", "--model", "four.keras", "--history", "runs/u/h.jsonl"],
                                      "umax.h5: dataset 'y' row 3 holds label 18446744073709551615, but the model's output"),
     "NaN in x, default model": (["--data", "nan.h5", "--x", "x", "--y", "y"], "nan.h5: dataset 'x' row 7 holds nan; the default model standardises its input"),
-    "corrupt first chunk": (["--data", "first.h5", "--x", "x", "--y", "y"], "first.h5: dataset 'x' chunk at row 0, reading rows 0:16: gzip"),
-    "corrupt last chunk": (["--data", "last.h5", "--x", "x", "--y", "y"], "last.h5: dataset 'x' chunk at row 288, reading rows 288:300: gzip"),
+    "corrupt first chunk": (["--data", "first.h5", "--x", "x", "--y", "y"], "first.h5: dataset 'x' rows 0-16: gzip"),
+    "corrupt last chunk": (["--data", "last.h5", "--x", "x", "--y", "y"], "last.h5: dataset 'x' rows 288-300: gzip"),
     "fletcher32 checksum": (["--data", "f32.h5", "--x", "x", "--y", "y"],
                             "f32.h5: dataset 'x' rows 160-176: HDF5 cannot read them"),
     "scaleoffset+gzip corruption": (["--data", "so.h5", "--x", "x", "--y", "y"],
@@ -473,7 +473,7 @@ def test_inspect_describes_or_refuses_every_bad_file_in_one_line(folder, capsys,
     out = capsys.readouterr().out
     assert "null" in out and "refused: has a null dataspace" in out
     main(["inspect", "first.h5"])
-    assert "refused: chunk at row 0, reading rows 0:16: gzip" in capsys.readouterr().out
+    assert "refused: rows 0-16: gzip" in capsys.readouterr().out
     assert main(["inspect", "loop.h5"]) == 2
     assert capsys.readouterr().err == "pipetrain: loop.h5: a loop of symbolic links\n"
 
