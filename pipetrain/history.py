@@ -493,12 +493,12 @@ class Follower:
         say so (batch lines cannot); and whether the file holds records at all."""
         block = scan.Block(0, data)
         lines = block.others()
-        spans = lines if block.clean(lines) and self.records_seen else [(0, len(data) - 1)]
+        spans = lines if block.clean(lines) and self.records_seen else block.lines()
         for start, end in spans:
-            for line in data[start:end].split(b"\n"):
-                _, record = self._take(line)
-                self.lines_seen += bool(line.strip())
-                self.records_seen += record is not None
+            line = data[start:end]
+            _, record = self._take(line)
+            self.lines_seen += bool(line.strip())
+            self.records_seen += record is not None
 
     def _take(self, line: bytes) -> tuple[bytes, dict | None]:
         record = decode_line(line)

@@ -143,16 +143,17 @@ class _Reader:
     def block(self, block: scan.Block) -> None:
         data = block.data
         if block.final:
-            self.lines([data])
+            self.lines([data[: block.end]])
             return
         others = block.others()
         skipping = not self.want.batches or self.want.ranged
         if (skipping or not self.want.system) and not block.clean(others):
-            self.lines(data.split(b"\n")[:-1])  # parsed whole: nothing is skipped unseen
+            self.lines([data[a:b] for a, b in block.lines()])  # parsed whole: nothing is skipped unseen
+            self._flush()
             return
         runs = iter(block.batch_runs(others))
         run = next(runs, None)
-        for start, end in [*others, (len(data) + 1, None)]:
+        for start, end in [*others, (block.end + 1, None)]:
             while run is not None and run[0] < start:
                 self.batch_run(data[run[0]:run[1]])
                 run = next(runs, None)
@@ -308,13 +309,7 @@ def last_look(fd: int, stop: int) -> tuple[list[tuple[int, dict]], int]:
         clean = block.clean(lines)
         for start, end in block.batch_runs(lines):
             batch_runs.append((block.offset + start, block.offset + end))
-        if clean:
-            spans = lines
-        else:  # every line is parsed: a batch-looking line may be another record
-            spans, at = [], 0
-            for line in block.data.split(b"\n")[:-1]:
-                spans.append((at, at + len(line)))
-                at += len(line) + 1
+        spans = lines if clean else block.lines()  # unclean: a batch-looking line may be another record
         for start, end in spans:
             line = block.data[start:end]
             record = scan.decode(line)

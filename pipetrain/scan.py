@@ -9,8 +9,8 @@ a byte search, in blocks of a few MB read one after the other:
 - :meth:`Block.others` gives the lines of a block that do not begin as a batch line
   (each run, epoch, system and end record, and any line another tool or a person wrote);
 - :meth:`Block.clean` tells whether the block's batch lines are surely batch records as
-  far as a reader that skips them can tell: no second ``"type"`` key and no escape
-  (``\\u0074ype``) anywhere in them. A block that is not clean is parsed line by line.
+  far as a reader that skips them can tell: no second ``"type"`` key, no whitespace and
+  no escape (``\\u0074ype``) in them. A block that is not clean is parsed line by line.
 
 So a reader that wants the epochs parses 200 lines, not 2,000,000, and gets exactly what
 parsing every line would give: every line it skips is a batch record or not a record at
@@ -25,7 +25,6 @@ import json
 import os
 import re
 from collections.abc import Iterator
-from dataclasses import dataclass
 
 try:  # optional: 3-5x faster than json for a history's lines
     import orjson
@@ -35,6 +34,7 @@ except ImportError:  # pragma: no cover - depends on the environment
 BLOCK_BYTES = 8 << 20
 BATCH_PREFIX = b'{"type":"batch",'
 SYSTEM_PREFIX = b'{"type":"system",'
+_NOT_IN_BATCH_LINES = (b"\\", b" ", b"\t", b"\r", b',"type"')
 _OTHER_LINE = re.compile(rb"\n(?!" + re.escape(BATCH_PREFIX) + rb")")
 # orjson reads an integer beyond 64 bits as a float, where json keeps it an int. Such an
 # integer has 19 digits or more in a row, which the writer never writes (a float has at
@@ -77,45 +77,55 @@ def decode(line: bytes):
         return None
 
 
-@dataclass
 class Block:
-    """Complete lines of a file: ``data`` begins at byte ``offset`` and ends with a
-    newline, except the final fragment of a file that does not end with one (``final``)."""
+    """Complete lines of a file: ``data[:end]`` begins at byte ``offset`` of the file and
+    ends with a newline, except the final fragment of a file that does not end with one
+    (``final``). (``data`` may go on after ``end``: a block is not copied to cut it.)"""
 
-    offset: int
-    data: bytes
-    final: bool = False
+    __slots__ = ("offset", "data", "end", "final")
+
+    def __init__(self, offset: int, data: bytes, end: int | None = None, final: bool = False):
+        self.offset, self.data, self.final = offset, data, final
+        self.end = len(data) if end is None else end
+
+    def lines(self) -> list[tuple[int, int]]:
+        """(start, end) of every line."""
+        spans, at = [], 0
+        for line in self.data[: self.end].split(b"\n")[: None if self.final else -1]:
+            spans.append((at, at + len(line)))
+            at += len(line) + 1
+        return spans
 
     def others(self) -> list[tuple[int, int]]:
         """(start, end) in ``data`` of each line that does not begin as a batch line; end
-        is the position of its newline (or the end of ``data``)."""
-        data = self.data
-        starts = [m.end() for m in _OTHER_LINE.finditer(data)]
-        if starts and starts[-1] >= len(data):
+        is the position of its newline (or of the block's end)."""
+        data, stop = self.data, self.end
+        starts = [m.end() for m in _OTHER_LINE.finditer(data, 0, stop)]
+        if starts and starts[-1] >= stop:
             starts.pop()
-        if data and not data.startswith(BATCH_PREFIX):
+        if stop and not data.startswith(BATCH_PREFIX):
             starts.insert(0, 0)
         out = []
         for start in starts:
-            end = data.find(b"\n", start)
-            out.append((start, len(data) if end < 0 else end))
+            end = data.find(b"\n", start, stop)
+            out.append((start, stop if end < 0 else end))
         return out
 
     def clean(self, others: list[tuple[int, int]]) -> bool:
         """Whether every line that begins as a batch line is a batch record or no record
-        at all: its only ``"type"`` key is the first, and no escape could spell another."""
-        data = self.data
-        lines = data.count(b"\n") + (1 if data and not data.endswith(b"\n") else 0)
-        in_others = sum(data.count(b'"type"', s, e) for s, e in others)
-        if data.count(b'"type"') != lines - len(others) + in_others:
-            return False
+        at all, as far as a reader that skips it can tell: the writer's batch lines hold
+        no ``,"type"`` (a second type key), no whitespace (a key spaced from its comma)
+        and no backslash (an escape that spells ``type``). Such bytes inside the other
+        lines are theirs."""
+        data, stop = self.data, self.end
         starts = [s for s, _ in others]
-        slash = data.find(b"\\")
-        while slash >= 0:  # each escape must be inside one of the other lines
-            i = bisect.bisect_right(starts, slash) - 1
-            if i < 0 or slash >= others[i][1]:
-                return False
-            slash = data.find(b"\\", others[i][1])
+        for needle in _NOT_IN_BATCH_LINES:
+            found = data.find(needle, 0, stop)
+            while found >= 0:
+                i = bisect.bisect_right(starts, found) - 1
+                if i < 0 or found >= others[i][1]:
+                    return False
+                found = data.find(needle, others[i][1], stop)
         return True
 
     def batch_runs(self, others: list[tuple[int, int]]) -> list[tuple[int, int]]:
@@ -125,29 +135,35 @@ class Block:
             if start > at:
                 runs.append((at, start))
             at = end + 1
-        if at < len(self.data):
-            runs.append((at, len(self.data)))
+        if at < self.end:
+            runs.append((at, self.end))
         return runs
 
 
-def blocks(fd: int, start: int = 0, stop: int | None = None, size: int = BLOCK_BYTES) -> Iterator[Block]:
+def blocks(fd: int, start: int = 0, stop: int | None = None, size: int | None = None) -> Iterator[Block]:
     """The bytes of an open file from ``start`` to ``stop`` (default: its end now) as
-    blocks of complete lines; a last line without its newline comes as a final block."""
+    blocks of complete lines, about ``size`` bytes each (default BLOCK_BYTES); a last
+    line without its newline comes as a final block."""
+    size = size or BLOCK_BYTES
     if stop is None:
         stop = os.fstat(fd).st_size
-    at, rest = start, b""
+    at = start
     while at < stop:
-        chunk = os.pread(fd, min(size, stop - at), at)
-        if not chunk:
+        data = os.pread(fd, min(size, stop - at), at)
+        if not data:
             break
-        at += len(chunk)
-        data = rest + chunk if rest else chunk
         cut = data.rfind(b"\n") + 1
-        if cut:
-            yield Block(at - len(data), data[:cut] if cut < len(data) else data)
-        rest = data[cut:]
-    if rest:
-        yield Block(at - len(rest), rest, final=True)
+        while not cut and at + len(data) < stop:  # a line longer than a block
+            more = os.pread(fd, min(size, stop - at - len(data)), at + len(data))
+            if not more:
+                break
+            cut = (data + more).rfind(b"\n") + 1
+            data += more
+        if not cut:
+            yield Block(at, data, final=True)
+            return
+        yield Block(at, data, cut)
+        at += cut  # the partial line after the cut is read again with the next block
 
 
 def line_end(fd: int, size: int) -> int:
