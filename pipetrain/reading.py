@@ -36,7 +36,7 @@ _POSITION_TYPES = {int, type(None)}
 _type_of = itemgetter("type")
 # The writer's batch lines begin with their run, time and epoch (see Run.emit).
 _BATCH_HEAD = re.compile(rb'^\{"type":"batch","run":"[^"\\\n]*","t":(-?\d+(?:\.\d+)?(?:[eE][-+]?\d+)?),'
-                         rb'"epoch":(\d+|null)[,}]', re.M)
+                         rb'"epoch":(\d{1,18}|null)[,}]', re.M)
 
 
 class _Selection:
@@ -176,11 +176,9 @@ class _Reader:
             if not lines:
                 return
         records = scan.loads_many(lines, data if not self.want.ranged else None)
-        if self._all_batches(records):
-            if self.want.ranged:
-                records = [r for r in records if self.want.takes(r)]
+        if not self.want.ranged and self._all_batches(records):
             self._pending_batches.extend(records)
-        else:
+        else:  # record by record: well_formed, then the range
             for line, record in zip(lines, records, strict=True):
                 self.route(record, line)
 

@@ -325,17 +325,20 @@ class TableBuilder:
         """The table of every record added (or of those where ``keep`` is True)."""
         shapes = list(self._shapes)
         shape_of = np.concatenate(self._shape_of) if self._shape_of else np.zeros(0, dtype=np.int32)
+        dropping = keep is not None and not keep.all()
+        kept_shapes = np.unique(shape_of[keep] if dropping else shape_of).tolist()
         order: dict[str, None] = {}
-        for shape in shapes:
-            order.update(dict.fromkeys(shape))
+        for shape in shapes:  # keys in the order they first appear, as pandas orders them
+            if shapes.index(shape) in kept_shapes:
+                order.update(dict.fromkeys(shape))
         sizes = [n for n, _ in self._pieces]
         columns = {}
         for name in order:
             column = concat([cols.get(name) for _, cols in self._pieces], sizes)
             for _, cols in self._pieces:  # free each piece's part as soon as it is joined
                 cols.pop(name, None)
-            columns[name] = column.take(keep) if keep is not None and not keep.all() else column
+            columns[name] = column.take(keep) if dropping else column
         self._pieces.clear()
-        if keep is not None and not keep.all():
+        if dropping:
             shape_of = shape_of[keep]
         return Table(columns, shapes, shape_of)
