@@ -102,11 +102,23 @@ def updates(path: Path, *, follow: bool = True, poll: float = 0.25) -> Iterator[
                 if not records and not_records:
                     raise BadInput(f"{path}: not a pipetrain history (no JSON records in {not_records} line(s))")
                 ended = False
+                # The batches of the epoch in progress are summed at once; system samples
+                # between them are fed as they come (they touch no batch figure).
+                epoch_batches: list[dict] = []
                 for _, record in records:
+                    if record["type"] == "batch":
+                        epoch_batches.append(record)
+                        continue
+                    if record["type"] != "system":
+                        state.add_epoch_batches(epoch_batches)
+                        epoch_batches = []
                     state.add(record)
                     update.lines += lines_for(record, state, path)
                     if record["type"] in ("end", "run"):
                         ended = record["type"] == "end"
+                state.add_epoch_batches(epoch_batches)
+                if records:
+                    state.last_t = records[-1][1]["t"]  # the latest record's time, whatever its type
                 records_seen += len(records)
                 follower.skip_to(stop, ended)
                 caught_up = True

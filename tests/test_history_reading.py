@@ -46,8 +46,10 @@ def reference(path) -> History:
 
 
 def batch(epoch, b, t, run="r", **extra):
-    return {"type": "batch", "run": run, "t": t, "epoch": epoch, "batch": b, "step": epoch * 10 + b, "size": 4,
-            "loss": round(1 / (1 + t), 6), "step_s": 0.01, "wait_s": 0.001, "samples_per_s": 400.0, **extra}
+    record = {"type": "batch", "run": run, "t": t, "epoch": epoch, "batch": b, "step": epoch * 10 + b, "size": 4,
+              "loss": round(1 / (1 + t), 6), "step_s": 0.01, "wait_s": 0.001, "samples_per_s": 400.0}
+    record.update(extra)
+    return record
 
 
 def writer_history():
@@ -135,13 +137,23 @@ def block_bytes(request, monkeypatch):
     return request.param
 
 
+@pytest.fixture(params=["orjson", "json"])
+def parser(request, monkeypatch):
+    """With orjson (the fast extra) and without it (the pure-Python fallback)."""
+    if request.param == "json":
+        monkeypatch.setattr(scan, "orjson", None)
+    elif scan.orjson is None:
+        pytest.skip("orjson is not installed")
+    return request.param
+
+
 def items(records) -> str:
     """Records as text: the same keys in the same order, ints as ints and floats as
     floats, a NaN equal to a NaN (json reads a hand-written NaN)."""
     return repr(list(records))
 
 
-def test_read_history_is_the_full_parse(tmp_path, block_bytes):
+def test_read_history_is_the_full_parse(tmp_path, block_bytes, parser):
     for name, path in histories(tmp_path):
         fast, full = read_history(path), reference(path)
         assert items(fast.batches) == items(full.batches), name
@@ -171,7 +183,7 @@ def test_columns_are_numbers_where_records_hold_numbers(tmp_path):
     assert h.batches.ints("epoch").tolist() == [min(int(r.get("epoch") or 0), 2**63 - 1) for r in h.batches]
 
 
-def test_epochs_only_and_ranges_are_the_full_parse_selected(tmp_path, block_bytes):
+def test_epochs_only_and_ranges_are_the_full_parse_selected(tmp_path, block_bytes, parser):
     for name, path in histories(tmp_path):
         full = reference(path)
         only = read_history(path, tables=("epochs",))
@@ -232,8 +244,28 @@ def text_of(renderable) -> str:
     return console.export_text()
 
 
-def test_tail_from_the_end_is_the_state_of_every_record(tmp_path, block_bytes):
+@pytest.mark.parametrize("bulk", [1, 256], ids=["summed over columns", "one by one"])
+def test_tail_from_the_end_is_the_state_of_every_record(tmp_path, block_bytes, parser, bulk, monkeypatch):
+    from pipetrain import progress
+
+    monkeypatch.setattr(progress, "BULK_BATCHES", bulk)
+    summed = []
+    real = progress.RunState._bulk
+    monkeypatch.setattr(progress.RunState, "_bulk", lambda self, records: summed.append(real(self, records))
+                        or summed[-1])
     cases = histories(tmp_path)
+    long_epoch = [{"type": "run", "run": "r", "t": 0.0, "data": {"steps_per_epoch": 900}, "resume": None}]
+    for b in range(700):
+        odd = {0: {"loss": None}, 9: {"wait_s": None}, 13: {"note": "n/a"}}.get(b % 50, {})
+        long_epoch.append(batch(0, b, 1.0 + b, **{"accuracy": 0.5, "note": None, **odd}))
+        if b % 97 == 0:
+            long_epoch.append({"type": "system", "run": "r", "t": 1.0 + b, "rss_mb": 100 + b})
+    cases.append(("a long epoch with nulls, text and ints", write_records(tmp_path / "long.jsonl", long_epoch)))
+    nan = write_records(tmp_path / "nan.jsonl", long_epoch[:300],
+                        tail=b'{"type":"batch","run":"r","t":999.0,"epoch":0,"batch":699,"size":4,"loss":NaN}\n')
+    cases.append(("a NaN in the file", nan))
+    mixed = [dict(r, accuracy=1) if r["type"] == "batch" and r["batch"] % 7 == 0 else r for r in long_epoch]
+    cases.append(("an int among floats", write_records(tmp_path / "mixed.jsonl", mixed)))
     # and cuts of the writer's history at every line: mid-epoch, after a resume, after an end
     lines = (tmp_path / "writer.jsonl").read_bytes().splitlines(keepends=True)
     for n in range(1, len(lines) + 1, 3):
@@ -243,6 +275,7 @@ def test_tail_from_the_end_is_the_state_of_every_record(tmp_path, block_bytes):
         full = full_state(path)
         assert items(state_view(state)) == items(state_view(full)), name
         assert text_of(dashboard(state, path, now=0.0)) == text_of(dashboard(full, path, now=0.0)), name
+    assert True in summed and (False in summed or bulk > 1)  # both ways were taken
 
 
 def test_tail_prints_the_lines_of_every_record(tmp_path):
