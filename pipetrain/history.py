@@ -348,19 +348,12 @@ def _frame(records):
     return records.to_pandas() if hasattr(records, "to_pandas") else pd.DataFrame(records)
 
 
-RUN_LINE = b'{"type":"run"'  # how the writer begins every run record (see encode)
 
 
 def run_records(path: str | os.PathLike) -> list[dict]:
-    """The ``run`` records of a history file, in order, decoding only the lines that
-    begin as the writer begins a run record: a long run's batch lines are not parsed
-    (a file whose lines are written otherwise is read whole)."""
-    data = Path(path).read_bytes()
-    runs = [r for r in map(decode_line, (line for line in data.split(b"\n") if line.startswith(RUN_LINE)))
-            if r is not None and r["type"] == "run"]
-    if not runs and data.strip():
-        runs = [r for r in parse_lines(data + b"\n")[0] if r["type"] == "run"]
-    return runs
+    """The ``run`` records of a history file, in order, as read_history finds them,
+    parsing neither batch nor system lines (a long history is not read into memory)."""
+    return read_history(path, tables=()).runs
 
 
 def read_history(path: str | os.PathLike, **selection) -> History:
