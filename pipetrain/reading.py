@@ -22,7 +22,6 @@ import os
 import re
 from collections.abc import Iterable
 from operator import itemgetter
-from pathlib import Path
 
 import numpy as np
 
@@ -97,7 +96,7 @@ class _Reader:
 
     # -- one record at a time (the general path) -----------------------------------------
 
-    def route(self, record, line: bytes = b"x") -> None:
+    def route(self, record, line: bytes) -> None:
         """Keep one decoded line as read_history's full parse does (None: not JSON)."""
         if type(record) is not dict or not well_formed(record):
             if line.strip():
@@ -160,8 +159,9 @@ class _Reader:
             if end is None:
                 break
             line = data[start:end]
-            if not self.want.system and line.startswith(scan.SYSTEM_PREFIX) and line.count(b'"type"') == 1:
-                continue  # a system record (or not a record at all), not asked for
+            if (not self.want.system and line.startswith(scan.SYSTEM_PREFIX) and line.count(b'"type"') == 1
+                    and b"\\" not in line):
+                continue  # a system record (or not a record at all: no other type key can hide in it)
             self.route(scan.decode(line), line)
         self._flush()  # a block's records go into the tables together
 
@@ -281,8 +281,6 @@ def read_history(
         fd = os.open(path, os.O_RDONLY)
     except FileNotFoundError:
         raise FileNotFoundError(f"{path}: no such history file") from None
-    except IsADirectoryError:
-        raise IsADirectoryError(f"{Path(path)}: is a folder, not a history file") from None
     reader = _Reader(selection)
     try:
         for block in scan.blocks(fd):

@@ -94,6 +94,7 @@ HAND_EDITED = [
     b'{"type":"batch","run":"r","t":908.0,"epoch":99999999999999999999999,"batch":2}',  # beyond int64
     b'{"type":"batch","run":"r","t":909.0,"epoch":3,"batch":3,"loss":NaN}',  # json reads NaN, orjson not
     b'\xef\xbb\xbf{"type":"system","run":"r","t":910.0,"rss_mb":1}',  # a byte-order mark
+    b'{"type":"system","run":"r","t":910.5,"\\u0074ype":"epoch","epoch":2}',  # a system line that is an epoch
     b'{"type":"batch","run":"r","t":911.0,"epoch":3,"batch":4}{"type":"epoch","run":"r","t":911.5,"epoch":3}',
     b'{"type":"batch","run":"r","t":912.0,"epoch":3,"batch":4,"accuracy":1}',  # an int where floats were
     b'   ',
