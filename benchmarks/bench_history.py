@@ -8,7 +8,8 @@ batch records, against counting the file's lines in Python.
 The histories are written as a run writes them (history_maker.py: epochs of 10,000
 batches, a system sample every 200 batches, one resume in the middle after a torn line)
 and kept in --folder for the next time. Each operation runs in a fresh process; its time
-is measured inside that process from after the imports (``s``) and from outside
+is measured inside that process from after the imports (``s``, and ``cpu_s``: the CPU
+time it used, which a busy shared machine disturbs less) and from outside
 (``process_s``: start, imports and all), with the process's peak RSS (``ru_maxrss``).
 Goals: tail <= 1 s and the same at every size; read_history and to_pandas <= 10x the line
 count's time and <= 2x the file size in memory; plot <= 10 s at 2M.
@@ -38,7 +39,7 @@ def child(operation: str, path: str) -> None:
 
     from pipetrain.monitor import peak_rss_mb  # noqa: F401 - the same measure as the other benchmarks
 
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     if operation == "lines":
         n = 0
         with open(path, "rb") as f:
@@ -50,18 +51,17 @@ def child(operation: str, path: str) -> None:
         from pipetrain import tail
 
         with open(os.devnull, "w") as out:
+            start, cpu = time.perf_counter(), time.process_time()
             if operation == "tail":  # the view on a terminal, once
-                start = time.perf_counter()
                 tail.tail_once(Path(path), Console(file=out, force_terminal=True, width=100, height=50))
             else:  # into a pipe: the plain lines
-                start = time.perf_counter()
                 tail.tail_plain(Path(path), follow=False, poll=0.25, out=out)
     elif operation in ("read_all", "read_epochs", "to_pandas"):
         import pandas  # noqa: F401 - imported before the clock, as a user has it
 
         import pipetrain
 
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         if operation == "read_epochs":
             h = pipetrain.read_history(path, tables=("epochs",))
         else:
@@ -74,13 +74,13 @@ def child(operation: str, path: str) -> None:
         from pipetrain.plot import plot
 
         with tempfile.TemporaryDirectory() as tmp:
-            start = time.perf_counter()
+            start, cpu = time.perf_counter(), time.process_time()
             plot([path], Path(tmp) / "plot.png")
     else:
         raise SystemExit(f"unknown operation {operation}")
-    seconds = time.perf_counter() - start
+    seconds, cpu_s = time.perf_counter() - start, time.process_time() - cpu
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(json.dumps({"s": round(seconds, 3), "peak_rss_mb": round(peak, 1)}))
+    print(json.dumps({"s": round(seconds, 3), "cpu_s": round(cpu_s, 3), "peak_rss_mb": round(peak, 1)}))
 
 
 def run_child(operation: str, path: Path) -> dict:
@@ -136,16 +136,19 @@ def main() -> None:
         row = {"batches": size, "file_mb": round(path.stat().st_size / 2**20, 1), "operations": {}}
         for op, found in runs.items():
             row["operations"][op] = {k: statistics.median(r[k] for r in found) for k in found[0]}
-        lines_s = row["operations"].get("lines", {}).get("s")
+        lines = row["operations"].get("lines", {})
         for op, figures in row["operations"].items():
-            if lines_s:
-                figures["x_lines"] = round(figures["s"] / lines_s, 2)
+            if lines:
+                figures["x_lines"] = round(figures["s"] / lines["s"], 2)
+                figures["cpu_x_lines"] = round(figures["cpu_s"] / max(lines["cpu_s"], 1e-3), 2)
             figures["x_file_size"] = round(figures["peak_rss_mb"] / row["file_mb"], 2)
         results["sizes"][str(size)] = row
         print(f"\n{size:,} batch records, {row['file_mb']} MB")
-        print(f"{'operation':<12} {'s':>8} {'process s':>10} {'x lines':>8} {'peak MB':>8} {'x file':>7}")
+        print(f"{'operation':<12} {'s':>8} {'cpu s':>8} {'process s':>10} {'x lines':>8} {'cpu x':>7} "
+              f"{'peak MB':>8} {'x file':>7}")
         for op, f in row["operations"].items():
-            print(f"{op:<12} {f['s']:>8.3f} {f['process_s']:>10.3f} {f.get('x_lines', float('nan')):>8.2f} "
+            print(f"{op:<12} {f['s']:>8.3f} {f['cpu_s']:>8.3f} {f['process_s']:>10.3f} "
+                  f"{f.get('x_lines', float('nan')):>8.2f} {f.get('cpu_x_lines', float('nan')):>7.2f} "
                   f"{f['peak_rss_mb']:>8.1f} {f['x_file_size']:>7.2f}", flush=True)
     results["machine"]["load_1min_at_end"] = round(os.getloadavg()[0], 2)
     Path(args.out).write_text(json.dumps(results, indent=1) + "\n")
