@@ -37,8 +37,6 @@ def child(operation: str, path: str) -> None:
     sys.path.insert(0, str(ROOT))
     import resource
 
-    from pipetrain.monitor import peak_rss_mb  # noqa: F401 - the same measure as the other benchmarks
-
     start, cpu = time.perf_counter(), time.process_time()
     if operation == "lines":
         n = 0

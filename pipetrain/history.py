@@ -95,15 +95,7 @@ class HistoryWriter:
         follower sees the file shrink and reads it again from the top.) A whole record
         that lacks only its newline is a record (read_history shows it): it gets one."""
         size = os.fstat(self._fd).st_size
-        end = size
-        while end > 0:
-            start = max(0, end - 65536)
-            chunk = os.pread(self._fd, end - start, start)
-            newline = chunk.rfind(b"\n")
-            if newline >= 0:
-                end = start + newline + 1
-                break
-            end = start
+        end = scan.line_end(self._fd, size)
         if end == size:
             return
         if decode_line(os.pread(self._fd, size - end, end)) is not None:
@@ -346,8 +338,6 @@ def _frame(records):
     import pandas as pd
 
     return records.to_pandas() if hasattr(records, "to_pandas") else pd.DataFrame(records)
-
-
 
 
 def run_records(path: str | os.PathLike) -> list[dict]:
