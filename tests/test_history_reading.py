@@ -242,10 +242,15 @@ def text_of(renderable) -> str:
     return console.export_text()
 
 
-@pytest.mark.parametrize("bulk", [1, 256], ids=["summed over columns", "one by one"])
-def test_tail_from_the_end_is_the_state_of_every_record(tmp_path, block_bytes, parser, bulk, monkeypatch):
+@pytest.mark.parametrize("block, no_orjson, bulk", [(None, False, 1), (300, True, 256), (4096, False, 256)],
+                         ids=["one block, orjson, epochs summed", "300-byte blocks, json", "4k blocks, orjson"])
+def test_tail_from_the_end_is_the_state_of_every_record(tmp_path, block, no_orjson, bulk, monkeypatch):
     from pipetrain import progress
 
+    if block:
+        monkeypatch.setattr(scan, "BLOCK_BYTES", block)
+    if no_orjson:
+        monkeypatch.setattr(scan, "orjson", None)
     monkeypatch.setattr(progress, "BULK_BATCHES", bulk)
     summed = []
     real = progress.RunState._bulk
@@ -266,14 +271,14 @@ def test_tail_from_the_end_is_the_state_of_every_record(tmp_path, block_bytes, p
     cases.append(("an int among floats", write_records(tmp_path / "mixed.jsonl", mixed)))
     # and cuts of the writer's history at every line: mid-epoch, after a resume, after an end
     lines = (tmp_path / "writer.jsonl").read_bytes().splitlines(keepends=True)
-    for n in range(1, len(lines) + 1, 3):
+    for n in range(1, len(lines) + 1, 4):
         cases.append((f"first {n} lines", write_records(tmp_path / f"cut{n}.jsonl", [], tail=b"".join(lines[:n]))))
     for name, path in cases:
         state = [u.state for u in updates(path, follow=False)][-1]
         full = full_state(path)
         assert items(state_view(state)) == items(state_view(full)), name
         assert text_of(dashboard(state, path, now=0.0)) == text_of(dashboard(full, path, now=0.0)), name
-    assert True in summed and (False in summed or bulk > 1)  # both ways were taken
+    assert True in summed and (False in summed or bulk > 1)  # both ways were taken (with bulk 1)
 
 
 def test_tail_prints_the_lines_of_every_record(tmp_path):
