@@ -49,6 +49,7 @@ import psutil
 from pipetrain import __version__
 from pipetrain import checkpoint as ckpt
 from pipetrain.aggregate import MetricObjects, MetricSums, WeightedMeans, pythonify
+from pipetrain import device
 from pipetrain.fused import Group, each
 from pipetrain.errors import RunError, one_line
 from pipetrain.history import SCHEMA, HistoryWriteError, HistoryWriter, jsonable
@@ -176,6 +177,10 @@ class Run:
             or ``"normal"`` (see :func:`pipetrain.pipeline.set_priority`); producers that
             starve (a batch waited for over half a second) are raised to normal.
             Defaults to "idle".
+        device_prefetch: copy the next batch to the accelerator while the current one
+            trains (see :mod:`pipetrain.device`); the loop then gets device arrays.
+            ``"auto"``: where there is an accelerator; True: always (on a CPU-only
+            machine, a copy). Defaults to False.
     """
 
     def __init__(
@@ -205,6 +210,7 @@ class Run:
         handle_signals: bool = True,
         recycle: bool = True,
         producer_priority: str = "idle",
+        device_prefetch: bool | str = False,
     ):
         batch_size, epochs = _whole("batch_size", batch_size), _whole("epochs", epochs)
         workers, max_queue = _whole("workers", workers), _whole("max_queue", max_queue)
@@ -225,6 +231,10 @@ class Run:
         self.batch_size, self.epochs_total = batch_size, epochs
         self.workers, self.max_queue, self.max_queue_bytes = workers, max_queue, max_queue_bytes
         self.recycle = recycle
+        if device_prefetch not in (True, False, "auto"):
+            raise RunError(f"device_prefetch={device_prefetch!r}: expected True, False or 'auto'")
+        self.device_prefetch_depth = 1
+        self._device_copy = device.device_copier(force=device_prefetch is True) if device_prefetch else None
         if producer_priority not in PRIORITIES:
             raise RunError(f"producer_priority={producer_priority!r}: expected one of {', '.join(PRIORITIES)}")
         self.producer_priority = producer_priority
@@ -645,31 +655,22 @@ class Epoch:
         run = self.run
         run.callbacks.on_epoch_begin(self.index)
         self._t0 = time.perf_counter()
-        stream = run._batches(self.index, self.start)
+        items = _items(run._batches(self.index, self.start), self.steps - self.start, k)
+        if run._device_copy is not None:
+            items = device.prefetch(items, run._device_copy, run.device_prefetch_depth)
         finished = False
-        held: Batch | None = None  # a batch read ahead that starts the next group
         try:
-            position = self.start
-            while position < self.steps:
+            while True:
                 if run._should_stop():
                     break
-                if k == 1:
-                    item = next(stream)
-                else:
-                    group = Group(held if held is not None else next(stream), k)
-                    held = None
-                    while group.count < k and position + group.count < self.steps:
-                        batch = next(stream)
-                        if not group.add(batch):  # another size: it starts the next group
-                            held = Group(batch, 1)
-                            break
-                    item = group.done()
+                item = next(items, None)
+                if item is None:
+                    break
                 self._current, self._handed = item, time.perf_counter()
                 self._values, self._logs = {}, {}
                 if run._batch_begin_hooks:
                     run.callbacks.on_train_batch_begin(item.index)
                 yield item
-                position += getattr(item, "count", 1)
                 self._finish_batch()
             finished = True
         except GeneratorExit:  # the loop left after training the batch in hand: it counts
@@ -677,6 +678,7 @@ class Epoch:
                 self._finish_batch(check=False)
             raise
         finally:
+            items.close()
             self._current = None
             self._t_train_end = time.perf_counter()
             # The stream is positioned at the next epoch only if this one ran to its end.
@@ -961,6 +963,28 @@ def _whole(name: str, value) -> int:
     if number is None or isinstance(value, bool) or number < 1:
         raise RunError(f"{name}={value!r} must be a whole number >= 1")
     return number
+
+
+def _items(stream: Iterator[Batch], steps: int, k: int) -> Iterator[Batch | Group]:
+    """The next ``steps`` batches of ``stream``, one by one (k = 1) or in groups of up
+    to k batches of one size."""
+    if k == 1:
+        for _ in range(steps):
+            yield next(stream)
+        return
+    held: Group | None = None  # a batch of another size, which starts the next group
+    taken = 0
+    while taken < steps or held is not None:
+        group = Group(held if held is not None else next(stream), k)
+        taken += 0 if held is not None else 1
+        held = None
+        while group.count < k and taken < steps:
+            batch = next(stream)
+            taken += 1
+            if not group.add(batch):
+                held = Group(batch, 1)
+                break
+        yield group.done()
 
 
 def _class_weights(y, sample_weight, class_weight):

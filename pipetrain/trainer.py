@@ -42,6 +42,7 @@ def train(
     producer_priority: str = "idle",
     config: Mapping | None = None,
     steps_per_execution: int = 1,
+    device_prefetch: bool | str = "auto",
 ):
     """Train a compiled Keras model on an :class:`H5Source` with ``train_on_batch``.
 
@@ -78,6 +79,9 @@ def train(
             stay exactly ``fit``'s; one batch record, one pair of batch callbacks and
             one signal check per group of k batches; checkpoints land between groups.
             Defaults to 1.
+        device_prefetch: copy the next batch to the accelerator while the current one
+            trains (see :mod:`pipetrain.device`); ``"auto"``: where there is one.
+            Defaults to "auto".
 
     Other arguments are those of :class:`pipetrain.Run`.
 
@@ -105,7 +109,7 @@ def train(
         callbacks=callbacks, verbose=verbose, monitor_interval=monitor_interval,
         config={**settings, **(config or {})}, overwrite=overwrite, resume=resume,
         checkpoint_every=checkpoint_every, stop_on_nonfinite=stop_on_nonfinite,
-        producer_priority=producer_priority,
+        producer_priority=producer_priority, device_prefetch=device_prefetch,
     ) as run:
         for epoch in run.epochs():
             if steps_per_execution == 1:
