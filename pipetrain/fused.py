@@ -119,11 +119,14 @@ class _TFStep(FusedStep):
         def one(data):
             return self._one(data)[0]
 
+        # Within the loop, each step compiled as the model's own (XLA where it uses XLA).
+        inner = tf.function(lambda data: self._one(data)[1], reduce_retracing=True, jit_compile=jit)
+
         def many(stacked):
             k = tf.shape(next(a for a in tf.nest.flatten(stacked) if a is not None))[0]
 
             def body(i, group):
-                _, values = self._one(each(lambda a: a[i], stacked))
+                values = inner(each(lambda a: a[i], stacked))
                 return i + 1, [g + v for g, v in zip(group, values, strict=True)]
 
             group = [tf.zeros_like(s) for s in self.sums]
