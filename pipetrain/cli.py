@@ -102,6 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--producer-priority", choices=["idle", "low", "normal"], default=None,
                    help="CPU priority of the producer threads (default idle: they use the cores' idle time)")
     t.add_argument("--shuffle-window", type=positive_int, default=None, help="rows permuted together (default 8192)")
+    t.add_argument("--steps-per-execution", type=positive_int, default=None, metavar="K",
+                   help="batches trained per compiled call, one batch record per K batches (default 1)")
     t.add_argument("--history", metavar="FILE", help="history file (default runs/<name>/history.jsonl)")
     t.add_argument("--checkpoint-every", type=positive_int, default=None, metavar="N",
                    help="batches between checkpoints, besides each epoch end (default 1000)")
@@ -180,6 +182,7 @@ def _names(values: list[str] | None, default: str | None):
 TRAIN_DEFAULTS = {
     "epochs": 20, "batch_size": 32, "shuffle": "block", "seed": 0, "workers": 2, "max_queue": 8,
     "shuffle_window": 8192, "monitor_interval": 2.0, "checkpoint_every": 1000, "producer_priority": "idle",
+    "steps_per_execution": 1,
 }
 FIXED_ON_RESUME = ("data", "val", "x", "y", "sample_weight", "model", "batch_size", "shuffle", "seed",
                    "shuffle_window", "allow_external")
@@ -251,7 +254,7 @@ def _resumed_settings(args, history: Path) -> dict:
             flag = "--" + key.replace("_", "-")
             raise BadInput(f"{flag} cannot change when resuming (the run was started with {settings.get(key)!r})")
     for key in ("epochs", "workers", "max_queue", "monitor_interval", "checkpoint_every", "producer_priority",
-                "compute_threads"):
+                "compute_threads", "steps_per_execution"):
         if getattr(args, key) is not None:
             settings[key] = getattr(args, key)
     settings["allow_nonfinite"] = settings.get("allow_nonfinite", False) or args.allow_nonfinite
@@ -307,6 +310,7 @@ def cmd_train(args) -> int:
             monitor_interval=settings["monitor_interval"], overwrite=args.overwrite,
             resume=bool(args.resume), checkpoint_every=settings["checkpoint_every"],
             stop_on_nonfinite=not settings.get("allow_nonfinite"), producer_priority=settings.get("producer_priority", "idle"),
+            steps_per_execution=settings.get("steps_per_execution") or 1,
             config={"cli": _recorded(settings), "argv": sys.argv[1:]},
         )
     except KeyboardInterrupt as e:
