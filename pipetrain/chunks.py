@@ -117,7 +117,7 @@ class ChunkReader:
         self._max_stored = max(int(sizes.max()) if sizes.size else 0, self._chunk_nbytes)
         self._plans: dict[int, tuple[tuple[Stage, ...], int]] = {}
         self._local = threading.local()
-        self.codec = _describe(filters, [s for s in stages if s is not None])
+        self.codec = _describe(filters, [s for s in stages if s is not None], getattr(data, "remote", False))
 
     # -- public ---------------------------------------------------------------------
 
@@ -335,12 +335,13 @@ def _feature_parts(shape: tuple[int, ...], chunks: tuple[int, ...]) -> list[_Fea
     return parts
 
 
-def _describe(filters: tuple[str, ...], stages: list[Stage]) -> str:
+def _describe(filters: tuple[str, ...], stages: list[Stage], remote: bool = False) -> str:
     """One line for humans, e.g. 'raw chunks: shuffle+gzip via numpy + isal, threads scale'."""
+    reads = "parallel ranged GETs" if remote else "positioned reads"
     if not stages:
-        return "raw chunks: unfiltered, positioned reads, threads scale"
+        return f"raw chunks: unfiltered, {reads}, threads scale"
     via = " + ".join(dict.fromkeys(s.via for s in stages))
-    return f"raw chunks: {'+'.join(filters)} via {via}, threads scale"
+    return f"raw chunks: {'+'.join(filters)} via {via}{', ' + reads if remote else ''}, threads scale"
 
 
 # --------------------------------------------------------------------------- opening

@@ -191,3 +191,65 @@ def hdf5_offset(f: RemoteFile) -> int | None:
             return offset
         offset = 512 if offset == 0 else offset * 2
     return None
+
+
+class RemoteH5:
+    """An HDF5 file in a bucket, opened: ``file`` is h5py's File on a :class:`RemoteFile`
+    (its metadata from the cache on disk when this version was opened before), and
+    :meth:`chunk_bytes` gives the byte sources its chunk readers fetch from.
+
+    Raises :class:`~pipetrain.remote.RemoteInputError` (missing, denied, not HDF5) or
+    :class:`~pipetrain.remote.RemoteReadError` (the network failed for good)."""
+
+    def __init__(self, url: str, storage_options: dict | None = None, metadata_cache=True,
+                 fetcher: Fetcher | None = None, obj: ObjectInfo | None = None):
+        import h5py
+
+        from pipetrain import remote
+        from pipetrain.ranges import Fetcher as _Fetcher
+
+        self.store = remote.store_for(url, storage_options)
+        self.obj = obj or remote.stat(url, storage_options)
+        self._own_fetcher = fetcher is None
+        self.fetcher = fetcher or _Fetcher()
+        self.cache = None
+        if metadata_cache:
+            self.cache = MetadataCache(default_cache_dir() if metadata_cache is True else metadata_cache)
+        self._pages, notes = self.cache.load(self.obj) if self.cache is not None else ({}, {})
+        self.verified = {name: dict(v) for name, v in (notes.get("datasets") or {}).items()}
+        self._before = repr(sorted(self.verified.items()))
+        self.fileobj = RemoteFile(self.obj, self.store, self.fetcher, self._pages)
+        self.file = None
+        try:
+            if hdf5_offset(self.fileobj) is None:
+                raise remote.RemoteInputError(f"{url}: not an HDF5 file ({self.obj.size} bytes, no HDF5 signature)")
+            try:
+                self.file = h5py.File(self.fileobj, "r")
+            except (remote.RemoteInputError, remote.RemoteReadError):
+                raise
+            except OSError as e:
+                raise remote.RemoteInputError(f"{url}: cannot be opened as HDF5 (truncated or corrupted?): {e}") from None
+        except BaseException:
+            self.close()
+            raise
+
+    def chunk_bytes(self):
+        """A new byte source over the object, for one chunk reader."""
+        from pipetrain.ranges import RemoteBytes
+
+        return RemoteBytes(self.obj, self.store, self.fetcher)
+
+    def opened(self) -> None:
+        """Everything needed is open: keep the metadata pages (and what the chunk readers
+        verified, in ``verified``) for the next open of this version."""
+        recorded = self.fileobj.opened()
+        if self.cache is not None and (self.fileobj.fetched_pages or repr(sorted(self.verified.items())) != self._before):
+            self.cache.save(self.obj, {**self._pages, **recorded}, {"datasets": self.verified})
+        self._pages = {}
+
+    def close(self) -> None:
+        if self.file is not None:
+            with contextlib.suppress(Exception):
+                self.file.close()
+        if self._own_fetcher:
+            self.fetcher.close()
