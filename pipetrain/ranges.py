@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import dataclasses
+import os
 import random
 import threading
 import time
@@ -32,7 +34,7 @@ from dataclasses import dataclass, field
 
 from pipetrain.remote import ObjectChangedError, ObjectInfo, RemoteInputError, RemoteReadError, Store, classify, describe
 
-MAX_GAP = 64 << 10  # bytes between two ranges that are still fetched in one request
+MAX_GAP = 8 << 10  # bytes between two ranges that are still fetched in one request
 
 
 @dataclass(frozen=True)
@@ -59,6 +61,26 @@ class FetchSettings:
     backoff_s: float = 0.2
     max_backoff_s: float = 5.0
     timeout_s: float = 60.0
+
+    @classmethod
+    def from_env(cls, text: str | None = None) -> FetchSettings:
+        """The defaults, changed by ``$PIPETRAIN_FETCH`` (e.g. ``"retries=3
+        max_requests=64"``): how the command line tunes them."""
+        text = os.environ.get("PIPETRAIN_FETCH", "") if text is None else text
+        values = {}
+        kinds = {f.name: f.type for f in dataclasses.fields(cls)}
+        for item in text.replace(",", " ").split():
+            name, _, value = item.partition("=")
+            try:
+                number = float(value) if kinds.get(name) in ("float", float) else int(value)
+                if name not in kinds or number < 0 or (name == "max_requests" and number < 1):
+                    raise ValueError
+            except ValueError:
+                raise RemoteInputError(
+                    f"PIPETRAIN_FETCH: {item!r} is not NAME=NUMBER with NAME one of {', '.join(kinds)}"
+                ) from None
+            values[name] = number
+        return cls(**values)
 
 
 class _Request:
@@ -97,7 +119,7 @@ class Fetcher:
     """Ranged reads for the remote files of one source. Thread-safe."""
 
     def __init__(self, settings: FetchSettings | None = None):
-        self.settings = settings or FetchSettings()
+        self.settings = settings or FetchSettings.from_env()
         self.stats = Stats()
         self._lock = threading.Lock()
         self._hints: dict[tuple[str, int, int], _Hint] = {}  # in hint order
@@ -139,8 +161,7 @@ class Fetcher:
                 for start, size in group:
                     placed[start, size] = (request, start - request.start)
             handles = [h if h is not None else placed[r] for h, r in zip(handles, ranges, strict=True)]
-            if self._held < self.settings.readahead_bytes:
-                self._request_waiting()
+            self._pump()
         return self._wait(obj, handles, ranges)
 
     def _wait(self, obj, handles, ranges) -> Iterator[memoryview]:
@@ -169,10 +190,17 @@ class Fetcher:
                 self._hints[key] = _Hint(obj, store, start, size)
                 self._held += size
                 self._waiting += size
-            ahead = self._held - self._waiting
-            if self._waiting >= settings.coalesce_bytes or ahead < settings.coalesce_bytes:
-                self._request_waiting()
+            self._pump()
             return self._held < settings.readahead_bytes
+
+    def _pump(self) -> None:
+        """Request the waiting hints once enough wait to fill a joined request, or when
+        little is left in flight ahead of the reads. Under the lock."""
+        if not self._waiting:
+            return
+        ahead = self._held - self._waiting
+        if self._waiting >= self.settings.coalesce_bytes or ahead < self.settings.coalesce_bytes:
+            self._request_waiting()
 
     def drop_hints(self) -> None:
         """Forget every hint not read yet (the reader's plan ended or changed). Requests in

@@ -213,9 +213,9 @@ class H5Source:
         when this version was opened before), then its datasets as for a local file."""
         from pipetrain import h5remote, ranges, remote
 
-        if self._fetcher is None:
-            self._fetcher = ranges.Fetcher(self.fetch)
         try:
+            if self._fetcher is None:
+                self._fetcher = ranges.Fetcher(self.fetch)
             opened = h5remote.RemoteH5(url, self.storage_options, self.metadata_cache, self._fetcher,
                                        self._objects.get(url))
             self._remote.append(opened)
