@@ -236,7 +236,7 @@ def _defaults(name: str, options: dict) -> dict:
     (pipetrain's, :mod:`pipetrain.ranges`) instead of botocore's retries inside it."""
     if name in ("s3", "s3a"):
         config = dict(options.get("config_kwargs") or {})
-        config.setdefault("retries", {"max_attempts": 1, "mode": "standard"})
+        config.setdefault("retries", {"total_max_attempts": 1, "mode": "standard"})
         config.setdefault("max_pool_connections", 64)
         return {**options, "config_kwargs": config}
     return options
