@@ -139,6 +139,7 @@ class FaultProxy:
         self.upstream = upstream.split("://", 1)[1]
         self.latency, self.fault = latency, fault
         self.count = 0
+        self.bytes = 0  # of the bodies sent back
         self.log: list[tuple[str, str, str | None]] = []
         self._lock = threading.Lock()
         proxy = self
@@ -202,6 +203,8 @@ class FaultProxy:
                     return
                 if self.command != "HEAD":
                     self.wfile.write(data)
+                    with proxy._lock:
+                        proxy.bytes += len(data)
 
             do_GET = do_HEAD = do_PUT = do_POST = do_DELETE = _handle
 
@@ -216,3 +219,25 @@ class FaultProxy:
     def stop(self):
         self.httpd.shutdown()
         self.httpd.server_close()
+
+
+def serve(folder: str, latency: float) -> None:
+    """Serve ``folder`` behind a proxy of ``latency`` seconds until stdin closes; prints
+    the proxy's URL, then (on exit) its request and byte counts as JSON."""
+    import json
+    import sys
+
+    server = FileServer(folder)
+    proxy = FaultProxy(server.url, latency=latency)
+    print(proxy.url, flush=True)
+    for line in sys.stdin:
+        if line.strip() == "stats":
+            print(json.dumps({"requests": proxy.count, "bytes": proxy.bytes}), flush=True)
+    proxy.stop()
+    server.stop()
+
+
+if __name__ == "__main__":
+    import sys
+
+    serve(sys.argv[1], float(sys.argv[2]))
