@@ -153,11 +153,11 @@ class ChunkReader:
         # side by side; a local one reads each when its turn comes.
         chunks = self._data.read(requests)
         fetched = 0
-        for (row_chunk, column, part, direct, raw), (offset, size, _) in zip(tasks, requests, strict=True):
+        for (row_chunk, column, part, direct, raw), (_, size, _) in zip(tasks, requests, strict=True):
             try:
                 data = next(chunks)
             except OSError as exc:
-                raise type(exc)(f"{self._where(row_chunk, column, start, stop)}: {exc}") from exc
+                raise OSError(f"{self._where(row_chunk, column, start, stop)}: {exc}") from exc
             if raw:
                 if data is not direct:  # fetched elsewhere (a remote source): one copy
                     direct[:] = np.frombuffer(data, np.uint8)

@@ -31,7 +31,7 @@ from pipetrain.remote import ObjectInfo, Store
 PAGE = 64 << 10  # bytes per metadata page
 FIRST_PAGES = 4  # pages fetched by the first read: superblock, root group and headers are there
 RECORD_LIMIT = 16 << 20  # at most this much of a file's open is kept in the cache
-KEEP_PAGES = 16  # pages kept in memory once the file is open (h5py rarely reads more)
+KEEP_PAGES = 2  # pages kept in memory once the file is open (h5py rarely reads more; many files stay small)
 SIGNATURE = b"\x89HDF\r\n\x1a\n"
 FORMAT = "pipetrain-hdf5-metadata-1"
 
@@ -134,6 +134,16 @@ class RemoteFile(io.RawIOBase):
         self._pos += n
         return n
 
+    def cached(self, offset: int, size: int) -> bytes | None:
+        """While the file opens: bytes [offset, offset+size) if every page holding them is
+        in memory, else None (always None once it is open: reads then go to the network,
+        where every request names the version)."""
+        first, last = offset // PAGE, (offset + size - 1) // PAGE
+        if self.recorded is None or size <= 0 or any(p not in self._pages for p in range(first, last + 1)):
+            return None
+        joined = b"".join(self._pages[p] for p in range(first, last + 1))
+        return joined[offset - first * PAGE : offset - first * PAGE + size]
+
     def read_at(self, offset: int, size: int) -> bytes:
         self.seek(offset)
         return self.read(size)
@@ -202,7 +212,7 @@ class RemoteH5:
     :class:`~pipetrain.remote.RemoteReadError` (the network failed for good)."""
 
     def __init__(self, url: str, storage_options: dict | None = None, metadata_cache=True,
-                 fetcher: Fetcher | None = None, obj: ObjectInfo | None = None):
+                 fetcher: Fetcher | None = None, obj: ObjectInfo | None = None, first_pages=None):
         import h5py
 
         from pipetrain import remote
@@ -216,6 +226,8 @@ class RemoteH5:
         if metadata_cache:
             self.cache = MetadataCache(default_cache_dir() if metadata_cache is True else metadata_cache)
         self._pages, notes = self.cache.load(self.obj) if self.cache is not None else ({}, {})
+        if not self._pages and first_pages is not None:  # fetched with other files' (prefetch_first_pages)
+            self._pages = first_pages.pages()
         self.verified = {name: dict(v) for name, v in (notes.get("datasets") or {}).items()}
         self._before = repr(sorted(self.verified.items()))
         self.fileobj = RemoteFile(self.obj, self.store, self.fetcher, self._pages)
@@ -237,7 +249,7 @@ class RemoteH5:
         """A new byte source over the object, for one chunk reader."""
         from pipetrain.ranges import RemoteBytes
 
-        return RemoteBytes(self.obj, self.store, self.fetcher)
+        return RemoteBytes(self.obj, self.store, self.fetcher, peek=self.fileobj.cached)
 
     def opened(self) -> None:
         """Everything needed is open: keep the metadata pages (and what the chunk readers
@@ -253,3 +265,32 @@ class RemoteH5:
                 self.file.close()
         if self._own_fetcher:
             self.fetcher.close()
+
+
+class FirstPages:
+    """The first pages of an object, requested now and waited for when the file opens."""
+
+    def __init__(self, obj: ObjectInfo, store: Store, fetcher: Fetcher):
+        self._size = min(obj.size, FIRST_PAGES * PAGE)
+        self._data = fetcher.read(obj, store, [(0, self._size)]) if self._size else iter(())
+
+    def pages(self) -> dict[int, bytes]:
+        try:
+            data = bytes(next(self._data))
+        except (StopIteration, OSError, ValueError):
+            return {}  # the open fetches them again and reports what is wrong
+        return {i: data[i * PAGE : (i + 1) * PAGE] for i in range(-(-len(data) // PAGE))}
+
+
+def prefetch_first_pages(objs, store_for, fetcher: Fetcher, metadata_cache) -> dict[str, FirstPages]:
+    """For many objects at once: request the first pages of each whose metadata is not
+    in the cache, side by side (opening a file reads them one request after another)."""
+    cache = None
+    if metadata_cache:
+        cache = MetadataCache(default_cache_dir() if metadata_cache is True else metadata_cache)
+    out = {}
+    for obj in objs:
+        if cache is not None and cache.path(obj).exists():
+            continue
+        out[obj.url] = FirstPages(obj, store_for(obj.url), fetcher)
+    return out

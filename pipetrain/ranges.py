@@ -32,7 +32,15 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
-from pipetrain.remote import ObjectChangedError, ObjectInfo, RemoteInputError, RemoteReadError, Store, classify, describe
+from pipetrain.remote import (
+    ObjectChangedError,
+    ObjectInfo,
+    RemoteInputError,
+    RemoteReadError,
+    Store,
+    classify,
+    describe,
+)
 
 MAX_GAP = 8 << 10  # bytes between two ranges that are still fetched in one request
 
@@ -136,9 +144,10 @@ class Fetcher:
         first is waited for. Raises RemoteReadError (or bad input: changed, missing)."""
         with self._lock:
             self._check_open()
-            if any(self._hints.get((obj.url, s, n)) is not None and self._hints[obj.url, s, n].request is None
-                   for s, n in ranges):
-                self._request_waiting(force=True)
+            needed = {(obj.url, s, n) for s, n in ranges
+                      if (obj.url, s, n) in self._hints and self._hints[obj.url, s, n].request is None}
+            if needed:
+                self._request_waiting(needed)
             handles: list[tuple[_Request, int] | None] = []
             missing = []
             for start, size in ranges:
@@ -209,15 +218,18 @@ class Fetcher:
             self._hints.clear()
             self._held = self._waiting = 0
 
-    def _request_waiting(self, force: bool = False) -> None:
+    def _request_waiting(self, needed: set | None = None) -> None:
         """Request hinted ranges not requested yet, adjacent ones joined, while the
-        budget allows (all of them when a read waits for one). Under the lock."""
+        budget allows (only the ``needed`` ones, whatever the budget, when a read waits
+        for them). Under the lock."""
         budget = self.settings.readahead_bytes
         in_flight = self._held - self._waiting
         waiting: dict[tuple[str, int], list[_Hint]] = {}
-        for hint in self._hints.values():
+        for key, hint in self._hints.items():
+            if needed is not None and key not in needed:
+                continue
             if hint.request is None:
-                if not force and in_flight + hint.size > budget and in_flight > 0:
+                if needed is None and in_flight + hint.size > budget and in_flight > 0:
                     break
                 in_flight += hint.size
                 waiting.setdefault((hint.obj.url, id(hint.store)), []).append(hint)
@@ -335,9 +347,10 @@ class RemoteBytes:
 
     remote = True
 
-    def __init__(self, obj: ObjectInfo, store: Store, fetcher: Fetcher):
+    def __init__(self, obj: ObjectInfo, store: Store, fetcher: Fetcher, peek=None):
         self.obj, self.store, self.fetcher = obj, store, fetcher
         self.name = obj.url
+        self._peek = peek  # (offset, size) -> bytes already in memory (the file's open pages), or None
 
     def read(self, requests: Sequence[tuple[int, int, object]]) -> Iterator[memoryview]:
         """For (offset, size, buffer) requests, the bytes of each range in order (the
@@ -346,6 +359,10 @@ class RemoteBytes:
             if offset < 0 or offset + size > self.obj.size:
                 raise RemoteReadError(f"{self.name}: bytes {offset}-{offset + size} lie past the object's end "
                                       f"({self.obj.size} bytes)")
+        if self._peek is not None:
+            held = [self._peek(offset, size) for offset, size, _ in requests]
+            if all(h is not None for h in held):
+                return iter([memoryview(h) for h in held])
         return self.fetcher.read(self.obj, self.store, [(offset, size) for offset, size, _ in requests])
 
     def will_need(self, ranges: Sequence[tuple[int, int]]) -> bool:

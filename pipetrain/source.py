@@ -79,7 +79,7 @@ def _expand(paths, storage_options) -> tuple[list[Path | str], dict]:
     for p in paths:
         text = os.fspath(p)
         if is_url(text):
-            if glob.has_magic(text.split("://", 1)[1]):
+            if _url_has_magic(text):
                 from pipetrain import remote
 
                 try:
@@ -182,7 +182,10 @@ class H5Source:
         self._readers: list[dict[str, ChunkReader | h5py.Dataset]] = []
         self.rows_per_file: list[int] = []
         self.fields: dict[str, Field] = {}
+        self._first_pages: dict = {}
+        self._to_prefetch: list = []
         try:
+            self._prefetch()
             for path in self.paths:
                 self._open(path)
         except BaseException:
@@ -191,6 +194,33 @@ class H5Source:
         self.rows = sum(self.rows_per_file)
 
     # -- opening and validation -------------------------------------------------
+
+    PREFETCH_FILES = 64  # files whose first pages are requested ahead of their open
+
+    def _prefetch(self, opened: str | None = None) -> None:
+        """Many objects from a glob: request the first pages (their metadata; for small
+        files all of it) of the next files side by side, before opening them one by one."""
+        if opened is None:
+            self._to_prefetch = [self._objects[p] for p in self.paths if isinstance(p, str) and p in self._objects]
+            if len(self._to_prefetch) < 2:
+                self._to_prefetch = []
+                return
+        if not self._to_prefetch:
+            return
+        from pipetrain import h5remote, ranges
+        from pipetrain.remote import RemoteInputError, store_for
+
+        try:
+            if self._fetcher is None:
+                self._fetcher = ranges.Fetcher(self.fetch)
+            while self._to_prefetch and len(self._first_pages) < self.PREFETCH_FILES:
+                obj = self._to_prefetch.pop(0)
+                self._first_pages.update(h5remote.prefetch_first_pages(
+                    [obj], lambda url: store_for(url, self.storage_options), self._fetcher, self.metadata_cache))
+                if obj.url not in self._first_pages:
+                    self._first_pages[obj.url] = None  # cached on disk: nothing to fetch
+        except RemoteInputError as e:
+            raise SourceError(str(e)) from None
 
     def _open(self, path: Path | str) -> None:
         if isinstance(path, str):
@@ -217,7 +247,7 @@ class H5Source:
             if self._fetcher is None:
                 self._fetcher = ranges.Fetcher(self.fetch)
             opened = h5remote.RemoteH5(url, self.storage_options, self.metadata_cache, self._fetcher,
-                                       self._objects.get(url))
+                                       self._objects.get(url), self._first_pages.pop(url, None))
             self._remote.append(opened)
             self._add_file(opened.file, url, opened.chunk_bytes, opened.verified)
             opened.opened()
@@ -226,6 +256,7 @@ class H5Source:
         except remote.RemoteReadError as e:
             raise SourceReadError(str(e)) from None
         self.versions[url] = {"size": opened.obj.size, "version": opened.obj.version}
+        self._prefetch(url)
 
     def _add_file(self, f: h5py.File, path: Path | str, data=None, verified: dict | None = None) -> None:
         """Check the named datasets of an open file and open their readers (raw chunks
@@ -460,6 +491,15 @@ class H5Source:
     def __repr__(self) -> str:
         files = self.paths[0] if len(self.paths) == 1 else f"{len(self.paths)} files"
         return f"H5Source({files}, rows={getattr(self, 'rows', '?')}, x={self.x!r}, y={self.y!r})"
+
+
+def _url_has_magic(url: str) -> bool:
+    """A URL glob: ``*``, ``?`` or ``[`` in its path (a web URL's query, as in a signed
+    URL, is not part of the pattern)."""
+    from urllib.parse import urlsplit
+
+    path = urlsplit(url).path if url.lower().startswith(("http://", "https://")) else url.split("://", 1)[1]
+    return glob.has_magic(path)
 
 
 def _beside(path: Path | str, filename: str) -> Path | str:

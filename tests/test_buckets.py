@@ -19,12 +19,12 @@ import numpy as np
 import pytest
 
 from pipetrain import chunks
-from pipetrain.h5remote import MetadataCache, RemoteH5
+from pipetrain.h5remote import RemoteH5
 from pipetrain.pipeline import Prefetcher
 from pipetrain.plan import Plan
 from pipetrain.ranges import Fetcher, FetchSettings
-from pipetrain.remote import ObjectChangedError, RemoteReadError
 from pipetrain.source import H5Source, SourceError, SourceReadError
+from tests.conftest import wait_until
 from tests.remote_helpers import FaultProxy, FileServer, s3_env, start_moto
 from tests.test_chunks import FILTERS, RANGES, ROWS, sample
 
@@ -225,6 +225,24 @@ def test_read_ahead_fetches_the_next_blocks_in_coalesced_requests_within_its_bud
         assert fetcher._held == 0  # dropped when the stream closed
 
 
+def test_adjacent_ranges_are_joined_up_to_the_limit():
+    from pipetrain.ranges import MAX_GAP, _coalesce
+
+    ranges = [(0, 100), (100, 50), (150, 400), (5000 + MAX_GAP, 10), (10_000_000, 9_000_000)]
+    groups = _coalesce(ranges, limit=500)
+    assert groups == [[(0, 100), (100, 50)], [(150, 400)], [(5000 + MAX_GAP, 10)], [(10_000_000, 9_000_000)]]
+    assert _coalesce([(0, 10), (10 + MAX_GAP, 10)], limit=10**6) == [[(0, 10), (10 + MAX_GAP, 10)]]
+    assert _coalesce([(0, 10), (11 + MAX_GAP, 10)], limit=10**6) == [[(0, 10)], [(11 + MAX_GAP, 10)]]
+
+
+def test_fetch_settings_from_the_environment():
+    assert FetchSettings.from_env("retries=2 backoff_s=0.5, max_requests=64") == FetchSettings(
+        retries=2, backoff_s=0.5, max_requests=64)
+    for text in ("retries", "nope=1", "max_requests=0", "retries=-1", "backoff_s=fast"):
+        with pytest.raises(Exception, match="PIPETRAIN_FETCH: .* is not NAME=NUMBER"):
+            FetchSettings.from_env(text)
+
+
 # ------------------------------------------------------------------- faults and bad input
 
 
@@ -337,13 +355,13 @@ def test_a_pipeline_reading_ahead_refuses_a_replaced_object_and_never_mixes_vers
                   metadata_cache=None) as source:
         plan = Plan(source.rows_per_file, 50, block_rows=32)
         seen = 0
-        with pytest.raises(Exception, match="does not mix two versions"):  # noqa: PT012
-            with Prefetcher(source, plan.batches(0), plan.blocks, 50, workers=2, max_queue=2) as batches:
-                for batch in batches:
-                    assert batch.arrays["x"].tobytes() == first[seen : seen + batch.size].tobytes()
-                    seen += batch.size
-                    if batch.index == 3:
-                        bucket.put(b, "data.h5")
+        with pytest.raises(Exception, match="does not mix two versions"), \
+                Prefetcher(source, plan.batches(0), plan.blocks, 50, workers=2, max_queue=2) as batches:
+            for batch in batches:
+                assert batch.arrays["x"].tobytes() == first[seen : seen + batch.size].tobytes()
+                seen += batch.size
+                if batch.index == 3:
+                    bucket.put(b, "data.h5")
         assert seen < 2000
 
 
@@ -497,29 +515,34 @@ def test_cli_run_fails_when_the_network_drops_and_resumes_elsewhere_to_the_same_
     code, _, err = cli(monkeypatch, capsys, env, *args, "--history", str(tmp_path / "whole" / "history.jsonl"))
     assert code == 0, err
 
-    ranged = {"n": 0, "limit": None}
+    run = tmp_path / "here" / "run"
+    down = threading.Event()
 
-    def drop_late(method, p, headers, n):
-        if method == "GET" and headers.get("Range"):
-            ranged["n"] += 1
-            if ranged["limit"] is not None and ranged["n"] > ranged["limit"]:
-                return "drop"
-        return None
+    def batches_trained() -> int:
+        try:
+            return (run / "history.jsonl").read_text().count('"type":"batch"')
+        except OSError:
+            return 0
 
-    flaky = proxy(fault=drop_late)
-    ranged["limit"] = 15  # the open takes 7 ranged GETs, a window of 2 blocks (4 batches) about 3
+    def cut_the_network() -> None:  # once 4 batches are trained: every ranged GET dropped
+        if wait_until(lambda: batches_trained() >= 4, timeout=120):
+            down.set()
+
+    flaky = proxy(fault=lambda method, p, headers, n: "drop" if down.is_set() and headers.get("Range") else None)
     env_flaky = {**env, "AWS_ENDPOINT_URL": flaky.url, "PIPETRAIN_CACHE": str(tmp_path / "cache-a"),
                  "PIPETRAIN_FETCH": "retries=2 backoff_s=0.01 readahead_bytes=1"}
-    run = tmp_path / "here" / "run"
+    watcher = threading.Thread(target=cut_the_network, daemon=True)
+    watcher.start()
     code, _, err = cli(monkeypatch, capsys, env_flaky, *args, "--workers", "1", "--max-queue", "1",
                        "--history", str(run / "history.jsonl"))
+    watcher.join()
     line = err.strip()
     assert code == 1, err
     assert "\n" not in line and url in line and "rows" in line and "after 3 attempts" in line, line
     history = pipetrain.read_history(run / "history.jsonl")
     assert history.end["status"] == "failed" and url in history.end["error"]
     assert history.runs[0]["data"]["files"] == [url]
-    assert 3 <= history.end["steps"] < 20, history.end  # mid-epoch 0, after a checkpoint
+    assert 4 <= history.end["steps"] < 20, history.end  # mid-epoch 0, after a checkpoint
     assert list((run / "checkpoint").glob("ckpt-*"))
 
     elsewhere = tmp_path / "there" / "run"
@@ -561,12 +584,22 @@ def test_the_guide_examples_run_as_written(tmp_path, bucket, monkeypatch, capsys
         fs.put(str(tmp_path / f"train-{i}.h5"), f"my-bucket/digits/train-{i}.h5")
     labelled(tmp_path / "val.h5", rows=200, seed=9)
     fs.put(str(tmp_path / "val.h5"), "my-bucket/digits/val.h5")
-    env = {**s3_env(bucket.endpoint), "PIPETRAIN_CACHE": str(tmp_path / "c")}
+    # The guide's profile, as ~/.aws would hold it: keys and the endpoint.
+    (tmp_path / "aws-config").write_text(f"[profile research]\nregion = us-east-1\nendpoint_url = {bucket.endpoint}\n")
+    (tmp_path / "aws-credentials").write_text("[research]\naws_access_key_id = testing\naws_secret_access_key = testing\n")
+    for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL"):
+        monkeypatch.delenv(key, raising=False)
+    env = {"AWS_CONFIG_FILE": str(tmp_path / "aws-config"), "AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "aws-credentials"),
+           "PIPETRAIN_CACHE": str(tmp_path / "c")}
     monkeypatch.chdir(tmp_path)
     commands = 0
     for block in shell:
         for line in block.replace("\\\n", " ").splitlines():
-            if line.startswith(("pip install", "export AWS_")):
+            if line.startswith("pip install"):
+                continue
+            if line.startswith("export "):
+                key, _, value = line[len("export "):].partition("=")
+                env[key] = value
                 continue
             argv = shlex.split(line, comments=True)
             assert argv[0] == "pipetrain", line
@@ -580,6 +613,7 @@ def test_the_guide_examples_run_as_written(tmp_path, bucket, monkeypatch, capsys
         f'"client_kwargs": {{"endpoint_url": "{bucket.endpoint}"}}'))
     done = subprocess.run([sys.executable, "example.py"], cwd=tmp_path, capture_output=True, text=True,
                           env={**os.environ, **env, "PYTHONPATH": str(ROOT)}, timeout=300)
+    assert env["AWS_PROFILE"] == "research"  # the credentials came from the profile
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout.strip().splitlines()[-1])["rows"] == 600
 
