@@ -149,6 +149,25 @@ def test_every_codec_reads_from_s3_as_h5py_reads_the_local_file(tmp_path, bucket
         opened.fetcher.close()
 
 
+def test_import_pipetrain_loads_no_object_store_package():
+    code = ("import sys, pipetrain; bad = [m for m in sys.modules if m.split('.')[0] in "
+            "('fsspec', 's3fs', 'gcsfs', 'aiohttp', 'botocore', 'aiobotocore')]; print(bad)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert done.stdout.strip() == "[]", done.stdout + done.stderr
+
+
+def test_a_dataset_the_chunk_reader_cannot_serve_is_read_by_h5py_through_ranged_pages(tmp_path, bucket):
+    path = tmp_path / "contiguous.h5"
+    with h5py.File(path, "w") as f:
+        f.create_dataset("x", data=sample((500, 9), "float32"))  # contiguous: h5py's own read
+        f.create_dataset("y", data=np.arange(500), chunks=(64,), compression="gzip")
+    url = bucket.put(path)
+    with H5Source(url, x="x", y="y", storage_options=bucket.options(), fetch=FAST) as source:
+        assert source.read_path()["x"] == "h5py read"
+        assert_same_reads(source, path)
+
+
 def test_a_glob_of_objects_reads_like_the_local_files_and_opens_from_the_cache(tmp_path, bucket, proxy, cache_dir):
     paths = [labelled(tmp_path / f"part-{i}.h5", rows=200 + 50 * i, seed=i) for i in range(3)]
     for p in paths:
