@@ -64,18 +64,25 @@ class MetadataCache:
                 if header.get("format") != FORMAT or header.get("key") != obj.key():
                     return {}, {}
                 pages = {}
+                digest = hashlib.sha256()
                 for page, size in header["pages"]:
                     data = f.read(size)
                     if len(data) != size:
                         return {}, {}
+                    digest.update(data)
                     pages[int(page)] = data
+                if digest.hexdigest() != header.get("sha256"):  # damaged on disk: not to be trusted
+                    return {}, {}
                 return pages, header.get("notes") or {}
         except (OSError, ValueError, KeyError, TypeError):
             return {}, {}
 
     def save(self, obj: ObjectInfo, pages: dict[int, bytes], notes: dict) -> None:
         """Keep the pages (best effort: a cache that cannot be written is no error)."""
-        header = {"format": FORMAT, "key": obj.key(), "url": obj.url,
+        digest = hashlib.sha256()
+        for p in sorted(pages):
+            digest.update(pages[p])
+        header = {"format": FORMAT, "key": obj.key(), "url": obj.url, "sha256": digest.hexdigest(),
                   "pages": [[p, len(pages[p])] for p in sorted(pages)], "notes": notes}
         with contextlib.suppress(OSError):
             self.folder.mkdir(parents=True, exist_ok=True)
