@@ -185,7 +185,7 @@ class H5Source:
         self._first_pages: dict = {}
         self._to_prefetch: list = []
         try:
-            self._prefetch()
+            self._prefetch(first=True)
             for path in self.paths:
                 self._open(path)
         except BaseException:
@@ -197,10 +197,11 @@ class H5Source:
 
     PREFETCH_FILES = 64  # files whose first pages are requested ahead of their open
 
-    def _prefetch(self, opened: str | None = None) -> None:
+    def _prefetch(self, first: bool = False) -> None:
         """Many objects from a glob: request the first pages (their metadata; for small
-        files all of it) of the next files side by side, before opening them one by one."""
-        if opened is None:
+        files all of it) of the next files side by side, before opening them one by one
+        (``first``: before the first open; then after each open, one more file)."""
+        if first:
             self._to_prefetch = [self._objects[p] for p in self.paths if isinstance(p, str) and p in self._objects]
             if len(self._to_prefetch) < 2:
                 self._to_prefetch = []
@@ -256,7 +257,7 @@ class H5Source:
         except remote.RemoteReadError as e:
             raise SourceReadError(str(e)) from None
         self.versions[url] = {"size": opened.obj.size, "version": opened.obj.version}
-        self._prefetch(url)
+        self._prefetch()
 
     def _add_file(self, f: h5py.File, path: Path | str, data=None, verified: dict | None = None) -> None:
         """Check the named datasets of an open file and open their readers (raw chunks
