@@ -84,11 +84,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", parser_class=_Parser)
 
     t = sub.add_parser("train", help="train a model (no flags: the embedded sample job)")
-    t.add_argument("--data", nargs="+", metavar="PATH", help="training files or globs (default: the sample digits)")
+    t.add_argument("--data", nargs="+", metavar="PATH", help="training files, URLs (s3://, gs://, https://) or globs "
+                   "(default: the sample digits)")
     t.add_argument("--x", nargs="+", metavar="NAME", help="input dataset name(s); NAME=DATASET to key by input name")
     t.add_argument("--y", nargs="+", metavar="NAME", help="target dataset name(s); NAME=DATASET to key by output name")
     t.add_argument("--sample-weight", metavar="NAME", help="dataset of per-row weights")
-    t.add_argument("--val", nargs="+", metavar="PATH", help="validation files or globs")
+    t.add_argument("--val", nargs="+", metavar="PATH", help="validation files, URLs or globs")
     t.add_argument("--model", metavar="FILE.keras|module:function", help="the model (default: a small MLP sized from the data)")
     t.add_argument("--epochs", type=positive_int, default=None, help="epochs (default 20)")
     t.add_argument("--batch-size", type=positive_int, default=None, help="rows per batch (default 32)")
@@ -149,7 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
     make.set_defaults(func=_lazy("pipetrain.synth", "cmd_make_data"))
 
     inspect = sub.add_parser("inspect", help="datasets, shapes, chunking, filters and the read path of an HDF5 file")
-    inspect.add_argument("file", metavar="FILE.h5")
+    inspect.add_argument("file", metavar="FILE.h5|URL")
     inspect.add_argument("--debug", action="store_true", help="show full tracebacks")
     inspect.set_defaults(func=_lazy("pipetrain.inspect", "cmd_inspect"))
     return parser
@@ -214,8 +215,13 @@ def _recorded(settings: dict) -> dict:
     model = settings["model"]
     if model and (model.endswith(".keras") or os.path.isfile(model)):
         model = os.path.abspath(model)
-    return {**settings, "model": model, "data": [os.path.abspath(p) for p in settings["data"]],
-            "val": [os.path.abspath(p) for p in settings["val"]] if settings["val"] else None}
+    from pipetrain.remote import is_url
+
+    def absolute(paths):  # a URL is the same from any folder and any machine
+        return [p if is_url(p) else os.path.abspath(p) for p in paths]
+
+    return {**settings, "model": model, "data": absolute(settings["data"]),
+            "val": absolute(settings["val"]) if settings["val"] else None}
 
 
 def _run_to_resume(given: str) -> Path:

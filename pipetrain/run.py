@@ -315,6 +315,7 @@ class Run:
             "seed": self.plan.seed,
             "epochs": self.epochs_total,
             "fields": self.source.describe()["fields"],
+            **({"versions": self.source.versions} if getattr(self.source, "versions", None) else {}),
         }
         return {
             "schema": SCHEMA,
