@@ -1,4 +1,4 @@
-"""``pipetrain inspect FILE.h5``: what is in an HDF5 file, and how pipetrain will read it.
+"""``pipetrain inspect FILE.h5|URL``: what is in an HDF5 file, and how pipetrain will read it.
 
 For every dataset: shape, dtype, chunk shape, filters, compression ratio, and the read
 path: raw chunks decoded in the producer threads (parallel, past h5py's lock) or h5py's
@@ -44,18 +44,30 @@ def _mb(n: float) -> str:
     return f"{n / 2**20:,.1f} MB"
 
 
-def describe(path: str | Path) -> list[dict]:
-    """One row per dataset of the file (nested groups included). The read path column
-    says how training reads it, or why training refuses it (from the same checks)."""
-    rows: list[dict] = []
-    with h5py.File(path, "r") as f:
-        def visit(name: str, obj) -> None:
-            if isinstance(obj, h5py.Dataset):
-                rows.append(_dataset_row(name, obj))
+def describe(path: str | Path, storage_options: dict | None = None) -> list[dict]:
+    """One row per dataset of the file or URL (nested groups included). The read path
+    column says how training reads it, or why training refuses it (from the same checks)."""
+    from pipetrain.remote import is_url
 
-        f.visititems(visit)
+    rows: list[dict] = []
+
+    def visit(name: str, obj) -> None:
+        if isinstance(obj, h5py.Dataset):
+            rows.append(_dataset_row(name, obj))
+
+    if is_url(str(path)):
+        from pipetrain.h5remote import RemoteH5
+
+        opened = RemoteH5(str(path), storage_options)
+        try:
+            opened.file.visititems(visit)
+        finally:
+            opened.close()
+    else:
+        with h5py.File(path, "r") as f:
+            f.visititems(visit)
     for row in rows:  # with the file closed: H5Source opens some datasets its own way
-        row["read path"] = _read_path(Path(path), row["dataset"])
+        row["read path"] = _read_path(path, row["dataset"], storage_options)
     return rows
 
 
@@ -91,25 +103,26 @@ def _dataset_row(name: str, obj: h5py.Dataset) -> dict:
     }
 
 
-def _read_path(path: Path, name: str) -> str:
+def _read_path(path: str | Path, name: str, storage_options: dict | None = None) -> str:
     """How training reads the dataset (opened as training opens it), or why it refuses it."""
-    from pipetrain.source import H5Source
+    from pipetrain.source import H5Source, SourceReadError
 
     try:
-        with H5Source(path, x=name) as source:
+        with H5Source(path, x=name, storage_options=storage_options) as source:
             return source.read_path()[name]
     except InputError as e:
         text = one_line(e)
         for prefix in (f"{path}: ", f"dataset '{name}' "):
             text = text.removeprefix(prefix)
         return f"refused: {text}"
+    except SourceReadError:
+        raise  # the disk or the network failed: not a property of the dataset
     except Exception as e:  # a damaged file can make h5py raise anything
         return f"refused: {one_line(e, with_type=True)}"
 
 
-def render(path: str | Path, rows: list[dict]) -> str:
-    path = Path(path)
-    head = f"{path}  ({_mb(path.stat().st_size)}, HDF5)"
+def render(path: str | Path, rows: list[dict], size: int | None = None) -> str:
+    head = f"{path}  ({_mb(Path(path).stat().st_size if size is None else size)}, HDF5)"
     if not rows:
         return head + "\n(no datasets)"
     columns = list(rows[0])
@@ -122,9 +135,19 @@ def render(path: str | Path, rows: list[dict]) -> str:
 def cmd_inspect(args) -> int:
     """The ``pipetrain inspect`` command."""
     from pipetrain.cli import BadInput
+    from pipetrain.remote import RemoteInputError, RemoteReadError, is_url, stat
+    from pipetrain.source import SourceError, SourceReadError, check_path
 
-    from pipetrain.source import SourceError, check_path
-
+    if is_url(args.file):
+        try:
+            size = stat(args.file).size
+            rows = describe(args.file)
+        except RemoteInputError as e:
+            raise BadInput(str(e)) from None
+        except (RemoteReadError, SourceReadError) as e:  # the network failed: not bad input
+            raise OSError(str(e)) from None
+        print(render(args.file, rows, size))
+        return 0
     path = Path(args.file)
     try:
         check_path(path)
@@ -132,6 +155,8 @@ def cmd_inspect(args) -> int:
         raise BadInput(str(e)) from None
     try:
         rows = describe(path)
+    except SourceReadError:
+        raise  # the disk failed: not bad input
     except Exception as e:  # OSError, or others from a damaged file
         raise BadInput(f"{path}: cannot be opened as HDF5 (truncated or corrupted?): {one_line(e)}") from None
     print(render(path, rows))

@@ -7,6 +7,12 @@ Reads are contiguous row ranges; chunked, compressed datasets are read from thei
 chunks and decoded in the calling thread (:mod:`pipetrain.chunks`), so that several
 producer threads decode in parallel instead of queueing on h5py's global lock.
 
+A file may be a URL (``s3://``, ``gs://``, ``https://``): h5py then opens it through a
+file object whose metadata pages are cached on disk by the object's version
+(:mod:`pipetrain.h5remote`), and chunks come from parallel ranged GETs
+(:mod:`pipetrain.ranges`), fetched ahead of time when the reader is told which rows
+come next (:meth:`H5Source.will_need`).
+
 The source knows nothing of batches or models: the plan says which rows, the pipeline
 asks for them.
 """
@@ -27,6 +33,7 @@ import numpy as np
 from pipetrain.chunks import ChunkReader, DamagedChunk, check_index, open_chunk_reader
 from pipetrain.codecs import FILTER_NAMES
 from pipetrain.errors import InputError, one_line
+from pipetrain.remote import RemoteReadError, is_url
 
 Names = str | Sequence[str] | Mapping[str, str]
 
@@ -62,16 +69,35 @@ class Field:
         return int(np.prod(self.row_shape, dtype=np.int64)) * self.dtype.itemsize
 
 
-def expand_paths(paths: str | os.PathLike | Sequence[str | os.PathLike]) -> list[Path]:
-    """Files from paths and globs, in the order given (each glob sorted). A path that
-    exists is that file, whatever characters it holds (``train[1].h5``); only a path
-    that does not exist is expanded as a glob."""
+def expand_paths(paths: str | os.PathLike | Sequence[str | os.PathLike],
+                 storage_options: dict | None = None) -> list[Path | str]:
+    """Files from paths, URLs and globs of either, in the order given (each glob sorted);
+    a URL stays a string. A local path that exists is that file, whatever characters it
+    holds (``train[1].h5``); only a path that does not exist is expanded as a glob."""
+    return _expand(paths, storage_options)[0]
+
+
+def _expand(paths, storage_options) -> tuple[list[Path | str], dict]:
+    """Files and URLs, and what listing a URL glob told about its objects (url -> ObjectInfo)."""
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
-    files: list[Path] = []
+    files: list[Path | str] = []
+    objects: dict = {}
     for p in paths:
         text = os.fspath(p)
-        if glob.has_magic(text) and not os.path.lexists(text):
+        if is_url(text):
+            if _url_has_magic(text):
+                from pipetrain import remote
+
+                try:
+                    found = remote.expand(text, storage_options)
+                except remote.RemoteInputError as e:
+                    raise SourceError(str(e)) from None
+                objects.update((o.url, o) for o in found)
+                files.extend(o.url for o in found)
+            else:
+                files.append(text)
+        elif glob.has_magic(text) and not os.path.lexists(text):
             matches = sorted(glob.glob(text))
             if not matches:
                 raise SourceError(f"{text}: no file matches")
@@ -80,7 +106,7 @@ def expand_paths(paths: str | os.PathLike | Sequence[str | os.PathLike]) -> list
             files.append(Path(text))
     if not files:
         raise SourceError("no data files given")
-    return files
+    return files, objects
 
 
 def _names(names: Names | None, what: str) -> list[str]:
@@ -118,6 +144,15 @@ class H5Source:
         sample_weight: the name of a dataset of per-row weights. Defaults to None.
         allow_external: allow external links, external storage and virtual datasets that
             point outside the folders of the data files. Defaults to False (refused).
+        storage_options: for URLs: the options of the fsspec filesystem (``s3fs``,
+            ``gcsfs``, HTTP), e.g. ``{"anon": True}`` or ``{"profile": "research",
+            "client_kwargs": {"endpoint_url": "http://127.0.0.1:9000"}}``. Defaults to None
+            (the environment's credentials and endpoint).
+        metadata_cache: for URLs: the folder where the HDF5 metadata of each object
+            version is kept, True for the default (``$PIPETRAIN_CACHE`` or
+            ``~/.cache/pipetrain``), or None for none. Defaults to True.
+        fetch: for URLs: a :class:`pipetrain.ranges.FetchSettings` (requests in flight,
+            coalescing, read-ahead budget, retries). Defaults to None (its defaults).
 
     Example::
 
@@ -133,10 +168,18 @@ class H5Source:
         sample_weight: str | None = None,
         *,
         allow_external: bool = False,
+        storage_options: dict | None = None,
+        metadata_cache: bool | str | os.PathLike | None = True,
+        fetch=None,
     ):
-        self.paths = expand_paths(paths)
+        self.storage_options = dict(storage_options or {})
+        self.paths, self._objects = _expand(paths, self.storage_options)
         self.x, self.y, self.sample_weight = x, y, sample_weight
         self.allow_external = allow_external
+        self.metadata_cache, self.fetch = metadata_cache, fetch
+        self._fetcher = None  # ranged reads of the remote files, made on first use
+        self._remote: list = []  # the remote files, opened (h5remote.RemoteH5)
+        self.versions: dict[str, dict] = {}  # url -> {"size", "version"} as opened
         names = _names(x, "x") + _names(y, "y") + _names(sample_weight, "sample_weight")
         if not _names(x, "x"):
             raise SourceError("x: no input dataset named")
@@ -149,9 +192,13 @@ class H5Source:
         self.rows_per_file: list[int] = []
         self.fields: dict[str, Field] = {}
         for path in self.paths:
-            check_path(path)
-        self._roots = {p.resolve().parent for p in self.paths}
+            if isinstance(path, Path):
+                check_path(path)
+        self._roots = {p.resolve().parent for p in self.paths if isinstance(p, Path)}
+        self._first_pages: dict = {}
+        self._to_prefetch: list = []
         try:
+            self._prefetch(first=True)
             for path in self.paths:
                 self._open(path)
         except BaseException:
@@ -161,11 +208,71 @@ class H5Source:
 
     # -- opening and validation -------------------------------------------------
 
-    def _open(self, path: Path) -> None:
+    PREFETCH_FILES = 64  # files whose first pages are requested ahead of their open
+
+    def _prefetch(self, first: bool = False) -> None:
+        """Many objects from a glob: request the first pages (their metadata; for small
+        files all of it) of the next files side by side, before opening them one by one
+        (``first``: before the first open; then after each open, one more file)."""
+        if first:
+            self._to_prefetch = [self._objects[p] for p in self.paths if isinstance(p, str) and p in self._objects]
+            if len(self._to_prefetch) < 2:
+                self._to_prefetch = []
+                return
+        if not self._to_prefetch:
+            return
+        from pipetrain import h5remote, ranges
+        from pipetrain.remote import RemoteInputError, store_for
+
         try:
+            if self._fetcher is None:
+                self._fetcher = ranges.Fetcher(self.fetch)
+            while self._to_prefetch and len(self._first_pages) < self.PREFETCH_FILES:
+                obj = self._to_prefetch.pop(0)
+                self._first_pages.update(h5remote.prefetch_first_pages(
+                    [obj], lambda url: store_for(url, self.storage_options), self._fetcher, self.metadata_cache))
+                if obj.url not in self._first_pages:
+                    self._first_pages[obj.url] = None  # cached on disk: nothing to fetch
+        except RemoteInputError as e:
+            raise SourceError(str(e)) from None
+
+    def _open(self, path: Path | str) -> None:
+        if isinstance(path, str):
+            self._open_remote(path)
+            return
+        try:  # check_path has said what is not an HDF5 file
             f = h5py.File(path, "r")
         except Exception as e:  # OSError, or others from a damaged superblock
             raise SourceError(f"{path}: cannot be opened as HDF5 (truncated or corrupted?): {one_line(e)}") from None
+        self._add_file(f, path)
+
+    def _open_remote(self, url: str) -> None:
+        """Open an object in a bucket: its version, its metadata (from the cache on disk
+        when this version was opened before), then its datasets as for a local file."""
+        from pipetrain import h5remote, ranges, remote
+
+        try:
+            if self._fetcher is None:
+                self._fetcher = ranges.Fetcher(self.fetch)
+            opened = h5remote.RemoteH5(url, self.storage_options, self.metadata_cache, self._fetcher,
+                                       self._objects.get(url), self._first_pages.pop(url, None))
+            self._remote.append(opened)
+            self._add_file(opened.file, url, opened)
+            opened.opened()
+        except remote.RemoteInputError as e:
+            raise SourceError(str(e)) from None
+        except OSError as e:
+            if _network_failure(e):
+                raise SourceReadError(one_line(e)) from None
+            raise
+        self.versions[url] = {"size": opened.obj.size, "version": opened.obj.version}
+        self._prefetch()
+
+    def _add_file(self, f: h5py.File, path: Path | str, remote=None) -> None:
+        """Check the named datasets of an open file and open their readers. ``remote``:
+        the :class:`pipetrain.h5remote.RemoteH5` an object in a bucket was opened through
+        (byte sources of its chunks, what earlier opens of this version verified, its
+        size), or None for a file on disk."""
         self._files.append(f)
         readers: dict[str, ChunkReader | h5py.Dataset] = {}
         self._readers.append(readers)  # closed with the source, also when this file is refused
@@ -177,10 +284,12 @@ class H5Source:
             try:
                 dset = datasets[name] = self._dataset(f, path, name)
                 rows[name] = dset.shape[0]
-                readers[name] = self._reader(path, name, dset)
+                readers[name] = self._reader(path, name, dset, remote)
             except InputError:
                 raise
             except Exception as e:  # a damaged file: h5py raises IndexError, OverflowError, ...
+                if _network_failure(e):
+                    raise  # _open_remote says so
                 raise SourceError(f"{path}: dataset '{name}' cannot be read (damaged file?): {one_line(e, with_type=True)}") from None
         first = self.names[0]
         for name, n in rows.items():
@@ -191,16 +300,21 @@ class H5Source:
                 )
         self.rows_per_file.append(rows[first])
 
-    def _reader(self, path: Path, name: str, dset: h5py.Dataset) -> ChunkReader | h5py.Dataset:
+    def _reader(self, path: Path | str, name: str, dset: h5py.Dataset, remote=None) -> ChunkReader | h5py.Dataset:
         """The fast reader of a dataset, or the dataset itself for h5py's read, after the
-        checks that make a damaged or truncated file an error instead of a quiet answer."""
-        reader = open_chunk_reader(dset)  # DamagedChunk names the rows
+        checks that make a damaged or truncated file an error instead of a quiet answer
+        (``remote``: as for :meth:`_add_file`)."""
+        if remote is None:
+            reader = open_chunk_reader(dset)  # DamagedChunk names the rows
+        else:
+            reader = open_chunk_reader(dset, remote.chunk_bytes(), remote.verified.setdefault(name, {}))
         if isinstance(reader, ChunkReader):
             return reader
+        size = os.path.getsize(path) if remote is None else remote.obj.size
         _check_filters(path, name, dset)
         _check_filter_parameters(path, name, dset)
-        check_index(dset)
-        _check_contiguous(path, name, dset)
+        check_index(dset, str(path), size)
+        _check_contiguous(path, name, dset, size)
         dcpl = dset.id.get_create_plist()
         if (
             dcpl.get_fill_time() == h5py.h5d.FILL_TIME_NEVER
@@ -211,20 +325,25 @@ class H5Source:
             self._zero_first[-1].add(name)
         return dset
 
-    def _dataset(self, f: h5py.File, path: Path, name: str) -> h5py.Dataset:
+    def _dataset(self, f: h5py.File, path: Path | str, name: str) -> h5py.Dataset:
         if name not in f:
             found = ", ".join(sorted(_dataset_names(f))[:10]) or "none"
             raise SourceError(f"{path}: no dataset '{name}' (datasets: {found})")
         self._check_links(f, path, name)
         try:
-            dset = _open_dataset(f, name)
+            dset = _open_dataset(f, name) if isinstance(path, Path) else f[name]
         except (KeyError, OSError) as e:
+            if _network_failure(e):
+                raise
             raise SourceError(f"{path}: dataset '{name}' cannot be opened: {one_line(e)}") from None
         if not isinstance(dset, h5py.Dataset):
             raise SourceError(f"{path}: '{name}' is a group, not a dataset")
-        actual = Path(dset.file.filename)
-        if actual.resolve() != path.resolve():  # reached through a link into another file
-            self._refuse(path, name, "an external link to", actual)
+        if isinstance(path, str):
+            elsewhere = dset.file.filename != f.filename
+        else:
+            elsewhere = Path(dset.file.filename).resolve() != path.resolve()
+        if elsewhere:  # reached through a link into another file
+            self._refuse(path, name, "an external link to", dset.file.filename)
         if dset.shape is None:
             raise SourceError(f"{path}: dataset '{name}' has a null dataspace (no values at all); pipetrain needs one row per sample")
         if dset.dtype.kind == "O":
@@ -258,18 +377,25 @@ class H5Source:
             )
         return dset
 
-    def _outside(self, target: Path) -> bool:
-        target = target.resolve()
+    def _outside(self, target: Path | str) -> bool:
+        target = Path(target).resolve()
         return not any(target.is_relative_to(root) for root in self._roots)
 
-    def _refuse(self, path: Path, name: str, what: str, target: Path) -> None:
+    def _refuse(self, path: Path | str, name: str, what: str, target: Path | str) -> None:
+        if isinstance(path, str):
+            # HDF5 opens the other file on this machine (relative to the working folder),
+            # not beside the object in its bucket: never what the data meant.
+            raise SourceError(
+                f"{path}: dataset '{name}' is {what} {target}; HDF5 would look for that file on "
+                "this machine, not beside the object, so pipetrain cannot read it (even with allow_external)"
+            )
         if not self.allow_external and self._outside(target):
             raise SourceError(
                 f"{path}: dataset '{name}' is {what} {target}, outside the data files' folders "
                 "(allow it with allow_external=True or --allow-external)"
             )
 
-    def _check_links(self, f: h5py.File, path: Path, name: str) -> None:
+    def _check_links(self, f: h5py.File, path: Path | str, name: str) -> None:
         """External links anywhere along the dataset's path may point anywhere on disk;
         soft links are followed to see where they lead (a soft link to an external link)."""
         todo = [p for p in name.split("/") if p not in ("", ".")]
@@ -285,25 +411,28 @@ class H5Source:
                 todo = [p for p in target.split("/") if p not in ("", ".")] + todo
                 here = "" if target.startswith("/") else here
             elif isinstance(link, h5py.ExternalLink):
-                self._refuse(path, name, "an external link to", path.parent / link.filename)
+                self._refuse(path, name, "an external link to", _beside(path, link.filename))
                 return  # the rest of the path lies in the other file
             elif link is None:
                 return  # opening it says what is missing
             else:
                 here = step
 
-    def _check_storage(self, path: Path, name: str, dset: h5py.Dataset) -> None:
-        if dset.external:
-            # HDF5 finds relative names under the access list's prefix: the data file's
-            # folder (_open_dataset sets it), so the refusal checks what is read.
-            prefix = os.fsdecode(dset.id.get_access_plist().get_efile_prefix() or b"")
-            for filename, _offset, _size in dset.external:
-                target = Path(prefix or os.getcwd()) / os.fsdecode(filename)
-                self._refuse(path, name, "stored in the external file", target)
+    def _check_storage(self, path: Path | str, name: str, dset: h5py.Dataset) -> None:
+        for filename, _offset, _size in dset.external or ():
+            filename = os.fsdecode(filename)
+            if isinstance(path, str):
+                target = _beside(path, filename)  # refused: see _refuse
+            else:
+                # HDF5 finds relative names under the access list's prefix: the data file's
+                # folder (_open_dataset sets it), so the refusal checks what is read.
+                prefix = os.fsdecode(dset.id.get_access_plist().get_efile_prefix() or b"")
+                target = Path(prefix or os.getcwd()) / filename
+            self._refuse(path, name, "stored in the external file", target)
         if dset.is_virtual:
             for source in dset.virtual_sources():
                 if source.file_name != ".":
-                    target = path.parent / source.file_name
+                    target = _beside(path, source.file_name)
                     self._refuse(path, name, "a virtual dataset reading", target)
                     if not self.allow_external and not target.exists():
                         # HDF5 would look for it elsewhere (the working folder) instead
@@ -402,8 +531,10 @@ class H5Source:
                 raise CorruptDataError(str(e)) from e
             except OSError as e:
                 where = f"{self.paths[file]}: dataset '{name}' rows {start}-{stop}"
-                if _io_error(e):
-                    raise SourceReadError(f"{where}: {e}") from e
+                if isinstance(reader, ChunkReader) or _network_failure(e) or _io_error(e):
+                    # the disk or the network failed (the chunk reader says a damaged
+                    # chunk as DamagedChunk)
+                    raise SourceReadError(f"{where}: {one_line(e)}") from e
                 first, last = _failing_rows(reader, start, stop)
                 where = f"{self.paths[file]}: dataset '{name}' rows {first}-{last}"
                 # HDF5's own read failed on what the file holds (a checksum, a filter,
@@ -416,6 +547,24 @@ class H5Source:
             if limit is not None:
                 self._check_labels(file, start, name, arrays[name], limit)
         return arrays, fetched
+
+    def will_need(self, file: int, start: int, stop: int) -> bool:
+        """A hint: rows [start, stop) of file number ``file`` will be read soon. A remote
+        file starts fetching their chunks (within its read-ahead budget); a local one does
+        nothing. Returns whether more hints are welcome (False for local files, and once
+        the read-ahead budget is full)."""
+        if self._fetcher is None or not isinstance(self.paths[file], str):
+            return False
+        wants = False
+        for reader in self._readers[file].values():
+            if isinstance(reader, ChunkReader):
+                wants = reader.will_need(start, stop) or wants
+        return wants
+
+    def drop_hints(self) -> None:
+        """Forget the rows hinted and not read yet (the plan that named them was dropped)."""
+        if self._fetcher is not None:
+            self._fetcher.drop_hints()
 
     def limit_labels(self, limits: Mapping) -> None:
         """Check every read of these datasets (name -> :class:`pipetrain.labels.LabelLimit`)
@@ -452,9 +601,13 @@ class H5Source:
         """Per dataset: the read path of the first file (raw chunks or h5py, and why)."""
         from pipetrain.chunks import read_path
 
-        readers = self._readers[0]
-        return {name: readers[name].codec if isinstance(readers[name], ChunkReader) else read_path(readers[name])
-                for name in self.names}
+        def path(reader) -> str:
+            if isinstance(reader, ChunkReader):
+                return reader.codec
+            # a URL's reason would cost a second open of its chunk reader (remote requests)
+            return "h5py read" if isinstance(self.paths[0], str) else read_path(reader)
+
+        return {name: path(self._readers[0][name]) for name in self.names}
 
     def describe(self) -> dict:
         return {
@@ -463,6 +616,7 @@ class H5Source:
             "rows_per_file": list(self.rows_per_file),
             "x": self.x, "y": self.y, "sample_weight": self.sample_weight,
             "fields": {n: {"shape": list(f.row_shape), "dtype": str(f.dtype)} for n, f in self.fields.items()},
+            **({"versions": dict(self.versions)} if self.versions else {}),
         }
 
     # -- lifetime ---------------------------------------------------------------
@@ -475,7 +629,9 @@ class H5Source:
         for f in self._files:
             with contextlib.suppress(Exception):  # closing twice or at interpreter exit
                 f.close()
-        self._readers, self._files, self._zero_first, self._datasets = [], [], [], []
+        if self._fetcher is not None:
+            self._fetcher.close()
+        self._readers, self._files, self._zero_first, self._datasets, self._remote = [], [], [], [], []
 
     def __enter__(self) -> H5Source:
         return self
@@ -526,7 +682,7 @@ def _open_dataset(f: h5py.File, name: str) -> h5py.Dataset | h5py.Group:
     return h5py.Dataset(h5py.h5d.open(f.id, name.encode(), dapl=dapl))
 
 
-def _check_filters(path: Path, name: str, dset: h5py.Dataset) -> None:
+def _check_filters(path: Path | str, name: str, dset: h5py.Dataset) -> None:
     """Filters h5py's read needs that this HDF5 lacks: load hdf5plugin's when it is
     installed, else name the package that provides them."""
     dcpl = dset.id.get_create_plist()
@@ -545,7 +701,7 @@ def _check_filters(path: Path, name: str, dset: h5py.Dataset) -> None:
         )
 
 
-def _check_filter_parameters(path: Path, name: str, dset: h5py.Dataset) -> None:
+def _check_filter_parameters(path: Path | str, name: str, dset: h5py.Dataset) -> None:
     """The element count that HDF5 stores in the scale-offset and n-bit filters' parameters
     fits the chunk: a damaged count makes HDF5 decode part of each chunk and leave the rest
     of its buffer as it was (h5py's own reads then differ from one another)."""
@@ -563,15 +719,14 @@ def _check_filter_parameters(path: Path, name: str, dset: h5py.Dataset) -> None:
             )
 
 
-def _check_contiguous(path: Path, name: str, dset: h5py.Dataset) -> None:
-    """A contiguous dataset lies inside the file (a truncated file cuts it short)."""
+def _check_contiguous(path: Path | str, name: str, dset: h5py.Dataset, size: int) -> None:
+    """A contiguous dataset lies inside the file of ``size`` bytes (a truncated file cuts it short)."""
     dcpl = dset.id.get_create_plist()
     if dcpl.get_layout() != h5py.h5d.CONTIGUOUS or dcpl.get_external_count() or dset.is_virtual:
         return
     offset = dset.id.get_offset()
     if offset is None:
         return  # never written
-    size = os.path.getsize(path)
     end = offset + dset.id.get_storage_size()
     if end > size:
         row_bytes = max(1, dset.id.get_storage_size() // max(1, dset.shape[0]))
@@ -603,6 +758,29 @@ def _io_error(e: OSError) -> bool:
         return True
     text = str(e)
     return "errno = " in text and "errno = 0," not in text
+
+
+def _url_has_magic(url: str) -> bool:
+    """A URL glob: ``*``, ``?`` or ``[`` in its path (a web URL's query, as in a signed
+    URL, is not part of the pattern)."""
+    from urllib.parse import urlsplit
+
+    path = urlsplit(url).path if url.lower().startswith(("http://", "https://")) else url.split("://", 1)[1]
+    return glob.has_magic(path)
+
+
+def _beside(path: Path | str, filename: str) -> Path | str:
+    """Where a file named inside ``path`` (an external link's or a virtual dataset's
+    target) would be: beside it."""
+    if isinstance(path, str):
+        return path.rsplit("/", 1)[0] + "/" + filename
+    return path.parent / filename
+
+
+def _network_failure(e: BaseException) -> bool:
+    """A ranged read of an object in a bucket that failed for good (also when h5py or the
+    chunk reader passed it on): the network, not the file."""
+    return isinstance(e, RemoteReadError) or isinstance(e.__cause__, RemoteReadError)
 
 
 def _dataset_names(f: h5py.File) -> list[str]:
