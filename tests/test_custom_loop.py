@@ -14,6 +14,8 @@ import pytest
 import pipetrain
 from tests.conftest import wait_until, write_h5
 
+pytestmark = pytest.mark.model
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
