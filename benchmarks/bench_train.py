@@ -5,6 +5,7 @@
     python benchmarks/bench_train.py --workload w3 --out benchmarks/results/train-w3.json
     KERAS_BACKEND=torch python benchmarks/bench_train.py     # -> results/train-torch.json
     KERAS_BACKEND=jax python benchmarks/bench_train.py       # -> results/train-jax.json
+    python benchmarks/bench_train.py --backends-table         # README's Backends table from the three
 
 One Keras backend per process (``KERAS_BACKEND``; the peers need ``pip install
 "pipetrain[bench,jax,torch]"``). For each workload, in one process, variants run
@@ -321,11 +322,12 @@ def _pipetrain(path, spec, epochs, shuffle="none", history=True):
 
 BACKEND = keras.backend.backend()
 # Each backend's own loaders: the peers pipetrain must beat on that backend.
-OWN_LOADERS = {
+LOADERS = {
     "tensorflow": {"tf.data": v_tfdata},
     "torch": {"DataLoader": v_torch_loader, "DataLoader-fit": v_torch_loader_fit},
     "jax": {"Grain": v_grain},
-}[BACKEND]
+}
+OWN_LOADERS = LOADERS[BACKEND]
 VARIANTS = {
     "read": v_read,
     "train": v_train,
@@ -398,6 +400,33 @@ def table(name: str, r: dict) -> str:
     return "\n".join(lines)
 
 
+def backends_table(folder: Path) -> str:
+    """README's Backends table from the results of each backend's run (train.json,
+    train-jax.json, train-torch.json in ``folder``), with the goals: pipetrain 1.10x faster
+    than the backend's own loader on W1 and not slower on W2, within 1.10x of training alone."""
+    lines = ["| backend | workload | training alone s/epoch | own loader | its s/epoch | pipetrain s/epoch | "
+             "pipetrain faster by | pipetrain / training alone |", "|---|---|---:|---|---:|---:|---:|---:|"]
+    for backend, name in (("tensorflow", "train.json"), ("jax", "train-jax.json"), ("torch", "train-torch.json")):
+        if not (folder / name).exists():
+            lines.append(f"| {backend} | not measured ({name} missing) | | | | | | |")
+            continue
+        results = json.loads((folder / name).read_text())
+        for workload in ("w1", "w2"):
+            r = results["workloads"].get(workload)
+            if r is None:
+                continue
+            need = 1.10 if workload == "w1" else 1.0
+            within = r["vs_train_alone"] <= 1.10
+            for loader in LOADERS[backend]:
+                speedup = r["pipetrain_speedup"][loader]
+                lines.append(
+                    f"| {backend} | {workload.upper()} | {r['epoch_s']['train']:.3f} | {loader} | "
+                    f"{r['epoch_s'][loader]:.3f} | {r['epoch_s']['pipetrain']:.3f} | "
+                    f"{speedup:.2f}×{'' if speedup >= need else ' (goal ' + format(need, '.2f') + '×)'} | "
+                    f"{r['vs_train_alone']:.2f}{'' if within else ' (goal 1.10)'} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workload", nargs="+", default=["w1", "w2"], choices=list(WORKLOADS))
@@ -407,7 +436,12 @@ def main() -> None:
     results_name = "train.json" if BACKEND == "tensorflow" else f"train-{BACKEND}.json"
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / results_name))
     parser.add_argument("--compute-threads", type=int, help="TensorFlow intra-op threads (default: all cores)")
+    parser.add_argument("--backends-table", action="store_true",
+                        help="print README's Backends table from the results of each backend, and exit")
     args = parser.parse_args()
+    if args.backends_table:
+        print(backends_table(Path(args.out).parent))
+        return
     if args.compute_threads:
         if BACKEND != "tensorflow":
             parser.error(f"--compute-threads: only for the TensorFlow backend (this is {BACKEND})")
