@@ -12,7 +12,7 @@ from pipetrain.history import read_history
 from tests.conftest import keras_backend, write_h5
 
 
-def pipetrain(*args, cwd, timeout=240):
+def pipetrain(*args, cwd, timeout=600):  # a hang guard, for a busy machine
     return subprocess.run([sys.executable, "-m", "pipetrain", *args], cwd=cwd, capture_output=True,
                           text=True, timeout=timeout)
 

@@ -201,7 +201,7 @@ def test_a_signal_stops_at_the_next_batch_with_a_checkpoint_and_exit_130(folder,
          "--batch-size", "8", "--checkpoint-every", "1000000", "--quiet", "--history", str(history)],
         cwd=folder, stderr=subprocess.PIPE, text=True,
     )
-    wait_until(lambda: history.exists() and history.read_text().count('"batch"') >= 50, timeout=60, poll=0.05)
+    wait_until(lambda: history.exists() and history.read_text().count('"batch"') >= 50, timeout=300, poll=0.05)
     proc.send_signal(sig)
     t0 = time.monotonic()
     _, err = proc.communicate(timeout=30)

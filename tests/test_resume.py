@@ -34,7 +34,7 @@ def data(tmp_path_factory):
 
 def job(data, run_dir, kill="none", resume=False):
     args = [sys.executable, str(JOB), str(data), str(run_dir), kill] + (["--resume"] if resume else [])
-    return subprocess.run(args, capture_output=True, text=True, timeout=180, cwd=ROOT)
+    return subprocess.run(args, capture_output=True, text=True, timeout=600, cwd=ROOT)  # a hang guard: JAX compiles slowly on a busy machine
 
 
 @pytest.fixture(scope="module")
@@ -102,7 +102,7 @@ def test_the_command_line_resumes_from_anywhere_with_the_flags_it_was_started_wi
 
     def train(*args, cwd):
         return subprocess.run([sys.executable, "-m", "pipetrain", "train", "--quiet", *args],
-                              capture_output=True, text=True, timeout=180, cwd=cwd)
+                              capture_output=True, text=True, timeout=600, cwd=cwd)
 
     first = train("--data", "train-0.h5", "--val", "val.h5", "--x", "x", "--y", "y", "--epochs", "1",
                   "--batch-size", "64", "--history", "h2/foo.jsonl", "--allow-nonfinite", "--compute-threads", "1",

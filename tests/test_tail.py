@@ -281,7 +281,7 @@ def test_tail_follow_started_before_a_real_run_ends_by_itself(tmp_path):
         assert "waiting for runs/live/history.jsonl to appear" in tail.stderr.readline()
         assert tail.poll() is None
         train = subprocess.run([*command, "train", "--epochs", "2", "--name", "live"], cwd=tmp_path,
-                               capture_output=True, text=True, timeout=180)
+                               capture_output=True, text=True, timeout=600)
         assert train.returncode == 0, train.stderr
         out, err = tail.communicate(timeout=30)
     finally:
