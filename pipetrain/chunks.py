@@ -141,6 +141,15 @@ class ChunkReader:
                 fetched += self._place(row_chunk, column, part, start, stop, out, flat)
         return out, fetched
 
+    def index_digest(self) -> bytes:
+        """A hash of the dataset's shape, dtype, chunking, filters and chunk index (where
+        each chunk lies, its stored size and filter mask), from memory: a data file's
+        fingerprint (:mod:`pipetrain.fingerprint`)."""
+        from pipetrain.fingerprint import index_digest
+
+        return index_digest(self.shape, self.dtype, self.chunks, self.filters,
+                            self._offsets, self._sizes, self._masks)
+
     def close(self) -> None:
         """Close the file descriptor. Call it once every read() has returned."""
         fd, self._fd = self._fd, -1

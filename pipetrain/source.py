@@ -332,6 +332,14 @@ class H5Source:
 
         return {name: read_path(self._files[0][name]) for name in self.names}
 
+    def fingerprint(self, file: int) -> dict:
+        """What file number ``file`` is now, cheaply (its size, a hash of its datasets'
+        layout and chunk index, sampled bytes, its modification time): a resume compares
+        it with what the run recorded (:mod:`pipetrain.fingerprint`)."""
+        from pipetrain.fingerprint import of_hdf5
+
+        return of_hdf5(self.paths[file], self._readers[file])
+
     def describe(self) -> dict:
         return {
             "files": [str(p) for p in self.paths],
