@@ -284,22 +284,21 @@ def cmd_train(args) -> int:
     # One writer at a time, and a folder that can be written, before the data opens or the
     # model loads; the run joins this lock and the model is saved under it.
     folder = runfolder.claim(history, history.parent / "checkpoint", joinable=True)
-    try:
+    with contextlib.ExitStack() as held:  # the data closes, then the folder is let go
+        held.callback(folder.release)
         settings = _resumed_settings(args, history, folder) if args.resume else settings
-        return _train(args, settings, history, folder)
-    finally:
-        folder.release()
+        return _train(args, settings, history, folder, held)
 
 
-def _train(args, settings: dict, history: Path, folder) -> int:
+def _train(args, settings: dict, history: Path, folder, held: contextlib.ExitStack) -> int:
     from pipetrain.source import H5Source
 
     sources = {}
     for role in ("data", "val"):
         if settings[role]:
-            sources[role] = H5Source(settings[role], x=settings["x"], y=settings["y"],
-                                     sample_weight=settings["sample_weight"],
-                                     allow_external=settings["allow_external"])
+            sources[role] = held.enter_context(H5Source(
+                settings[role], x=settings["x"], y=settings["y"], sample_weight=settings["sample_weight"],
+                allow_external=settings["allow_external"]))
     if not args.resume:  # before the model loads: what the run would replace
         folder.decide(resume=False, overwrite=args.overwrite,
                       reads=[p for source in sources.values() for p in source.paths])

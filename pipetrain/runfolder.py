@@ -95,7 +95,10 @@ class FolderLock:
     def _acquire(self) -> None:
         for _ in range(100):  # a retry only when a run that just ended removed its lock file
             self._created += _make_folders(self.folder)
-            info = os.stat(self.folder)
+            try:
+                info = os.stat(self.folder)
+            except FileNotFoundError:
+                continue  # removed by a run that just ended, between making it and looking
             key = (info.st_dev, info.st_ino)
             with _held_lock:
                 mine = _held.get(key)
@@ -177,19 +180,26 @@ class FolderLock:
 
 
 def _make_folders(folder: Path) -> list[Path]:
-    """Make ``folder`` and its missing parents; those this call made, outermost first."""
-    missing = []
-    probe = folder
-    while not os.path.lexists(probe) and probe != probe.parent:
-        missing.append(probe)
-        probe = probe.parent
-    made = []
-    for path in reversed(missing):
+    """Make ``folder`` and its missing parents; those this call made, outermost first. A
+    parent that a run ending at the same moment removes meanwhile is made again."""
+    made: list[Path] = []
+    for attempt in range(100):
+        missing = []
+        probe = folder
+        while not os.path.lexists(probe) and probe != probe.parent:
+            missing.append(probe)
+            probe = probe.parent
         try:
-            os.mkdir(path)
-        except FileExistsError:
-            continue  # made by a run starting at the same moment
-        made.append(path)
+            for path in reversed(missing):
+                try:
+                    os.mkdir(path)
+                except FileExistsError:
+                    continue  # made by a run starting at the same moment
+                made.append(path)
+            return made
+        except FileNotFoundError:
+            if attempt == 99:  # a folder that takes no new folder (/proc)
+                raise
     return made
 
 
@@ -229,20 +239,22 @@ def _write_holder(fd: int) -> None:
 
 def _holder(fd: int) -> str:
     """Who holds the lock, as its file says. The holder writes it just after locking, so
-    an empty file (or a dead predecessor's note, still there) is read again briefly."""
+    the file may still be empty, or hold the note of a killed predecessor for a moment:
+    it is read until it says the same twice, 20 ms apart (a local holder must be alive)."""
     host = socket.gethostname()
-    info = None
+    info, seen = None, None
     deadline = time.monotonic() + 1.0
-    while True:
+    while time.monotonic() < deadline:
         try:
-            info = json.loads(os.pread(fd, 4096, 0))
-            pid = int(info["pid"])
-            current = info.get("host") != host or _alive(pid)
-        except (ValueError, TypeError, KeyError, OSError):
-            info, current = None, False
-        if current or time.monotonic() > deadline:
+            text = os.pread(fd, 4096, 0)
+            info = json.loads(text)
+            valid = info.get("host") != host or _alive(int(info["pid"]))
+        except (ValueError, TypeError, KeyError, AttributeError, OSError):
+            info, text, valid = None, None, False
+        if valid and text == seen:
             break
-        time.sleep(0.01)
+        seen = text
+        time.sleep(0.02)
     if not isinstance(info, dict):
         return "its holder has not said who it is yet"
     who = "this process" if info.get("pid") == os.getpid() and info.get("host") == host else f"pid {info.get('pid')}"

@@ -153,7 +153,7 @@ BAD_INPUTS = {
 
 
 def snapshot(folder: Path) -> dict:
-    return {p: p.stat().st_mtime_ns for p in folder.rglob("*") if p.is_file()}
+    return {p: p.stat().st_mtime_ns if p.is_file() else None for p in folder.rglob("*")}
 
 
 @pytest.mark.parametrize("case", sorted(BAD_INPUTS))
