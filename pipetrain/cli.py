@@ -303,10 +303,7 @@ def _train(args, settings: dict, history: Path, folder, held: contextlib.ExitSta
         folder.decide(resume=False, overwrite=args.overwrite,
                       reads=[p for source in sources.values() for p in source.paths])
     model_file = history.parent / "model.keras"
-    if settings["model"] and os.path.isfile(settings["model"]) and model_file.exists() \
-            and os.path.samefile(settings["model"], model_file):
-        raise BadInput(f"--model {settings['model']}: the run saves its model there at its end; "
-                       "copy it elsewhere or give the run another folder")
+    _check_model_file(args, settings, history, model_file)
 
     with quiet_native_logs(not args.debug):
         import keras
@@ -337,6 +334,26 @@ def _train(args, settings: dict, history: Path, folder, held: contextlib.ExitSta
         raise Interrupted(f"{e or 'interrupted'}; resume with: pipetrain train --resume {where}") from None
     model.save(model_file)
     return EXIT_OK
+
+
+def _check_model_file(args, settings: dict, history: Path, model_file: Path) -> None:
+    """The run saves ``model.keras`` in its folder at its end: never over the model it
+    loads, nor over a model that is not of a run this folder held."""
+    from pipetrain.runfolder import HISTORY, describe
+
+    if not model_file.exists():
+        return
+    if settings["model"] and os.path.isfile(settings["model"]) and os.path.samefile(settings["model"], model_file):
+        raise BadInput(f"--model {settings['model']}: the run saves its model there at its end; "
+                       "copy it elsewhere or give the run another folder")
+    if args.resume:
+        return  # the run's own model, saved when an earlier segment ended
+    if not args.overwrite:
+        raise BadInput(f"{model_file}: a model exists already where the run saves its own at its end; "
+                       "pass --overwrite to replace it or choose another folder")
+    if describe(history) != HISTORY:
+        raise BadInput(f"{model_file}: is not a run's model (no pipetrain history beside it), and --overwrite "
+                       "replaces only a run's files: move it away or choose another folder")
 
 
 def set_compute_threads(n: int) -> None:

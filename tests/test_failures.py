@@ -125,6 +125,11 @@ BAD_INPUTS = {
     "model the run would replace": (["--data", "d.h5", "--x", "x", "--y", "y", "--model", "past/m/model.keras",
                                      "--history", "past/m/history.jsonl"],
                                     "--model past/m/model.keras: the run saves its model there at its end"),
+    "a model the run would replace": (["--data", "d.h5", "--x", "x", "--y", "y", "--history", "past/m/history.jsonl"],
+                                      "past/m/model.keras: a model exists already where the run saves its own"),
+    "overwrite a model of no run": (["--data", "d.h5", "--x", "x", "--y", "y", "--history", "past/m/history.jsonl",
+                                     "--overwrite"], "past/m/model.keras: is not a run's model (no pipetrain history "
+                                                     "beside it), and --overwrite replaces only a run's files"),
     "resume ended epochs without checkpoints": (["--resume", "past/done"],
                                                 "past/done/checkpoint: no checkpoint to resume from, yet "
                                                 "past/done/history.jsonl records finished epochs (were the checkpoints "

@@ -83,6 +83,24 @@ def test_killed_and_resumed_equals_uninterrupted(data, uninterrupted, tmp_path, 
     assert ours.end["status"] == "completed" and ours.end["steps"] == 30
 
 
+@pytest.mark.model
+def test_killed_before_its_first_checkpoint_starts_again_and_equals_uninterrupted(data, uninterrupted, tmp_path):
+    """Killed at batch 3, before the first checkpoint (every 4 batches): a resume starts
+    the run again from its first batch; the earlier records are superseded."""
+    killed = job(data, tmp_path, "batch:0:3")
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert checkpoint.latest(tmp_path / "checkpoint") is None
+    resumed = job(data, tmp_path, resume=True)
+    assert resumed.returncode == 0, resumed.stderr
+    for ours, theirs in zip(weights(tmp_path), weights(uninterrupted), strict=True):
+        np.testing.assert_array_equal(ours, theirs)
+    ours, theirs = pipetrain.read_history(tmp_path / "history.jsonl"), pipetrain.read_history(uninterrupted / "history.jsonl")
+    assert len(ours.runs) == 2 and ours.runs[1]["resume"]["checkpoint"] is None
+    assert [(r["epoch"], r["batch"]) for r in ours.batches] == [(e, b) for e in range(3) for b in range(10)]
+    assert [r["loss"] for r in ours.batches] == [r["loss"] for r in theirs.batches]
+    assert ours.end["status"] == "completed"
+
+
 def test_nothing_to_resume_is_a_clear_error(data, tmp_path):
     done = job(data, tmp_path, resume=True)
     assert done.returncode != 0
