@@ -384,13 +384,13 @@ class Run:
         data = [self.source, *([self.validation] if self.validation is not None else [])]
         kind = self._folder.decide(resume=self.resume, overwrite=self.overwrite,
                                    reads=[p for source in data for p in source.paths])
+        self._fingerprints = [{"role": role, "file": str(path), "fingerprint": source.fingerprint(i)}
+                              for role, source in zip(("train", "validation"), data)
+                              for i, path in enumerate(source.paths)]
         self._folder.remove_stale()
         if self.overwrite:
             self._folder.clear()
         self.resume = kind == "resume"
-        self._fingerprints = [{"role": role, "file": str(path), "fingerprint": source.fingerprint(i)}
-                              for role, source in zip(("train", "validation"), data)
-                              for i, path in enumerate(source.paths)]
         if kind == "restart":
             return {"epoch": 0, "batch": 0, "checkpoint": None,
                     "restart": "killed before its first checkpoint: the records before this one are superseded"}

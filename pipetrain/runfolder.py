@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import datetime as _dt
 import errno
-import fcntl
 import json
 import os
 import socket
@@ -53,6 +52,11 @@ from pathlib import Path
 
 from pipetrain.errors import RunError, argument
 from pipetrain.history import RUN_LINE, run_records
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - not a POSIX system
+    fcntl = None
 
 LOCK_NAME = ".pipetrain.lock"
 HISTORY = "a pipetrain history"
@@ -206,6 +210,8 @@ def _make_folders(folder: Path) -> list[Path]:
 def _flock(fd: int, folder: Path) -> bool:
     """Lock ``fd`` without waiting; False where the file system has no locks."""
     try:
+        if fcntl is None:
+            raise OSError(errno.ENOSYS, "no flock on this system")
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         raise FolderBusy(f"{folder}: another run is writing this folder ({_holder(fd)}); wait for it to end, "
@@ -324,6 +330,9 @@ def _why(e: OSError, path: Path) -> str:
             if candidate.exists() and not candidate.is_dir():
                 return f"{candidate} is a file, not a folder"
     where = e.filename or path
+    if Path(where).name == LOCK_NAME and e.errno in (errno.ELOOP, errno.EISDIR):
+        what = "a symbolic link" if e.errno == errno.ELOOP else "a folder"
+        return f"{where} is {what}, where a run keeps its lock file: remove it"
     if Path(where).name == LOCK_NAME:  # the first file the run makes there
         return f"{Path(where).parent} takes no new file: {e.strerror or e}"
     return f"{where}: {e.strerror or e}"

@@ -76,6 +76,8 @@ def folder(tmp_path):
     (tmp_path / "notes.txt").write_text("my notes, not a history\n")
     (tmp_path / "d2.h5").write_bytes(whole)
     os.mkfifo(tmp_path / "pipe.jsonl")
+    (tmp_path / "past" / "sym").mkdir()
+    (tmp_path / "past" / "sym" / ".pipetrain.lock").symlink_to("../../notes.txt")
     return tmp_path
 
 
@@ -134,6 +136,8 @@ BAD_INPUTS = {
                                                 "past/done/checkpoint: no checkpoint to resume from, yet "
                                                 "past/done/history.jsonl records finished epochs (were the checkpoints "
                                                 "removed?); start afresh with --overwrite instead of --resume"),
+    "lock file is a link": (["--data", "d.h5", "--x", "x", "--y", "y", "--history", "past/sym/history.jsonl"],
+                            "past/sym/.pipetrain.lock is a symbolic link, where a run keeps its lock file: remove it"),
     "changed data allowed on a new run": (["--data", "d.h5", "--x", "x", "--allow-changed-data"],
                                           "--allow-changed-data is for --resume"),
     "resume nothing": (["--resume", "nowhere"], "--resume nowhere: no such run folder or history file"),

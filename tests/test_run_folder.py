@@ -185,26 +185,26 @@ def test_python_runs_hold_the_same_lock(tmp_path):
 # -- a place that can be written -------------------------------------------------------------------
 
 
-def without_root_override():
-    """Read-only folders stop everyone but root: as root, the child process gives up the
-    capabilities that let it write anywhere (it stays root, owning the files)."""
+DROP_ROOT_OVERRIDE = """
+import ctypes, os, sys
+libc = ctypes.CDLL(None, use_errno=True)
+for cap in (1, 2, 3):  # CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH, CAP_FOWNER
+    if libc.prctl(24, cap, 0, 0, 0) != 0:  # PR_CAPBSET_DROP: gone after the exec below
+        sys.exit(f"prctl: {os.strerror(ctypes.get_errno())}")
+os.execv(sys.executable, [sys.executable, *sys.argv[1:]])
+"""
+
+
+def without_root_override() -> list[str]:
+    """Read-only folders stop everyone but root: as root, the command starts through a
+    launcher that gives up the capabilities that let root write anywhere (it stays root,
+    owning the files)."""
     if os.geteuid() != 0:
-        return None
-    import ctypes
-
-    libc = ctypes.CDLL(None, use_errno=True)
-    pr_capbset_drop, caps = 24, (1, 2, 3)  # CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH, CAP_FOWNER
-    probe = subprocess.run([sys.executable, "-c", "pass"], preexec_fn=lambda: [libc.prctl(pr_capbset_drop, c, 0, 0, 0)
-                                                                              for c in caps])
-    if probe.returncode != 0:  # pragma: no cover - depends on the container
+        return []
+    launcher = [sys.executable, "-c", DROP_ROOT_OVERRIDE]
+    if subprocess.run([*launcher, "-c", "pass"], capture_output=True).returncode != 0:  # pragma: no cover
         pytest.skip("running as root without the right to drop capabilities: no folder is read-only to us")
-
-    def drop():
-        for cap in caps:
-            if libc.prctl(pr_capbset_drop, cap, 0, 0, 0) != 0:
-                raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP)")
-
-    return drop
+    return launcher
 
 
 @pytest.fixture
@@ -230,17 +230,21 @@ def test_read_only_folders_are_bad_input_before_anything_loads(tmp_path, read_on
     read_only(tmp_path / "ro")
     read_only(tmp_path / "rw" / "checkpoint")
     read_only(tmp_path / "old" / "history.jsonl", 0o444)
-    drop = without_root_override()
+    launcher = without_root_override() or [sys.executable]
     cases = {  # --model names no module: the folder is refused before the model would load
         "ro/run/history.jsonl": "ro/run/history.jsonl: cannot write the history here (ro/run: Permission denied)",
         "rw/history.jsonl": "rw/checkpoint: cannot write checkpoints (",
     }
+
+    def cli(*args):
+        return subprocess.run([*launcher, "-m", "pipetrain", *args], cwd=tmp_path, capture_output=True, text=True,
+                              timeout=60)
+
     for history, message in cases.items():
-        done = cli("train", "--data", "d.h5", "--x", "x", "--y", "y", "--model", "nomodule:f", "--history", history,
-                   cwd=tmp_path, preexec_fn=drop, timeout=60)
+        done = cli("train", "--data", "d.h5", "--x", "x", "--y", "y", "--model", "nomodule:f", "--history", history)
         assert done.returncode == 2 and message in done.stderr, done.stderr
         assert len(done.stderr.strip().splitlines()) == 1
-    done = cli("train", "--resume", "old", cwd=tmp_path, preexec_fn=drop, timeout=60)
+    done = cli("train", "--resume", "old")
     assert done.returncode == 2 and "old/history.jsonl: cannot write the history (" in done.stderr, done.stderr
     assert sorted(p.name for p in (tmp_path / "rw").iterdir()) == ["checkpoint"]
     assert not any((tmp_path / "ro").iterdir()) and sorted(p.name for p in (tmp_path / "old").iterdir()) == ["history.jsonl"]
