@@ -204,9 +204,10 @@ def begin_again_on_resume(callbacks: list) -> list:
 
 
 def continue_csv_logs(callbacks: list, epoch: int) -> None:
-    """A resumed run's ``CSVLogger`` appends, after dropping the rows of epochs from
-    ``epoch`` on (written after the checkpoint, and written again by the resumed run),
-    so that the file holds each epoch once, as ``fit``'s does."""
+    """A resumed run's ``CSVLogger`` appends, after dropping the rows at the end of its
+    file for epochs from ``epoch`` on (written after the checkpoint, and written again by
+    the resumed run), so that the file holds each epoch once, as ``fit``'s does. Rows
+    before them (another run's, in a file it appends to) stay."""
     for cb in callbacks:
         if not _is_keras(cb, ("CSVLogger",)):
             continue
@@ -222,15 +223,16 @@ def continue_csv_logs(callbacks: list, epoch: int) -> None:
         if "epoch" not in header:
             continue
         column = header.index("epoch")
-        kept = [lines[0]]
-        for line in lines[1:]:
-            row = next(csv.reader([line], delimiter=cb.sep), [])
+        end = len(lines)
+        while end > 1:
+            row = next(csv.reader([lines[end - 1]], delimiter=cb.sep), [])
             try:
-                if int(row[column]) >= epoch:
-                    continue
+                if int(row[column]) < epoch:
+                    break
             except (IndexError, ValueError):
-                pass
-            kept.append(line)
+                break
+            end -= 1
+        kept = lines[:end]
         if len(kept) < len(lines):
             tmp = path.with_name(f".{path.name}.tmp")
             tmp.write_text("".join(kept))

@@ -455,3 +455,16 @@ def test_the_command_line_names_its_flag_for_changed_data(tmp_path, monkeypatch,
     assert main(["train", "--resume", "runs/c", "--epochs", "2", "--quiet", "--allow-changed-data"]) == 0
     h = pipetrain.read_history(tmp_path / "runs" / "c")
     assert "d.h5 changed since the run read it" in h.runs[-1]["resume"]["changed_data"][0]
+
+
+def test_a_resumed_csv_log_drops_only_its_own_rows_trained_again(tmp_path):
+    """The rows at the end of the file for epochs the resumed run trains again go; the
+    rows of another run earlier in a file appended to stay."""
+    import keras
+
+    log = tmp_path / "log.csv"
+    rows = ["epoch,loss\n"] + [f"{e},{e / 10}\n" for e in range(6)] + [f"{e},{e / 100}\n" for e in range(4)]
+    log.write_text("".join(rows))
+    logger = keras.callbacks.CSVLogger(str(log), append=True)
+    checkpoint.continue_csv_logs([logger], epoch=2)
+    assert log.read_text() == "".join(rows[:-2]) and logger.append
