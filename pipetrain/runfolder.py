@@ -51,7 +51,7 @@ import zipfile
 from pathlib import Path
 
 from pipetrain.errors import RunError, argument
-from pipetrain.history import RUN_LINE, run_records
+from pipetrain.history import run_records
 
 try:
     import fcntl
@@ -61,7 +61,9 @@ except ImportError:  # pragma: no cover - not a POSIX system
 LOCK_NAME = ".pipetrain.lock"
 HISTORY = "a pipetrain history"
 _NO_LOCKS = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS}
-_EPOCH_LINE = b'\n{"type":"epoch"'  # how the writer begins every epoch record
+# How the history writer begins every run and epoch record (compact JSON, "type" first).
+_RUN_LINE = b'{"type":"run"'
+_EPOCH_LINE = b'\n{"type":"epoch"'
 
 
 class FolderBusy(RunError):
@@ -472,7 +474,7 @@ def describe(path: Path) -> str | None:
         return f"a file that cannot be read ({e.strerror})"
     if not head:
         return None
-    if head.startswith(RUN_LINE):
+    if head.startswith(_RUN_LINE):
         return HISTORY
     if head.startswith(b"\x89HDF\r\n\x1a\n"):
         return "an HDF5 file"
