@@ -99,6 +99,7 @@ class FolderLock:
         self._acquire()
 
     def _acquire(self) -> None:
+        missing: OSError | None = None
         for _ in range(100):  # a retry only when a run that just ended removed its lock file
             self._created += _make_folders(self.folder)
             try:
@@ -113,10 +114,11 @@ class FolderLock:
                     return
             try:
                 fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644)
-            except FileNotFoundError:
-                if self.folder.is_dir():  # /proc: a folder that takes no new files
-                    raise
-                continue  # the folder was removed between making it and opening the file
+            except FileNotFoundError as e:
+                # The folder was removed between making it and opening the file (by a run
+                # ending at the same moment), or it takes no new file at all (/proc).
+                missing = e
+                continue
             try:
                 self.locked = _flock(fd, self.folder)
             except FolderBusy:
@@ -138,6 +140,8 @@ class FolderLock:
             with _held_lock:
                 _held[key] = self
             return
+        if missing is not None:
+            raise missing
         raise OSError(errno.EAGAIN, "the lock file keeps being replaced", str(self.path))
 
     @property

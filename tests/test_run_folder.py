@@ -305,6 +305,8 @@ def test_a_run_killed_before_its_first_checkpoint_starts_again_as_one_history(tm
     source = pipetrain.H5Source(data_file(tmp_path / "d.h5"), x="x", y="y")
     history = tmp_path / "run" / "history.jsonl"
     killed_before_a_checkpoint(history, source)
+    (history.parent / "checkpoint").mkdir()
+    (history.parent / "checkpoint" / ".ckpt-x1y2.tmp").write_bytes(b"half a checkpoint")  # killed while writing one
     with pipetrain.Run(source, batch_size=100, epochs=2, history=history, verbose=0, monitor_interval=None,
                        resume=resume) as run:
         for epoch in run.epochs():
@@ -316,6 +318,7 @@ def test_a_run_killed_before_its_first_checkpoint_starts_again_as_one_history(tm
     assert [(b["epoch"], b["batch"]) for b in h.batches] == [(e, b) for e in range(2) for b in range(3)]
     assert [b["run"] for b in h.batches] == [h.runs[1]["run"]] * 6  # the old records are superseded
     assert h.end["status"] == "completed" and h.skipped == 0
+    assert not list((history.parent / "checkpoint").glob(".ckpt-*.tmp"))
 
 
 def test_a_history_with_ended_epochs_but_no_checkpoint_is_not_restarted(tmp_path):
