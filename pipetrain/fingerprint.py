@@ -19,9 +19,11 @@ time does not (a copy that did not keep it, or an edit in place) counts as chang
 the message says so: a resume is exact only on the same data, and
 ``allow_changed_data`` is how a user says the data is what they mean.
 
-Another kind of source supplies its own parts through ``fingerprint(file)`` (an object
-store's ``etag``, ``size`` and ``mtime_ns``); parts of any other name are compared as
-they are.
+An object in a bucket or on a web server has no modification time to trust and every
+byte sampled would be a request: its fingerprint is its ``size``, its ``version`` (S3's
+and HTTP's ETag, GCS's generation: a new one whenever the object is written) and the
+``layout`` hash (:func:`of_object`). Parts of any other name that a source supplies are
+compared as they are.
 
 Example::
 
@@ -52,6 +54,12 @@ def of_hdf5(path: str | os.PathLike, datasets: Mapping[str, object]) -> dict:
     finally:
         os.close(fd)
     return {"size": info.st_size, "layout": layout(datasets), "sample": sample, "mtime_ns": info.st_mtime_ns}
+
+
+def of_object(size: int, version: str | None, datasets: Mapping[str, object]) -> dict:
+    """The fingerprint of an object read through ranged requests, from what opening it
+    learnt: its size and version, and its datasets' layout (no request made)."""
+    return {"size": size, "layout": layout(datasets), **({"version": version} if version else {})}
 
 
 def _sample(fd: int, size: int) -> str:
@@ -95,7 +103,7 @@ def index_digest(shape, dtype: np.dtype, chunks, filters, *arrays: np.ndarray) -
     return digest.digest()
 
 
-ORDER = ("size", "layout", "sample", "etag")  # compared first; mtime_ns last
+ORDER = ("size", "layout", "sample", "version")  # compared first; mtime_ns last
 
 
 def changes(then: Mapping, now: Mapping) -> str | None:

@@ -471,3 +471,36 @@ def test_a_resumed_csv_log_drops_only_its_own_rows_trained_again(tmp_path):
     logger = keras.callbacks.CSVLogger(str(log), append=True)
     checkpoint.continue_csv_logs([logger], epoch=2)
     assert log.read_text() == "".join(rows[:-2]) and logger.append
+
+
+@pytest.mark.model
+def test_an_object_written_again_under_a_resume_is_refused_by_its_version(tmp_path, monkeypatch):
+    """An object in a bucket is fingerprinted by its size, version (ETag) and layout, as
+    opened: no request made. Written again with the same size and layout, its new ETag
+    refuses the resume."""
+    from tests.remote_helpers import start_moto
+    from tests.test_buckets import FAST, Bucket
+
+    monkeypatch.setenv("PIPETRAIN_CACHE", str(tmp_path / "cache"))
+    server, endpoint = start_moto()
+    try:
+        bucket = Bucket(endpoint)
+        url = bucket.put(data_file(tmp_path / "d.h5", compression=None))
+        history = tmp_path / "run" / "history.jsonl"
+
+        def train(epochs, **kwargs):
+            with pipetrain.H5Source(url, x="x", y="y", storage_options=bucket.options(), fetch=FAST) as source:
+                return pipetrain.train(tiny_model(), source, epochs=epochs, batch_size=64, history=history,
+                                       verbose=0, monitor_interval=None, **kwargs)
+
+        train(1)
+        recorded = pipetrain.read_history(history).runs[0]["data"]["fingerprints"]
+        assert [f["file"] for f in recorded] == [url]
+        assert {"size", "version", "layout"} == recorded[0]["fingerprint"].keys()
+        bucket.put(data_file(tmp_path / "d.h5", seed=4, compression=None))
+        with pytest.raises(RunError, match=f"{url} changed since the run read it \\(its version went from "):
+            train(2, resume=True)
+        train(2, resume=True, allow_changed_data=True)
+        assert [e["epoch"] for e in pipetrain.read_history(history).epochs] == [0, 1]
+    finally:
+        server.stop()
