@@ -91,6 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--sample-weight", metavar="NAME", help="dataset of per-row weights")
     t.add_argument("--val", nargs="+", metavar="PATH", help="validation files, URLs or globs")
     t.add_argument("--model", metavar="FILE.keras|module:function", help="the model (default: a small MLP sized from the data)")
+    t.add_argument("--unsafe-model", action="store_true",
+                   help="load a .keras file that holds Python code (Lambda layers); it runs as the file loads: only for files you trust")
     t.add_argument("--epochs", type=positive_int, default=None, help="epochs (default 20)")
     t.add_argument("--batch-size", type=positive_int, default=None, help="rows per batch (default 32)")
     t.add_argument("--shuffle", choices=["none", "block"], default=None, help="batch order (default block)")
@@ -206,6 +208,9 @@ def _new_run_settings(args) -> dict:
         y=_names(args.y, "labels" if defaults else None),
         sample_weight=args.sample_weight, model=args.model, allow_external=args.allow_external,
         allow_nonfinite=args.allow_nonfinite, compute_threads=args.compute_threads,
+        unsafe_model=args.unsafe_model,
+        # where `--model module:function` is imported from, so that a resume elsewhere finds it
+        model_dir=os.getcwd() if args.model and ":" in args.model and not args.model.endswith(".keras") else None,
     )
     if settings["x"] is None:
         raise BadInput("pipetrain train: --x is required with --data (the input dataset name)")
@@ -270,6 +275,7 @@ def _resumed_settings(args, history: Path, folder) -> dict:
         if getattr(args, key) is not None:
             settings[key] = getattr(args, key)
     settings["allow_nonfinite"] = settings.get("allow_nonfinite", False) or args.allow_nonfinite
+    settings["unsafe_model"] = settings.get("unsafe_model", False) or args.unsafe_model
     if settings["epochs"] < position["epoch"] + (1 if position["batch"] else 0):
         raise BadInput(f"--epochs {settings['epochs']}: the run is at epoch {position['epoch'] + 1} already")
     return settings
@@ -325,7 +331,12 @@ def _train(args, settings: dict, history: Path, folder, held: contextlib.ExitSta
 
         keras.utils.set_random_seed(settings["seed"])
         train = sources["data"]
-        model = load_model(settings["model"], train) if settings["model"] else default_model(train)
+        if settings["model"] and settings.get("unsafe_model"):
+            print(f"pipetrain: warning: --unsafe-model: loading {settings['model']} runs the Python code "
+                  "stored in it; use it only for files you trust", file=sys.stderr)
+        model = (load_model(settings["model"], train, unsafe=bool(settings.get("unsafe_model")),
+                            folders=[settings["model_dir"]] if settings.get("model_dir") else [])
+                 if settings["model"] else default_model(train, validation=sources.get("val")))
     try:
         train_model(
             model, train, epochs=settings["epochs"], batch_size=settings["batch_size"],
@@ -410,7 +421,10 @@ def main(argv: list[str] | None = None) -> int:
         code = EXIT_BAD_INPUT if is_bad_input(e) else EXIT_FAILED
         failed = "training failed" if command == "train" else f"{command} failed"
         prefix = "pipetrain: " if code == EXIT_BAD_INPUT else f"pipetrain: {failed}: "
-        print(prefix + one_line(e), file=sys.stderr)
+        text = one_line(e)
+        if code == EXIT_BAD_INPUT and text.startswith(("pipetrain ", "pipetrain:")):  # "pipetrain train: ..." names itself
+            prefix = ""
+        print(prefix + text, file=sys.stderr)
         return code
 
 

@@ -12,6 +12,7 @@ line runs (:func:`argument`).
 
 import contextlib
 import contextvars
+import re
 
 _COMMAND_LINE = contextvars.ContextVar("pipetrain_command_line", default=False)
 
@@ -34,10 +35,22 @@ def is_bad_input(exc: BaseException | None) -> bool:
     return False
 
 
+def _without_graph_trace(text: str) -> str:
+    """TensorFlow's op errors ("Graph execution error: Detected at node ... defined at
+    (most recent call last): File ...") carry a stack of the graph's frames before the
+    one line that says what failed: keep that line (and cut a long list of values)."""
+    if "Detected at node" not in text:
+        return text
+    noise = ("File ", "Detected at node", "[[{{node", "Graph execution error")
+    kept = [line.strip() for line in text.splitlines() if line.strip() and not line.strip().startswith(noise)]
+    said = " ".join(kept) or text
+    return re.sub(r"((?:values|Label values):(?:\s+\S+){8})(?:\s+\S+)+", r"\1 …", said)
+
+
 def one_line(exc: BaseException, with_type: bool = False) -> str:
     """An exception's message on one line; ``with_type`` prefixes the exception's type
     unless it is bad input (whose message says all)."""
-    text = " ".join(str(exc).split()) or type(exc).__name__
+    text = " ".join(_without_graph_trace(str(exc)).split()) or type(exc).__name__
     return f"{type(exc).__name__}: {text}" if with_type and not is_bad_input(exc) else text
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 
+from pipetrain.labels import sparse_label_limits
 from pipetrain.run import Run
 from pipetrain.source import H5Source
 
@@ -97,9 +98,10 @@ def train(
     """
     if getattr(model, "optimizer", None) is None:
         raise ValueError("train(): the model is not compiled; call model.compile(...) first")
-    source.check_model(model)
-    if validation is not None:
-        validation.check_model(model)
+    for data in (source, validation):
+        if data is not None:
+            data.check_model(model)
+            data.limit_labels(sparse_label_limits(model, data.y))  # checked as the rows are read
     settings = {
         "epochs": epochs, "batch_size": batch_size, "shuffle": shuffle, "seed": seed,
         "workers": workers, "max_queue": max_queue, "validation": [str(p) for p in validation.paths] if validation else None,
