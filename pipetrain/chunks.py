@@ -203,6 +203,15 @@ class ChunkReader:
             fetched += size
         return out, fetched
 
+    def index_digest(self) -> bytes:
+        """A hash of the dataset's shape, dtype, chunking, filters and chunk index (where
+        each chunk lies, its stored size and filter mask), from memory: a data file's
+        fingerprint (:mod:`pipetrain.fingerprint`)."""
+        from pipetrain.fingerprint import index_digest
+
+        return index_digest(self.shape, self.dtype, self.chunks, self.filters,
+                            self._offsets, self._sizes, self._masks)
+
     def will_need(self, start: int, stop: int) -> bool:
         """Hint that rows [start, stop) will be read soon (a remote source fetches their
         chunks ahead); whether the source welcomes more hints."""

@@ -4,9 +4,17 @@ A file, dataset, setting or flag that cannot be used is reported as an
 :class:`InputError` whose message is one line naming the file, dataset or flag and what
 is wrong; the command line turns it into exit code 2, with no traceback. Each part of
 pipetrain raises its own subclass (``SourceError``, ``RunError``, ``ModelError``, ...).
+
+A message that tells the user what to pass names it as the caller spells it: the Python
+argument (``resume=True``) for a Python caller, the flag (``--resume``) when the command
+line runs (:func:`argument`).
 """
 
+import contextlib
+import contextvars
 import re
+
+_COMMAND_LINE = contextvars.ContextVar("pipetrain_command_line", default=False)
 
 
 class InputError(ValueError):
@@ -44,3 +52,19 @@ def one_line(exc: BaseException, with_type: bool = False) -> str:
     unless it is bad input (whose message says all)."""
     text = " ".join(_without_graph_trace(str(exc)).split()) or type(exc).__name__
     return f"{type(exc).__name__}: {text}" if with_type and not is_bad_input(exc) else text
+
+
+@contextlib.contextmanager
+def command_line():
+    """Within this block, :func:`argument` spells arguments as command-line flags."""
+    token = _COMMAND_LINE.set(True)
+    try:
+        yield
+    finally:
+        _COMMAND_LINE.reset(token)
+
+
+def argument(python: str, flag: str) -> str:
+    """How the caller says it: ``python`` (``"overwrite=True"``) from Python, ``flag``
+    (``"--overwrite"``) inside :func:`command_line`."""
+    return flag if _COMMAND_LINE.get() else python

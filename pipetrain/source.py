@@ -609,6 +609,19 @@ class H5Source:
 
         return {name: path(self._readers[0][name]) for name in self.names}
 
+    def fingerprint(self, file: int) -> dict:
+        """What file number ``file`` is now, cheaply: a local file's size, a hash of its
+        datasets' layout and chunk index, sampled bytes and modification time; an
+        object's size, version (S3's ETag, GCS's generation) and layout hash, as opened.
+        A resume compares it with what the run recorded (:mod:`pipetrain.fingerprint`)."""
+        from pipetrain.fingerprint import of_hdf5, of_object
+
+        path = self.paths[file]
+        if isinstance(path, str):  # a URL
+            opened = self.versions[path]
+            return of_object(opened["size"], opened["version"], self._readers[file])
+        return of_hdf5(path, self._readers[file])
+
     def describe(self) -> dict:
         return {
             "files": [str(p) for p in self.paths],

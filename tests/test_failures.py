@@ -16,6 +16,7 @@ import pytest
 
 import pipetrain
 from pipetrain import checkpoint
+from pipetrain.history import encode
 from tests.conftest import wait_until, write_h5
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -80,6 +81,23 @@ def folder(tmp_path, model_files):
     (tmp_path / "past" / "bad" / "checkpoint" / "ckpt-000000000004.npz").write_bytes(b"not a zip")
     (tmp_path / "past" / "bad" / "model.keras").write_bytes(b"PK\x03\x04 a model, not a history")
     bad_files(tmp_path, x)
+    # Run folders a run must not use as they are: a history with ended epochs and no
+    # checkpoint left; a file where the checkpoints go; a model the run would replace.
+    (tmp_path / "past" / "done").mkdir()
+    (tmp_path / "past" / "done" / "history.jsonl").write_bytes(
+        encode({"type": "run", "run": "r2", "t": 1.0, "resume": None, "config": {"cli": {}}})
+        + encode({"type": "epoch", "run": "r2", "t": 2.0, "epoch": 0, "loss": 0.5, "complete": True}))
+    (tmp_path / "past" / "ckfile").mkdir()
+    (tmp_path / "past" / "ckfile" / "checkpoint").write_text("a file where the checkpoint folder goes\n")
+    (tmp_path / "past" / "m").mkdir()
+    ok = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2, activation="softmax")])
+    ok.compile("sgd", "sparse_categorical_crossentropy")
+    ok.save(tmp_path / "past" / "m" / "model.keras")
+    (tmp_path / "notes.txt").write_text("my notes, not a history\n")
+    (tmp_path / "d2.h5").write_bytes(whole)
+    os.mkfifo(tmp_path / "pipe.jsonl")
+    (tmp_path / "past" / "sym").mkdir()
+    (tmp_path / "past" / "sym" / ".pipetrain.lock").symlink_to("../../notes.txt")
     return tmp_path
 
 
@@ -173,10 +191,53 @@ BAD_INPUTS = {
     "external link": (["--data", "sub/link.h5", "--x", "x", "--y", "y"], "link.h5: dataset 'x' is an external link to"),
     "epochs": (["--data", "d.h5", "--x", "x", "--epochs", "0"], "--epochs: must be >= 1, got 0"),
     "batch size": (["--data", "d.h5", "--x", "x", "--batch-size", "x"], "--batch-size: expected a whole number, got 'x'"),
-    "history unwritable": (["--data", "d.h5", "--x", "x", "--y", "y", "--history", "d.h5/h.jsonl"], "cannot write the history"),
+    "history under a file": (["--data", "d.h5", "--x", "x", "--y", "y", "--history", "d.h5/h.jsonl"],
+                             "d.h5/h.jsonl: cannot write the history here (d.h5 is a file, not a folder)"),
+    "history under /sys": (["--data", "d.h5", "--x", "x", "--y", "y", "--history", "/sys/pipetrain-test/history.jsonl"],
+                           "/sys/pipetrain-test/history.jsonl: cannot write the history here (/sys"),
+    "history in /proc": (["--data", "d.h5", "--x", "x", "--y", "y", "--history", "/proc/pipetrain-test.jsonl"],
+                         "/proc/pipetrain-test.jsonl: cannot write the history here (/proc takes no new file"),
+    "unwritable history before anything else": (["--data", "nope.h5", "--x", "x", "--model", "nomodule:f",
+                                                 "--history", "/proc/pipetrain-test.jsonl"], "cannot write the history here"),
+    "history is the data file": (["--data", "d.h5", "--x", "x", "--y", "y", "--history", "d.h5"],
+                                 "d.h5: is the data file d.h5 of this run"),
+    "overwrite the data file": (["--data", "d.h5", "--x", "x", "--y", "y", "--history", "d.h5", "--overwrite"],
+                                "d.h5: is the data file d.h5 of this run"),
+    "overwrite the validation file": (["--data", "d.h5", "--val", "d2.h5", "--x", "x", "--y", "y", "--history", "d2.h5",
+                                       "--overwrite"], "d2.h5: is the data file d2.h5 of this run"),
+    "overwrite another HDF5 file": (["--data", "d.h5", "--x", "x", "--y", "y", "--history", "short.h5", "--overwrite"],
+                                    "short.h5: is an HDF5 file, not a pipetrain history (overwrite replaces only a pipetrain history)"),
+    "overwrite a text file": (["--data", "d.h5", "--x", "x", "--y", "y", "--history", "notes.txt", "--overwrite"],
+                              "notes.txt: is a file with no run record at its start, not a pipetrain history"),
+    "history is a model": (["--data", "d.h5", "--x", "x", "--y", "y", "--history", "wide.keras"],
+                           "wide.keras: is a zip archive (a .keras model or a checkpoint?), not a pipetrain history"),
+    "history is a pipe": (["--data", "d.h5", "--x", "x", "--y", "y", "--history", "pipe.jsonl"],
+                          "pipe.jsonl: is a named pipe, not a history file"),
+    "checkpoint folder is a file": (["--data", "d.h5", "--x", "x", "--y", "y", "--history", "past/ckfile/history.jsonl"],
+                                    "past/ckfile/checkpoint: is a file, where the run keeps its checkpoints"),
+    "overwrite what is not a checkpoint": (["--data", "d.h5", "--x", "x", "--y", "y", "--history", "past/old/history.jsonl",
+                                            "--overwrite"], "ckpt-000000000004.npz: is not a pipetrain checkpoint"),
+    "model the run would replace": (["--data", "d.h5", "--x", "x", "--y", "y", "--model", "past/m/model.keras",
+                                     "--history", "past/m/history.jsonl"],
+                                    "--model past/m/model.keras: the run saves its model there at its end"),
+    "a model the run would replace": (["--data", "d.h5", "--x", "x", "--y", "y", "--history", "past/m/history.jsonl"],
+                                      "past/m/model.keras: a model exists already where the run saves its own"),
+    "overwrite a model of no run": (["--data", "d.h5", "--x", "x", "--y", "y", "--history", "past/m/history.jsonl",
+                                     "--overwrite"], "past/m/model.keras: is not a run's model (no pipetrain history "
+                                                     "beside it), and --overwrite replaces only a run's files"),
+    "resume ended epochs without checkpoints": (["--resume", "past/done"],
+                                                "past/done/checkpoint: no checkpoint to resume from, yet "
+                                                "past/done/history.jsonl records finished epochs (were the checkpoints "
+                                                "removed?); start afresh with --overwrite instead of --resume"),
+    "lock file is a link": (["--data", "d.h5", "--x", "x", "--y", "y", "--history", "past/sym/history.jsonl"],
+                            "past/sym/.pipetrain.lock is a symbolic link, where a run keeps its lock file: remove it"),
+    "changed data allowed on a new run": (["--data", "d.h5", "--x", "x", "--allow-changed-data"],
+                                          "--allow-changed-data is for --resume"),
     "resume nothing": (["--resume", "nowhere"], "--resume nowhere: no such run folder or history file"),
     "resume a corrupt checkpoint": (["--resume", "past/bad"], "ckpt-000000000004.npz: cannot read the checkpoint (not an .npz archive)"),
-    "resume a model file": (["--resume", "past/bad/model.keras"], "model.keras is not a pipetrain history"),
+    "resume a model file": (["--resume", "past/bad/model.keras"],
+                            "model.keras: is a zip archive (a .keras model or a checkpoint?), not a pipetrain history: "
+                            "nothing to resume"),
     "another run's checkpoints": (["--data", "d.h5", "--x", "x", "--y", "y", "--history", "past/old/history.jsonl"],
                                   "past/old/checkpoint: holds the checkpoints of another run"),
     "history is a folder": (["--data", "d.h5", "--x", "x", "--y", "y", "--history", "past"], "past: is a folder"),
@@ -236,7 +297,7 @@ MID_RUN = {"label out of the model's range", "validation label out of the model'
 
 
 def snapshot(folder: Path) -> dict:
-    return {p: p.stat().st_mtime_ns for p in folder.rglob("*") if p.is_file()}
+    return {p: p.stat().st_mtime_ns if p.is_file() else None for p in folder.rglob("*")}
 
 
 # The cases that load or build a model run on every backend.
