@@ -311,7 +311,7 @@ def cmd_train(args) -> int:
         )
     except KeyboardInterrupt as e:
         where = history.parent if history.name == "history.jsonl" else history
-        raise Interrupted(f"{e or 'interrupted'}; resume with: pipetrain train --resume {where}") from None
+        raise Interrupted(f"{str(e) or 'interrupted'}; resume with: pipetrain train --resume {where}") from None
     model.save(history.parent / "model.keras")
     return EXIT_OK
 
