@@ -16,9 +16,10 @@ adaptive default costs where nothing competes). Variants run round-robin in one 
   has waited for data over 30% of the last 3 seconds (``pipetrain.priority``).
 
 Reported, medians over the rounds: epoch 0 seconds (where a late reaction shows), the
-later epochs' seconds, input-bound % of epoch 0 and of the later epochs, and for the
-adaptive default the seconds from the first batch to the raise (from its ``producers``
-record).
+later epochs' seconds, input-bound % of epoch 0 and of the later epochs, epoch 0's
+seconds of waiting for data, and for the adaptive default the seconds from the first
+batch to the raise (its ``producers`` record) and how many of them the loop spent
+waiting for data (what the reaction cost).
 """
 
 from __future__ import annotations
@@ -78,11 +79,16 @@ def run_variant(path: Path, priority: str, adaptive: bool, epochs: int, batch: i
     first = h.batches[0]
     began = first["t"] - first["step_s"] - first["wait_s"]
     raised = [r for r in h.other if r["type"] == "producers"]
+    at = (raised[0]["epoch"], raised[0]["batch"]) if raised else None
     return {
         "epoch_s": [e["time_s"] for e in h.epochs],
+        "wait_s": [e["wait_s"] for e in h.epochs],
         "input_bound_pct": [e["input_bound_pct"] for e in h.epochs],
         "raised_after_s": round(raised[0]["t"] - began, 2) if raised else None,
-        "raised_at": {k: raised[0].get(k) for k in ("epoch", "batch")} if raised else None,
+        "raised_at": {"epoch": at[0], "batch": at[1]} if raised else None,
+        # What the late reaction cost: the loop's waiting for data before the raise.
+        "waited_before_raise_s": round(sum(b["wait_s"] for b in h.batches if (b["epoch"], b["batch"]) <= at), 2)
+        if raised else None,
     }
 
 
@@ -111,8 +117,9 @@ def main() -> None:
                     t0 = time.perf_counter()
                     result = run_variant(path, priority, adaptive, args.epochs, args.batch)
                     runs[name].append(result)
-                    print(f"  round {r + 1}/{args.repeat} {name:20s} epochs {result['epoch_s']} s, input-bound "
-                          f"{result['input_bound_pct']} %, raised after {result['raised_after_s']} s "
+                    print(f"  round {r + 1}/{args.repeat} {name:20s} epochs {result['epoch_s']} s, waiting "
+                          f"{result['wait_s']} s, input-bound {result['input_bound_pct']} %, raised after "
+                          f"{result['raised_after_s']} s, {result['waited_before_raise_s']} s of it waiting "
                           f"({time.perf_counter() - t0:.0f} s)", flush=True)
         finally:
             for p in spinners:
@@ -130,7 +137,9 @@ def main() -> None:
             "later_epoch_s": median([t for r in results for t in r["epoch_s"][1:]]),
             "epoch0_input_bound_pct": median([r["input_bound_pct"][0] for r in results]),
             "later_input_bound_pct": median([b for r in results for b in r["input_bound_pct"][1:]]),
+            "epoch0_wait_s": median([r["wait_s"][0] for r in results]),
             "raised_after_s": median([r["raised_after_s"] for r in results]),
+            "waited_before_raise_s": median([r["waited_before_raise_s"] for r in results]),
         }
     normal = summary["normal"]
     for s in summary.values():
@@ -149,11 +158,12 @@ def main() -> None:
     print(f"{args.busy} busy processes beside the run, {os.cpu_count()} cores, medians of {args.repeat} rounds:")
     print()
     print("| producers | epoch 0 s | × normal | later epochs s | × normal | input-bound % (epoch 0 / later) "
-          "| raised after s |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
+          "| epoch 0 waiting s | raised after s (waiting s) |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for name, s in summary.items():
+        raised = f"{s['raised_after_s']} ({s['waited_before_raise_s']})" if s["raised_after_s"] is not None else "-"
         print(f"| {name} | {s['epoch0_s']} | {s['epoch0_vs_normal']} | {s['later_epoch_s']} | {s['later_vs_normal']} "
-              f"| {s['epoch0_input_bound_pct']} / {s['later_input_bound_pct']} | {s['raised_after_s'] or '-'} |")
+              f"| {s['epoch0_input_bound_pct']} / {s['later_input_bound_pct']} | {s['epoch0_wait_s']} | {raised} |")
 
 
 if __name__ == "__main__":

@@ -100,7 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="threads TensorFlow uses within one op (default: all cores); on a small "
                         "CPU machine, fewer leave a core to the producers")
     t.add_argument("--producer-priority", choices=["idle", "low", "normal"], default=None,
-                   help="CPU priority of the producer threads (default idle: they use the cores' idle time)")
+                   help="CPU priority of the producer threads (default idle: they use the cores' idle time; "
+                        "raised to normal when training keeps waiting for data)")
     t.add_argument("--shuffle-window", type=positive_int, default=None, help="rows permuted together (default 8192)")
     t.add_argument("--history", metavar="FILE", help="history file (default runs/<name>/history.jsonl)")
     t.add_argument("--checkpoint-every", type=positive_int, default=None, metavar="N",
