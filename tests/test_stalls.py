@@ -49,7 +49,9 @@ def small_model():
     return m
 
 
-def test_a_signal_while_the_loop_waits_for_data_stops_at_once_with_a_checkpoint(data, monkeypatch):
+@pytest.mark.parametrize("steps_per_execution", [1, 2])
+def test_a_signal_while_the_loop_waits_for_data_stops_at_once_with_a_checkpoint(data, monkeypatch,
+                                                                                steps_per_execution):
     source = pipetrain.H5Source(data / "d.h5", x="x", y="y")
     original, released = source.read, threading.Event()
 
@@ -72,10 +74,10 @@ def test_a_signal_while_the_loop_waits_for_data_stops_at_once_with_a_checkpoint(
     history = data / "stall" / "history.jsonl"
     with pytest.raises(KeyboardInterrupt, match=r"stopped by SIGINT while waiting for data \(epoch 0, batch 4\)"):
         pipetrain.train(small_model(), source, epochs=2, batch_size=16, shuffle="none", history=history,
-                        verbose=0, callbacks=[SignalWhileWaiting()])
+                        verbose=0, callbacks=[SignalWhileWaiting()], steps_per_execution=steps_per_execution)
     assert wait_until(lambda: producer_threads() == [])
     h = pipetrain.read_history(history)
-    assert [b["batch"] for b in h.batches] == [0, 1, 2, 3]
+    assert [b["batch"] for b in h.batches] == [0, 1, 2, 3][steps_per_execution - 1 :: steps_per_execution]
     assert h.end["status"] == "interrupted" and h.end["error"] == "interrupted by SIGINT"
     meta, _ = checkpoint.load(checkpoint.latest(history.parent / "checkpoint"))
     assert meta["position"] == {"epoch": 0, "batch": 4}  # resumable at the batch it waited for
