@@ -372,6 +372,15 @@ class _EpochSoFar:
 
 # -- plain text -----------------------------------------------------------------------------
 
+def backend_text(host: dict) -> str:
+    """The Keras backend a run trained on, with its version ('' for a record without it).
+
+    >>> backend_text({"backend": "jax", "backend_version": "0.10.2"})
+    'jax 0.10.2'
+    """
+    return f"{host.get('backend') or ''} {host.get('backend_version') or ''}".strip() if host.get("backend") else ""
+
+
 def run_line(record: dict) -> str:
     """One line for a run record: what trains on what; where a resumed segment starts."""
     data, model = record.get("data") or {}, record.get("model") or {}
@@ -442,6 +451,9 @@ def summary(state: RunState, history_path=None) -> str:
     """The closing lines: how it ended, the final validation metric, speed, memory."""
     end = state.end or {}
     lines = [f"{end.get('status', '?')}: {end.get('epochs', 0)} epoch(s), {end.get('steps') or 0:,} steps"]
+    backend = backend_text(state.run.get("host") or {})
+    if backend:
+        lines[0] += f" on {backend}"
     if end.get("error"):
         lines[0] += f" - {end['error']}"
     epochs = state.epochs

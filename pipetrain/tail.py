@@ -40,6 +40,7 @@ from pipetrain.history import Follower, history_file, resume_point, run_name
 from pipetrain.progress import (
     BATCH_KEYS,
     RunState,
+    backend_text,
     epoch_bar,
     epoch_metrics,
     fmt,
@@ -225,7 +226,7 @@ def host_text(host: dict) -> str:
         parts.append(f"{host['memory_mb']:,} MB")
     versions = [f"{name} {host[name]}" for name in ("python", "keras") if host.get(name)]
     if host.get("backend"):
-        versions.append(f"{host['backend']} {host.get('backend_version') or ''}".strip())
+        versions.append(backend_text(host))
     return SEP.join(parts + versions)
 
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import h5py
 import numpy as np
+import pytest
 
 import pipetrain
 
@@ -32,6 +33,7 @@ def python_blocks(text: str) -> list[str]:
     return re.findall(r"```python\n(.*?)```", text, flags=re.S)
 
 
+@pytest.mark.model
 def test_the_readme_python_examples_run_as_written(tmp_path):
     """"In Python", the pandas reading and the follow loop, on files of the shapes and
     names the example uses, one after the other in one script."""
