@@ -48,10 +48,10 @@ import psutil
 
 from pipetrain import __version__
 from pipetrain import checkpoint as ckpt
+from pipetrain import device, fingerprint, runfolder
 from pipetrain.aggregate import MetricObjects, MetricSums, WeightedMeans, pythonify
-from pipetrain import device
+from pipetrain.errors import RunError, argument, one_line
 from pipetrain.fused import Group, each
-from pipetrain.errors import RunError, one_line
 from pipetrain.history import SCHEMA, HistoryWriteError, HistoryWriter, jsonable
 from pipetrain.monitor import Monitor, gpu_probe, peak_rss_mb
 from pipetrain.pipeline import PRIORITIES, Batch, Cancelled, Prefetcher, plans_from
@@ -84,6 +84,15 @@ def _models(models) -> dict[str, object]:
     if isinstance(models, (list, tuple)):
         return {getattr(m, "name", f"model_{i}"): m for i, m in enumerate(models)}
     return {getattr(models, "name", "model"): models}
+
+
+class _NoModel:
+    """What callbacks see as ``self.model`` in a run without models: a callback may still
+    stop it (``stop_training``), and Keras' History keeps itself there."""
+
+    name = "no model"
+    stop_training = False
+    history = None
 
 
 def host_info() -> dict:
@@ -162,10 +171,19 @@ class Run:
         monitor_interval: seconds between system samples; None for no monitor.
             Defaults to 2.0.
         config: settings recorded in the ``run`` record as given. Defaults to None.
-        overwrite: replace an existing history. Defaults to False (refused).
+        overwrite: replace an existing history and its checkpoints (never a file that is
+            not pipetrain's, nor a file the run reads). Defaults to False (refused).
         resume: continue the run whose history is ``history`` from its last checkpoint,
             at the exact next batch; ``"auto"`` resumes when a checkpoint exists and
-            starts afresh otherwise (a script that is simply run again). Defaults to False.
+            starts afresh otherwise (a script that is simply run again). A run killed
+            before its first checkpoint and before any epoch ended starts again from its
+            first batch; its earlier records are superseded. Defaults to False.
+        allow_changed_data: resume although a data file changed since the run read it
+            (its fingerprint differs); the run record says which. Defaults to False
+            (refused: the resume would be exact over other data).
+        validation: the data the loop validates on (``epoch.evaluate``), if any: its
+            files are fingerprinted for a resume and protected like the training
+            data's. Defaults to None.
         checkpoint_every: batches between checkpoints (besides each epoch end); None or
             0 for epoch ends only. Defaults to 1000.
         stop_on_nonfinite: stop with status ``failed`` when a loss is NaN or infinite.
@@ -211,6 +229,8 @@ class Run:
         handle_signals: bool = True,
         recycle: bool = True,
         producer_priority: str = "idle",
+        allow_changed_data: bool = False,
+        validation: H5Source | None = None,
         device_prefetch: bool | str = False,
     ):
         batch_size, epochs = _whole("batch_size", batch_size), _whole("epochs", epochs)
@@ -226,9 +246,9 @@ class Run:
             raise RunError("resume and overwrite exclude each other")
         if resume and history is None:
             raise RunError("resume needs the history of the run to resume")
-        if resume == "auto":
-            resume = ckpt.latest(Path(history).parent / "checkpoint") is not None
         self.source = source
+        self.validation = validation
+        self.allow_changed_data = allow_changed_data
         self.batch_size, self.epochs_total = batch_size, epochs
         self.workers, self.max_queue, self.max_queue_bytes = workers, max_queue, max_queue_bytes
         self.recycle = recycle
@@ -251,6 +271,7 @@ class Run:
             raise RunError(f"batch_size={batch_size} with drop_remainder leaves no batch of {source.rows} rows")
         self.models = _models(models)
         self.model = next(iter(self.models.values()), None)
+        self._stand_in = None if self.models else _NoModel()
         self.metrics = MetricObjects(metrics or [])
         self.history_path = Path(history) if history is not None else None
         self.run_dir = self.history_path.parent if self.history_path is not None else None
@@ -263,7 +284,7 @@ class Run:
         self.stop_on_nonfinite = stop_on_nonfinite
         self.run_id = f"{_dt.datetime.now():%Y%m%d-%H%M%S}-{uuid.uuid4().hex[:6]}"
         self.callbacks = keras.callbacks.CallbackList(
-            callbacks, add_history=True, add_progbar=False, model=self.model,
+            callbacks, add_history=True, add_progbar=False, model=self.model or self._stand_in,
             verbose=0, epochs=epochs, steps=self.plan.steps_per_epoch,
         )
         cbs = self.callbacks.callbacks
@@ -288,6 +309,8 @@ class Run:
         self._epoch: Epoch | None = None
         self._epochs_iter = None
         self._failing = False
+        self._folder: runfolder.RunFolder | None = None
+        self._fingerprints: list[dict] | None = None
 
     # -- records ------------------------------------------------------------------
 
@@ -319,6 +342,8 @@ class Run:
             "fields": self.source.describe()["fields"],
             **({"versions": self.source.versions} if getattr(self.source, "versions", None) else {}),
         }
+        if self._fingerprints is not None:
+            data["fingerprints"] = self._fingerprints
         return {
             "schema": SCHEMA,
             "started": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
@@ -333,16 +358,13 @@ class Run:
     # -- lifetime -------------------------------------------------------------------
 
     def __enter__(self) -> Run:
-        resume = self._load_checkpoint() if self.resume else None
-        if self.history_path is not None and not self.resume:
-            ckpt.check_new_run(self.history_path, self.checkpoint_dir, self.overwrite)
-            if self.overwrite:
-                self.history_path.unlink(missing_ok=True)
-                if self.checkpoint_dir is not None:
-                    for old in self.checkpoint_dir.glob("ckpt-*.npz"):
-                        old.unlink()
-        if self.history_path is not None:
-            self._writer = HistoryWriter(self.history_path)
+        try:
+            resume = self._open_folder()
+            if self.history_path is not None:
+                self._writer = HistoryWriter(self.history_path)
+        except BaseException:
+            self._release_folder()
+            raise
         started = False
         try:
             if self.verbose:
@@ -362,8 +384,35 @@ class Run:
                     self.emit("end", status="failed", epochs=self.epochs_done, steps=self.steps_done,
                               error=one_line(e, with_type=True), peak_rss_mb=round(peak_rss_mb(), 1), checkpoint=None)
                 self._close_sinks()
+            self._release_folder()
             raise
         return self
+
+    def _open_folder(self) -> dict | None:
+        """Lock the run folder (one writer at a time), check it can be written, and
+        decide what starting there means; returns the ``resume`` field of the run record."""
+        if self.history_path is None:
+            return None
+        self._folder = runfolder.claim(self.history_path, self.checkpoint_dir)
+        data = [self.source, *([self.validation] if self.validation is not None else [])]
+        kind = self._folder.decide(resume=self.resume, overwrite=self.overwrite,
+                                   reads=[p for source in data for p in source.paths])
+        self._fingerprints = [{"role": role, "file": str(path), "fingerprint": source.fingerprint(i)}
+                              for role, source in zip(("train", "validation"), data)
+                              for i, path in enumerate(source.paths)]
+        self._folder.remove_stale()
+        if self.overwrite:
+            self._folder.clear()
+        self.resume = kind == "resume"
+        if kind == "restart":
+            return {"epoch": 0, "batch": 0, "checkpoint": None,
+                    "restart": "killed before its first checkpoint: the records before this one are superseded"}
+        return self._load_checkpoint() if self.resume else None
+
+    def _release_folder(self) -> None:
+        if self._folder is not None:
+            self._folder.release()
+            self._folder = None
 
     def __exit__(self, exc_type, exc, tb) -> None:
         self._failing = exc_type is not None
@@ -397,11 +446,14 @@ class Run:
                     checkpoint=str(self.last_checkpoint) if self.last_checkpoint else None,
                 )
         finally:
-            if exc_type is None:
-                self._close_sinks()
-            else:
-                with contextlib.suppress(Exception):  # the first error is the one to report
+            try:
+                if exc_type is None:
                     self._close_sinks()
+                else:
+                    with contextlib.suppress(Exception):  # the first error is the one to report
+                        self._close_sinks()
+            finally:
+                self._release_folder()
 
     def _close_sinks(self) -> None:
         if self._monitor is not None:
@@ -425,9 +477,7 @@ class Run:
 
     def _epochs(self) -> Iterator[Epoch]:
         if self._resumed is not None:  # a resumed run's CSV goes on where it stopped
-            for callback in self.callbacks.callbacks:
-                if isinstance(callback, keras.callbacks.CSVLogger):
-                    callback.append = True
+            ckpt.continue_csv_logs(self.callbacks.callbacks, self.epoch)
         self.callbacks.on_train_begin()
         epoch_state = self._apply_checkpoint()
         previous: Epoch | None = None
@@ -473,7 +523,7 @@ class Run:
         self.callbacks.on_train_end(logs=last.logs if last else None)
 
     def _should_stop(self) -> bool:
-        if any(getattr(m, "stop_training", False) for m in self.models.values()):
+        if any(getattr(m, "stop_training", False) for m in [*self.models.values(), self._stand_in]):
             self.stop_requested = True
         return self.stop_requested
 
@@ -554,6 +604,7 @@ class Run:
             "epochs": self.epochs_total,
             "plan": self.plan.describe(),
             "rows_per_file": list(self.source.rows_per_file),
+            "fingerprints": self._fingerprints,
             "config": jsonable(self.config),
             "models": list(self.models),
             "optimizer_targets": {name: ckpt.optimizer_targets(m) for name, m in self.models.items()},
@@ -576,7 +627,7 @@ class Run:
         except ckpt.CheckpointError as e:
             raise RunError(str(e)) from e
         if self.history_path is not None:
-            ckpt.check_resume(self.history_path, meta["run_id"])
+            runfolder.check_resume(self.history_path, meta["run_id"])
         ckpt.check_backend(path, meta, self.history_path)
         ours = self.plan.describe()
         for key, theirs in meta["plan"].items():
@@ -584,6 +635,11 @@ class Run:
                 raise RunError(f"cannot resume {path}: {key} was {theirs!r}, now {ours.get(key)!r}")
         if list(meta["rows_per_file"]) != list(self.source.rows_per_file):
             raise RunError(f"cannot resume {path}: the data files have changed ({meta['rows_per_file']} rows then)")
+        changed = fingerprint.changed_files(meta.get("fingerprints"), self._fingerprints)
+        if changed and not self.allow_changed_data:
+            more = f" (and {len(changed) - 1} more)" if len(changed) > 1 else ""
+            raise RunError(f"cannot resume {path}: {changed[0]}{more}; pass "
+                           f"{argument('allow_changed_data=True', '--allow-changed-data')} to resume on the data as it is now")
         if sorted(meta["models"]) == sorted(self.models):
             saved = {name: name for name in self.models}
         elif len(meta["models"]) == len(self.models) == 1:  # one model: its name may differ (sequential_3)
@@ -602,7 +658,10 @@ class Run:
             raise RunError(f"cannot resume {path}: {e}") from e
         self._resumed = (meta, arrays)
         self.last_checkpoint = path
-        return {"epoch": self.epoch, "batch": self.batch, "checkpoint": str(path)}
+        resume = {"epoch": self.epoch, "batch": self.batch, "checkpoint": str(path)}
+        if changed:
+            resume["changed_data"] = changed
+        return resume
 
     def _apply_checkpoint(self) -> dict | None:
         """After ``on_train_begin`` (which resets callbacks): callback and RNG state;
@@ -645,6 +704,7 @@ class Epoch:
         self.train_s = 0.0  # training time of this epoch before a resume
         self._t0: float | None = None
         self._t_train_end: float | None = None
+        self._began_before = False  # on_epoch_begin ran before the checkpoint this epoch resumes from
         if state is not None:
             self._load_state(state["meta"], state["arrays"])
         else:
@@ -667,7 +727,11 @@ class Epoch:
 
     def _batches(self, k: int) -> Iterator[Batch | Group]:
         run = self.run
-        run.callbacks.on_epoch_begin(self.index)
+        if self._began_before:  # resumed mid-epoch: only where the checkpoint does not hold its effect
+            for callback in ckpt.begin_again_on_resume(run.callbacks.callbacks):
+                callback.on_epoch_begin(self.index, {})
+        else:
+            run.callbacks.on_epoch_begin(self.index)
         self._t0 = time.perf_counter()
         items = _items(run._batches(self.index, self.start), self.steps - self.start, k)
         if run._device_copy is not None:
@@ -914,6 +978,7 @@ class Epoch:
         train_s = self.train_s + ((self._t_train_end or now) - self._t0 if self._t0 is not None else 0.0)
         meta = {
             "counters": {name: getattr(self, name) for name in self.COUNTERS},
+            "began": self._began_before or self._t0 is not None,
             "train_s": train_s,
             "means": self._means.state(),
             "models": [],
@@ -932,6 +997,7 @@ class Epoch:
         for name, value in meta["counters"].items():
             setattr(self, name, value)
         self.train_s = meta["train_s"]
+        self._began_before = meta.get("began", True)
         self._means.load_state(meta["means"])
         self._train_logs = meta.get("train_logs")
         self.run.metrics.load_state([arrays[k] for k in sorted((k for k in arrays if k.startswith("metrics/")),

@@ -107,8 +107,10 @@ def make_data(
     """Write ``rows`` rows of ``features`` (``x``) and int64 class labels (``y``)."""
     path = Path(path)
     dtype = np.dtype(dtype)
-    if rows < 1 or classes < 2:
-        raise DataSpecError(f"rows={rows} must be >= 1 and classes={classes} >= 2")
+    if rows < 1:
+        raise DataSpecError(f"rows={rows}: must be >= 1")
+    if classes < 2:
+        raise DataSpecError(f"classes={classes}: must be >= 2 (labels of one class teach nothing)")
     options = compression_options(compression, shuffle_filter)
     width = int(np.prod(features))
     # Prototypes this close together (relative to the noise) leave a few percent of rows
@@ -157,6 +159,8 @@ def cmd_make_data(args) -> int:
     if not path.parent.exists():
         raise BadInput(f"{path}: the folder {path.parent} does not exist")
     features = parse_shape(args.features)
+    if args.classes < 2:
+        raise BadInput(f"--classes {args.classes}: must be >= 2 (labels of one class teach nothing)")
     t0 = time.perf_counter()
 
     live = sys.stdout.isatty() and not args.quiet
