@@ -103,7 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="threads TensorFlow uses within one op (default: all cores); on a small "
                         "CPU machine, fewer leave a core to the producers")
     t.add_argument("--producer-priority", choices=["idle", "low", "normal"], default=None,
-                   help="CPU priority of the producer threads (default idle: they use the cores' idle time)")
+                   help="CPU priority of the producer threads (default idle: they use the cores' idle time; "
+                        "raised to normal when training keeps waiting for data)")
     t.add_argument("--shuffle-window", type=positive_int, default=None, help="rows permuted together (default 8192)")
     t.add_argument("--steps-per-execution", type=positive_int, default=None, metavar="K",
                    help="batches trained per compiled call, one batch record per K batches (default 1)")
@@ -352,7 +353,7 @@ def _train(args, settings: dict, history: Path, folder, held: contextlib.ExitSta
         )
     except KeyboardInterrupt as e:
         where = history.parent if history.name == "history.jsonl" else history
-        raise Interrupted(f"{e or 'interrupted'}; resume with: pipetrain train --resume {where}") from None
+        raise Interrupted(f"{str(e) or 'interrupted'}; resume with: pipetrain train --resume {where}") from None
     model.save(model_file)
     return EXIT_OK
 

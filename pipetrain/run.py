@@ -54,7 +54,7 @@ from pipetrain.errors import RunError, argument, one_line
 from pipetrain.fused import Group, each
 from pipetrain.history import SCHEMA, HistoryWriteError, HistoryWriter, jsonable
 from pipetrain.monitor import Monitor, gpu_probe, peak_rss_mb
-from pipetrain.pipeline import PRIORITIES, Batch, Prefetcher, plans_from
+from pipetrain.pipeline import PRIORITIES, Batch, Cancelled, Prefetcher, plans_from
 from pipetrain.plan import Plan
 from pipetrain.progress import Progress
 from pipetrain.source import H5Source
@@ -132,9 +132,10 @@ class _Signals:
             self._previous[sig] = signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame) -> None:
+        name = signal.Signals(signum).name
         if self.received is not None:
-            raise KeyboardInterrupt
-        self.received = signal.Signals(signum).name
+            raise KeyboardInterrupt(f"stopped at once by a second signal ({self.received}, then {name})")
+        self.received = name
 
     def restore(self) -> None:
         for sig, handler in self._previous.items():
@@ -192,9 +193,9 @@ class Run:
         recycle: reuse batch buffers once the next batch is requested (copy what you
             keep). Defaults to True.
         producer_priority: CPU priority of the producer threads, ``"idle"``, ``"low"``
-            or ``"normal"`` (see :func:`pipetrain.pipeline.set_priority`); producers that
-            starve (a batch waited for over half a second) are raised to normal.
-            Defaults to "idle".
+            or ``"normal"`` (see :mod:`pipetrain.priority`); producers that starve (the
+            loop waited for data over 30% of the last 3 seconds) are raised to normal for
+            the rest of the run, and a ``producers`` record says when. Defaults to "idle".
         device_prefetch: copy the next batch to the accelerator while the current one
             trains (see :mod:`pipetrain.device`); the loop then gets device arrays.
             ``"auto"``: where there is an accelerator; True: always (on a CPU-only
@@ -258,6 +259,7 @@ class Run:
         if producer_priority not in PRIORITIES:
             raise RunError(f"producer_priority={producer_priority!r}: expected one of {', '.join(PRIORITIES)}")
         self.producer_priority = producer_priority
+        self._priority = producer_priority  # as it is now: "normal" once producers starved
         try:
             self.plan = Plan(
                 source.rows_per_file, batch_size, block_rows=source.block_rows(), shuffle=shuffle,
@@ -542,10 +544,19 @@ class Run:
                 self.source, plans_from(self.plan, epoch, start, self.epochs_total), self.plan.blocks,
                 self.batch_size, workers=self.workers, max_queue=self.max_queue,
                 max_queue_bytes=self.max_queue_bytes, recycle=self.recycle,
-                priority=self.producer_priority, lookahead=self.plan.window_batches + 1, name="train",
+                priority=self._priority, lookahead=self.plan.window_batches + 1, name="train",
+                on_raised=lambda info: self._producers_raised("train", info), cancel=lambda: self.interrupted,
             )
             self._stream_at = (epoch, start)
         return self._stream
+
+    def _producers_raised(self, stream: str, info: dict) -> None:
+        """The producers starved at low priority and now run at normal priority: so do
+        the streams made after this one; the history says when."""
+        self._priority = "normal"
+        where = {"batch": self.batch} if stream == "train" else {}
+        self.emit("producers", priority="normal", was=info["was"], stream=stream, epoch=self.epoch, **where,
+                  waited_s=info["waited_s"], window_s=info["window_s"])
 
     def metric_sums(self, model, prefix: str = "", step: str = "train") -> MetricSums:
         """The epoch sums of ``model``'s metrics (one per model, prefix and step)."""
@@ -730,7 +741,12 @@ class Epoch:
             while True:
                 if run._should_stop():
                     break
-                item = next(items, None)
+                try:
+                    item = next(items, None)
+                except Cancelled:  # a signal while waiting for data: stop here, as at a batch's end
+                    run.save_checkpoint(self)
+                    raise KeyboardInterrupt(f"stopped by {run.interrupted} while waiting for data "
+                                            f"(epoch {self.index}, batch {run.batch})") from None
                 if item is None:
                     break
                 self._current, self._handed = item, time.perf_counter()
@@ -905,11 +921,12 @@ class Epoch:
         try:
             logs = evaluate(
                 model, source, batch_size or run.batch_size, workers=run.workers,
-                max_queue=run.max_queue, priority=run.producer_priority,
+                max_queue=run.max_queue, priority=run._priority,
                 callbacks=run.callbacks, batch_hooks=run._test_batch_hooks,
                 sums=run.metric_sums(model, prefix, step="test"), interrupted=lambda: run.interrupted,
+                on_raised=lambda info: run._producers_raised("val", info),
             )
-        except _Interrupted:
+        except (_Interrupted, Cancelled):
             run.save_checkpoint(self)
             raise KeyboardInterrupt(f"stopped by {run.interrupted} during validation of epoch {self.index}") from None
         self.val_time_s += time.perf_counter() - t0
@@ -994,7 +1011,7 @@ class Epoch:
 
 def evaluate(model, source: H5Source, batch_size: int, *, workers: int = 2, max_queue: int = 8,
              priority: str = "idle", callbacks=None, batch_hooks: bool = True,
-             sums: MetricSums | None = None, interrupted=None) -> dict:
+             sums: MetricSums | None = None, interrupted=None, on_raised=None) -> dict:
     """``model.evaluate`` over ``source`` in file order, through the producer pool.
 
     Returns the metrics ``model.evaluate(..., return_dict=True)`` returns for the same
@@ -1005,8 +1022,8 @@ def evaluate(model, source: H5Source, batch_size: int, *, workers: int = 2, max_
     sums.reset(partial_batch=source.rows % batch_size != 0)
     if callbacks is not None:
         callbacks.on_test_begin()
-    with Prefetcher(source, plan.batches(0), plan.blocks, batch_size, workers=workers,
-                    max_queue=max_queue, priority=priority, name="val") as batches:
+    with Prefetcher(source, plan.batches(0), plan.blocks, batch_size, workers=workers, max_queue=max_queue,
+                    priority=priority, name="val", on_raised=on_raised, cancel=interrupted) as batches:
         for batch in batches:
             if interrupted is not None and interrupted():
                 raise _Interrupted
