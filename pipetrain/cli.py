@@ -131,8 +131,10 @@ def build_parser() -> argparse.ArgumentParser:
     plot.set_defaults(func=_lazy("pipetrain.plot", "cmd_plot"))
 
     make = sub.add_parser("make-data", help="write a learnable synthetic data set of any size")
-    make.add_argument("output", metavar="OUT.h5")
-    make.add_argument("--rows", type=positive_int, required=True, help="rows to write")
+    make.add_argument("output", metavar="OUT.h5|FOLDER", help="the file to write (with --splits: the folder)")
+    make.add_argument("--rows", type=positive_int, help="rows to write")
+    make.add_argument("--splits", nargs="+", metavar="NAME=ROWS",
+                      help="one file per split in the folder OUT (train=50000 val=5000 test=5000): one task, rows never repeated")
     make.add_argument("--features", default="784", help="row shape, e.g. 784 or 28x28x1 (default 784)")
     make.add_argument("--classes", type=positive_int, default=10, help="label classes (default 10)")
     make.add_argument("--dtype", default="float32", choices=["float32", "float64", "float16", "uint8", "int16"],
@@ -140,7 +142,10 @@ def build_parser() -> argparse.ArgumentParser:
     make.add_argument("--compression", default="gzip", help="gzip[:LEVEL], lzf, blosc, zstd, lz4, none (default gzip:1)")
     make.add_argument("--shuffle-filter", action="store_true", help="add HDF5's byte-shuffle filter")
     make.add_argument("--chunk-rows", type=positive_int, default=256, help="rows per chunk (default 256)")
-    make.add_argument("--seed", type=seed_int, default=0)
+    make.add_argument("--seed", type=seed_int, default=0, help="seed of the rows: another seed, other rows of the same task (default 0)")
+    make.add_argument("--task-seed", type=seed_int, default=0, help="seed of the task (the class prototypes) (default 0)")
+    make.add_argument("--x-name", default="x", metavar="NAME", help="name of the features dataset (default x)")
+    make.add_argument("--y-name", default="y", metavar="NAME", help="name of the labels dataset (default y)")
     make.add_argument("--overwrite", action="store_true", help="replace an existing file")
     make.add_argument("--quiet", action="store_true")
     make.add_argument("--debug", action="store_true", help="show full tracebacks")
