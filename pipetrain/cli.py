@@ -68,6 +68,16 @@ def seed_int(text: str) -> int:
     return value
 
 
+def fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a fraction such as 0.1, got {text!r}") from None
+    if not 0 < value < 1:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"must be a fraction above 0 and below 1, got {text}")
+    return value
+
+
 def positive_seconds(text: str) -> float:
     try:
         value = float(text)
@@ -89,6 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--y", nargs="+", metavar="NAME", help="target dataset name(s); NAME=DATASET to key by output name")
     t.add_argument("--sample-weight", metavar="NAME", help="dataset of per-row weights")
     t.add_argument("--val", nargs="+", metavar="PATH", help="validation files or globs")
+    t.add_argument("--val-split", type=fraction, metavar="F",
+                   help="validate on the last F of the training rows, as fit's validation_split (taken from "
+                        "the end, before shuffling; nothing is copied)")
     t.add_argument("--model", metavar="FILE.keras|module:function", help="the model (default: a small MLP sized from the data)")
     t.add_argument("--epochs", type=positive_int, default=None, help="epochs (default 20)")
     t.add_argument("--batch-size", type=positive_int, default=None, help="rows per batch (default 32)")
@@ -186,7 +199,7 @@ TRAIN_DEFAULTS = {
     "epochs": 20, "batch_size": 32, "shuffle": "block", "seed": 0, "workers": 2, "max_queue": 8,
     "shuffle_window": 8192, "monitor_interval": 2.0, "checkpoint_every": 1000, "producer_priority": "idle",
 }
-FIXED_ON_RESUME = ("data", "val", "x", "y", "sample_weight", "model", "batch_size", "shuffle", "seed",
+FIXED_ON_RESUME = ("data", "val", "val_split", "x", "y", "sample_weight", "model", "batch_size", "shuffle", "seed",
                    "shuffle_window", "allow_external")
 
 
@@ -195,11 +208,16 @@ def _new_run_settings(args) -> dict:
     from pipetrain import sample_data
 
     train_paths, val_paths = sample_data() if defaults else (args.data, None)
+    if args.val_split and args.val:
+        raise BadInput("--val and --val-split exclude each other (validate on files, or on the last rows)")
+    if args.val_split:
+        val_paths = None  # the sample job too validates on the last rows of its training file
     settings = {key: getattr(args, key) if getattr(args, key) is not None else value
                 for key, value in TRAIN_DEFAULTS.items()}
     settings.update(
         data=[str(p) for p in (train_paths if isinstance(train_paths, list) else [train_paths])],
         val=[str(p) for p in (args.val or ([val_paths] if val_paths else []))] or None,
+        val_split=args.val_split,
         x=_names(args.x, "images" if defaults else None),
         y=_names(args.y, "labels" if defaults else None),
         sample_weight=args.sample_weight, model=args.model, allow_external=args.allow_external,
@@ -221,18 +239,15 @@ def _recorded(settings: dict) -> dict:
 
 
 def _run_to_resume(given: str) -> Path:
-    """The history of the run that ``--resume`` names: a run folder, or a history file."""
+    """The history of the run that ``--resume`` names: a run folder, or a history file
+    (found as ``pipetrain tail`` finds it)."""
     from pipetrain import checkpoint
+    from pipetrain.history import history_file
 
-    path = Path(given)
-    if path.is_dir():
-        found = [path / "history.jsonl"] if (path / "history.jsonl").exists() else sorted(path.glob("*.jsonl"))
-        if len(found) != 1:
-            raise BadInput(f"--resume {given}: no history file there (is it a run folder?)" if not found else
-                           f"--resume {given}: several histories there; name one: {', '.join(str(f) for f in found)}")
-        path = found[0]
-    elif not path.is_file():
-        raise BadInput(f"--resume {given}: no such run folder or history file")
+    path = history_file(given)
+    if not path.is_file():
+        raise BadInput(f"--resume {given}: no such run folder or history file" if not Path(given).is_dir() else
+                       f"--resume {given}: no history file there (is it a run folder?)")
     checkpoint.check_resume(path)  # before the model loads: never append to a file that is not a history
     return path
 
@@ -266,6 +281,20 @@ def _resumed_settings(args, history: Path) -> dict:
     return settings
 
 
+def _say_if_complete(history: Path, epochs: int, quiet: bool) -> bool:
+    """A resumed run with nothing left to train (every epoch done, or a callback ended
+    it) is left as it is, history and model included; more --epochs extend it."""
+    from pipetrain import checkpoint, outcome
+
+    meta = checkpoint.load_meta(checkpoint.latest(history.parent / "checkpoint"))
+    why = outcome.already_complete(meta, epochs)
+    if why and not quiet:
+        where = history.parent if history.name == "history.jsonl" else history
+        print(f"pipetrain: {where} is already complete ({why}); nothing to train "
+              f"(--epochs above {meta['epochs']} extends it)")
+    return why is not None
+
+
 def cmd_train(args) -> int:
     from pipetrain import checkpoint
     from pipetrain.source import H5Source
@@ -277,6 +306,8 @@ def cmd_train(args) -> int:
             raise BadInput("--resume takes the run folder; --history and --name do not apply")
         history = _run_to_resume(args.resume)
         settings = _resumed_settings(args, history)
+        if _say_if_complete(history, settings["epochs"], args.quiet):
+            return EXIT_OK
     else:
         settings = _new_run_settings(args)
         name = args.name or _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
@@ -290,6 +321,14 @@ def cmd_train(args) -> int:
             sources[role] = H5Source(settings[role], x=settings["x"], y=settings["y"],
                                      sample_weight=settings["sample_weight"],
                                      allow_external=settings["allow_external"])
+    if settings.get("val_split"):  # the last rows validate, as fit's validation_split
+        whole = sources["data"]
+        try:
+            sources["data"], sources["val"] = whole.split(settings["val_split"])
+        except InputError as e:
+            raise BadInput(f"--val-split {settings['val_split']}: {e}".replace(f"validation_split={settings['val_split']}: ", "")) from None
+        finally:
+            whole.close()
 
     with quiet_native_logs(not args.debug):
         import keras

@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from pipetrain import scan
+from pipetrain.errors import InputError
 
 SCHEMA = 1
 
@@ -150,16 +151,29 @@ class HistoryWriter:
         self.close()
 
 
+class HistoryPathError(InputError):
+    """A folder that holds several histories, none of them ``history.jsonl``."""
+
+
 def history_file(path: str | os.PathLike) -> Path:
-    """The history file that ``path`` names: the file itself, or a run folder's
-    ``history.jsonl``. A path that does not exist yet names a file if it ends in
-    ``.jsonl`` or ``.json``, else a run folder (so a watcher can start before the run).
+    """The history file that ``path`` names: the file itself, or in a folder its
+    ``history.jsonl``, else its one ``*.jsonl`` file (several: an error naming them).
+    A path that does not exist yet names a file if it ends in ``.jsonl`` or ``.json``,
+    else a run folder (so a watcher can start before the run). ``tail``, ``plot``,
+    ``ls``, ``read_history`` and ``--resume`` all find a history by this one rule.
 
     >>> history_file("runs/exp1/history.jsonl"), history_file("runs/not-yet")
     (PosixPath('runs/exp1/history.jsonl'), PosixPath('runs/not-yet/history.jsonl'))
     """
     path = Path(path)
-    if path.is_dir() or (not path.exists() and path.suffix not in (".jsonl", ".json")):
+    if path.is_dir():
+        if (path / "history.jsonl").exists():
+            return path / "history.jsonl"
+        found = sorted(p for p in path.glob("*.jsonl") if p.is_file())
+        if len(found) > 1:
+            raise HistoryPathError(f"{path}: holds several histories; name one: {', '.join(str(f) for f in found)}")
+        return found[0] if found else path / "history.jsonl"
+    if not path.exists() and path.suffix not in (".jsonl", ".json"):
         return path / "history.jsonl"
     return path
 

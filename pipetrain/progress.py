@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import deque
 from collections.abc import Iterable
 
 import numpy as np
@@ -39,6 +40,7 @@ from rich.text import Text
 from pipetrain.history import is_number, numeric_view, resume_point, superseded
 
 REFRESH_S = 0.1  # the bar redraws at most ten times a second
+RATE_S = 2.0  # samples/s "now" is measured over the batches of the last two seconds
 BAR_WIDTH = 30
 ETA_EPOCHS = 5  # finished epochs that the run's ETA averages over
 
@@ -86,6 +88,16 @@ def fmt_rate(samples_per_s: float | None) -> str:
     return "-" if samples_per_s is None else f"{samples_per_s:,.0f} samples/s"
 
 
+def batch_text(epoch: int, batch: int, steps: int | None = None) -> str:
+    """A trained batch as people count it, from a record's 0-based ``epoch`` and
+    ``batch``: epochs and batches from 1, as Keras' progress bar shows them.
+
+    >>> batch_text(2, 818, 1563), batch_text(0, 4)
+    ('epoch 3, batch 819/1563', 'epoch 1, batch 5')
+    """
+    return f"epoch {epoch + 1}, batch {batch + 1}" + (f"/{steps}" if steps else "")
+
+
 def metric_items(record: dict, skip: set[str]) -> list[tuple[str, object]]:
     """The record's metrics (numbers and nulls under names not in ``skip``), in order.
     A null is a metric that was not finite (a NaN loss), shown as '-'."""
@@ -105,6 +117,33 @@ def epoch_metrics(epochs: Iterable[dict]) -> list[str]:
     train = [n for n in names if not n.startswith("val_")]
     val = [n for n in names if n.startswith("val_")]
     return sorted(train, key=lambda n: n != "loss") + sorted(val, key=lambda n: n != "val_loss")
+
+
+class RecentRate:
+    """Samples/s now: the one definition the batch records carry (``samples_per_s``),
+    which the training bar and ``pipetrain tail`` show. The samples of the latest
+    batches of the epoch - those that ended in the last :data:`RATE_S` seconds, and at
+    least the latest one - over the wall time from the start of the first of them
+    (when the loop began waiting for it) to the end of the last.
+
+    >>> rate = RecentRate(window_s=1.0)
+    >>> [rate.add(t, t + 0.25, 100) for t in (0.0, 0.25, 0.5)]
+    [400.0, 400.0, 400.0]
+    """
+
+    def __init__(self, window_s: float | None = None):
+        self.window_s = RATE_S if window_s is None else window_s
+        self._batches: deque = deque()  # (began, ended, size)
+        self._samples = 0
+
+    def add(self, began: float, ended: float, size: int) -> float | None:
+        """Add a batch (its start and end, seconds on one clock); the rate after it."""
+        self._batches.append((began, ended, size))
+        self._samples += size
+        while len(self._batches) > 1 and ended - self._batches[1][0] >= self.window_s:
+            self._samples -= self._batches.popleft()[2]
+        wall = ended - self._batches[0][0]
+        return self._samples / wall if wall > 0 else None
 
 
 # -- the state ----------------------------------------------------------------------------
@@ -389,7 +428,7 @@ def run_line(record: dict) -> str:
     )
     at = resume_point(record)
     if at is not None:
-        line += f"; resuming at epoch {at[0] + 1}, batch {at[1]}"
+        line += f"; resuming at {batch_text(*at, data.get('steps_per_epoch'))}"  # the next batch
     return line
 
 

@@ -87,6 +87,19 @@ def test_epoch_metrics_equal_fit_with_auc_precision_and_a_partial_batch(binary_f
     assert_same_history({k: [v] for k, v in ours.items()}, {k: [v] for k, v in theirs.items()})
 
 
+@pytest.mark.model
+def test_a_validation_split_equals_fits_validation_split(binary_files):
+    """source.split(0.2) (and --val-split) validate on the last rows before any
+    shuffling, across the two files, as fit(validation_split=0.2) does: same history."""
+    train_paths, _ = binary_files
+    x, y = arrays(train_paths, "x", "y")
+    expected = binary_model().fit(x, y, batch_size=32, epochs=2, shuffle=False, validation_split=0.2, verbose=0)
+    train, val = pipetrain.H5Source(train_paths, x="x", y="y").split(0.2)
+    assert train.row_range == (0, 168) and val.row_range == (168, 211)  # the cut falls in the second file
+    history = pipetrain.train(binary_model(), train, epochs=2, batch_size=32, validation=val, shuffle="none", verbose=0)
+    assert_same_history(history.history, expected.history)
+
+
 def test_sample_weights_from_a_dataset_equal_fit(binary_files):
     train_paths, _ = binary_files
     x, y, w = arrays(train_paths, "x", "y", "w")
