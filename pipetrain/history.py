@@ -410,6 +410,8 @@ class Follower:
         self._head = b""  # the file's first bytes, as read
         self._behind = b""  # the bytes just before ``position``, as read
         self.lines_seen = self.records_seen = 0  # by read_bytes: lines it decoded, records among them
+        self.last_run: dict | None = None  # the latest run record read (the segment's writer)
+        self.last_end: dict | None = None  # the end record that ended the run, if it has ended
 
     @property
     def exists(self) -> bool:
@@ -503,6 +505,10 @@ class Follower:
             kind = record.get("type")
             # A resumed segment starts with a run record: the run goes on after an end.
             self.ended = kind == "end" or (self.ended and kind != "run")
+            if kind == "run":
+                self.last_run, self.last_end = record, None
+            elif kind == "end":
+                self.last_end = record
         return line, record
 
     def _open(self) -> bool:
@@ -513,6 +519,7 @@ class Follower:
         self._inode = os.fstat(self._fd).st_ino
         self.position, self._pending, self._head, self._behind, self.ended = 0, b"", b"", b"", False
         self.lines_seen = self.records_seen = 0
+        self.last_run = self.last_end = None
         return True
 
     def _restart(self) -> None:

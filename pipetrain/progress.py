@@ -38,6 +38,7 @@ from rich.table import Table
 from rich.text import Text
 
 from pipetrain.history import is_number, numeric_view, resume_point, superseded
+from pipetrain.outcome import best_epoch
 
 REFRESH_S = 0.1  # the bar redraws at most ten times a second
 RATE_S = 2.0  # samples/s "now" is measured over the batches of the last two seconds
@@ -295,6 +296,12 @@ class RunState:
         return self.run.get("data") or {}
 
     @property
+    def best(self) -> tuple[str, str, dict] | None:
+        """(metric, "min"/"max", epoch record) of the best finished epoch: by the metric
+        the run's callbacks monitor, else val_loss, else loss."""
+        return best_epoch(self.epochs, self.run.get("monitor"))
+
+    @property
     def epochs_total(self) -> int | None:
         return self.data.get("epochs") or (self.run.get("config") or {}).get("epochs")
 
@@ -454,12 +461,21 @@ def epoch_line(record: dict, epochs: int | None) -> str:
     return "  ".join(p for p in (head, metrics, tail) if p)
 
 
+def loss_items(values: dict) -> list[tuple[str, object]]:
+    """The losses to show of a record or running means: ``loss``, or, when several
+    models train under prefixes (a GAN's ``d_loss`` and ``g_loss``), each of theirs.
+
+    >>> loss_items({"d_loss": 0.7, "d_accuracy": 0.5, "g_loss": 0.9}), loss_items({"loss": 1, "out_loss": 2})
+    ([('d_loss', 0.7), ('g_loss', 0.9)], [('loss', 1)])
+    """
+    if "loss" in values:
+        return [("loss", values["loss"])]
+    return [(k, v) for k, v in values.items() if k.endswith("loss") and not k.startswith("val_")][:4]
+
+
 def speed_text(state: RunState) -> str:
-    """The epoch in progress in words: running loss, samples/s, input-bound share."""
-    parts = []
-    loss = next((v for k, v in state.means.items() if k.endswith("loss")), None)
-    if loss is not None:
-        parts.append(f"loss {fmt(loss)}")
+    """The epoch in progress in words: running loss(es), samples/s, input-bound share."""
+    parts = [f"{k} {fmt(v)}" for k, v in loss_items(state.means)]
     if state.rate:
         parts.append(fmt_rate(state.rate))
     if state.input_bound_pct is not None:
@@ -477,13 +493,35 @@ def position_line(state: RunState) -> str:
     return "  ".join(p for p in (*parts, speed_text(state)) if p)
 
 
-def summary(state: RunState, history_path=None) -> str:
-    """The closing lines: how it ended, the final validation metric, speed, memory."""
-    end = state.end or {}
-    lines = [f"{end.get('status', '?')}: {end.get('epochs', 0)} epoch(s), {end.get('steps') or 0:,} steps"]
+def ending_text(end: dict) -> str:
+    """How a run ended, in one line: status, epochs, steps, and why (an error, the
+    signal, or what stopped it before its last epoch)."""
+    line = f"{end.get('status', '?')}: {end.get('epochs', 0)} epoch(s), {end.get('steps') or 0:,} steps"
     if end.get("error"):
-        lines[0] += f" - {end['error']}"
+        line += f" - {end['error']}"
+    elif end.get("reason") and end.get("status") != "completed":
+        line += f" - {end['reason']}"
+    return line
+
+
+def best_text(state: RunState) -> str | None:
+    """'best val_loss 0.2345 at epoch 5' (epochs counted from 1), or None."""
+    best = state.best
+    if best is None:
+        return None
+    name, _, record = best
+    return f"best {name} {fmt(record[name])} at epoch {int(record.get('epoch') or 0) + 1}"
+
+
+def summary(state: RunState, history_path=None) -> str:
+    """The closing lines: how it ended and why, the best epoch, the final validation
+    metric, speed, memory."""
+    end = state.end or {}
+    lines = [ending_text(end)]
     epochs = state.epochs
+    best = best_text(state)
+    if best:
+        lines.append(best)
     if epochs:
         val = [(k, v) for k, v in metric_items(epochs[-1], EPOCH_KEYS) if k.startswith("val_")]
         shown = [(k, v) for k, v in val if k != "val_loss"][:1] or val[:1]
@@ -512,6 +550,25 @@ def lines_for(record: dict, state: RunState, history_path=None) -> list[str]:
     if kind == "end":
         return summary(state, history_path).splitlines()
     return []
+
+
+def fold(line: str, width: int, indent: int = 4) -> list[str]:
+    """A line cut to ``width`` columns between its parts (separated by two spaces), so a
+    terminal never wraps it in the middle of a number; the continuation lines indented.
+
+    >>> fold("Epoch 1/5  loss 0.5  accuracy 0.9", 20)
+    ['Epoch 1/5  loss 0.5', '    accuracy 0.9']
+    """
+    if len(line) <= width:
+        return [line]
+    lines, current = [], ""
+    for part in line.split("  "):
+        if current and len(current) + 2 + len(part) > width:
+            lines.append(current)
+            current = " " * indent + part
+        else:
+            current = f"{current}  {part}" if current else part
+    return [*lines, current]
 
 
 # -- the bar ----------------------------------------------------------------------------------
@@ -583,7 +640,9 @@ class Progress:
             if kind == "end":
                 self._stop_bar()
             for line in lines_for(record, self.state, self.history_path):
-                self.console.print(line, markup=False, highlight=False)
+                # On a terminal, cut at the width between parts; into a file, one line each.
+                for part in fold(line, self.console.width) if self.console.is_terminal else [line]:
+                    self.console.print(part, markup=False, highlight=False)
             if self.live and kind in ("run", "batch", "epoch"):
                 self._draw_bar(force=kind != "batch")
 

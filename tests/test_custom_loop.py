@@ -166,7 +166,7 @@ def test_leaving_the_batch_loop_early_stops_the_run_resumably(tmp_path):
                         break
         return run, ends, m
 
-    with pytest.warns(UserWarning, match="epoch 0 left after 4 of 8 batches"):
+    with pytest.warns(UserWarning, match="epoch 1 left after 4 of 8 batches"):
         run, ends, _ = run_loop(resume=False, leave_at=3)
     assert run.status == "stopped" and ends.ended
     h = pipetrain.read_history(tmp_path / "run" / "history.jsonl")
@@ -206,7 +206,7 @@ def test_an_epoch_ended_by_the_loop_itself_resumes_and_completes(tmp_path):
                 epoch.end(mine=1.0)
         return run
 
-    with pytest.warns(UserWarning, match="epoch 0 left after 5 of 8 batches"):
+    with pytest.warns(UserWarning, match="epoch 1 left after 5 of 8 batches"):
         assert run_loop(leave_at=4).status == "stopped"
     assert run_loop().status == "completed"
     h = pipetrain.read_history(tmp_path / "run" / "history.jsonl")

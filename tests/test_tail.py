@@ -5,11 +5,13 @@ by itself when the run ends."""
 
 import io
 import json
+import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 from rich.console import Console
 
@@ -24,6 +26,7 @@ pipetrain: model 'mlp' (1,234 params) on 95 rows from 1 file(s), batch 10, 10 st
 Epoch 1/3  loss 0.5  accuracy 0.8  val_loss 0.6  val_accuracy 0.75  0.125 s  760 samples/s  input-bound 20.0%
 Epoch 2/3  loss 0.25  accuracy 0.9  val_loss 0.3  val_accuracy 0.85  0.125 s  760 samples/s  input-bound 20.0%
 completed: 2 epoch(s), 20 steps
+best val_loss 0.3 at epoch 2
 final val_accuracy 0.85
 760 samples/s, input-bound 20.0%
 peak RSS 560 MB
@@ -42,7 +45,8 @@ DASHBOARD_RUNNING = """\
 Epoch 3/3 ━━━━━━━━━━╸                 4/10 ETA 0:00:00 loss 0.0891  800 samples/s  input-bound 20.0%
 run ETA 0:00:00
 no new record for 0:01:30
-last batch  epoch 3, batch 3, step 23: accuracy 0.5  loss 0.0833   step 10.0 ms, waited 2.5 ms
+best val_loss 0.3 at epoch 2
+last batch  epoch 3, batch 4/10, step 24:  accuracy 0.5  loss 0.0833  step 10.0 ms, waited 2.5 ms
 Finished epochs
 ┏━━━━━━━┳━━━━━━┳━━━━━━━━━━┳━━━━━━━━━━┳━━━━━━━━━━━━━━┳━━━━━━━━┳━━━━━━━━━━━┳━━━━━━━━━━━━━┓
 ┃ epoch ┃ loss ┃ accuracy ┃ val_loss ┃ val_accuracy ┃   time ┃ samples/s ┃ input-bound ┃
@@ -167,7 +171,7 @@ def test_dashboard_of_finished_and_resumed_runs(runs):
     state = state_of(resumed_records())
     text = text_of(dashboard(state, runs / "resumed" / "history.jsonl", now=1e10))
     assert "completed: 3 epoch(s), 30 steps" in text
-    assert "resumed 1x, last at epoch 2, batch 4" in text
+    assert "resumed 1x, last at epoch 2, batch 5/10" in text  # it went on with the 5th batch of the 2nd epoch
     assert epoch_column(text) == ["1", "2", "3"]
     assert "no new record" not in text and "ETA" not in text  # an ended run is not stale
 
@@ -289,7 +293,8 @@ def test_tail_follow_started_before_a_real_run_ends_by_itself(tmp_path):
     # The watcher prints exactly what the training process printed into its pipe.
     assert out == train.stdout
     assert [line.split()[1] for line in out.splitlines() if line.startswith("Epoch")] == ["1/2", "2/2"]
-    assert out.splitlines()[-5].startswith("completed: 2 epoch(s), 90 steps")
+    assert out.splitlines()[-6].startswith("completed: 2 epoch(s), 90 steps")
+    assert out.splitlines()[-5].startswith("best val_loss ")
     # and a snapshot taken afterwards is the same log
     again = subprocess.run([*command, "tail", "runs/live"], cwd=tmp_path, capture_output=True, text=True)
     assert again.stdout == train.stdout
@@ -300,6 +305,64 @@ def test_tail_follow_started_before_a_real_run_ends_by_itself(tmp_path):
         state.add(record)
         lines += lines_for(record, state, "runs/live/history.jsonl")
     assert lines == train.stdout.splitlines()
+
+
+@pytest.mark.parametrize("status, code", [("completed", 0), ("stopped", 0), ("failed", 1), ("interrupted", 130)])
+def test_follow_exits_with_the_runs_status(tmp_path, capsys, status, code):
+    """So that a script can wait on a run: `tail --follow` (plain or raw) exits 0 when
+    it completed or was stopped, 1 when it failed, 130 when it was interrupted; a look
+    without --follow is a view and exits 0."""
+    path = write_records(tmp_path / "h.jsonl", known_records(end=status))
+    assert cli.main(["tail", str(path), "--follow"]) == code
+    assert cli.main(["tail", str(path), "--follow", "--raw"]) == code
+    assert cli.main(["tail", str(path)]) == 0
+    assert cli.main(["tail", str(path), "--raw"]) == 0
+    console = Console(file=io.StringIO(), width=100, force_terminal=True, color_system=None, height=50)
+    assert tail_live(path, console, poll=0.01) == code
+
+
+def dead_process() -> dict:
+    """The run-record description of a process of this host that has ended."""
+    from pipetrain.process import boot_id
+
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    started = psutil.Process(child.pid).create_time()
+    child.wait()
+    return {"pid": child.pid, "host": socket.gethostname(), "boot_id": boot_id(), "started": started}
+
+
+def test_a_run_whose_process_is_gone_says_so_and_follow_exits_1(tmp_path, capsys):
+    """A run killed with -9 writes no end record: on its host, tail says its process is
+    gone (not an ETA), and --follow exits 1 instead of waiting for ever."""
+    records = known_records(epochs_done=2, batches_in_last=4, end=None)
+    records[0]["process"] = dead_process()
+    records[0]["config"]["cli"] = {"epochs": 3}
+    path = write_records(tmp_path / "runs" / "x" / "history.jsonl", records)
+    assert cli.main(["tail", str(path), "--follow"]) == 1
+    captured = capsys.readouterr()
+    assert f"is gone without an end record (killed?); resume with: pipetrain train --resume {path.parent}" \
+        in captured.err
+    assert cli.main(["tail", str(path), "--follow", "--raw"]) == 1
+    assert "is gone" in capsys.readouterr().err
+    assert cli.main(["tail", str(path)]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.splitlines()[-1].endswith("(not running)") and "is gone" in captured.err
+    state = state_of(records)
+    text = text_of(dashboard(state, path, now=state.last_t + 5, writer="gone"))
+    assert "not running: the run's process (pid" in text and "it would go on at epoch 3, batch 5/10" in text
+    assert "ETA" not in text
+
+
+def test_whether_a_runs_process_is_there():
+    from pipetrain.process import process_info, writer_state
+
+    me = process_info()
+    assert writer_state(me) == "alive"
+    assert writer_state(dead_process()) == "gone"
+    assert writer_state({**me, "started": me["started"] - 3600}) == "gone"  # the pid is another process now
+    assert writer_state({**me, "boot_id": "another boot"}) == "gone"  # this host has booted since
+    assert writer_state({**me, "host": "elsewhere"}) == "unknown"  # nothing can be known from here
+    assert writer_state(None) == writer_state({}) == "unknown"  # a history from before the record said
 
 
 def test_quiet_training_prints_nothing(tmp_path):
