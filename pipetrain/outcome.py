@@ -103,7 +103,7 @@ def _is_keras(callback, name: str) -> bool:
 
 def already_complete(meta: Mapping, epochs: int) -> str | None:
     """Why the run of checkpoint ``meta`` has nothing left to train for ``epochs``
-    epochs (all of its epochs done, or a callback ended it), or None. More epochs than
+    epochs (all of its epochs done, or a callback ended it at an epoch end), or None. More epochs than
     the run had extend it: then it is not complete."""
     recorded = int(meta.get("epochs") or 0)
     position = meta.get("position") or {}

@@ -435,7 +435,9 @@ def run_line(record: dict) -> str:
     )
     at = resume_point(record)
     if at is not None:
-        line += f"; resuming at {batch_text(*at, data.get('steps_per_epoch'))}"  # the next batch
+        steps = data.get("steps_per_epoch")
+        line += (f"; resuming at the end of epoch {at[0] + 1}" if steps and at[1] >= steps  # its batches all done
+                 else f"; resuming at {batch_text(*at, steps)}")  # the next batch
     return line
 
 

@@ -567,8 +567,10 @@ class Run:
             "models": list(self.models),
             "optimizer_targets": {name: ckpt.optimizer_targets(m) for name, m in self.models.items()},
             "epoch": epoch_meta,
-            # A callback ended the run (EarlyStopping): it is complete, a resume changes nothing.
-            "stopped": self.stop_reason if self._should_stop() and self._callback_ended else None,
+            # A callback ended the run at an epoch's end (EarlyStopping): it is complete, and
+            # a resume changes nothing. Stopped inside an epoch, the epoch goes on.
+            "stopped": self.stop_reason if epoch_meta is None and self._should_stop() and self._callback_ended
+            else None,
             "callbacks": callbacks,
             "rng": rng,
             "saved": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),

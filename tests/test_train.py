@@ -3,6 +3,7 @@ validation, several inputs and outputs, sample and class weights) and the same w
 with Keras callbacks working as they do in fit."""
 
 import csv
+import re
 
 import h5py
 import keras
@@ -224,6 +225,53 @@ def test_early_stopping_and_reduce_lr_behave_as_in_fit(binary_files, tmp_path):
             np.testing.assert_allclose(float(rb[key]), float(ra[key]), rtol=RTOL, err_msg=key)
     end = pipetrain.read_history(tmp_path / "ours" / "history.jsonl").end
     assert end["status"] == "stopped" and end["epochs"] == len(expected.history["loss"])
+
+
+@pytest.mark.model
+def test_a_run_early_stopping_ended_names_why_and_its_resume_changes_nothing(binary_files, tmp_path, capsys):
+    """The end record says which callback stopped the run and when, the summary names
+    the best epoch; resuming it (or a completed run) says "already complete", writes
+    nothing and returns its History and weights; more epochs extend it."""
+    from pipetrain.outcome import best_epoch
+    from pipetrain.progress import RunState, summary
+
+    train_paths, val_path = binary_files
+    source = pipetrain.H5Source(train_paths, x="x", y="y")
+    val = pipetrain.H5Source(val_path, x="x", y="y")
+    folder = tmp_path / "es"
+
+    def run(model, epochs, **kwargs):
+        return pipetrain.train(model, source, epochs=epochs, batch_size=32, validation=val, shuffle="none",
+                               callbacks=[keras.callbacks.EarlyStopping(patience=1, min_delta=0.05)],
+                               history=folder / "history.jsonl", **kwargs)
+
+    trained = binary_model()
+    first = run(trained, 30, verbose=0)
+    n = len(first.history["loss"])
+    h = pipetrain.read_history(folder)
+    assert 1 < n < 30 and h.end["status"] == "stopped"
+    assert h.runs[0]["monitor"] == {"name": "val_loss", "mode": "min"}
+    name, _, best = best_epoch(h.epochs, h.runs[0]["monitor"])
+    assert name == "val_loss" and best["val_loss"] == min(first.history["val_loss"])
+    # (by min_delta, EarlyStopping's own best may be an earlier epoch than the lowest val_loss)
+    assert re.fullmatch(rf"EarlyStopping at epoch {n}: val_loss did not improve since epoch \d+", h.end["reason"])
+    lines = summary(RunState().extend([*h.runs, *h.epochs, h.end])).splitlines()
+    assert lines[0] == f"stopped: {n} epoch(s), {n * 7:,} steps - {h.end['reason']}"
+    assert lines[1] == f"best val_loss {best['val_loss']:.4g} at epoch {best['epoch'] + 1}"
+    files = {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+    capsys.readouterr()
+
+    model = binary_model(seed=5)  # other weights: the resume gives the run's
+    again = run(model, 30, verbose=1, resume=True)
+    assert f"is already complete (EarlyStopping at epoch {n}:" in capsys.readouterr().out
+    assert {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()} == files  # nothing written
+    assert again.history == first.history
+    assert_same_weights(model, trained)
+
+    assert run(binary_model(), n + 2, verbose=0, resume=True).history == first.history  # still within its 30
+    more = run(binary_model(), 31, verbose=0, resume=True)  # more epochs than it had: it goes on
+    h = pipetrain.read_history(folder)
+    assert len(h.runs) == 2 and len(h.epochs) > n and len(more.history["loss"]) == len(h.epochs)
 
 
 def test_model_checkpoint_terminate_on_nan_and_tensorboard(binary_files, tmp_path):
