@@ -226,6 +226,33 @@ def _to_plain(value):
     return value
 
 
+def _pack(value, key: str, arrays: dict[str, np.ndarray]):
+    """``value`` as plain data, its arrays (a History's per-class metric, say) moved to
+    ``arrays`` under ``key/...`` and left as ``{"__array__": name}``; None if it is not
+    plain data."""
+    value = _to_plain(value)
+    if isinstance(value, np.ndarray):
+        arrays[key] = value
+        return {"__array__": key}
+    if isinstance(value, (list, tuple)):
+        packed = [_pack(v, f"{key}/{j}", arrays) for j, v in enumerate(value)]
+        return None if any(p is None and v is not None for p, v in zip(packed, value, strict=True)) else packed
+    if isinstance(value, dict) and all(isinstance(k, str) for k in value):
+        packed = {k: _pack(v, f"{key}/{k}", arrays) for k, v in value.items()}
+        return None if any(packed[k] is None and value[k] is not None for k in value) else packed
+    return value if _plain(value) else None
+
+
+def _unpack(value, arrays: dict[str, np.ndarray]):
+    if isinstance(value, dict) and set(value) == {"__array__"}:
+        return arrays[value["__array__"]]
+    if isinstance(value, list):
+        return [_unpack(v, arrays) for v in value]
+    if isinstance(value, dict):
+        return {k: _unpack(v, arrays) for k, v in value.items()}
+    return value
+
+
 def callback_state(callbacks: list) -> tuple[list[dict], dict[str, np.ndarray]]:
     """Each callback's training state (counters, best values, histories) and its arrays
     (``EarlyStopping.best_weights``), by position in the callback list."""
@@ -238,12 +265,9 @@ def callback_state(callbacks: list) -> tuple[list[dict], dict[str, np.ndarray]]:
             custom = False
         state = {}
         for key, value in raw.items():
-            value = _to_plain(value)
-            if isinstance(value, list) and value and all(isinstance(v, np.ndarray) for v in value):
-                state[key] = {"__arrays__": len(value)}
-                arrays.update({f"callback/{i}/{key}/{j}": v for j, v in enumerate(value)})
-            elif _plain(value):
-                state[key] = value
+            packed = _pack(value, f"callback/{i}/{key}", arrays)
+            if packed is not None or value is None:
+                state[key] = packed
             else:
                 raise CheckpointError(f"callback {type(cb).__name__}: state {key!r} is not plain data ({type(value).__name__})")
         states.append({"class": type(cb).__name__, "custom": custom, "state": state})
@@ -260,9 +284,9 @@ def restore_callbacks(callbacks: list, states: list[dict], arrays: dict[str, np.
     for i, (cb, saved) in enumerate(zip(callbacks, states, strict=True)):
         state = {}
         for key, value in saved["state"].items():
-            if isinstance(value, dict) and set(value) == {"__arrays__"}:
+            if isinstance(value, dict) and set(value) == {"__arrays__"}:  # checkpoints of before
                 value = [arrays[f"callback/{i}/{key}/{j}"] for j in range(value["__arrays__"])]
-            state[key] = value
+            state[key] = _unpack(value, arrays)
         if saved["custom"]:
             cb.set_state(state)
         else:

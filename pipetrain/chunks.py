@@ -5,8 +5,10 @@ data through h5py take turns (DESIGN.md, "Facts we measured"). This module reads
 dataset's chunk index once, with h5py, when the reader is opened; after that a read
 touches neither h5py nor HDF5:
 
-1. each chunk's stored bytes come from a positioned read (``os.preadv``) on the
-   reader's own file descriptor, which releases the GIL;
+1. each chunk's stored bytes come from the reader's *byte source*: positioned reads
+   (``os.preadv``, which releases the GIL) on its own file descriptor for a local file
+   (:class:`FileBytes`), or ranged GETs, all of a read's chunks in flight at once, for an
+   object in a bucket (:class:`pipetrain.ranges.RemoteBytes`);
 2. the filter pipeline is undone in the calling thread with decoders that release
    the GIL (libdeflate, ISA-L, zlib, lz4, zstd, blosc, ...) and numpy;
 3. the decoded chunk lands in the output array with at most one copy (two with the
@@ -31,7 +33,7 @@ import numpy as np
 
 from pipetrain.codecs import FILTER_NAMES, Stage, stages, unshuffle_planes
 
-__all__ = ["ChunkReader", "open_chunk_reader", "read_path"]
+__all__ = ["ChunkReader", "FileBytes", "open_chunk_reader", "read_path"]
 
 # File drivers whose file is one ordinary file on disk, addressed as HDF5 addresses it.
 _PLAIN_DRIVERS = ("sec2", "stdio")
@@ -82,7 +84,7 @@ class ChunkReader:
         *,
         filename: str,
         name: str,
-        fd: int,
+        data,
         shape,
         dtype,
         chunks,
@@ -99,7 +101,7 @@ class ChunkReader:
         self.filters = filters
         self._filename = filename
         self._name = name
-        self._fd = fd
+        self._data = data  # the byte source: FileBytes, or RemoteBytes for an object in a bucket
         self.stages = stages
         self._fill = np.asarray(fillvalue, dtype=self.dtype)
         # Chunk index by grid coordinate: row-chunk, then the column of chunks past it.
@@ -115,7 +117,7 @@ class ChunkReader:
         self._max_stored = max(int(sizes.max()) if sizes.size else 0, self._chunk_nbytes)
         self._plans: dict[int, tuple[tuple[Stage, ...], int]] = {}
         self._local = threading.local()
-        self.codec = _describe(filters, [s for s in stages if s is not None])
+        self.codec = _describe(filters, [s for s in stages if s is not None], getattr(data, "remote", False))
 
     # -- public ---------------------------------------------------------------------
 
@@ -131,21 +133,72 @@ class ChunkReader:
         out = self._output(out, stop - start)
         if stop == start:
             return out, 0
-        if self._fd < 0:
+        if self._data is None:
             raise ValueError(f"{self._where()}: the chunk reader is closed")
         flat = out.reshape(-1).view(np.uint8)
-        rows_per_chunk = self.chunks[0]
+        scratch = self._scratch()
+        tasks, requests = [], []
+        for row_chunk, column, part in self._chunks(start, stop):
+            offset = int(self._offsets[row_chunk, column])
+            if offset < 0:  # never written: HDF5 reads the fill value
+                out[self._dst(row_chunk, part, start, stop)] = self._fill
+                continue
+            size = int(self._sizes[row_chunk, column])
+            direct = self._direct(row_chunk, start, stop, flat)
+            stages, unshuffle = self._plan(int(self._masks[row_chunk, column]))
+            raw = not stages and not unshuffle and direct is not None and size == self._chunk_nbytes
+            tasks.append((row_chunk, column, part, direct, raw))
+            requests.append((offset, size, direct if raw else scratch.stored[:size]))
+        # All of the read's chunk ranges are named at once: a remote source fetches them
+        # side by side; a local one reads each when its turn comes.
+        chunks = self._data.read(requests)
         fetched = 0
-        for row_chunk in range(start // rows_per_chunk, (stop - 1) // rows_per_chunk + 1):
-            for column, part in enumerate(self._parts):
-                fetched += self._place(row_chunk, column, part, start, stop, out, flat)
+        for (row_chunk, column, part, direct, raw), (_, size, _) in zip(tasks, requests, strict=True):
+            try:
+                data = next(chunks)
+            except OSError as exc:
+                raise OSError(f"{self._where(row_chunk, column, start, stop)}: {exc}") from exc
+            if raw:
+                if data is not direct:  # fetched elsewhere (a remote source): one copy
+                    direct[:] = np.frombuffer(data, np.uint8)
+            else:
+                self._place(row_chunk, column, part, start, stop, out, data, direct)
+            fetched += size
         return out, fetched
 
+    def will_need(self, start: int, stop: int) -> bool:
+        """Hint that rows [start, stop) will be read soon (a remote source fetches their
+        chunks ahead); whether the source welcomes more hints."""
+        if self._data is None or not getattr(self._data, "remote", False):
+            return False
+        ranges = [(int(self._offsets[r, c]), int(self._sizes[r, c])) for r, c, _ in self._chunks(start, stop)
+                  if self._offsets[r, c] >= 0]
+        return self._data.will_need(ranges)
+
+    def _chunks(self, start: int, stop: int):
+        """(row chunk, column, part) of every chunk that holds rows [start, stop)."""
+        rows_per_chunk = self.chunks[0]
+        for row_chunk in range(start // rows_per_chunk, (stop - 1) // rows_per_chunk + 1):
+            for column, part in enumerate(self._parts):
+                yield row_chunk, column, part
+
+    def _dst(self, row_chunk: int, part: _FeaturePart, start: int, stop: int) -> tuple:
+        first = row_chunk * self.chunks[0]
+        lo, hi = max(start, first), min(stop, first + self.chunks[0])
+        return (slice(lo - start, hi - start),) + part.dst
+
+    def _direct(self, row_chunk: int, start: int, stop: int, flat: np.ndarray) -> np.ndarray | None:
+        """The run of the output a whole chunk fills, when it is one contiguous run."""
+        first = row_chunk * self.chunks[0]
+        if not (self._rows_contiguous and start <= first and first + self.chunks[0] <= stop):
+            return None
+        return flat[(first - start) * self._row_nbytes : (first + self.chunks[0] - start) * self._row_nbytes]
+
     def close(self) -> None:
-        """Close the file descriptor. Call it once every read() has returned."""
-        fd, self._fd = self._fd, -1
-        if fd >= 0:
-            os.close(fd)
+        """Close the byte source. Call it once every read() has returned."""
+        data, self._data = self._data, None
+        if data is not None:
+            data.close()
 
     def __enter__(self) -> ChunkReader:
         return self
@@ -174,32 +227,15 @@ class ChunkReader:
         start: int,
         stop: int,
         out: np.ndarray,
-        flat: np.ndarray,
-    ) -> int:
-        """Put the part of one chunk that lies in rows [start, stop) into `out`; bytes fetched."""
-        rows_per_chunk = self.chunks[0]
-        first = row_chunk * rows_per_chunk
-        lo, hi = max(start, first), min(stop, first + rows_per_chunk)
-        dst = (slice(lo - start, hi - start),) + part.dst
-        offset = int(self._offsets[row_chunk, column])
-        if offset < 0:  # never written: HDF5 reads the fill value
-            out[dst] = self._fill
-            return 0
-        size = int(self._sizes[row_chunk, column])
+        data,
+        direct: np.ndarray | None,
+    ) -> None:
+        """Decode one chunk's stored bytes and put the part that lies in rows [start, stop)
+        into `out` (straight into it when the chunk is one contiguous run of it)."""
+        first = row_chunk * self.chunks[0]
         stages, unshuffle = self._plan(int(self._masks[row_chunk, column]))
         scratch = self._scratch()
-        # The whole chunk is one contiguous run of `out`: decode (or read) straight into it.
-        whole = self._rows_contiguous and lo == first and hi == first + rows_per_chunk
-        direct = (
-            flat[(lo - start) * self._row_nbytes : (hi - start) * self._row_nbytes]
-            if whole
-            else None
-        )
-
-        if not stages and not unshuffle and whole and size == self._chunk_nbytes:
-            self._pread(direct, offset, size, row_chunk, column, start, stop)
-            return size
-        data = self._pread(scratch.stored[:size], offset, size, row_chunk, column, start, stop)
+        whole = direct is not None
         for index, stage in enumerate(stages):
             last = index == len(stages) - 1
             dest = (direct if whole and not unshuffle else scratch.decoded) if last else None
@@ -219,44 +255,15 @@ class ChunkReader:
                 f"bytes, expected {self._chunk_nbytes}"
             )
         if data is direct and direct is not None:
-            return size
-        src = (slice(lo - first, hi - first),) + part.src
+            return
+        dst = self._dst(row_chunk, part, start, stop)
+        lo = max(start, first)
+        src = (slice(lo - first, lo - first + dst[0].stop - dst[0].start),) + part.src
         if unshuffle:
             planes = np.frombuffer(data, np.uint8).reshape((unshuffle,) + self.chunks)
             unshuffle_planes(planes[(slice(None),) + src], out[dst])
         else:
             out[dst] = np.frombuffer(data, self.dtype).reshape(self.chunks)[src]
-        return size
-
-    def _pread(
-        self,
-        into: np.ndarray,
-        offset: int,
-        size: int,
-        row_chunk: int,
-        column: int,
-        start: int,
-        stop: int,
-    ) -> np.ndarray:
-        """Fill `into` (exactly `size` bytes) from the file at `offset`, without the GIL."""
-        view = memoryview(into)[:size]
-        done = 0
-        while done < size:
-            try:
-                got = os.preadv(self._fd, [view[done:]], offset + done)
-            except OSError as exc:
-                raise OSError(
-                    exc.errno,
-                    f"{self._where(row_chunk, column, start, stop)}: "
-                    f"read failed at byte {offset + done}: {exc.strerror}",
-                ) from exc
-            if got <= 0:
-                raise OSError(
-                    f"{self._where(row_chunk, column, start, stop)}: short read, "
-                    f"{done} of {size} bytes at byte {offset} (file truncated?)"
-                )
-            done += got
-        return into
 
     def _plan(self, mask: int) -> tuple[tuple[Stage, ...], int]:
         """Decode stages (in decode order) for a chunk's filter mask, and the unshuffle item size.
@@ -328,29 +335,79 @@ def _feature_parts(shape: tuple[int, ...], chunks: tuple[int, ...]) -> list[_Fea
     return parts
 
 
-def _describe(filters: tuple[str, ...], stages: list[Stage]) -> str:
+def _describe(filters: tuple[str, ...], stages: list[Stage], remote: bool = False) -> str:
     """One line for humans, e.g. 'raw chunks: shuffle+gzip via numpy + isal, threads scale'."""
+    reads = "parallel ranged GETs" if remote else "positioned reads"
     if not stages:
-        return "raw chunks: unfiltered, positioned reads, threads scale"
+        return f"raw chunks: unfiltered, {reads}, threads scale"
     via = " + ".join(dict.fromkeys(s.via for s in stages))
-    return f"raw chunks: {'+'.join(filters)} via {via}, threads scale"
+    return f"raw chunks: {'+'.join(filters)} via {via}{', ' + reads if remote else ''}, threads scale"
 
 
 # --------------------------------------------------------------------------- opening
 
 
-def open_chunk_reader(dset: h5py.Dataset) -> ChunkReader | str:
+class FileBytes:
+    """A local file's bytes, by positioned reads on its own descriptor (``os.preadv``,
+    which releases the GIL): the byte source of a :class:`ChunkReader` on disk."""
+
+    remote = False
+
+    def __init__(self, filename: str):
+        self.name = filename
+        self._fd = os.open(filename, os.O_RDONLY | getattr(os, "O_BINARY", 0))
+
+    def read(self, requests):
+        """For (offset, size, buffer) requests, fill each buffer in turn and yield it."""
+        for offset, size, into in requests:
+            yield self._pread(into, offset, size)
+
+    def _pread(self, into: np.ndarray, offset: int, size: int) -> np.ndarray:
+        if self._fd < 0:
+            raise OSError(f"{self.name}: the file is closed")
+        view = memoryview(into).cast("B")[:size]
+        done = 0
+        while done < size:
+            try:
+                got = os.preadv(self._fd, [view[done:]], offset + done)
+            except OSError as exc:
+                raise OSError(exc.errno, f"read failed at byte {offset + done}: {exc.strerror}") from exc
+            if got <= 0:
+                raise OSError(f"short read, {done} of {size} bytes at byte {offset} (file truncated?)")
+            done += got
+        return into
+
+    def will_need(self, ranges) -> bool:
+        return False
+
+    def close(self) -> None:
+        fd, self._fd = self._fd, -1
+        if fd >= 0:
+            os.close(fd)
+
+    def __del__(self):  # only a fallback: the reader closes it
+        with contextlib.suppress(AttributeError, OSError):
+            self.close()
+
+
+def open_chunk_reader(dset: h5py.Dataset, data=None, verified: dict | None = None) -> ChunkReader | str:
     """The fast reader for `dset`, or a one-line reason why pipetrain must fall back to h5py's own read.
 
     Reasons look like "contiguous layout", "filter fletcher32 is not supported",
     "file driver 'core'", "lzf needs imagecodecs (pip install imagecodecs)".
+
+    `data` is the byte source of the chunks (default: the dataset's file on disk, read by
+    :class:`FileBytes`; :class:`pipetrain.ranges.RemoteBytes` for an object in a bucket);
+    the reader owns it and closes it. `verified` carries what an earlier open of the same
+    version of the file found (address base, self-check passed), so that it need not be
+    checked again; it is filled in when the reader is opened.
     """
-    return _open_chunk_reader(dset)
+    return _open_chunk_reader(dset, data=data, verified=verified)
 
 
-def read_path(dset) -> str:
+def read_path(dset, data=None) -> str:
     """One line saying which path pipetrain will use for this dataset and why (for `pipetrain inspect`)."""
-    reader = open_chunk_reader(dset)
+    reader = open_chunk_reader(dset, data)
     if isinstance(reader, str):
         return f"h5py read (threads take turns under h5py's lock): {reader}"
     with reader:
@@ -358,20 +415,29 @@ def read_path(dset) -> str:
 
 
 def _open_chunk_reader(
-    dset: h5py.Dataset, prefer: dict[str, str] | None = None
+    dset: h5py.Dataset, prefer: dict[str, str] | None = None, data=None, verified: dict | None = None
 ) -> ChunkReader | str:
     """`open_chunk_reader`, with `prefer` forcing a decoder back end per filter
     (e.g. {"gzip": "zlib"}) for tests and benchmarks."""
-    reason = _unsupported(dset)
+    try:
+        return _open(dset, prefer, data, verified if verified is not None else {})
+    except BaseException:
+        if data is not None:
+            data.close()
+        raise
+
+
+def _open(dset, prefer, data, verified: dict) -> ChunkReader | str:
+    reason = _unsupported(dset, local=data is None)
     if reason:
-        return reason
+        return _closed(data, reason)
     dcpl = dset.id.get_create_plist()
     dtype = dset.dtype
     chunks = tuple(dset.chunks)
     chunk_nbytes = int(np.prod(chunks)) * dtype.itemsize
     pipeline = stages(dcpl, dtype, chunk_nbytes, prefer or {})
     if isinstance(pipeline, str):
-        return pipeline
+        return _closed(data, pipeline)
     filters = tuple(
         FILTER_NAMES.get(dcpl.get_filter(i)[0], "?") for i in range(dcpl.get_nfilters())
     )
@@ -379,41 +445,49 @@ def _open_chunk_reader(
     try:
         offsets, sizes, masks, first = _chunk_index(dset)
     except (OSError, RuntimeError, ValueError) as exc:
-        return f"cannot read the chunk index: {exc}"
+        return _closed(data, f"cannot read the chunk index: {exc}")
     filename = dset.file.filename
-    try:
-        fd = os.open(filename, os.O_RDONLY | getattr(os, "O_BINARY", 0))
-    except OSError as exc:
-        return f"cannot open {filename} for raw reads: {exc.strerror}"
-    try:
-        if first is not None:
-            base = _address_base(dset, fd, *first)
-            if base is None:
-                os.close(fd)
-                return "chunk addresses from HDF5 do not match the file (self-check)"
-            offsets[offsets >= 0] += base
-        reader = ChunkReader(
-            filename=filename,
-            name=(dset.name or "(anonymous)").lstrip("/"),
-            fd=fd,
-            shape=dset.shape,
-            dtype=dtype,
-            chunks=chunks,
-            stages=pipeline,
-            fillvalue=_fill_value(dset),
-            offsets=offsets,
-            sizes=sizes,
-            masks=masks,
-            filters=filters,
-        )
-    except BaseException:
-        os.close(fd)
-        raise
-    reason = _self_check(reader, dset, offsets)
-    if reason:
-        reader.close()
-        return reason
+    if data is None:
+        try:
+            data = FileBytes(filename)
+        except OSError as exc:
+            return f"cannot open {filename} for raw reads: {exc.strerror}"
+    filename = data.name
+    if first is not None:
+        base = verified.get("base")
+        if base is None:
+            base = _address_base(dset, data, *first)
+        if base is None:
+            return _closed(data, "chunk addresses from HDF5 do not match the file (self-check)")
+        offsets[offsets >= 0] += base
+        verified["base"] = base
+    reader = ChunkReader(
+        filename=filename,
+        name=(dset.name or "(anonymous)").lstrip("/"),
+        data=data,
+        shape=dset.shape,
+        dtype=dtype,
+        chunks=chunks,
+        stages=pipeline,
+        fillvalue=_fill_value(dset),
+        offsets=offsets,
+        sizes=sizes,
+        masks=masks,
+        filters=filters,
+    )
+    if not verified.get("checked"):
+        reason = _self_check(reader, dset, offsets)
+        if reason:
+            reader.close()
+            return reason
+        verified["checked"] = True
     return reader
+
+
+def _closed(data, reason: str) -> str:
+    if data is not None:
+        data.close()
+    return reason
 
 
 def _fill_value(dset):
@@ -431,14 +505,15 @@ def _fill_value(dset):
     return dset.fillvalue
 
 
-def _unsupported(dset) -> str | None:
-    """Why the raw-chunk path cannot serve `dset` (storage, file, dtype), or None."""
+def _unsupported(dset, local: bool = True) -> str | None:
+    """Why the raw-chunk path cannot serve `dset` (storage, file, dtype), or None.
+    `local`: its chunks are read from the file on disk h5py opened."""
     if not isinstance(dset, h5py.Dataset):
         return f"not an h5py dataset: {type(dset).__name__}"
-    if not hasattr(os, "preadv"):
+    if local and not hasattr(os, "preadv"):
         return "no positioned reads (os.preadv) on this platform"
     f = dset.file
-    if f.driver not in _PLAIN_DRIVERS:
+    if local and f.driver not in _PLAIN_DRIVERS:
         return f"file driver '{f.driver}'"
     if f.mode != "r":
         return "file open for writing (chunks may still sit in HDF5's cache)"
@@ -493,7 +568,7 @@ def _chunk_index(dset) -> tuple[np.ndarray, np.ndarray, np.ndarray, tuple | None
     return offsets, sizes, masks, (tuple(first.chunk_offset), first.byte_offset, first.size)
 
 
-def _address_base(dset, fd: int, origin, offset: int, size: int) -> int | None:
+def _address_base(dset, data, origin, offset: int, size: int) -> int | None:
     """What to add to HDF5's chunk addresses to get file offsets: 0 or the userblock size.
 
     HDF5 1.14.4 and later report addresses that already include the userblock; older
@@ -506,10 +581,11 @@ def _address_base(dset, fd: int, origin, offset: int, size: int) -> int | None:
         return 0  # cannot compare; trust the address, the self-check follows
     for base in dict.fromkeys((0, int(dset.file.userblock_size))):
         try:
-            if os.pread(fd, size, offset + base) == expected:
-                return base
+            got = next(iter(data.read([(offset + base, size, np.empty(size, np.uint8))])))
         except OSError:
             continue
+        if bytes(memoryview(got).cast("B")) == expected:
+            return base
     return None
 
 

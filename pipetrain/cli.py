@@ -94,11 +94,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", parser_class=_Parser)
 
     t = sub.add_parser("train", help="train a model (no flags: the embedded sample job)")
-    t.add_argument("--data", nargs="+", metavar="PATH", help="training files or globs (default: the sample digits)")
+    t.add_argument("--data", nargs="+", metavar="PATH", help="training files, URLs (s3://, gs://, https://) or globs "
+                   "(default: the sample digits)")
     t.add_argument("--x", nargs="+", metavar="NAME", help="input dataset name(s); NAME=DATASET to key by input name")
     t.add_argument("--y", nargs="+", metavar="NAME", help="target dataset name(s); NAME=DATASET to key by output name")
     t.add_argument("--sample-weight", metavar="NAME", help="dataset of per-row weights")
-    t.add_argument("--val", nargs="+", metavar="PATH", help="validation files or globs")
+    t.add_argument("--val", nargs="+", metavar="PATH", help="validation files, URLs or globs")
     t.add_argument("--val-split", type=fraction, metavar="F",
                    help="validate on the last F of the training rows, as fit's validation_split (taken from "
                         "the end, before shuffling; nothing is copied)")
@@ -115,6 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--producer-priority", choices=["idle", "low", "normal"], default=None,
                    help="CPU priority of the producer threads (default idle: they use the cores' idle time)")
     t.add_argument("--shuffle-window", type=positive_int, default=None, help="rows permuted together (default 8192)")
+    t.add_argument("--steps-per-execution", type=positive_int, default=None, metavar="K",
+                   help="batches trained per compiled call, one batch record per K batches (default 1)")
     t.add_argument("--history", metavar="FILE", help="history file (default runs/<name>/history.jsonl)")
     t.add_argument("--checkpoint-every", type=positive_int, default=None, metavar="N",
                    help="batches between checkpoints, besides each epoch end (default 1000)")
@@ -165,7 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
     make.set_defaults(func=_lazy("pipetrain.synth", "cmd_make_data"))
 
     inspect = sub.add_parser("inspect", help="datasets, shapes, chunking, filters and the read path of an HDF5 file")
-    inspect.add_argument("file", metavar="FILE.h5")
+    inspect.add_argument("file", metavar="FILE.h5|URL")
     inspect.add_argument("--debug", action="store_true", help="show full tracebacks")
     inspect.set_defaults(func=_lazy("pipetrain.inspect", "cmd_inspect"))
     return parser
@@ -198,6 +201,7 @@ def _names(values: list[str] | None, default: str | None):
 TRAIN_DEFAULTS = {
     "epochs": 20, "batch_size": 32, "shuffle": "block", "seed": 0, "workers": 2, "max_queue": 8,
     "shuffle_window": 8192, "monitor_interval": 2.0, "checkpoint_every": 1000, "producer_priority": "idle",
+    "steps_per_execution": 1,
 }
 FIXED_ON_RESUME = ("data", "val", "val_split", "x", "y", "sample_weight", "model", "batch_size", "shuffle", "seed",
                    "shuffle_window", "allow_external")
@@ -234,8 +238,13 @@ def _recorded(settings: dict) -> dict:
     model = settings["model"]
     if model and (model.endswith(".keras") or os.path.isfile(model)):
         model = os.path.abspath(model)
-    return {**settings, "model": model, "data": [os.path.abspath(p) for p in settings["data"]],
-            "val": [os.path.abspath(p) for p in settings["val"]] if settings["val"] else None}
+    from pipetrain.remote import is_url
+
+    def absolute(paths):  # a URL is the same from any folder and any machine
+        return [p if is_url(p) else os.path.abspath(p) for p in paths]
+
+    return {**settings, "model": model, "data": absolute(settings["data"]),
+            "val": absolute(settings["val"]) if settings["val"] else None}
 
 
 def _run_to_resume(given: str) -> Path:
@@ -271,7 +280,7 @@ def _resumed_settings(args, history: Path) -> dict:
             flag = "--" + key.replace("_", "-")
             raise BadInput(f"{flag} cannot change when resuming (the run was started with {settings.get(key)!r})")
     for key in ("epochs", "workers", "max_queue", "monitor_interval", "checkpoint_every", "producer_priority",
-                "compute_threads"):
+                "compute_threads", "steps_per_execution"):
         if getattr(args, key) is not None:
             settings[key] = getattr(args, key)
     settings["allow_nonfinite"] = settings.get("allow_nonfinite", False) or args.allow_nonfinite
@@ -351,6 +360,7 @@ def cmd_train(args) -> int:
             monitor_interval=settings["monitor_interval"], overwrite=args.overwrite,
             resume=bool(args.resume), checkpoint_every=settings["checkpoint_every"],
             stop_on_nonfinite=not settings.get("allow_nonfinite"), producer_priority=settings.get("producer_priority", "idle"),
+            steps_per_execution=settings.get("steps_per_execution") or 1,
             config={"cli": _recorded(settings), "argv": sys.argv[1:]},
         )
     except KeyboardInterrupt as e:

@@ -1,4 +1,4 @@
-"""``pipetrain inspect FILE.h5``: what is in an HDF5 file, and how pipetrain will read it.
+"""``pipetrain inspect FILE.h5|URL``: what is in an HDF5 file, and how pipetrain will read it.
 
 For every dataset: shape, dtype, chunk shape, filters, compression ratio, and the read
 path: raw chunks decoded in the producer threads (parallel, past h5py's lock) or h5py's
@@ -44,39 +44,53 @@ def _mb(n: float) -> str:
     return f"{n / 2**20:,.1f} MB"
 
 
-def describe(path: str | Path) -> list[dict]:
-    """One row per dataset of the file (nested groups included)."""
-    rows: list[dict] = []
-    with h5py.File(path, "r") as f:
-        def visit(name: str, obj) -> None:
-            if not isinstance(obj, h5py.Dataset):
-                return
-            stored = obj.id.get_storage_size()
-            logical = obj.size * obj.dtype.itemsize
-            if obj.is_virtual:
-                layout = "virtual"
-            elif obj.chunks is not None:
-                layout = str(obj.chunks)
-            else:
-                layout = "contiguous"
-            rows.append({
-                "dataset": name,
-                "shape": str(obj.shape),
-                "dtype": str(obj.dtype),
-                "chunks": layout,
-                "filters": _filters(obj),
-                "stored": _mb(stored),
-                "ratio": f"{logical / stored:.2f}" if stored else "-",
-                "read path": read_path(obj),
-            })
+def describe(path: str | Path, storage_options: dict | None = None) -> list[dict]:
+    """One row per dataset of the file or URL (nested groups included)."""
+    from pipetrain.remote import is_url
 
-        f.visititems(visit)
+    if is_url(str(path)):
+        from pipetrain.h5remote import RemoteH5
+
+        opened = RemoteH5(str(path), storage_options)
+        try:
+            return _describe(opened.file, opened.chunk_bytes)
+        finally:
+            opened.close()
+    with h5py.File(path, "r") as f:
+        return _describe(f)
+
+
+def _describe(f: h5py.File, chunk_bytes=None) -> list[dict]:
+    rows: list[dict] = []
+
+    def visit(name: str, obj) -> None:
+        if not isinstance(obj, h5py.Dataset):
+            return
+        stored = obj.id.get_storage_size()
+        logical = obj.size * obj.dtype.itemsize
+        if obj.is_virtual:
+            layout = "virtual"
+        elif obj.chunks is not None:
+            layout = str(obj.chunks)
+        else:
+            layout = "contiguous"
+        rows.append({
+            "dataset": name,
+            "shape": str(obj.shape),
+            "dtype": str(obj.dtype),
+            "chunks": layout,
+            "filters": _filters(obj),
+            "stored": _mb(stored),
+            "ratio": f"{logical / stored:.2f}" if stored else "-",
+            "read path": read_path(obj, chunk_bytes() if chunk_bytes else None),
+        })
+
+    f.visititems(visit)
     return rows
 
 
-def render(path: str | Path, rows: list[dict]) -> str:
-    path = Path(path)
-    head = f"{path}  ({_mb(path.stat().st_size)}, HDF5)"
+def render(path: str | Path, rows: list[dict], size: int | None = None) -> str:
+    head = f"{path}  ({_mb(Path(path).stat().st_size if size is None else size)}, HDF5)"
     if not rows:
         return head + "\n(no datasets)"
     columns = list(rows[0])
@@ -89,7 +103,18 @@ def render(path: str | Path, rows: list[dict]) -> str:
 def cmd_inspect(args) -> int:
     """The ``pipetrain inspect`` command."""
     from pipetrain.cli import BadInput
+    from pipetrain.remote import RemoteInputError, RemoteReadError, is_url, stat
 
+    if is_url(args.file):
+        try:
+            size = stat(args.file).size
+            rows = describe(args.file)
+        except RemoteInputError as e:
+            raise BadInput(str(e)) from None
+        except RemoteReadError as e:
+            raise OSError(str(e)) from None
+        print(render(args.file, rows, size))
+        return 0
     path = Path(args.file)
     if not path.exists():
         raise BadInput(f"{path}: no such file")

@@ -16,6 +16,9 @@ errors and timings to the consumer. It knows nothing of models.
 - **Ahead of time.** While every buffer is in use, workers decode the cached blocks of
   batches not started yet (``lookahead``), so the first batch of a shuffle window, which
   reads all of the window's blocks, does not make the consumer wait.
+- **Told ahead.** Plans are announced to the source before they are due
+  (:class:`_Announced`): a source reading objects in a bucket fetches their chunks
+  while earlier batches train. The source hears row ranges, never batches.
 - **Errors travel.** An exception in a worker is delivered in place of its batch, with
   the original traceback and the file, dataset and rows it was reading.
 - **Clean close.** :meth:`Prefetcher.close` (also on error, ``KeyboardInterrupt`` and
@@ -287,7 +290,7 @@ class Prefetcher(Iterator[Batch]):
         self.pool = BufferPool(source.fields, batch_size, max_queue + 1, recycle)
         self.max_queue = max_queue
         self.cache = BlockCache(source, blocks)
-        self._plans = enumerate(plans)
+        self._plans = enumerate(_Announced(plans, source, blocks))
         self.lookahead = lookahead
         self._ahead: collections.deque = collections.deque()  # (seq, plan) taken from _plans, not issued
         self._pending: collections.deque = collections.deque()  # (seq, epoch, part) to decode ahead
@@ -502,6 +505,9 @@ class Prefetcher(Iterator[Batch]):
     def close(self, timeout: float = 10.0) -> None:
         """Stop and join every worker; drop what was prefetched."""
         self._stop.set()
+        drop = getattr(self.source, "drop_hints", None)
+        if drop is not None:
+            drop()
         with self._done:
             self._done.notify_all()
         deadline = time.monotonic() + timeout
@@ -525,6 +531,63 @@ class Prefetcher(Iterator[Batch]):
     def __del__(self) -> None:  # a fallback: close() is the way
         if not getattr(self, "_stop", threading.Event()).is_set() and hasattr(self, "_threads"):
             self._stop.set()
+
+
+class _Announced(Iterator[BatchPlan]):
+    """The plans, in order, each announced to the source before it is due.
+
+    While the source welcomes hints (``source.will_need`` returns True: a remote source
+    with room in its read-ahead budget), plans further on are taken from the stream and
+    their blocks named to it, each block once per epoch; a local source says no at once,
+    and then no plan is taken early. An error of the stream is kept for its turn."""
+
+    MAX_AHEAD = 4096  # plans held ahead at most
+
+    def __init__(self, plans: Iterable[BatchPlan], source, blocks):
+        self._plans = iter(plans)
+        self._hint = getattr(source, "will_need", None)
+        self._blocks = blocks
+        self._ahead: collections.deque = collections.deque()
+        self._named: set[tuple[int, int]] = set()
+        self._epoch: int | None = None
+        self._ended = False
+
+    def __next__(self) -> BatchPlan:
+        self._announce()
+        if not self._ahead:
+            raise StopIteration
+        plan = self._ahead.popleft()
+        if isinstance(plan, BaseException):
+            raise plan
+        return plan
+
+    def _announce(self) -> None:
+        wants = True
+        while wants and not self._ended and len(self._ahead) < self.MAX_AHEAD:
+            try:
+                plan = next(self._plans)
+            except StopIteration:
+                self._ended = True
+                return
+            except BaseException as e:  # delivered in its place
+                self._ahead.append(e)
+                self._ended = True
+                return
+            self._ahead.append(plan)
+            wants = self._hint is not None and self._name(plan)
+
+    def _name(self, plan: BatchPlan) -> bool:
+        """Name the plan's blocks not named yet; whether the source wants more."""
+        if plan.epoch != self._epoch:
+            self._named = {key for key in self._named if key[0] >= plan.epoch - 1}
+            self._epoch = plan.epoch
+        wants = True
+        for part in plan.parts:
+            key = (plan.epoch, part.block)
+            if key not in self._named:
+                self._named.add(key)
+                wants = bool(self._hint(*self._blocks.span(part.block)))
+        return wants
 
 
 def plans_from(plan, epoch: int, start: int = 0, epochs: int | None = None) -> Iterator[BatchPlan]:

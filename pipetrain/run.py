@@ -49,6 +49,8 @@ from pipetrain import __version__
 from pipetrain import checkpoint as ckpt
 from pipetrain import outcome
 from pipetrain.aggregate import MetricObjects, MetricSums, WeightedMeans, pythonify
+from pipetrain import device
+from pipetrain.fused import Group, each
 from pipetrain.errors import Interrupted, RunError, one_line
 from pipetrain.history import SCHEMA, HistoryWriteError, HistoryWriter, jsonable
 from pipetrain.monitor import Monitor, gpu_probe, peak_rss_mb
@@ -176,6 +178,10 @@ class Run:
             or ``"normal"`` (see :func:`pipetrain.pipeline.set_priority`); producers that
             starve (a batch waited for over half a second) are raised to normal.
             Defaults to "idle".
+        device_prefetch: copy the next batch to the accelerator while the current one
+            trains (see :mod:`pipetrain.device`); the loop then gets device arrays.
+            ``"auto"``: where there is an accelerator; True: always (on a CPU-only
+            machine, a copy). Defaults to False.
     """
 
     def __init__(
@@ -205,6 +211,7 @@ class Run:
         handle_signals: bool = True,
         recycle: bool = True,
         producer_priority: str = "idle",
+        device_prefetch: bool | str = False,
     ):
         batch_size, epochs = _whole("batch_size", batch_size), _whole("epochs", epochs)
         workers, max_queue = _whole("workers", workers), _whole("max_queue", max_queue)
@@ -225,6 +232,10 @@ class Run:
         self.batch_size, self.epochs_total = batch_size, epochs
         self.workers, self.max_queue, self.max_queue_bytes = workers, max_queue, max_queue_bytes
         self.recycle = recycle
+        if device_prefetch not in (True, False, "auto"):
+            raise RunError(f"device_prefetch={device_prefetch!r}: expected True, False or 'auto'")
+        self.device_prefetch_depth = 1
+        self._device_copy = device.device_copier(force=device_prefetch is True) if device_prefetch else None
         if producer_priority not in PRIORITIES:
             raise RunError(f"producer_priority={producer_priority!r}: expected one of {', '.join(PRIORITIES)}")
         self.producer_priority = producer_priority
@@ -305,6 +316,7 @@ class Run:
             "seed": self.plan.seed,
             "epochs": self.epochs_total,
             "fields": self.source.describe()["fields"],
+            **({"versions": self.source.versions} if getattr(self.source, "versions", None) else {}),
         }
         record = {
             "schema": SCHEMA,
@@ -647,8 +659,9 @@ class Epoch:
         self._models: dict[tuple[str, str], tuple[object, str]] = {}  # (name, prefix) -> (model, prefix)
         self._val_logs: dict = {}
         self._train_logs: dict | None = None
-        self._values: dict = {}
-        self._current: Batch | None = None
+        self._values: dict = {}  # what the loop recorded for the batch in hand
+        self._logs: dict = {}  # the models' own metrics of the batch in hand
+        self._current: Batch | Group | None = None
         self._handed = 0.0
         self._rate = RecentRate()
         self._iterator = None
@@ -667,25 +680,38 @@ class Epoch:
     # -- batches --------------------------------------------------------------------
 
     def __iter__(self) -> Iterator[Batch]:
-        self._iterator = self._batches()
+        self._iterator = self._batches(1)
         return self._iterator
 
-    def _batches(self) -> Iterator[Batch]:
+    def groups(self, k: int) -> Iterator[Group]:
+        """The epoch's batches in groups of up to ``k`` (copied and stacked, see
+        :class:`pipetrain.fused.Group`), for :meth:`train_on_group`; a group ends early
+        where the batch size changes (the partial last batch). One batch record, one
+        pair of batch callbacks and one signal check per group; checkpoints land
+        between groups."""
+        self._iterator = self._batches(_whole("steps_per_execution", k))
+        return self._iterator
+
+    def _batches(self, k: int) -> Iterator[Batch | Group]:
         run = self.run
         run.callbacks.on_epoch_begin(self.index)
         self._t0 = time.perf_counter()
-        stream = run._batches(self.index, self.start)
+        items = _items(run._batches(self.index, self.start), self.steps - self.start, k)
+        if run._device_copy is not None:
+            items = device.prefetch(items, run._device_copy, run.device_prefetch_depth)
         finished = False
         try:
-            for _ in range(self.start, self.steps):
+            while True:
                 if run._should_stop():
                     break
-                batch = next(stream)
-                self._current, self._handed = batch, time.perf_counter()
-                self._values = {}
+                item = next(items, None)
+                if item is None:
+                    break
+                self._current, self._handed = item, time.perf_counter()
+                self._values, self._logs = {}, {}
                 if run._batch_begin_hooks:
-                    run.callbacks.on_train_batch_begin(batch.index)
-                yield batch
+                    run.callbacks.on_train_batch_begin(item.index)
+                yield item
                 self._finish_batch()
             finished = True
         except GeneratorExit:  # the loop left after training the batch in hand: it counts
@@ -693,6 +719,7 @@ class Epoch:
                 self._finish_batch(check=False)
             raise
         finally:
+            items.close()
             self._current = None
             self._t_train_end = time.perf_counter()
             # The stream is positioned at the next epoch only if this one ran to its end.
@@ -708,43 +735,48 @@ class Epoch:
         self._current = None
         now = time.perf_counter()
         step_s = now - self._handed
+        count = getattr(batch, "count", 1)
+        last = batch.index + count - 1
         rate = self._rate.add(now - step_s - batch.wait_s, now, batch.size)
-        self._means.add(self._values, batch.size)
+        if self._values:
+            self._means.add(self._values, batch.size)
         self.samples += batch.size
-        self.batches += 1
+        self.batches += count
         self.wait_s += batch.wait_s
         self.read_s += batch.read_s
         self.read_bytes += batch.read_bytes
         self.nbytes += batch.nbytes
-        run.batch = batch.index + 1
-        run.steps_done += 1
+        run.batch = last + 1
+        run.steps_done += count
+        group = {"batches": count} if count > 1 else {}
         run.emit(
-            "batch", epoch=self.index, batch=batch.index, step=self.index * self.steps + batch.index,
-            size=batch.size, **self._values, step_s=round(step_s, 6), wait_s=round(batch.wait_s, 6),
-            samples_per_s=round(rate, 1) if rate else None,
+            "batch", epoch=self.index, batch=last, step=self.index * self.steps + last,
+            size=batch.size, **group, **self._logs, **self._values, step_s=round(step_s, 6),
+            wait_s=round(batch.wait_s, 6), samples_per_s=round(rate, 1) if rate else None,
         )
         if run._batch_hooks:
-            run.callbacks.on_train_batch_end(batch.index, self._running_logs())
+            run.callbacks.on_train_batch_end(last, self._running_logs())
         if not check:
             return
-        self._check_finite(batch)
+        self._check_finite(last)
         if run.interrupted:
             run.save_checkpoint(self)
-            raise Interrupted(f"stopped by {run.interrupted} after {batch_text(self.index, batch.index, self.steps)} "
+            raise Interrupted(f"stopped by {run.interrupted} after {batch_text(self.index, last, self.steps)} "
                               "(checkpoint written)")
-        if run.checkpoint_every and run.steps_done % run.checkpoint_every == 0 and run.batch < self.steps:
+        every = run.checkpoint_every
+        if every and run.steps_done // every > (run.steps_done - count) // every and run.batch < self.steps:
             run.save_checkpoint(self)
 
-    def _check_finite(self, batch: Batch) -> None:
+    def _check_finite(self, last: int) -> None:
         run = self.run
         if not run.stop_on_nonfinite or run._should_stop():  # a TerminateOnNaN has stopped it
             return
-        bad = {k: v for k, v in self._values.items()
+        bad = {k: v for values in (self._logs, self._values) for k, v in values.items()
                if k.endswith("loss") and isinstance(v, float) and not math.isfinite(v)}
         if bad:
             shown = ", ".join(f"{k}={v}" for k, v in bad.items())
             raise NonFiniteLoss(
-                f"non-finite loss at {batch_text(self.index, batch.index, self.steps)}: {shown} "
+                f"non-finite loss at {batch_text(self.index, last, self.steps)}: {shown} "
                 "(training stopped; the last checkpoint holds finite weights)"
             )
 
@@ -775,10 +807,41 @@ class Epoch:
         Returns the batch's own metrics (not running averages). The epoch's metrics for
         this model are aggregated from the metric state exactly as ``fit`` does."""
         sums = self._track(model, prefix)
-        logs = sums.accumulate(lambda: model.train_on_batch(x, y, sample_weight=sample_weight, class_weight=class_weight,
-                                                      return_dict=True))
-        logs = {prefix + k: v for k, v in pythonify(logs).items()}
-        self._values.update(logs)
+        if class_weight is not None:
+            sample_weight = _class_weights(y, sample_weight, class_weight)
+        logs = sums.train((x, y, sample_weight))
+        if prefix:
+            logs = {prefix + k: v for k, v in logs.items()}
+        self._logs.update(logs)
+        return logs
+
+    def train_on_group(self, model, group: Group, class_weight=None, prefix: str = "") -> dict:
+        """Train a :class:`~pipetrain.fused.Group` of :meth:`groups` in one compiled call
+        (on PyTorch, k steps back to back); recorded under ``prefix``.
+
+        Returns the metrics of the group's batches (the model's metrics over them, as
+        ``fit`` would report for those batches alone); the epoch's metrics stay exactly
+        ``fit``'s. A model's very first group trains its first batch on its own (that
+        call builds the model) and reports the metrics of the rest."""
+        sums = self._track(model, prefix)
+        data = (group.x, group.y, group.sample_weight)
+        if class_weight is not None:
+            weights = [_class_weights(y, sw, class_weight) for y, sw in
+                       zip(group.y, group.sample_weight if group.sample_weight is not None else [None] * group.count,
+                           strict=True)]
+            data = (group.x, group.y, np.stack(weights))
+        if not sums.fused:  # the first batch builds the model, through train_on_batch
+            logs = sums.train(each(lambda a: a[0], data))
+            data, count = each(lambda a: a[1:], data), group.count - 1
+        else:
+            count = group.count
+        if count == 1:
+            logs = sums.train(each(lambda a: a[0], data))
+        elif count > 1:
+            logs = sums.train(data, count)
+        if prefix:
+            logs = {prefix + k: v for k, v in logs.items()}
+        self._logs.update(logs)
         return logs
 
     def record(self, **values: float) -> None:
@@ -939,6 +1002,37 @@ def _whole(name: str, value) -> int:
     if number is None or isinstance(value, bool) or number < 1:
         raise RunError(f"{name}={value!r} must be a whole number >= 1")
     return number
+
+
+def _items(stream: Iterator[Batch], steps: int, k: int) -> Iterator[Batch | Group]:
+    """The next ``steps`` batches of ``stream``, one by one (k = 1) or in groups of up
+    to k batches of one size."""
+    if k == 1:
+        for _ in range(steps):
+            yield next(stream)
+        return
+    held: Group | None = None  # a batch of another size, which starts the next group
+    taken = 0
+    while taken < steps or held is not None:
+        group = Group(held if held is not None else next(stream), k)
+        taken += 0 if held is not None else 1
+        held = None
+        while group.count < k and taken < steps:
+            batch = next(stream)
+            taken += 1
+            if not group.add(batch):
+                held = Group(batch, 1)
+                break
+        yield group.done()
+
+
+def _class_weights(y, sample_weight, class_weight):
+    """Class weights as per-row sample weights, as ``train_on_batch`` makes them."""
+    if sample_weight is not None:
+        raise ValueError("sample_weight and class_weight exclude each other (as in train_on_batch)")
+    from keras.src.trainers.data_adapters.data_adapter_utils import class_weight_to_sample_weights
+
+    return class_weight_to_sample_weights(y, class_weight)
 
 
 def _test_on_batch(model, batch: Batch) -> dict:

@@ -7,6 +7,12 @@ Reads are contiguous row ranges; chunked, compressed datasets are read from thei
 chunks and decoded in the calling thread (:mod:`pipetrain.chunks`), so that several
 producer threads decode in parallel instead of queueing on h5py's global lock.
 
+A file may be a URL (``s3://``, ``gs://``, ``https://``): h5py then opens it through a
+file object whose metadata pages are cached on disk by the object's version
+(:mod:`pipetrain.h5remote`), and chunks come from parallel ranged GETs
+(:mod:`pipetrain.ranges`), fetched ahead of time when the reader is told which rows
+come next (:meth:`H5Source.will_need`).
+
 The source knows nothing of batches or models: the plan says which rows, the pipeline
 asks for them.
 """
@@ -27,6 +33,7 @@ import numpy as np
 
 from pipetrain.chunks import ChunkReader, open_chunk_reader
 from pipetrain.errors import InputError
+from pipetrain.remote import is_url
 
 Names = str | Sequence[str] | Mapping[str, str]
 
@@ -58,14 +65,34 @@ class Field:
         return int(np.prod(self.row_shape, dtype=np.int64)) * self.dtype.itemsize
 
 
-def expand_paths(paths: str | os.PathLike | Sequence[str | os.PathLike]) -> list[Path]:
-    """Files from paths and globs, in the order given (each glob sorted)."""
+def expand_paths(paths: str | os.PathLike | Sequence[str | os.PathLike],
+                 storage_options: dict | None = None) -> list[Path | str]:
+    """Files from paths, URLs and globs of either, in the order given (each glob sorted);
+    a URL stays a string."""
+    return _expand(paths, storage_options)[0]
+
+
+def _expand(paths, storage_options) -> tuple[list[Path | str], dict]:
+    """Files and URLs, and what listing a URL glob told about its objects (url -> ObjectInfo)."""
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
-    files: list[Path] = []
+    files: list[Path | str] = []
+    objects: dict = {}
     for p in paths:
         text = os.fspath(p)
-        if glob.has_magic(text):
+        if is_url(text):
+            if _url_has_magic(text):
+                from pipetrain import remote
+
+                try:
+                    found = remote.expand(text, storage_options)
+                except remote.RemoteInputError as e:
+                    raise SourceError(str(e)) from None
+                objects.update((o.url, o) for o in found)
+                files.extend(o.url for o in found)
+            else:
+                files.append(text)
+        elif glob.has_magic(text):
             matches = sorted(glob.glob(text))
             if not matches:
                 raise SourceError(f"{text}: no file matches")
@@ -74,7 +101,7 @@ def expand_paths(paths: str | os.PathLike | Sequence[str | os.PathLike]) -> list
             files.append(Path(text))
     if not files:
         raise SourceError("no data files given")
-    return files
+    return files, objects
 
 
 def _names(names: Names | None, what: str) -> list[str]:
@@ -112,6 +139,15 @@ class H5Source:
         sample_weight: the name of a dataset of per-row weights. Defaults to None.
         allow_external: allow external links, external storage and virtual datasets that
             point outside the folders of the data files. Defaults to False (refused).
+        storage_options: for URLs: the options of the fsspec filesystem (``s3fs``,
+            ``gcsfs``, HTTP), e.g. ``{"anon": True}`` or ``{"profile": "research",
+            "client_kwargs": {"endpoint_url": "http://127.0.0.1:9000"}}``. Defaults to None
+            (the environment's credentials and endpoint).
+        metadata_cache: for URLs: the folder where the HDF5 metadata of each object
+            version is kept, True for the default (``$PIPETRAIN_CACHE`` or
+            ``~/.cache/pipetrain``), or None for none. Defaults to True.
+        fetch: for URLs: a :class:`pipetrain.ranges.FetchSettings` (requests in flight,
+            coalescing, read-ahead budget, retries). Defaults to None (its defaults).
         rows: the rows to use, as a ``slice`` of the files' rows taken one after the
             other: whole numbers are row numbers (negative ones count from the end),
             floats are fractions of all rows (``slice(None, 0.9)``: the first 90%).
@@ -132,22 +168,34 @@ class H5Source:
         sample_weight: str | None = None,
         *,
         allow_external: bool = False,
+        storage_options: dict | None = None,
+        metadata_cache: bool | str | os.PathLike | None = True,
+        fetch=None,
         rows: slice | None = None,
     ):
-        self._given = (paths, x, y, sample_weight, allow_external)
-        self.paths = expand_paths(paths)
+        self._given = dict(paths=paths, x=x, y=y, sample_weight=sample_weight, allow_external=allow_external,
+                           storage_options=storage_options, metadata_cache=metadata_cache, fetch=fetch)
+        self.storage_options = dict(storage_options or {})
+        self.paths, self._objects = _expand(paths, self.storage_options)
         self.x, self.y, self.sample_weight = x, y, sample_weight
         self.allow_external = allow_external
+        self.metadata_cache, self.fetch = metadata_cache, fetch
+        self._fetcher = None  # ranged reads of the remote files, made on first use
+        self._remote: list = []  # the remote files, opened (h5remote.RemoteH5)
+        self.versions: dict[str, dict] = {}  # url -> {"size", "version"} as opened
         names = _names(x, "x") + _names(y, "y") + _names(sample_weight, "sample_weight")
         if not _names(x, "x"):
             raise SourceError("x: no input dataset named")
         self.names = list(dict.fromkeys(names))  # unique, in order
-        self._roots = {p.resolve().parent for p in self.paths}
+        self._roots = {p.resolve().parent for p in self.paths if isinstance(p, Path)}
         self._files: list[h5py.File] = []
         self._readers: list[dict[str, ChunkReader | h5py.Dataset]] = []
         self.rows_per_file: list[int] = []
         self.fields: dict[str, Field] = {}
+        self._first_pages: dict = {}
+        self._to_prefetch: list = []
         try:
+            self._prefetch(first=True)
             for path in self.paths:
                 self._open(path)
         except BaseException:
@@ -180,13 +228,42 @@ class H5Source:
         if cut in (start, stop):
             raise SourceError(f"validation_split={validation_split}: {self.rows} rows cannot be split into "
                               "a training and a validation part")
-        paths, x, y, sample_weight, allow_external = self._given
-        return tuple(H5Source(paths, x, y, sample_weight, allow_external=allow_external, rows=slice(a, b))
-                     for a, b in ((start, cut), (cut, stop)))
+        return tuple(H5Source(**self._given, rows=slice(a, b)) for a, b in ((start, cut), (cut, stop)))
 
     # -- opening and validation -------------------------------------------------
 
-    def _open(self, path: Path) -> None:
+    PREFETCH_FILES = 64  # files whose first pages are requested ahead of their open
+
+    def _prefetch(self, first: bool = False) -> None:
+        """Many objects from a glob: request the first pages (their metadata; for small
+        files all of it) of the next files side by side, before opening them one by one
+        (``first``: before the first open; then after each open, one more file)."""
+        if first:
+            self._to_prefetch = [self._objects[p] for p in self.paths if isinstance(p, str) and p in self._objects]
+            if len(self._to_prefetch) < 2:
+                self._to_prefetch = []
+                return
+        if not self._to_prefetch:
+            return
+        from pipetrain import h5remote, ranges
+        from pipetrain.remote import RemoteInputError, store_for
+
+        try:
+            if self._fetcher is None:
+                self._fetcher = ranges.Fetcher(self.fetch)
+            while self._to_prefetch and len(self._first_pages) < self.PREFETCH_FILES:
+                obj = self._to_prefetch.pop(0)
+                self._first_pages.update(h5remote.prefetch_first_pages(
+                    [obj], lambda url: store_for(url, self.storage_options), self._fetcher, self.metadata_cache))
+                if obj.url not in self._first_pages:
+                    self._first_pages[obj.url] = None  # cached on disk: nothing to fetch
+        except RemoteInputError as e:
+            raise SourceError(str(e)) from None
+
+    def _open(self, path: Path | str) -> None:
+        if isinstance(path, str):
+            self._open_remote(path)
+            return
         if not path.exists():
             raise SourceError(f"{path}: no such file")
         if path.is_dir():
@@ -197,13 +274,39 @@ class H5Source:
             f = h5py.File(path, "r")
         except OSError as e:
             raise SourceError(f"{path}: cannot be opened as HDF5 (truncated or corrupted?): {e}") from None
+        self._add_file(f, path)
+
+    def _open_remote(self, url: str) -> None:
+        """Open an object in a bucket: its version, its metadata (from the cache on disk
+        when this version was opened before), then its datasets as for a local file."""
+        from pipetrain import h5remote, ranges, remote
+
+        try:
+            if self._fetcher is None:
+                self._fetcher = ranges.Fetcher(self.fetch)
+            opened = h5remote.RemoteH5(url, self.storage_options, self.metadata_cache, self._fetcher,
+                                       self._objects.get(url), self._first_pages.pop(url, None))
+            self._remote.append(opened)
+            self._add_file(opened.file, url, opened.chunk_bytes, opened.verified)
+            opened.opened()
+        except remote.RemoteInputError as e:
+            raise SourceError(str(e)) from None
+        except remote.RemoteReadError as e:
+            raise SourceReadError(str(e)) from None
+        self.versions[url] = {"size": opened.obj.size, "version": opened.obj.version}
+        self._prefetch()
+
+    def _add_file(self, f: h5py.File, path: Path | str, data=None, verified: dict | None = None) -> None:
+        """Check the named datasets of an open file and open their readers (raw chunks
+        from ``data()``, a new byte source, or from the file on disk)."""
         self._files.append(f)
         readers: dict[str, ChunkReader | h5py.Dataset] = {}
         rows: dict[str, int] = {}
         for name in self.names:
             dset = self._dataset(f, path, name)
             rows[name] = dset.shape[0]
-            reader = open_chunk_reader(dset)
+            known = verified.setdefault(name, {}) if verified is not None else None
+            reader = open_chunk_reader(dset, data() if data is not None else None, known)
             readers[name] = reader if isinstance(reader, ChunkReader) else dset
         first = self.names[0]
         for name, n in rows.items():
@@ -242,11 +345,13 @@ class H5Source:
             )
         return dset
 
-    def _outside(self, target: Path) -> bool:
+    def _outside(self, target: Path | str) -> bool:
+        if isinstance(target, str):  # beside an object in a bucket: never one of our folders
+            return True
         target = target.resolve()
         return not any(target.is_relative_to(root) for root in self._roots)
 
-    def _refuse(self, path: Path, name: str, what: str, target: Path) -> None:
+    def _refuse(self, path: Path | str, name: str, what: str, target: Path | str) -> None:
         if not self.allow_external and self._outside(target):
             raise SourceError(
                 f"{path}: dataset '{name}' is {what} {target}, outside the data files' folders "
@@ -259,15 +364,15 @@ class H5Source:
         for i in range(1, len(parts) + 1):
             link = f.get("/".join(parts[:i]), getlink=True)
             if isinstance(link, h5py.ExternalLink):
-                self._refuse(path, name, "an external link to", path.parent / link.filename)
+                self._refuse(path, name, "an external link to", _beside(path, link.filename))
 
     def _check_storage(self, path: Path, name: str, dset: h5py.Dataset) -> None:
         for filename, _offset, _size in dset.external or ():
-            self._refuse(path, name, "stored in the external file", path.parent / os.fsdecode(filename))
+            self._refuse(path, name, "stored in the external file", _beside(path, os.fsdecode(filename)))
         if dset.is_virtual:
             for source in dset.virtual_sources():
                 if source.file_name != ".":
-                    self._refuse(path, name, "a virtual dataset reading", path.parent / source.file_name)
+                    self._refuse(path, name, "a virtual dataset reading", _beside(path, source.file_name))
 
     def check_model(self, model) -> None:
         """Check that the datasets fit the model's inputs (and output names), once the
@@ -360,6 +465,24 @@ class H5Source:
             fetched += n
         return arrays, fetched
 
+    def will_need(self, file: int, start: int, stop: int) -> bool:
+        """A hint: rows [start, stop) of file number ``file`` will be read soon. A remote
+        file starts fetching their chunks (within its read-ahead budget); a local one does
+        nothing. Returns whether more hints are welcome (False for local files, and once
+        the read-ahead budget is full)."""
+        if self._fetcher is None or not isinstance(self.paths[file], str):
+            return False
+        wants = False
+        for reader in self._readers[file].values():
+            if isinstance(reader, ChunkReader):
+                wants = reader.will_need(start, stop) or wants
+        return wants
+
+    def drop_hints(self) -> None:
+        """Forget the rows hinted and not read yet (the plan that named them was dropped)."""
+        if self._fetcher is not None:
+            self._fetcher.drop_hints()
+
     def arrange(self, arrays: Mapping[str, np.ndarray]):
         """(x, y, sample_weight) from arrays keyed by dataset name, in the given structure."""
         return _arrange(self.x, arrays), _arrange(self.y, arrays), _arrange(self.sample_weight, arrays)
@@ -368,6 +491,9 @@ class H5Source:
         """Per dataset: the read path of the first file (raw chunks or h5py, and why)."""
         from pipetrain.chunks import read_path
 
+        if isinstance(self.paths[0], str):  # a URL: its readers are open already
+            return {name: reader.codec if isinstance(reader, ChunkReader) else "h5py read"
+                    for name, reader in self._readers[0].items()}
         return {name: read_path(self._files[0][name]) for name in self.names}
 
     def describe(self) -> dict:
@@ -378,6 +504,7 @@ class H5Source:
             "row_range": list(self.row_range),
             "x": self.x, "y": self.y, "sample_weight": self.sample_weight,
             "fields": {n: {"shape": list(f.row_shape), "dtype": str(f.dtype)} for n, f in self.fields.items()},
+            **({"versions": dict(self.versions)} if self.versions else {}),
         }
 
     # -- lifetime ---------------------------------------------------------------
@@ -390,7 +517,9 @@ class H5Source:
         for f in self._files:
             with contextlib.suppress(Exception):  # closing twice or at interpreter exit
                 f.close()
-        self._readers, self._files = [], []
+        if self._fetcher is not None:
+            self._fetcher.close()
+        self._readers, self._files, self._remote = [], [], []
 
     def __enter__(self) -> H5Source:
         return self
@@ -434,6 +563,22 @@ def row_range(rows: slice | None, total: int) -> tuple[int, int]:
     if stop <= start:
         raise SourceError(f"rows={rows!r} selects no row of the {total:,} rows")
     return start, stop
+
+
+def _url_has_magic(url: str) -> bool:
+    """A URL glob: ``*``, ``?`` or ``[`` in its path (a web URL's query, as in a signed
+    URL, is not part of the pattern)."""
+    from urllib.parse import urlsplit
+
+    path = urlsplit(url).path if url.lower().startswith(("http://", "https://")) else url.split("://", 1)[1]
+    return glob.has_magic(path)
+
+
+def _beside(path: Path | str, filename: str) -> Path | str:
+    """Where a file named inside ``path`` (an external link's target) would be."""
+    if isinstance(path, str):
+        return path.rsplit("/", 1)[0] + "/" + filename
+    return path.parent / filename
 
 
 def _dataset_names(f: h5py.File) -> list[str]:

@@ -41,6 +41,8 @@ def train(
     stop_on_nonfinite: bool = True,
     producer_priority: str = "idle",
     config: Mapping | None = None,
+    steps_per_execution: int = 1,
+    device_prefetch: bool | str = "auto",
 ):
     """Train a compiled Keras model on an :class:`H5Source` with ``train_on_batch``.
 
@@ -72,6 +74,14 @@ def train(
             each epoch end. Defaults to 1000.
         stop_on_nonfinite: stop (status ``failed``) on a NaN or infinite loss. Defaults
             to True.
+        steps_per_execution: batches trained per compiled call (see
+            :mod:`pipetrain.fused`), as ``fit``'s argument of that name: epoch metrics
+            stay exactly ``fit``'s; one batch record, one pair of batch callbacks and
+            one signal check per group of k batches; checkpoints land between groups.
+            Defaults to 1.
+        device_prefetch: copy the next batch to the accelerator while the current one
+            trains (see :mod:`pipetrain.device`); ``"auto"``: where there is one.
+            Defaults to "auto".
 
     Other arguments are those of :class:`pipetrain.Run`.
 
@@ -90,6 +100,7 @@ def train(
         "epochs": epochs, "batch_size": batch_size, "shuffle": shuffle, "seed": seed,
         "workers": workers, "max_queue": max_queue, "validation": [str(p) for p in validation.paths] if validation else None,
         "class_weight": dict(class_weight) if class_weight else None,
+        "steps_per_execution": steps_per_execution,
     }
     with Run(
         source, batch_size=batch_size, epochs=epochs, history=history, shuffle=shuffle, seed=seed,
@@ -98,11 +109,15 @@ def train(
         callbacks=callbacks, verbose=verbose, monitor_interval=monitor_interval,
         config={**settings, **(config or {})}, overwrite=overwrite, resume=resume,
         checkpoint_every=checkpoint_every, stop_on_nonfinite=stop_on_nonfinite,
-        producer_priority=producer_priority,
+        producer_priority=producer_priority, device_prefetch=device_prefetch,
     ) as run:
         for epoch in run.epochs():
-            for batch in epoch:
-                epoch.train_on_batch(model, batch.x, batch.y, batch.sample_weight, class_weight)
+            if steps_per_execution == 1:
+                for batch in epoch:
+                    epoch.train_on_batch(model, batch.x, batch.y, batch.sample_weight, class_weight)
+            else:
+                for group in epoch.groups(steps_per_execution):
+                    epoch.train_on_group(model, group, class_weight)
             if validation is not None:  # also after a callback stopped the epoch, as fit does
                 epoch.evaluate(model, validation, validation_batch_size or batch_size)
     return run.history

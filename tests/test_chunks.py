@@ -271,16 +271,16 @@ def test_userblock_offset_is_detected_either_way(tmp_path):
         f.create_dataset(
             "x", data=sample((ROWS, 12), "float32"), chunks=(32, 12), compression="gzip"
         )
-    fd = os.open(tmp_path / "f.h5", os.O_RDONLY)
+    data = chunks.FileBytes(str(tmp_path / "f.h5"))
     try:
         with h5py.File(tmp_path / "f.h5", "r") as f:
             info = f["x"].id.get_chunk_info(0)
             origin, size = info.chunk_offset, info.size
-            assert chunks._address_base(f["x"], fd, origin, info.byte_offset, size) == 0
-            assert chunks._address_base(f["x"], fd, origin, info.byte_offset - 512, size) == 512
-            assert chunks._address_base(f["x"], fd, origin, info.byte_offset + 3, size) is None
+            assert chunks._address_base(f["x"], data, origin, info.byte_offset, size) == 0
+            assert chunks._address_base(f["x"], data, origin, info.byte_offset - 512, size) == 512
+            assert chunks._address_base(f["x"], data, origin, info.byte_offset + 3, size) is None
     finally:
-        os.close(fd)
+        data.close()
 
 
 def test_chunks_that_skipped_filters(tmp_path):
