@@ -143,6 +143,8 @@ def build_parser() -> argparse.ArgumentParser:
     plot = sub.add_parser("plot", help="plot one or several histories to a PNG")
     plot.add_argument("files", nargs="+", metavar="FILE", help="history files (or run folders)")
     plot.add_argument("-o", "--output", required=True, metavar="OUT.png", help="the picture to write")
+    plot.add_argument("--metrics", nargs="+", metavar="NAME", help="the metric panels to draw (default: every metric)")
+    plot.add_argument("--log", action="store_true", help="losses and metrics on a log scale")
     plot.add_argument("--debug", action="store_true", help="show full tracebacks")
     plot.set_defaults(func=_lazy("pipetrain.plot", "cmd_plot"))
 
