@@ -1,4 +1,4 @@
-"""The command line: ``pipetrain train | tail | plot | make-data | inspect``.
+"""The command line: ``pipetrain train | tail | plot | ls | make-data | inspect``.
 
 Exit codes: 0 done (also when a callback stopped training), 1 training failed, 2 bad
 usage or bad input (one line on stderr naming the file, dataset or flag), 130
@@ -147,6 +147,11 @@ def build_parser() -> argparse.ArgumentParser:
     plot.add_argument("--log", action="store_true", help="losses and metrics on a log scale")
     plot.add_argument("--debug", action="store_true", help="show full tracebacks")
     plot.set_defaults(func=_lazy("pipetrain.plot", "cmd_plot"))
+
+    ls = sub.add_parser("ls", help="every run under a folder: status, running, epochs, best epoch, start time")
+    ls.add_argument("folder", nargs="?", metavar="DIR", help="the folder to search (default: runs, else .)")
+    ls.add_argument("--debug", action="store_true", help="show full tracebacks")
+    ls.set_defaults(func=_lazy("pipetrain.listing", "cmd_ls"))
 
     make = sub.add_parser("make-data", help="write a learnable synthetic data set of any size")
     make.add_argument("output", metavar="OUT.h5|FOLDER", help="the file to write (with --splits: the folder)")
