@@ -1,7 +1,6 @@
 """`pipetrain ls`: every run under a folder, with its status, whether its process runs,
 its epochs, its best epoch and its start, read without parsing a batch line."""
 
-
 from pipetrain import cli, scan
 from pipetrain.process import process_info
 from tests.test_history import known_records, resumed_records, write_records
