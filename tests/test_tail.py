@@ -371,3 +371,23 @@ def test_quiet_training_prints_nothing(tmp_path):
     assert done.returncode == 0, done.stderr
     assert done.stdout == "" and done.stderr == ""
     assert read_history(tmp_path / "runs" / "q").end["status"] == "completed"
+
+
+def test_the_training_bar_and_tail_show_one_samples_per_s(tmp_path):
+    """samples/s "now" has one definition, the batch records' (the batches of the last
+    two seconds, over wall time): the trainer's bar and tail's view show that number."""
+    from pipetrain.progress import EpochBar, RecentRate
+
+    records = known_records(epochs_done=2, batches_in_last=4, end=None)
+    rates = {}
+    for r in records:
+        if r["type"] == "batch":  # what the run records for these batches (one measure per epoch)
+            rate = rates.setdefault(r["epoch"], RecentRate())
+            r["samples_per_s"] = round(rate.add(r["t"] - r["step_s"] - r["wait_s"], r["t"], r["size"]), 1)
+    assert records[-1]["samples_per_s"] == 800.0  # 10 rows per 12.5 ms
+    progress = Progress(verbose=2, console=Console(file=io.StringIO(), width=100))
+    for r in records:
+        progress.handle(r)
+    path = write_records(tmp_path / "h.jsonl", records)
+    view = text_of(dashboard([u.state for u in updates(path, follow=False)][-1], path))
+    assert "800 samples/s" in text_of(EpochBar(progress.state)) and "now 800 samples/s" in view
