@@ -302,7 +302,10 @@ def _say_if_complete(history: Path, epochs: int, quiet: bool) -> bool:
     it) is left as it is, history and model included; more --epochs extend it."""
     from pipetrain import checkpoint, outcome
 
-    meta = checkpoint.load_meta(checkpoint.latest(history.parent / "checkpoint"))
+    latest = checkpoint.latest(history.parent / "checkpoint")
+    if latest is None:  # killed before its first checkpoint: it starts again
+        return False
+    meta = checkpoint.load_meta(latest)
     why = outcome.already_complete(meta, epochs)
     if why and not quiet:
         where = history.parent if history.name == "history.jsonl" else history
