@@ -25,6 +25,7 @@ Example::
 
 from __future__ import annotations
 
+import textwrap
 import threading
 import time
 from collections import deque
@@ -570,7 +571,11 @@ def fold(line: str, width: int, indent: int = 4) -> list[str]:
             current = " " * indent + part
         else:
             current = f"{current}  {part}" if current else part
-    return [*lines, current]
+    lines.append(current)
+    # A part longer than the width on its own (the run line) is cut between its words.
+    return [piece for text in lines for piece in
+            (textwrap.wrap(text, width, subsequent_indent=" " * indent, break_long_words=False,
+                           break_on_hyphens=False) if len(text) > width else [text])]
 
 
 # -- the bar ----------------------------------------------------------------------------------

@@ -391,3 +391,31 @@ def test_the_training_bar_and_tail_show_one_samples_per_s(tmp_path):
     path = write_records(tmp_path / "h.jsonl", records)
     view = text_of(dashboard([u.state for u in updates(path, follow=False)][-1], path))
     assert "800 samples/s" in text_of(EpochBar(progress.state)) and "now 800 samples/s" in view
+
+
+def many_metrics(records):
+    for r in records:
+        if r["type"] == "epoch":
+            r.update(precision=0.5, recall=0.4, auc=0.9, val_precision=0.5, val_recall=0.3, val_auc=0.8)
+    return records
+
+
+def test_an_80_column_terminal_is_fitted(tmp_path):
+    """On 80 columns: the trainer's epoch lines are cut between metrics (never inside a
+    number), the epochs table keeps whole headers and names the columns it leaves out."""
+    records = many_metrics(known_records(epochs_done=2, batches_in_last=4, end=None))
+    console = Console(file=io.StringIO(), width=80, force_terminal=True, color_system=None)
+    progress = Progress(verbose=2, console=console)  # lines only, on a terminal
+    for r in records:
+        progress.handle(r)
+    out = console.file.getvalue().splitlines()
+    assert all(len(line) <= 80 for line in out) and len(out) > 3
+    state = state_of(records)
+    plain = [run_line_or_epoch for r in records for run_line_or_epoch in lines_for(r, state)]
+    assert " ".join(" ".join(out).split()) == " ".join(" ".join(plain).split())  # the same words, in order
+    assert any(line.startswith("    ") and "samples/s" in line for line in out)  # a continuation line
+    path = write_records(tmp_path / "h.jsonl", records)
+    text = text_of(dashboard(state, path, now=state.last_t, width=80), width=80)
+    assert all(len(line) <= 80 for line in text.splitlines())
+    assert "…" not in text and "val_" in text and "accuracy" in text and "epoch" in text
+    assert "not shown at this width: " in text and "input-bound" in text.split("not shown at this width: ")[1]
