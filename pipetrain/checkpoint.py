@@ -59,6 +59,24 @@ def check_resume(history: Path, run_id: str | None = None) -> None:
         raise RunError(f"{history} belongs to run {runs[-1].get('run')}, but its checkpoint to run {run_id}")
 
 
+def check_backend(path: Path, meta: dict, history: Path | None = None) -> None:
+    """Refuse a checkpoint written under another Keras backend. Its arrays would load
+    bit for bit (weights, optimizer slots, seed-generator states), but a backend draws
+    other random numbers from the same seed state (Dropout's masks) and computes in its
+    own order, so the run would not go on as it would have: no resume is exact there.
+    A checkpoint that predates the ``backend`` field is judged by its history's run record."""
+    import keras
+
+    ours, theirs = keras.backend.backend(), meta.get("backend")
+    if theirs is None and history is not None and history.is_file():
+        runs = run_records(history)
+        theirs = (runs[-1].get("host") or {}).get("backend") if runs else None
+    if theirs is not None and theirs != ours:
+        raise RunError(f"cannot resume {path}: it was written under Keras' {theirs} backend and this is {ours}, "
+                       f"where it would not continue exactly (other random draws and arithmetic); "
+                       f"resume it with KERAS_BACKEND={theirs}")
+
+
 def latest(folder: str | os.PathLike) -> Path | None:
     """The newest complete checkpoint in ``folder``, or None."""
     folder = Path(folder)
@@ -295,7 +313,8 @@ def restore_callbacks(callbacks: list, states: list[dict], arrays: dict[str, np.
 
 
 def rng_state() -> tuple[dict, dict[str, np.ndarray]]:
-    """Python's and numpy's global random states, and Keras' global seed generator."""
+    """Python's and numpy's global random states, Keras' global seed generator, and on
+    the torch backend torch's global generators (an unseeded Dropout draws from them)."""
     version, internal, gauss = random.getstate()
     kind, keys, pos, has_gauss, cached = np.random.get_state()
     meta = {"python": [version, list(internal), gauss], "numpy": [kind, int(pos), int(has_gauss), float(cached)]}
@@ -303,6 +322,11 @@ def rng_state() -> tuple[dict, dict[str, np.ndarray]]:
     generator = _keras_global_seed_generator()
     if generator is not None:
         arrays["rng/keras"] = np.asarray(generator.state.numpy())
+    torch = _torch_backend()
+    if torch is not None:
+        arrays["rng/torch"] = torch.get_rng_state().numpy()
+        if torch.cuda.is_available():
+            arrays.update({f"rng/torch-cuda/{i}": s.numpy() for i, s in enumerate(torch.cuda.get_rng_state_all())})
     return meta, arrays
 
 
@@ -314,6 +338,23 @@ def restore_rng(meta: dict, arrays: dict[str, np.ndarray]) -> None:
     generator = _keras_global_seed_generator()
     if generator is not None and "rng/keras" in arrays:
         generator.state.assign(arrays["rng/keras"])
+    torch = _torch_backend()
+    if torch is not None and "rng/torch" in arrays:
+        torch.set_rng_state(torch.from_numpy(arrays["rng/torch"].copy()))
+        cuda = sorted((k for k in arrays if k.startswith("rng/torch-cuda/")), key=lambda k: int(k.rsplit("/", 1)[1]))
+        if cuda and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all([torch.from_numpy(arrays[k].copy()) for k in cuda])
+
+
+def _torch_backend():
+    """torch, when it is Keras' backend (imported then already), else None."""
+    import keras
+
+    if keras.backend.backend() != "torch":
+        return None
+    import torch
+
+    return torch
 
 
 def _keras_global_seed_generator():

@@ -419,6 +419,15 @@ class _EpochSoFar:
 
 # -- plain text -----------------------------------------------------------------------------
 
+def backend_text(host: dict) -> str:
+    """The Keras backend a run trained on, with its version ('' for a record without it).
+
+    >>> backend_text({"backend": "jax", "backend_version": "0.10.2"})
+    'jax 0.10.2'
+    """
+    return f"{host.get('backend') or ''} {host.get('backend_version') or ''}".strip() if host.get("backend") else ""
+
+
 def run_line(record: dict) -> str:
     """One line for a run record: what trains on what; where a resumed segment starts."""
     data, model = record.get("data") or {}, record.get("model") or {}
@@ -496,10 +505,12 @@ def position_line(state: RunState) -> str:
     return "  ".join(p for p in (*parts, speed_text(state)) if p)
 
 
-def ending_text(end: dict) -> str:
-    """How a run ended, in one line: status, epochs, steps, and why (an error, the
-    signal, or what stopped it before its last epoch)."""
+def ending_text(end: dict, backend: str = "") -> str:
+    """How a run ended, in one line: status, epochs, steps (on which backend), and why
+    (an error, the signal, or what stopped it before its last epoch)."""
     line = f"{end.get('status', '?')}: {end.get('epochs', 0)} epoch(s), {end.get('steps') or 0:,} steps"
+    if backend:
+        line += f" on {backend}"
     if end.get("error"):
         line += f" - {end['error']}"
     elif end.get("reason") and end.get("status") != "completed":
@@ -520,7 +531,7 @@ def summary(state: RunState, history_path=None) -> str:
     """The closing lines: how it ended and why, the best epoch, the final validation
     metric, speed, memory."""
     end = state.end or {}
-    lines = [ending_text(end)]
+    lines = [ending_text(end, backend_text(state.run.get("host") or {}))]
     epochs = state.epochs
     best = best_text(state)
     if best:

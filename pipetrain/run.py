@@ -568,6 +568,7 @@ class Run:
         meta = {
             "format": 1,
             "run_id": self.run_id,
+            "backend": keras.backend.backend(),
             "position": {"epoch": self.epoch, "batch": self.batch},
             "steps_done": self.steps_done,
             "epochs_done": self.epochs_done,
@@ -602,6 +603,7 @@ class Run:
             raise RunError(str(e)) from e
         if self.history_path is not None:
             ckpt.check_resume(self.history_path, meta["run_id"])
+        ckpt.check_backend(path, meta, self.history_path)
         ours = self.plan.describe()
         for key, theirs in meta["plan"].items():
             if ours.get(key) != theirs:

@@ -41,6 +41,7 @@ from pipetrain.process import writer_state
 from pipetrain.progress import (
     BATCH_KEYS,
     RunState,
+    backend_text,
     batch_text,
     best_text,
     ending_text,
@@ -262,7 +263,7 @@ def host_text(host: dict) -> str:
         parts.append(f"{host['memory_mb']:,} MB")
     versions = [f"{name} {host[name]}" for name in ("python", "keras") if host.get(name)]
     if host.get("backend"):
-        versions.append(f"{host['backend']} {host.get('backend_version') or ''}".strip())
+        versions.append(backend_text(host))
     return SEP.join(parts + versions)
 
 

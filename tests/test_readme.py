@@ -41,7 +41,7 @@ def test_the_readme_python_examples_run_as_written(tmp_path):
     smaller = re.sub(r"(train-0|train-1|val)=\d+", lambda m: {"train-0": "train-0=1500", "train-1": "train-1=1000",
                                                               "val": "val=500"}[m.group(1)], make)
     made = subprocess.run([sys.executable, "-m", "pipetrain", *shlex.split(smaller)[1:]], cwd=tmp_path,
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=600)
     assert made.returncode == 0, made.stderr
     python = python_blocks((ROOT / "README.md").read_text())
     quick_start = next(b for b in python if "pipetrain.train(" in b and "read_history" in b)
@@ -49,7 +49,7 @@ def test_the_readme_python_examples_run_as_written(tmp_path):
     following = next(b for b in python if "pipetrain.follow(" in b)
     (tmp_path / "example.py").write_text("\n".join(["import matplotlib", "matplotlib.use('Agg')",
                                                     quick_start, with_pandas, following]))
-    done = subprocess.run([sys.executable, "example.py"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    done = subprocess.run([sys.executable, "example.py"], cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr
 
     h = pipetrain.read_history(tmp_path / "runs" / "exp1" / "history.jsonl")

@@ -6,12 +6,16 @@ import subprocess
 import sys
 from pathlib import Path
 
+import keras
 import numpy as np
 import pytest
 
 import pipetrain
 from pipetrain import checkpoint
-from tests.conftest import write_h5
+from pipetrain.errors import InputError
+from tests.conftest import keras_backend, write_h5
+
+pytestmark = pytest.mark.model
 
 JOB = Path(__file__).parent / "jobs" / "resume_job.py"
 ROOT = Path(__file__).resolve().parent.parent
@@ -30,7 +34,7 @@ def data(tmp_path_factory):
 
 def job(data, run_dir, kill="none", resume=False):
     args = [sys.executable, str(JOB), str(data), str(run_dir), kill] + (["--resume"] if resume else [])
-    return subprocess.run(args, capture_output=True, text=True, timeout=180, cwd=ROOT)
+    return subprocess.run(args, capture_output=True, text=True, timeout=600, cwd=ROOT)  # a hang guard: JAX compiles slowly on a busy machine
 
 
 @pytest.fixture(scope="module")
@@ -98,23 +102,77 @@ def test_the_command_line_resumes_from_anywhere_with_the_flags_it_was_started_wi
 
     def train(*args, cwd):
         return subprocess.run([sys.executable, "-m", "pipetrain", "train", "--quiet", *args],
-                              capture_output=True, text=True, timeout=180, cwd=cwd)
+                              capture_output=True, text=True, timeout=600, cwd=cwd)
 
+    threads = 1 if keras_backend() == "tensorflow" else None  # --compute-threads: TensorFlow's alone
     first = train("--data", "train-0.h5", "--val", "val.h5", "--x", "x", "--y", "y", "--epochs", "1",
-                  "--batch-size", "64", "--history", "h2/foo.jsonl", "--allow-nonfinite", "--compute-threads", "1",
-                  cwd=start)
+                  "--batch-size", "64", "--history", "h2/foo.jsonl", "--allow-nonfinite",
+                  *(["--compute-threads", str(threads)] if threads else []), cwd=start)
     assert first.returncode == 0, first.stderr
     history = start / "h2" / "foo.jsonl"
     recorded = checkpoint.load_meta(checkpoint.latest(start / "h2" / "checkpoint"))["config"]["cli"]
     assert recorded["data"] == [str(start / "train-0.h5")] and recorded["val"] == [str(start / "val.h5")]
-    assert recorded["allow_nonfinite"] is True and recorded["compute_threads"] == 1
+    assert recorded["allow_nonfinite"] is True and recorded["compute_threads"] == threads
     again = train("--resume", str(history), "--epochs", "2", cwd=tmp_path)
     assert again.returncode == 0, again.stderr
     h = pipetrain.read_history(history)
     assert [e["epoch"] for e in h.epochs] == [0, 1] and h.end["status"] == "completed"
     assert h.runs[-1]["config"]["cli"]["allow_nonfinite"] is True
-    assert h.runs[-1]["config"]["cli"]["compute_threads"] == 1
+    assert h.runs[-1]["config"]["cli"]["compute_threads"] == threads
     # The folder alone names the run too, when it holds one history.
     third = train("--resume", str(start / "h2"), "--epochs", "3", cwd=tmp_path)
     assert third.returncode == 0, third.stderr
     assert [e["epoch"] for e in pipetrain.read_history(history).epochs] == [0, 1, 2]
+
+
+def other_backend() -> str:
+    return "jax" if keras_backend() != "jax" else "torch"
+
+
+def relabel(folder: Path, backend: str | None) -> Path:
+    """The newest checkpoint in ``folder`` rewritten as if written under ``backend`` (None:
+    as a checkpoint that predates the field)."""
+    path = checkpoint.latest(folder)
+    meta, arrays = checkpoint.load(path)
+    meta.pop("backend")
+    if backend is not None:
+        meta["backend"] = backend
+    return checkpoint.save(folder, int(path.stem.split("-")[1]), meta, arrays)
+
+
+def test_a_checkpoint_of_another_backend_is_refused_in_one_line_and_nothing_changes(data, tmp_path, capsys):
+    """A checkpoint's arrays would load on another backend, but that backend draws other
+    random numbers from the same seed states and rounds differently: no exact resume, so
+    the command line and Python both refuse it, naming the backend to resume with."""
+    from pipetrain.cli import main
+
+    args = ["train", "--data", str(data / "train-0.h5"), "--x", "x", "--y", "y", "--epochs", "1", "--quiet",
+            "--batch-size", "64", "--history", str(tmp_path / "run" / "history.jsonl")]
+    assert main(args) == 0
+    ours = keras_backend()
+    meta, _ = checkpoint.load(checkpoint.latest(tmp_path / "run" / "checkpoint"))
+    assert meta["backend"] == ours
+    theirs = other_backend()
+    saved = relabel(tmp_path / "run" / "checkpoint", theirs)
+    before = {p: p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file()}
+
+    assert main(["train", "--resume", str(tmp_path / "run"), "--epochs", "2", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1, err
+    assert f"cannot resume {saved}: it was written under Keras' {theirs} backend and this is {ours}" in err
+    assert f"resume it with KERAS_BACKEND={theirs}" in err
+
+    source = pipetrain.H5Source(data / "train-0.h5", x="x", y="y")
+    model = keras.Sequential([keras.Input((12,)), keras.layers.Dense(3, activation="softmax")])
+    model.compile("adam", "sparse_categorical_crossentropy")
+    with pytest.raises(InputError, match=f"written under Keras' {theirs} backend and this is {ours}"):
+        pipetrain.train(model, source, epochs=2, batch_size=64, history=tmp_path / "run" / "history.jsonl",
+                        resume=True, verbose=0)
+    assert {p: p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file()} == before
+
+    # A checkpoint written before checkpoints named their backend: the history's run record says.
+    relabel(tmp_path / "run" / "checkpoint", None)
+    history = tmp_path / "run" / "history.jsonl"
+    history.write_text(history.read_text().replace(f'"backend":"{ours}"', f'"backend":"{theirs}"'))
+    assert main(["train", "--resume", str(tmp_path / "run"), "--epochs", "2", "--quiet"]) == 2
+    assert f"written under Keras' {theirs} backend" in capsys.readouterr().err

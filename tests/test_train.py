@@ -13,6 +13,8 @@ import pytest
 import pipetrain
 from tests.conftest import write_h5
 
+pytestmark = pytest.mark.model
+
 RTOL = 1e-5  # the promise; in practice the numbers are bit-for-bit equal
 
 
