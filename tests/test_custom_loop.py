@@ -45,7 +45,7 @@ def gan_runs(tmp_path_factory):
         (folder / "gan.py").write_text(readme_gan())
     straight = run_script(whole)
     victim, interrupted = run_script(killed), run_script(stopped)
-    wait_until(lambda: batches_in(killed) >= 60 and batches_in(stopped) >= 60, timeout=600, poll=0.05)
+    assert wait_until(lambda: batches_in(killed) >= 60 and batches_in(stopped) >= 60, timeout=600, poll=0.05)
     assert victim.poll() is None and interrupted.poll() is None, "a run ended before it could be stopped"
     victim.send_signal(signal.SIGKILL)
     interrupted.send_signal(signal.SIGINT)

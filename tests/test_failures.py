@@ -171,7 +171,7 @@ def test_a_non_finite_loss_fails_clearly_unless_allowed(folder):
         "    m.compile(keras.optimizers.SGD(1e30), 'mse')\n"
         "    return m\n"
     )
-    env = {**os.environ, "PYTHONPATH": str(folder)}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(folder), os.environ.get("PYTHONPATH")) if p)}
     done = cli("train", "--data", "d.h5", "--x", "x", "--y", "y", "--model", "explode:model", "--quiet",
                "--history", "runs/n/history.jsonl", cwd=folder, env=env)
     assert done.returncode == 1
