@@ -15,6 +15,7 @@ epoch's partial metrics are all saved, so no batch is trained twice.
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import random
@@ -32,31 +33,6 @@ KEEP = 2  # checkpoints kept: the newest, and one before it
 
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be written, read, or applied to these models."""
-
-
-def check_new_run(history: Path, folder: Path | None, overwrite: bool) -> None:
-    """Refuse to start a new run over another one's history or checkpoints (a resume
-    would pick the checkpoints up) unless ``overwrite``."""
-    if overwrite:
-        return
-    if history.is_dir():
-        raise RunError(f"{history}: is a folder; give the history file (say {history / 'history.jsonl'})")
-    if history.exists() and history.stat().st_size:
-        raise RunError(f"{history}: a history exists already; pass --resume {history.parent} to continue "
-                       "that run or --overwrite to replace it")
-    if folder is not None and latest(folder) is not None:
-        raise RunError(f"{folder}: holds the checkpoints of another run; pass --resume to continue it, "
-                       "--overwrite to replace it, or choose another folder")
-
-
-def check_resume(history: Path, run_id: str | None = None) -> None:
-    """Refuse to resume into a file that is not a pipetrain history (nothing is written
-    to it), or, given the checkpoint's ``run_id``, into another run's history."""
-    runs = run_records(history) if history.is_file() else []
-    if not runs and history.is_file() and history.stat().st_size:
-        raise RunError(f"{history} is not a pipetrain history (no run record); nothing was written to it")
-    if run_id is not None and runs and runs[-1].get("run") != run_id:
-        raise RunError(f"{history} belongs to run {runs[-1].get('run')}, but its checkpoint to run {run_id}")
 
 
 def check_backend(path: Path, meta: dict, history: Path | None = None) -> None:
@@ -227,6 +203,61 @@ KERAS_CALLBACK_STATE = {
     "ModelCheckpoint": ("best", "_batches_seen_since_last_saving", "_last_batch_seen", "_current_epoch"),
     "TensorBoard": ("_global_train_batch", "_global_test_batch", "_previous_epoch_iterations"),
 }
+
+
+# Keras callbacks whose ``on_epoch_begin`` changes what a checkpoint holds: resumed in
+# the middle of an epoch, they must not run it again (LearningRateScheduler would apply
+# the epoch's schedule to a learning rate that has it already).
+EPOCH_BEGIN_IN_STATE = ("LearningRateScheduler",)
+
+
+def _is_keras(cb, names) -> bool:
+    return any(k.__name__ in names and k.__module__.startswith("keras") for k in type(cb).__mro__)
+
+
+def begin_again_on_resume(callbacks: list) -> list:
+    """The callbacks that get ``on_epoch_begin`` again when a run resumes in the middle
+    of an epoch: all but those whose state the checkpoint restored as it was mid-epoch
+    (any callback with ``get_state``/``set_state``) and those whose ``on_epoch_begin``
+    acts on restored state (``LearningRateScheduler``: the optimizer's learning rate)."""
+    return [cb for cb in callbacks
+            if not (hasattr(cb, "get_state") and hasattr(cb, "set_state")) and not _is_keras(cb, EPOCH_BEGIN_IN_STATE)]
+
+
+def continue_csv_logs(callbacks: list, epoch: int) -> None:
+    """A resumed run's ``CSVLogger`` appends, after dropping the rows at the end of its
+    file for epochs from ``epoch`` on (written after the checkpoint, and written again by
+    the resumed run), so that the file holds each epoch once, as ``fit``'s does. Rows
+    before them (another run's, in a file it appends to) stay."""
+    for cb in callbacks:
+        if not _is_keras(cb, ("CSVLogger",)):
+            continue
+        cb.append = True
+        path = Path(cb.filename)
+        try:
+            lines = path.read_text().splitlines(keepends=True)
+        except (OSError, UnicodeDecodeError):
+            continue  # no file yet (or not one it wrote): nothing to drop
+        if not lines:
+            continue
+        header = next(csv.reader([lines[0]], delimiter=cb.sep))
+        if "epoch" not in header:
+            continue
+        column = header.index("epoch")
+        end = len(lines)
+        while end > 1:
+            row = next(csv.reader([lines[end - 1]], delimiter=cb.sep), [])
+            try:
+                if int(row[column]) < epoch:
+                    break
+            except (IndexError, ValueError):
+                break
+            end -= 1
+        kept = lines[:end]
+        if len(kept) < len(lines):
+            tmp = path.with_name(f".{path.name}.tmp")
+            tmp.write_text("".join(kept))
+            os.replace(tmp, path)
 
 
 def _stateful_names(cb) -> tuple[str, ...]:

@@ -14,7 +14,7 @@ import os
 import sys
 from pathlib import Path
 
-from pipetrain.errors import InputError, is_bad_input, one_line
+from pipetrain.errors import InputError, command_line, is_bad_input, one_line
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
 
@@ -104,6 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="validate on the last F of the training rows, as fit's validation_split (taken from "
                         "the end, before shuffling; nothing is copied)")
     t.add_argument("--model", metavar="FILE.keras|module:function", help="the model (default: a small MLP sized from the data)")
+    t.add_argument("--unsafe-model", action="store_true",
+                   help="load a .keras file that holds Python code (Lambda layers); it runs as the file loads: only for files you trust")
     t.add_argument("--epochs", type=positive_int, default=None, help="epochs (default 20)")
     t.add_argument("--batch-size", type=positive_int, default=None, help="rows per batch (default 32)")
     t.add_argument("--shuffle", choices=["none", "block"], default=None, help="batch order (default block)")
@@ -114,7 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="threads TensorFlow uses within one op (default: all cores); on a small "
                         "CPU machine, fewer leave a core to the producers")
     t.add_argument("--producer-priority", choices=["idle", "low", "normal"], default=None,
-                   help="CPU priority of the producer threads (default idle: they use the cores' idle time)")
+                   help="CPU priority of the producer threads (default idle: they use the cores' idle time; "
+                        "raised to normal when training keeps waiting for data)")
     t.add_argument("--shuffle-window", type=positive_int, default=None, help="rows permuted together (default 8192)")
     t.add_argument("--steps-per-execution", type=positive_int, default=None, metavar="K",
                    help="batches trained per compiled call, one batch record per K batches (default 1)")
@@ -123,11 +126,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="batches between checkpoints, besides each epoch end (default 1000)")
     t.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR (or of that history file) at the exact next batch")
     t.add_argument("--allow-nonfinite", action="store_true", help="keep training when a loss is NaN or infinite")
+    t.add_argument("--allow-changed-data", action="store_true",
+                   help="with --resume: go on although a data file changed since the run read it")
     t.add_argument("--name", help="run name, for the default history path (default: the start time)")
     t.add_argument("--monitor-interval", type=positive_seconds, default=None, metavar="S",
                    help="seconds between system samples (default 2)")
     t.add_argument("--allow-external", action="store_true", help="allow HDF5 external links and virtual datasets outside the data folders")
-    t.add_argument("--overwrite", action="store_true", help="replace an existing history")
+    t.add_argument("--overwrite", action="store_true",
+                   help="replace an existing history and its checkpoints (never another kind of file)")
     t.add_argument("--quiet", action="store_true", help="print nothing but errors")
     t.add_argument("--debug", action="store_true", help="show full tracebacks")
     t.set_defaults(func=cmd_train)
@@ -233,6 +239,9 @@ def _new_run_settings(args) -> dict:
         y=_names(args.y, "labels" if defaults else None),
         sample_weight=args.sample_weight, model=args.model, allow_external=args.allow_external,
         allow_nonfinite=args.allow_nonfinite, compute_threads=args.compute_threads,
+        unsafe_model=args.unsafe_model,
+        # where `--model module:function` is imported from, so that a resume elsewhere finds it
+        model_dir=os.getcwd() if args.model and ":" in args.model and not args.model.endswith(".keras") else None,
     )
     if settings["x"] is None:
         raise BadInput("pipetrain train: --x is required with --data (the input dataset name)")
@@ -257,28 +266,32 @@ def _recorded(settings: dict) -> dict:
 def _run_to_resume(given: str) -> Path:
     """The history of the run that ``--resume`` names: a run folder, or a history file
     (found as ``pipetrain tail`` finds it)."""
-    from pipetrain import checkpoint
     from pipetrain.history import history_file
 
     path = history_file(given)
     if not path.is_file():
         raise BadInput(f"--resume {given}: no such run folder or history file" if not Path(given).is_dir() else
                        f"--resume {given}: no history file there (is it a run folder?)")
-    checkpoint.check_resume(path)  # before the model loads: never append to a file that is not a history
     return path
 
 
-def _resumed_settings(args, history: Path) -> dict:
+def _resumed_settings(args, history: Path, folder) -> dict:
+    """The settings the run recorded: in its newest checkpoint, or, for a run killed
+    before its first checkpoint (which starts again), in its last run record."""
     from pipetrain import checkpoint
+    from pipetrain.history import run_records
 
-    path = checkpoint.latest(history.parent / "checkpoint")
-    if path is None:
-        raise BadInput(f"--resume {args.resume}: no checkpoint to resume from in {history.parent / 'checkpoint'}")
-    try:
-        meta = checkpoint.load_meta(path)
-    except checkpoint.CheckpointError as e:
-        raise BadInput(str(e)) from None
-    settings = dict(meta["config"].get("cli") or {})
+    if folder.decide(resume=True, overwrite=False) == "restart":
+        records = run_records(history)
+        config, position = (records[-1].get("config") or {}) if records else {}, {"epoch": 0, "batch": 0}
+    else:
+        path = checkpoint.latest(folder.checkpoint_dir)
+        try:
+            meta = checkpoint.load_meta(path)
+        except checkpoint.CheckpointError as e:
+            raise BadInput(str(e)) from None
+        config, position = meta["config"], meta["position"]
+    settings = dict(config.get("cli") or {})
     if not settings:
         raise BadInput(f"--resume {args.resume}: the run was not started by `pipetrain train`; resume it from Python")
     for key in FIXED_ON_RESUME:
@@ -291,7 +304,7 @@ def _resumed_settings(args, history: Path) -> dict:
         if getattr(args, key) is not None:
             settings[key] = getattr(args, key)
     settings["allow_nonfinite"] = settings.get("allow_nonfinite", False) or args.allow_nonfinite
-    position = meta["position"]
+    settings["unsafe_model"] = settings.get("unsafe_model", False) or args.unsafe_model
     if settings["epochs"] < position["epoch"] + (1 if position["batch"] else 0):
         raise BadInput(f"--epochs {settings['epochs']}: the run is at epoch {position['epoch'] + 1} already")
     return settings
@@ -315,8 +328,7 @@ def _say_if_complete(history: Path, epochs: int, quiet: bool) -> bool:
 
 
 def cmd_train(args) -> int:
-    from pipetrain import checkpoint
-    from pipetrain.source import H5Source
+    from pipetrain import runfolder
 
     if args.resume:
         if args.overwrite:
@@ -324,30 +336,45 @@ def cmd_train(args) -> int:
         if args.history or args.name:
             raise BadInput("--resume takes the run folder; --history and --name do not apply")
         history = _run_to_resume(args.resume)
-        settings = _resumed_settings(args, history)
-        if _say_if_complete(history, settings["epochs"], args.quiet):
-            return EXIT_OK
     else:
+        if args.allow_changed_data:
+            raise BadInput("--allow-changed-data is for --resume (a new run reads the data as it is)")
         settings = _new_run_settings(args)
         name = args.name or _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
         history = Path(args.history) if args.history else Path("runs") / name / "history.jsonl"
-        checkpoint.check_new_run(history, history.parent / "checkpoint", args.overwrite)  # before the model loads
-        _check_writable(history)
+    # One writer at a time, and a folder that can be written, before the data opens or the
+    # model loads; the run joins this lock and the model is saved under it.
+    folder = runfolder.claim(history, history.parent / "checkpoint", joinable=True)
+    with contextlib.ExitStack() as held:  # the data closes, then the folder is let go
+        held.callback(folder.release)
+        settings = _resumed_settings(args, history, folder) if args.resume else settings
+        if args.resume and _say_if_complete(history, settings["epochs"], args.quiet):
+            return EXIT_OK
+        return _train(args, settings, history, folder, held)
+
+
+def _train(args, settings: dict, history: Path, folder, held: contextlib.ExitStack) -> int:
+    from pipetrain.source import H5Source
 
     sources = {}
     for role in ("data", "val"):
         if settings[role]:
-            sources[role] = H5Source(settings[role], x=settings["x"], y=settings["y"],
-                                     sample_weight=settings["sample_weight"],
-                                     allow_external=settings["allow_external"])
+            sources[role] = held.enter_context(H5Source(
+                settings[role], x=settings["x"], y=settings["y"], sample_weight=settings["sample_weight"],
+                allow_external=settings["allow_external"]))
     if settings.get("val_split"):  # the last rows validate, as fit's validation_split
         whole = sources["data"]
         try:
-            sources["data"], sources["val"] = whole.split(settings["val_split"])
+            sources["data"], sources["val"] = (held.enter_context(part) for part in whole.split(settings["val_split"]))
         except InputError as e:
             raise BadInput(f"--val-split {settings['val_split']}: {e}".replace(f"validation_split={settings['val_split']}: ", "")) from None
         finally:
             whole.close()
+    if not args.resume:  # before the model loads: what the run would replace
+        folder.decide(resume=False, overwrite=args.overwrite,
+                      reads=[p for source in sources.values() for p in source.paths])
+    model_file = history.parent / "model.keras"
+    _check_model_file(args, settings, history, model_file)
 
     with quiet_native_logs(not args.debug):
         import keras
@@ -360,7 +387,12 @@ def cmd_train(args) -> int:
 
         keras.utils.set_random_seed(settings["seed"])
         train = sources["data"]
-        model = load_model(settings["model"], train) if settings["model"] else default_model(train)
+        if settings["model"] and settings.get("unsafe_model"):
+            print(f"pipetrain: warning: --unsafe-model: loading {settings['model']} runs the Python code "
+                  "stored in it; use it only for files you trust", file=sys.stderr)
+        model = (load_model(settings["model"], train, unsafe=bool(settings.get("unsafe_model")),
+                            folders=[settings["model_dir"]] if settings.get("model_dir") else [])
+                 if settings["model"] else default_model(train, validation=sources.get("val")))
     try:
         train_model(
             model, train, epochs=settings["epochs"], batch_size=settings["batch_size"],
@@ -370,14 +402,35 @@ def cmd_train(args) -> int:
             monitor_interval=settings["monitor_interval"], overwrite=args.overwrite,
             resume=bool(args.resume), checkpoint_every=settings["checkpoint_every"],
             stop_on_nonfinite=not settings.get("allow_nonfinite"), producer_priority=settings.get("producer_priority", "idle"),
+            allow_changed_data=args.allow_changed_data,
             steps_per_execution=settings.get("steps_per_execution") or 1,
             config={"cli": _recorded(settings), "argv": sys.argv[1:]},
         )
     except KeyboardInterrupt as e:
         where = history.parent if history.name == "history.jsonl" else history
-        raise Interrupted(f"{e or 'interrupted'}; resume with: pipetrain train --resume {where}") from None
-    model.save(history.parent / "model.keras")
+        raise Interrupted(f"{str(e) or 'interrupted'}; resume with: pipetrain train --resume {where}") from None
+    model.save(model_file)
     return EXIT_OK
+
+
+def _check_model_file(args, settings: dict, history: Path, model_file: Path) -> None:
+    """The run saves ``model.keras`` in its folder at its end: never over the model it
+    loads, nor over a model that is not of a run this folder held."""
+    from pipetrain.runfolder import HISTORY, describe
+
+    if not model_file.exists():
+        return
+    if settings["model"] and os.path.isfile(settings["model"]) and os.path.samefile(settings["model"], model_file):
+        raise BadInput(f"--model {settings['model']}: the run saves its model there at its end; "
+                       "copy it elsewhere or give the run another folder")
+    if args.resume:
+        return  # the run's own model, saved when an earlier segment ended
+    if not args.overwrite:
+        raise BadInput(f"{model_file}: a model exists already where the run saves its own at its end; "
+                       "pass --overwrite to replace it or choose another folder")
+    if describe(history) != HISTORY:
+        raise BadInput(f"{model_file}: is not a run's model (no pipetrain history beside it), and --overwrite "
+                       "replaces only a run's files: move it away or choose another folder")
 
 
 def set_compute_threads(n: int) -> None:
@@ -397,15 +450,6 @@ class Interrupted(KeyboardInterrupt):
     """Training stopped on SIGINT/SIGTERM, with a checkpoint to resume from."""
 
 
-def _check_writable(history: Path) -> None:
-    folder = history.parent
-    probe = folder
-    while not probe.exists():
-        probe = probe.parent
-    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
-        raise BadInput(f"{history}: cannot write the history here ({probe} is not a writable folder)")
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     debug = "--debug" in argv
@@ -420,7 +464,8 @@ def main(argv: list[str] | None = None) -> int:
         if not getattr(args, "func", None):
             build_parser().print_help()
             return EXIT_BAD_INPUT
-        return args.func(args)
+        with command_line():  # messages name flags, not Python arguments
+            return args.func(args)
     except KeyboardInterrupt as e:
         print(f"pipetrain: {e}" if isinstance(e, Interrupted) else "pipetrain: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
@@ -432,7 +477,10 @@ def main(argv: list[str] | None = None) -> int:
         code = EXIT_BAD_INPUT if is_bad_input(e) else EXIT_FAILED
         failed = "training failed" if command == "train" else f"{command} failed"
         prefix = "pipetrain: " if code == EXIT_BAD_INPUT else f"pipetrain: {failed}: "
-        print(prefix + one_line(e), file=sys.stderr)
+        text = one_line(e)
+        if code == EXIT_BAD_INPUT and text.startswith(("pipetrain ", "pipetrain:")):  # "pipetrain train: ..." names itself
+            prefix = ""
+        print(prefix + text, file=sys.stderr)
         return code
 
 

@@ -350,6 +350,7 @@ class RemoteBytes:
     def __init__(self, obj: ObjectInfo, store: Store, fetcher: Fetcher, peek=None):
         self.obj, self.store, self.fetcher = obj, store, fetcher
         self.name = obj.url
+        self.size = obj.size  # of the version opened: the chunk index must lie inside it
         self._peek = peek  # (offset, size) -> bytes already in memory (the file's open pages), or None
 
     def read(self, requests: Sequence[tuple[int, int, object]]) -> Iterator[memoryview]:

@@ -47,14 +47,13 @@ import psutil
 
 from pipetrain import __version__
 from pipetrain import checkpoint as ckpt
-from pipetrain import outcome
+from pipetrain import device, fingerprint, outcome, runfolder
 from pipetrain.aggregate import MetricObjects, MetricSums, WeightedMeans, pythonify
-from pipetrain import device
 from pipetrain.fused import Group, each
-from pipetrain.errors import Interrupted, RunError, one_line
+from pipetrain.errors import Interrupted, RunError, argument, one_line
 from pipetrain.history import SCHEMA, HistoryWriteError, HistoryWriter, jsonable
 from pipetrain.monitor import Monitor, gpu_probe, peak_rss_mb
-from pipetrain.pipeline import PRIORITIES, Batch, Prefetcher, plans_from
+from pipetrain.pipeline import PRIORITIES, Batch, Cancelled, Prefetcher, plans_from
 from pipetrain.plan import Plan
 from pipetrain.process import process_info
 from pipetrain.progress import Progress, RecentRate, batch_text
@@ -84,6 +83,15 @@ def _models(models) -> dict[str, object]:
     if isinstance(models, (list, tuple)):
         return {getattr(m, "name", f"model_{i}"): m for i, m in enumerate(models)}
     return {getattr(models, "name", "model"): models}
+
+
+class _NoModel:
+    """What callbacks see as ``self.model`` in a run without models: a callback may still
+    stop it (``stop_training``), and Keras' History keeps itself there."""
+
+    name = "no model"
+    stop_training = False
+    history = None
 
 
 def host_info() -> dict:
@@ -123,10 +131,11 @@ class _Signals:
             self._previous[sig] = signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame) -> None:
+        name = signal.Signals(signum).name
         if self.received is not None:
-            raise Interrupted(f"stopped at once by a second {signal.Signals(signum).name} "
-                              "(a resume starts from the last checkpoint)")
-        self.received = signal.Signals(signum).name
+            raise Interrupted(f"stopped at once by a second signal ({self.received}, then {name}); "
+                              "a resume starts from the last checkpoint")
+        self.received = name
 
     def restore(self) -> None:
         for sig, handler in self._previous.items():
@@ -162,10 +171,19 @@ class Run:
         monitor_interval: seconds between system samples; None for no monitor.
             Defaults to 2.0.
         config: settings recorded in the ``run`` record as given. Defaults to None.
-        overwrite: replace an existing history. Defaults to False (refused).
+        overwrite: replace an existing history and its checkpoints (never a file that is
+            not pipetrain's, nor a file the run reads). Defaults to False (refused).
         resume: continue the run whose history is ``history`` from its last checkpoint,
             at the exact next batch; ``"auto"`` resumes when a checkpoint exists and
-            starts afresh otherwise (a script that is simply run again). Defaults to False.
+            starts afresh otherwise (a script that is simply run again). A run killed
+            before its first checkpoint and before any epoch ended starts again from its
+            first batch; its earlier records are superseded. Defaults to False.
+        allow_changed_data: resume although a data file changed since the run read it
+            (its fingerprint differs); the run record says which. Defaults to False
+            (refused: the resume would be exact over other data).
+        validation: the data the loop validates on (``epoch.evaluate``), if any: its
+            files are fingerprinted for a resume and protected like the training
+            data's. Defaults to None.
         checkpoint_every: batches between checkpoints (besides each epoch end); None or
             0 for epoch ends only. Defaults to 1000.
         stop_on_nonfinite: stop with status ``failed`` when a loss is NaN or infinite.
@@ -175,9 +193,9 @@ class Run:
         recycle: reuse batch buffers once the next batch is requested (copy what you
             keep). Defaults to True.
         producer_priority: CPU priority of the producer threads, ``"idle"``, ``"low"``
-            or ``"normal"`` (see :func:`pipetrain.pipeline.set_priority`); producers that
-            starve (a batch waited for over half a second) are raised to normal.
-            Defaults to "idle".
+            or ``"normal"`` (see :mod:`pipetrain.priority`); producers that starve (the
+            loop waited for data over 30% of the last 3 seconds) are raised to normal for
+            the rest of the run, and a ``producers`` record says when. Defaults to "idle".
         device_prefetch: copy the next batch to the accelerator while the current one
             trains (see :mod:`pipetrain.device`); the loop then gets device arrays.
             ``"auto"``: where there is an accelerator; True: always (on a CPU-only
@@ -211,6 +229,8 @@ class Run:
         handle_signals: bool = True,
         recycle: bool = True,
         producer_priority: str = "idle",
+        allow_changed_data: bool = False,
+        validation: H5Source | None = None,
         device_prefetch: bool | str = False,
     ):
         batch_size, epochs = _whole("batch_size", batch_size), _whole("epochs", epochs)
@@ -226,9 +246,9 @@ class Run:
             raise RunError("resume and overwrite exclude each other")
         if resume and history is None:
             raise RunError("resume needs the history of the run to resume")
-        if resume == "auto":
-            resume = ckpt.latest(Path(history).parent / "checkpoint") is not None
         self.source = source
+        self.validation = validation
+        self.allow_changed_data = allow_changed_data
         self.batch_size, self.epochs_total = batch_size, epochs
         self.workers, self.max_queue, self.max_queue_bytes = workers, max_queue, max_queue_bytes
         self.recycle = recycle
@@ -239,6 +259,7 @@ class Run:
         if producer_priority not in PRIORITIES:
             raise RunError(f"producer_priority={producer_priority!r}: expected one of {', '.join(PRIORITIES)}")
         self.producer_priority = producer_priority
+        self._priority = producer_priority  # as it is now: "normal" once producers starved
         try:
             self.plan = Plan(
                 source.row_ranges, batch_size, block_rows=source.block_rows(), shuffle=shuffle,
@@ -250,6 +271,7 @@ class Run:
             raise RunError(f"batch_size={batch_size} with drop_remainder leaves no batch of {source.rows} rows")
         self.models = _models(models)
         self.model = next(iter(self.models.values()), None)
+        self._stand_in = None if self.models else _NoModel()
         self.metrics = MetricObjects(metrics or [])
         self.history_path = Path(history) if history is not None else None
         self.run_dir = self.history_path.parent if self.history_path is not None else None
@@ -262,7 +284,7 @@ class Run:
         self.stop_on_nonfinite = stop_on_nonfinite
         self.run_id = f"{_dt.datetime.now():%Y%m%d-%H%M%S}-{uuid.uuid4().hex[:6]}"
         self.callbacks = keras.callbacks.CallbackList(
-            callbacks, add_history=True, add_progbar=False, model=self.model,
+            callbacks, add_history=True, add_progbar=False, model=self.model or self._stand_in,
             verbose=0, epochs=epochs, steps=self.plan.steps_per_epoch,
         )
         cbs = self.callbacks.callbacks
@@ -290,6 +312,8 @@ class Run:
         self._epoch: Epoch | None = None
         self._epochs_iter = None
         self._failing = False
+        self._folder: runfolder.RunFolder | None = None
+        self._fingerprints: list[dict] | None = None
 
     # -- records ------------------------------------------------------------------
 
@@ -318,6 +342,8 @@ class Run:
             "fields": self.source.describe()["fields"],
             **({"versions": self.source.versions} if getattr(self.source, "versions", None) else {}),
         }
+        if self._fingerprints is not None:
+            data["fingerprints"] = self._fingerprints
         record = {
             "schema": SCHEMA,
             "started": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
@@ -339,21 +365,18 @@ class Run:
     # -- lifetime -------------------------------------------------------------------
 
     def __enter__(self) -> Run:
-        resume = self._load_checkpoint() if self.resume else None
-        if self.complete is not None:  # nothing to train: nothing is written either
-            if self.verbose:
-                print(f"pipetrain: {self.history_path} is already complete ({self.complete}); nothing to "
-                      f"train (more epochs than {self._resumed[0]['epochs']} would extend it)", flush=True)
-            return self
-        if self.history_path is not None and not self.resume:
-            ckpt.check_new_run(self.history_path, self.checkpoint_dir, self.overwrite)
-            if self.overwrite:
-                self.history_path.unlink(missing_ok=True)
-                if self.checkpoint_dir is not None:
-                    for old in self.checkpoint_dir.glob("ckpt-*.npz"):
-                        old.unlink()
-        if self.history_path is not None:
-            self._writer = HistoryWriter(self.history_path)
+        try:
+            resume = self._open_folder()
+            if self.complete is not None:  # nothing to train: nothing is written either
+                if self.verbose:
+                    print(f"pipetrain: {self.history_path} is already complete ({self.complete}); nothing to "
+                          f"train (more epochs than {self._resumed[0]['epochs']} would extend it)", flush=True)
+                return self
+            if self.history_path is not None:
+                self._writer = HistoryWriter(self.history_path)
+        except BaseException:
+            self._release_folder()
+            raise
         started = False
         try:
             if self.verbose:
@@ -373,12 +396,40 @@ class Run:
                     self.emit("end", status="failed", epochs=self.epochs_done, steps=self.steps_done,
                               error=one_line(e, with_type=True), peak_rss_mb=round(peak_rss_mb(), 1), checkpoint=None)
                 self._close_sinks()
+            self._release_folder()
             raise
         return self
+
+    def _open_folder(self) -> dict | None:
+        """Lock the run folder (one writer at a time), check it can be written, and
+        decide what starting there means; returns the ``resume`` field of the run record."""
+        if self.history_path is None:
+            return None
+        self._folder = runfolder.claim(self.history_path, self.checkpoint_dir)
+        data = [self.source, *([self.validation] if self.validation is not None else [])]
+        kind = self._folder.decide(resume=self.resume, overwrite=self.overwrite,
+                                   reads=[p for source in data for p in source.paths])
+        self._fingerprints = [{"role": role, "file": str(path), "fingerprint": source.fingerprint(i)}
+                              for role, source in zip(("train", "validation"), data)
+                              for i, path in enumerate(source.paths)]
+        self._folder.remove_stale()
+        if self.overwrite:
+            self._folder.clear()
+        self.resume = kind == "resume"
+        if kind == "restart":
+            return {"epoch": 0, "batch": 0, "checkpoint": None,
+                    "restart": "killed before its first checkpoint: the records before this one are superseded"}
+        return self._load_checkpoint() if self.resume else None
+
+    def _release_folder(self) -> None:
+        if self._folder is not None:
+            self._folder.release()
+            self._folder = None
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if self.complete is not None and self._writer is None:
             self.status = "stopped" if self._resumed and self._resumed[0].get("stopped") else "completed"
+            self._release_folder()
             return
         self._failing = exc_type is not None
         if self._failing and self._epoch is not None:
@@ -414,11 +465,14 @@ class Run:
                     checkpoint=str(self.last_checkpoint) if self.last_checkpoint else None,
                 )
         finally:
-            if exc_type is None:
-                self._close_sinks()
-            else:
-                with contextlib.suppress(Exception):  # the first error is the one to report
+            try:
+                if exc_type is None:
                     self._close_sinks()
+                else:
+                    with contextlib.suppress(Exception):  # the first error is the one to report
+                        self._close_sinks()
+            finally:
+                self._release_folder()
 
     def _close_sinks(self) -> None:
         if self._monitor is not None:
@@ -445,9 +499,7 @@ class Run:
             ckpt.restore_history(self.callbacks.callbacks, self._resumed[0]["callbacks"])
             return
         if self._resumed is not None:  # a resumed run's CSV goes on where it stopped
-            for callback in self.callbacks.callbacks:
-                if isinstance(callback, keras.callbacks.CSVLogger):
-                    callback.append = True
+            ckpt.continue_csv_logs(self.callbacks.callbacks, self.epoch)
         for model in self.models.values():  # as fit does: a model an earlier run stopped trains again
             model.stop_training = False
         self.callbacks.on_train_begin()
@@ -496,7 +548,7 @@ class Run:
         self.callbacks.on_train_end(logs=last.logs if last else None)
 
     def _should_stop(self) -> bool:
-        if not self.stop_requested and any(getattr(m, "stop_training", False) for m in self.models.values()):
+        if not self.stop_requested and any(getattr(m, "stop_training", False) for m in [*self.models.values(), self._stand_in]):
             self.stop_requested = self._callback_ended = True
             epoch = self._epoch
             self.stop_reason = outcome.callback_stop(self.callbacks.callbacks, epoch.index if epoch else 0,
@@ -524,10 +576,19 @@ class Run:
                 self.source, plans_from(self.plan, epoch, start, self.epochs_total), self.plan.blocks,
                 self.batch_size, workers=self.workers, max_queue=self.max_queue,
                 max_queue_bytes=self.max_queue_bytes, recycle=self.recycle,
-                priority=self.producer_priority, lookahead=self.plan.window_batches + 1, name="train",
+                priority=self._priority, lookahead=self.plan.window_batches + 1, name="train",
+                on_raised=lambda info: self._producers_raised("train", info), cancel=lambda: self.interrupted,
             )
             self._stream_at = (epoch, start)
         return self._stream
+
+    def _producers_raised(self, stream: str, info: dict) -> None:
+        """The producers starved at low priority and now run at normal priority: so do
+        the streams made after this one; the history says when."""
+        self._priority = "normal"
+        where = {"batch": self.batch} if stream == "train" else {}
+        self.emit("producers", priority="normal", was=info["was"], stream=stream, epoch=self.epoch, **where,
+                  waited_s=info["waited_s"], window_s=info["window_s"])
 
     def metric_sums(self, model, prefix: str = "", step: str = "train") -> MetricSums:
         """The epoch sums of ``model``'s metrics (one per model, prefix and step)."""
@@ -576,6 +637,7 @@ class Run:
             "plan": self.plan.describe(),
             "rows_per_file": list(self.source.rows_per_file),
             "row_range": list(self.source.row_range),
+            "fingerprints": self._fingerprints,
             "config": jsonable(self.config),
             "models": list(self.models),
             "optimizer_targets": {name: ckpt.optimizer_targets(m) for name, m in self.models.items()},
@@ -602,7 +664,7 @@ class Run:
         except ckpt.CheckpointError as e:
             raise RunError(str(e)) from e
         if self.history_path is not None:
-            ckpt.check_resume(self.history_path, meta["run_id"])
+            runfolder.check_resume(self.history_path, meta["run_id"])
         ckpt.check_backend(path, meta, self.history_path)
         ours = self.plan.describe()
         for key, theirs in meta["plan"].items():
@@ -613,6 +675,11 @@ class Run:
         if list(meta.get("row_range") or [0, sum(meta["rows_per_file"])]) != list(self.source.row_range):
             raise RunError(f"cannot resume {path}: the run read rows {meta.get('row_range')} of its files, "
                            f"this source rows {list(self.source.row_range)}")
+        changed = fingerprint.changed_files(meta.get("fingerprints"), self._fingerprints)
+        if changed and not self.allow_changed_data:
+            more = f" (and {len(changed) - 1} more)" if len(changed) > 1 else ""
+            raise RunError(f"cannot resume {path}: {changed[0]}{more}; pass "
+                           f"{argument('allow_changed_data=True', '--allow-changed-data')} to resume on the data as it is now")
         if sorted(meta["models"]) == sorted(self.models):
             saved = {name: name for name in self.models}
         elif len(meta["models"]) == len(self.models) == 1:  # one model: its name may differ (sequential_3)
@@ -632,7 +699,10 @@ class Run:
         self._resumed = (meta, arrays)
         self.last_checkpoint = path
         self.complete = outcome.already_complete(meta, self.epochs_total)
-        return {"epoch": self.epoch, "batch": self.batch, "checkpoint": str(path)}
+        resume = {"epoch": self.epoch, "batch": self.batch, "checkpoint": str(path)}
+        if changed:
+            resume["changed_data"] = changed
+        return resume
 
     def _apply_checkpoint(self) -> dict | None:
         """After ``on_train_begin`` (which resets callbacks): callback and RNG state;
@@ -674,6 +744,7 @@ class Epoch:
         self.train_s = 0.0  # training time of this epoch before a resume
         self._t0: float | None = None
         self._t_train_end: float | None = None
+        self._began_before = False  # on_epoch_begin ran before the checkpoint this epoch resumes from
         if state is not None:
             self._load_state(state["meta"], state["arrays"])
         else:
@@ -696,7 +767,11 @@ class Epoch:
 
     def _batches(self, k: int) -> Iterator[Batch | Group]:
         run = self.run
-        run.callbacks.on_epoch_begin(self.index)
+        if self._began_before:  # resumed mid-epoch: only where the checkpoint does not hold its effect
+            for callback in ckpt.begin_again_on_resume(run.callbacks.callbacks):
+                callback.on_epoch_begin(self.index, {})
+        else:
+            run.callbacks.on_epoch_begin(self.index)
         self._t0 = time.perf_counter()
         items = _items(run._batches(self.index, self.start), self.steps - self.start, k)
         if run._device_copy is not None:
@@ -706,7 +781,12 @@ class Epoch:
             while True:
                 if run._should_stop():
                     break
-                item = next(items, None)
+                try:
+                    item = next(items, None)
+                except Cancelled:  # a signal while waiting for data: stop here, as at a batch's end
+                    run.save_checkpoint(self)
+                    raise KeyboardInterrupt(f"stopped by {run.interrupted} while waiting for data "
+                                            f"(epoch {self.index}, batch {run.batch})") from None
                 if item is None:
                     break
                 self._current, self._handed = item, time.perf_counter()
@@ -871,11 +951,12 @@ class Epoch:
         try:
             logs = evaluate(
                 model, source, batch_size or run.batch_size, workers=run.workers,
-                max_queue=run.max_queue, priority=run.producer_priority,
+                max_queue=run.max_queue, priority=run._priority,
                 callbacks=run.callbacks, batch_hooks=run._test_batch_hooks,
                 sums=run.metric_sums(model, prefix, step="test"), interrupted=lambda: run.interrupted,
+                on_raised=lambda info: run._producers_raised("val", info),
             )
-        except _Interrupted:
+        except (_Interrupted, Cancelled):
             run.save_checkpoint(self)
             raise Interrupted(f"stopped by {run.interrupted} during validation of epoch {self.index + 1} "
                               "(checkpoint written)") from None
@@ -928,6 +1009,7 @@ class Epoch:
         train_s = self.train_s + ((self._t_train_end or now) - self._t0 if self._t0 is not None else 0.0)
         meta = {
             "counters": {name: getattr(self, name) for name in self.COUNTERS},
+            "began": self._began_before or self._t0 is not None,
             "train_s": train_s,
             "means": self._means.state(),
             "models": [],
@@ -946,6 +1028,7 @@ class Epoch:
         for name, value in meta["counters"].items():
             setattr(self, name, value)
         self.train_s = meta["train_s"]
+        self._began_before = meta.get("began", True)
         self._means.load_state(meta["means"])
         self._train_logs = meta.get("train_logs")
         self.run.metrics.load_state([arrays[k] for k in sorted((k for k in arrays if k.startswith("metrics/")),
@@ -959,7 +1042,7 @@ class Epoch:
 
 def evaluate(model, source: H5Source, batch_size: int, *, workers: int = 2, max_queue: int = 8,
              priority: str = "idle", callbacks=None, batch_hooks: bool = True,
-             sums: MetricSums | None = None, interrupted=None) -> dict:
+             sums: MetricSums | None = None, interrupted=None, on_raised=None) -> dict:
     """``model.evaluate`` over ``source`` in file order, through the producer pool.
 
     Returns the metrics ``model.evaluate(..., return_dict=True)`` returns for the same
@@ -970,8 +1053,8 @@ def evaluate(model, source: H5Source, batch_size: int, *, workers: int = 2, max_
     sums.reset(partial_batch=source.rows % batch_size != 0)
     if callbacks is not None:
         callbacks.on_test_begin()
-    with Prefetcher(source, plan.batches(0), plan.blocks, batch_size, workers=workers,
-                    max_queue=max_queue, priority=priority, name="val") as batches:
+    with Prefetcher(source, plan.batches(0), plan.blocks, batch_size, workers=workers, max_queue=max_queue,
+                    priority=priority, name="val", on_raised=on_raised, cancel=interrupted) as batches:
         for batch in batches:
             if interrupted is not None and interrupted():
                 raise _Interrupted

@@ -119,8 +119,10 @@ def make_data(
     dtype = np.dtype(dtype)
     if not x_name or not y_name or x_name == y_name:
         raise DataSpecError(f"x_name={x_name!r}, y_name={y_name!r}: two different, non-empty dataset names needed")
-    if rows < 1 or classes < 2:
-        raise DataSpecError(f"rows={rows} must be >= 1 and classes={classes} >= 2")
+    if rows < 1:
+        raise DataSpecError(f"rows={rows}: must be >= 1")
+    if classes < 2:
+        raise DataSpecError(f"classes={classes}: must be >= 2 (labels of one class teach nothing)")
     options = compression_options(compression, shuffle_filter)
     width = int(np.prod(features))
     # Prototypes this close together (relative to the noise) leave a few percent of rows
@@ -226,6 +228,8 @@ def cmd_make_data(args) -> int:
     if not args.x_name or not args.y_name or args.x_name == args.y_name:
         raise BadInput(f"--x-name {args.x_name!r} --y-name {args.y_name!r}: two different, non-empty dataset names needed")
     features = parse_shape(args.features)
+    if args.classes < 2:
+        raise BadInput(f"--classes {args.classes}: must be >= 2 (labels of one class teach nothing)")
     compression_options(args.compression, args.shuffle_filter)  # bad settings before any file is made
     if args.splits is not None:
         out.mkdir(exist_ok=True)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 
+from pipetrain.labels import sparse_label_limits
 from pipetrain.run import Run
 from pipetrain.source import H5Source
 
@@ -36,10 +37,11 @@ def train(
     drop_remainder: bool = False,
     monitor_interval: float | None = 2.0,
     overwrite: bool = False,
-    resume: bool = False,
+    resume: bool | str = False,
     checkpoint_every: int | None = 1000,
     stop_on_nonfinite: bool = True,
     producer_priority: str = "idle",
+    allow_changed_data: bool = False,
     config: Mapping | None = None,
     steps_per_execution: int = 1,
     device_prefetch: bool | str = "auto",
@@ -69,7 +71,10 @@ def train(
         validation_batch_size: defaults to ``batch_size``.
         resume: continue the run of ``history`` from its last checkpoint, at the exact
             next batch (the model must be built as it was; its weights, optimizer state
-            and the epoch's metrics are restored). Defaults to False.
+            and the epoch's metrics are restored); ``"auto"`` when a checkpoint exists.
+            Defaults to False.
+        allow_changed_data: resume although a data file changed since the run read it.
+            Defaults to False.
         checkpoint_every: batches between checkpoints in the run folder, besides one at
             each epoch end. Defaults to 1000.
         stop_on_nonfinite: stop (status ``failed``) on a NaN or infinite loss. Defaults
@@ -93,9 +98,10 @@ def train(
     """
     if getattr(model, "optimizer", None) is None:
         raise ValueError("train(): the model is not compiled; call model.compile(...) first")
-    source.check_model(model)
-    if validation is not None:
-        validation.check_model(model)
+    for data in (source, validation):
+        if data is not None:
+            data.check_model(model)
+            data.limit_labels(sparse_label_limits(model, data.y))  # checked as the rows are read
     settings = {
         "epochs": epochs, "batch_size": batch_size, "shuffle": shuffle, "seed": seed,
         "workers": workers, "max_queue": max_queue, "validation": [str(p) for p in validation.paths] if validation else None,
@@ -109,7 +115,8 @@ def train(
         callbacks=callbacks, verbose=verbose, monitor_interval=monitor_interval,
         config={**settings, **(config or {})}, overwrite=overwrite, resume=resume,
         checkpoint_every=checkpoint_every, stop_on_nonfinite=stop_on_nonfinite,
-        producer_priority=producer_priority, device_prefetch=device_prefetch,
+        producer_priority=producer_priority, allow_changed_data=allow_changed_data, validation=validation,
+        device_prefetch=device_prefetch,
     ) as run:
         for epoch in run.epochs():
             if steps_per_execution == 1:

@@ -390,6 +390,71 @@ def test_a_pipeline_reading_ahead_refuses_a_replaced_object_and_never_mixes_vers
         assert seen < 2000
 
 
+# ------------------------------------------------------------------ damaged objects
+
+
+def test_a_damaged_object_is_one_line_naming_the_url_dataset_and_rows(tmp_path, bucket):
+    """The checks of a file on disk hold for an object in a bucket: the chunk index against
+    the object's size when it opens, the edge chunks against h5py's read when it opens (an
+    error, not a fallback), a chunk that does not decode when it is read."""
+    from pipetrain.errors import InputError
+    from pipetrain.source import CorruptDataError
+    from tests.test_chunks import corrupt_chunk, four_chunks, patch
+
+    def refused(path, match):
+        url = bucket.put(path, f"{uuid.uuid4().hex[:6]}-{Path(path).name}")
+        with pytest.raises(InputError, match=match.format(url=url)) as info:
+            H5Source(url, x="x", storage_options=bucket.options(), fetch=FAST)
+        assert "\n" not in str(info.value)
+
+    cut, _ = four_chunks(tmp_path)
+    with h5py.File(cut) as f:
+        info = f["x"].id.get_chunk_info(2)  # rows 32-48
+    os.truncate(cut, info.byte_offset + info.size // 2)
+    patch(cut, 40, info.byte_offset + info.size // 2, 8)  # superblock v0: end-of-file address
+    refused(cut, r"{url}: dataset 'x' rows 32-48: its chunk of .* lies outside the file")
+
+    edge = labelled(tmp_path / "edge.h5", rows=300)
+    corrupt_chunk(edge, 299)
+    refused(edge, r"{url}: dataset 'x' rows 288-300: ")
+
+    middle = labelled(tmp_path / "middle.h5", rows=300)
+    corrupt_chunk(middle, 100)
+    url = bucket.put(middle)
+    with H5Source(url, x="x", storage_options=bucket.options(), fetch=FAST) as source:
+        source.read(0, 0, 64)  # the chunks around it still read
+        with pytest.raises(CorruptDataError, match=rf"{url}: dataset 'x' rows 96-110: gzip") as caught:
+            source.read(0, 90, 110)
+    assert "\n" not in str(caught.value)
+
+
+@pytest.mark.parametrize("allow_external", [False, True])
+def test_an_object_with_external_storage_is_refused_whatever_allow_external_says(tmp_path, bucket, allow_external):
+    """HDF5 would open the external file on this machine, not beside the object."""
+    with h5py.File(tmp_path / "ext.h5", "w") as f:
+        f.create_dataset("x", shape=(10, 2), dtype="float32", external=[("ext.bin", 0, 80)])
+    (tmp_path / "ext.bin").write_bytes(bytes(80))
+    url = bucket.put(tmp_path / "ext.h5")
+    bad(rf"{url}: dataset 'x' is stored in the external file .*ext\.bin; HDF5 would look for that file on this machine",
+        url, x="x", storage_options=bucket.options(), fetch=FAST, allow_external=allow_external)
+
+
+def test_an_object_s_chunks_are_fetched_once_per_read(tmp_path, bucket):
+    """No HDF5 lookup of each chunk on its first read (for a file on disk, the check of a
+    damaged index): through h5py it would fetch every chunk again, page by page."""
+    from pipetrain.ranges import MAX_GAP
+
+    path = labelled(tmp_path / "a.h5", rows=3000, features=40, chunk=50)
+    url = bucket.put(path)
+    with H5Source(url, x="x", storage_options=bucket.options(), fetch=FAST) as source:
+        stats = source._fetcher.stats
+        bytes_before, requests_before = stats.bytes, stats.requests
+        _, fetched = source.read(0, 0, 3000)
+        got, requests = stats.bytes - bytes_before, stats.requests - requests_before
+        assert fetched <= got <= fetched + MAX_GAP * requests, (fetched, got, requests)
+        assert_same_reads(source, path)
+
+
 # -------------------------------------------------------------------- https:// and gs://
 
 

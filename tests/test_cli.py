@@ -27,7 +27,8 @@ def test_the_default_job_from_any_folder(tmp_path):
     assert (run_dir / "model.keras").exists()
 
     records = [json.loads(line) for line in histories[0].read_text().splitlines()]
-    assert {r["type"] for r in records} == {"run", "batch", "epoch", "system", "end"}
+    # A 'producers' record too when the machine was so busy that idle producers starved.
+    assert {r["type"] for r in records} - {"producers"} == {"run", "batch", "epoch", "system", "end"}
     assert all({"type", "run", "t"} <= r.keys() for r in records)
     h = read_history(histories[0])
     run = h.runs[0]

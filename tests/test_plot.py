@@ -89,7 +89,7 @@ def test_without_matplotlib_a_clear_line_and_exit_2(runs, capsys, monkeypatch):
         monkeypatch.delitem(sys.modules, name)
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib → ImportError
     assert cli.main(["plot", "a/runs/exp", "-o", "x.png"]) == 2
-    assert capsys.readouterr().err == 'pipetrain: pipetrain plot needs matplotlib: pip install "pipetrain[plot]"\n'
+    assert capsys.readouterr().err == 'pipetrain plot needs matplotlib: pip install "pipetrain[plot]"\n'  # named once
     assert not (runs / "x.png").exists()
 
 

@@ -1,6 +1,7 @@
 """A run killed with SIGKILL at any point resumes at the exact next batch and ends with
 the same weights, the same epoch metrics and a history in which every batch appears once."""
 
+import json
 import signal
 import subprocess
 import sys
@@ -88,6 +89,23 @@ def test_killed_and_resumed_equals_uninterrupted(data, uninterrupted, tmp_path, 
     assert ours.end["status"] == "completed" and ours.end["steps"] == 30
 
 
+def test_killed_before_its_first_checkpoint_starts_again_and_equals_uninterrupted(data, uninterrupted, tmp_path):
+    """Killed at batch 3, before the first checkpoint (every 4 batches): a resume starts
+    the run again from its first batch; the earlier records are superseded."""
+    killed = job(data, tmp_path, "batch:0:3")
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert checkpoint.latest(tmp_path / "checkpoint") is None
+    resumed = job(data, tmp_path, resume=True)
+    assert resumed.returncode == 0, resumed.stderr
+    for ours, theirs in zip(weights(tmp_path), weights(uninterrupted), strict=True):
+        np.testing.assert_array_equal(ours, theirs)
+    ours, theirs = pipetrain.read_history(tmp_path / "history.jsonl"), pipetrain.read_history(uninterrupted / "history.jsonl")
+    assert len(ours.runs) == 2 and ours.runs[1]["resume"]["checkpoint"] is None
+    assert [(r["epoch"], r["batch"]) for r in ours.batches] == [(e, b) for e in range(3) for b in range(10)]
+    assert [r["loss"] for r in ours.batches] == [r["loss"] for r in theirs.batches]
+    assert ours.end["status"] == "completed"
+
+
 def test_nothing_to_resume_is_a_clear_error(data, tmp_path):
     done = job(data, tmp_path, resume=True)
     assert done.returncode != 0
@@ -125,6 +143,80 @@ def test_the_command_line_resumes_from_anywhere_with_the_flags_it_was_started_wi
     third = train("--resume", str(start / "h2"), "--epochs", "3", cwd=tmp_path)
     assert third.returncode == 0, third.stderr
     assert [e["epoch"] for e in pipetrain.read_history(history).epochs] == [0, 1, 2]
+
+
+# -- stateful Keras callbacks across a kill ---------------------------------------------------
+
+
+def callback_job(data, run_dir, kill="none", resume=False):
+    args = [sys.executable, str(JOB), str(data), str(run_dir), kill, "--callbacks"] + (["--resume"] if resume else [])
+    return subprocess.run(args, capture_output=True, text=True, timeout=600, cwd=ROOT)  # a hang guard
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_with_callbacks(data, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("whole-callbacks")
+    done = callback_job(data, run_dir)
+    assert done.returncode == 0, done.stderr
+    return run_dir
+
+
+def h5_arrays(path):
+    import h5py
+
+    arrays = {}
+    with h5py.File(path, "r") as f:
+        f.visititems(lambda name, obj: arrays.__setitem__(name, obj[()]) if isinstance(obj, h5py.Dataset) else None)
+    return arrays
+
+
+def tensorboard_scalars(logdir):
+    """(run, tag, step) -> value over every event file, the later file winning a step
+    written twice, as TensorBoard shows a run that restarted from a checkpoint."""
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+    from tensorboard.util import tensor_util
+
+    scalars = {}
+    for path in sorted(logdir.rglob("events.out.tfevents.*"), key=lambda p: p.stat().st_mtime_ns):
+        for event in EventFileLoader(str(path)).Load():
+            for value in event.summary.value:
+                array = tensor_util.make_ndarray(value.tensor)
+                if array.ndim == 0 and array.dtype.kind in "fiu":  # not the model graph
+                    scalars[(path.parent.name, value.tag, event.step)] = float(array)
+    return scalars
+
+
+@pytest.mark.parametrize("kill", [
+    "batch:1:6",  # mid-epoch: on_epoch_begin must not run again where the checkpoint holds its effect
+    "end:1:0",    # epoch 1 ended (CSV row, TensorBoard, ModelCheckpoint written) before its checkpoint
+])
+def test_stateful_callbacks_resume_as_if_never_killed(data, uninterrupted_with_callbacks, tmp_path, kill):
+    """LearningRateScheduler, ReduceLROnPlateau, EarlyStopping, ModelCheckpoint (each
+    epoch, best only, every 7 batches), CSVLogger and TensorBoard: killed mid-epoch and
+    resumed, the final weights and learning rate, the CSV file, the TensorBoard scalars
+    and the ModelCheckpoint files are those of the run that was never killed."""
+    whole = uninterrupted_with_callbacks
+    killed = callback_job(data, tmp_path, kill)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    resumed = callback_job(data, tmp_path, resume=True)
+    assert resumed.returncode == 0, resumed.stderr
+
+    final = json.loads((tmp_path / "final.json").read_text())
+    assert final == json.loads((whole / "final.json").read_text())  # LR halved once per epoch, reduced on plateau
+    for ours, theirs in zip(weights(tmp_path), weights(whole), strict=True):
+        np.testing.assert_array_equal(ours, theirs)
+    assert (tmp_path / "log.csv").read_text() == (whole / "log.csv").read_text()
+    saved = sorted(p.name for p in (whole / "mc").iterdir())
+    assert sorted(p.name for p in (tmp_path / "mc").iterdir()) == saved and "best.weights.h5" in saved
+    for name in saved:
+        ours, theirs = h5_arrays(tmp_path / "mc" / name), h5_arrays(whole / "mc" / name)
+        assert ours.keys() == theirs.keys(), name
+        for key in ours:
+            np.testing.assert_array_equal(ours[key], theirs[key], err_msg=f"{name}: {key}")
+    ours, theirs = tensorboard_scalars(tmp_path / "tb"), tensorboard_scalars(whole / "tb")
+    assert ours.keys() == theirs.keys()
+    assert {k: v for k, v in ours.items() if "steps_per_second" not in k[1]} == \
+           {k: v for k, v in theirs.items() if "steps_per_second" not in k[1]}
 
 
 def other_backend() -> str:
