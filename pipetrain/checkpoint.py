@@ -397,3 +397,14 @@ def _keras_global_seed_generator():
         return global_state.get_global_attribute(GLOBAL_SEED_GENERATOR)
     except Exception:  # a Keras without it (private API): nothing to save
         return None
+
+
+def restore_history(callbacks: list, states: list[dict]) -> None:
+    """Put back the saved state of Keras' History callback alone (what ``train()``
+    returns): for a resumed run that has nothing left to train, whose other callbacks
+    must not run again."""
+    saved = next((s["state"] for s in states if s.get("class") == "History" and not s.get("custom")), None)
+    history = next((cb for cb in callbacks if type(cb).__name__ == "History"), None)
+    if saved is not None and history is not None:
+        for key, value in saved.items():
+            setattr(history, key, value)

@@ -1,4 +1,4 @@
-"""The command line: ``pipetrain train | tail | plot | make-data | inspect``.
+"""The command line: ``pipetrain train | tail | plot | ls | make-data | inspect``.
 
 Exit codes: 0 done (also when a callback stopped training), 1 training failed, 2 bad
 usage or bad input (one line on stderr naming the file, dataset or flag), 130
@@ -68,6 +68,16 @@ def seed_int(text: str) -> int:
     return value
 
 
+def fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a fraction such as 0.1, got {text!r}") from None
+    if not 0 < value < 1:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"must be a fraction above 0 and below 1, got {text}")
+    return value
+
+
 def positive_seconds(text: str) -> float:
     try:
         value = float(text)
@@ -90,6 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--y", nargs="+", metavar="NAME", help="target dataset name(s); NAME=DATASET to key by output name")
     t.add_argument("--sample-weight", metavar="NAME", help="dataset of per-row weights")
     t.add_argument("--val", nargs="+", metavar="PATH", help="validation files, URLs or globs")
+    t.add_argument("--val-split", type=fraction, metavar="F",
+                   help="validate on the last F of the training rows, as fit's validation_split (taken from "
+                        "the end, before shuffling; nothing is copied)")
     t.add_argument("--model", metavar="FILE.keras|module:function", help="the model (default: a small MLP sized from the data)")
     t.add_argument("--unsafe-model", action="store_true",
                    help="load a .keras file that holds Python code (Lambda layers); it runs as the file loads: only for files you trust")
@@ -136,12 +149,21 @@ def build_parser() -> argparse.ArgumentParser:
     plot = sub.add_parser("plot", help="plot one or several histories to a PNG")
     plot.add_argument("files", nargs="+", metavar="FILE", help="history files (or run folders)")
     plot.add_argument("-o", "--output", required=True, metavar="OUT.png", help="the picture to write")
+    plot.add_argument("--metrics", nargs="+", metavar="NAME", help="the metric panels to draw (default: every metric)")
+    plot.add_argument("--log", action="store_true", help="losses and metrics on a log scale")
     plot.add_argument("--debug", action="store_true", help="show full tracebacks")
     plot.set_defaults(func=_lazy("pipetrain.plot", "cmd_plot"))
 
+    ls = sub.add_parser("ls", help="every run under a folder: status, running, epochs, best epoch, start time")
+    ls.add_argument("folder", nargs="?", metavar="DIR", help="the folder to search (default: runs, else .)")
+    ls.add_argument("--debug", action="store_true", help="show full tracebacks")
+    ls.set_defaults(func=_lazy("pipetrain.listing", "cmd_ls"))
+
     make = sub.add_parser("make-data", help="write a learnable synthetic data set of any size")
-    make.add_argument("output", metavar="OUT.h5")
-    make.add_argument("--rows", type=positive_int, required=True, help="rows to write")
+    make.add_argument("output", metavar="OUT.h5|FOLDER", help="the file to write (with --splits: the folder)")
+    make.add_argument("--rows", type=positive_int, help="rows to write")
+    make.add_argument("--splits", nargs="+", metavar="NAME=ROWS",
+                      help="one file per split in the folder OUT (train=50000 val=5000 test=5000): one task, rows never repeated")
     make.add_argument("--features", default="784", help="row shape, e.g. 784 or 28x28x1 (default 784)")
     make.add_argument("--classes", type=positive_int, default=10, help="label classes (default 10)")
     make.add_argument("--dtype", default="float32", choices=["float32", "float64", "float16", "uint8", "int16"],
@@ -149,7 +171,10 @@ def build_parser() -> argparse.ArgumentParser:
     make.add_argument("--compression", default="gzip", help="gzip[:LEVEL], lzf, blosc, zstd, lz4, none (default gzip:1)")
     make.add_argument("--shuffle-filter", action="store_true", help="add HDF5's byte-shuffle filter")
     make.add_argument("--chunk-rows", type=positive_int, default=256, help="rows per chunk (default 256)")
-    make.add_argument("--seed", type=seed_int, default=0)
+    make.add_argument("--seed", type=seed_int, default=0, help="seed of the rows: another seed, other rows of the same task (default 0)")
+    make.add_argument("--task-seed", type=seed_int, default=0, help="seed of the task (the class prototypes) (default 0)")
+    make.add_argument("--x-name", default="x", metavar="NAME", help="name of the features dataset (default x)")
+    make.add_argument("--y-name", default="y", metavar="NAME", help="name of the labels dataset (default y)")
     make.add_argument("--overwrite", action="store_true", help="replace an existing file")
     make.add_argument("--quiet", action="store_true")
     make.add_argument("--debug", action="store_true", help="show full tracebacks")
@@ -191,7 +216,7 @@ TRAIN_DEFAULTS = {
     "shuffle_window": 8192, "monitor_interval": 2.0, "checkpoint_every": 1000, "producer_priority": "idle",
     "steps_per_execution": 1,
 }
-FIXED_ON_RESUME = ("data", "val", "x", "y", "sample_weight", "model", "batch_size", "shuffle", "seed",
+FIXED_ON_RESUME = ("data", "val", "val_split", "x", "y", "sample_weight", "model", "batch_size", "shuffle", "seed",
                    "shuffle_window", "allow_external")
 
 
@@ -200,11 +225,16 @@ def _new_run_settings(args) -> dict:
     from pipetrain import sample_data
 
     train_paths, val_paths = sample_data() if defaults else (args.data, None)
+    if args.val_split and args.val:
+        raise BadInput("--val and --val-split exclude each other (validate on files, or on the last rows)")
+    if args.val_split:
+        val_paths = None  # the sample job too validates on the last rows of its training file
     settings = {key: getattr(args, key) if getattr(args, key) is not None else value
                 for key, value in TRAIN_DEFAULTS.items()}
     settings.update(
         data=[str(p) for p in (train_paths if isinstance(train_paths, list) else [train_paths])],
         val=[str(p) for p in (args.val or ([val_paths] if val_paths else []))] or None,
+        val_split=args.val_split,
         x=_names(args.x, "images" if defaults else None),
         y=_names(args.y, "labels" if defaults else None),
         sample_weight=args.sample_weight, model=args.model, allow_external=args.allow_external,
@@ -234,16 +264,14 @@ def _recorded(settings: dict) -> dict:
 
 
 def _run_to_resume(given: str) -> Path:
-    """The history of the run that ``--resume`` names: a run folder, or a history file."""
-    path = Path(given)
-    if path.is_dir():
-        found = [path / "history.jsonl"] if (path / "history.jsonl").exists() else sorted(path.glob("*.jsonl"))
-        if len(found) != 1:
-            raise BadInput(f"--resume {given}: no history file there (is it a run folder?)" if not found else
-                           f"--resume {given}: several histories there; name one: {', '.join(str(f) for f in found)}")
-        path = found[0]
-    elif not path.is_file():
-        raise BadInput(f"--resume {given}: no such run folder or history file")
+    """The history of the run that ``--resume`` names: a run folder, or a history file
+    (found as ``pipetrain tail`` finds it)."""
+    from pipetrain.history import history_file
+
+    path = history_file(given)
+    if not path.is_file():
+        raise BadInput(f"--resume {given}: no such run folder or history file" if not Path(given).is_dir() else
+                       f"--resume {given}: no history file there (is it a run folder?)")
     return path
 
 
@@ -282,6 +310,23 @@ def _resumed_settings(args, history: Path, folder) -> dict:
     return settings
 
 
+def _say_if_complete(history: Path, epochs: int, quiet: bool) -> bool:
+    """A resumed run with nothing left to train (every epoch done, or a callback ended
+    it) is left as it is, history and model included; more --epochs extend it."""
+    from pipetrain import checkpoint, outcome
+
+    latest = checkpoint.latest(history.parent / "checkpoint")
+    if latest is None:  # killed before its first checkpoint: it starts again
+        return False
+    meta = checkpoint.load_meta(latest)
+    why = outcome.already_complete(meta, epochs)
+    if why and not quiet:
+        where = history.parent if history.name == "history.jsonl" else history
+        print(f"pipetrain: {where} is already complete ({why}); nothing to train "
+              f"(--epochs above {meta['epochs']} extends it)")
+    return why is not None
+
+
 def cmd_train(args) -> int:
     from pipetrain import runfolder
 
@@ -303,6 +348,8 @@ def cmd_train(args) -> int:
     with contextlib.ExitStack() as held:  # the data closes, then the folder is let go
         held.callback(folder.release)
         settings = _resumed_settings(args, history, folder) if args.resume else settings
+        if args.resume and _say_if_complete(history, settings["epochs"], args.quiet):
+            return EXIT_OK
         return _train(args, settings, history, folder, held)
 
 
@@ -315,6 +362,14 @@ def _train(args, settings: dict, history: Path, folder, held: contextlib.ExitSta
             sources[role] = held.enter_context(H5Source(
                 settings[role], x=settings["x"], y=settings["y"], sample_weight=settings["sample_weight"],
                 allow_external=settings["allow_external"]))
+    if settings.get("val_split"):  # the last rows validate, as fit's validation_split
+        whole = sources["data"]
+        try:
+            sources["data"], sources["val"] = (held.enter_context(part) for part in whole.split(settings["val_split"]))
+        except InputError as e:
+            raise BadInput(f"--val-split {settings['val_split']}: {e}".replace(f"validation_split={settings['val_split']}: ", "")) from None
+        finally:
+            whole.close()
     if not args.resume:  # before the model loads: what the run would replace
         folder.decide(resume=False, overwrite=args.overwrite,
                       reads=[p for source in sources.values() for p in source.paths])

@@ -54,6 +54,21 @@ def one_line(exc: BaseException, with_type: bool = False) -> str:
     return f"{type(exc).__name__}: {text}" if with_type and not is_bad_input(exc) else text
 
 
+class Interrupted(KeyboardInterrupt, SystemExit):
+    """A run stopped by SIGINT or SIGTERM, its checkpoint written: what ``run.epochs()``
+    (and ``train()``) raise. It is a ``KeyboardInterrupt`` (``except KeyboardInterrupt``
+    catches it) and, left uncaught, ends a script with exit status 130 and no traceback
+    (Python treats it as a ``SystemExit``); the run's closing summary says where it
+    stopped."""
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.code = 130  # what an uncaught SystemExit exits with
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else "interrupted"
+
+
 @contextlib.contextmanager
 def command_line():
     """Within this block, :func:`argument` spells arguments as command-line flags."""

@@ -37,7 +37,6 @@ import threading
 import time
 import uuid
 import warnings
-from collections import deque
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
@@ -48,18 +47,18 @@ import psutil
 
 from pipetrain import __version__
 from pipetrain import checkpoint as ckpt
-from pipetrain import device, fingerprint, runfolder
+from pipetrain import device, fingerprint, outcome, runfolder
 from pipetrain.aggregate import MetricObjects, MetricSums, WeightedMeans, pythonify
-from pipetrain.errors import RunError, argument, one_line
 from pipetrain.fused import Group, each
+from pipetrain.errors import Interrupted, RunError, argument, one_line
 from pipetrain.history import SCHEMA, HistoryWriteError, HistoryWriter, jsonable
 from pipetrain.monitor import Monitor, gpu_probe, peak_rss_mb
 from pipetrain.pipeline import PRIORITIES, Batch, Cancelled, Prefetcher, plans_from
 from pipetrain.plan import Plan
-from pipetrain.progress import Progress
+from pipetrain.process import process_info
+from pipetrain.progress import Progress, RecentRate, batch_text
 from pipetrain.source import H5Source
 
-RATE_WINDOW = 20  # batches in the "recent" samples/s of batch records
 CHECKPOINT_EVERY = 1000  # batches between checkpoints, besides one at each epoch end
 
 
@@ -117,7 +116,7 @@ def host_info() -> dict:
 
 class _Signals:
     """SIGINT and SIGTERM ask the run to stop at the next batch boundary; a second one
-    stops at once (``KeyboardInterrupt``). Installed only in the main thread."""
+    stops at once (:class:`pipetrain.Interrupted`). Installed only in the main thread."""
 
     def __init__(self):
         self.received: str | None = None
@@ -134,7 +133,8 @@ class _Signals:
     def _handle(self, signum, frame) -> None:
         name = signal.Signals(signum).name
         if self.received is not None:
-            raise KeyboardInterrupt(f"stopped at once by a second signal ({self.received}, then {name})")
+            raise Interrupted(f"stopped at once by a second signal ({self.received}, then {name}); "
+                              "a resume starts from the last checkpoint")
         self.received = name
 
     def restore(self) -> None:
@@ -262,7 +262,7 @@ class Run:
         self._priority = producer_priority  # as it is now: "normal" once producers starved
         try:
             self.plan = Plan(
-                source.rows_per_file, batch_size, block_rows=source.block_rows(), shuffle=shuffle,
+                source.row_ranges, batch_size, block_rows=source.block_rows(), shuffle=shuffle,
                 seed=seed, window=shuffle_window, drop_remainder=drop_remainder,
             )
         except ValueError as e:
@@ -296,6 +296,9 @@ class Run:
         self.epoch, self.batch, self.steps_done, self.epochs_done = 0, 0, 0, 0
         self.status: str | None = None
         self.stop_requested = False
+        self.stop_reason: str | None = None  # why it stopped before its last epoch, in words
+        self.complete: str | None = None  # resumed a run with nothing left to train: why
+        self._callback_ended = False  # a callback set stop_training: the run is complete
         self.last_checkpoint: Path | None = None
         self._signals = _Signals() if handle_signals else None
         self._sums: dict[tuple[int, str, str], MetricSums] = {}
@@ -326,14 +329,11 @@ class Run:
     def _run_record(self, resume: dict | None) -> dict:
         model = None
         if self.model is not None:
-            try:
-                params = int(self.model.count_params())
-            except Exception:  # not built yet
-                params = None
-            model = {"name": self.model.name, "params": params}
+            model = {"name": self.model.name, "params": _params(self.model)}
         data = {
             "files": [str(p) for p in self.source.paths],
             "rows": self.source.rows,
+            **({"row_range": list(self.source.row_range)} if self.source.rows != self.source.rows_total else {}),
             "batch_size": self.batch_size,
             "steps_per_epoch": self.plan.steps_per_epoch,
             "shuffle": self.plan.shuffle,
@@ -344,7 +344,7 @@ class Run:
         }
         if self._fingerprints is not None:
             data["fingerprints"] = self._fingerprints
-        return {
+        record = {
             "schema": SCHEMA,
             "started": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
             "config": jsonable(self.config),
@@ -352,14 +352,26 @@ class Run:
             "models": {name: getattr(m, "name", name) for name, m in self.models.items()},
             "data": data,
             "host": host_info(),
+            "process": process_info(),
             "resume": resume,
         }
+        if len(self.models) > 1:
+            record["model_params"] = {name: _params(m) for name, m in self.models.items()}
+        monitor = outcome.monitored(self.callbacks.callbacks, self.model)
+        if monitor is not None:
+            record["monitor"] = monitor
+        return record
 
     # -- lifetime -------------------------------------------------------------------
 
     def __enter__(self) -> Run:
         try:
             resume = self._open_folder()
+            if self.complete is not None:  # nothing to train: nothing is written either
+                if self.verbose:
+                    print(f"pipetrain: {self.history_path} is already complete ({self.complete}); nothing to "
+                          f"train (more epochs than {self._resumed[0]['epochs']} would extend it)", flush=True)
+                return self
             if self.history_path is not None:
                 self._writer = HistoryWriter(self.history_path)
         except BaseException:
@@ -415,6 +427,10 @@ class Run:
             self._folder = None
 
     def __exit__(self, exc_type, exc, tb) -> None:
+        if self.complete is not None and self._writer is None:
+            self.status = "stopped" if self._resumed and self._resumed[0].get("stopped") else "completed"
+            self._release_folder()
+            return
         self._failing = exc_type is not None
         if self._failing and self._epoch is not None:
             self._epoch._current = None  # the batch in hand was not trained: do not record it
@@ -432,17 +448,20 @@ class Run:
                 self.emit("system", **self._monitor.sample())
         if exc_type is None:
             self.status = "stopped" if self.stop_requested or self.epochs_done < self.epochs_total else "completed"
-            error = None
+            error, reason = None, self.stop_reason or f"all {self.epochs_total} epochs trained"
         elif issubclass(exc_type, KeyboardInterrupt):
             self.status = "interrupted"
-            error = f"interrupted by {self._signals.received}" if self._signals and self._signals.received else "interrupted"
+            signal_name = self._signals.received if self._signals and self._signals.received else None
+            error = str(exc) if isinstance(exc, Interrupted) else f"interrupted by {signal_name}" if signal_name \
+                else "interrupted"
+            reason = signal_name or "KeyboardInterrupt"
         else:
-            self.status, error = "failed", one_line(exc, with_type=True)
+            self.status, error, reason = "failed", one_line(exc, with_type=True), "an error"
         try:
             if not isinstance(exc, HistoryWriteError):
                 self.emit(
                     "end", status=self.status, epochs=self.epochs_done, steps=self.steps_done,
-                    error=error, peak_rss_mb=round(peak_rss_mb(), 1),
+                    error=error, reason=reason, peak_rss_mb=round(peak_rss_mb(), 1),
                     checkpoint=str(self.last_checkpoint) if self.last_checkpoint else None,
                 )
         finally:
@@ -476,8 +495,13 @@ class Run:
         return self._epochs_iter
 
     def _epochs(self) -> Iterator[Epoch]:
+        if self.complete is not None:  # what train() returns: the run's History as it ended
+            ckpt.restore_history(self.callbacks.callbacks, self._resumed[0]["callbacks"])
+            return
         if self._resumed is not None:  # a resumed run's CSV goes on where it stopped
             ckpt.continue_csv_logs(self.callbacks.callbacks, self.epoch)
+        for model in self.models.values():  # as fit does: a model an earlier run stopped trains again
+            model.stop_training = False
         self.callbacks.on_train_begin()
         epoch_state = self._apply_checkpoint()
         previous: Epoch | None = None
@@ -503,9 +527,10 @@ class Run:
         if incomplete and not self._should_stop():
             # The loop left the epoch's batches without stopping the run: the run stops
             # here (rather than train the epoch again), resumable at the next batch.
-            warnings.warn(f"epoch {epoch.index} left after {epoch.batches} of {epoch.steps} batches: "
+            warnings.warn(f"epoch {epoch.index + 1} left after {epoch.batches} of {epoch.steps} batches: "
                           "the run stops here (call run.stop() to say so)", stacklevel=3)
             self.stop_requested = True
+            self.stop_reason = f"the loop left epoch {epoch.index + 1} after batch {epoch.batches}/{epoch.steps}"
         if incomplete and self.checkpoint_dir is not None:
             # Before the epoch's end reaches the callbacks: a resume trains the rest of
             # the epoch and ends it once, as if it had never stopped.
@@ -523,8 +548,11 @@ class Run:
         self.callbacks.on_train_end(logs=last.logs if last else None)
 
     def _should_stop(self) -> bool:
-        if any(getattr(m, "stop_training", False) for m in [*self.models.values(), self._stand_in]):
-            self.stop_requested = True
+        if not self.stop_requested and any(getattr(m, "stop_training", False) for m in [*self.models.values(), self._stand_in]):
+            self.stop_requested = self._callback_ended = True
+            epoch = self._epoch
+            self.stop_reason = outcome.callback_stop(self.callbacks.callbacks, epoch.index if epoch else 0,
+                                                     epoch.batches if epoch else 0)
         return self.stop_requested
 
     @property
@@ -533,7 +561,11 @@ class Run:
         return self._signals.received if self._signals is not None else None
 
     def stop(self) -> None:
-        """Stop after the current batch (as a callback setting ``model.stop_training``)."""
+        """Stop after the current batch (as a callback setting ``model.stop_training``),
+        resumable at the next one."""
+        if not self.stop_requested:
+            epoch = self._epoch
+            self.stop_reason = f"run.stop() in epoch {epoch.index + 1}" if epoch is not None else "run.stop()"
         self.stop_requested = True
 
     def _batches(self, epoch: int, start: int) -> Prefetcher:
@@ -604,11 +636,16 @@ class Run:
             "epochs": self.epochs_total,
             "plan": self.plan.describe(),
             "rows_per_file": list(self.source.rows_per_file),
+            "row_range": list(self.source.row_range),
             "fingerprints": self._fingerprints,
             "config": jsonable(self.config),
             "models": list(self.models),
             "optimizer_targets": {name: ckpt.optimizer_targets(m) for name, m in self.models.items()},
             "epoch": epoch_meta,
+            # A callback ended the run at an epoch's end (EarlyStopping): it is complete, and
+            # a resume changes nothing. Stopped inside an epoch, the epoch goes on.
+            "stopped": self.stop_reason if epoch_meta is None and self._should_stop() and self._callback_ended
+            else None,
             "callbacks": callbacks,
             "rng": rng,
             "saved": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
@@ -635,6 +672,9 @@ class Run:
                 raise RunError(f"cannot resume {path}: {key} was {theirs!r}, now {ours.get(key)!r}")
         if list(meta["rows_per_file"]) != list(self.source.rows_per_file):
             raise RunError(f"cannot resume {path}: the data files have changed ({meta['rows_per_file']} rows then)")
+        if list(meta.get("row_range") or [0, sum(meta["rows_per_file"])]) != list(self.source.row_range):
+            raise RunError(f"cannot resume {path}: the run read rows {meta.get('row_range')} of its files, "
+                           f"this source rows {list(self.source.row_range)}")
         changed = fingerprint.changed_files(meta.get("fingerprints"), self._fingerprints)
         if changed and not self.allow_changed_data:
             more = f" (and {len(changed) - 1} more)" if len(changed) > 1 else ""
@@ -658,6 +698,7 @@ class Run:
             raise RunError(f"cannot resume {path}: {e}") from e
         self._resumed = (meta, arrays)
         self.last_checkpoint = path
+        self.complete = outcome.already_complete(meta, self.epochs_total)
         resume = {"epoch": self.epoch, "batch": self.batch, "checkpoint": str(path)}
         if changed:
             resume["changed_data"] = changed
@@ -694,8 +735,7 @@ class Epoch:
         self._logs: dict = {}  # the models' own metrics of the batch in hand
         self._current: Batch | Group | None = None
         self._handed = 0.0
-        self._recent: deque = deque(maxlen=RATE_WINDOW)
-        self._recent_rows = 0  # rows of the batches in _recent after the oldest
+        self._rate = RecentRate()
         self._iterator = None
         self.samples = self.batches = 0
         self.wait_s = self.read_s = 0.0
@@ -779,18 +819,7 @@ class Epoch:
         step_s = now - self._handed
         count = getattr(batch, "count", 1)
         last = batch.index + count - 1
-        # Recent samples/s over wall time (the batches after the oldest one kept).
-        recent = self._recent
-        if recent:  # the oldest batch kept is not counted: its rows came before its time
-            if len(recent) == recent.maxlen:
-                self._recent_rows -= recent[1][1]  # the next oldest, once the oldest drops out
-            self._recent_rows += batch.size
-        recent.append((now, batch.size))
-        if len(recent) > 1:
-            first_t, rows = recent[0][0], self._recent_rows
-        else:
-            first_t, rows = now - step_s - batch.wait_s, batch.size
-        rate = rows / (now - first_t) if now > first_t else None
+        rate = self._rate.add(now - step_s - batch.wait_s, now, batch.size)
         if self._values:
             self._means.add(self._values, batch.size)
         self.samples += batch.size
@@ -814,7 +843,8 @@ class Epoch:
         self._check_finite(last)
         if run.interrupted:
             run.save_checkpoint(self)
-            raise KeyboardInterrupt(f"stopped by {run.interrupted} after epoch {self.index}, batch {last}")
+            raise Interrupted(f"stopped by {run.interrupted} after {batch_text(self.index, last, self.steps)} "
+                              "(checkpoint written)")
         every = run.checkpoint_every
         if every and run.steps_done // every > (run.steps_done - count) // every and run.batch < self.steps:
             run.save_checkpoint(self)
@@ -828,7 +858,7 @@ class Epoch:
         if bad:
             shown = ", ".join(f"{k}={v}" for k, v in bad.items())
             raise NonFiniteLoss(
-                f"non-finite loss at epoch {self.index}, batch {last}: {shown} "
+                f"non-finite loss at {batch_text(self.index, last, self.steps)}: {shown} "
                 "(training stopped; the last checkpoint holds finite weights)"
             )
 
@@ -928,7 +958,8 @@ class Epoch:
             )
         except (_Interrupted, Cancelled):
             run.save_checkpoint(self)
-            raise KeyboardInterrupt(f"stopped by {run.interrupted} during validation of epoch {self.index}") from None
+            raise Interrupted(f"stopped by {run.interrupted} during validation of epoch {self.index + 1} "
+                              "(checkpoint written)") from None
         self.val_time_s += time.perf_counter() - t0
         logs = {prefix + k: v for k, v in logs.items()}
         self._val_logs.update(logs)
@@ -1016,7 +1047,7 @@ def evaluate(model, source: H5Source, batch_size: int, *, workers: int = 2, max_
 
     Returns the metrics ``model.evaluate(..., return_dict=True)`` returns for the same
     batches; ``callbacks`` (a ``CallbackList``) get the ``on_test_*`` hooks."""
-    plan = Plan(source.rows_per_file, batch_size, block_rows=source.block_rows(), shuffle="none")
+    plan = Plan(source.row_ranges, batch_size, block_rows=source.block_rows(), shuffle="none")
     own = sums is None
     sums = sums or MetricSums(model, "test")
     sums.reset(partial_batch=source.rows % batch_size != 0)
@@ -1038,6 +1069,13 @@ def evaluate(model, source: H5Source, batch_size: int, *, workers: int = 2, max_
     if callbacks is not None:
         callbacks.on_test_end(logs)
     return logs
+
+
+def _params(model) -> int | None:
+    try:
+        return int(model.count_params())
+    except Exception:  # not built yet
+        return None
 
 
 def _whole(name: str, value) -> int:

@@ -22,6 +22,8 @@ from __future__ import annotations
 import contextlib
 import errno
 import glob
+import math
+import operator
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -153,11 +155,16 @@ class H5Source:
             ``~/.cache/pipetrain``), or None for none. Defaults to True.
         fetch: for URLs: a :class:`pipetrain.ranges.FetchSettings` (requests in flight,
             coalescing, read-ahead budget, retries). Defaults to None (its defaults).
+        rows: the rows to use, as a ``slice`` of the files' rows taken one after the
+            other: whole numbers are row numbers (negative ones count from the end),
+            floats are fractions of all rows (``slice(None, 0.9)``: the first 90%).
+            Nothing is copied: the plan reads only these rows. Defaults to None (all).
 
     Example::
 
         train = pipetrain.H5Source("data/train-*.h5", x="images", y="labels")
         train.rows, train.fields
+        train, val = train.split(0.1)   # the last 10% of the rows validate, as fit's validation_split
     """
 
     def __init__(
@@ -171,7 +178,10 @@ class H5Source:
         storage_options: dict | None = None,
         metadata_cache: bool | str | os.PathLike | None = True,
         fetch=None,
+        rows: slice | None = None,
     ):
+        self._given = dict(paths=paths, x=x, y=y, sample_weight=sample_weight, allow_external=allow_external,
+                           storage_options=storage_options, metadata_cache=metadata_cache, fetch=fetch)
         self.storage_options = dict(storage_options or {})
         self.paths, self._objects = _expand(paths, self.storage_options)
         self.x, self.y, self.sample_weight = x, y, sample_weight
@@ -204,7 +214,34 @@ class H5Source:
         except BaseException:
             self.close()
             raise
-        self.rows = sum(self.rows_per_file)
+        self.rows_total = sum(self.rows_per_file)
+        try:
+            self.row_range = row_range(rows, self.rows_total)
+        except SourceError:
+            self.close()
+            raise
+        # Per file: the (start, stop) of its rows in the range, in the file's own rows.
+        self.row_ranges: list[tuple[int, int]] = []
+        offset = 0
+        for n in self.rows_per_file:
+            lo, hi = max(self.row_range[0] - offset, 0), min(self.row_range[1] - offset, n)
+            self.row_ranges.append((lo, hi) if lo < hi else (0, 0))
+            offset += n
+        self.rows = self.row_range[1] - self.row_range[0]
+
+    def split(self, validation_split: float) -> tuple[H5Source, H5Source]:
+        """(training, validation): the last ``validation_split`` of this source's rows
+        validate, the rest train, as ``fit(validation_split=...)`` takes them (from the
+        end, before any shuffling; the training part has ``floor(rows * (1 -
+        validation_split))`` rows). Both read the same files; nothing is copied."""
+        if not (isinstance(validation_split, float) and 0.0 < validation_split < 1.0):
+            raise SourceError(f"validation_split={validation_split!r}: expected a fraction between 0 and 1")
+        start, stop = self.row_range
+        cut = start + math.floor(self.rows * (1.0 - validation_split))
+        if cut in (start, stop):
+            raise SourceError(f"validation_split={validation_split}: {self.rows} rows cannot be split into "
+                              "a training and a validation part")
+        return tuple(H5Source(**self._given, rows=slice(a, b)) for a, b in ((start, cut), (cut, stop)))
 
     # -- opening and validation -------------------------------------------------
 
@@ -627,6 +664,7 @@ class H5Source:
             "files": [str(p) for p in self.paths],
             "rows": self.rows,
             "rows_per_file": list(self.rows_per_file),
+            "row_range": list(self.row_range),
             "x": self.x, "y": self.y, "sample_weight": self.sample_weight,
             "fields": {n: {"shape": list(f.row_shape), "dtype": str(f.dtype)} for n, f in self.fields.items()},
             **({"versions": dict(self.versions)} if self.versions else {}),
@@ -654,7 +692,40 @@ class H5Source:
 
     def __repr__(self) -> str:
         files = self.paths[0] if len(self.paths) == 1 else f"{len(self.paths)} files"
-        return f"H5Source({files}, rows={getattr(self, 'rows', '?')}, x={self.x!r}, y={self.y!r})"
+        part = getattr(self, "row_range", None)
+        part = f" [{part[0]}:{part[1]}]" if part and self.rows != self.rows_total else ""
+        return f"H5Source({files}, rows={getattr(self, 'rows', '?')}{part}, x={self.x!r}, y={self.y!r})"
+
+
+def row_range(rows: slice | None, total: int) -> tuple[int, int]:
+    """(start, stop) of the rows a ``slice`` selects out of ``total``: whole numbers are
+    rows (negative ones from the end, as in Python), floats fractions of ``total``.
+
+    >>> row_range(slice(None, 0.9), 1000), row_range(slice(-100, None), 1000)
+    ((0, 900), (900, 1000))
+    """
+    if rows is None:
+        return 0, total
+    if not isinstance(rows, slice) or rows.step not in (None, 1):
+        raise SourceError(f"rows={rows!r}: expected a slice of rows such as slice(0, 1000) or slice(0.9, None)")
+
+    def bound(value, default: int) -> int:
+        if value is None:
+            return default
+        if isinstance(value, float):
+            if not 0.0 <= value <= 1.0:
+                raise SourceError(f"rows={rows!r}: a fraction must be between 0.0 and 1.0")
+            return math.floor(total * value)
+        try:
+            index = operator.index(value)
+        except TypeError:
+            raise SourceError(f"rows={rows!r}: bounds must be row numbers or fractions") from None
+        return min(max(index + total if index < 0 else index, 0), total)
+
+    start, stop = bound(rows.start, 0), bound(rows.stop, total)
+    if stop <= start:
+        raise SourceError(f"rows={rows!r} selects no row of the {total:,} rows")
+    return start, stop
 
 
 def check_path(path: Path) -> None:

@@ -77,3 +77,35 @@ def test_compute_threads_limits_tensorflow_before_it_starts(tmp_path):
     else:
         assert done.returncode == 1
         assert f"--compute-threads: only for the TensorFlow backend (this is {backend})" in done.stderr
+
+
+@pytest.mark.model
+def test_val_split_is_kept_and_a_finished_run_resumed_changes_nothing(tmp_path):
+    """--val-split validates on the last rows and is recorded; resuming the finished run
+    says "already complete" and writes nothing (history, checkpoints and model as they
+    were); --val-split cannot change on resume; more --epochs extend the run."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(40, 3)).astype(np.float32)
+    write_h5(tmp_path / "d.h5", x=x, y=(x[:, 0] > 0).astype(np.int64))
+    done = pipetrain("train", "--data", "d.h5", "--x", "x", "--y", "y", "--val-split", "0.25", "--epochs", "2",
+                     "--batch-size", "8", "--name", "v", "--quiet", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    run_dir = tmp_path / "runs" / "v"
+    h = read_history(run_dir)
+    assert h.runs[0]["data"]["rows"] == 30 and h.runs[0]["data"]["row_range"] == [0, 30]
+    assert h.runs[0]["config"]["cli"]["val_split"] == 0.25 and "val_loss" in h.epochs[-1]
+    files = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+
+    again = pipetrain("train", "--resume", str(run_dir), cwd=tmp_path)
+    assert again.returncode == 0, again.stderr
+    assert again.stdout == (f"pipetrain: {run_dir} is already complete (all 2 epochs trained); nothing to train "
+                            "(--epochs above 2 extends it)\n")
+    assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == files
+    changed = pipetrain("train", "--resume", str(run_dir), "--val-split", "0.5", cwd=tmp_path)
+    assert changed.returncode == 2 and "--val-split cannot change when resuming" in changed.stderr
+
+    more = pipetrain("train", "--resume", str(run_dir), "--epochs", "3", "--quiet", cwd=tmp_path)
+    assert more.returncode == 0, more.stderr
+    h = read_history(run_dir)
+    assert len(h.runs) == 2 and h.runs[1]["data"]["row_range"] == [0, 30] and len(h.epochs) == 3
+    assert h.end["status"] == "completed" and h.epochs[-1]["samples"] == 30 and "val_loss" in h.epochs[-1]

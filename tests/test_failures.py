@@ -381,7 +381,7 @@ def test_a_non_finite_loss_fails_clearly_unless_allowed(folder):
     done = cli("train", "--data", "d.h5", "--x", "x", "--y", "y", "--model", "explode:model", "--quiet",
                "--history", "runs/n/history.jsonl", cwd=folder, env=env)
     assert done.returncode == 1
-    assert "non-finite loss at epoch 0, batch" in done.stderr and len(done.stderr.strip().splitlines()) == 1
+    assert "non-finite loss at epoch 1, batch" in done.stderr and len(done.stderr.strip().splitlines()) == 1
     h = pipetrain.read_history(folder / "runs/n/history.jsonl")
     assert h.end["status"] == "failed" and "non-finite loss" in h.end["error"]
     done = cli("train", "--data", "d.h5", "--x", "x", "--y", "y", "--model", "explode:model", "--quiet",
@@ -458,7 +458,7 @@ def test_in_python_sigint_stops_at_the_batch_boundary_and_stops_every_thread(fol
     source = pipetrain.H5Source(folder / "d.h5", x="x", y="y")
     history = folder / "py" / "history.jsonl"
     before = signal.getsignal(signal.SIGINT)
-    with pytest.raises(KeyboardInterrupt, match="stopped by SIGINT after epoch 0, batch 4"):
+    with pytest.raises(KeyboardInterrupt, match="stopped by SIGINT after epoch 1, batch 5/"):
         pipetrain.train(small_model(), source, epochs=3, batch_size=16, history=history, verbose=0,
                         callbacks=[SignalAt(4)], workers=3)
     assert producer_threads() == []

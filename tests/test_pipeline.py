@@ -15,7 +15,7 @@ import pipetrain.priority
 from pipetrain.errors import is_bad_input
 from pipetrain.pipeline import BufferPool, PipelineError, Prefetcher, plans_from
 from pipetrain.plan import Plan
-from pipetrain.source import H5Source
+from pipetrain.source import H5Source, SourceError
 from tests.conftest import wait_until
 
 
@@ -324,6 +324,61 @@ def test_starving_idle_producers_are_raised_to_normal_priority(make_h5):
 
 def _alive(tid: int) -> bool:
     return os.path.exists(f"/proc/self/task/{tid}")
+
+
+@pytest.mark.parametrize("shuffle", ["none", "block"])
+@pytest.mark.parametrize("rows", [slice(40, 350), slice(None, 0.9), slice(0.9, None), slice(-77, None), slice(5, 6)])
+def test_a_row_range_of_many_files_is_read_without_copying_and_nothing_else(files, shuffle, rows):
+    """H5Source(rows=...) over three files: the plan's batches hold exactly the rows of
+    the range (in file order for "none": fit's batches on x[range]), with h5py's bytes;
+    blocks stay within the range and aligned with the files' chunks."""
+    paths, x, y = files
+    total = len(x)
+    with H5Source(paths, x="x", y="y", rows=rows) as source:
+        lo, hi = source.row_range
+        assert source.rows == hi - lo and source.rows_total == total
+        assert (lo, hi) == ((40, 350) if rows.start == 40 else (0, 455) if rows.stop == 0.9 else
+                            (455, 506) if rows.start == 0.9 else (429, 506) if rows.start == -77 else (5, 6))
+        plan = Plan(source.row_ranges, 24, block_rows=source.block_rows(), shuffle=shuffle, seed=4, window=64)
+        first = np.cumsum([0, *source.rows_per_file])[plan.blocks.file] + plan.blocks.start
+        assert plan.rows == source.rows and first.min() >= lo and (first + plan.blocks.rows).max() <= hi
+        inner = first > lo  # every block but the range's first starts on a chunk of its file
+        assert (plan.blocks.start[inner] % np.array([32, 10, 64])[plan.blocks.file[inner]] == 0).all()
+        got_x, got_y = [], []
+        with Prefetcher(source, plan.batches(0), plan.blocks, 24, workers=2, recycle=False) as stream:
+            for batch in stream:
+                got_x.append(batch.x)
+                got_y.append(batch.y)
+    got_x, got_y = np.concatenate(got_x), np.concatenate(got_y)
+    if shuffle == "none":
+        np.testing.assert_array_equal(got_x, x[lo:hi])
+        np.testing.assert_array_equal(got_y, y[lo:hi])
+    else:  # a permutation of the range's rows (y is a unique float per row)
+        order = np.argsort(got_y)
+        np.testing.assert_array_equal(got_y[order], np.sort(y[lo:hi]))
+        np.testing.assert_array_equal(got_x[order], x[lo:hi][np.argsort(y[lo:hi])])
+
+
+def test_split_takes_the_last_rows_for_validation_as_fit_does(files):
+    import math
+
+    paths, _, _ = files
+    with H5Source(paths, x="x", y="y") as whole:
+        train, val = whole.split(0.1)
+        cut = math.floor(whole.rows * (1.0 - 0.1))  # keras' train_validation_split
+        assert (train.row_range, val.row_range) == ((0, cut), (cut, whole.rows))
+        inner_train, inner_val = train.split(0.5)  # a split of a split stays inside it
+        assert inner_train.row_range == (0, cut // 2) and inner_val.row_range == (cut // 2, cut)
+        for source in (train, val, inner_train, inner_val):
+            source.close()
+        for bad, message in ((0.0, "between 0 and 1"), (1, "between 0 and 1"), (0.999999, "cannot be split")):
+            with pytest.raises(SourceError, match=message):
+                whole.split(bad)
+    for rows, message in ((slice(10, 10), "selects no row"), (slice(0, 10, 2), "expected a slice"),
+                          (slice(0, 1.5), "between 0.0 and 1.0"), (slice("a", None), "row numbers or fractions"),
+                          (range(3), "expected a slice")):
+        with pytest.raises(SourceError, match=message):
+            H5Source(paths, x="x", y="y", rows=rows)
 
 
 # -- no hang, no leak: every way a worker can stop reaches the consumer ------------------------
