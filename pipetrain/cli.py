@@ -61,6 +61,10 @@ def positive_int(text: str) -> int:
     return value
 
 
+def _devices(text: str) -> str | int:
+    return "all" if text == "all" else positive_int(text)
+
+
 def seed_int(text: str) -> int:
     value = _whole_number(text)
     if not 0 <= value < 2**32:
@@ -102,6 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--producer-priority", choices=["idle", "low", "normal"], default=None,
                    help="CPU priority of the producer threads (default idle: they use the cores' idle time)")
     t.add_argument("--shuffle-window", type=positive_int, default=None, help="rows permuted together (default 8192)")
+    t.add_argument("--partitions", type=positive_int, default=None, metavar="N",
+                   help="runs of blocks the block shuffle reads side by side; the batches are the same on any "
+                        "number of processes, which decode disjoint blocks when their number divides N (default 16)")
     t.add_argument("--history", metavar="FILE", help="history file (default runs/<name>/history.jsonl)")
     t.add_argument("--checkpoint-every", type=positive_int, default=None, metavar="N",
                    help="batches between checkpoints, besides each epoch end (default 1000)")
@@ -114,6 +121,15 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--overwrite", action="store_true", help="replace an existing history")
     t.add_argument("--quiet", action="store_true", help="print nothing but errors")
     t.add_argument("--debug", action="store_true", help="show full tracebacks")
+    d = t.add_argument_group("data-parallel training on JAX (KERAS_BACKEND=jax; see docs/distributed.md)")
+    d.add_argument("--coordinator", metavar="HOST:PORT",
+                   help="process 0's address: start one process of a multi-process run (with --num-processes, --process-id)")
+    d.add_argument("--num-processes", type=positive_int, default=None, metavar="N", help="processes in the run")
+    d.add_argument("--process-id", type=_whole_number, default=None, metavar="I", help="this process's index, 0 to N-1")
+    d.add_argument("--distributed", action="store_true",
+                   help="join the cluster JAX detects (SLURM, Open MPI, TPU pods) instead of --coordinator")
+    d.add_argument("--devices", type=_devices, default=None, metavar="all|N",
+                   help="data-parallel over all (or N of) this process's local devices")
     t.set_defaults(func=cmd_train)
 
     tail = sub.add_parser("tail", help="show a history: the run, epochs, throughput, memory")
@@ -179,10 +195,11 @@ def _names(values: list[str] | None, default: str | None):
 # run (its data, model and batch order) and cannot change when it resumes.
 TRAIN_DEFAULTS = {
     "epochs": 20, "batch_size": 32, "shuffle": "block", "seed": 0, "workers": 2, "max_queue": 8,
-    "shuffle_window": 8192, "monitor_interval": 2.0, "checkpoint_every": 1000, "producer_priority": "idle",
+    "shuffle_window": 8192, "partitions": 16, "monitor_interval": 2.0, "checkpoint_every": 1000,
+    "producer_priority": "idle",
 }
 FIXED_ON_RESUME = ("data", "val", "x", "y", "sample_weight", "model", "batch_size", "shuffle", "seed",
-                   "shuffle_window", "allow_external")
+                   "shuffle_window", "partitions", "allow_external")
 
 
 def _new_run_settings(args) -> dict:
@@ -261,9 +278,9 @@ def _resumed_settings(args, history: Path) -> dict:
     return settings
 
 
-def cmd_train(args) -> int:
+def _train_settings(args) -> dict:
+    """The run's settings and history path (on process 0 alone, in a distributed run)."""
     from pipetrain import checkpoint
-    from pipetrain.source import H5Source
 
     if args.resume:
         if args.overwrite:
@@ -278,6 +295,42 @@ def cmd_train(args) -> int:
         history = Path(args.history) if args.history else Path("runs") / name / "history.jsonl"
         checkpoint.check_new_run(history, history.parent / "checkpoint", args.overwrite)  # before the model loads
         _check_writable(history)
+    return {"settings": settings, "history": str(history)}
+
+
+def _join_cluster(args):
+    """--coordinator/--num-processes/--process-id, --distributed, --devices: join the JAX
+    cluster (before anything touches JAX) and set Keras' DataParallel; None without them."""
+    given = [flag for flag, value in (("--coordinator", args.coordinator), ("--num-processes", args.num_processes),
+                                      ("--process-id", args.process_id), ("--distributed", args.distributed),
+                                      ("--devices", args.devices)) if value not in (None, False)]
+    if not given:
+        return None
+    several = [f for f in given if f != "--devices"]
+    if args.distributed and len(several) > 1:
+        raise BadInput("--distributed finds the cluster itself: --coordinator, --num-processes and --process-id do not apply")
+    if not args.distributed and several and not (args.coordinator and args.num_processes and args.process_id is not None):
+        raise BadInput("--coordinator HOST:PORT, --num-processes N and --process-id I go together")
+    if args.coordinator and not 0 <= args.process_id < args.num_processes:
+        raise BadInput(f"--process-id {args.process_id}: expected 0 to {args.num_processes - 1}")
+    with quiet_native_logs(not args.debug):
+        import keras
+    if keras.backend.backend() != "jax":
+        from pipetrain.distributed import NEEDS_JAX
+
+        raise BadInput(f"{' '.join(given)}: {NEEDS_JAX} (this is KERAS_BACKEND={keras.backend.backend()})")
+    from pipetrain import distributed
+
+    return distributed.initialize(args.coordinator, args.num_processes, args.process_id,
+                                  detect=args.distributed, devices=args.devices or (None if several else "all"))
+
+
+def cmd_train(args) -> int:
+    from pipetrain.source import H5Source
+
+    cluster = _join_cluster(args)
+    agreed = cluster.first("cli/settings", lambda: _train_settings(args)) if cluster else _train_settings(args)
+    settings, history = agreed["settings"], Path(agreed["history"])
 
     sources = {}
     for role in ("data", "val"):
@@ -307,12 +360,13 @@ def cmd_train(args) -> int:
             monitor_interval=settings["monitor_interval"], overwrite=args.overwrite,
             resume=bool(args.resume), checkpoint_every=settings["checkpoint_every"],
             stop_on_nonfinite=not settings.get("allow_nonfinite"), producer_priority=settings.get("producer_priority", "idle"),
-            config={"cli": _recorded(settings), "argv": sys.argv[1:]},
+            partitions=settings.get("partitions", 16), config={"cli": _recorded(settings), "argv": sys.argv[1:]},
         )
     except KeyboardInterrupt as e:
         where = history.parent if history.name == "history.jsonl" else history
         raise Interrupted(f"{e or 'interrupted'}; resume with: pipetrain train --resume {where}") from None
-    model.save(history.parent / "model.keras")
+    if cluster is None or cluster.is_writer:
+        model.save(history.parent / "model.keras")
     return EXIT_OK
 
 
@@ -369,6 +423,9 @@ def main(argv: list[str] | None = None) -> int:
         failed = "training failed" if command == "train" else f"{command} failed"
         prefix = "pipetrain: " if code == EXIT_BAD_INPUT else f"pipetrain: {failed}: "
         print(prefix + one_line(e), file=sys.stderr)
+        from pipetrain import distributed
+
+        distributed.abandon(code, one_line(e))  # in a multi-process run: the others stop too, nobody waits
         return code
 
 

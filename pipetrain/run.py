@@ -48,12 +48,13 @@ import psutil
 
 from pipetrain import __version__
 from pipetrain import checkpoint as ckpt
+from pipetrain import distributed
 from pipetrain.aggregate import MetricObjects, MetricSums, WeightedMeans, pythonify
 from pipetrain.errors import RunError, one_line
 from pipetrain.history import SCHEMA, HistoryWriteError, HistoryWriter, jsonable
 from pipetrain.monitor import Monitor, gpu_probe, peak_rss_mb
 from pipetrain.pipeline import PRIORITIES, Batch, Prefetcher, plans_from
-from pipetrain.plan import Plan
+from pipetrain.plan import PARTITIONS, Plan
 from pipetrain.progress import Progress
 from pipetrain.source import H5Source
 
@@ -147,6 +148,9 @@ class Run:
         max_queue: batches prefetched ahead of the loop. Defaults to 8.
         max_queue_bytes: bytes prefetched ahead of the loop. Defaults to None.
         shuffle_window: rows permuted together by ``shuffle="block"``. Defaults to 8192.
+        partitions: runs of blocks the block shuffle reads side by side; the batches do
+            not depend on the number of processes, and processes decode disjoint blocks
+            when their number divides it (see :mod:`pipetrain.plan`). Defaults to 16.
         drop_remainder: drop the partial last batch of each epoch. Defaults to False.
         models: the model(s) of the run: one, a list, or a dict by name. Checkpoints
             cover each (weights and optimizer); the first is the one callbacks see.
@@ -191,6 +195,7 @@ class Run:
         max_queue_bytes: int | None = None,
         shuffle_window: int = 8192,
         drop_remainder: bool = False,
+        partitions: int = PARTITIONS,
         models=None,
         metrics=None,
         callbacks=None,
@@ -218,8 +223,10 @@ class Run:
             raise RunError("resume and overwrite exclude each other")
         if resume and history is None:
             raise RunError("resume needs the history of the run to resume")
+        # In a distributed run: what this process does differently (writes or not, its share).
+        self._dist = distributed.link(self)
         if resume == "auto":
-            resume = ckpt.latest(Path(history).parent / "checkpoint") is not None
+            resume = self._dist.first("auto", lambda: ckpt.latest(Path(history).parent / "checkpoint") is not None)
         self.source = source
         self.batch_size, self.epochs_total = batch_size, epochs
         self.workers, self.max_queue, self.max_queue_bytes = workers, max_queue, max_queue_bytes
@@ -231,6 +238,7 @@ class Run:
             self.plan = Plan(
                 source.rows_per_file, batch_size, block_rows=source.block_rows(), shuffle=shuffle,
                 seed=seed, window=shuffle_window, drop_remainder=drop_remainder,
+                partitions=_whole("partitions", partitions), share=self._dist.share,
             )
         except ValueError as e:
             raise RunError(str(e)) from None
@@ -243,7 +251,7 @@ class Run:
         self.run_dir = self.history_path.parent if self.history_path is not None else None
         self.checkpoint_dir = self.run_dir / "checkpoint" if self.run_dir is not None else None
         self.checkpoint_every = checkpoint_every or 0
-        self.verbose = verbose
+        self.verbose = self._dist.verbose(verbose)
         self.monitor_interval = monitor_interval
         self.config = dict(config or {})
         self.overwrite, self.resume = overwrite, resume
@@ -275,6 +283,9 @@ class Run:
         self._epoch: Epoch | None = None
         self._epochs_iter = None
         self._failing = False
+        self._end_lock = threading.Lock()
+        self._ended = False
+        self._system = lambda sample: self.emit("system", **sample)
 
     # -- records ------------------------------------------------------------------
 
@@ -314,21 +325,21 @@ class Run:
             "data": data,
             "host": host_info(),
             "resume": resume,
+            **self._dist.describe(),
         }
 
     # -- lifetime -------------------------------------------------------------------
 
     def __enter__(self) -> Run:
-        resume = self._load_checkpoint() if self.resume else None
-        if self.history_path is not None and not self.resume:
-            ckpt.check_new_run(self.history_path, self.checkpoint_dir, self.overwrite)
-            if self.overwrite:
-                self.history_path.unlink(missing_ok=True)
-                if self.checkpoint_dir is not None:
-                    for old in self.checkpoint_dir.glob("ckpt-*.npz"):
-                        old.unlink()
-        if self.history_path is not None:
-            self._writer = HistoryWriter(self.history_path)
+        try:
+            resume = self._load_checkpoint() if self.resume else None
+            if self.history_path is not None and not self.resume:
+                self._dist.first("folder", self._prepare_folder)  # process 0's verdict, for every process
+            if self.history_path is not None and self._dist.writes:
+                self._writer = HistoryWriter(self.history_path)
+        except BaseException as e:
+            self._dist.started(e)  # the other processes of a distributed run stop too
+            raise
         started = False
         try:
             if self.verbose:
@@ -337,19 +348,43 @@ class Run:
             started = True
             if self.monitor_interval:
                 probe = gpu_probe(keras.backend.backend())
-                self._monitor = Monitor(self.monitor_interval, lambda s: self.emit("system", **s), probe)
-                self.emit("system", **self._monitor.sample())
+                self._system = self._dist.samples(self._system, lambda: self._epoch)
+                self._monitor = Monitor(self.monitor_interval, self._system, probe)
+                self._system(self._monitor.sample())
                 self._monitor.start()
             if self._signals is not None:
                 self._signals.install()
+            self._dist.on_lost(lambda why: self._emit_end("failed", why))
+            self._dist.started(None, {"plan": self.plan.describe(), "rows_per_file": list(self.source.rows_per_file),
+                                      "at": [self.epoch, self.batch]})
         except BaseException as e:
             with contextlib.suppress(Exception):  # the first error is the one to report
                 if started:  # a follower waits for the end of what began
-                    self.emit("end", status="failed", epochs=self.epochs_done, steps=self.steps_done,
-                              error=one_line(e, with_type=True), peak_rss_mb=round(peak_rss_mb(), 1), checkpoint=None)
+                    self._emit_end("failed", one_line(e, with_type=True))
                 self._close_sinks()
             raise
         return self
+
+    def _prepare_folder(self) -> None:
+        """A new run's folder: another run's history or checkpoints are refused, or
+        removed with ``overwrite``."""
+        ckpt.check_new_run(self.history_path, self.checkpoint_dir, self.overwrite)
+        if self.overwrite:
+            self.history_path.unlink(missing_ok=True)
+            if self.checkpoint_dir is not None:
+                for old in self.checkpoint_dir.glob("ckpt-*.npz"):
+                    old.unlink()
+
+    def _emit_end(self, status: str, error: str | None) -> None:
+        """The run's end record, once (in a distributed run the watchdog writes it when
+        a lost process leaves this one stuck in a collective)."""
+        with self._end_lock:
+            if self._ended:
+                return
+            self._ended = True
+        self.emit("end", status=status, epochs=self.epochs_done, steps=self.steps_done, error=error,
+                  peak_rss_mb=round(peak_rss_mb(), 1),
+                  checkpoint=str(self.last_checkpoint) if self.last_checkpoint else None)
 
     def __exit__(self, exc_type, exc, tb) -> None:
         self._failing = exc_type is not None
@@ -366,7 +401,7 @@ class Run:
         if self._monitor is not None:
             self._monitor.stop()
             with contextlib.suppress(Exception):  # a last sample is nice to have, not needed
-                self.emit("system", **self._monitor.sample())
+                self._system(self._monitor.sample())
         if exc_type is None:
             self.status = "stopped" if self.stop_requested or self.epochs_done < self.epochs_total else "completed"
             error = None
@@ -374,20 +409,20 @@ class Run:
             self.status = "interrupted"
             error = f"interrupted by {self._signals.received}" if self._signals and self._signals.received else "interrupted"
         else:
-            self.status, error = "failed", one_line(exc, with_type=True)
+            self.status, error = "failed", self._dist.explain(exc)
         try:
+            self._dist.finish(self.status)
             if not isinstance(exc, HistoryWriteError):
-                self.emit(
-                    "end", status=self.status, epochs=self.epochs_done, steps=self.steps_done,
-                    error=error, peak_rss_mb=round(peak_rss_mb(), 1),
-                    checkpoint=str(self.last_checkpoint) if self.last_checkpoint else None,
-                )
+                self._emit_end(self.status, error)
         finally:
-            if exc_type is None:
-                self._close_sinks()
-            else:
-                with contextlib.suppress(Exception):  # the first error is the one to report
+            try:
+                if exc_type is None:
                     self._close_sinks()
+                else:
+                    with contextlib.suppress(Exception):  # the first error is the one to report
+                        self._close_sinks()
+            finally:
+                self._dist.close(self.status, error)  # a process whose run did not end with the others ends here
 
     def _close_sinks(self) -> None:
         if self._monitor is not None:
@@ -465,8 +500,10 @@ class Run:
 
     @property
     def interrupted(self) -> str | None:
-        """The signal that asked the run to stop (``"SIGINT"``, ``"SIGTERM"``), if any."""
-        return self._signals.received if self._signals is not None else None
+        """The signal that asked the run to stop (``"SIGINT"``, ``"SIGTERM"``), if any; in a
+        distributed run, once every process has reached the batch boundary they agreed on."""
+        received = self._signals.received if self._signals is not None else None
+        return self._dist.stop_signal(received, self.steps_done)
 
     def stop(self) -> None:
         """Stop after the current batch (as a callback setting ``model.stop_training``)."""
@@ -478,7 +515,7 @@ class Run:
             self._close_stream()
             self._stream = Prefetcher(
                 self.source, plans_from(self.plan, epoch, start, self.epochs_total), self.plan.blocks,
-                self.batch_size, workers=self.workers, max_queue=self.max_queue,
+                self.plan.local_batch_size, workers=self.workers, max_queue=self.max_queue,
                 max_queue_bytes=self.max_queue_bytes, recycle=self.recycle,
                 priority=self.producer_priority, lookahead=self.plan.window_batches + 1, name="train",
             )
@@ -514,7 +551,7 @@ class Run:
         for name, model in self.models.items():
             arrays.update(ckpt.model_arrays(name, model))
         callbacks, callback_arrays = ckpt.callback_state(self.callbacks.callbacks)
-        rng, rng_arrays = ckpt.rng_state()
+        rng, rng_arrays = self._dist.gather_rng(ckpt.rng_state())  # every process's random state
         arrays.update(callback_arrays)
         arrays.update(rng_arrays)
         epoch_meta = None
@@ -538,21 +575,13 @@ class Run:
             "rng": rng,
             "saved": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
         }
-        self.last_checkpoint = ckpt.save(self.checkpoint_dir, self.steps_done, meta, arrays)
+        self.last_checkpoint = self._dist.save(lambda: ckpt.save(self.checkpoint_dir, self.steps_done, meta, arrays))
         return self.last_checkpoint
 
     def _load_checkpoint(self) -> dict:
         """Read the newest checkpoint and check that it fits this run; returns the
         ``resume`` field of the run record. The state is applied when training starts."""
-        path = ckpt.latest(self.checkpoint_dir)
-        if path is None:
-            raise RunError(f"{self.checkpoint_dir}: no checkpoint to resume from")
-        try:
-            meta, arrays = ckpt.load(path)
-        except ckpt.CheckpointError as e:
-            raise RunError(str(e)) from e
-        if self.history_path is not None:
-            ckpt.check_resume(self.history_path, meta["run_id"])
+        path, meta, arrays = self._dist.first("checkpoint", self._read_checkpoint)  # process 0 reads it
         ours = self.plan.describe()
         for key, theirs in meta["plan"].items():
             if ours.get(key) != theirs:
@@ -579,6 +608,18 @@ class Run:
         self.last_checkpoint = path
         return {"epoch": self.epoch, "batch": self.batch, "checkpoint": str(path)}
 
+    def _read_checkpoint(self) -> tuple[Path, dict, dict]:
+        path = ckpt.latest(self.checkpoint_dir)
+        if path is None:
+            raise RunError(f"{self.checkpoint_dir}: no checkpoint to resume from")
+        try:
+            meta, arrays = ckpt.load(path)
+        except ckpt.CheckpointError as e:
+            raise RunError(str(e)) from e
+        if self.history_path is not None:
+            ckpt.check_resume(self.history_path, meta["run_id"])
+        return path, meta, arrays
+
     def _apply_checkpoint(self) -> dict | None:
         """After ``on_train_begin`` (which resets callbacks): callback and RNG state;
         returns the partial epoch's state, if the checkpoint was taken mid-epoch."""
@@ -590,7 +631,7 @@ class Run:
             ckpt.restore_callbacks(self.callbacks.callbacks, meta["callbacks"], arrays)
         except ckpt.CheckpointError as e:
             raise RunError(f"cannot resume {self.last_checkpoint}: {e}") from e
-        ckpt.restore_rng(meta["rng"], arrays)
+        ckpt.restore_rng(*self._dist.own_rng(meta["rng"], arrays))
         return {"meta": meta["epoch"], "arrays": arrays} if meta["epoch"] else None
 
 
@@ -644,7 +685,8 @@ class Epoch:
                 self._values = {}
                 if run._batch_begin_hooks:
                     run.callbacks.on_train_batch_begin(batch.index)
-                yield batch
+                with run._dist.batch_scope(run.plan.replicated(batch.index)):
+                    yield batch
                 self._finish_batch()
             finished = True
         except GeneratorExit:  # the loop left after training the batch in hand: it counts
@@ -667,13 +709,14 @@ class Epoch:
         self._current = None
         now = time.perf_counter()
         step_s = now - self._handed
+        size = run.plan.global_size(batch.index)  # the global batch: this process's rows are a share of it
         # Recent samples/s over wall time (the batches after the oldest one kept).
-        self._recent.append((now, batch.size))
+        self._recent.append((now, size))
         first_t = self._recent[0][0] if len(self._recent) > 1 else now - step_s - batch.wait_s
         sizes = sum(size for _, size in self._recent) - (self._recent[0][1] if len(self._recent) > 1 else 0)
         rate = sizes / (now - first_t) if now > first_t else None
-        self._means.add(self._values, batch.size)
-        self.samples += batch.size
+        self._means.add(self._values, size)
+        self.samples += size
         self.batches += 1
         self.wait_s += batch.wait_s
         self.read_s += batch.read_s
@@ -683,7 +726,7 @@ class Epoch:
         run.steps_done += 1
         run.emit(
             "batch", epoch=self.index, batch=batch.index, step=self.index * self.steps + batch.index,
-            size=batch.size, **self._values, step_s=round(step_s, 6), wait_s=round(batch.wait_s, 6),
+            size=size, **self._values, step_s=round(step_s, 6), wait_s=round(batch.wait_s, 6),
             samples_per_s=round(rate, 1) if rate else None,
         )
         if run._batch_hooks:
@@ -805,6 +848,7 @@ class Epoch:
             "val_time_s": round(self.val_time_s, 4),
             "complete": complete,
         }
+        stats = run._dist.epoch_stats(self.index, stats)  # every process's data counters, on process 0
         run.emit("epoch", epoch=self.index, **self.logs, **stats)
         if run._writer is not None:
             run._writer.sync()
@@ -860,20 +904,26 @@ def evaluate(model, source: H5Source, batch_size: int, *, workers: int = 2, max_
 
     Returns the metrics ``model.evaluate(..., return_dict=True)`` returns for the same
     batches; ``callbacks`` (a ``CallbackList``) get the ``on_test_*`` hooks."""
-    plan = Plan(source.rows_per_file, batch_size, block_rows=source.block_rows(), shuffle="none")
+    cluster = distributed.active()  # in a distributed run each process evaluates its share
+    try:
+        plan = Plan(source.rows_per_file, batch_size, block_rows=source.block_rows(), shuffle="none",
+                    share=cluster.share if cluster is not None else None)
+    except ValueError as e:
+        raise RunError(f"validation: {e}") from None
     own = sums is None
     sums = sums or MetricSums(model, "test")
     sums.reset(partial_batch=source.rows % batch_size != 0)
     if callbacks is not None:
         callbacks.on_test_begin()
-    with Prefetcher(source, plan.batches(0), plan.blocks, batch_size, workers=workers,
+    with Prefetcher(source, plan.batches(0), plan.blocks, plan.local_batch_size, workers=workers,
                     max_queue=max_queue, priority=priority, name="val") as batches:
         for batch in batches:
             if interrupted is not None and interrupted():
                 raise _Interrupted
             if callbacks is not None and batch_hooks:
                 callbacks.on_test_batch_begin(batch.index)
-            logs = sums.accumulate(lambda b=batch: _test_on_batch(model, b))
+            with distributed.batch_scope(plan.replicated(batch.index)):
+                logs = sums.accumulate(lambda b=batch: _test_on_batch(model, b))
             if callbacks is not None and batch_hooks:
                 callbacks.on_test_batch_end(batch.index, pythonify(logs))
     logs = sums.result()
