@@ -313,13 +313,13 @@ def _join_cluster(args):
         raise BadInput("--coordinator HOST:PORT, --num-processes N and --process-id I go together")
     if args.coordinator and not 0 <= args.process_id < args.num_processes:
         raise BadInput(f"--process-id {args.process_id}: expected 0 to {args.num_processes - 1}")
-    with quiet_native_logs(not args.debug):
-        import keras
-    if keras.backend.backend() != "jax":
-        from pipetrain.distributed import NEEDS_JAX
-
-        raise BadInput(f"{' '.join(given)}: {NEEDS_JAX} (this is KERAS_BACKEND={keras.backend.backend()})")
     from pipetrain import distributed
+
+    backend = distributed.backend_name()  # before Keras loads (seconds): bad input is told at once
+    if backend != "jax":
+        raise BadInput(f"{' '.join(given)}: {distributed.NEEDS_JAX} (this is KERAS_BACKEND={backend})")
+    with quiet_native_logs(not args.debug):
+        import keras  # noqa: F401  (JAX's start-up chatter silenced)
 
     return distributed.initialize(args.coordinator, args.num_processes, args.process_id,
                                   detect=args.distributed, devices=args.devices or (None if several else "all"))
@@ -365,8 +365,12 @@ def cmd_train(args) -> int:
     except KeyboardInterrupt as e:
         where = history.parent if history.name == "history.jsonl" else history
         raise Interrupted(f"{e or 'interrupted'}; resume with: pipetrain train --resume {where}") from None
-    if cluster is None or cluster.is_writer:
+    if cluster is None:
         model.save(history.parent / "model.keras")
+    else:  # a collective on JAX: every process saves, process 0 keeps it
+        from pipetrain import distributed
+
+        distributed.save_model(model, history.parent / "model.keras")
     return EXIT_OK
 
 

@@ -67,6 +67,21 @@ class ProcessLost(RuntimeError):
 # -- setting up ---------------------------------------------------------------------------
 
 
+def backend_name() -> str:
+    """The Keras backend this process will use, without importing Keras (which takes
+    seconds), as Keras decides it: ``KERAS_BACKEND``, else ``keras.json``, else TensorFlow."""
+    if "keras" in sys.modules:
+        return sys.modules["keras"].backend.backend()
+    if os.environ.get("KERAS_BACKEND"):
+        return os.environ["KERAS_BACKEND"]
+    home = os.environ.get("KERAS_HOME") or os.path.join(
+        os.path.expanduser("~") if os.access(os.path.expanduser("~"), os.W_OK) else "/tmp", ".keras")
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        with open(os.path.join(home, "keras.json")) as f:
+            return json.load(f).get("backend") or "tensorflow"
+    return "tensorflow"
+
+
 def initialize(coordinator: str | None = None, num_processes: int | None = None, process_id: int | None = None,
                *, detect: bool = False, devices: str | int | None = "all") -> Cluster | None:
     """The common case in one call: start JAX's distributed runtime (gloo collectives on
@@ -102,16 +117,30 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
     several = detect or coordinator is not None or (num_processes or 1) > 1
     if several:
         jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU collectives across processes
-        try:
+        try:  # Keras' initialize also agrees on one random seed, so every process builds the same weights
             if detect:
-                jax.distributed.initialize()
+                keras.distribution.initialize()
             else:
-                jax.distributed.initialize(coordinator, num_processes=num_processes, process_id=process_id)
+                keras.distribution.initialize(coordinator, num_processes=num_processes, process_id=process_id)
         except (ValueError, TypeError, RuntimeError) as e:
             raise DistributedError(f"cannot join the cluster: {one_line(e)}") from e
     chosen = _devices(devices)
     keras.distribution.set_distribution(keras.distribution.DataParallel(devices=chosen))
     return active()
+
+
+def save_model(model, path) -> None:
+    """``model.save(path)`` in a run of several processes: Keras' saving runs a collective
+    on JAX (it builds an optimizer, whose variables are checked across processes), so every
+    process must save; process 0 writes ``path``, the others a copy that is thrown away."""
+    import tempfile
+
+    cluster = active()
+    if cluster is None or cluster.is_writer:
+        model.save(path)
+        return
+    with tempfile.TemporaryDirectory() as folder:
+        model.save(os.path.join(folder, "model.keras"))
 
 
 def _devices(devices: str | int | None) -> list:
@@ -310,8 +339,10 @@ class _Channel:
                     raise RunError(f"{key}: no answer from the other processes within {timeout:.0f} s: {one_line(e)}") from e
 
     def get(self, key: str) -> str | None:
-        found = self.client.key_value_dir_get(PREFIX + key)  # a missing key is an empty list, not an error
-        return next((v for k, v in found if k == PREFIX + key), None)
+        """The value of ``key``, or None: looked up in its folder (a missing key is then an
+        empty list rather than an exception, which costs more), so keep that folder small."""
+        folder = PREFIX + key.rsplit("/", 1)[0] + "/"
+        return next((v for k, v in self.client.key_value_dir_get(folder) if k == PREFIX + key), None)
 
     def items(self, folder: str) -> list[tuple[str, str]]:
         return [(k[len(PREFIX):], v) for k, v in self.client.key_value_dir_get(PREFIX + folder)]
@@ -637,7 +668,7 @@ class RunLink(Local):
         stops at the same boundary, with a checkpoint."""
         if self.channel is None:
             return received
-        key = self.key + "stop"
+        key = self.key + "stop/at"  # alone in its folder: polled with one cheap folder read
         if received is not None and not self._posted and self._stop_at is None:
             self._posted = True
             with contextlib.suppress(Exception):  # another process proposed first: read its proposal below
