@@ -312,6 +312,7 @@ class _Channel:
         self.failed_here = False
         self.on_lost: list[Callable[[str], None]] = []
         self.on_beat: list[Callable[[], None]] = []
+        self.active = 0  # runs (and waits) in progress: only then does a loss end this process
         self._stop = threading.Event()
 
     def hello(self, me: dict) -> list[dict]:
@@ -329,14 +330,19 @@ class _Channel:
     def wait(self, key: str, timeout: float) -> str:
         """The value of ``key``, waiting for it (in slices, so a lost process ends the wait)."""
         deadline = time.monotonic() + timeout
-        while True:
-            self.check()
-            left = deadline - time.monotonic()
-            try:
-                return self.client.blocking_key_value_get(PREFIX + key, int(max(1, min(left, BEAT_S)) * 1000))
-            except Exception as e:
-                if "DEADLINE_EXCEEDED" not in str(e) or left <= 0:
-                    raise RunError(f"{key}: no answer from the other processes within {timeout:.0f} s: {one_line(e)}") from e
+        self.active += 1
+        try:
+            while True:
+                self.check()
+                left = deadline - time.monotonic()
+                try:
+                    return self.client.blocking_key_value_get(PREFIX + key, int(max(1, min(left, BEAT_S)) * 1000))
+                except Exception as e:
+                    if "DEADLINE_EXCEEDED" not in str(e) or left <= 0:
+                        raise ProcessLost(f"{key}: no answer from the other processes within {timeout:.0f} s: "
+                                          f"{one_line(e)}") from e
+        finally:
+            self.active -= 1
 
     def get(self, key: str) -> str | None:
         """The value of ``key``, or None: looked up in its folder (a missing key is then an
@@ -382,6 +388,10 @@ class _Channel:
     def _judge(self) -> None:
         while not self._stop.wait(BEAT_S / 2):
             now = time.monotonic()
+            if not self.active:  # between runs, or after the last: a process that finished is not lost
+                self.last_ok = max(self.last_ok, now - BEAT_S)
+                self.seen = {p: (count, max(when, now - BEAT_S)) for p, (count, when) in self.seen.items()}
+                continue
             if now - self.last_ok > LOST_S:
                 self._declare(f"lost {self.cluster.name(0)}: the coordination service has not answered "
                               f"for {now - self.last_ok:.0f} s")
@@ -404,6 +414,8 @@ class _Channel:
         if self.lost is not None or self._stop.is_set():
             return
         self.lost, self.lost_bad = why, bad
+        if not self.active:  # the next run (or wait) raises at its start
+            return
         for hook in list(self.on_lost):
             with contextlib.suppress(Exception):
                 hook(why)
@@ -572,6 +584,7 @@ class RunLink(Local):
         self._polled_step = -1
         self._hooks: list = []
         self._collect: Callable[[], None] = lambda: None
+        self._active = False
 
     def verbose(self, verbose: int) -> int:
         return verbose if self.writes else 0  # one progress display: process 0's
@@ -604,6 +617,8 @@ class RunLink(Local):
             if theirs["data"] != fingerprint:
                 raise DistributedError(f"{self.cluster.name(i)} sees other data or settings: {theirs['data']} "
                                        f"there, {fingerprint} here")
+        self._active = True  # from here until close, a lost process ends the run
+        self.channel.active += 1
 
     # -- records: samples and epoch counters of every process reach process 0 -----------------
 
@@ -772,6 +787,9 @@ class RunLink(Local):
             with contextlib.suppress(ValueError):
                 hooks.remove(hook)
         self.cluster.ended_together = self._agreed(status)
+        if self.channel is not None and self._active:
+            self._active = False
+            self.channel.active -= 1
         if self.channel is not None and not self.cluster.ended_together:
             abandon(130 if status == "interrupted" else 1, error or status or "ended")
 
