@@ -26,6 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
+from pipetrain import scan
+
 SCHEMA = 1
 
 
@@ -93,15 +95,7 @@ class HistoryWriter:
         follower sees the file shrink and reads it again from the top.) A whole record
         that lacks only its newline is a record (read_history shows it): it gets one."""
         size = os.fstat(self._fd).st_size
-        end = size
-        while end > 0:
-            start = max(0, end - 65536)
-            chunk = os.pread(self._fd, end - start, start)
-            newline = chunk.rfind(b"\n")
-            if newline >= 0:
-                end = start + newline + 1
-                break
-            end = start
+        end = scan.line_end(self._fd, size)
         if end == size:
             return
         if decode_line(os.pread(self._fd, size - end, end)) is not None:
@@ -185,10 +179,7 @@ def run_name(path: str | os.PathLike, run: Mapping | None = None) -> str:
 
 def decode_line(line: bytes) -> dict | None:
     """The record on one line, or None if the line is blank, torn or not a record."""
-    try:
-        record = json.loads(line)
-    except ValueError:
-        return None
+    record = scan.decode(line)
     return record if isinstance(record, dict) and well_formed(record) else None
 
 
@@ -277,6 +268,9 @@ def superseded(record: Mapping, at: tuple[int, int]) -> bool:
 class History:
     """One continuous history, read from a JSON Lines file.
 
+    ``batches`` and ``system`` are :class:`~pipetrain.table.Table` s when read from a
+    file (sequences of the records' dicts, held as columns); the other fields are lists.
+
     A resumed run appends a new ``run`` record whose ``resume`` names the (epoch, batch)
     it continues from; the batches and epochs that the earlier segment recorded at or
     after that position were trained again, so only their new records are kept: every
@@ -298,6 +292,8 @@ class History:
 
     def add(self, record: dict) -> None:
         kind = record.get("type")
+        if not isinstance(self.batches, list) or not isinstance(self.system, list):
+            self.batches, self.system = list(self.batches), list(self.system)  # tables become lists to grow
         if kind == "run":
             at = resume_point(record)
             if at is not None:
@@ -334,48 +330,28 @@ class History:
             import pandas as pd
         except ImportError as e:  # pragma: no cover - depends on the environment
             raise ImportError('History.to_pandas needs pandas: pip install "pipetrain[pandas]"') from e
-        return {
-            "epochs": pd.DataFrame(self.epochs),
-            "batches": pd.DataFrame(self.batches),
-            "system": pd.DataFrame(self.system),
-        }
+        return {"epochs": pd.DataFrame(self.epochs), "batches": _frame(self.batches), "system": _frame(self.system)}
 
 
-RUN_LINE = b'{"type":"run"'  # how the writer begins every run record (see encode)
+def _frame(records):
+    """A DataFrame of records: from a Table's columns, or from a list of dicts."""
+    import pandas as pd
+
+    return records.to_pandas() if hasattr(records, "to_pandas") else pd.DataFrame(records)
 
 
 def run_records(path: str | os.PathLike) -> list[dict]:
-    """The ``run`` records of a history file, in order, decoding only the lines that
-    begin as the writer begins a run record: a long run's batch lines are not parsed
-    (a file whose lines are written otherwise is read whole)."""
-    data = Path(path).read_bytes()
-    runs = [r for r in map(decode_line, (line for line in data.split(b"\n") if line.startswith(RUN_LINE)))
-            if r is not None and r["type"] == "run"]
-    if not runs and data.strip():
-        runs = [r for r in parse_lines(data + b"\n")[0] if r["type"] == "run"]
-    return runs
+    """The ``run`` records of a history file, in order, as read_history finds them,
+    parsing neither batch nor system lines (a long history is not read into memory)."""
+    return read_history(path, tables=()).runs
 
 
-def read_history(path: str | os.PathLike) -> History:
-    """Read a history file (or a run folder's) as one continuous :class:`History`.
+def read_history(path: str | os.PathLike, **selection) -> History:
+    """Read a history file (or a run folder's) as one continuous :class:`History`; see
+    :func:`pipetrain.reading.read_history` for what it reads and how to ask for less."""
+    from pipetrain.reading import read_history as read  # the reader builds on this module
 
-    A torn last line (a run killed mid-write, or a line still being written) and any
-    other line that is not a JSON object are skipped and counted in ``skipped``.
-    """
-    path = history_file(path)
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: no such history file") from None
-    if data and not data.endswith(b"\n"):
-        # No proper prefix of a JSON object parses, so a torn last line is skipped
-        # below while a complete last object that lacks only its newline still counts.
-        data += b"\n"
-    records, skipped = parse_lines(data)
-    history = History(skipped=skipped)
-    for record in records:
-        history.add(record)
-    return history
+    return read(path, **selection)
 
 
 class Follower:
@@ -383,10 +359,18 @@ class Follower:
 
     Each :meth:`read` returns the lines completed since the last one, each with its
     record (None for a line that is not one); a line still being written waits for its
-    newline. The file may appear late. When it is truncated, rewritten from the top or
-    replaced by a new file (a new inode), reading starts again at the new file's first
-    line and ``restarts`` counts up. ``finished`` tells that the run has ended: the last
-    record is an ``end`` (no resumed segment after it) and nothing more is there to read.
+    newline. The file may appear late. When it is truncated, rewritten or replaced by a
+    new file (a new inode), reading starts again at the new file's first line and
+    ``restarts`` counts up. ``finished`` tells that the run has ended: the last record is
+    an ``end`` (no resumed segment after it) and nothing more is there to read.
+
+    The follower never reads on from inside a line: it stands just after the last
+    complete line it returned, and reads a line still being written again from its
+    start at the next look. So a resumed run that cuts a torn last line and appends
+    more than it cut is read as the lines it wrote, never as a splice of the old
+    fragment and the new lines. A rewrite is noticed by the inode, by the size (shorter
+    than what was read), and by the bytes read so far: the file's first bytes and the
+    last bytes before where it stands must still be the same.
 
     Example::
 
@@ -397,7 +381,7 @@ class Follower:
                 time.sleep(0.2)
     """
 
-    HEAD_BYTES = 256  # the file's first bytes, compared to notice it was written anew
+    CHECK_BYTES = 256  # bytes compared at the start and before the position, each look
 
     def __init__(self, path: str | os.PathLike, chunk_bytes: int = 1 << 20):
         self.path = Path(path)
@@ -405,38 +389,99 @@ class Follower:
         self.restarts = 0
         self.at_eof = False
         self.ended = False
-        self._handle = None
+        self._fd = -1
         self._inode: int | None = None
-        self._pending = b""
-        self._head = b""
+        self.position = 0  # just after the last complete line returned
+        self._pending = b""  # a line still being written, as seen at the last look
+        self._head = b""  # the file's first bytes, as read
+        self._behind = b""  # the bytes just before ``position``, as read
+        self.lines_seen = self.records_seen = 0  # by read_bytes: lines it decoded, records among them
 
     @property
     def exists(self) -> bool:
         """Whether the file has been opened (it may not exist yet)."""
-        return self._handle is not None
+        return self._fd >= 0
+
+    @property
+    def fd(self) -> int:
+        return self._fd
 
     @property
     def finished(self) -> bool:
         # Half a line after the end record means a resumed segment is being written.
         return self.ended and self.at_eof and not self._pending
 
-    def read(self) -> list[tuple[bytes, dict | None]]:
-        """The complete lines (with their ``\\n``) and records read since the last call."""
-        if self._handle is None and not self._open():
+    def look(self) -> bool:
+        """Open the file, or notice that it was rewritten (and start over); whether it
+        is there to read."""
+        if self._fd < 0 and not self._open():
             self.at_eof = True
-            return []
+            return False
         if self._rewritten() or (self._at_end() and self._replaced()):
             self._restart()
-            if self._handle is None:  # removed again in between
+            if self._fd < 0:  # removed again in between
                 self.at_eof = True
-                return []
-        chunk = self._handle.read(self.chunk_bytes)
-        self.at_eof = len(chunk) < self.chunk_bytes
-        if len(self._head) < self.HEAD_BYTES:
-            self._head = (self._head + chunk)[: self.HEAD_BYTES]
-        lines = (self._pending + chunk).split(b"\n")
-        self._pending = lines.pop()
-        return [self._take(line + b"\n") for line in lines]
+                return False
+        return True
+
+    def read(self) -> list[tuple[bytes, dict | None]]:
+        """The complete lines (with their ``\\n``) and records read since the last call."""
+        data = self._read_lines()
+        return [self._take(line + b"\n") for line in data.split(b"\n")[:-1]]
+
+    def read_bytes(self) -> bytes:
+        """The complete lines read since the last call, as they are in the file (only the
+        records that can end a run are decoded, to know when it has)."""
+        data = self._read_lines()
+        if data:
+            self._note_ends(data)
+        return data
+
+    def _read_lines(self) -> bytes:
+        if not self.look():
+            return b""
+        data = os.pread(self._fd, self.chunk_bytes, self.position)
+        size = self.position + len(data)
+        while len(data) >= self.chunk_bytes and data.rfind(b"\n") < 0:  # a line longer than a chunk
+            more = os.pread(self._fd, self.chunk_bytes, size)
+            if not more:
+                break
+            data += more
+            size += len(more)
+        self.at_eof = size >= os.fstat(self._fd).st_size
+        cut = data.rfind(b"\n") + 1
+        self._pending = data[cut:] if self.at_eof else b""
+        data = data[:cut]
+        if data:
+            self.advance(data)
+        return data
+
+    def advance(self, data: bytes) -> None:
+        """Stand after ``data``, the complete lines at the current position."""
+        if self.position < self.CHECK_BYTES:
+            self._head = (self._head + data)[: self.CHECK_BYTES]
+        self._behind = (self._behind + data)[-self.CHECK_BYTES:]
+        self.position += len(data)
+
+    def skip_to(self, position: int, ended: bool) -> None:
+        """Stand at ``position`` (just after a newline, found by the caller in this
+        file), with ``ended`` saying whether the last record before it ends the run."""
+        self._head = os.pread(self._fd, min(self.CHECK_BYTES, position), 0)
+        start = max(0, position - self.CHECK_BYTES)
+        self._behind = os.pread(self._fd, position - start, start)
+        self.position, self.ended = position, ended
+
+    def _note_ends(self, data: bytes) -> None:
+        """Whether the run has ended, from the records among ``data``'s lines that can
+        say so (batch lines cannot); and whether the file holds records at all."""
+        block = scan.Block(0, data)
+        lines = block.others()
+        spans = lines if block.clean(lines) and self.records_seen else block.lines()
+        for start, end in spans:
+            line = data[start:end]
+            _, record = self._take(line)
+            self.lines_seen += bool(line.strip())
+            self.records_seen += record is not None
 
     def _take(self, line: bytes) -> tuple[bytes, dict | None]:
         record = decode_line(line)
@@ -448,11 +493,12 @@ class Follower:
 
     def _open(self) -> bool:
         try:
-            self._handle = open(self.path, "rb")  # noqa: SIM115 - kept open across reads
+            self._fd = os.open(self.path, os.O_RDONLY)
         except FileNotFoundError:
             return False
-        self._inode = os.fstat(self._handle.fileno()).st_ino
-        self._pending, self._head, self.ended = b"", b"", False
+        self._inode = os.fstat(self._fd).st_ino
+        self.position, self._pending, self._head, self._behind, self.ended = 0, b"", b"", b"", False
+        self.lines_seen = self.records_seen = 0
         return True
 
     def _restart(self) -> None:
@@ -461,15 +507,17 @@ class Follower:
         self._open()
 
     def _rewritten(self) -> bool:
-        """The same file made shorter, or with other first bytes than we read."""
-        fd = self._handle.fileno()
-        position = self._handle.tell()
-        if os.fstat(fd).st_size < position:
+        """The same file made shorter, or with other bytes than we read before where we
+        stand (its first bytes or the last ones before our position)."""
+        if os.fstat(self._fd).st_size < self.position:
             return True
-        return bool(self._head) and os.pread(fd, len(self._head), 0) != self._head
+        if self._head and os.pread(self._fd, len(self._head), 0) != self._head:
+            return True
+        start = self.position - len(self._behind)
+        return bool(self._behind) and os.pread(self._fd, len(self._behind), start) != self._behind
 
     def _at_end(self) -> bool:
-        return self._handle.tell() >= os.fstat(self._handle.fileno()).st_size
+        return self.position + len(self._pending) >= os.fstat(self._fd).st_size
 
     def _replaced(self) -> bool:
         """Another file under the same name; a removed file is read to its end."""
@@ -479,9 +527,9 @@ class Follower:
             return False
 
     def close(self) -> None:
-        if self._handle is not None:
-            self._handle.close()
-            self._handle = None
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
 
     def __enter__(self) -> Follower:
         return self

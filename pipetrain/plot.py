@@ -1,7 +1,8 @@
 """``pipetrain plot``: one or several histories as one picture, for a report.
 
 Panels: the loss and each metric per epoch (training solid, validation dashed), the
-per-batch training loss smoothed, samples/s and the input-bound share over time,
+per-batch training loss smoothed (per-batch lines of any length are drawn as the
+smallest and largest value in each pixel column, so spikes stay visible), samples/s and the input-bound share over time,
 process RSS, system available memory and CPU over time. Several histories overlay in
 one colour each, named by their run folder (else their run id).
 
@@ -28,10 +29,11 @@ from pathlib import Path
 import numpy as np
 
 from pipetrain.cli import EXIT_OK, BadInput
-from pipetrain.history import History, history_file, numeric_view, read_history, run_name
+from pipetrain.history import History, history_file, is_number, numeric_view, read_history, run_name
 from pipetrain.progress import epoch_metrics
+from pipetrain.table import Table
 
-MAX_POINTS = 4000  # points drawn per line: enough for the eye, quick for a long run
+COLUMNS = 1500  # spans per line drawn: more than a panel has pixel columns
 MAX_METRIC_PANELS = 8
 SMOOTH_EPOCHS = 10  # rolling means span a tenth of an epoch
 VAL_STYLE = {"linestyle": (0, (5, 2)), "linewidth": 1.8}
@@ -42,7 +44,8 @@ TRAIN_STYLE = {"linestyle": "-", "linewidth": 1.8}
 
 @dataclass
 class Series:
-    """One run's curves, in plain numpy arrays."""
+    """One run's curves, in plain numpy arrays (from the history's columns: a long run's
+    batches are never turned into dicts here)."""
 
     label: str
     history: History
@@ -52,8 +55,9 @@ class Series:
     def duration_s(self) -> float:
         """Seconds from the start to the latest record."""
         h = self.history
-        last = [r[-1]["t"] for r in (h.batches, h.epochs, h.system) if r and "t" in r[-1]]
-        if h.end and "t" in h.end:
+        last = [float(np.nanmax(_table(r).array("t"))) for r in (h.batches, h.system) if len(r)]
+        last += [e["t"] for e in h.epochs[-1:] if is_number(e.get("t"))]
+        if h.end and is_number(h.end.get("t")):
             last.append(h.end["t"])
         return max(last, default=self.t0) - self.t0
 
@@ -65,10 +69,11 @@ class Series:
     def batch_losses(self) -> tuple[np.ndarray, np.ndarray]:
         """(position in epochs, loss) of every batch: batch b of epoch e (from 0) sits
         at e + (b + 1) / steps, so the end of epoch n is at n, as on the epoch panels."""
+        batches = _table(self.history.batches)
         steps = _steps_per_epoch(self.history)
-        rows = [((b.get("epoch") or 0) + ((b.get("batch") or 0) + 1) / steps, b.get("loss"))
-                for b in self.history.batches if "loss" in b]
-        return _arrays(rows)
+        has = batches.has("loss")
+        x = batches.ints("epoch") + (batches.ints("batch") + 1) / steps
+        return x[has].astype(float), batches.array("loss")[has]
 
     @property
     def window(self) -> int:
@@ -80,10 +85,12 @@ class Series:
         """When each resumed segment started (Unix seconds): time lines break there."""
         return [r["t"] for r in self.history.runs[1:] if "t" in r]
 
-    def over_time(self, records: list[dict], name: str) -> tuple[np.ndarray, np.ndarray]:
+    def over_time(self, records, name: str) -> tuple[np.ndarray, np.ndarray]:
         """(seconds since the start, value) of a field of time-stamped records; NaN
         where a resumed segment starts, so no line is drawn across the pause."""
-        t, y = _arrays([(r["t"], r.get(name)) for r in records if name in r and "t" in r])
+        table = _table(records)
+        has = table.has(name) & table.has("t")
+        t, y = table.array("t")[has], table.array(name)[has]
         cut = np.unique(np.searchsorted(t, self.resumed_at))
         cut = cut[(cut > 0) & (cut < len(t))]
         return np.insert(t, cut, np.nan) - self.t0, np.insert(y, cut, np.nan)
@@ -93,36 +100,31 @@ class Series:
         each batch, over the wall time of the last :attr:`window` batches of its epoch
         (the definitions of the epoch records). NaN separates epochs and segments: no
         line is drawn across validation or a pause."""
-        groups = _runs_of(self.history.batches, self.resumed_at)
-        parts = [_epoch_rates(group, self.window, self.t0) for group in groups]
-        if not parts:
+        batches = _table(self.history.batches)
+        if not len(batches):
             return np.array([]), np.array([]), np.array([])
+        t = batches.array("t")
+        columns = [t, _zero(batches.array("size")), _zero(batches.array("wait_s")), _zero(batches.array("step_s"))]
+        key = np.vstack([batches.ints("epoch"), np.searchsorted(self.resumed_at, t)])
+        starts = np.flatnonzero(np.r_[True, (key[:, 1:] != key[:, :-1]).any(axis=0)])
+        parts = [_epoch_rates(*(c[a:b] for c in columns), self.window, self.t0)
+                 for a, b in zip(starts, np.r_[starts[1:], len(t)], strict=True)]
         gap = np.full((3, 1), np.nan)
         joined = np.concatenate([c for part in parts for c in (part, gap)][:-1], axis=1)
         return joined[0], joined[1], joined[2]
 
 
-def _runs_of(batches: list[dict], resumed_at: list[float]) -> list[list[dict]]:
-    """The batch records in runs of one epoch of one segment each."""
-    groups: list[list[dict]] = []
-    key = None
-    for b in batches:
-        if "t" not in b:
-            continue
-        this = (b.get("epoch"), int(np.searchsorted(resumed_at, b["t"])))
-        if groups and this == key:
-            groups[-1].append(b)
-        else:
-            groups.append([b])
-        key = this
-    return groups
+def _table(records) -> Table:
+    return records if isinstance(records, Table) else Table.from_records(list(records))
 
 
-def _epoch_rates(batches: list[dict], window: int, t0: float) -> np.ndarray:
-    t = np.array([b["t"] for b in batches], dtype=float)
-    size = np.array([b.get("size") or 0 for b in batches], dtype=float)
-    wait = np.array([b.get("wait_s") or 0.0 for b in batches], dtype=float)
-    began = t - wait - np.array([b.get("step_s") or 0.0 for b in batches], dtype=float)
+def _zero(values: np.ndarray) -> np.ndarray:
+    """A missing size or time counts as 0, as the epoch records count them."""
+    return np.where(np.isnan(values), 0.0, values)
+
+
+def _epoch_rates(t, size, wait, step, window: int, t0: float) -> np.ndarray:
+    began = t - wait - step
     first = np.maximum(np.arange(len(t)) - window + 1, 0)
     wall = t - began[first]
     wall = np.where(wall > 0, wall, np.nan)  # no time measured: no rate
@@ -149,7 +151,8 @@ def _steps_per_epoch(history: History) -> int:
     known = [s for s in steps if s]
     if known:
         return known[-1]
-    return max((b.get("batch", 0) for b in history.batches), default=0) + 1
+    batches = _table(history.batches)
+    return int(batches.ints("batch").max(initial=0)) + 1
 
 
 def rolling_mean(values: np.ndarray, window: int) -> np.ndarray:
@@ -164,12 +167,37 @@ def rolling_mean(values: np.ndarray, window: int) -> np.ndarray:
         return _window_sums(np.where(valid, values, 0.0), first) / _window_sums(valid.astype(float), first)
 
 
-def thin(x: np.ndarray, y: np.ndarray, limit: int = MAX_POINTS) -> tuple[np.ndarray, np.ndarray]:
-    """At most ``limit`` evenly spaced points of a long line (the last one kept)."""
-    if len(x) <= limit:
+def envelope(x: np.ndarray, y: np.ndarray, columns: int = COLUMNS) -> tuple[np.ndarray, np.ndarray]:
+    """A long line as drawn: the smallest and the largest ``y`` in each of ``columns``
+    equal spans of ``x`` (two points each), so a spike of one batch in millions stays
+    visible; a NaN in ``x`` (a break in the line) stays a break. Short lines are whole.
+
+    >>> envelope(np.arange(8.0), np.array([0, 5, 1, 1, 2, -3, 2, 2.0]), columns=2)[1].tolist()
+    [0.0, 5.0, -3.0, 2.0]
+    """
+    if len(x) <= 2 * columns:
         return x, y
-    keep = np.unique(np.linspace(0, len(x) - 1, limit).round().astype(int))
-    return x[keep], y[keep]
+    finite = ~np.isnan(x)
+    low, high = np.nanmin(x), np.nanmax(x)
+    edges = np.linspace(low, high, columns + 1)[1:-1]
+    parts_x, parts_y = [], []
+    breaks = np.flatnonzero(~finite)
+    for a, b in zip(np.r_[0, breaks + 1], np.r_[breaks, len(x)], strict=True):
+        if b <= a:
+            continue
+        px, py = x[a:b], y[a:b]
+        starts = np.unique(np.r_[0, np.searchsorted(px, edges)])
+        starts = starts[starts < len(px)]
+        ends = np.r_[starts[1:], len(px)] - 1
+        with np.errstate(invalid="ignore"):
+            lo, hi = np.fmin.reduceat(py, starts), np.fmax.reduceat(py, starts)
+        parts_x.append(np.column_stack([px[starts], px[ends]]).ravel())
+        parts_y.append(np.column_stack([lo, hi]).ravel())
+        parts_x.append([np.nan])
+        parts_y.append([np.nan])
+    if not parts_x:
+        return x[:0], y[:0]
+    return np.concatenate(parts_x[:-1]), np.concatenate(parts_y[:-1])
 
 
 def metric_names(series: Sequence[Series]) -> list[str]:
@@ -201,8 +229,7 @@ def load(paths: Sequence[str | os.PathLike]) -> list[Series]:
             history = read_history(path)
         except OSError as e:
             raise BadInput(f"{path}: cannot read the history: {e.strerror or e}") from None
-        for table in ("batches", "epochs", "system"):
-            setattr(history, table, [numeric_view(r) for r in getattr(history, table)])
+        history.epochs = [numeric_view(r) for r in history.epochs]  # the tables give numbers already
         if not history.runs:
             problem = f"{history.skipped} line(s) are not JSON records" if history.skipped else "it is empty"
             raise BadInput(f"{path}: no run to plot ({problem})")
@@ -292,8 +319,8 @@ def _batch_loss_panel(ax, series, colors) -> None:
     for s, color in zip(series, colors, strict=True):
         x, y = s.batch_losses()
         if len(x):
-            ax.plot(*thin(x, y), color=color, alpha=0.15, linewidth=0.6)
-            ax.plot(*thin(x, rolling_mean(y, s.window)), color=color, **TRAIN_STYLE)
+            ax.plot(*envelope(x, y), color=color, alpha=0.15, linewidth=0.6)
+            ax.plot(*envelope(x, rolling_mean(y, s.window)), color=color, **TRAIN_STYLE)
     _style(ax, f"Training loss per batch (faint), mean over 1/{SMOOTH_EPOCHS} epoch", "epoch", "loss")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
 
@@ -308,15 +335,18 @@ TIME_PANELS = {
 }
 
 
-def by_process(records: list[dict]) -> dict[int | None, list[dict]]:
+def by_process(records) -> dict[int | None, Table]:
     """System records by the process that sampled them (a distributed run tags each)."""
-    groups: dict[int | None, list[dict]] = {}
-    for r in records:
-        process = r.get("process")
-        groups.setdefault(process if isinstance(process, int) else None, []).append(r)
+    table = _table(records)
+    if not len(table):
+        return {}
+    process = np.where(table.has("process"), table.array("process"), np.nan)
+    groups: dict[int | None, Table] = {}
+    if np.isnan(process).any():
+        groups[None] = table.take(np.flatnonzero(np.isnan(process)))
+    for value in np.unique(process[~np.isnan(process)]).tolist():
+        groups[int(value)] = table.take(np.flatnonzero(process == value))
     return groups
-
-
 
 
 def _time_panel(ax, series, colors, panel: str, unit: str, scale: float) -> None:
@@ -338,7 +368,7 @@ def _time_panel(ax, series, colors, panel: str, unit: str, scale: float) -> None
                 continue
             marker = "o" if source == "system" and len(t) <= 60 else None
             alpha = 1.0 if process is None else max(0.35, 0.9 - 0.15 * process)  # each process a shade
-            ax.plot(*thin(t / scale, y), color=color, marker=marker, markersize=3, alpha=alpha, **TRAIN_STYLE)
+            ax.plot(*envelope(t / scale, y), color=color, marker=marker, markersize=3, alpha=alpha, **TRAIN_STYLE)
             if process is not None and np.isfinite(y).any():
                 last = np.flatnonzero(np.isfinite(y))[-1]
                 ax.annotate(f"process {process}", (t[last] / scale, y[last]), fontsize=8, color=color,

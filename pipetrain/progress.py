@@ -29,6 +29,7 @@ import threading
 import time
 from collections.abc import Iterable
 
+import numpy as np
 from rich.console import Console
 from rich.live import Live
 from rich.progress_bar import ProgressBar
@@ -41,6 +42,7 @@ REFRESH_S = 0.1  # the bar redraws at most ten times a second
 BAR_WIDTH = 30
 ETA_EPOCHS = 5  # finished epochs that the run's ETA averages over
 
+BULK_BATCHES = 256  # batches of one epoch summed over columns rather than one by one
 BATCH_KEYS = {"type", "run", "t", "epoch", "batch", "step", "size", "step_s", "wait_s", "samples_per_s"}
 EPOCH_KEYS = {
     "type", "run", "t", "epoch", "samples", "batches", "time_s", "samples_per_s", "wait_s",
@@ -148,6 +150,65 @@ class RunState:
         for record in records:
             self.add(record)
         return self
+
+    def add_epoch_batches(self, records: list[dict]) -> None:
+        """Feed consecutive batch records of one epoch: the same as :meth:`add` on each,
+        in order, with the epoch's sums taken over columns (a long epoch seen from the
+        end at once). Records that the columns cannot sum exactly go one by one."""
+        if len(records) < BULK_BATCHES or not self._bulk(records):
+            self.extend(records)
+
+    def _bulk(self, records: list[dict]) -> bool:
+        from pipetrain.table import Table  # numpy columns; the console itself needs none
+
+        table = Table.from_records(records)
+        epochs = table.columns.get("epoch")
+        if len(table.shapes) != 1 or epochs is None or epochs.kind != "i" or len(set(epochs.values.tolist())) != 1:
+            return False
+        size = table.columns.get("size")
+        if size is None or size.kind != "i":
+            return False
+        sizes = size.values.astype(np.float64)
+        shape = table.shapes[0]
+        sums = {}  # name: (first row with a number, its products)
+        for position, name in enumerate(shape):
+            if name in BATCH_KEYS:
+                continue
+            column = table.columns[name]
+            if column.kind in ("s", "b"):  # text shows as missing, a bool is no metric: nothing to sum
+                continue
+            if column.kind == "o":  # lists, dicts, mixed values: summed here only if none is a number
+                if any(map(is_number, column.values.tolist())):
+                    return False
+                continue
+            valid = ~column.null if column.null is not None else np.ones(len(table), dtype=bool)
+            values = column.values.astype(np.float64)
+            if np.isnan(values[valid]).any():  # a NaN in the file (json reads one): summed one by one
+                return False
+            rows = np.flatnonzero(valid)
+            if len(rows):
+                sums[name] = (int(rows[0]), position, values[rows] * sizes[rows], int(size.values[rows].sum()))
+        wait = table.columns.get("wait_s")
+        if wait is not None and (wait.kind not in ("f", "i") or np.isnan(wait.values[
+                ~wait.null if wait.null is not None else slice(None)]).any()):
+            return False
+        first, last = numeric_view(records[0]), numeric_view(records[-1])
+        epoch = int(first.get("epoch") or 0)
+        if epoch != self._current.epoch:
+            self._current = _EpochSoFar(epoch)
+        current = self._current
+        for name, (_, _, products, samples) in sorted(sums.items(), key=lambda item: item[1][:2]):
+            current.sums[name] = float(np.add.accumulate(np.r_[current.sums.get(name, 0.0), products])[-1])
+            current.samples[name] = current.samples.get(name, 0) + samples
+        if wait is not None:
+            waits = np.where(wait.null, 0.0, wait.values) if wait.null is not None else wait.values
+            current.wait_s = float(np.add.accumulate(np.r_[current.wait_s, waits.astype(np.float64)])[-1])
+        if current.began is None:
+            current.began = first["t"] - (first.get("wait_s") or 0.0) - (first.get("step_s") or 0.0)
+        current.last_t = self.last_t = last["t"]
+        self.batch = last
+        self.position = (epoch, int(last.get("batch") or 0) + 1)
+        return True
 
     def _run(self, record: dict) -> None:
         at = resume_point(record)

@@ -1,7 +1,8 @@
 """``pipetrain tail``: watch a run from its history file, live or once, as a view or raw.
 
-One loop reads the file (:func:`updates`: complete lines only, from the top, waiting for
-the file, starting over if it is replaced) and feeds a :class:`~pipetrain.progress.RunState`;
+One loop reads the file (:func:`updates`: complete lines only; first the records that
+decide the view, found from the end without parsing every batch line; then each line
+as it is appended; waiting for the file, starting over if it is replaced) and feeds a :class:`~pipetrain.progress.RunState`;
 views draw that state:
 
 - :func:`dashboard`: the run (model, data, config, host), the epoch in progress (the same
@@ -9,7 +10,7 @@ views draw that state:
   memory and CPU. On a terminal it redraws in place (``--follow``) or prints once.
 - plain lines (into a pipe or a file): the lines ``pipetrain train`` itself prints,
   from :func:`pipetrain.progress.lines_for` - the run, one per epoch, the summary.
-- ``--raw``: the complete lines of the file as they are.
+- ``--raw``: the complete lines of the file as they are, copied as bytes.
 
 Example (a shell)::
 
@@ -34,6 +35,7 @@ from rich.table import Table
 from rich.text import Text
 
 from pipetrain.cli import EXIT_OK, BadInput
+from pipetrain import scan
 from pipetrain.history import Follower, history_file, resume_point, run_name
 from pipetrain.progress import (
     BATCH_KEYS,
@@ -48,6 +50,7 @@ from pipetrain.progress import (
     metric_items,
     position_line,
 )
+from pipetrain.reading import last_look
 
 STALE_S = 60.0  # a running job silent for this long is flagged in the live view
 DRAW_S = 0.25  # the live view redraws at most this often while catching up on a long file
@@ -65,7 +68,6 @@ class Update:
     """The state after one look at the file, and what that look added."""
 
     state: RunState
-    raw: list[bytes] = field(default_factory=list)  # the complete lines read, as they are
     lines: list[str] = field(default_factory=list)  # the plain lines of the new records
     waiting: bool = False  # the file does not exist yet
     restarted: bool = False  # the file was truncated or replaced: the state starts over
@@ -75,20 +77,53 @@ class Update:
 def updates(path: Path, *, follow: bool = True, poll: float = 0.25) -> Iterator[Update]:
     """Look at the history file until the run ends (``follow``) or until its end now.
 
-    Yields after each look; sleeps ``poll`` seconds between looks that found nothing
-    more to read. Raises :class:`BadInput` for a file that holds lines but no records.
+    The first look starts from the end (:func:`pipetrain.reading.last_look`): the state
+    is fed the records that decide it - every record but the batches, and the batches
+    that still count (the latest, and its epoch's after the last resume) - so a long
+    history costs what the view shows. Each later look feeds every record appended
+    since. Yields after each look; sleeps ``poll`` seconds between looks that found
+    nothing more to read. Raises :class:`BadInput` for a file that holds lines but no
+    records.
     """
     state = RunState()
     lines_seen = records_seen = 0
+    caught_up = False
     with Follower(path) as follower:
         while True:
             restarts = follower.restarts
-            new = follower.read()
+            present = follower.look()
             restarted = follower.restarts != restarts
             if restarted:
-                state, lines_seen, records_seen = RunState(), 0, 0
-            update = Update(state, raw=[line for line, _ in new], waiting=not follower.exists,
-                            restarted=restarted, at_eof=follower.at_eof)
+                state, lines_seen, records_seen, caught_up = RunState(), 0, 0, False
+            update = Update(state, waiting=not follower.exists, restarted=restarted)
+            if present and not caught_up:
+                stop = scan.line_end(follower.fd, os.fstat(follower.fd).st_size)
+                records, not_records = last_look(follower.fd, stop)
+                if not records and not_records:
+                    raise BadInput(f"{path}: not a pipetrain history (no JSON records in {not_records} line(s))")
+                ended = False
+                # The batches of the epoch in progress are summed at once; system samples
+                # between them are fed as they come (they touch no batch figure).
+                epoch_batches: list[dict] = []
+                for _, record in records:
+                    if record["type"] == "batch":
+                        epoch_batches.append(record)
+                        continue
+                    if record["type"] != "system":
+                        state.add_epoch_batches(epoch_batches)
+                        epoch_batches = []
+                    state.add(record)
+                    update.lines += lines_for(record, state, path)
+                    if record["type"] in ("end", "run"):
+                        ended = record["type"] == "end"
+                state.add_epoch_batches(epoch_batches)
+                if records:
+                    state.last_t = records[-1][1]["t"]  # the latest record's time, whatever its type
+                records_seen += len(records)
+                follower.skip_to(stop, ended)
+                caught_up = True
+            new = follower.read()
+            update.at_eof = follower.at_eof
             for line, record in new:
                 lines_seen += bool(line.strip())
                 if record is not None:
@@ -330,12 +365,32 @@ def cmd_tail(args) -> int:
 
 
 def tail_raw(path: Path, *, follow: bool, poll: float, out=None) -> int:
-    """The complete lines of the file as they are; with ``follow``, until the run ends."""
+    """The complete lines of the file as they are, copied as bytes (only the lines that
+    can end a run are parsed); with ``follow``, until the run ends."""
     out = out or sys.stdout.buffer
-    for update in announced(updates(path, follow=follow, poll=poll), path):
-        out.write(b"".join(update.raw))
-        out.flush()
-    return EXIT_OK
+    waiting_said = False
+    with Follower(path) as follower:
+        while True:
+            restarts = follower.restarts
+            data = follower.read_bytes()
+            if not follower.exists and not waiting_said:
+                print(f"pipetrain: waiting for {path} to appear", file=sys.stderr, flush=True)
+                waiting_said = True
+            if follower.restarts != restarts:
+                _say_restarted(path)
+            if data:
+                out.write(data)
+                out.flush()
+            if follower.at_eof and follower.lines_seen and not follower.records_seen:
+                raise BadInput(f"{path}: not a pipetrain history (no JSON records in {follower.lines_seen} line(s))")
+            if follower.finished or (not follow and follower.at_eof):
+                return EXIT_OK
+            if follower.at_eof:
+                time.sleep(poll)
+
+
+def _say_restarted(path: Path) -> None:
+    print(f"pipetrain: {path} was truncated or replaced: reading it again from the top", file=sys.stderr, flush=True)
 
 
 def tail_plain(path: Path, *, follow: bool, poll: float, out=None) -> int:
@@ -361,8 +416,7 @@ def announced(stream: Iterator[Update], path: Path) -> Iterator[Update]:
             print(f"pipetrain: waiting for {path} to appear", file=sys.stderr, flush=True)
             waiting_said = True
         if update.restarted:
-            print(f"pipetrain: {path} was truncated or replaced: reading it again from the top",
-                  file=sys.stderr, flush=True)
+            _say_restarted(path)
         yield update
 
 

@@ -1,0 +1,157 @@
+"""Long histories: `tail`, `read_history`, `to_pandas()` and `plot` at 20k, 200k and 2M
+batch records, against counting the file's lines in Python.
+
+    python benchmarks/bench_history.py [--sizes 20000 200000 2000000] [--repeat 3]
+                                       [--folder /tmp/pipetrain-histories]
+                                       [--out benchmarks/results/history.json]
+
+The histories are written as a run writes them (history_maker.py: epochs of 10,000
+batches, a system sample every 200 batches, one resume in the middle after a torn line)
+and kept in --folder for the next time. Each operation runs in a fresh process; its time
+is measured inside that process from after the imports (``s``, and ``cpu_s``: the CPU
+time it used, which a busy shared machine disturbs less) and from outside
+(``process_s``: start, imports and all), with the process's peak RSS (``ru_maxrss``).
+Goals: tail <= 1 s and the same at every size; read_history and to_pandas <= 10x the line
+count's time and <= 2x the file size in memory; plot <= 10 s at 2M.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+OPERATIONS = ["lines", "tail", "tail_plain", "read_all", "read_epochs", "to_pandas", "plot"]
+
+
+def child(operation: str, path: str) -> None:
+    """One operation in this process; print its time and peak RSS as JSON."""
+    sys.path.insert(0, str(ROOT))
+    import resource
+
+    start, cpu = time.perf_counter(), time.process_time()
+    if operation == "lines":
+        n = 0
+        with open(path, "rb") as f:
+            for _ in f:
+                n += 1
+    elif operation in ("tail", "tail_plain"):
+        from rich.console import Console
+
+        from pipetrain import tail
+
+        with open(os.devnull, "w") as out:
+            start, cpu = time.perf_counter(), time.process_time()
+            if operation == "tail":  # the view on a terminal, once
+                tail.tail_once(Path(path), Console(file=out, force_terminal=True, width=100, height=50))
+            else:  # into a pipe: the plain lines
+                tail.tail_plain(Path(path), follow=False, poll=0.25, out=out)
+    elif operation in ("read_all", "read_epochs", "to_pandas"):
+        import pandas  # noqa: F401 - imported before the clock, as a user has it
+
+        import pipetrain
+
+        start, cpu = time.perf_counter(), time.process_time()
+        if operation == "read_epochs":
+            h = pipetrain.read_history(path, tables=("epochs",))
+        else:
+            h = pipetrain.read_history(path)
+            if operation == "to_pandas":
+                h.to_pandas()
+    elif operation == "plot":
+        import matplotlib  # noqa: F401
+
+        from pipetrain.plot import plot
+
+        with tempfile.TemporaryDirectory() as tmp:
+            start, cpu = time.perf_counter(), time.process_time()
+            plot([path], Path(tmp) / "plot.png")
+    else:
+        raise SystemExit(f"unknown operation {operation}")
+    seconds, cpu_s = time.perf_counter() - start, time.process_time() - cpu
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps({"s": round(seconds, 3), "cpu_s": round(cpu_s, 3), "peak_rss_mb": round(peak, 1)}))
+
+
+def run_child(operation: str, path: Path) -> dict:
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    start = time.perf_counter()
+    done = subprocess.run([sys.executable, __file__, "--child", operation, str(path)], env=env,
+                          capture_output=True, text=True, timeout=900)
+    if done.returncode != 0:
+        raise RuntimeError(f"{operation} on {path}: {done.stderr[-2000:]}")
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    result["process_s"] = round(time.perf_counter() - start, 3)
+    return result
+
+
+def history_path(folder: Path, batches: int) -> Path:
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    sys.path.insert(0, str(ROOT))
+    from history_maker import write_history
+
+    path = folder / f"history-{batches}.jsonl"
+    done = folder / f"history-{batches}.done"
+    if not done.exists():
+        print(f"writing {path} ...", flush=True)
+        write_history(path, batches)
+        done.write_text(str(path.stat().st_size))
+    return path
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[20_000, 200_000, 2_000_000])
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--operations", nargs="+", default=OPERATIONS, choices=OPERATIONS)
+    parser.add_argument("--folder", default=os.path.join(tempfile.gettempdir(), "pipetrain-histories"))
+    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "history.json"))
+    parser.add_argument("--child", nargs=2, metavar=("OPERATION", "FILE"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        child(*args.child)
+        return
+
+    folder = Path(args.folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    results = {"machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
+                           "load_1min_at_start": round(os.getloadavg()[0], 2)},
+               "repeat": args.repeat, "sizes": {}}
+    for size in args.sizes:
+        path = history_path(folder, size)
+        runs: dict[str, list[dict]] = {op: [] for op in args.operations}
+        for _ in range(args.repeat):  # operations side by side in each round
+            for op in args.operations:
+                runs[op].append(run_child(op, path))
+        row = {"batches": size, "file_mb": round(path.stat().st_size / 2**20, 1), "operations": {}}
+        for op, found in runs.items():
+            row["operations"][op] = {k: statistics.median(r[k] for r in found) for k in found[0]}
+        lines = row["operations"].get("lines", {})
+        for op, figures in row["operations"].items():
+            if lines:
+                figures["x_lines"] = round(figures["s"] / lines["s"], 2)
+                figures["cpu_x_lines"] = round(figures["cpu_s"] / max(lines["cpu_s"], 1e-3), 2)
+            figures["x_file_size"] = round(figures["peak_rss_mb"] / row["file_mb"], 2)
+        results["sizes"][str(size)] = row
+        print(f"\n{size:,} batch records, {row['file_mb']} MB")
+        print(f"{'operation':<12} {'s':>8} {'cpu s':>8} {'process s':>10} {'x lines':>8} {'cpu x':>7} "
+              f"{'peak MB':>8} {'x file':>7}")
+        for op, f in row["operations"].items():
+            print(f"{op:<12} {f['s']:>8.3f} {f['cpu_s']:>8.3f} {f['process_s']:>10.3f} "
+                  f"{f.get('x_lines', float('nan')):>8.2f} {f.get('cpu_x_lines', float('nan')):>7.2f} "
+                  f"{f['peak_rss_mb']:>8.1f} {f['x_file_size']:>7.2f}", flush=True)
+    results["machine"]["load_1min_at_end"] = round(os.getloadavg()[0], 2)
+    Path(args.out).write_text(json.dumps(results, indent=1) + "\n")
+    print(f"\nwrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,342 @@
+"""``read_history``: one continuous :class:`~pipetrain.history.History` from a history
+file of any length, batch and system records as columns.
+
+The file is read in blocks (:mod:`pipetrain.scan`). In each block, the lines that are
+not batch lines (run, epoch, end, system, anything else) are parsed one by one and kept
+in file order; each run of consecutive batch lines is parsed at once and appended to a
+:class:`~pipetrain.table.TableBuilder`, tagged with its *segment* (how many run records
+came before it). At the end, the run records' resume points say which batches a later
+segment trained again, exactly as :meth:`History.add` drops them record by record: a
+batch of segment ``s`` is dropped when a run record after it resumes at or before its
+(epoch, batch). Epoch records are few and replayed through ``History.add`` itself.
+
+What is asked for decides what is parsed: ``tables=("epochs",)`` parses neither batch
+nor system lines, and a range (``epochs=``, ``since=``/``until=``) parses only the batch
+lines in it (each batch line's time and epoch are read from its first bytes, where the
+writer puts them; a line written otherwise is parsed whole).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterable
+from operator import itemgetter
+
+import numpy as np
+
+from pipetrain import scan
+from pipetrain.history import History, history_file, resume_point, well_formed
+from pipetrain.table import Table, TableBuilder
+
+TABLES = ("batches", "epochs", "system")
+_NUMBER_TYPES = {int, float}
+_POSITION_TYPES = {int, type(None)}
+_type_of = itemgetter("type")
+# The writer's batch lines begin with their run, time and epoch (see Run.emit).
+_BATCH_HEAD = re.compile(rb'^\{"type":"batch","run":"[^"\\\n]*","t":(-?\d+(?:\.\d+)?(?:[eE][-+]?\d+)?),'
+                         rb'"epoch":(\d{1,18}|null)[,}]', re.M)
+
+
+class _Selection:
+    """Which records the caller asked for."""
+
+    def __init__(self, tables: Iterable[str], epochs, since, until):
+        tables = (tables,) if isinstance(tables, str) else tuple(tables)
+        unknown = [t for t in tables if t not in TABLES]
+        if unknown:
+            raise ValueError(f"tables={tables!r}: unknown table {unknown[0]!r} (choose from {', '.join(TABLES)})")
+        self.batches, self.epochs_table, self.system = (t in tables for t in TABLES)
+        if isinstance(epochs, int) and not isinstance(epochs, bool):
+            epochs = range(epochs, epochs + 1)
+        if epochs is not None and not isinstance(epochs, range):
+            raise ValueError(f"epochs={epochs!r}: give an epoch number or a range of them (range(3, 5))")
+        for name, value in (("since", since), ("until", until)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+                raise ValueError(f"{name}={value!r}: give a Unix time in seconds")
+        self.epoch_range, self.since, self.until = epochs, since, until
+        self.ranged = epochs is not None or since is not None or until is not None
+
+    def takes(self, record: dict) -> bool:
+        """Whether a batch, epoch or system record is in the asked range."""
+        kind = record["type"]
+        t = record["t"]
+        if (self.since is not None and t < self.since) or (self.until is not None and t >= self.until):
+            return False
+        if self.epoch_range is not None and kind in ("batch", "epoch"):
+            return int(record.get("epoch") or 0) in self.epoch_range
+        return True
+
+    def mask(self, t: np.ndarray, epoch: np.ndarray | None) -> np.ndarray:
+        keep = np.ones(len(t), dtype=bool)
+        if self.since is not None:
+            keep &= t >= self.since
+        if self.until is not None:
+            keep &= t < self.until
+        if self.epoch_range is not None and epoch is not None:
+            r = self.epoch_range
+            if r.step == 1:
+                keep &= (epoch >= r.start) & (epoch < r.stop)
+            else:
+                keep &= np.isin(epoch, np.array(list(r), dtype=np.int64))
+        return keep
+
+
+class _Reader:
+    def __init__(self, selection: _Selection):
+        self.want = selection
+        self.small: list[dict] = []  # run, epoch, end and unknown records, in file order
+        self.segment = 0  # run records so far
+        self.skipped = 0
+        self.batches = TableBuilder()
+        self.batch_segments: list[tuple[int, int]] = []  # (rows, segment) per added piece
+        self.system = TableBuilder()
+        self._pending_batches: list[dict] = []
+        self._pending_system: list[dict] = []
+
+    # -- one record at a time (the general path) -----------------------------------------
+
+    def route(self, record, line: bytes) -> None:
+        """Keep one decoded line as read_history's full parse does (None: not JSON)."""
+        if type(record) is not dict or not well_formed(record):
+            if line.strip():
+                self.skipped += 1
+            return
+        kind = record["type"]
+        if kind == "batch":
+            if self.want.batches and (not self.want.ranged or self.want.takes(record)):
+                self._pending_batches.append(record)
+        elif kind == "system":
+            if self.want.system and (not self.want.ranged or self.want.takes(record)):
+                self._pending_system.append(record)
+        else:
+            self._flush()
+            if kind == "run":
+                self.segment += 1
+            elif kind == "epoch" and self.want.ranged and not self.want.takes(record):
+                return
+            self.small.append(record)
+
+    def _flush(self) -> None:
+        if self._pending_batches:
+            self._add_batches(self._pending_batches)
+            self._pending_batches = []
+        if self._pending_system:
+            self.system.add(self._pending_system)
+            self._pending_system = []
+
+    def _add_batches(self, records: list[dict]) -> None:
+        if not self.batches.add(records, accept=_batch_kinds_ok):  # a record well_formed refuses
+            kept = [r for r in records if well_formed(r)]
+            self.skipped += len(records) - len(kept)
+            self.batches.add(kept)
+            records = kept
+        self.batch_segments.append((len(records), self.segment))
+
+    def lines(self, lines: list[bytes]) -> None:
+        for line, record in zip(lines, scan.loads_many(lines), strict=True):
+            self.route(record, line)
+
+    # -- a block ---------------------------------------------------------------------------
+
+    def block(self, block: scan.Block) -> None:
+        data = block.data
+        if block.final:
+            self.lines([data[: block.end]])
+            return
+        others = block.others()
+        skipping = not self.want.batches or self.want.ranged
+        if (skipping or not self.want.system) and not block.clean(others):
+            self.lines([data[a:b] for a, b in block.lines()])  # parsed whole: nothing is skipped unseen
+            self._flush()
+            return
+        runs = iter(block.batch_runs(others))
+        run = next(runs, None)
+        for start, end in [*others, (block.end + 1, None)]:
+            while run is not None and run[0] < start:
+                self.batch_run(data[run[0]:run[1]])
+                run = next(runs, None)
+            if end is None:
+                break
+            line = data[start:end]
+            if (not self.want.system and line.startswith(scan.SYSTEM_PREFIX) and line.count(b'"type"') == 1
+                    and b"\\" not in line):
+                continue  # a system record (or not a record at all: no other type key can hide in it)
+            self.route(scan.decode(line), line)
+        self._flush()  # a block's records go into the tables together
+
+    def batch_run(self, data: bytes) -> None:
+        """Consecutive lines that begin as batch lines."""
+        if not self.want.batches:
+            return
+        lines = data.split(b"\n")
+        lines.pop()
+        if self.want.ranged:
+            lines = self._in_range(data, lines)
+            if not lines:
+                return
+        records = scan.loads_many(lines, data if not self.want.ranged else None)
+        if not self.want.ranged and self._all_batches(records):
+            self._pending_batches.extend(records)
+        else:  # record by record: well_formed, then the range
+            for line, record in zip(lines, records, strict=True):
+                self.route(record, line)
+
+    def _in_range(self, data: bytes, lines: list[bytes]) -> list[bytes]:
+        """The lines of a run of batch lines that may be in the asked range, found from
+        each line's time and epoch where the writer put them, without parsing the rest."""
+        heads = _BATCH_HEAD.findall(data)
+        n = len(lines)
+        if len(heads) != n or data.count(b'"t"') != n or data.count(b'"epoch"') != n:
+            return lines  # written otherwise: parsed whole, then selected
+        t = np.array([float(h[0]) for h in heads], dtype=np.float64)
+        epoch = None
+        if self.want.epoch_range is not None:
+            epoch = np.array([0 if h[1] == b"null" else int(h[1]) for h in heads], dtype=np.int64)
+        keep = self.want.mask(t, epoch)
+        return lines if keep.all() else [line for line, k in zip(lines, keep.tolist(), strict=True) if k]
+
+    @staticmethod
+    def _all_batches(records: list) -> bool:
+        """Every record a dict of type batch (well_formed's other checks are made on the
+        columns, :func:`_batch_kinds_ok`)."""
+        if set(map(type, records)) != {dict}:
+            return False
+        try:
+            return set(map(_type_of, records)) == {"batch"}
+        except KeyError:
+            return False
+
+    # -- the end -------------------------------------------------------------------------------
+
+    def history(self) -> History:
+        self._flush()
+        history = History(skipped=self.skipped)
+        for record in self.small:
+            history.add(record)
+        history.batches = self._batch_table([r for r in self.small if r["type"] == "run"])
+        history.system = self.system.build()
+        if not self.want.epochs_table:
+            history.epochs = []
+        return history
+
+    def _batch_table(self, runs: list[dict]) -> Table:
+        """The batch records that no later segment trained again."""
+        if not self.batch_segments:
+            return self.batches.build()
+        # The earliest position that a run record after segment s resumes at.
+        big = np.iinfo(np.int64).max
+        after = [(big, big)] * (len(runs) + 1)
+        for i in range(len(runs) - 1, -1, -1):
+            at = resume_point(runs[i])
+            after[i] = min(after[i + 1], _clip(at)) if at is not None else after[i + 1]
+        segments = np.repeat(np.array([s for _, s in self.batch_segments], dtype=np.int64),
+                             [n for n, _ in self.batch_segments])
+        limit = np.array(after, dtype=np.int64)[segments]
+        epoch, batch = self.batches.ints("epoch"), self.batches.ints("batch")
+        superseded = (epoch > limit[:, 0]) | ((epoch == limit[:, 0]) & (batch >= limit[:, 1]))
+        return self.batches.build(keep=~superseded if superseded.any() else None)
+
+
+def _batch_kinds_ok(kinds: dict[str, set]) -> bool:
+    """well_formed's rules for batch records, on the types of a shape's values."""
+    return ("t" in kinds and kinds["t"] <= _NUMBER_TYPES and kinds.get("epoch", set()) <= _POSITION_TYPES
+            and kinds.get("batch", set()) <= _POSITION_TYPES and kinds["type"] == {str})
+
+
+def _clip(at: tuple[int, int]) -> tuple[int, int]:
+    low, high = np.iinfo(np.int64).min, np.iinfo(np.int64).max
+    return tuple(min(max(v, low), high) for v in at)
+
+
+def read_history(
+    path: str | os.PathLike,
+    *,
+    tables: Iterable[str] = TABLES,
+    epochs: int | range | None = None,
+    since: float | None = None,
+    until: float | None = None,
+) -> History:
+    """Read a history file (or a run folder's) as one continuous :class:`History`.
+
+    ``.batches`` and ``.system`` are :class:`~pipetrain.table.Table` s: sequences of the
+    records' dicts, held as columns (``h.batches.array("loss")`` is a float64 array).
+    A torn last line (a run killed mid-write, or a line still being written) and any
+    other line that is not a well-formed record are skipped and counted in ``skipped``.
+
+    Asking for less reads less: ``tables=("epochs",)`` leaves the batch and system
+    lines unparsed (``.batches`` and ``.system`` come back empty, and ``skipped`` counts
+    only the lines read); ``epochs=range(10, 20)`` keeps the batch and epoch records of
+    those epochs; ``since``/``until`` (Unix seconds, until excluded) keep the batch,
+    epoch and system records of that time. Run records and the end record always come.
+
+    Example::
+
+        h = read_history("runs/exp1", tables=("epochs",))
+        [e["val_loss"] for e in h.epochs]
+    """
+    selection = _Selection(tables, epochs, since, until)
+    path = history_file(path)
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: no such history file") from None
+    reader = _Reader(selection)
+    try:
+        for block in scan.blocks(fd):
+            reader.block(block)
+    finally:
+        os.close(fd)
+    return reader.history()
+
+
+def last_look(fd: int, stop: int) -> tuple[list[tuple[int, dict]], int]:
+    """What a state fed every record up to ``stop`` (an offset just after a newline)
+    knows, found without parsing every batch line: the records other than batches, and
+    the batches that still count at the end - the last one, and the run of batches of
+    its epoch after the last run record (an epoch's figures so far). Returns them as
+    (offset, record) in file order, with the number of lines that are not records when
+    none is (0 otherwise), so a caller can refuse a file that is not a history."""
+    others: list[tuple[int, dict]] = []
+    batch_runs: list[tuple[int, int]] = []  # file offsets of runs of batch-looking lines
+    not_records = 0
+    for block in scan.blocks(fd, 0, stop):
+        lines = block.others()
+        clean = block.clean(lines)
+        for start, end in block.batch_runs(lines):
+            batch_runs.append((block.offset + start, block.offset + end))
+        spans = lines if clean else block.lines()  # unclean: a batch-looking line may be another record
+        for start, end in spans:
+            line = block.data[start:end]
+            record = scan.decode(line)
+            if type(record) is dict and well_formed(record):
+                if record["type"] != "batch":
+                    others.append((block.offset + start, record))
+            elif line.strip() and not line.startswith(scan.BATCH_PREFIX):
+                not_records += 1
+    last_run = max((at for at, r in others if r["type"] == "run"), default=-1)
+    batches: list[tuple[int, dict]] = []
+    epoch = None
+    for start, end in reversed(batch_runs):
+        data = os.pread(fd, end - start, start)
+        lines = data.split(b"\n")
+        lines.pop()
+        offsets = np.cumsum([0] + [len(line) + 1 for line in lines[:-1]]) + start
+        for at, line, record in zip(reversed(offsets.tolist()), reversed(lines), reversed(scan.loads_many(lines)),
+                                    strict=True):
+            if type(record) is not dict or not well_formed(record) or record["type"] != "batch":
+                not_records += bool(line.strip()) and (type(record) is not dict or not well_formed(record))
+                continue
+            this = int(record.get("epoch") or 0)
+            if epoch is None:
+                epoch = this
+            elif at < last_run or this != epoch:
+                return _in_order(others, batches), 0
+            batches.append((at, record))
+            if at < last_run:
+                return _in_order(others, batches), 0
+    return _in_order(others, batches), not_records if not others and not batches else 0
+
+
+def _in_order(others: list, batches: list) -> list[tuple[int, dict]]:
+    return sorted(others + batches, key=itemgetter(0))
