@@ -33,6 +33,7 @@ TensorFlow or PyTorch never import it.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import json
 import os
@@ -319,9 +320,21 @@ class _Channel:
         """Exchange host descriptions with every process (waits for all to arrive)."""
         self.set(f"hello/{self.index}", json.dumps(me))
         hosts = [json.loads(self.wait(f"hello/{i}", START_S)) for i in range(self.count)]
-        for thread in (self._beat, self._judge):
-            threading.Thread(target=thread, name=f"pipetrain-{thread.__name__[1:]}", daemon=True).start()
+        self._threads = [threading.Thread(target=body, name=f"pipetrain-{body.__name__[1:]}", daemon=True)
+                         for body in (self._beat, self._judge)]
+        for thread in self._threads:
+            thread.start()
+        # Before JAX's own exit handler (registered earlier, so run later) shuts the client
+        # down: a thread still in a call to it at exit aborts the process.
+        atexit.register(self.close)
         return hosts
+
+    def close(self) -> None:
+        """Stop the heartbeat and the watchdog (at exit, before JAX's shutdown)."""
+        self._stop.set()
+        for thread in getattr(self, "_threads", []):
+            if thread is not threading.current_thread():
+                thread.join(timeout=5 * BEAT_S)
 
     # key-value access, every key under PREFIX
     def set(self, key: str, value: str, overwrite: bool = False) -> None:
