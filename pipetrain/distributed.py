@@ -583,7 +583,7 @@ class RunLink(Local):
     """One run on a :class:`Cluster`: what process 0 and the others each do."""
 
     def __init__(self, cluster: Cluster, run):
-        self.cluster = cluster
+        self.cluster, self.run = cluster, run
         self.share = cluster.share
         self.writes = cluster.is_writer
         self.processes = cluster.count
@@ -596,6 +596,7 @@ class RunLink(Local):
         self._posted = False
         self._polled_step = -1
         self._hooks: list = []
+        self._guardian = None
         self._collect: Callable[[], None] = lambda: None
         self._active = False
 
@@ -632,6 +633,8 @@ class RunLink(Local):
                                        f"there, {fingerprint} here")
         self._active = True  # from here until close, a lost process ends the run
         self.channel.active += 1
+        if self.writes and self.run.history_path is not None:
+            self._guardian = _guard(self.run.history_path, self.run.run_id, self.cluster.name(0))
 
     # -- records: samples and epoch counters of every process reach process 0 -----------------
 
@@ -803,11 +806,34 @@ class RunLink(Local):
         if self.channel is not None and self._active:
             self._active = False
             self.channel.active -= 1
+        if self._guardian is not None:  # the end record is written: the guardian has nothing to add
+            with contextlib.suppress(Exception):
+                self._guardian.stdin.close()
+                self._guardian.wait(timeout=10)
+            self._guardian = None
         if self.channel is not None and not self.cluster.ended_together:
             abandon(130 if status == "interrupted" else 1, error or status or "ended")
 
     def _agreed(self, status: str | None) -> bool:
         return status in ("completed", "stopped") or (status == "interrupted" and self.stopped_together)
+
+
+def _guard(history, run_id: str, who: str):
+    """Start :mod:`pipetrain.guardian` for this process's history: it writes the end record
+    if this process dies without writing it (JAX then aborts every other process too)."""
+    import subprocess
+    from pathlib import Path
+
+    import pipetrain
+
+    root = str(Path(pipetrain.__file__).resolve().parent.parent)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
+    try:
+        return subprocess.Popen([sys.executable, "-m", "pipetrain.guardian", str(history), run_id, who],
+                                stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                env=env, start_new_session=True)
+    except OSError:  # no guardian: a lost process 0 then leaves the history without an end record
+        return None
 
 
 def _collective(exc: BaseException) -> bool:

@@ -406,3 +406,31 @@ def test_a_keras_distribution_off_jax_is_refused_by_run(classification_files):
             pipetrain.Run(pipetrain.H5Source(classification_files, x="x", y="y"), batch_size=8)
     finally:
         keras.distribution.set_distribution(None)
+
+
+def test_the_guardian_writes_the_end_of_a_killed_writer(tmp_path):
+    """Process 0 killed: JAX aborts the other processes at once, so the guardian process 0
+    started writes the end record when process 0's pipe closes; after an end record, it
+    adds nothing."""
+    run = tmp_path / "run"
+    (run / "checkpoint").mkdir(parents=True)
+    (run / "checkpoint" / "ckpt-000000000003.npz").write_bytes(b"")
+    records = [{"type": "run", "run": "r1", "t": 1.0}, {"type": "batch", "run": "r1", "t": 2.0, "epoch": 0,
+               "batch": 0, "step": 3}, {"type": "epoch", "run": "r1", "t": 3.0, "epoch": 0, "complete": True}]
+    history = run / "history.jsonl"
+    history.write_text("".join(json.dumps(r) + "\n" for r in records) + '{"type": "batch", "ru')  # torn: killed mid-write
+
+    def guard():
+        p = subprocess.Popen([sys.executable, "-m", "pipetrain.guardian", str(history), "r1", "process 0 (host h, pid 7)"],
+                             stdin=subprocess.PIPE, env=env())
+        p.stdin.close()  # what process 0's death does
+        assert p.wait(60) == 0
+
+    guard()
+    h = pipetrain.read_history(history)
+    assert h.skipped == 0  # the torn line was cut
+    assert h.end["status"] == "failed" and h.end["error"].startswith("lost process 0 (host h, pid 7)")
+    assert (h.end["steps"], h.end["epochs"]) == (4, 1) and h.end["checkpoint"].endswith("ckpt-000000000003.npz")
+    size = history.stat().st_size
+    guard()
+    assert history.stat().st_size == size  # the run has its end record: nothing more
