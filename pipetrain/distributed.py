@@ -22,10 +22,11 @@ Faults. A process that dies mid-collective makes the others' collective fail at 
 Either way each surviving process names the lost one (``lost process 1 (host, pid)``),
 process 0 writes the ``end`` record (``failed``), and every survivor ends with exit code
 1 within :data:`LOST_S` (plus :data:`GRACE_S`) seconds, rather than wait for JAX's own
-heartbeat timeout (100 s) or hang in its shutdown barrier. One case cannot be had: when
-process 0 itself dies, JAX's client aborts every other process the moment it notices
-the coordination service is gone (its error callback cannot be replaced from Python),
-so no ``end`` record is written; they still exit (status 134), never hang.
+heartbeat timeout (100 s) or hang in its shutdown barrier. When process 0 itself dies,
+JAX's client aborts every other process the moment it notices the coordination service
+is gone (its error callback cannot be replaced from Python), so none of them can write;
+the guardian process 0 started beside it (:mod:`pipetrain.guardian`) writes the end
+record then.
 
 JAX is imported only when the backend is JAX: ``import pipetrain`` and runs on
 TensorFlow or PyTorch never import it.
