@@ -51,6 +51,9 @@ BEAT_S = 1.0  # seconds between heartbeats (and sample collection on process 0)
 LOST_S = 15.0  # a process whose heartbeat stops this long is lost
 GRACE_S = 10.0  # after a loss, time for the main thread to write the end record before the process ends
 START_S = 600.0  # how long a process waits for the others to reach the start of a run
+STOP_EVERY = 4  # processes look for a stop proposal every this many steps (one request each time)
+HEARTBEAT_S = 45  # JAX's own heartbeat timeout in initialize (default 100): a process lost while
+# starting up, before pipetrain's watchdog runs, ends the others by JAX's abort within a minute
 NEEDS_JAX = ("distributed training needs KERAS_BACKEND=jax: Keras runs one model over many devices and "
              "processes only on JAX's runtime (keras.distribution); TensorFlow's multi-worker path is broken "
              "with Keras 3 (keras-team/keras#20585) and PyTorch has none")
@@ -119,16 +122,27 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
     several = detect or coordinator is not None or (num_processes or 1) > 1
     if several:
         jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU collectives across processes
-        try:  # Keras' initialize also agrees on one random seed, so every process builds the same weights
-            if detect:
-                keras.distribution.initialize()
-            else:
-                keras.distribution.initialize(coordinator, num_processes=num_processes, process_id=process_id)
+        given = {} if detect else {"coordinator_address": coordinator, "num_processes": num_processes,
+                                   "process_id": process_id}
+        try:
+            jax.distributed.initialize(**given, heartbeat_timeout_seconds=HEARTBEAT_S)
         except (ValueError, TypeError, RuntimeError) as e:
             raise DistributedError(f"cannot join the cluster: {one_line(e)}") from e
+        _agree_on_a_seed()
     chosen = _devices(devices)
     keras.distribution.set_distribution(keras.distribution.DataParallel(devices=chosen))
     return active()
+
+
+def _agree_on_a_seed() -> None:
+    """Every process draws the same initial weights: without a seed set, Keras'
+    ``keras.distribution.initialize`` sums one drawn in each process (done here as it does,
+    since that function cannot be given JAX's heartbeat timeout)."""
+    try:
+        from keras.src.backend.jax.distribution_lib import initialize_rng
+    except ImportError:  # another Keras: set a seed (keras.utils.set_random_seed) for equal weights
+        return
+    initialize_rng()
 
 
 def save_model(model, path) -> None:
@@ -630,8 +644,8 @@ class RunLink(Local):
                 raise (DistributedError if theirs["bad"] else RuntimeError)(
                     f"{self.cluster.name(i)} could not start: {theirs['error']}")
             if theirs["data"] != fingerprint:
-                raise DistributedError(f"{self.cluster.name(i)} sees other data or settings: {theirs['data']} "
-                                       f"there, {fingerprint} here")
+                raise DistributedError(f"{self.cluster.name(i)} sees other data or settings: "
+                                       f"{_differences(theirs['data'], fingerprint)}")
         self._active = True  # from here until close, a lost process ends the run
         self.channel.active += 1
         if self.writes and self.run.history_path is not None:
@@ -693,20 +707,22 @@ class RunLink(Local):
     def stop_signal(self, received: str | None, step: int) -> str | None:
         """The signal to stop on, once every process has reached the agreed boundary.
 
-        A process that received SIGINT/SIGTERM after ``step`` batches proposes to stop
-        after batch ``step + 1`` (the first proposal wins). No process can have finished
-        that batch yet: it needs the proposer's part of it, and the proposer writes the
-        proposal before it starts it. So every process sees the proposal by then and
-        stops at the same boundary, with a checkpoint."""
+        A process that received SIGINT/SIGTERM after ``step`` batches proposes to stop at
+        the next boundary after ``step`` that is a multiple of :data:`STOP_EVERY` (the
+        first proposal wins), and every process looks for a proposal at those boundaries.
+        None can have passed the proposed one: it needs the proposer's part of every batch
+        up to it, and the proposer writes the proposal before it starts the next. So every
+        process sees the proposal by then, and they all stop there, with a checkpoint."""
         if self.channel is None:
             return received
         key = self.key + "stop/at"  # alone in its folder: polled with one cheap folder read
         if received is not None and not self._posted and self._stop_at is None:
             self._posted = True
+            at = -(-(step + 1) // STOP_EVERY) * STOP_EVERY
             with contextlib.suppress(Exception):  # another process proposed first: read its proposal below
-                self.channel.set(key, json.dumps({"step": step + 1, "signal": received, "process": self.cluster.index}))
+                self.channel.set(key, json.dumps({"step": at, "signal": received, "process": self.cluster.index}))
             self._polled_step = -1
-        if self._stop_at is None and step != self._polled_step:
+        if self._stop_at is None and step != self._polled_step and (step % STOP_EVERY == 0 or self._posted):
             self._polled_step = step
             found = self.channel.get(key)
             if found is not None:
@@ -835,6 +851,14 @@ def _guard(history, run_id: str, who: str):
                                 env=env, start_new_session=True)
     except OSError:  # no guardian: a lost process 0 then leaves the history without an end record
         return None
+
+
+def _differences(theirs: dict, ours: dict) -> str:
+    """What differs between two fingerprints, as ``name X there, Y here``."""
+    flat_theirs = {**theirs.get("plan", {}), **{k: v for k, v in theirs.items() if k != "plan"}}
+    flat_ours = {**ours.get("plan", {}), **{k: v for k, v in ours.items() if k != "plan"}}
+    return "; ".join(f"{k} {flat_theirs.get(k)!r} there, {flat_ours.get(k)!r} here"
+                     for k in dict.fromkeys([*flat_ours, *flat_theirs]) if flat_theirs.get(k) != flat_ours.get(k))
 
 
 def _collective(exc: BaseException) -> bool:

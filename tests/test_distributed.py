@@ -163,15 +163,16 @@ def test_a_stop_on_one_process_stops_both_and_the_run_resumes_on_one(data, tmp_p
     stopped."""
     settings = {"data": data, "shuffle": "block", "partitions": 4}
     whole, stopped, one = tmp_path / "whole", tmp_path / "stopped", tmp_path / "one"
-    procs = start(whole, 1, **settings) + start(stopped, 2, stop="1:0:3", **settings)
+    procs = start(whole, 1, **settings) + start(stopped, 2, stop="1:0:1", **settings)
     assert finish(procs) == [0, 130, 130], logs(stopped)
     h = pipetrain.read_history(stopped / "run")
-    assert h.end["status"] == "interrupted" and h.end["steps"] == 5  # 3 trained, the 4th in hand, and the agreed 5th
-    assert h.end["checkpoint"].endswith("ckpt-000000000005.npz")
+    # Signalled after 2 batches: both stop at the next boundary that is a multiple of 4 steps.
+    assert h.end["status"] == "interrupted" and h.end["steps"] == 4
+    assert h.end["checkpoint"].endswith("ckpt-000000000004.npz")
 
     expected = rows(whole, 0)
     got = np.concatenate([rows(stopped, 0), rows(stopped, 1)])
-    for batch in range(5):  # two processes' shares make the batches one process trains
+    for batch in range(4):  # two processes' shares make the batches one process trains
         assert sorted(got[(got[:, 0] == 0) & (got[:, 1] == batch)][:, 2]) == sorted(
             expected[(expected[:, 0] == 0) & (expected[:, 1] == batch)][:, 2])
 
@@ -179,7 +180,7 @@ def test_a_stop_on_one_process_stops_both_and_the_run_resumes_on_one(data, tmp_p
     os.symlink(stopped / "run", one / "run")
     assert finish(start(one, 1, resume=1, **settings)) == [0], logs(one)
     resumed = rows(one, 0)
-    assert resumed[0].tolist()[:2] == [0, 5]  # the exact next batch
+    assert resumed[0].tolist()[:2] == [0, 4]  # the exact next batch
     np.testing.assert_array_equal(resumed, expected[len(expected) - len(resumed):])
     assert_same_training(whole, one)
 
