@@ -3,20 +3,33 @@
     python benchmarks/bench_train.py [--workload w1 w2] [--repeat 3] [--out benchmarks/results/train.json]
     python benchmarks/bench_train.py --workload w1-raw --out benchmarks/results/train-w1-raw.json
     python benchmarks/bench_train.py --workload w3 --out benchmarks/results/train-w3.json
+    KERAS_BACKEND=torch python benchmarks/bench_train.py     # -> results/train-torch.json
+    KERAS_BACKEND=jax python benchmarks/bench_train.py       # -> results/train-jax.json
+    python benchmarks/bench_train.py --backends-table         # README's Backends table from the three
 
-For each workload, in one process, variants run round-robin (so machine noise spreads
-evenly), each for ``--epochs`` epochs of which the first is warm-up (tracing, page
-cache); the time of the others is the measure:
+One Keras backend per process (``KERAS_BACKEND``; the peers need ``pip install
+"pipetrain[bench,jax,torch]"``). For each workload, in one process, variants run
+round-robin (so machine noise spreads evenly), each for ``--epochs`` epochs of which the
+first is warm-up (tracing, page cache, worker start); the time of the others is the
+measure. On every backend:
 
 - ``read``: pipetrain's producer pool delivering every batch, no training;
 - ``train``: ``train_on_batch`` on one in-memory batch, as many steps as an epoch;
 - ``sync``: the plain loop: ``dset[a:b]`` from h5py, then ``train_on_batch``;
-- ``tf.data``: ``fit`` on ``tf.data.Dataset.from_generator`` + ``prefetch(AUTOTUNE)``;
 - ``PyDataset``: ``fit`` on a ``keras.utils.PyDataset`` with 2 worker threads;
 - ``pipetrain``: ``pipetrain.train`` (file order, like the peers; history of every batch
   and the system monitor on);
 - ``pipetrain-bare``: the same without history and monitor (their cost);
 - ``pipetrain-block``: ``pipetrain.train`` with the block shuffle.
+
+and each backend's own loader (benchmarks/peers.py), all in file order with 2 workers:
+
+- tensorflow: ``tf.data``: ``fit`` on ``tf.data.Dataset.from_generator`` + ``prefetch(AUTOTUNE)``;
+- torch: ``DataLoader``: a ``torch.utils.data.DataLoader`` over an h5py-backed map-style
+  ``Dataset`` (2 worker processes, ``batch_size`` as ours, no pinned memory) feeding
+  ``train_on_batch``; ``DataLoader-fit``: the same loader given to ``fit``;
+- jax: ``Grain``: ``grain.MapDataset`` over the same h5py-backed source, batched,
+  prefetched by 2 worker processes, feeding ``train_on_batch``.
 
 The limit a perfect pipeline approaches is max(read, train). Reported: median epoch
 seconds, samples/s, ratios to the limit and to each peer, pipetrain's input-bound %
@@ -43,11 +56,12 @@ import numpy as np  # noqa: E402
 import psutil  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import keras  # noqa: E402
-import tensorflow as tf  # noqa: E402
 
 import pipetrain  # noqa: E402
+import peers  # noqa: E402  (benchmarks/peers.py)
 from pipetrain.pipeline import Prefetcher  # noqa: E402
 from pipetrain.plan import Plan  # noqa: E402
 from pipetrain.synth import make_data  # noqa: E402
@@ -171,6 +185,8 @@ def v_sync(path, spec, epochs):
 
 
 def v_tfdata(path, spec, epochs):
+    import tensorflow as tf
+
     model = build_model(spec["model"], spec["features"])
     batch, rows = spec["batch"], spec["rows"]
     dtype = tf.as_dtype(np.dtype(spec["dtype"]))
@@ -209,6 +225,45 @@ def v_pydataset(path, spec, epochs):
     model.fit(data, epochs=epochs, verbose=0, callbacks=[timer], shuffle=False)
     data.file.close()
     return timer.times[1:], None
+
+
+def v_torch_loader(path, spec, epochs):
+    model = build_model(spec["model"], spec["features"])
+    loader = peers.torch_loader(path, spec["batch"])
+    times = []
+    for _ in range(epochs):
+        t0 = time.perf_counter()
+        for x, y in loader:
+            model.train_on_batch(x, y)
+        times.append(time.perf_counter() - t0)
+    del loader  # its persistent workers exit
+    return times[1:], None
+
+
+def v_torch_loader_fit(path, spec, epochs):
+    model = build_model(spec["model"], spec["features"])
+    loader = peers.torch_loader(path, spec["batch"])
+    timer = EpochTimes()
+    model.fit(loader, epochs=epochs, verbose=0, callbacks=[timer])
+    del loader
+    return timer.times[1:], None
+
+
+def v_grain(path, spec, epochs):
+    model = build_model(spec["model"], spec["features"])
+    batches = peers.grain_batches(path, spec["batch"], epochs)
+    steps = -(-spec["rows"] // spec["batch"])
+    times = []
+    try:
+        for _ in range(epochs):
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                x, y = next(batches)
+                model.train_on_batch(x, y)
+            times.append(time.perf_counter() - t0)
+    finally:
+        batches.close()  # its worker processes exit
+    return times[1:], None
 
 
 class RecordingTime:
@@ -265,16 +320,25 @@ def _pipetrain(path, spec, epochs, shuffle="none", history=True):
     return timer.times[1:], bound
 
 
+BACKEND = keras.backend.backend()
+# Each backend's own loaders: the peers pipetrain must beat on that backend.
+LOADERS = {
+    "tensorflow": {"tf.data": v_tfdata},
+    "torch": {"DataLoader": v_torch_loader, "DataLoader-fit": v_torch_loader_fit},
+    "jax": {"Grain": v_grain},
+}
+OWN_LOADERS = LOADERS[BACKEND]
 VARIANTS = {
     "read": v_read,
     "train": v_train,
     "sync": v_sync,
-    "tf.data": v_tfdata,
+    **OWN_LOADERS,
     "PyDataset": v_pydataset,
     "pipetrain": lambda p, s, e: _pipetrain(p, s, e),
     "pipetrain-bare": lambda p, s, e: _pipetrain(p, s, e, history=False),
     "pipetrain-block": lambda p, s, e: _pipetrain(p, s, e, shuffle="block"),
 }
+PEERS = ("sync", *OWN_LOADERS, "PyDataset")
 
 
 def bench(name: str, spec: dict, folder: Path, repeat: int, epochs: int) -> dict:
@@ -306,7 +370,7 @@ def bench(name: str, spec: dict, folder: Path, repeat: int, epochs: int) -> dict
         "limit_s": round(limit, 3),
         "vs_limit": {v: round(t / limit, 3) for v, t in median.items()},
         "pipetrain_speedup": {peer: round(median[peer] / median["pipetrain"], 3)
-                              for peer in ("sync", "tf.data", "PyDataset")},
+                              for peer in PEERS},
         "vs_train_alone": round(median["pipetrain"] / median["train"], 3),
         "logging_cost_pct": round(100 * (median["pipetrain"] / median["pipetrain-bare"] - 1), 2),
         # Time inside Run.emit (records built and written) and Monitor.sample, as a share
@@ -320,7 +384,7 @@ def bench(name: str, spec: dict, folder: Path, repeat: int, epochs: int) -> dict
 
 
 def table(name: str, r: dict) -> str:
-    lines = [f"### {name}: {r['spec']['rows']:,} rows {tuple(r['spec']['features'])} {r['spec']['dtype']}, "
+    lines = [f"### {name} on {BACKEND}: {r['spec']['rows']:,} rows {tuple(r['spec']['features'])} {r['spec']['dtype']}, "
              f"{r['spec']['compression']}{' +shuffle' if r['spec']['shuffle_filter'] else ''}, "
              f"batch {r['spec']['batch']}, {r['spec']['model']} ({r['file_mb']} MB file)",
              "", "| variant | s/epoch | samples/s | × limit | pipetrain is faster by | peak RSS growth MB |",
@@ -336,20 +400,58 @@ def table(name: str, r: dict) -> str:
     return "\n".join(lines)
 
 
+def backends_table(folder: Path) -> str:
+    """README's Backends table from the results of each backend's run (train.json,
+    train-jax.json, train-torch.json in ``folder``), with the goals: pipetrain 1.10x faster
+    than the backend's own loader on W1 and not slower on W2, within 1.10x of training alone."""
+    lines = ["| backend | workload | training alone s/epoch | own loader | its s/epoch | pipetrain s/epoch | "
+             "pipetrain faster by | pipetrain / training alone |", "|---|---|---:|---|---:|---:|---:|---:|"]
+    for backend, name in (("tensorflow", "train.json"), ("jax", "train-jax.json"), ("torch", "train-torch.json")):
+        if not (folder / name).exists():
+            lines.append(f"| {backend} | not measured ({name} missing) | | | | | | |")
+            continue
+        results = json.loads((folder / name).read_text())
+        for workload in ("w1", "w2"):
+            r = results["workloads"].get(workload)
+            if r is None:
+                continue
+            need = 1.10 if workload == "w1" else 1.0
+            within = r["vs_train_alone"] <= 1.10
+            for loader in LOADERS[backend]:
+                speedup = r["pipetrain_speedup"][loader]
+                lines.append(
+                    f"| {backend} | {workload.upper()} | {r['epoch_s']['train']:.3f} | {loader} | "
+                    f"{r['epoch_s'][loader]:.3f} | {r['epoch_s']['pipetrain']:.3f} | "
+                    f"{speedup:.2f}×{'' if speedup >= need else ' (goal ' + format(need, '.2f') + '×)'} | "
+                    f"{r['vs_train_alone']:.2f}{'' if within else ' (goal 1.10)'} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workload", nargs="+", default=["w1", "w2"], choices=list(WORKLOADS))
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--epochs", type=int, default=3, help="per variant and round; the first is warm-up")
     parser.add_argument("--data-dir", help="keep the generated files here (default: a temporary folder)")
-    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "train.json"))
+    results_name = "train.json" if BACKEND == "tensorflow" else f"train-{BACKEND}.json"
+    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / results_name))
     parser.add_argument("--compute-threads", type=int, help="TensorFlow intra-op threads (default: all cores)")
+    parser.add_argument("--backends-table", action="store_true",
+                        help="print README's Backends table from the results of each backend, and exit")
     args = parser.parse_args()
+    if args.backends_table:
+        print(backends_table(Path(args.out).parent))
+        return
     if args.compute_threads:
+        if BACKEND != "tensorflow":
+            parser.error(f"--compute-threads: only for the TensorFlow backend (this is {BACKEND})")
+        import tensorflow as tf
+
         tf.config.threading.set_intra_op_parallelism_threads(args.compute_threads)
 
     results = {"machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
-                           "tensorflow": tf.__version__, "keras": keras.__version__, "h5py": h5py.__version__},
+                           "backend": BACKEND, BACKEND: sys.modules[BACKEND].__version__,
+                           "keras": keras.__version__, "h5py": h5py.__version__},
                "repeat": args.repeat, "epochs": args.epochs, "compute_threads": args.compute_threads,
                "workloads": {}}
     with tempfile.TemporaryDirectory() as tmp:

@@ -14,6 +14,7 @@ Importing ``pipetrain`` does not import Keras; ``train`` and ``Run`` do, when fi
 
 __version__ = "0.1.0"
 
+from pipetrain.errors import Interrupted
 from pipetrain.history import History, HistoryWriter, follow, read_history
 from pipetrain.source import H5Source, SourceError
 
@@ -39,5 +40,5 @@ def __getattr__(name):
     raise AttributeError(f"module 'pipetrain' has no attribute {name!r}")
 
 
-__all__ = ["H5Source", "SourceError", "History", "HistoryWriter", "follow", "read_history",
+__all__ = ["H5Source", "SourceError", "Interrupted", "History", "HistoryWriter", "follow", "read_history",
            "train", "Run", "Epoch", "evaluate", "sample_data", "__version__"]

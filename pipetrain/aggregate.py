@@ -39,6 +39,21 @@ def pythonify(logs: Mapping) -> dict:
     return out
 
 
+def host_logs(logs: Mapping) -> dict:
+    """Logs already on the host (numpy) as Python floats, or arrays for vector values."""
+    out = {}
+    for name, value in logs.items():
+        value = np.asarray(value)
+        out[name] = float(value) if value.ndim == 0 else value
+    return out
+
+
+def _no_distribution() -> bool:
+    """No ``keras.distribution`` is set (JAX data parallel runs the model's own steps)."""
+    distribution = getattr(keras, "distribution", None)
+    return distribution is None or not hasattr(distribution, "distribution") or distribution.distribution() is None
+
+
 class WeightedMeans:
     """Means of recorded scalars, weighted by batch size (float64 sums)."""
 
@@ -119,13 +134,39 @@ class MetricSums:
         self._sums: _EagerSums | _InStepSums | None = None
         self.partial_batch = False
 
-    def _bound(self) -> _EagerSums | _InStepSums:
+    def _bound(self) -> _EagerSums | _InStepSums | _FusedSums:
         if self._sums is None:
             strategy = getattr(self.model, "distribute_strategy", None)
             default = strategy is None or type(strategy).__name__ == "_DefaultDistributionStrategy"
-            in_step = keras.backend.backend() == "tensorflow" and default
-            self._sums = _InStepSums(self.model, self.step) if in_step else _EagerSums(self.model)
+            default = default and _no_distribution()
+            if self.step == "train" and default:
+                self._sums = _FusedSums(self.model)
+            elif keras.backend.backend() == "tensorflow" and default:
+                self._sums = _InStepSums(self.model, self.step)
+            else:
+                self._sums = _EagerSums(self.model)
         return self._sums
+
+    @property
+    def fused(self) -> bool:
+        """Whether :meth:`train` runs the compiled step (so takes k > 1 batches a call)."""
+        bound = self._bound()
+        return isinstance(bound, _FusedSums) and bound.step is not None
+
+    def train(self, data: tuple, k: int = 1) -> dict:
+        """Train one batch ``data = (x, y, sample_weight)`` (k = 1), or k batches stacked
+        on a leading axis (only once :attr:`fused`); their state joins the sums.
+
+        Returns the batch's own metrics (k = 1) or the k batches' (see
+        :mod:`pipetrain.fused`), as Python floats (arrays for vector-valued metrics)."""
+        bound = self._bound()
+        if isinstance(bound, _FusedSums) and bound.step is not None:
+            return host_logs(bound.step.run(data, k))
+        if k != 1:
+            raise ValueError(f"k={k}: this model's batches go one at a time (no fused step here)")
+        x, y, sample_weight = data
+        logs = self.accumulate(lambda: self.model.train_on_batch(x, y, sample_weight=sample_weight, return_dict=True))
+        return pythonify(logs)
 
     def reset(self, partial_batch: bool = False) -> None:
         """Zero the sums and the model's metric state, before a pass over the data.
@@ -381,3 +422,59 @@ class _InStepSums:
     def detach(self) -> None:
         self.function = self.step_and_accumulate = None
         self.wrapped = False
+
+
+class _FusedSums:
+    """Training: the first batch goes through ``train_on_batch`` (it builds the model,
+    the optimizer and the compiled metrics) with the state taken eagerly; from then on
+    a :class:`pipetrain.fused.FusedStep` trains and keeps the sums inside its compiled
+    call."""
+
+    def __init__(self, model):
+        self.model = model
+        self.eager = _EagerSums(model)
+        self.step = None
+        self.once_per_batch = False
+
+    def reset(self, partial_batch: bool) -> None:
+        self.once_per_batch = partial_batch
+        self.eager.reset(partial_batch)
+        if self.step is not None:
+            self.step.reset_sums(partial_batch)
+
+    def engaged(self):
+        return contextlib.nullcontext()
+
+    def take(self, once_per_batch: bool) -> None:
+        if self.step is not None:  # a batch run outside the fused step: add it eagerly
+            eager = self.eager
+            eager.sums = self.step.get()
+            eager.take(once_per_batch)
+            self.step.set(eager.sums)
+            return
+        self.eager.take(once_per_batch)
+        if self.eager.sums is not None:
+            from pipetrain.fused import FusedStep
+
+            eager = self.eager
+            self.step = FusedStep(self.model, eager.variables, eager.sums, eager.pairs)
+            self.step.reset_sums(self.once_per_batch)
+            self.step.set(eager.sums)
+
+    def commit(self) -> None:
+        if self.step is None:
+            self.eager.commit()
+            return
+        for v, s in zip(self.eager.variables, self.step.get(), strict=True):
+            v.assign(s)
+
+    def get(self) -> list[np.ndarray] | None:
+        return self.step.get() if self.step is not None else self.eager.get()
+
+    def set(self, arrays: list[np.ndarray]) -> None:
+        if self.step is None:
+            self.eager.set(arrays)
+            return
+        if len(arrays) != len(self.eager.variables):
+            raise ValueError(f"{len(arrays)} metric sums given for {len(self.eager.variables)} metric variables")
+        self.step.set(arrays)

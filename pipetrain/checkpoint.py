@@ -15,6 +15,7 @@ epoch's partial metrics are all saved, so no batch is trained twice.
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import random
@@ -34,29 +35,22 @@ class CheckpointError(RuntimeError):
     """A checkpoint that cannot be written, read, or applied to these models."""
 
 
-def check_new_run(history: Path, folder: Path | None, overwrite: bool) -> None:
-    """Refuse to start a new run over another one's history or checkpoints (a resume
-    would pick the checkpoints up) unless ``overwrite``."""
-    if overwrite:
-        return
-    if history.is_dir():
-        raise RunError(f"{history}: is a folder; give the history file (say {history / 'history.jsonl'})")
-    if history.exists() and history.stat().st_size:
-        raise RunError(f"{history}: a history exists already; pass --resume {history.parent} to continue "
-                       "that run or --overwrite to replace it")
-    if folder is not None and latest(folder) is not None:
-        raise RunError(f"{folder}: holds the checkpoints of another run; pass --resume to continue it, "
-                       "--overwrite to replace it, or choose another folder")
+def check_backend(path: Path, meta: dict, history: Path | None = None) -> None:
+    """Refuse a checkpoint written under another Keras backend. Its arrays would load
+    bit for bit (weights, optimizer slots, seed-generator states), but a backend draws
+    other random numbers from the same seed state (Dropout's masks) and computes in its
+    own order, so the run would not go on as it would have: no resume is exact there.
+    A checkpoint that predates the ``backend`` field is judged by its history's run record."""
+    import keras
 
-
-def check_resume(history: Path, run_id: str | None = None) -> None:
-    """Refuse to resume into a file that is not a pipetrain history (nothing is written
-    to it), or, given the checkpoint's ``run_id``, into another run's history."""
-    runs = run_records(history) if history.is_file() else []
-    if not runs and history.is_file() and history.stat().st_size:
-        raise RunError(f"{history} is not a pipetrain history (no run record); nothing was written to it")
-    if run_id is not None and runs and runs[-1].get("run") != run_id:
-        raise RunError(f"{history} belongs to run {runs[-1].get('run')}, but its checkpoint to run {run_id}")
+    ours, theirs = keras.backend.backend(), meta.get("backend")
+    if theirs is None and history is not None and history.is_file():
+        runs = run_records(history)
+        theirs = (runs[-1].get("host") or {}).get("backend") if runs else None
+    if theirs is not None and theirs != ours:
+        raise RunError(f"cannot resume {path}: it was written under Keras' {theirs} backend and this is {ours}, "
+                       f"where it would not continue exactly (other random draws and arithmetic); "
+                       f"resume it with KERAS_BACKEND={theirs}")
 
 
 def latest(folder: str | os.PathLike) -> Path | None:
@@ -211,6 +205,61 @@ KERAS_CALLBACK_STATE = {
 }
 
 
+# Keras callbacks whose ``on_epoch_begin`` changes what a checkpoint holds: resumed in
+# the middle of an epoch, they must not run it again (LearningRateScheduler would apply
+# the epoch's schedule to a learning rate that has it already).
+EPOCH_BEGIN_IN_STATE = ("LearningRateScheduler",)
+
+
+def _is_keras(cb, names) -> bool:
+    return any(k.__name__ in names and k.__module__.startswith("keras") for k in type(cb).__mro__)
+
+
+def begin_again_on_resume(callbacks: list) -> list:
+    """The callbacks that get ``on_epoch_begin`` again when a run resumes in the middle
+    of an epoch: all but those whose state the checkpoint restored as it was mid-epoch
+    (any callback with ``get_state``/``set_state``) and those whose ``on_epoch_begin``
+    acts on restored state (``LearningRateScheduler``: the optimizer's learning rate)."""
+    return [cb for cb in callbacks
+            if not (hasattr(cb, "get_state") and hasattr(cb, "set_state")) and not _is_keras(cb, EPOCH_BEGIN_IN_STATE)]
+
+
+def continue_csv_logs(callbacks: list, epoch: int) -> None:
+    """A resumed run's ``CSVLogger`` appends, after dropping the rows at the end of its
+    file for epochs from ``epoch`` on (written after the checkpoint, and written again by
+    the resumed run), so that the file holds each epoch once, as ``fit``'s does. Rows
+    before them (another run's, in a file it appends to) stay."""
+    for cb in callbacks:
+        if not _is_keras(cb, ("CSVLogger",)):
+            continue
+        cb.append = True
+        path = Path(cb.filename)
+        try:
+            lines = path.read_text().splitlines(keepends=True)
+        except (OSError, UnicodeDecodeError):
+            continue  # no file yet (or not one it wrote): nothing to drop
+        if not lines:
+            continue
+        header = next(csv.reader([lines[0]], delimiter=cb.sep))
+        if "epoch" not in header:
+            continue
+        column = header.index("epoch")
+        end = len(lines)
+        while end > 1:
+            row = next(csv.reader([lines[end - 1]], delimiter=cb.sep), [])
+            try:
+                if int(row[column]) < epoch:
+                    break
+            except (IndexError, ValueError):
+                break
+            end -= 1
+        kept = lines[:end]
+        if len(kept) < len(lines):
+            tmp = path.with_name(f".{path.name}.tmp")
+            tmp.write_text("".join(kept))
+            os.replace(tmp, path)
+
+
 def _stateful_names(cb) -> tuple[str, ...]:
     for klass in type(cb).__mro__:
         if klass.__name__ in KERAS_CALLBACK_STATE and klass.__module__.startswith("keras"):
@@ -226,6 +275,33 @@ def _to_plain(value):
     return value
 
 
+def _pack(value, key: str, arrays: dict[str, np.ndarray]):
+    """``value`` as plain data, its arrays (a History's per-class metric, say) moved to
+    ``arrays`` under ``key/...`` and left as ``{"__array__": name}``; None if it is not
+    plain data."""
+    value = _to_plain(value)
+    if isinstance(value, np.ndarray):
+        arrays[key] = value
+        return {"__array__": key}
+    if isinstance(value, (list, tuple)):
+        packed = [_pack(v, f"{key}/{j}", arrays) for j, v in enumerate(value)]
+        return None if any(p is None and v is not None for p, v in zip(packed, value, strict=True)) else packed
+    if isinstance(value, dict) and all(isinstance(k, str) for k in value):
+        packed = {k: _pack(v, f"{key}/{k}", arrays) for k, v in value.items()}
+        return None if any(packed[k] is None and value[k] is not None for k in value) else packed
+    return value if _plain(value) else None
+
+
+def _unpack(value, arrays: dict[str, np.ndarray]):
+    if isinstance(value, dict) and set(value) == {"__array__"}:
+        return arrays[value["__array__"]]
+    if isinstance(value, list):
+        return [_unpack(v, arrays) for v in value]
+    if isinstance(value, dict):
+        return {k: _unpack(v, arrays) for k, v in value.items()}
+    return value
+
+
 def callback_state(callbacks: list) -> tuple[list[dict], dict[str, np.ndarray]]:
     """Each callback's training state (counters, best values, histories) and its arrays
     (``EarlyStopping.best_weights``), by position in the callback list."""
@@ -238,12 +314,9 @@ def callback_state(callbacks: list) -> tuple[list[dict], dict[str, np.ndarray]]:
             custom = False
         state = {}
         for key, value in raw.items():
-            value = _to_plain(value)
-            if isinstance(value, list) and value and all(isinstance(v, np.ndarray) for v in value):
-                state[key] = {"__arrays__": len(value)}
-                arrays.update({f"callback/{i}/{key}/{j}": v for j, v in enumerate(value)})
-            elif _plain(value):
-                state[key] = value
+            packed = _pack(value, f"callback/{i}/{key}", arrays)
+            if packed is not None or value is None:
+                state[key] = packed
             else:
                 raise CheckpointError(f"callback {type(cb).__name__}: state {key!r} is not plain data ({type(value).__name__})")
         states.append({"class": type(cb).__name__, "custom": custom, "state": state})
@@ -260,9 +333,9 @@ def restore_callbacks(callbacks: list, states: list[dict], arrays: dict[str, np.
     for i, (cb, saved) in enumerate(zip(callbacks, states, strict=True)):
         state = {}
         for key, value in saved["state"].items():
-            if isinstance(value, dict) and set(value) == {"__arrays__"}:
+            if isinstance(value, dict) and set(value) == {"__arrays__"}:  # checkpoints of before
                 value = [arrays[f"callback/{i}/{key}/{j}"] for j in range(value["__arrays__"])]
-            state[key] = value
+            state[key] = _unpack(value, arrays)
         if saved["custom"]:
             cb.set_state(state)
         else:
@@ -271,7 +344,8 @@ def restore_callbacks(callbacks: list, states: list[dict], arrays: dict[str, np.
 
 
 def rng_state() -> tuple[dict, dict[str, np.ndarray]]:
-    """Python's and numpy's global random states, and Keras' global seed generator."""
+    """Python's and numpy's global random states, Keras' global seed generator, and on
+    the torch backend torch's global generators (an unseeded Dropout draws from them)."""
     version, internal, gauss = random.getstate()
     kind, keys, pos, has_gauss, cached = np.random.get_state()
     meta = {"python": [version, list(internal), gauss], "numpy": [kind, int(pos), int(has_gauss), float(cached)]}
@@ -279,6 +353,11 @@ def rng_state() -> tuple[dict, dict[str, np.ndarray]]:
     generator = _keras_global_seed_generator()
     if generator is not None:
         arrays["rng/keras"] = np.asarray(generator.state.numpy())
+    torch = _torch_backend()
+    if torch is not None:
+        arrays["rng/torch"] = torch.get_rng_state().numpy()
+        if torch.cuda.is_available():
+            arrays.update({f"rng/torch-cuda/{i}": s.numpy() for i, s in enumerate(torch.cuda.get_rng_state_all())})
     return meta, arrays
 
 
@@ -290,6 +369,23 @@ def restore_rng(meta: dict, arrays: dict[str, np.ndarray]) -> None:
     generator = _keras_global_seed_generator()
     if generator is not None and "rng/keras" in arrays:
         generator.state.assign(arrays["rng/keras"])
+    torch = _torch_backend()
+    if torch is not None and "rng/torch" in arrays:
+        torch.set_rng_state(torch.from_numpy(arrays["rng/torch"].copy()))
+        cuda = sorted((k for k in arrays if k.startswith("rng/torch-cuda/")), key=lambda k: int(k.rsplit("/", 1)[1]))
+        if cuda and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all([torch.from_numpy(arrays[k].copy()) for k in cuda])
+
+
+def _torch_backend():
+    """torch, when it is Keras' backend (imported then already), else None."""
+    import keras
+
+    if keras.backend.backend() != "torch":
+        return None
+    import torch
+
+    return torch
 
 
 def _keras_global_seed_generator():
@@ -301,3 +397,14 @@ def _keras_global_seed_generator():
         return global_state.get_global_attribute(GLOBAL_SEED_GENERATOR)
     except Exception:  # a Keras without it (private API): nothing to save
         return None
+
+
+def restore_history(callbacks: list, states: list[dict]) -> None:
+    """Put back the saved state of Keras' History callback alone (what ``train()``
+    returns): for a resumed run that has nothing left to train, whose other callbacks
+    must not run again."""
+    saved = next((s["state"] for s in states if s.get("class") == "History" and not s.get("custom")), None)
+    history = next((cb for cb in callbacks if type(cb).__name__ == "History"), None)
+    if saved is not None and history is not None:
+        for key, value in saved.items():
+            setattr(history, key, value)

@@ -1,4 +1,4 @@
-"""The command line: ``pipetrain train | tail | plot | make-data | inspect``.
+"""The command line: ``pipetrain train | tail | plot | ls | make-data | inspect``.
 
 Exit codes: 0 done (also when a callback stopped training), 1 training failed, 2 bad
 usage or bad input (one line on stderr naming the file, dataset or flag), 130
@@ -14,7 +14,7 @@ import os
 import sys
 from pathlib import Path
 
-from pipetrain.errors import InputError, is_bad_input, one_line
+from pipetrain.errors import InputError, command_line, is_bad_input, one_line
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
 
@@ -72,6 +72,16 @@ def seed_int(text: str) -> int:
     return value
 
 
+def fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a fraction such as 0.1, got {text!r}") from None
+    if not 0 < value < 1:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"must be a fraction above 0 and below 1, got {text}")
+    return value
+
+
 def positive_seconds(text: str) -> float:
     try:
         value = float(text)
@@ -88,12 +98,18 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", parser_class=_Parser)
 
     t = sub.add_parser("train", help="train a model (no flags: the embedded sample job)")
-    t.add_argument("--data", nargs="+", metavar="PATH", help="training files or globs (default: the sample digits)")
+    t.add_argument("--data", nargs="+", metavar="PATH", help="training files, URLs (s3://, gs://, https://) or globs "
+                   "(default: the sample digits)")
     t.add_argument("--x", nargs="+", metavar="NAME", help="input dataset name(s); NAME=DATASET to key by input name")
     t.add_argument("--y", nargs="+", metavar="NAME", help="target dataset name(s); NAME=DATASET to key by output name")
     t.add_argument("--sample-weight", metavar="NAME", help="dataset of per-row weights")
-    t.add_argument("--val", nargs="+", metavar="PATH", help="validation files or globs")
+    t.add_argument("--val", nargs="+", metavar="PATH", help="validation files, URLs or globs")
+    t.add_argument("--val-split", type=fraction, metavar="F",
+                   help="validate on the last F of the training rows, as fit's validation_split (taken from "
+                        "the end, before shuffling; nothing is copied)")
     t.add_argument("--model", metavar="FILE.keras|module:function", help="the model (default: a small MLP sized from the data)")
+    t.add_argument("--unsafe-model", action="store_true",
+                   help="load a .keras file that holds Python code (Lambda layers); it runs as the file loads: only for files you trust")
     t.add_argument("--epochs", type=positive_int, default=None, help="epochs (default 20)")
     t.add_argument("--batch-size", type=positive_int, default=None, help="rows per batch (default 32)")
     t.add_argument("--shuffle", choices=["none", "block"], default=None, help="batch order (default block)")
@@ -104,21 +120,27 @@ def build_parser() -> argparse.ArgumentParser:
                    help="threads TensorFlow uses within one op (default: all cores); on a small "
                         "CPU machine, fewer leave a core to the producers")
     t.add_argument("--producer-priority", choices=["idle", "low", "normal"], default=None,
-                   help="CPU priority of the producer threads (default idle: they use the cores' idle time)")
+                   help="CPU priority of the producer threads (default idle: they use the cores' idle time; "
+                        "raised to normal when training keeps waiting for data)")
     t.add_argument("--shuffle-window", type=positive_int, default=None, help="rows permuted together (default 8192)")
     t.add_argument("--partitions", type=positive_int, default=None, metavar="N",
                    help="runs of blocks the block shuffle reads side by side; the batches are the same on any "
                         "number of processes, which decode disjoint blocks when their number divides N (default 16)")
+    t.add_argument("--steps-per-execution", type=positive_int, default=None, metavar="K",
+                   help="batches trained per compiled call, one batch record per K batches (default 1)")
     t.add_argument("--history", metavar="FILE", help="history file (default runs/<name>/history.jsonl)")
     t.add_argument("--checkpoint-every", type=positive_int, default=None, metavar="N",
                    help="batches between checkpoints, besides each epoch end (default 1000)")
     t.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR (or of that history file) at the exact next batch")
     t.add_argument("--allow-nonfinite", action="store_true", help="keep training when a loss is NaN or infinite")
+    t.add_argument("--allow-changed-data", action="store_true",
+                   help="with --resume: go on although a data file changed since the run read it")
     t.add_argument("--name", help="run name, for the default history path (default: the start time)")
     t.add_argument("--monitor-interval", type=positive_seconds, default=None, metavar="S",
                    help="seconds between system samples (default 2)")
     t.add_argument("--allow-external", action="store_true", help="allow HDF5 external links and virtual datasets outside the data folders")
-    t.add_argument("--overwrite", action="store_true", help="replace an existing history")
+    t.add_argument("--overwrite", action="store_true",
+                   help="replace an existing history and its checkpoints (never another kind of file)")
     t.add_argument("--quiet", action="store_true", help="print nothing but errors")
     t.add_argument("--debug", action="store_true", help="show full tracebacks")
     d = t.add_argument_group("data-parallel training on JAX (KERAS_BACKEND=jax; see docs/distributed.md)")
@@ -143,12 +165,21 @@ def build_parser() -> argparse.ArgumentParser:
     plot = sub.add_parser("plot", help="plot one or several histories to a PNG")
     plot.add_argument("files", nargs="+", metavar="FILE", help="history files (or run folders)")
     plot.add_argument("-o", "--output", required=True, metavar="OUT.png", help="the picture to write")
+    plot.add_argument("--metrics", nargs="+", metavar="NAME", help="the metric panels to draw (default: every metric)")
+    plot.add_argument("--log", action="store_true", help="losses and metrics on a log scale")
     plot.add_argument("--debug", action="store_true", help="show full tracebacks")
     plot.set_defaults(func=_lazy("pipetrain.plot", "cmd_plot"))
 
+    ls = sub.add_parser("ls", help="every run under a folder: status, running, epochs, best epoch, start time")
+    ls.add_argument("folder", nargs="?", metavar="DIR", help="the folder to search (default: runs, else .)")
+    ls.add_argument("--debug", action="store_true", help="show full tracebacks")
+    ls.set_defaults(func=_lazy("pipetrain.listing", "cmd_ls"))
+
     make = sub.add_parser("make-data", help="write a learnable synthetic data set of any size")
-    make.add_argument("output", metavar="OUT.h5")
-    make.add_argument("--rows", type=positive_int, required=True, help="rows to write")
+    make.add_argument("output", metavar="OUT.h5|FOLDER", help="the file to write (with --splits: the folder)")
+    make.add_argument("--rows", type=positive_int, help="rows to write")
+    make.add_argument("--splits", nargs="+", metavar="NAME=ROWS",
+                      help="one file per split in the folder OUT (train=50000 val=5000 test=5000): one task, rows never repeated")
     make.add_argument("--features", default="784", help="row shape, e.g. 784 or 28x28x1 (default 784)")
     make.add_argument("--classes", type=positive_int, default=10, help="label classes (default 10)")
     make.add_argument("--dtype", default="float32", choices=["float32", "float64", "float16", "uint8", "int16"],
@@ -156,14 +187,17 @@ def build_parser() -> argparse.ArgumentParser:
     make.add_argument("--compression", default="gzip", help="gzip[:LEVEL], lzf, blosc, zstd, lz4, none (default gzip:1)")
     make.add_argument("--shuffle-filter", action="store_true", help="add HDF5's byte-shuffle filter")
     make.add_argument("--chunk-rows", type=positive_int, default=256, help="rows per chunk (default 256)")
-    make.add_argument("--seed", type=seed_int, default=0)
+    make.add_argument("--seed", type=seed_int, default=0, help="seed of the rows: another seed, other rows of the same task (default 0)")
+    make.add_argument("--task-seed", type=seed_int, default=0, help="seed of the task (the class prototypes) (default 0)")
+    make.add_argument("--x-name", default="x", metavar="NAME", help="name of the features dataset (default x)")
+    make.add_argument("--y-name", default="y", metavar="NAME", help="name of the labels dataset (default y)")
     make.add_argument("--overwrite", action="store_true", help="replace an existing file")
     make.add_argument("--quiet", action="store_true")
     make.add_argument("--debug", action="store_true", help="show full tracebacks")
     make.set_defaults(func=_lazy("pipetrain.synth", "cmd_make_data"))
 
     inspect = sub.add_parser("inspect", help="datasets, shapes, chunking, filters and the read path of an HDF5 file")
-    inspect.add_argument("file", metavar="FILE.h5")
+    inspect.add_argument("file", metavar="FILE.h5|URL")
     inspect.add_argument("--debug", action="store_true", help="show full tracebacks")
     inspect.set_defaults(func=_lazy("pipetrain.inspect", "cmd_inspect"))
     return parser
@@ -196,9 +230,9 @@ def _names(values: list[str] | None, default: str | None):
 TRAIN_DEFAULTS = {
     "epochs": 20, "batch_size": 32, "shuffle": "block", "seed": 0, "workers": 2, "max_queue": 8,
     "shuffle_window": 8192, "partitions": 16, "monitor_interval": 2.0, "checkpoint_every": 1000,
-    "producer_priority": "idle",
+    "producer_priority": "idle", "steps_per_execution": 1,
 }
-FIXED_ON_RESUME = ("data", "val", "x", "y", "sample_weight", "model", "batch_size", "shuffle", "seed",
+FIXED_ON_RESUME = ("data", "val", "val_split", "x", "y", "sample_weight", "model", "batch_size", "shuffle", "seed",
                    "shuffle_window", "partitions", "allow_external")
 
 
@@ -207,15 +241,23 @@ def _new_run_settings(args) -> dict:
     from pipetrain import sample_data
 
     train_paths, val_paths = sample_data() if defaults else (args.data, None)
+    if args.val_split and args.val:
+        raise BadInput("--val and --val-split exclude each other (validate on files, or on the last rows)")
+    if args.val_split:
+        val_paths = None  # the sample job too validates on the last rows of its training file
     settings = {key: getattr(args, key) if getattr(args, key) is not None else value
                 for key, value in TRAIN_DEFAULTS.items()}
     settings.update(
         data=[str(p) for p in (train_paths if isinstance(train_paths, list) else [train_paths])],
         val=[str(p) for p in (args.val or ([val_paths] if val_paths else []))] or None,
+        val_split=args.val_split,
         x=_names(args.x, "images" if defaults else None),
         y=_names(args.y, "labels" if defaults else None),
         sample_weight=args.sample_weight, model=args.model, allow_external=args.allow_external,
         allow_nonfinite=args.allow_nonfinite, compute_threads=args.compute_threads,
+        unsafe_model=args.unsafe_model,
+        # where `--model module:function` is imported from, so that a resume elsewhere finds it
+        model_dir=os.getcwd() if args.model and ":" in args.model and not args.model.endswith(".keras") else None,
     )
     if settings["x"] is None:
         raise BadInput("pipetrain train: --x is required with --data (the input dataset name)")
@@ -228,38 +270,44 @@ def _recorded(settings: dict) -> dict:
     model = settings["model"]
     if model and (model.endswith(".keras") or os.path.isfile(model)):
         model = os.path.abspath(model)
-    return {**settings, "model": model, "data": [os.path.abspath(p) for p in settings["data"]],
-            "val": [os.path.abspath(p) for p in settings["val"]] if settings["val"] else None}
+    from pipetrain.remote import is_url
+
+    def absolute(paths):  # a URL is the same from any folder and any machine
+        return [p if is_url(p) else os.path.abspath(p) for p in paths]
+
+    return {**settings, "model": model, "data": absolute(settings["data"]),
+            "val": absolute(settings["val"]) if settings["val"] else None}
 
 
 def _run_to_resume(given: str) -> Path:
-    """The history of the run that ``--resume`` names: a run folder, or a history file."""
-    from pipetrain import checkpoint
+    """The history of the run that ``--resume`` names: a run folder, or a history file
+    (found as ``pipetrain tail`` finds it)."""
+    from pipetrain.history import history_file
 
-    path = Path(given)
-    if path.is_dir():
-        found = [path / "history.jsonl"] if (path / "history.jsonl").exists() else sorted(path.glob("*.jsonl"))
-        if len(found) != 1:
-            raise BadInput(f"--resume {given}: no history file there (is it a run folder?)" if not found else
-                           f"--resume {given}: several histories there; name one: {', '.join(str(f) for f in found)}")
-        path = found[0]
-    elif not path.is_file():
-        raise BadInput(f"--resume {given}: no such run folder or history file")
-    checkpoint.check_resume(path)  # before the model loads: never append to a file that is not a history
+    path = history_file(given)
+    if not path.is_file():
+        raise BadInput(f"--resume {given}: no such run folder or history file" if not Path(given).is_dir() else
+                       f"--resume {given}: no history file there (is it a run folder?)")
     return path
 
 
-def _resumed_settings(args, history: Path) -> dict:
+def _resumed_settings(args, history: Path, folder) -> dict:
+    """The settings the run recorded: in its newest checkpoint, or, for a run killed
+    before its first checkpoint (which starts again), in its last run record."""
     from pipetrain import checkpoint
+    from pipetrain.history import run_records
 
-    path = checkpoint.latest(history.parent / "checkpoint")
-    if path is None:
-        raise BadInput(f"--resume {args.resume}: no checkpoint to resume from in {history.parent / 'checkpoint'}")
-    try:
-        meta = checkpoint.load_meta(path)
-    except checkpoint.CheckpointError as e:
-        raise BadInput(str(e)) from None
-    settings = dict(meta["config"].get("cli") or {})
+    if folder.decide(resume=True, overwrite=False) == "restart":
+        records = run_records(history)
+        config, position = (records[-1].get("config") or {}) if records else {}, {"epoch": 0, "batch": 0}
+    else:
+        path = checkpoint.latest(folder.checkpoint_dir)
+        try:
+            meta = checkpoint.load_meta(path)
+        except checkpoint.CheckpointError as e:
+            raise BadInput(str(e)) from None
+        config, position = meta["config"], meta["position"]
+    settings = dict(config.get("cli") or {})
     if not settings:
         raise BadInput(f"--resume {args.resume}: the run was not started by `pipetrain train`; resume it from Python")
     for key in FIXED_ON_RESUME:
@@ -268,34 +316,47 @@ def _resumed_settings(args, history: Path) -> dict:
             flag = "--" + key.replace("_", "-")
             raise BadInput(f"{flag} cannot change when resuming (the run was started with {settings.get(key)!r})")
     for key in ("epochs", "workers", "max_queue", "monitor_interval", "checkpoint_every", "producer_priority",
-                "compute_threads"):
+                "compute_threads", "steps_per_execution"):
         if getattr(args, key) is not None:
             settings[key] = getattr(args, key)
     settings["allow_nonfinite"] = settings.get("allow_nonfinite", False) or args.allow_nonfinite
-    position = meta["position"]
+    settings["unsafe_model"] = settings.get("unsafe_model", False) or args.unsafe_model
     if settings["epochs"] < position["epoch"] + (1 if position["batch"] else 0):
         raise BadInput(f"--epochs {settings['epochs']}: the run is at epoch {position['epoch'] + 1} already")
     return settings
 
 
-def _train_settings(args) -> dict:
-    """The run's settings and history path (on process 0 alone, in a distributed run)."""
-    from pipetrain import checkpoint
+def _say_if_complete(history: Path, epochs: int, quiet: bool) -> bool:
+    """A resumed run with nothing left to train (every epoch done, or a callback ended
+    it) is left as it is, history and model included; more --epochs extend it."""
+    from pipetrain import checkpoint, outcome
 
+    latest = checkpoint.latest(history.parent / "checkpoint")
+    if latest is None:  # killed before its first checkpoint: it starts again
+        return False
+    meta = checkpoint.load_meta(latest)
+    why = outcome.already_complete(meta, epochs)
+    if why and not quiet:
+        where = history.parent if history.name == "history.jsonl" else history
+        print(f"pipetrain: {where} is already complete ({why}); nothing to train "
+              f"(--epochs above {meta['epochs']} extends it)")
+    return why is not None
+
+
+def _run_history(args) -> tuple[dict | None, Path]:
+    """A new run's settings and history path; a resume's history (its settings are in
+    its checkpoint, read under the folder's lock)."""
     if args.resume:
         if args.overwrite:
             raise BadInput("--resume and --overwrite exclude each other")
         if args.history or args.name:
             raise BadInput("--resume takes the run folder; --history and --name do not apply")
-        history = _run_to_resume(args.resume)
-        settings = _resumed_settings(args, history)
-    else:
-        settings = _new_run_settings(args)
-        name = args.name or _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-        history = Path(args.history) if args.history else Path("runs") / name / "history.jsonl"
-        checkpoint.check_new_run(history, history.parent / "checkpoint", args.overwrite)  # before the model loads
-        _check_writable(history)
-    return {"settings": settings, "history": str(history)}
+        return None, _run_to_resume(args.resume)
+    if args.allow_changed_data:
+        raise BadInput("--allow-changed-data is for --resume (a new run reads the data as it is)")
+    settings = _new_run_settings(args)
+    name = args.name or _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    return settings, Path(args.history) if args.history else Path("runs") / name / "history.jsonl"
 
 
 def _join_cluster(args):
@@ -326,18 +387,56 @@ def _join_cluster(args):
 
 
 def cmd_train(args) -> int:
-    from pipetrain.source import H5Source
+    from pipetrain import runfolder
 
     cluster = _join_cluster(args)
-    agreed = cluster.first("cli/settings", lambda: _train_settings(args)) if cluster else _train_settings(args)
-    settings, history = agreed["settings"], Path(agreed["history"])
+    with contextlib.ExitStack() as held:  # the data closes, then the folder is let go
+        folder = None
+
+        def agree() -> dict:
+            # One writer at a time, and a folder that can be written, before the data opens
+            # or the model loads; the run joins this lock and the model is saved under it.
+            # In a distributed run process 0 alone holds the folder and tells the others.
+            nonlocal folder
+            settings, history = _run_history(args)
+            folder = runfolder.claim(history, history.parent / "checkpoint", joinable=True)
+            held.callback(folder.release)
+            if args.resume:
+                settings = _resumed_settings(args, history, folder)
+            complete = bool(args.resume) and _say_if_complete(history, settings["epochs"], args.quiet)
+            return {"settings": settings, "history": str(history), "complete": complete}
+
+        agreed = cluster.first("cli/settings", agree) if cluster else agree()
+        if agreed["complete"]:
+            return EXIT_OK
+        return _train(args, agreed["settings"], Path(agreed["history"]), folder, held, cluster)
+
+
+def _train(args, settings: dict, history: Path, folder, held: contextlib.ExitStack, cluster) -> int:
+    """Train with ``settings``; ``folder`` is the run folder this process holds (None on
+    the other processes of a distributed run)."""
+    from pipetrain.source import H5Source
 
     sources = {}
     for role in ("data", "val"):
         if settings[role]:
-            sources[role] = H5Source(settings[role], x=settings["x"], y=settings["y"],
-                                     sample_weight=settings["sample_weight"],
-                                     allow_external=settings["allow_external"])
+            sources[role] = held.enter_context(H5Source(
+                settings[role], x=settings["x"], y=settings["y"], sample_weight=settings["sample_weight"],
+                allow_external=settings["allow_external"]))
+    if settings.get("val_split"):  # the last rows validate, as fit's validation_split
+        whole = sources["data"]
+        try:
+            sources["data"], sources["val"] = (held.enter_context(part) for part in whole.split(settings["val_split"]))
+        except InputError as e:
+            raise BadInput(f"--val-split {settings['val_split']}: {e}".replace(f"validation_split={settings['val_split']}: ", "")) from None
+        finally:
+            whole.close()
+    model_file = history.parent / "model.keras"
+    if folder is not None:  # before the model loads: what the run would replace
+        if not args.resume:
+            folder.decide(resume=False, overwrite=args.overwrite,
+                          reads=[p for source in sources.values() for p in source.paths])
+        _check_model_file(args, settings, history, model_file)
 
     with quiet_native_logs(not args.debug):
         import keras
@@ -350,7 +449,12 @@ def cmd_train(args) -> int:
 
         keras.utils.set_random_seed(settings["seed"])
         train = sources["data"]
-        model = load_model(settings["model"], train) if settings["model"] else default_model(train)
+        if settings["model"] and settings.get("unsafe_model"):
+            print(f"pipetrain: warning: --unsafe-model: loading {settings['model']} runs the Python code "
+                  "stored in it; use it only for files you trust", file=sys.stderr)
+        model = (load_model(settings["model"], train, unsafe=bool(settings.get("unsafe_model")),
+                            folders=[settings["model_dir"]] if settings.get("model_dir") else [])
+                 if settings["model"] else default_model(train, validation=sources.get("val")))
     try:
         train_model(
             model, train, epochs=settings["epochs"], batch_size=settings["batch_size"],
@@ -360,18 +464,40 @@ def cmd_train(args) -> int:
             monitor_interval=settings["monitor_interval"], overwrite=args.overwrite,
             resume=bool(args.resume), checkpoint_every=settings["checkpoint_every"],
             stop_on_nonfinite=not settings.get("allow_nonfinite"), producer_priority=settings.get("producer_priority", "idle"),
-            partitions=settings.get("partitions", 16), config={"cli": _recorded(settings), "argv": sys.argv[1:]},
+            partitions=settings.get("partitions", 16), allow_changed_data=args.allow_changed_data,
+            steps_per_execution=settings.get("steps_per_execution") or 1,
+            config={"cli": _recorded(settings), "argv": sys.argv[1:]},
         )
     except KeyboardInterrupt as e:
         where = history.parent if history.name == "history.jsonl" else history
-        raise Interrupted(f"{e or 'interrupted'}; resume with: pipetrain train --resume {where}") from None
+        raise Interrupted(f"{str(e) or 'interrupted'}; resume with: pipetrain train --resume {where}") from None
     if cluster is None:
-        model.save(history.parent / "model.keras")
+        model.save(model_file)
     else:  # a collective on JAX: every process saves, process 0 keeps it
         from pipetrain import distributed
 
-        distributed.save_model(model, history.parent / "model.keras")
+        distributed.save_model(model, model_file)
     return EXIT_OK
+
+
+def _check_model_file(args, settings: dict, history: Path, model_file: Path) -> None:
+    """The run saves ``model.keras`` in its folder at its end: never over the model it
+    loads, nor over a model that is not of a run this folder held."""
+    from pipetrain.runfolder import HISTORY, describe
+
+    if not model_file.exists():
+        return
+    if settings["model"] and os.path.isfile(settings["model"]) and os.path.samefile(settings["model"], model_file):
+        raise BadInput(f"--model {settings['model']}: the run saves its model there at its end; "
+                       "copy it elsewhere or give the run another folder")
+    if args.resume:
+        return  # the run's own model, saved when an earlier segment ended
+    if not args.overwrite:
+        raise BadInput(f"{model_file}: a model exists already where the run saves its own at its end; "
+                       "pass --overwrite to replace it or choose another folder")
+    if describe(history) != HISTORY:
+        raise BadInput(f"{model_file}: is not a run's model (no pipetrain history beside it), and --overwrite "
+                       "replaces only a run's files: move it away or choose another folder")
 
 
 def set_compute_threads(n: int) -> None:
@@ -391,15 +517,6 @@ class Interrupted(KeyboardInterrupt):
     """Training stopped on SIGINT/SIGTERM, with a checkpoint to resume from."""
 
 
-def _check_writable(history: Path) -> None:
-    folder = history.parent
-    probe = folder
-    while not probe.exists():
-        probe = probe.parent
-    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
-        raise BadInput(f"{history}: cannot write the history here ({probe} is not a writable folder)")
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     debug = "--debug" in argv
@@ -414,7 +531,8 @@ def main(argv: list[str] | None = None) -> int:
         if not getattr(args, "func", None):
             build_parser().print_help()
             return EXIT_BAD_INPUT
-        return args.func(args)
+        with command_line():  # messages name flags, not Python arguments
+            return args.func(args)
     except KeyboardInterrupt as e:
         print(f"pipetrain: {e}" if isinstance(e, Interrupted) else "pipetrain: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
@@ -426,10 +544,13 @@ def main(argv: list[str] | None = None) -> int:
         code = EXIT_BAD_INPUT if is_bad_input(e) else EXIT_FAILED
         failed = "training failed" if command == "train" else f"{command} failed"
         prefix = "pipetrain: " if code == EXIT_BAD_INPUT else f"pipetrain: {failed}: "
-        print(prefix + one_line(e), file=sys.stderr)
+        text = one_line(e)
+        if code == EXIT_BAD_INPUT and text.startswith(("pipetrain ", "pipetrain:")):  # "pipetrain train: ..." names itself
+            prefix = ""
+        print(prefix + text, file=sys.stderr)
         from pipetrain import distributed
 
-        distributed.abandon(code, one_line(e))  # in a multi-process run: the others stop too, nobody waits
+        distributed.abandon(code, text)  # in a multi-process run: the others stop too, nobody waits
         return code
 
 

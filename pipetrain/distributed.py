@@ -244,7 +244,7 @@ class Cluster:
                 "hosts": self.hosts}
 
     def first(self, key: str, read: Callable):
-        """``read()`` on process 0 (a checkpoint: ``(path, meta, arrays)``, or a JSON
+        """``read()`` on process 0 (a checkpoint: ``(path, meta, arrays, ...)``, or a JSON
         document); every process gets its result through the key-value store, so the
         other hosts need not see process 0's disk. An error there is raised everywhere."""
         if self.channel is None:
@@ -260,7 +260,7 @@ class Cluster:
         return self._receive(key)
 
     def _send(self, key: str, value) -> None:
-        """JSON, or (path, meta, arrays) as an .npz in chunks (never a pickle)."""
+        """JSON, or (path, meta, arrays, *more JSON) as an .npz in chunks (never a pickle)."""
         import io
 
         import numpy as np
@@ -268,9 +268,9 @@ class Cluster:
         if not isinstance(value, tuple):
             self.channel.set(key, json.dumps({"json": value}))
             return
-        path, meta, arrays = value
+        path, meta, arrays, *more = value
         buffer = io.BytesIO()
-        document = json.dumps({"path": str(path), "meta": meta}).encode()
+        document = json.dumps({"path": str(path), "meta": meta, "more": more}).encode()
         np.savez(buffer, __meta__=np.frombuffer(document, np.uint8), **arrays)
         blob = buffer.getvalue()
         chunks = [blob[i : i + CHUNK] for i in range(0, len(blob), CHUNK)] or [b""]
@@ -294,7 +294,7 @@ class Cluster:
         with np.load(io.BytesIO(blob), allow_pickle=False) as data:
             document = json.loads(data["__meta__"].tobytes().decode())
             arrays = {k: data[k] for k in data.files if k != "__meta__"}
-        return Path(document["path"]), document["meta"], arrays
+        return Path(document["path"]), document["meta"], arrays, *document.get("more", [])
 
     def replicated_scope(self):
         """A scope in which Keras lays input data whole on every device (for a batch that
@@ -533,6 +533,15 @@ def lost_reason() -> str | None:
 
 
 # -- one run ---------------------------------------------------------------------------------
+
+
+def check_steps_per_execution(k: int) -> None:
+    """Groups of batches in one compiled call are for a single device: a Keras
+    distribution lays out and trains one batch a step, through the model's own
+    ``train_on_batch``."""
+    if k > 1 and active() is not None:
+        raise DistributedError(f"steps_per_execution={k}: a run with a Keras distribution trains one batch "
+                               "a step (the model's own distributed train_on_batch); use 1")
 
 
 def link(run) -> Local | RunLink:

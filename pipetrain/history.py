@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from pipetrain import scan
+from pipetrain.errors import InputError
 
 SCHEMA = 1
 
@@ -150,16 +151,29 @@ class HistoryWriter:
         self.close()
 
 
+class HistoryPathError(InputError):
+    """A folder that holds several histories, none of them ``history.jsonl``."""
+
+
 def history_file(path: str | os.PathLike) -> Path:
-    """The history file that ``path`` names: the file itself, or a run folder's
-    ``history.jsonl``. A path that does not exist yet names a file if it ends in
-    ``.jsonl`` or ``.json``, else a run folder (so a watcher can start before the run).
+    """The history file that ``path`` names: the file itself, or in a folder its
+    ``history.jsonl``, else its one ``*.jsonl`` file (several: an error naming them).
+    A path that does not exist yet names a file if it ends in ``.jsonl`` or ``.json``,
+    else a run folder (so a watcher can start before the run). ``tail``, ``plot``,
+    ``ls``, ``read_history`` and ``--resume`` all find a history by this one rule.
 
     >>> history_file("runs/exp1/history.jsonl"), history_file("runs/not-yet")
     (PosixPath('runs/exp1/history.jsonl'), PosixPath('runs/not-yet/history.jsonl'))
     """
     path = Path(path)
-    if path.is_dir() or (not path.exists() and path.suffix not in (".jsonl", ".json")):
+    if path.is_dir():
+        if (path / "history.jsonl").exists():
+            return path / "history.jsonl"
+        found = sorted(p for p in path.glob("*.jsonl") if p.is_file())
+        if len(found) > 1:
+            raise HistoryPathError(f"{path}: holds several histories; name one: {', '.join(str(f) for f in found)}")
+        return found[0] if found else path / "history.jsonl"
+    if not path.exists() and path.suffix not in (".jsonl", ".json"):
         return path / "history.jsonl"
     return path
 
@@ -396,6 +410,8 @@ class Follower:
         self._head = b""  # the file's first bytes, as read
         self._behind = b""  # the bytes just before ``position``, as read
         self.lines_seen = self.records_seen = 0  # by read_bytes: lines it decoded, records among them
+        self.last_run: dict | None = None  # the latest run record read (the segment's writer)
+        self.last_end: dict | None = None  # the end record that ended the run, if it has ended
 
     @property
     def exists(self) -> bool:
@@ -489,6 +505,10 @@ class Follower:
             kind = record.get("type")
             # A resumed segment starts with a run record: the run goes on after an end.
             self.ended = kind == "end" or (self.ended and kind != "run")
+            if kind == "run":
+                self.last_run, self.last_end = record, None
+            elif kind == "end":
+                self.last_end = record
         return line, record
 
     def _open(self) -> bool:
@@ -499,6 +519,7 @@ class Follower:
         self._inode = os.fstat(self._fd).st_ino
         self.position, self._pending, self._head, self._behind, self.ended = 0, b"", b"", b"", False
         self.lines_seen = self.records_seen = 0
+        self.last_run = self.last_end = None
         return True
 
     def _restart(self) -> None:

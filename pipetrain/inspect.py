@@ -1,4 +1,4 @@
-"""``pipetrain inspect FILE.h5``: what is in an HDF5 file, and how pipetrain will read it.
+"""``pipetrain inspect FILE.h5|URL``: what is in an HDF5 file, and how pipetrain will read it.
 
 For every dataset: shape, dtype, chunk shape, filters, compression ratio, and the read
 path: raw chunks decoded in the producer threads (parallel, past h5py's lock) or h5py's
@@ -16,8 +16,8 @@ from pathlib import Path
 
 import h5py
 
-from pipetrain.chunks import read_path
 from pipetrain.codecs import FILTER_NAMES
+from pipetrain.errors import InputError, one_line
 
 
 def _filters(dset: h5py.Dataset) -> str:
@@ -44,39 +44,85 @@ def _mb(n: float) -> str:
     return f"{n / 2**20:,.1f} MB"
 
 
-def describe(path: str | Path) -> list[dict]:
-    """One row per dataset of the file (nested groups included)."""
-    rows: list[dict] = []
-    with h5py.File(path, "r") as f:
-        def visit(name: str, obj) -> None:
-            if not isinstance(obj, h5py.Dataset):
-                return
-            stored = obj.id.get_storage_size()
-            logical = obj.size * obj.dtype.itemsize
-            if obj.is_virtual:
-                layout = "virtual"
-            elif obj.chunks is not None:
-                layout = str(obj.chunks)
-            else:
-                layout = "contiguous"
-            rows.append({
-                "dataset": name,
-                "shape": str(obj.shape),
-                "dtype": str(obj.dtype),
-                "chunks": layout,
-                "filters": _filters(obj),
-                "stored": _mb(stored),
-                "ratio": f"{logical / stored:.2f}" if stored else "-",
-                "read path": read_path(obj),
-            })
+def describe(path: str | Path, storage_options: dict | None = None) -> list[dict]:
+    """One row per dataset of the file or URL (nested groups included). The read path
+    column says how training reads it, or why training refuses it (from the same checks)."""
+    from pipetrain.remote import is_url
 
-        f.visititems(visit)
+    rows: list[dict] = []
+
+    def visit(name: str, obj) -> None:
+        if isinstance(obj, h5py.Dataset):
+            rows.append(_dataset_row(name, obj))
+
+    if is_url(str(path)):
+        from pipetrain.h5remote import RemoteH5
+
+        opened = RemoteH5(str(path), storage_options)
+        try:
+            opened.file.visititems(visit)
+        finally:
+            opened.close()
+    else:
+        with h5py.File(path, "r") as f:
+            f.visititems(visit)
+    for row in rows:  # with the file closed: H5Source opens some datasets its own way
+        row["read path"] = _read_path(path, row["dataset"], storage_options)
     return rows
 
 
-def render(path: str | Path, rows: list[dict]) -> str:
-    path = Path(path)
-    head = f"{path}  ({_mb(path.stat().st_size)}, HDF5)"
+def _dataset_row(name: str, obj: h5py.Dataset) -> dict:
+    def attempt(fn, default="?"):
+        try:
+            return fn()
+        except Exception:  # a damaged header: show what can be shown
+            return default
+
+    stored = attempt(obj.id.get_storage_size, 0)
+    logical = attempt(lambda: (obj.size or 0) * obj.dtype.itemsize, 0)
+
+    def layout() -> str:
+        if obj.is_virtual:
+            return "virtual"
+        return str(obj.chunks) if obj.chunks is not None else "contiguous"
+
+    def dtype() -> str:
+        if obj.dtype.kind == "O":
+            return "vlen str" if h5py.check_string_dtype(obj.dtype) else "vlen/reference"
+        return str(obj.dtype)
+
+    return {
+        "dataset": name,
+        "shape": attempt(lambda: "null" if obj.shape is None else str(obj.shape)),
+        "dtype": attempt(dtype),
+        "chunks": attempt(layout),
+        "filters": attempt(lambda: _filters(obj)),
+        "stored": _mb(stored),
+        "ratio": f"{logical / stored:.2f}" if stored else "-",
+        "read path": "",
+    }
+
+
+def _read_path(path: str | Path, name: str, storage_options: dict | None = None) -> str:
+    """How training reads the dataset (opened as training opens it), or why it refuses it."""
+    from pipetrain.source import H5Source, SourceReadError
+
+    try:
+        with H5Source(path, x=name, storage_options=storage_options) as source:
+            return source.read_path()[name]
+    except InputError as e:
+        text = one_line(e)
+        for prefix in (f"{path}: ", f"dataset '{name}' "):
+            text = text.removeprefix(prefix)
+        return f"refused: {text}"
+    except SourceReadError:
+        raise  # the disk or the network failed: not a property of the dataset
+    except Exception as e:  # a damaged file can make h5py raise anything
+        return f"refused: {one_line(e, with_type=True)}"
+
+
+def render(path: str | Path, rows: list[dict], size: int | None = None) -> str:
+    head = f"{path}  ({_mb(Path(path).stat().st_size if size is None else size)}, HDF5)"
     if not rows:
         return head + "\n(no datasets)"
     columns = list(rows[0])
@@ -89,15 +135,29 @@ def render(path: str | Path, rows: list[dict]) -> str:
 def cmd_inspect(args) -> int:
     """The ``pipetrain inspect`` command."""
     from pipetrain.cli import BadInput
+    from pipetrain.remote import RemoteInputError, RemoteReadError, is_url, stat
+    from pipetrain.source import SourceError, SourceReadError, check_path
 
+    if is_url(args.file):
+        try:
+            size = stat(args.file).size
+            rows = describe(args.file)
+        except RemoteInputError as e:
+            raise BadInput(str(e)) from None
+        except (RemoteReadError, SourceReadError) as e:  # the network failed: not bad input
+            raise OSError(str(e)) from None
+        print(render(args.file, rows, size))
+        return 0
     path = Path(args.file)
-    if not path.exists():
-        raise BadInput(f"{path}: no such file")
-    if not h5py.is_hdf5(path):
-        raise BadInput(f"{path}: not an HDF5 file")
+    try:
+        check_path(path)
+    except SourceError as e:
+        raise BadInput(str(e)) from None
     try:
         rows = describe(path)
-    except OSError as e:
-        raise BadInput(f"{path}: cannot be opened as HDF5 (truncated or corrupted?): {e}") from None
+    except SourceReadError:
+        raise  # the disk failed: not bad input
+    except Exception as e:  # OSError, or others from a damaged file
+        raise BadInput(f"{path}: cannot be opened as HDF5 (truncated or corrupted?): {one_line(e)}") from None
     print(render(path, rows))
     return 0

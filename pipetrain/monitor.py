@@ -13,11 +13,13 @@ from __future__ import annotations
 import resource
 import sys
 import threading
+import time
 from collections.abc import Callable
 
 import psutil
 
 GpuProbe = Callable[[], "dict[str, float] | None"]
+MIN_CPU_S = 0.5  # CPU use is measured over at least this long (CPU times tick in 10 ms)
 
 
 def peak_rss_mb() -> float:
@@ -41,7 +43,7 @@ class Monitor:
             raise ValueError(f"monitor interval={interval} must be a number of seconds > 0")
         self.interval, self.emit, self.gpu = interval, emit, gpu
         self.process = psutil.Process()
-        self.process.cpu_percent(None)  # the first call only sets the reference point
+        self._cpu_ref: tuple[float, float] | None = None  # (time, CPU seconds) of the last measure
         self.peak_rss_mb = 0.0
         self.samples = 0
         self.error: BaseException | None = None
@@ -53,7 +55,7 @@ class Monitor:
             rss_mb = self.process.memory_info().rss / 2**20
             record = {
                 "rss_mb": round(rss_mb, 2),
-                "cpu_pct": round(self.process.cpu_percent(None), 1),
+                "cpu_pct": round(self._cpu_pct(), 1),
                 "sys_available_mb": round(psutil.virtual_memory().available / 2**20, 1),
                 "threads": self.process.num_threads(),
             }
@@ -63,6 +65,22 @@ class Monitor:
         self.peak_rss_mb = max(self.peak_rss_mb, record["rss_mb"])  # as recorded
         self.samples += 1
         return record
+
+    def _cpu_pct(self) -> float:
+        """Percent of one core since the last sample; for the first sample, and for one
+        taken too soon after the last, since the process started (a real interval:
+        a few milliseconds of wall time against CPU times that tick in 10 ms read as 0%
+        or as thousands of percent)."""
+        times = self.process.cpu_times()
+        cpu, now = times.user + times.system, time.time()
+        ref = self._cpu_ref
+        if ref is None or now - ref[0] < MIN_CPU_S:
+            ref = (self.process.create_time(), 0.0)  # the process's life so far
+            if self._cpu_ref is None:
+                self._cpu_ref = (now, cpu)
+        else:
+            self._cpu_ref = (now, cpu)
+        return max(0.0, 100 * (cpu - ref[1]) / (now - ref[0])) if now > ref[0] else 0.0
 
     def _loop(self) -> None:
         while not self._stop.wait(self.interval):

@@ -16,58 +16,59 @@ errors and timings to the consumer. It knows nothing of models.
 - **Ahead of time.** While every buffer is in use, workers decode the cached blocks of
   batches not started yet (``lookahead``), so the first batch of a shuffle window, which
   reads all of the window's blocks, does not make the consumer wait.
+- **Told ahead.** Plans are announced to the source before they are due
+  (:class:`_Announced`): a source reading objects in a bucket fetches their chunks
+  while earlier batches train. The source hears row ranges, never batches.
 - **Errors travel.** An exception in a worker is delivered in place of its batch, with
-  the original traceback and the file, dataset and rows it was reading.
-- **Clean close.** :meth:`Prefetcher.close` (also on error, ``KeyboardInterrupt`` and
-  garbage collection) stops and joins every worker; every wait has a timeout and checks
-  the stop flag, so nothing hangs.
+  the original traceback and the file, dataset and rows it was reading; one anywhere
+  else in a worker (taking a buffer, reading ahead) ends the stream with that error
+  after the batches already under way. A consumer waiting while no worker is alive gets
+  an error, never a hang; its ``cancel`` check (a signal) ends any wait.
+- **Clean close.** :meth:`Prefetcher.close` (also on error and ``KeyboardInterrupt``)
+  stops and joins every worker; every wait has a timeout and checks the stop flag, so
+  nothing hangs. The workers hold the Prefetcher only through a weak reference between
+  two pieces of work, so one that is dropped without ``close`` is collected and its
+  workers end.
+- **Sized to the data.** Buffers hold ``min(batch_size, rows)`` rows; a batch that the
+  machine cannot hold is a :class:`BatchMemoryError` naming the batch size and the bytes.
+- **Priority.** Workers run at idle CPU priority by default and are raised to normal when
+  the consumer spends a sustained share of its time waiting (:mod:`pipetrain.priority`).
 """
 
 from __future__ import annotations
 
 import collections
 import itertools
-import os
 import threading
 import time
-from collections.abc import Iterable, Iterator
+import weakref
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
+import psutil
 
+from pipetrain.errors import InputError
 from pipetrain.plan import BatchPlan
+from pipetrain.priority import PRIORITIES, WaitWindow, set_priority
 from pipetrain.source import H5Source
 
+__all__ = ["PRIORITIES", "Batch", "BatchMemoryError", "BufferPool", "Cancelled", "PipelineError", "Prefetcher",
+           "plans_from", "set_priority"]
+
 POLL_S = 0.1  # how often blocked waits look at the stop flag
-PRIORITIES = ("idle", "low", "normal")
-STARVED_S = 0.5  # a wait this long for one batch means idle-priority producers starve
-
-
-def set_priority(priority: str, tid: int | None = None) -> bool:
-    """Set a thread's CPU priority (the calling thread's by default); Linux only, and
-    False where it is not allowed.
-
-    The training step of a CPU backend runs on every core; a producer thread that takes
-    a core from it makes the whole step wait for its slowest shard. At idle priority
-    the producers decode in the cores' idle moments instead (measured on 2 cores, W1:
-    epochs 1.76 s at normal priority, 1.45 s at nice 19, 1.36 s idle; train alone 1.05 s).
-    """
-    if not hasattr(os, "sched_setscheduler"):
-        return False
-    tid = threading.get_native_id() if tid is None else tid
-    try:
-        if priority == "idle":
-            os.sched_setscheduler(tid, os.SCHED_IDLE, os.sched_param(0))
-        else:
-            os.sched_setscheduler(tid, os.SCHED_OTHER, os.sched_param(0))
-            os.setpriority(os.PRIO_PROCESS, tid, 19 if priority == "low" else 0)
-    except OSError:  # not permitted here
-        return False
-    return True
 
 
 class PipelineError(RuntimeError):
     """A producer thread failed; ``__cause__`` is the original exception and traceback."""
+
+
+class Cancelled(Exception):
+    """The consumer's ``cancel`` check asked to stop while it waited for a batch."""
+
+
+class BatchMemoryError(InputError):
+    """A batch buffer larger than this machine can allocate: bad settings, said in one line."""
 
 
 @dataclass
@@ -99,19 +100,32 @@ class Batch:
 class BufferPool:
     """Batch buffers, and the permits that bound how many batches are in flight.
 
-    With ``recycle`` the buffers of a released batch are reused (no allocation, no page
-    faults in the hot path); without it each batch gets fresh arrays, but the number in
-    flight is bounded all the same.
+    Each buffer holds ``rows`` rows of every field. With ``recycle`` the buffers of a
+    released batch are reused (no allocation, no page faults in the hot path); without
+    it each batch gets fresh arrays, but the number in flight is bounded all the same.
+    ``batch_size`` (the size asked for, which ``rows`` may be below) names the setting
+    when a buffer cannot be allocated.
     """
 
-    def __init__(self, fields, batch_size: int, capacity: int, recycle: bool = True):
-        self.fields, self.batch_size, self.recycle = fields, batch_size, recycle
+    def __init__(self, fields, rows: int, capacity: int, recycle: bool = True, batch_size: int | None = None):
+        self.fields, self.rows, self.capacity, self.recycle = fields, rows, capacity, recycle
+        self.batch_size = rows if batch_size is None else batch_size
+        self.buffer_bytes = rows * sum(f.row_bytes for f in fields.values())
+        self._memory = psutil.virtual_memory().total  # no buffer can be larger than this
         self._free: list[dict[str, np.ndarray]] = []
+        self._allocated = 0
         self._permits = threading.Semaphore(capacity)
+
+    def prime(self) -> None:
+        """Allocate one buffer now, in the calling thread: a batch too large for the
+        machine is an error where the stream is made, not later in a worker."""
+        self._free.append(self._allocate())
 
     def acquire(self, stop: threading.Event, timeout: float | None = None) -> dict[str, np.ndarray] | None:
         """A free buffer, waiting up to ``timeout`` seconds (None: as long as it takes);
-        None when the time is up or once ``stop`` is set."""
+        None when the time is up or once ``stop`` is set. Raises
+        :class:`BatchMemoryError` (the permit given back) when a new buffer cannot be
+        allocated."""
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             left = POLL_S if deadline is None else min(POLL_S, deadline - time.monotonic())
@@ -122,12 +136,51 @@ class BufferPool:
         try:
             return self._free.pop()
         except IndexError:
-            return {name: np.empty((self.batch_size, *f.row_shape), f.dtype) for name, f in self.fields.items()}
+            pass
+        try:
+            return self._allocate()
+        except BaseException:
+            self._permits.release()
+            raise
+
+    def _allocate(self) -> dict[str, np.ndarray]:
+        try:
+            if self.buffer_bytes > self._memory:
+                raise MemoryError(f"{self.buffer_bytes} bytes: more than the machine's memory")
+            buffers = {name: np.empty((self.rows, *f.row_shape), f.dtype) for name, f in self.fields.items()}
+        except MemoryError as e:
+            raise BatchMemoryError(self._too_large()) from e
+        self._allocated += 1
+        return buffers
+
+    def _too_large(self) -> str:
+        row_bytes = sum(f.row_bytes for f in self.fields.values())
+        need = f"{_size(self.buffer_bytes)} ({self.rows} rows of {row_bytes:,} bytes)"
+        total = _size(self._memory)
+        if not self._allocated:
+            return (f"batch_size={self.batch_size}: one batch needs {need}, more memory than this machine "
+                    f"can allocate ({total} in all); use a smaller batch_size")
+        return (f"batch_size={self.batch_size}: batch buffer {self._allocated + 1} of {self.capacity} needs "
+                f"{need}, more memory than this machine can allocate now ({total} in all); use a smaller "
+                "batch_size or max_queue")
+
+    def wait(self, timeout: float) -> None:
+        """Wait up to ``timeout`` seconds for a buffer to come free, without taking it."""
+        if self._permits.acquire(timeout=timeout):
+            self._permits.release()
 
     def release(self, buffers: dict[str, np.ndarray] | None) -> None:
         if buffers is not None and self.recycle:
             self._free.append(buffers)
         self._permits.release()
+
+
+def _size(nbytes: int) -> str:
+    """Bytes for people: ``_size(3 * 2**30) == '3.0 GiB'``."""
+    for unit, scale in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if nbytes >= scale:
+            return f"{nbytes / scale:,.1f} {unit}"
+    return f"{nbytes} bytes"
 
 
 @dataclass
@@ -221,10 +274,40 @@ class _Stopped(Exception):
     """The pipeline is closing; a worker leaves quietly."""
 
 
+_AGAIN = object()  # a worker decoded a block ahead: it comes back for more
+_WAIT = object()  # a worker found no buffer free: it waits for one, then comes back
+
+
 @dataclass
 class _Failure:
     plan: BatchPlan | None
     error: BaseException
+    where: str | None = None  # what the worker was doing, when it was not building ``plan``
+
+
+def _produce(ref: weakref.ref, pool: BufferPool, stop: threading.Event) -> None:
+    """A producer thread. It holds its Prefetcher (through ``ref``) only while it works,
+    not while it waits for a buffer, so a Prefetcher dropped without ``close`` (whose
+    buffers are then all in use) is collected, and its threads end."""
+    prefetcher = ref()
+    if prefetcher is None:
+        return
+    try:
+        prefetcher._started()
+    except BaseException as e:
+        prefetcher._fail(e, "starting")
+        return
+    del prefetcher
+    while not stop.is_set():
+        prefetcher = ref()
+        if prefetcher is None:
+            return
+        outcome = prefetcher._step()
+        del prefetcher
+        if outcome is _WAIT:
+            pool.wait(POLL_S)
+        elif not outcome:
+            return
 
 
 class Prefetcher(Iterator[Batch]):
@@ -248,6 +331,14 @@ class Prefetcher(Iterator[Batch]):
             while every buffer is in use (for a shuffle window: one window's batches,
             so the next window's blocks are ready when its first batch is due; they
             cost one more window of memory). Defaults to 0.
+        raise_when_starved: raise producers below normal priority to normal once the
+            consumer has waited for over ``STARVED_SHARE`` of the last
+            ``STARVED_WINDOW_S`` seconds (:mod:`pipetrain.priority`). Defaults to True.
+        on_raised: called (in the consumer's thread) with ``{"was", "waited_s",
+            "window_s"}`` when the producers were raised. Defaults to None.
+        cancel: checked while the consumer waits for a batch; once it returns true,
+            the wait ends with :class:`Cancelled` (the stream stays open: close it).
+            Defaults to None.
 
     Example::
 
@@ -270,6 +361,9 @@ class Prefetcher(Iterator[Batch]):
         priority: str = "idle",
         lookahead: int = 0,
         name: str = "pipetrain",
+        raise_when_starved: bool = True,
+        on_raised: Callable[[dict], None] | None = None,
+        cancel: Callable[[], object] | None = None,
     ):
         if workers < 1:
             raise ValueError(f"workers={workers} must be >= 1")
@@ -280,14 +374,19 @@ class Prefetcher(Iterator[Batch]):
         self.source, self.priority = source, priority
         self._tids: list[int] = []  # the producers' thread ids, to raise their priority
         self._priority_lock = threading.Lock()
+        self.raise_when_starved, self.on_raised, self._cancel = raise_when_starved, on_raised, cancel
+        self._waits = WaitWindow()
+        # No batch is larger than the data: a batch_size beyond it must not size the buffers.
+        rows = max(1, min(batch_size, int(blocks.rows.sum())))
         if max_queue_bytes is not None:
-            batch_bytes = batch_size * sum(f.row_bytes for f in source.fields.values())
+            batch_bytes = rows * sum(f.row_bytes for f in source.fields.values())
             max_queue = max(1, min(max_queue, max_queue_bytes // max(1, batch_bytes)))
         # One buffer more than max_queue: the one the consumer holds.
-        self.pool = BufferPool(source.fields, batch_size, max_queue + 1, recycle)
+        self.pool = BufferPool(source.fields, rows, max_queue + 1, recycle, batch_size=batch_size)
+        self.pool.prime()
         self.max_queue = max_queue
         self.cache = BlockCache(source, blocks)
-        self._plans = enumerate(plans)
+        self._plans = enumerate(_Announced(plans, source, blocks))
         self.lookahead = lookahead
         self._ahead: collections.deque = collections.deque()  # (seq, plan) taken from _plans, not issued
         self._pending: collections.deque = collections.deque()  # (seq, epoch, part) to decode ahead
@@ -301,7 +400,8 @@ class Prefetcher(Iterator[Batch]):
         self._held: Batch | None = None
         self._stop = threading.Event()
         self._threads = [
-            threading.Thread(target=self._work, name=f"{name}-producer-{i}", daemon=True)
+            threading.Thread(target=_produce, args=(weakref.ref(self), self.pool, self._stop),
+                             name=f"{name}-producer-{i}", daemon=True)
             for i in range(workers)
         ]
         for t in self._threads:
@@ -309,47 +409,40 @@ class Prefetcher(Iterator[Batch]):
 
     # -- producer side ------------------------------------------------------------
 
-    def _take(self) -> tuple[int, BatchPlan, dict[str, np.ndarray]] | None:
-        """A buffer and the next plan; None when the stream is done or closing.
+    def _take(self):
+        """A buffer and the next plan, as (seq, plan, buffers); None when the stream is
+        done or closing; ``_AGAIN`` after decoding a block ahead; ``_WAIT`` when no
+        buffer is free (the worker waits for one a moment, then looks again for
+        read-ahead work: the look-ahead moves on when another worker takes a batch).
 
         Buffers are taken before plans and plans are issued in order, so the earliest
         undelivered batch always gets a buffer: no deadlock when the pool is dry. While
         every buffer is in use, the worker decodes blocks for batches further ahead."""
-        while True:
+        if self._stop.is_set() or self._total is not None:
+            return None
+        buffers = self.pool.acquire(self._stop, timeout=0)
+        if buffers is None:
+            return _AGAIN if self._read_ahead() else _WAIT
+        with self._dispatch:
             if self._stop.is_set() or self._total is not None:
+                self.pool.release(buffers)
                 return None
-            buffers = self.pool.acquire(self._stop, timeout=0)
-            if buffers is None:
-                if self._read_ahead():
-                    continue
-                # Wait for a buffer, looking again for read-ahead work now and then (the
-                # look-ahead moves on when another worker takes the next batch).
-                buffers = self.pool.acquire(self._stop, timeout=POLL_S)
-                if buffers is None:
-                    continue
-            with self._dispatch:
-                if self._stop.is_set() or self._total is not None:
-                    self.pool.release(buffers)
-                    return None
-                try:
-                    seq, plan = self._ahead.popleft() if self._ahead else next(self._plans)
-                    if isinstance(plan, BaseException):
-                        raise plan
-                except StopIteration:
-                    self.pool.release(buffers)
-                    with self._done:
-                        self._total = self._issued
-                        self._done.notify_all()
-                    return None
-                except BaseException as e:  # the plan itself failed: deliver that in its place
-                    self.pool.release(buffers)
-                    with self._done:
-                        self._results[self._issued] = _Failure(None, e)
-                        self._total = self._issued + 1
-                        self._done.notify_all()
-                    return None
-                self._issued = seq + 1
-                return seq, plan, buffers
+            try:
+                seq, plan = self._ahead.popleft() if self._ahead else next(self._plans)
+                if isinstance(plan, BaseException):
+                    raise plan
+            except StopIteration:
+                self.pool.release(buffers)
+                with self._done:
+                    self._total = self._issued
+                    self._done.notify_all()
+                return None
+            except BaseException as e:  # the plan itself failed: deliver that in its place
+                self.pool.release(buffers)
+                self._end_with(_Failure(None, e))
+                return None
+            self._issued = seq + 1
+            return seq, plan, buffers
 
     def _read_ahead(self) -> bool:
         """Decode one block that a batch not started yet (within ``lookahead``) will
@@ -393,27 +486,60 @@ class Prefetcher(Iterator[Batch]):
         rows = int(self.cache.blocks.rows[part.block])
         return part.uses == 1 and isinstance(part.src, slice) and part.src == slice(0, rows)
 
-    def _work(self) -> None:
+    def _end_with(self, failure: _Failure) -> None:
+        """End the stream with ``failure``, delivered after the batches already handed
+        to workers (under ``_dispatch``, so that no plan is issued meanwhile)."""
+        with self._done:
+            if self._total is None:
+                self._results[self._issued] = failure
+                self._total = self._issued + 1
+            self._done.notify_all()
+
+    def _started(self) -> None:
         with self._priority_lock:  # not between raise_priority's reading and its setting
             self._tids.append(threading.get_native_id())
             if self.priority != "normal":
                 set_priority(self.priority)
-        while not self._stop.is_set():
+
+    def _step(self):
+        """One piece of a worker's work: build the next batch or decode a block ahead
+        (True), find no buffer free (``_WAIT``), or find the stream over (False).
+        Nothing escapes: an error while building a batch is delivered in its place, one
+        anywhere else ends the stream."""
+        doing = "taking the next batch"
+        try:
             taken = self._take()
+            if taken is _AGAIN:
+                return True
+            if taken is _WAIT:
+                return _WAIT
             if taken is None:
-                return
+                return False
             seq, plan, buffers = taken
+            doing = f"handing over epoch {plan.epoch}, batch {plan.index}"
             try:
                 result: Batch | _Failure = self._build(plan, buffers)
             except _Stopped:
                 self.pool.release(buffers)
-                return
+                return False
             except BaseException as e:
                 self.pool.release(buffers)
                 result = _Failure(plan, e)
             with self._done:
                 self._results[seq] = result
                 self._done.notify_all()
+            return True
+        except _Stopped:
+            return False
+        except BaseException as e:
+            self._fail(e, doing)
+            return False
+
+    def _fail(self, error: BaseException, doing: str) -> None:
+        """A worker failed outside a batch: the stream ends with its error, naming the
+        thread and what it was doing."""
+        with self._dispatch:
+            self._end_with(_Failure(None, error, f"{threading.current_thread().name}, {doing}"))
 
     def _build(self, plan: BatchPlan, buffers: dict[str, np.ndarray]) -> Batch:
         t0 = time.perf_counter()
@@ -466,26 +592,47 @@ class Prefetcher(Iterator[Batch]):
     def __next__(self) -> Batch:
         self._release_held()
         t0 = time.perf_counter()
-        with self._done:
-            while self._next not in self._results:
-                if self._total is not None and self._next >= self._total:
+        while True:
+            with self._done:
+                if self._next in self._results:
+                    result = self._results.pop(self._next)
+                    break
+                if self._stop.is_set() or (self._total is not None and self._next >= self._total):
                     raise StopIteration
-                if self._stop.is_set():
-                    raise StopIteration
-                self._done.wait(POLL_S)
-            result = self._results.pop(self._next)
+                # Workers deliver under this lock: if none is alive now, none will.
+                alive = any(t.is_alive() for t in self._threads)
+                if alive:
+                    self._done.wait(POLL_S)
+            if not alive:
+                self.close()
+                raise PipelineError(f"every producer thread has stopped, and batch {self._next} of the stream "
+                                    "never came (were the threads killed?)")
+            if self._cancel is not None and self._cancel():
+                raise Cancelled(f"cancelled while waiting for batch {self._next} of the stream")
+            self._check_starved(time.perf_counter(), waiting_since=t0)
         self._next += 1
         if isinstance(result, _Failure):
             self.close()
-            where = f" (epoch {result.plan.epoch}, batch {result.plan.index})" if result.plan else ""
+            where = (f" (epoch {result.plan.epoch}, batch {result.plan.index})" if result.plan
+                     else f" ({result.where})" if result.where else "")
             raise PipelineError(f"a producer thread failed{where}: {result.error}") from result.error
-        result.wait_s = time.perf_counter() - t0
-        if result.wait_s > STARVED_S and self.priority != "normal":
-            # Other processes keep the cores busy, so idle-time producers hardly run:
-            # give them a normal share rather than let training crawl.
-            self.raise_priority()
+        now = time.perf_counter()
+        result.wait_s = now - t0
+        self._waits.add(t0, now)
+        self._check_starved(now)
         self._held = result
         return result
+
+    def _check_starved(self, now: float, waiting_since: float | None = None) -> None:
+        """Other processes keep the cores so busy that idle-time producers hardly run:
+        give them a normal share rather than let training crawl."""
+        if self.priority == "normal" or not self.raise_when_starved:
+            return
+        if self._waits.starved(now, waiting_since):
+            was, waited = self.priority, self._waits.waited(now, waiting_since)
+            self.raise_priority()
+            if self.on_raised is not None:
+                self.on_raised({"was": was, "waited_s": round(waited, 3), "window_s": self._waits.window_s})
 
     def raise_priority(self) -> None:
         """Put the producers at normal priority for the rest of the stream."""
@@ -502,6 +649,9 @@ class Prefetcher(Iterator[Batch]):
     def close(self, timeout: float = 10.0) -> None:
         """Stop and join every worker; drop what was prefetched."""
         self._stop.set()
+        drop = getattr(self.source, "drop_hints", None)
+        if drop is not None:
+            drop()
         with self._done:
             self._done.notify_all()
         deadline = time.monotonic() + timeout
@@ -523,8 +673,66 @@ class Prefetcher(Iterator[Batch]):
         self.close()
 
     def __del__(self) -> None:  # a fallback: close() is the way
-        if not getattr(self, "_stop", threading.Event()).is_set() and hasattr(self, "_threads"):
-            self._stop.set()
+        stop = getattr(self, "_stop", None)
+        if stop is not None:
+            stop.set()
+
+
+class _Announced(Iterator[BatchPlan]):
+    """The plans, in order, each announced to the source before it is due.
+
+    While the source welcomes hints (``source.will_need`` returns True: a remote source
+    with room in its read-ahead budget), plans further on are taken from the stream and
+    their blocks named to it, each block once per epoch; a local source says no at once,
+    and then no plan is taken early. An error of the stream is kept for its turn."""
+
+    MAX_AHEAD = 4096  # plans held ahead at most
+
+    def __init__(self, plans: Iterable[BatchPlan], source, blocks):
+        self._plans = iter(plans)
+        self._hint = getattr(source, "will_need", None)
+        self._blocks = blocks
+        self._ahead: collections.deque = collections.deque()
+        self._named: set[tuple[int, int]] = set()
+        self._epoch: int | None = None
+        self._ended = False
+
+    def __next__(self) -> BatchPlan:
+        self._announce()
+        if not self._ahead:
+            raise StopIteration
+        plan = self._ahead.popleft()
+        if isinstance(plan, BaseException):
+            raise plan
+        return plan
+
+    def _announce(self) -> None:
+        wants = True
+        while wants and not self._ended and len(self._ahead) < self.MAX_AHEAD:
+            try:
+                plan = next(self._plans)
+            except StopIteration:
+                self._ended = True
+                return
+            except BaseException as e:  # delivered in its place
+                self._ahead.append(e)
+                self._ended = True
+                return
+            self._ahead.append(plan)
+            wants = self._hint is not None and self._name(plan)
+
+    def _name(self, plan: BatchPlan) -> bool:
+        """Name the plan's blocks not named yet; whether the source wants more."""
+        if plan.epoch != self._epoch:
+            self._named = {key for key in self._named if key[0] >= plan.epoch - 1}
+            self._epoch = plan.epoch
+        wants = True
+        for part in plan.parts:
+            key = (plan.epoch, part.block)
+            if key not in self._named:
+                self._named.add(key)
+                wants = bool(self._hint(*self._blocks.span(part.block)))
+        return wants
 
 
 def plans_from(plan, epoch: int, start: int = 0, epochs: int | None = None) -> Iterator[BatchPlan]:

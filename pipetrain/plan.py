@@ -112,18 +112,23 @@ SHUFFLES: dict[str, Shuffle] = {
 
 
 class Blocks:
-    """The block table: file index, first row and end row (in that file) of every block."""
+    """The block table: file index, first row and end row (in that file) of every block.
 
-    def __init__(self, rows_per_file: Sequence[int], block_rows: int | Sequence[int]):
+    Each file is given as its number of rows, or as the (start, stop) of the rows to
+    use in it (a part of a file: ``H5Source(rows=...)``); blocks stay aligned with the
+    file's own chunks, so the first and last block of a part may be shorter."""
+
+    def __init__(self, rows_per_file: Sequence[int | tuple[int, int]], block_rows: int | Sequence[int]):
         if isinstance(block_rows, int):
             block_rows = [block_rows] * len(rows_per_file)
         files, starts, stops = [], [], []
         for f, (rows, step) in enumerate(zip(rows_per_file, block_rows, strict=True)):
             if step < 1:
                 raise ValueError(f"block_rows must be >= 1, got {step}")
-            start = np.arange(0, rows, step, dtype=np.int64)
+            first, rows = (0, rows) if isinstance(rows, (int, np.integer)) else rows
+            start = np.arange(first - first % step, rows, step, dtype=np.int64)
             files.append(np.full(len(start), f, dtype=np.int32))
-            starts.append(start)
+            starts.append(np.maximum(start, first))
             stops.append(np.minimum(start + step, rows))
         self.file = np.concatenate(files) if files else np.zeros(0, np.int32)
         self.start = np.concatenate(starts) if starts else np.zeros(0, np.int64)
@@ -140,7 +145,8 @@ class Blocks:
 
 class Plan:
     """Batches of ``batch_size`` rows (the global batch) over files of ``rows_per_file``
-    rows; this process's rows of each, as ``share`` says.
+    rows (or of the (start, stop) row ranges of parts of files); this process's rows of
+    each, as ``share`` says.
 
     >>> plan = Plan([10, 5], batch_size=4, block_rows=4)
     >>> [b.size for b in plan.batches(epoch=0)]
@@ -172,7 +178,7 @@ class Plan:
             raise ValueError(f"batch_size={batch_size} must be a multiple of the run's {devices} devices "
                              f"({self.share.count} process(es) x {self.share.devices}): each takes an equal share")
         self.blocks = Blocks(rows_per_file, block_rows)
-        self.rows = int(sum(rows_per_file))
+        self.rows = int(self.blocks.rows.sum())
         self.batch_size = int(batch_size)
         self.shuffle = shuffle
         self.seed = int(seed)

@@ -66,14 +66,14 @@ class Series:
         rows = [((e.get("epoch") or 0) + 1, e.get(name)) for e in self.history.epochs if name in e]
         return _arrays(rows)
 
-    def batch_losses(self) -> tuple[np.ndarray, np.ndarray]:
+    def batch_losses(self, name: str = "loss") -> tuple[np.ndarray, np.ndarray]:
         """(position in epochs, loss) of every batch: batch b of epoch e (from 0) sits
         at e + (b + 1) / steps, so the end of epoch n is at n, as on the epoch panels."""
         batches = _table(self.history.batches)
         steps = _steps_per_epoch(self.history)
-        has = batches.has("loss")
+        has = batches.has(name)
         x = batches.ints("epoch") + (batches.ints("batch") + 1) / steps
-        return x[has].astype(float), batches.array("loss")[has]
+        return x[has].astype(float), batches.array(name)[has]
 
     @property
     def window(self) -> int:
@@ -200,12 +200,31 @@ def envelope(x: np.ndarray, y: np.ndarray, columns: int = COLUMNS) -> tuple[np.n
     return np.concatenate(parts_x[:-1]), np.concatenate(parts_y[:-1])
 
 
-def metric_names(series: Sequence[Series]) -> list[str]:
-    """The metrics other than the loss that get a panel each (``val_x`` is drawn with
-    ``x``, or alone when there is no ``x``)."""
+def loss_names(series: Sequence[Series]) -> list[str]:
+    """The losses the loss panels draw: ``loss``, or, for runs of several models that
+    record theirs under prefixes (a GAN's ``d_loss`` and ``g_loss``), each of those."""
     names = epoch_metrics(e for s in series for e in s.history.epochs)
-    bases = [n.removeprefix("val_") for n in names]
-    return [n for n in dict.fromkeys(bases) if n != "loss"]
+    if "loss" in names or not names:
+        return ["loss"]
+    found = [n for n in names if n.endswith("loss") and not n.startswith("val_")]
+    return found or ["loss"]
+
+
+def metric_names(series: Sequence[Series], chosen: Sequence[str] | None = None) -> list[str]:
+    """The metrics other than the losses that get a panel each (``val_x`` is drawn with
+    ``x``, or alone when there is no ``x``); ``chosen`` picks some (by name, with or
+    without ``val_``) in the order given."""
+    names = epoch_metrics(e for s in series for e in s.history.epochs)
+    losses = loss_names(series)
+    bases = [n for n in dict.fromkeys(n.removeprefix("val_") for n in names) if n not in losses]
+    if chosen is None:
+        return bases
+    picked = list(dict.fromkeys(n.removeprefix("val_") for n in chosen))
+    unknown = [n for n in picked if n not in bases and n not in losses]
+    if unknown:
+        raise BadInput(f"--metrics {' '.join(chosen)}: no epoch metric named {', '.join(unknown)} "
+                       f"(the histories have {', '.join([*losses, *bases]) or 'none'})")
+    return [n for n in picked if n not in losses]
 
 
 def time_unit(series: Sequence[Series]) -> tuple[str, float]:
@@ -244,13 +263,15 @@ def load(paths: Sequence[str | os.PathLike]) -> list[Series]:
 
 # -- the picture ------------------------------------------------------------------------------
 
-def plot(paths: Sequence[str | os.PathLike], output: str | os.PathLike) -> Path:
-    """Draw the histories at ``paths`` into ``output`` (PNG, SVG or PDF, by its suffix)."""
+def plot(paths: Sequence[str | os.PathLike], output: str | os.PathLike, *, metrics: Sequence[str] | None = None,
+         log: bool = False) -> Path:
+    """Draw the histories at ``paths`` into ``output`` (PNG, SVG or PDF, by its suffix):
+    every metric, or the ``metrics`` named; ``log``: losses and metrics on a log scale."""
     figure_class = _matplotlib()
     output = Path(output)
     if not output.parent.is_dir():
         raise BadInput(f"{output}: cannot write the plot ({output.parent} is not a folder)")
-    figure = draw(load(paths), figure_class)
+    figure = draw(load(paths), figure_class, metrics=metrics, log=log)
     formats = figure.canvas.get_supported_filetypes()
     if output.suffix.lower().lstrip(".") not in formats:
         raise BadInput(f"{output}: unknown picture format {output.suffix!r} (use .png, .svg or .pdf)")
@@ -266,24 +287,40 @@ def _matplotlib():
     return Figure
 
 
-def draw(series: Sequence[Series], figure_class):
-    """The figure: a grid of panels, two wide, one colour per run."""
-    metrics = metric_names(series)[:MAX_METRIC_PANELS]
+def draw(series: Sequence[Series], figure_class, *, metrics: Sequence[str] | None = None, log: bool = False):
+    """The figure: a grid of panels, two wide, one colour per run; the epoch panels
+    share one x-range, the time panels another."""
+    losses = loss_names(series)
+    metrics = metric_names(series, metrics)[:MAX_METRIC_PANELS]
     panels = ["loss", "batch_loss", *metrics, *TIME_PANELS]
     rows = (len(panels) + 1) // 2
     figure = figure_class(figsize=(13, 3.2 * rows + 1.2), layout="constrained")
     axes = figure.subplots(rows, 2, squeeze=False).ravel()
-    colors = [f"C{i % 10}" for i in range(len(series))]
+    colors = run_colors(len(series))
     unit, scale = time_unit(series)
+    epoch_axes, time_axes = [], []
     for ax, panel in zip(axes, panels, strict=False):
         if panel == "loss":
-            _epoch_panel(ax, series, colors, "loss", "Loss per epoch")
+            title = "Loss per epoch" if losses == ["loss"] else f"Losses per epoch ({', '.join(losses)})"
+            _epoch_panel(ax, series, colors, losses, title, log)
         elif panel == "batch_loss":
-            _batch_loss_panel(ax, series, colors)
+            _batch_loss_panel(ax, series, colors, losses, log)
         elif panel in metrics:
-            _epoch_panel(ax, series, colors, panel, f"{panel.replace('_', ' ').capitalize()} per epoch")
+            _epoch_panel(ax, series, colors, [panel], f"{panel.replace('_', ' ').capitalize()} per epoch", log)
         else:
             _time_panel(ax, series, colors, panel, unit, scale)
+            time_axes.append(ax)
+            continue
+        epoch_axes.append(ax)
+    for group in (epoch_axes, time_axes):  # one x-range for each kind of panel
+        for ax in group[1:]:
+            ax.sharex(group[0])
+    if time_axes:
+        time_axes[0].set_xlim(0, max(max((s.duration_s for s in series), default=0.0) / scale, 1e-9) * 1.02)
+    if epoch_axes:  # from the start (the batch panel's 0) to the last epoch of any run
+        last = max((float(np.nanmax(s.epoch_values(n)[0], initial=0.0)) for s in series for n in [*losses, *metrics]),
+                   default=1.0)
+        epoch_axes[0].set_xlim(0, max(last, 1.0) * 1.02)
     for ax in axes[len(panels):]:
         ax.set_visible(False)
     figure.suptitle(_title(series), fontsize=14, fontweight="bold")
@@ -301,28 +338,69 @@ def _style(ax, title: str, xlabel: str, ylabel: str) -> None:
         ax.spines[side].set_visible(False)
 
 
-def _epoch_panel(ax, series, colors, name: str, title: str) -> None:
+MARKERS = "osD^v<>ph*"  # one per loss of a run with several (d_loss, g_loss)
+
+
+def _epoch_panel(ax, series, colors, names: Sequence[str], title: str, log: bool = False) -> None:
+    from matplotlib.lines import Line2D
     from matplotlib.ticker import MaxNLocator
 
     for s, color in zip(series, colors, strict=True):
-        for key, style in ((name, TRAIN_STYLE), (f"val_{name}", VAL_STYLE)):
-            x, y = s.epoch_values(key)
+        for name, marker in zip(names, MARKERS * len(names), strict=False):
+            for key, style in ((name, TRAIN_STYLE), (f"val_{name}", VAL_STYLE)):
+                x, y = s.epoch_values(key)
+                if len(x):
+                    ax.plot(x, y, color=color, marker=marker, markersize=4, **style)
+    _style(ax, title, "epoch", names[0] if len(names) == 1 else "loss")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    if len(names) > 1:  # which line is which loss: by its marker
+        ax.legend([Line2D([], [], color="0.3", marker=m, **TRAIN_STYLE) for m in MARKERS[:len(names)]], names,
+                  frameon=False, fontsize=9)
+    _log_scale(ax, log)
+
+
+def _batch_loss_panel(ax, series, colors, names: Sequence[str] = ("loss",), log: bool = False) -> None:
+    from matplotlib.lines import Line2D
+    from matplotlib.ticker import MaxNLocator
+
+    styles = ["-", (0, (1, 1)), (0, (3, 1, 1, 1)), (0, (6, 2))]  # one per loss of a run with several
+    for s, color in zip(series, colors, strict=True):
+        for name, line in zip(names, styles * len(names), strict=False):
+            x, y = s.batch_losses(name)
             if len(x):
-                ax.plot(x, y, color=color, marker="o", markersize=4, **style)
-    _style(ax, title, "epoch", name)
+                ax.plot(*envelope(x, y), color=color, alpha=0.15, linewidth=0.6)
+                ax.plot(*envelope(x, rolling_mean(y, s.window)), color=color, linewidth=1.8, linestyle=line)
+    what = "Training loss" if list(names) == ["loss"] else "Training losses"
+    _style(ax, f"{what} per batch (faint), mean over 1/{SMOOTH_EPOCHS} epoch", "epoch", "loss")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    if len(names) > 1:
+        ax.legend([Line2D([], [], color="0.3", linewidth=1.8, linestyle=line) for line in styles[:len(names)]],
+                  names, frameon=False, fontsize=9)
+    _log_scale(ax, log)
 
 
-def _batch_loss_panel(ax, series, colors) -> None:
-    from matplotlib.ticker import MaxNLocator
+def _log_scale(ax, log: bool) -> None:
+    """A log y-axis when asked and every value drawn is above zero (else it stays linear)."""
+    if not log:
+        return
+    values = [np.asarray(line.get_ydata(), dtype=float) for line in ax.get_lines()]
+    values = np.concatenate([v[np.isfinite(v)] for v in values]) if values else np.array([])
+    if len(values) and (values > 0).all():
+        ax.set_yscale("log")
 
-    for s, color in zip(series, colors, strict=True):
-        x, y = s.batch_losses()
-        if len(x):
-            ax.plot(*envelope(x, y), color=color, alpha=0.15, linewidth=0.6)
-            ax.plot(*envelope(x, rolling_mean(y, s.window)), color=color, **TRAIN_STYLE)
-    _style(ax, f"Training loss per batch (faint), mean over 1/{SMOOTH_EPOCHS} epoch", "epoch", "loss")
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+
+def run_colors(n: int) -> list:
+    """A colour per run that stays distinguishable beyond ten: matplotlib's ten, then
+    twenty paired shades, then evenly spaced hues."""
+    if n <= 10:
+        return [f"C{i}" for i in range(n)]
+    from matplotlib import colormaps
+
+    if n <= 20:
+        cmap = colormaps["tab20"]
+        return [cmap(i) for i in range(n)]
+    cmap = colormaps["turbo"]
+    return [cmap(0.05 + 0.9 * i / (n - 1)) for i in range(n)]
 
 
 TIME_PANELS = {
@@ -407,9 +485,11 @@ def _title(series: Sequence[Series]) -> str:
         return "pipetrain: " + " vs ".join(s.label for s in series)
     s = series[0]
     run = s.history.runs[-1]
-    model, data = run.get("model") or {}, run.get("data") or {}
+    model, data, models = run.get("model") or {}, run.get("data") or {}, run.get("models") or {}
     parts = [f"pipetrain: {s.label}"]
-    if model.get("name"):
+    if len(models) > 1:
+        parts.append("models " + ", ".join(models))
+    elif model.get("name"):
         parts.append(f"{model['name']}" + (f" ({model['params']:,} params)" if model.get("params") else ""))
     if data.get("rows"):
         parts.append(f"{data['rows']:,} rows, batch {data.get('batch_size')}")
@@ -419,7 +499,7 @@ def _title(series: Sequence[Series]) -> str:
 
 
 def cmd_plot(args) -> int:
-    """``pipetrain plot FILE... -o OUT.png``."""
-    output = plot(args.files, args.output)
+    """``pipetrain plot FILE... -o OUT.png [--metrics NAME...] [--log]``."""
+    output = plot(args.files, args.output, metrics=args.metrics, log=args.log)
     print(f"wrote {output}")
     return EXIT_OK

@@ -25,8 +25,10 @@ Example::
 
 from __future__ import annotations
 
+import textwrap
 import threading
 import time
+from collections import deque
 from collections.abc import Iterable
 
 import numpy as np
@@ -37,8 +39,10 @@ from rich.table import Table
 from rich.text import Text
 
 from pipetrain.history import is_number, numeric_view, resume_point, superseded
+from pipetrain.outcome import best_epoch
 
 REFRESH_S = 0.1  # the bar redraws at most ten times a second
+RATE_S = 2.0  # samples/s "now" is measured over the batches of the last two seconds
 BAR_WIDTH = 30
 ETA_EPOCHS = 5  # finished epochs that the run's ETA averages over
 
@@ -86,6 +90,16 @@ def fmt_rate(samples_per_s: float | None) -> str:
     return "-" if samples_per_s is None else f"{samples_per_s:,.0f} samples/s"
 
 
+def batch_text(epoch: int, batch: int, steps: int | None = None) -> str:
+    """A trained batch as people count it, from a record's 0-based ``epoch`` and
+    ``batch``: epochs and batches from 1, as Keras' progress bar shows them.
+
+    >>> batch_text(2, 818, 1563), batch_text(0, 4)
+    ('epoch 3, batch 819/1563', 'epoch 1, batch 5')
+    """
+    return f"epoch {epoch + 1}, batch {batch + 1}" + (f"/{steps}" if steps else "")
+
+
 def metric_items(record: dict, skip: set[str]) -> list[tuple[str, object]]:
     """The record's metrics (numbers and nulls under names not in ``skip``), in order.
     A null is a metric that was not finite (a NaN loss), shown as '-'."""
@@ -105,6 +119,33 @@ def epoch_metrics(epochs: Iterable[dict]) -> list[str]:
     train = [n for n in names if not n.startswith("val_")]
     val = [n for n in names if n.startswith("val_")]
     return sorted(train, key=lambda n: n != "loss") + sorted(val, key=lambda n: n != "val_loss")
+
+
+class RecentRate:
+    """Samples/s now: the one definition the batch records carry (``samples_per_s``),
+    which the training bar and ``pipetrain tail`` show. The samples of the latest
+    batches of the epoch - those that ended in the last :data:`RATE_S` seconds, and at
+    least the latest one - over the wall time from the start of the first of them
+    (when the loop began waiting for it) to the end of the last.
+
+    >>> rate = RecentRate(window_s=1.0)
+    >>> [rate.add(t, t + 0.25, 100) for t in (0.0, 0.25, 0.5)]
+    [400.0, 400.0, 400.0]
+    """
+
+    def __init__(self, window_s: float | None = None):
+        self.window_s = RATE_S if window_s is None else window_s
+        self._batches: deque = deque()  # (began, ended, size)
+        self._samples = 0
+
+    def add(self, began: float, ended: float, size: int) -> float | None:
+        """Add a batch (its start and end, seconds on one clock); the rate after it."""
+        self._batches.append((began, ended, size))
+        self._samples += size
+        while len(self._batches) > 1 and ended - self._batches[1][0] >= self.window_s:
+            self._samples -= self._batches.popleft()[2]
+        wall = ended - self._batches[0][0]
+        return self._samples / wall if wall > 0 else None
 
 
 # -- the state ----------------------------------------------------------------------------
@@ -262,6 +303,12 @@ class RunState:
         return self.run.get("data") or {}
 
     @property
+    def best(self) -> tuple[str, str, dict] | None:
+        """(metric, "min"/"max", epoch record) of the best finished epoch: by the metric
+        the run's callbacks monitor, else val_loss, else loss."""
+        return best_epoch(self.epochs, self.run.get("monitor"))
+
+    @property
     def epochs_total(self) -> int | None:
         return self.data.get("epochs") or (self.run.get("config") or {}).get("epochs")
 
@@ -378,6 +425,15 @@ class _EpochSoFar:
 
 # -- plain text -----------------------------------------------------------------------------
 
+def backend_text(host: dict) -> str:
+    """The Keras backend a run trained on, with its version ('' for a record without it).
+
+    >>> backend_text({"backend": "jax", "backend_version": "0.10.2"})
+    'jax 0.10.2'
+    """
+    return f"{host.get('backend') or ''} {host.get('backend_version') or ''}".strip() if host.get("backend") else ""
+
+
 def run_line(record: dict) -> str:
     """One line for a run record: what trains on what; where a resumed segment starts."""
     data, model = record.get("data") or {}, record.get("model") or {}
@@ -395,7 +451,9 @@ def run_line(record: dict) -> str:
     )
     at = resume_point(record)
     if at is not None:
-        line += f"; resuming at epoch {at[0] + 1}, batch {at[1]}"
+        steps = data.get("steps_per_epoch")
+        line += (f"; resuming at the end of epoch {at[0] + 1}" if steps and at[1] >= steps  # its batches all done
+                 else f"; resuming at {batch_text(*at, steps)}")  # the next batch
     return line
 
 
@@ -421,12 +479,21 @@ def epoch_line(record: dict, epochs: int | None) -> str:
     return "  ".join(p for p in (head, metrics, tail) if p)
 
 
+def loss_items(values: dict) -> list[tuple[str, object]]:
+    """The losses to show of a record or running means: ``loss``, or, when several
+    models train under prefixes (a GAN's ``d_loss`` and ``g_loss``), each of theirs.
+
+    >>> loss_items({"d_loss": 0.7, "d_accuracy": 0.5, "g_loss": 0.9}), loss_items({"loss": 1, "out_loss": 2})
+    ([('d_loss', 0.7), ('g_loss', 0.9)], [('loss', 1)])
+    """
+    if "loss" in values:
+        return [("loss", values["loss"])]
+    return [(k, v) for k, v in values.items() if k.endswith("loss") and not k.startswith("val_")][:4]
+
+
 def speed_text(state: RunState) -> str:
-    """The epoch in progress in words: running loss, samples/s, input-bound share."""
-    parts = []
-    loss = next((v for k, v in state.means.items() if k.endswith("loss")), None)
-    if loss is not None:
-        parts.append(f"loss {fmt(loss)}")
+    """The epoch in progress in words: running loss(es), samples/s, input-bound share."""
+    parts = [f"{k} {fmt(v)}" for k, v in loss_items(state.means)]
     if state.rate:
         parts.append(fmt_rate(state.rate))
     if state.input_bound_pct is not None:
@@ -444,13 +511,37 @@ def position_line(state: RunState) -> str:
     return "  ".join(p for p in (*parts, speed_text(state)) if p)
 
 
-def summary(state: RunState, history_path=None) -> str:
-    """The closing lines: how it ended, the final validation metric, speed, memory."""
-    end = state.end or {}
-    lines = [f"{end.get('status', '?')}: {end.get('epochs', 0)} epoch(s), {end.get('steps') or 0:,} steps"]
+def ending_text(end: dict, backend: str = "") -> str:
+    """How a run ended, in one line: status, epochs, steps (on which backend), and why
+    (an error, the signal, or what stopped it before its last epoch)."""
+    line = f"{end.get('status', '?')}: {end.get('epochs', 0)} epoch(s), {end.get('steps') or 0:,} steps"
+    if backend:
+        line += f" on {backend}"
     if end.get("error"):
-        lines[0] += f" - {end['error']}"
+        line += f" - {end['error']}"
+    elif end.get("reason") and end.get("status") != "completed":
+        line += f" - {end['reason']}"
+    return line
+
+
+def best_text(state: RunState) -> str | None:
+    """'best val_loss 0.2345 at epoch 5' (epochs counted from 1), or None."""
+    best = state.best
+    if best is None:
+        return None
+    name, _, record = best
+    return f"best {name} {fmt(record[name])} at epoch {int(record.get('epoch') or 0) + 1}"
+
+
+def summary(state: RunState, history_path=None) -> str:
+    """The closing lines: how it ended and why, the best epoch, the final validation
+    metric, speed, memory."""
+    end = state.end or {}
+    lines = [ending_text(end, backend_text(state.run.get("host") or {}))]
     epochs = state.epochs
+    best = best_text(state)
+    if best:
+        lines.append(best)
     if epochs:
         val = [(k, v) for k, v in metric_items(epochs[-1], EPOCH_KEYS) if k.startswith("val_")]
         shown = [(k, v) for k, v in val if k != "val_loss"][:1] or val[:1]
@@ -479,6 +570,29 @@ def lines_for(record: dict, state: RunState, history_path=None) -> list[str]:
     if kind == "end":
         return summary(state, history_path).splitlines()
     return []
+
+
+def fold(line: str, width: int, indent: int = 4) -> list[str]:
+    """A line cut to ``width`` columns between its parts (separated by two spaces), so a
+    terminal never wraps it in the middle of a number; the continuation lines indented.
+
+    >>> fold("Epoch 1/5  loss 0.5  accuracy 0.9", 20)
+    ['Epoch 1/5  loss 0.5', '    accuracy 0.9']
+    """
+    if len(line) <= width:
+        return [line]
+    lines, current = [], ""
+    for part in line.split("  "):
+        if current and len(current) + 2 + len(part) > width:
+            lines.append(current)
+            current = " " * indent + part
+        else:
+            current = f"{current}  {part}" if current else part
+    lines.append(current)
+    # A part longer than the width on its own (the run line) is cut between its words.
+    return [piece for text in lines for piece in
+            (textwrap.wrap(text, width, subsequent_indent=" " * indent, break_long_words=False,
+                           break_on_hyphens=False) if len(text) > width else [text])]
 
 
 # -- the bar ----------------------------------------------------------------------------------
@@ -550,7 +664,9 @@ class Progress:
             if kind == "end":
                 self._stop_bar()
             for line in lines_for(record, self.state, self.history_path):
-                self.console.print(line, markup=False, highlight=False)
+                # On a terminal, cut at the width between parts; into a file, one line each.
+                for part in fold(line, self.console.width) if self.console.is_terminal else [line]:
+                    self.console.print(part, markup=False, highlight=False)
             if self.live and kind in ("run", "batch", "epoch"):
                 self._draw_bar(force=kind != "batch")
 

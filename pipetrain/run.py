@@ -37,7 +37,6 @@ import threading
 import time
 import uuid
 import warnings
-from collections import deque
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
@@ -48,17 +47,18 @@ import psutil
 
 from pipetrain import __version__
 from pipetrain import checkpoint as ckpt
-from pipetrain import distributed
+from pipetrain import device, distributed, fingerprint, outcome, runfolder
 from pipetrain.aggregate import MetricObjects, MetricSums, WeightedMeans, pythonify
-from pipetrain.errors import RunError, one_line
+from pipetrain.fused import Group, each
+from pipetrain.errors import Interrupted, RunError, argument, one_line
 from pipetrain.history import SCHEMA, HistoryWriteError, HistoryWriter, jsonable
 from pipetrain.monitor import Monitor, gpu_probe, peak_rss_mb
-from pipetrain.pipeline import PRIORITIES, Batch, Prefetcher, plans_from
+from pipetrain.pipeline import PRIORITIES, Batch, Cancelled, Prefetcher, plans_from
 from pipetrain.plan import PARTITIONS, Plan
-from pipetrain.progress import Progress
+from pipetrain.process import process_info
+from pipetrain.progress import Progress, RecentRate, batch_text
 from pipetrain.source import H5Source
 
-RATE_WINDOW = 20  # batches in the "recent" samples/s of batch records
 CHECKPOINT_EVERY = 1000  # batches between checkpoints, besides one at each epoch end
 
 
@@ -85,6 +85,15 @@ def _models(models) -> dict[str, object]:
     return {getattr(models, "name", "model"): models}
 
 
+class _NoModel:
+    """What callbacks see as ``self.model`` in a run without models: a callback may still
+    stop it (``stop_training``), and Keras' History keeps itself there."""
+
+    name = "no model"
+    stop_training = False
+    history = None
+
+
 def host_info() -> dict:
     backend = keras.backend.backend()
     try:
@@ -107,7 +116,7 @@ def host_info() -> dict:
 
 class _Signals:
     """SIGINT and SIGTERM ask the run to stop at the next batch boundary; a second one
-    stops at once (``KeyboardInterrupt``). Installed only in the main thread."""
+    stops at once (:class:`pipetrain.Interrupted`). Installed only in the main thread."""
 
     def __init__(self):
         self.received: str | None = None
@@ -122,9 +131,11 @@ class _Signals:
             self._previous[sig] = signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame) -> None:
+        name = signal.Signals(signum).name
         if self.received is not None:
-            raise KeyboardInterrupt
-        self.received = signal.Signals(signum).name
+            raise Interrupted(f"stopped at once by a second signal ({self.received}, then {name}); "
+                              "a resume starts from the last checkpoint")
+        self.received = name
 
     def restore(self) -> None:
         for sig, handler in self._previous.items():
@@ -163,10 +174,19 @@ class Run:
         monitor_interval: seconds between system samples; None for no monitor.
             Defaults to 2.0.
         config: settings recorded in the ``run`` record as given. Defaults to None.
-        overwrite: replace an existing history. Defaults to False (refused).
+        overwrite: replace an existing history and its checkpoints (never a file that is
+            not pipetrain's, nor a file the run reads). Defaults to False (refused).
         resume: continue the run whose history is ``history`` from its last checkpoint,
             at the exact next batch; ``"auto"`` resumes when a checkpoint exists and
-            starts afresh otherwise (a script that is simply run again). Defaults to False.
+            starts afresh otherwise (a script that is simply run again). A run killed
+            before its first checkpoint and before any epoch ended starts again from its
+            first batch; its earlier records are superseded. Defaults to False.
+        allow_changed_data: resume although a data file changed since the run read it
+            (its fingerprint differs); the run record says which. Defaults to False
+            (refused: the resume would be exact over other data).
+        validation: the data the loop validates on (``epoch.evaluate``), if any: its
+            files are fingerprinted for a resume and protected like the training
+            data's. Defaults to None.
         checkpoint_every: batches between checkpoints (besides each epoch end); None or
             0 for epoch ends only. Defaults to 1000.
         stop_on_nonfinite: stop with status ``failed`` when a loss is NaN or infinite.
@@ -176,9 +196,13 @@ class Run:
         recycle: reuse batch buffers once the next batch is requested (copy what you
             keep). Defaults to True.
         producer_priority: CPU priority of the producer threads, ``"idle"``, ``"low"``
-            or ``"normal"`` (see :func:`pipetrain.pipeline.set_priority`); producers that
-            starve (a batch waited for over half a second) are raised to normal.
-            Defaults to "idle".
+            or ``"normal"`` (see :mod:`pipetrain.priority`); producers that starve (the
+            loop waited for data over 30% of the last 3 seconds) are raised to normal for
+            the rest of the run, and a ``producers`` record says when. Defaults to "idle".
+        device_prefetch: copy the next batch to the accelerator while the current one
+            trains (see :mod:`pipetrain.device`); the loop then gets device arrays.
+            ``"auto"``: where there is an accelerator; True: always (on a CPU-only
+            machine, a copy). Defaults to False.
     """
 
     def __init__(
@@ -209,6 +233,9 @@ class Run:
         handle_signals: bool = True,
         recycle: bool = True,
         producer_priority: str = "idle",
+        allow_changed_data: bool = False,
+        validation: H5Source | None = None,
+        device_prefetch: bool | str = False,
     ):
         batch_size, epochs = _whole("batch_size", batch_size), _whole("epochs", epochs)
         workers, max_queue = _whole("workers", workers), _whole("max_queue", max_queue)
@@ -225,18 +252,25 @@ class Run:
             raise RunError("resume needs the history of the run to resume")
         # In a distributed run: what this process does differently (writes or not, its share).
         self._dist = distributed.link(self)
-        if resume == "auto":
-            resume = self._dist.first("auto", lambda: ckpt.latest(Path(history).parent / "checkpoint") is not None)
         self.source = source
+        self.validation = validation
+        self.allow_changed_data = allow_changed_data
         self.batch_size, self.epochs_total = batch_size, epochs
         self.workers, self.max_queue, self.max_queue_bytes = workers, max_queue, max_queue_bytes
         self.recycle = recycle
+        if device_prefetch not in (True, False, "auto"):
+            raise RunError(f"device_prefetch={device_prefetch!r}: expected True, False or 'auto'")
+        self.device_prefetch_depth = 1
+        # A Keras distribution lays each batch out over the devices itself.
+        placed = device_prefetch and not isinstance(self._dist, distributed.RunLink)
+        self._device_copy = device.device_copier(force=device_prefetch is True) if placed else None
         if producer_priority not in PRIORITIES:
             raise RunError(f"producer_priority={producer_priority!r}: expected one of {', '.join(PRIORITIES)}")
         self.producer_priority = producer_priority
+        self._priority = producer_priority  # as it is now: "normal" once producers starved
         try:
             self.plan = Plan(
-                source.rows_per_file, batch_size, block_rows=source.block_rows(), shuffle=shuffle,
+                source.row_ranges, batch_size, block_rows=source.block_rows(), shuffle=shuffle,
                 seed=seed, window=shuffle_window, drop_remainder=drop_remainder,
                 partitions=_whole("partitions", partitions), share=self._dist.share,
             )
@@ -246,6 +280,7 @@ class Run:
             raise RunError(f"batch_size={batch_size} with drop_remainder leaves no batch of {source.rows} rows")
         self.models = _models(models)
         self.model = next(iter(self.models.values()), None)
+        self._stand_in = None if self.models else _NoModel()
         self.metrics = MetricObjects(metrics or [])
         self.history_path = Path(history) if history is not None else None
         self.run_dir = self.history_path.parent if self.history_path is not None else None
@@ -258,7 +293,7 @@ class Run:
         self.stop_on_nonfinite = stop_on_nonfinite
         self.run_id = f"{_dt.datetime.now():%Y%m%d-%H%M%S}-{uuid.uuid4().hex[:6]}"
         self.callbacks = keras.callbacks.CallbackList(
-            callbacks, add_history=True, add_progbar=False, model=self.model,
+            callbacks, add_history=True, add_progbar=False, model=self.model or self._stand_in,
             verbose=0, epochs=epochs, steps=self.plan.steps_per_epoch,
         )
         cbs = self.callbacks.callbacks
@@ -270,6 +305,9 @@ class Run:
         self.epoch, self.batch, self.steps_done, self.epochs_done = 0, 0, 0, 0
         self.status: str | None = None
         self.stop_requested = False
+        self.stop_reason: str | None = None  # why it stopped before its last epoch, in words
+        self.complete: str | None = None  # resumed a run with nothing left to train: why
+        self._callback_ended = False  # a callback set stop_training: the run is complete
         self.last_checkpoint: Path | None = None
         self._signals = _Signals() if handle_signals else None
         self._sums: dict[tuple[int, str, str], MetricSums] = {}
@@ -286,6 +324,8 @@ class Run:
         self._end_lock = threading.Lock()
         self._ended = False
         self._system = lambda sample: self.emit("system", **sample)
+        self._folder: runfolder.RunFolder | None = None
+        self._fingerprints: list[dict] | None = None
 
     # -- records ------------------------------------------------------------------
 
@@ -301,22 +341,22 @@ class Run:
     def _run_record(self, resume: dict | None) -> dict:
         model = None
         if self.model is not None:
-            try:
-                params = int(self.model.count_params())
-            except Exception:  # not built yet
-                params = None
-            model = {"name": self.model.name, "params": params}
+            model = {"name": self.model.name, "params": _params(self.model)}
         data = {
             "files": [str(p) for p in self.source.paths],
             "rows": self.source.rows,
+            **({"row_range": list(self.source.row_range)} if self.source.rows != self.source.rows_total else {}),
             "batch_size": self.batch_size,
             "steps_per_epoch": self.plan.steps_per_epoch,
             "shuffle": self.plan.shuffle,
             "seed": self.plan.seed,
             "epochs": self.epochs_total,
             "fields": self.source.describe()["fields"],
+            **({"versions": self.source.versions} if getattr(self.source, "versions", None) else {}),
         }
-        return {
+        if self._fingerprints is not None:
+            data["fingerprints"] = self._fingerprints
+        record = {
             "schema": SCHEMA,
             "started": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
             "config": jsonable(self.config),
@@ -324,20 +364,31 @@ class Run:
             "models": {name: getattr(m, "name", name) for name, m in self.models.items()},
             "data": data,
             "host": host_info(),
+            "process": process_info(),
             "resume": resume,
             **self._dist.describe(),
         }
+        if len(self.models) > 1:
+            record["model_params"] = {name: _params(m) for name, m in self.models.items()}
+        monitor = outcome.monitored(self.callbacks.callbacks, self.model)
+        if monitor is not None:
+            record["monitor"] = monitor
+        return record
 
     # -- lifetime -------------------------------------------------------------------
 
     def __enter__(self) -> Run:
         try:
-            resume = self._load_checkpoint() if self.resume else None
-            if self.history_path is not None and not self.resume:
-                self._dist.first("folder", self._prepare_folder)  # process 0's verdict, for every process
+            resume = self._open_folder()
+            if self.complete is not None:  # nothing to train: nothing is written either
+                if self.verbose:
+                    print(f"pipetrain: {self.history_path} is already complete ({self.complete}); nothing to "
+                          f"train (more epochs than {self._resumed[0]['epochs']} would extend it)", flush=True)
+                return self
             if self.history_path is not None and self._dist.writes:
                 self._writer = HistoryWriter(self.history_path)
         except BaseException as e:
+            self._release_folder()
             self._dist.started(e)  # the other processes of a distributed run stop too
             raise
         started = False
@@ -362,20 +413,43 @@ class Run:
                 if started:  # a follower waits for the end of what began
                     self._emit_end("failed", one_line(e, with_type=True))
                 self._close_sinks()
+            self._release_folder()
             raise
         return self
 
-    def _prepare_folder(self) -> None:
-        """A new run's folder: another run's history or checkpoints are refused, or
-        removed with ``overwrite``."""
-        ckpt.check_new_run(self.history_path, self.checkpoint_dir, self.overwrite)
-        if self.overwrite:
-            self.history_path.unlink(missing_ok=True)
-            if self.checkpoint_dir is not None:
-                for old in self.checkpoint_dir.glob("ckpt-*.npz"):
-                    old.unlink()
+    def _open_folder(self) -> dict | None:
+        """Lock the run folder (one writer at a time), check it can be written, and
+        decide what starting there means; returns the ``resume`` field of the run record.
+        In a distributed run process 0 alone holds the folder; the others take its verdict."""
+        if self.history_path is None:
+            return None
+        data = [self.source, *([self.validation] if self.validation is not None else [])]
+        self._fingerprints = [{"role": role, "file": str(path), "fingerprint": source.fingerprint(i)}
+                              for role, source in zip(("train", "validation"), data)
+                              for i, path in enumerate(source.paths)]
 
-    def _emit_end(self, status: str, error: str | None) -> None:
+        def decide() -> str:
+            self._folder = runfolder.claim(self.history_path, self.checkpoint_dir)
+            kind = self._folder.decide(resume=self.resume, overwrite=self.overwrite,
+                                       reads=[p for source in data for p in source.paths])
+            self._folder.remove_stale()
+            if self.overwrite:
+                self._folder.clear()
+            return kind
+
+        kind = self._dist.first("folder", decide)
+        self.resume = kind == "resume"
+        if kind == "restart":
+            return {"epoch": 0, "batch": 0, "checkpoint": None,
+                    "restart": "killed before its first checkpoint: the records before this one are superseded"}
+        return self._load_checkpoint() if self.resume else None
+
+    def _release_folder(self) -> None:
+        if self._folder is not None:
+            self._folder.release()
+            self._folder = None
+
+    def _emit_end(self, status: str, error: str | None, reason: str | None = None) -> None:
         """The run's end record, once (in a distributed run the watchdog writes it when
         a lost process leaves this one stuck in a collective)."""
         with self._end_lock:
@@ -383,10 +457,15 @@ class Run:
                 return
             self._ended = True
         self.emit("end", status=status, epochs=self.epochs_done, steps=self.steps_done, error=error,
+                  reason=reason if reason is not None else ("an error" if status == "failed" else None),
                   peak_rss_mb=round(peak_rss_mb(), 1),
                   checkpoint=str(self.last_checkpoint) if self.last_checkpoint else None)
 
     def __exit__(self, exc_type, exc, tb) -> None:
+        if self.complete is not None and self._writer is None:
+            self.status = "stopped" if self._resumed and self._resumed[0].get("stopped") else "completed"
+            self._release_folder()
+            return
         self._failing = exc_type is not None
         if self._failing and self._epoch is not None:
             self._epoch._current = None  # the batch in hand was not trained: do not record it
@@ -404,16 +483,19 @@ class Run:
                 self._system(self._monitor.sample())
         if exc_type is None:
             self.status = "stopped" if self.stop_requested or self.epochs_done < self.epochs_total else "completed"
-            error = None
+            error, reason = None, self.stop_reason or f"all {self.epochs_total} epochs trained"
         elif issubclass(exc_type, KeyboardInterrupt):
             self.status = "interrupted"
-            error = f"interrupted by {self._signals.received}" if self._signals and self._signals.received else "interrupted"
+            signal_name = self._signals.received if self._signals and self._signals.received else None
+            error = str(exc) if isinstance(exc, Interrupted) else f"interrupted by {signal_name}" if signal_name \
+                else "interrupted"
+            reason = signal_name or "KeyboardInterrupt"
         else:
-            self.status, error = "failed", self._dist.explain(exc)
+            self.status, error, reason = "failed", self._dist.explain(exc), "an error"
         try:
             self._dist.finish(self.status)
             if not isinstance(exc, HistoryWriteError):
-                self._emit_end(self.status, error)
+                self._emit_end(self.status, error, reason)
         finally:
             try:
                 if exc_type is None:
@@ -422,7 +504,10 @@ class Run:
                     with contextlib.suppress(Exception):  # the first error is the one to report
                         self._close_sinks()
             finally:
-                self._dist.close(self.status, error)  # a process whose run did not end with the others ends here
+                try:
+                    self._dist.close(self.status, error)  # a process whose run did not end with the others ends here
+                finally:
+                    self._release_folder()
 
     def _close_sinks(self) -> None:
         if self._monitor is not None:
@@ -445,10 +530,13 @@ class Run:
         return self._epochs_iter
 
     def _epochs(self) -> Iterator[Epoch]:
+        if self.complete is not None:  # what train() returns: the run's History as it ended
+            ckpt.restore_history(self.callbacks.callbacks, self._resumed[0]["callbacks"])
+            return
         if self._resumed is not None:  # a resumed run's CSV goes on where it stopped
-            for callback in self.callbacks.callbacks:
-                if isinstance(callback, keras.callbacks.CSVLogger):
-                    callback.append = True
+            ckpt.continue_csv_logs(self.callbacks.callbacks, self.epoch)
+        for model in self.models.values():  # as fit does: a model an earlier run stopped trains again
+            model.stop_training = False
         self.callbacks.on_train_begin()
         epoch_state = self._apply_checkpoint()
         previous: Epoch | None = None
@@ -474,9 +562,10 @@ class Run:
         if incomplete and not self._should_stop():
             # The loop left the epoch's batches without stopping the run: the run stops
             # here (rather than train the epoch again), resumable at the next batch.
-            warnings.warn(f"epoch {epoch.index} left after {epoch.batches} of {epoch.steps} batches: "
+            warnings.warn(f"epoch {epoch.index + 1} left after {epoch.batches} of {epoch.steps} batches: "
                           "the run stops here (call run.stop() to say so)", stacklevel=3)
             self.stop_requested = True
+            self.stop_reason = f"the loop left epoch {epoch.index + 1} after batch {epoch.batches}/{epoch.steps}"
         if incomplete and self.checkpoint_dir is not None:
             # Before the epoch's end reaches the callbacks: a resume trains the rest of
             # the epoch and ends it once, as if it had never stopped.
@@ -494,8 +583,11 @@ class Run:
         self.callbacks.on_train_end(logs=last.logs if last else None)
 
     def _should_stop(self) -> bool:
-        if any(getattr(m, "stop_training", False) for m in self.models.values()):
-            self.stop_requested = True
+        if not self.stop_requested and any(getattr(m, "stop_training", False) for m in [*self.models.values(), self._stand_in]):
+            self.stop_requested = self._callback_ended = True
+            epoch = self._epoch
+            self.stop_reason = outcome.callback_stop(self.callbacks.callbacks, epoch.index if epoch else 0,
+                                                     epoch.batches if epoch else 0)
         return self.stop_requested
 
     @property
@@ -506,7 +598,11 @@ class Run:
         return self._dist.stop_signal(received, self.steps_done)
 
     def stop(self) -> None:
-        """Stop after the current batch (as a callback setting ``model.stop_training``)."""
+        """Stop after the current batch (as a callback setting ``model.stop_training``),
+        resumable at the next one."""
+        if not self.stop_requested:
+            epoch = self._epoch
+            self.stop_reason = f"run.stop() in epoch {epoch.index + 1}" if epoch is not None else "run.stop()"
         self.stop_requested = True
 
     def _batches(self, epoch: int, start: int) -> Prefetcher:
@@ -517,10 +613,19 @@ class Run:
                 self.source, plans_from(self.plan, epoch, start, self.epochs_total), self.plan.blocks,
                 self.plan.local_batch_size, workers=self.workers, max_queue=self.max_queue,
                 max_queue_bytes=self.max_queue_bytes, recycle=self.recycle,
-                priority=self.producer_priority, lookahead=self.plan.window_batches + 1, name="train",
+                priority=self._priority, lookahead=self.plan.window_batches + 1, name="train",
+                on_raised=lambda info: self._producers_raised("train", info), cancel=lambda: self.interrupted,
             )
             self._stream_at = (epoch, start)
         return self._stream
+
+    def _producers_raised(self, stream: str, info: dict) -> None:
+        """The producers starved at low priority and now run at normal priority: so do
+        the streams made after this one; the history says when."""
+        self._priority = "normal"
+        where = {"batch": self.batch} if stream == "train" else {}
+        self.emit("producers", priority="normal", was=info["was"], stream=stream, epoch=self.epoch, **where,
+                  waited_s=info["waited_s"], window_s=info["window_s"])
 
     def metric_sums(self, model, prefix: str = "", step: str = "train") -> MetricSums:
         """The epoch sums of ``model``'s metrics (one per model, prefix and step)."""
@@ -561,16 +666,23 @@ class Run:
         meta = {
             "format": 1,
             "run_id": self.run_id,
+            "backend": keras.backend.backend(),
             "position": {"epoch": self.epoch, "batch": self.batch},
             "steps_done": self.steps_done,
             "epochs_done": self.epochs_done,
             "epochs": self.epochs_total,
             "plan": self.plan.describe(),
             "rows_per_file": list(self.source.rows_per_file),
+            "row_range": list(self.source.row_range),
+            "fingerprints": self._fingerprints,
             "config": jsonable(self.config),
             "models": list(self.models),
             "optimizer_targets": {name: ckpt.optimizer_targets(m) for name, m in self.models.items()},
             "epoch": epoch_meta,
+            # A callback ended the run at an epoch's end (EarlyStopping): it is complete, and
+            # a resume changes nothing. Stopped inside an epoch, the epoch goes on.
+            "stopped": self.stop_reason if epoch_meta is None and self._should_stop() and self._callback_ended
+            else None,
             "callbacks": callbacks,
             "rng": rng,
             "saved": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
@@ -581,13 +693,18 @@ class Run:
     def _load_checkpoint(self) -> dict:
         """Read the newest checkpoint and check that it fits this run; returns the
         ``resume`` field of the run record. The state is applied when training starts."""
-        path, meta, arrays = self._dist.first("checkpoint", self._read_checkpoint)  # process 0 reads it
+        # Process 0 reads the checkpoint and compares the data with what the run read (a
+        # copy on another host has another modification time); every process gets both.
+        path, meta, arrays, changed = self._dist.first("checkpoint", self._read_checkpoint)
         ours = self.plan.describe()
         for key, theirs in meta["plan"].items():
             if ours.get(key) != theirs:
                 raise RunError(f"cannot resume {path}: {key} was {theirs!r}, now {ours.get(key)!r}")
         if list(meta["rows_per_file"]) != list(self.source.rows_per_file):
             raise RunError(f"cannot resume {path}: the data files have changed ({meta['rows_per_file']} rows then)")
+        if list(meta.get("row_range") or [0, sum(meta["rows_per_file"])]) != list(self.source.row_range):
+            raise RunError(f"cannot resume {path}: the run read rows {meta.get('row_range')} of its files, "
+                           f"this source rows {list(self.source.row_range)}")
         if sorted(meta["models"]) == sorted(self.models):
             saved = {name: name for name in self.models}
         elif len(meta["models"]) == len(self.models) == 1:  # one model: its name may differ (sequential_3)
@@ -606,9 +723,13 @@ class Run:
             raise RunError(f"cannot resume {path}: {e}") from e
         self._resumed = (meta, arrays)
         self.last_checkpoint = path
-        return {"epoch": self.epoch, "batch": self.batch, "checkpoint": str(path)}
+        self.complete = outcome.already_complete(meta, self.epochs_total)
+        resume = {"epoch": self.epoch, "batch": self.batch, "checkpoint": str(path)}
+        if changed:
+            resume["changed_data"] = changed
+        return resume
 
-    def _read_checkpoint(self) -> tuple[Path, dict, dict]:
+    def _read_checkpoint(self) -> tuple[Path, dict, dict, list[str]]:
         path = ckpt.latest(self.checkpoint_dir)
         if path is None:
             raise RunError(f"{self.checkpoint_dir}: no checkpoint to resume from")
@@ -617,8 +738,14 @@ class Run:
         except ckpt.CheckpointError as e:
             raise RunError(str(e)) from e
         if self.history_path is not None:
-            ckpt.check_resume(self.history_path, meta["run_id"])
-        return path, meta, arrays
+            runfolder.check_resume(self.history_path, meta["run_id"])
+        ckpt.check_backend(path, meta, self.history_path)
+        changed = fingerprint.changed_files(meta.get("fingerprints"), self._fingerprints)
+        if changed and not self.allow_changed_data:
+            more = f" (and {len(changed) - 1} more)" if len(changed) > 1 else ""
+            raise RunError(f"cannot resume {path}: {changed[0]}{more}; pass "
+                           f"{argument('allow_changed_data=True', '--allow-changed-data')} to resume on the data as it is now")
+        return path, meta, arrays, changed
 
     def _apply_checkpoint(self) -> dict | None:
         """After ``on_train_begin`` (which resets callbacks): callback and RNG state;
@@ -647,10 +774,11 @@ class Epoch:
         self._models: dict[tuple[str, str], tuple[object, str]] = {}  # (name, prefix) -> (model, prefix)
         self._val_logs: dict = {}
         self._train_logs: dict | None = None
-        self._values: dict = {}
-        self._current: Batch | None = None
+        self._values: dict = {}  # what the loop recorded for the batch in hand
+        self._logs: dict = {}  # the models' own metrics of the batch in hand
+        self._current: Batch | Group | None = None
         self._handed = 0.0
-        self._recent: deque = deque(maxlen=RATE_WINDOW)
+        self._rate = RecentRate()
         self._iterator = None
         self.samples = self.batches = 0
         self.wait_s = self.read_s = 0.0
@@ -659,6 +787,7 @@ class Epoch:
         self.train_s = 0.0  # training time of this epoch before a resume
         self._t0: float | None = None
         self._t_train_end: float | None = None
+        self._began_before = False  # on_epoch_begin ran before the checkpoint this epoch resumes from
         if state is not None:
             self._load_state(state["meta"], state["arrays"])
         else:
@@ -667,26 +796,50 @@ class Epoch:
     # -- batches --------------------------------------------------------------------
 
     def __iter__(self) -> Iterator[Batch]:
-        self._iterator = self._batches()
+        self._iterator = self._batches(1)
         return self._iterator
 
-    def _batches(self) -> Iterator[Batch]:
+    def groups(self, k: int) -> Iterator[Group]:
+        """The epoch's batches in groups of up to ``k`` (copied and stacked, see
+        :class:`pipetrain.fused.Group`), for :meth:`train_on_group`; a group ends early
+        where the batch size changes (the partial last batch). One batch record, one
+        pair of batch callbacks and one signal check per group; checkpoints land
+        between groups."""
+        k = _whole("steps_per_execution", k)
+        distributed.check_steps_per_execution(k)
+        self._iterator = self._batches(k)
+        return self._iterator
+
+    def _batches(self, k: int) -> Iterator[Batch | Group]:
         run = self.run
-        run.callbacks.on_epoch_begin(self.index)
+        if self._began_before:  # resumed mid-epoch: only where the checkpoint does not hold its effect
+            for callback in ckpt.begin_again_on_resume(run.callbacks.callbacks):
+                callback.on_epoch_begin(self.index, {})
+        else:
+            run.callbacks.on_epoch_begin(self.index)
         self._t0 = time.perf_counter()
-        stream = run._batches(self.index, self.start)
+        items = _items(run._batches(self.index, self.start), self.steps - self.start, k)
+        if run._device_copy is not None:
+            items = device.prefetch(items, run._device_copy, run.device_prefetch_depth)
         finished = False
         try:
-            for _ in range(self.start, self.steps):
+            while True:
                 if run._should_stop():
                     break
-                batch = next(stream)
-                self._current, self._handed = batch, time.perf_counter()
-                self._values = {}
+                try:
+                    item = next(items, None)
+                except Cancelled:  # a signal while waiting for data: stop here, as at a batch's end
+                    run.save_checkpoint(self)
+                    raise KeyboardInterrupt(f"stopped by {run.interrupted} while waiting for data "
+                                            f"(epoch {self.index}, batch {run.batch})") from None
+                if item is None:
+                    break
+                self._current, self._handed = item, time.perf_counter()
+                self._values, self._logs = {}, {}
                 if run._batch_begin_hooks:
-                    run.callbacks.on_train_batch_begin(batch.index)
-                with run._dist.batch_scope(run.plan.replicated(batch.index)):
-                    yield batch
+                    run.callbacks.on_train_batch_begin(item.index)
+                with run._dist.batch_scope(run.plan.replicated(item.index)):
+                    yield item
                 self._finish_batch()
             finished = True
         except GeneratorExit:  # the loop left after training the batch in hand: it counts
@@ -694,6 +847,7 @@ class Epoch:
                 self._finish_batch(check=False)
             raise
         finally:
+            items.close()
             self._current = None
             self._t_train_end = time.perf_counter()
             # The stream is positioned at the next epoch only if this one ran to its end.
@@ -709,47 +863,51 @@ class Epoch:
         self._current = None
         now = time.perf_counter()
         step_s = now - self._handed
-        size = run.plan.global_size(batch.index)  # the global batch: this process's rows are a share of it
-        # Recent samples/s over wall time (the batches after the oldest one kept).
-        self._recent.append((now, size))
-        first_t = self._recent[0][0] if len(self._recent) > 1 else now - step_s - batch.wait_s
-        sizes = sum(size for _, size in self._recent) - (self._recent[0][1] if len(self._recent) > 1 else 0)
-        rate = sizes / (now - first_t) if now > first_t else None
-        self._means.add(self._values, size)
+        count = getattr(batch, "count", 1)
+        last = batch.index + count - 1
+        # The global batch: this process's rows are a share of it (groups of several
+        # batches run on one process only: a distributed run trains one batch a step).
+        size = batch.size if count > 1 else run.plan.global_size(batch.index)
+        rate = self._rate.add(now - step_s - batch.wait_s, now, size)
+        if self._values:
+            self._means.add(self._values, size)
         self.samples += size
-        self.batches += 1
+        self.batches += count
         self.wait_s += batch.wait_s
         self.read_s += batch.read_s
         self.read_bytes += batch.read_bytes
         self.nbytes += batch.nbytes
-        run.batch = batch.index + 1
-        run.steps_done += 1
+        run.batch = last + 1
+        run.steps_done += count
+        group = {"batches": count} if count > 1 else {}
         run.emit(
-            "batch", epoch=self.index, batch=batch.index, step=self.index * self.steps + batch.index,
-            size=size, **self._values, step_s=round(step_s, 6), wait_s=round(batch.wait_s, 6),
-            samples_per_s=round(rate, 1) if rate else None,
+            "batch", epoch=self.index, batch=last, step=self.index * self.steps + last,
+            size=size, **group, **self._logs, **self._values, step_s=round(step_s, 6),
+            wait_s=round(batch.wait_s, 6), samples_per_s=round(rate, 1) if rate else None,
         )
         if run._batch_hooks:
-            run.callbacks.on_train_batch_end(batch.index, self._running_logs())
+            run.callbacks.on_train_batch_end(last, self._running_logs())
         if not check:
             return
-        self._check_finite(batch)
+        self._check_finite(last)
         if run.interrupted:
             run.save_checkpoint(self)
-            raise KeyboardInterrupt(f"stopped by {run.interrupted} after epoch {self.index}, batch {batch.index}")
-        if run.checkpoint_every and run.steps_done % run.checkpoint_every == 0 and run.batch < self.steps:
+            raise Interrupted(f"stopped by {run.interrupted} after {batch_text(self.index, last, self.steps)} "
+                              "(checkpoint written)")
+        every = run.checkpoint_every
+        if every and run.steps_done // every > (run.steps_done - count) // every and run.batch < self.steps:
             run.save_checkpoint(self)
 
-    def _check_finite(self, batch: Batch) -> None:
+    def _check_finite(self, last: int) -> None:
         run = self.run
         if not run.stop_on_nonfinite or run._should_stop():  # a TerminateOnNaN has stopped it
             return
-        bad = {k: v for k, v in self._values.items()
+        bad = {k: v for values in (self._logs, self._values) for k, v in values.items()
                if k.endswith("loss") and isinstance(v, float) and not math.isfinite(v)}
         if bad:
             shown = ", ".join(f"{k}={v}" for k, v in bad.items())
             raise NonFiniteLoss(
-                f"non-finite loss at epoch {self.index}, batch {batch.index}: {shown} "
+                f"non-finite loss at {batch_text(self.index, last, self.steps)}: {shown} "
                 "(training stopped; the last checkpoint holds finite weights)"
             )
 
@@ -780,10 +938,41 @@ class Epoch:
         Returns the batch's own metrics (not running averages). The epoch's metrics for
         this model are aggregated from the metric state exactly as ``fit`` does."""
         sums = self._track(model, prefix)
-        logs = sums.accumulate(lambda: model.train_on_batch(x, y, sample_weight=sample_weight, class_weight=class_weight,
-                                                      return_dict=True))
-        logs = {prefix + k: v for k, v in pythonify(logs).items()}
-        self._values.update(logs)
+        if class_weight is not None:
+            sample_weight = _class_weights(y, sample_weight, class_weight)
+        logs = sums.train((x, y, sample_weight))
+        if prefix:
+            logs = {prefix + k: v for k, v in logs.items()}
+        self._logs.update(logs)
+        return logs
+
+    def train_on_group(self, model, group: Group, class_weight=None, prefix: str = "") -> dict:
+        """Train a :class:`~pipetrain.fused.Group` of :meth:`groups` in one compiled call
+        (on PyTorch, k steps back to back); recorded under ``prefix``.
+
+        Returns the metrics of the group's batches (the model's metrics over them, as
+        ``fit`` would report for those batches alone); the epoch's metrics stay exactly
+        ``fit``'s. A model's very first group trains its first batch on its own (that
+        call builds the model) and reports the metrics of the rest."""
+        sums = self._track(model, prefix)
+        data = (group.x, group.y, group.sample_weight)
+        if class_weight is not None:
+            weights = [_class_weights(y, sw, class_weight) for y, sw in
+                       zip(group.y, group.sample_weight if group.sample_weight is not None else [None] * group.count,
+                           strict=True)]
+            data = (group.x, group.y, np.stack(weights))
+        if not sums.fused:  # the first batch builds the model, through train_on_batch
+            logs = sums.train(each(lambda a: a[0], data))
+            data, count = each(lambda a: a[1:], data), group.count - 1
+        else:
+            count = group.count
+        if count == 1:
+            logs = sums.train(each(lambda a: a[0], data))
+        elif count > 1:
+            logs = sums.train(data, count)
+        if prefix:
+            logs = {prefix + k: v for k, v in logs.items()}
+        self._logs.update(logs)
         return logs
 
     def record(self, **values: float) -> None:
@@ -811,13 +1000,15 @@ class Epoch:
         try:
             logs = evaluate(
                 model, source, batch_size or run.batch_size, workers=run.workers,
-                max_queue=run.max_queue, priority=run.producer_priority,
+                max_queue=run.max_queue, priority=run._priority,
                 callbacks=run.callbacks, batch_hooks=run._test_batch_hooks,
                 sums=run.metric_sums(model, prefix, step="test"), interrupted=lambda: run.interrupted,
+                on_raised=lambda info: run._producers_raised("val", info),
             )
-        except _Interrupted:
+        except (_Interrupted, Cancelled):
             run.save_checkpoint(self)
-            raise KeyboardInterrupt(f"stopped by {run.interrupted} during validation of epoch {self.index}") from None
+            raise Interrupted(f"stopped by {run.interrupted} during validation of epoch {self.index + 1} "
+                              "(checkpoint written)") from None
         self.val_time_s += time.perf_counter() - t0
         logs = {prefix + k: v for k, v in logs.items()}
         self._val_logs.update(logs)
@@ -868,6 +1059,7 @@ class Epoch:
         train_s = self.train_s + ((self._t_train_end or now) - self._t0 if self._t0 is not None else 0.0)
         meta = {
             "counters": {name: getattr(self, name) for name in self.COUNTERS},
+            "began": self._began_before or self._t0 is not None,
             "train_s": train_s,
             "means": self._means.state(),
             "models": [],
@@ -886,6 +1078,7 @@ class Epoch:
         for name, value in meta["counters"].items():
             setattr(self, name, value)
         self.train_s = meta["train_s"]
+        self._began_before = meta.get("began", True)
         self._means.load_state(meta["means"])
         self._train_logs = meta.get("train_logs")
         self.run.metrics.load_state([arrays[k] for k in sorted((k for k in arrays if k.startswith("metrics/")),
@@ -899,14 +1092,14 @@ class Epoch:
 
 def evaluate(model, source: H5Source, batch_size: int, *, workers: int = 2, max_queue: int = 8,
              priority: str = "idle", callbacks=None, batch_hooks: bool = True,
-             sums: MetricSums | None = None, interrupted=None) -> dict:
+             sums: MetricSums | None = None, interrupted=None, on_raised=None) -> dict:
     """``model.evaluate`` over ``source`` in file order, through the producer pool.
 
     Returns the metrics ``model.evaluate(..., return_dict=True)`` returns for the same
     batches; ``callbacks`` (a ``CallbackList``) get the ``on_test_*`` hooks."""
     cluster = distributed.active()  # in a distributed run each process evaluates its share
     try:
-        plan = Plan(source.rows_per_file, batch_size, block_rows=source.block_rows(), shuffle="none",
+        plan = Plan(source.row_ranges, batch_size, block_rows=source.block_rows(), shuffle="none",
                     share=cluster.share if cluster is not None else None)
     except ValueError as e:
         raise RunError(f"validation: {e}") from None
@@ -916,7 +1109,8 @@ def evaluate(model, source: H5Source, batch_size: int, *, workers: int = 2, max_
     if callbacks is not None:
         callbacks.on_test_begin()
     with Prefetcher(source, plan.batches(0), plan.blocks, plan.local_batch_size, workers=workers,
-                    max_queue=max_queue, priority=priority, name="val") as batches:
+                    max_queue=max_queue, priority=priority, name="val", on_raised=on_raised,
+                    cancel=interrupted) as batches:
         for batch in batches:
             if interrupted is not None and interrupted():
                 raise _Interrupted
@@ -934,6 +1128,13 @@ def evaluate(model, source: H5Source, batch_size: int, *, workers: int = 2, max_
     return logs
 
 
+def _params(model) -> int | None:
+    try:
+        return int(model.count_params())
+    except Exception:  # not built yet
+        return None
+
+
 def _whole(name: str, value) -> int:
     """A whole number >= 1 (Python or numpy integers), or a RunError naming the setting."""
     try:
@@ -943,6 +1144,37 @@ def _whole(name: str, value) -> int:
     if number is None or isinstance(value, bool) or number < 1:
         raise RunError(f"{name}={value!r} must be a whole number >= 1")
     return number
+
+
+def _items(stream: Iterator[Batch], steps: int, k: int) -> Iterator[Batch | Group]:
+    """The next ``steps`` batches of ``stream``, one by one (k = 1) or in groups of up
+    to k batches of one size."""
+    if k == 1:
+        for _ in range(steps):
+            yield next(stream)
+        return
+    held: Group | None = None  # a batch of another size, which starts the next group
+    taken = 0
+    while taken < steps or held is not None:
+        group = Group(held if held is not None else next(stream), k)
+        taken += 0 if held is not None else 1
+        held = None
+        while group.count < k and taken < steps:
+            batch = next(stream)
+            taken += 1
+            if not group.add(batch):
+                held = Group(batch, 1)
+                break
+        yield group.done()
+
+
+def _class_weights(y, sample_weight, class_weight):
+    """Class weights as per-row sample weights, as ``train_on_batch`` makes them."""
+    if sample_weight is not None:
+        raise ValueError("sample_weight and class_weight exclude each other (as in train_on_batch)")
+    from keras.src.trainers.data_adapters.data_adapter_utils import class_weight_to_sample_weights
+
+    return class_weight_to_sample_weights(y, class_weight)
 
 
 def _test_on_batch(model, batch: Batch) -> dict:

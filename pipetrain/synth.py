@@ -2,12 +2,17 @@
 constant memory, so that people and benchmarks can make a file larger than RAM.
 
 Each class has a fixed random prototype; a row is its class's prototype plus noise, so a
-small model learns it (to high but not perfect accuracy). Rows are generated block by
-block from ``default_rng([seed, block])``: the same arguments give the same file, and
+small model learns it (to high but not perfect accuracy). Two seeds: the *task seed*
+draws the prototypes (the task), the *seed* draws the rows (which samples of the task).
+Files of the same task seed and other seeds are held-out data of the same task; one call
+with ``--splits`` writes train/val/test files of one task whose rows never repeat.
+Rows are generated block by block from ``default_rng([seed, block])`` (``[seed, block,
+k]`` for the k-th split after the first): the same arguments give the same file, and
 memory holds one block whatever the number of rows.
 
     pipetrain make-data w1.h5 --rows 100000 --features 784 --classes 10 --compression gzip:1
     pipetrain make-data images.h5 --rows 50000 --features 32x32x3 --dtype uint8 --shuffle-filter
+    pipetrain make-data data --splits train=50000 val=5000 test=5000 --x-name images --y-name labels
 """
 
 from __future__ import annotations
@@ -103,24 +108,35 @@ def make_data(
     x_name: str = "x",
     y_name: str = "y",
     progress=None,
+    *,
+    task_seed: int = 0,
+    split: int = 0,
 ) -> Path:
-    """Write ``rows`` rows of ``features`` (``x``) and int64 class labels (``y``)."""
+    """Write ``rows`` rows of ``features`` (``x_name``) and int64 class labels
+    (``y_name``) of the task ``task_seed``, drawn from ``seed`` (and ``split``: another
+    stream of rows of the same seed, as ``--splits`` uses for its second file on)."""
     path = Path(path)
     dtype = np.dtype(dtype)
-    if rows < 1 or classes < 2:
-        raise DataSpecError(f"rows={rows} must be >= 1 and classes={classes} >= 2")
+    if not x_name or not y_name or x_name == y_name:
+        raise DataSpecError(f"x_name={x_name!r}, y_name={y_name!r}: two different, non-empty dataset names needed")
+    if rows < 1:
+        raise DataSpecError(f"rows={rows}: must be >= 1")
+    if classes < 2:
+        raise DataSpecError(f"classes={classes}: must be >= 2 (labels of one class teach nothing)")
     options = compression_options(compression, shuffle_filter)
     width = int(np.prod(features))
     # Prototypes this close together (relative to the noise) leave a few percent of rows
     # ambiguous: a model learns most but not all.
     scale = SEPARATION / np.sqrt(width)
-    prototypes = scale * np.random.default_rng([seed, 2**31]).normal(size=(classes, width)).astype(np.float32)
+    prototypes = scale * np.random.default_rng([task_seed, 2**31]).normal(size=(classes, width)).astype(np.float32)
     chunk = min(chunk_rows, rows)
     # Written beside the target and renamed into place: a failure (or Ctrl-C) leaves no
     # half file, and an existing file is replaced only by a complete one.
     partial = path.with_name(f".{path.name}.partial-{os.getpid()}")
     try:
-        _write(partial, rows, features, classes, dtype, options, chunk, prototypes, seed, x_name, y_name, progress)
+        stream = (seed,) if split == 0 else (seed, split)  # rows of block b from default_rng([seed, b, *split])
+        attrs = {"classes": classes, "task_seed": task_seed, "seed": seed, "split": split}
+        _write(partial, rows, features, dtype, options, chunk, prototypes, stream, x_name, y_name, attrs, progress)
         os.replace(partial, path)
     except BaseException:
         partial.unlink(missing_ok=True)
@@ -128,17 +144,18 @@ def make_data(
     return path
 
 
-def _write(path, rows, features, classes, dtype, options, chunk, prototypes, seed, x_name, y_name, progress) -> None:
+def _write(path, rows, features, dtype, options, chunk, prototypes, stream, x_name, y_name, attrs, progress) -> None:
+    classes = attrs["classes"]
     width = prototypes.shape[1]
     with h5py.File(path, "w") as f:
         x = f.create_dataset(x_name, shape=(rows, *features), dtype=dtype, chunks=(chunk, *features), **options)
         y = f.create_dataset(y_name, shape=(rows,), dtype=np.int64, chunks=(min(rows, 16 * chunk),),
                              **{k: v for k, v in options.items() if k != "shuffle"})
         f.attrs["generator"] = "pipetrain make-data"
-        f.attrs["classes"] = classes
+        f.attrs.update(attrs)
         for block, start in enumerate(range(0, rows, BLOCK_ROWS)):
             stop = min(rows, start + BLOCK_ROWS)
-            rng = np.random.default_rng([seed, block])
+            rng = np.random.default_rng([stream[0], block, *stream[1:]])
             labels = rng.integers(0, classes, size=stop - start)
             values = prototypes[labels] + rng.normal(size=(stop - start, width)).astype(np.float32)
             x[start:stop] = _to_dtype(values, dtype).reshape(stop - start, *features)
@@ -147,30 +164,88 @@ def _write(path, rows, features, classes, dtype, options, chunk, prototypes, see
                 progress(stop, rows)
 
 
+def parse_splits(values: list[str]) -> list[tuple[str, int]]:
+    """``["train=50000", "val=5000"]`` → [("train", 50000), ("val", 5000)]."""
+    splits: list[tuple[str, int]] = []
+    for text in values:
+        name, _, rows = text.partition("=")
+        if not name or not all(c.isalnum() or c in "-_." for c in name) or not rows.isdigit() or int(rows) < 1:
+            raise DataSpecError(f"--splits {text!r}: expected NAME=ROWS, say train=50000 val=5000")
+        if name in (n for n, _ in splits):
+            raise DataSpecError(f"--splits: {name!r} is named twice")
+        splits.append((name, int(rows)))
+    return splits
+
+
+class _Line:
+    """The progress line on a terminal: rows written of all files, rows/s and ETA."""
+
+    def __init__(self, total: int, live: bool):
+        self.total, self.live, self.before = total, live, 0
+        self.t0 = time.perf_counter()
+
+    def file(self, name: str, rows_before: int):
+        def progress(done: int, _rows: int) -> None:
+            if not self.live:
+                return
+            from pipetrain.progress import fmt_duration
+
+            done += rows_before
+            rate = done / max(time.perf_counter() - self.t0, 1e-9)
+            eta = (self.total - done) / rate if rate > 0 else None
+            print(f"\r\x1b[K{name}  {done:,}/{self.total:,} rows  {rate:,.0f} rows/s  ETA {fmt_duration(eta)}",
+                  end="", flush=True)
+
+        return progress
+
+    def clear(self) -> str:
+        return "\r\x1b[K" if self.live else ""
+
+
 def cmd_make_data(args) -> int:
-    """The ``pipetrain make-data`` command."""
+    """The ``pipetrain make-data`` command: one file (``--rows``) or one file per split
+    (``--splits``, into the folder OUT) of one task."""
     from pipetrain.cli import BadInput
 
-    path = Path(args.output)
-    if path.exists() and not args.overwrite:
-        raise BadInput(f"{path}: exists already; pass --overwrite to replace it")
-    if not path.parent.exists():
-        raise BadInput(f"{path}: the folder {path.parent} does not exist")
+    out = Path(args.output)
+    if (args.rows is None) == (args.splits is None):
+        raise BadInput("make-data: give either --rows N (one file) or --splits NAME=ROWS... (a folder of files)")
+    if args.splits is not None:
+        if out.exists() and not out.is_dir():
+            raise BadInput(f"{out}: is a file; with --splits, OUT is the folder that receives NAME.h5 for each split")
+        if not out.parent.exists():
+            raise BadInput(f"{out}: the folder {out.parent} does not exist")
+        jobs = [(out / f"{name}.h5", rows) for name, rows in parse_splits(args.splits)]
+    else:
+        if out.is_dir():
+            raise BadInput(f"{out}: is a folder; give the file to write (or --splits to write one file per split there)")
+        if not out.parent.exists():
+            raise BadInput(f"{out}: the folder {out.parent} does not exist")
+        jobs = [(out, args.rows)]
+    for path, _ in jobs:
+        if path.exists() and not args.overwrite:
+            raise BadInput(f"{path}: exists already; pass --overwrite to replace it")
+    if not args.x_name or not args.y_name or args.x_name == args.y_name:
+        raise BadInput(f"--x-name {args.x_name!r} --y-name {args.y_name!r}: two different, non-empty dataset names needed")
     features = parse_shape(args.features)
-    t0 = time.perf_counter()
-
-    live = sys.stdout.isatty() and not args.quiet
-
-    def progress(done: int, total: int) -> None:
-        if live:
-            print(f"\r{done:,}/{total:,} rows", end="", flush=True)
-
-    make_data(path, args.rows, features, args.classes, args.dtype, args.compression,
-              args.shuffle_filter, args.chunk_rows, args.seed, progress=progress)
-    if not args.quiet:
-        size = path.stat().st_size / 2**20
-        raw = args.rows * int(np.prod(features)) * np.dtype(args.dtype).itemsize / 2**20
-        print(f"{chr(13) if live else ''}wrote {path}: x {(args.rows, *features)} {args.dtype}, y ({args.rows},) int64, "
-              f"{args.classes} classes; {size:,.1f} MB on disk ({raw:,.1f} MB of x), "
-              f"{time.perf_counter() - t0:.1f} s")
+    if args.classes < 2:
+        raise BadInput(f"--classes {args.classes}: must be >= 2 (labels of one class teach nothing)")
+    compression_options(args.compression, args.shuffle_filter)  # bad settings before any file is made
+    if args.splits is not None:
+        out.mkdir(exist_ok=True)
+    line = _Line(sum(rows for _, rows in jobs), sys.stdout.isatty() and not args.quiet)
+    written = 0
+    for split, (path, rows) in enumerate(jobs):
+        t0 = time.perf_counter()
+        make_data(path, rows, features, args.classes, args.dtype, args.compression, args.shuffle_filter,
+                  args.chunk_rows, args.seed, args.x_name, args.y_name, line.file(path.name, written),
+                  task_seed=args.task_seed, split=split)
+        written += rows
+        if not args.quiet:
+            size = path.stat().st_size / 2**20
+            raw = rows * int(np.prod(features)) * np.dtype(args.dtype).itemsize / 2**20
+            print(f"{line.clear()}wrote {path}: {args.x_name} {(rows, *features)} {args.dtype}, "
+                  f"{args.y_name} ({rows},) int64, {args.classes} classes (task {args.task_seed}, seed {args.seed}); "
+                  f"{size:,.1f} MB on disk ({raw:,.1f} MB of {args.x_name}), {time.perf_counter() - t0:.1f} s",
+                  flush=True)
     return 0

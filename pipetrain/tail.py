@@ -34,15 +34,21 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
-from pipetrain.cli import EXIT_OK, BadInput
 from pipetrain import scan
-from pipetrain.history import Follower, history_file, resume_point, run_name
+from pipetrain.cli import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, BadInput
+from pipetrain.history import Follower, HistoryPathError, history_file, resume_point, run_name
+from pipetrain.process import writer_state
 from pipetrain.progress import (
     BATCH_KEYS,
     RunState,
+    backend_text,
+    batch_text,
+    best_text,
+    ending_text,
     epoch_bar,
     epoch_metrics,
     fmt,
+    fold,
     fmt_duration,
     fmt_rate,
     is_number,
@@ -59,6 +65,24 @@ CONFIG_SHOWN_ELSEWHERE = {"data", "val", "validation", "history", "argv", "epoch
 SEP = " · "
 STATUS_STYLE = {"completed": "bold green", "stopped": "bold yellow", "interrupted": "bold yellow",
                 "failed": "bold red"}
+# `tail --follow` exits with the run's status, so that a script can wait on it.
+EXIT_FOR_STATUS = {"completed": EXIT_OK, "stopped": EXIT_OK, "failed": EXIT_FAILED, "interrupted": EXIT_INTERRUPTED}
+
+
+def exit_status(end: dict | None) -> int:
+    """The exit status for a run that ended with ``end``: 0 completed or stopped, 1
+    failed, 130 interrupted (0 without an end record: a view of a running job)."""
+    return EXIT_FOR_STATUS.get((end or {}).get("status"), EXIT_OK) if end else EXIT_OK
+
+
+def gone_text(run: dict, path: Path) -> str:
+    """What to say of a run whose process is gone without writing its end record."""
+    process = run.get("process") or {}
+    where = path.parent if path.name == "history.jsonl" else path
+    again = (f"pipetrain train --resume {where}" if (run.get("config") or {}).get("cli")
+             else "run it again with resume=True (or 'auto')")
+    return (f"the run's process (pid {process.get('pid')} on {process.get('host')}) is gone without an end "
+            f"record (killed?); resume with: {again}")
 
 
 # -- reading ------------------------------------------------------------------------------
@@ -72,6 +96,7 @@ class Update:
     waiting: bool = False  # the file does not exist yet
     restarted: bool = False  # the file was truncated or replaced: the state starts over
     at_eof: bool = True
+    writer: str = "unknown"  # the process writing the run: "alive", "gone" or "unknown" (elsewhere)
 
 
 def updates(path: Path, *, follow: bool = True, poll: float = 0.25) -> Iterator[Update]:
@@ -82,8 +107,9 @@ def updates(path: Path, *, follow: bool = True, poll: float = 0.25) -> Iterator[
     that still count (the latest, and its epoch's after the last resume) - so a long
     history costs what the view shows. Each later look feeds every record appended
     since. Yields after each look; sleeps ``poll`` seconds between looks that found
-    nothing more to read. Raises :class:`BadInput` for a file that holds lines but no
-    records.
+    nothing more to read. A run without its end record whose process is known to be
+    gone (on this host) ends the updates too (``writer`` says "gone"). Raises
+    :class:`BadInput` for a file that holds lines but no records.
     """
     state = RunState()
     lines_seen = records_seen = 0
@@ -132,8 +158,10 @@ def updates(path: Path, *, follow: bool = True, poll: float = 0.25) -> Iterator[
                     update.lines += lines_for(record, state, path)
             if follower.at_eof and lines_seen and not records_seen:
                 raise BadInput(f"{path}: not a pipetrain history (no JSON records in {lines_seen} line(s))")
+            if follower.at_eof and state.runs and state.end is None:
+                update.writer = writer_state(state.run.get("process"))
             yield update
-            if follower.finished or (not follow and follower.at_eof):
+            if follower.finished or (not follow and follower.at_eof) or update.writer == "gone":
                 return
             if follower.at_eof:
                 time.sleep(poll)
@@ -142,18 +170,20 @@ def updates(path: Path, *, follow: bool = True, poll: float = 0.25) -> Iterator[
 # -- the dashboard ------------------------------------------------------------------------------
 
 def dashboard(state: RunState, path: Path, *, now: float | None = None, waiting: bool = False,
-              max_epochs: int | None = None):
+              max_epochs: int | None = None, writer: str = "unknown", width: int | None = None):
     """The whole view of ``state``: a pure function of it (and of ``now``, for the
-    'no new record for ...' warning), so a known history always draws the same."""
+    'no new record for ...' warning, and of ``writer``: whether the run's process is
+    "alive", "gone" or "unknown"), so a known history always draws the same. ``width``:
+    the columns the finished-epochs table must fit in."""
     if waiting:
         return Text(f"Waiting for {path} to appear...", style="yellow")
     if not state.runs:
         return Text(f"Waiting for the first record of {path}...", style="yellow")
-    parts = [run_panel(state, path), progress_view(state, now)]
+    parts = [run_panel(state, path), progress_view(state, now, writer, path)]
     if state.batch is not None and state.current_epoch is not None:
-        parts.append(batch_line(state.batch))
+        parts.append(batch_line(state.batch, state.steps, width))
     if state.epochs:
-        parts.append(epochs_table(state, max_epochs))
+        parts.append(epochs_table(state, max_epochs, width))
     parts.append(resources(state))
     return Group(*parts)
 
@@ -168,12 +198,14 @@ def _grid() -> Table:
 def run_panel(state: RunState, path: Path) -> Panel:
     first, run = state.runs[0], state.run
     grid = _grid()
-    model = run.get("model") or {}
-    if model.get("name"):
+    model, models = run.get("model") or {}, run.get("models") or {}
+    if len(models) > 1:  # several models (a GAN): each by its name in the run, with its size
+        params = run.get("model_params") or {}
+        grid.add_row("models", SEP.join(f"{name}" + (f" ({params[name]:,} params)" if params.get(name) else "")
+                                        for name in models))
+    elif model.get("name"):
         params = f" ({model['params']:,} params)" if model.get("params") else ""
         grid.add_row("model", f"{model['name']}{params}")
-    elif run.get("models"):
-        grid.add_row("models", ", ".join(run["models"]))
     grid.add_row("data", data_text(run))
     config = config_text(run.get("config") or {})
     if config:
@@ -183,7 +215,7 @@ def run_panel(state: RunState, path: Path) -> Panel:
     resumes = [r for r in state.runs if resume_point(r) is not None]
     if resumes:
         at = resume_point(resumes[-1])
-        started += f"{SEP}resumed {len(resumes)}x, last at epoch {at[0] + 1}, batch {at[1]}"
+        started += f"{SEP}resumed {len(resumes)}x, last at {batch_text(*at, state.steps)}"
     grid.add_row("started", started)
     title = f"[bold]{run_name(path, first)}[/]  {first.get('run', '')}"
     return Panel(grid, title=title, title_align="left", subtitle=str(path), subtitle_align="right")
@@ -192,12 +224,18 @@ def run_panel(state: RunState, path: Path) -> Panel:
 def data_text(run: dict) -> str:
     data = run.get("data") or {}
     files = data.get("files") or []
-    parts = [f"{data.get('rows') or 0:,} rows in {_files(files)}", f"batch {data.get('batch_size')}",
+    rows = f"{data.get('rows') or 0:,} rows in {_files(files)}"
+    if isinstance(data.get("row_range"), list) and len(data["row_range"]) == 2:
+        rows = f"rows {data['row_range'][0]:,}-{data['row_range'][1]:,} of {_files(files)}"
+    parts = [rows, f"batch {data.get('batch_size')}",
              f"{data.get('steps_per_epoch')} steps/epoch",
              f"shuffle {data.get('shuffle')} (seed {data.get('seed')})"]
-    validation = (run.get("config") or {}).get("validation")
-    if validation:
-        parts.append(f"validation {_files(validation)}")
+    config = run.get("config") or {}
+    split = (config.get("cli") or {}).get("val_split")
+    if split:
+        parts.append(f"validation the last {split:g} of the rows")
+    elif config.get("validation"):
+        parts.append(f"validation {_files(config['validation'])}")
     return SEP.join(parts)
 
 
@@ -225,64 +263,116 @@ def host_text(host: dict) -> str:
         parts.append(f"{host['memory_mb']:,} MB")
     versions = [f"{name} {host[name]}" for name in ("python", "keras") if host.get(name)]
     if host.get("backend"):
-        versions.append(f"{host['backend']} {host.get('backend_version') or ''}".strip())
+        versions.append(backend_text(host))
     return SEP.join(parts + versions)
 
 
-def progress_view(state: RunState, now: float | None):
-    """The epoch in progress with its bar, or how the run ended."""
+def progress_view(state: RunState, now: float | None, writer: str = "unknown", path: Path | None = None):
+    """The epoch in progress with its bar, or how the run ended (and why), and its best
+    epoch; a run whose process is gone says so instead of an ETA."""
     end = state.end
+    best = best_text(state)
     if end is not None:
         status = end.get("status", "?")
+        head, _, why = ending_text(end).partition(" - ")
         text = Text(f"{status}: ", style=STATUS_STYLE.get(status, "bold"))
-        text.append(f"{end.get('epochs', 0)} epoch(s), {end.get('steps') or 0:,} steps")
-        if end.get("error"):
-            text.append(f" - {end['error']}", style="red")
-        return text
+        text.append(head.removeprefix(f"{status}: "))
+        if why:
+            text.append(f" - {why}", style="red" if end.get("error") else None)
+        return Group(text, Text(best)) if best else text
+    if writer == "gone":
+        where = batch_text(*state.position, state.steps)  # the next batch
+        text = Text(f"not running: {gone_text(state.run, path or Path('history.jsonl'))}", style="bold red")
+        text.append(f"\nlast record {fmt_duration(now - state.last_t) if now and state.last_t else '?'} ago; "
+                    f"it would go on at {where}", style="red")
+        return Group(text, Text(best)) if best else text
     rows = [epoch_bar(state)]
     run_eta = state.run_eta_s
     if run_eta is not None:
         rows.append(Text(f"run ETA {fmt_duration(run_eta)}", style="cyan"))
     if now is not None and state.last_t is not None and now - state.last_t > STALE_S:
         rows.append(Text(f"no new record for {fmt_duration(now - state.last_t)}", style="bold yellow"))
+    if best:
+        rows.append(Text(best))
     return Group(*rows)
 
 
-def batch_line(batch: dict) -> Text:
-    """The latest batch: where it is and its own metrics."""
-    text = Text("last batch  ", style="bold")
-    text.append(f"epoch {int(batch.get('epoch') or 0) + 1}, batch {batch.get('batch')}, step {batch.get('step')}: ")
-    text.append("  ".join(f"{k} {fmt(v)}" for k, v in metric_items(batch, BATCH_KEYS)))
+def batch_line(batch: dict, steps: int | None = None, width: int | None = None) -> Text:
+    """The latest batch: where it is (counted from 1, as Keras does) and its own metrics;
+    within ``width`` columns, cut between its parts."""
+    step = f", step {int(batch['step']) + 1:,}" if is_number(batch.get("step")) else ""
+    parts = [f"last batch  {batch_text(int(batch.get('epoch') or 0), int(batch.get('batch') or 0), steps)}{step}:",
+             *(f"{k} {fmt(v)}" for k, v in metric_items(batch, BATCH_KEYS))]
     step, wait = batch.get("step_s"), batch.get("wait_s")
-    if is_number(step) and is_number(wait):
-        text.append(f"   step {1000 * step:.1f} ms, waited {1000 * wait:.1f} ms", style="dim")
+    timing = f"step {1000 * step:.1f} ms, waited {1000 * wait:.1f} ms" if is_number(step) and is_number(wait) else ""
+    line = "  ".join([*parts, timing] if timing else parts)
+    text = Text()
+    for i, piece in enumerate(fold(line, width) if width else [line]):
+        if i:
+            text.append("\n")
+        text.append(piece)
+    text.stylize("bold", 0, len("last batch"))
+    if timing:
+        text.highlight_words([timing], style="dim")
     return text
 
 
-def epochs_table(state: RunState, max_epochs: int | None = None) -> Table:
+def epochs_table(state: RunState, max_epochs: int | None = None, width: int | None = None) -> Table:
     """The finished epochs: metrics, time, samples/s, input-bound share (the latest
-    ``max_epochs`` of them when given)."""
+    ``max_epochs`` of them when given). Within ``width`` columns: headers break after
+    their prefix (``val_`` / ``accuracy``), then the columns that fit least are left
+    out, the caption naming them - never a header cut to ``accura…``."""
     epochs = state.epochs
     shown = epochs[-max_epochs:] if max_epochs else epochs
     names = epoch_metrics(epochs)
-    caption = f"{len(epochs) - len(shown)} earlier epoch(s) not shown" if len(shown) < len(epochs) else None
+    columns: dict[str, list[str]] = {"epoch": [str(int(r.get("epoch") or 0) + 1) + ("*" if r.get("complete") is False
+                                                                                   else "") for r in shown]}
+    for name in names:
+        columns[name] = [fmt(r.get(name)) for r in shown]
+    columns["time"] = [f"{r['time_s']:.2f} s" if is_number(r.get("time_s")) else "-" for r in shown]
+    columns["samples/s"] = [f"{r['samples_per_s']:,.0f}" if is_number(r.get("samples_per_s")) else "-" for r in shown]
+    columns["input-bound"] = [f"{r['input_bound_pct']:.1f}%" if is_number(r.get("input_bound_pct")) else "-"
+                              for r in shown]
+    headers = {name: name for name in columns}
+    left_out: list[str] = []
+    if width is not None and _table_width(columns, headers) > width:
+        headers = {name: _broken(name) for name in columns}
+        best = state.best
+        keep = {"epoch", "loss", "val_loss", *([best[0]] if best else [])}
+        # Least needed first: the timing columns, then each metric with its val_ twin,
+        # from the last (the first metric, the one the summary names, goes last).
+        bases = list(dict.fromkeys(n.removeprefix("val_") for n in names if n not in ("loss", "val_loss")))
+        order = ["input-bound", "samples/s", "time", *(n for b in reversed(bases) for n in (f"val_{b}", b))]
+        for name in order:
+            if _table_width(columns, headers) <= width:
+                break
+            if name not in keep:
+                left_out.append(name)
+                del columns[name], headers[name]
+    earlier = f"{len(epochs) - len(shown)} earlier epoch(s) not shown" if len(shown) < len(epochs) else ""
+    narrow = f"not shown at this width: {', '.join(reversed(left_out))}" if left_out else ""
+    caption = "; ".join(p for p in (earlier, narrow) if p) or None
     table = Table(title="Finished epochs", title_justify="left", title_style="bold", caption=caption,
                   caption_justify="left", header_style="bold")
-    table.add_column("epoch", justify="right")
-    for name in names:
-        table.add_column(name, justify="right", style="magenta" if name.startswith("val_") else None)
-    for name in ("time", "samples/s", "input-bound"):
-        table.add_column(name, justify="right")
-    for record in shown:
-        rate, bound = record.get("samples_per_s"), record.get("input_bound_pct")
-        epoch = str(int(record.get("epoch") or 0) + 1) + ("*" if record.get("complete") is False else "")
-        table.add_row(
-            epoch, *(fmt(record.get(n)) for n in names),
-            f"{record['time_s']:.2f} s" if is_number(record.get("time_s")) else "-",
-            f"{rate:,.0f}" if is_number(rate) else "-",
-            f"{bound:.1f}%" if is_number(bound) else "-",
-        )
+    for name in columns:
+        table.add_column(headers[name], justify="right", no_wrap=True,
+                         style="magenta" if name.startswith("val_") else None)
+    for row in zip(*columns.values(), strict=True):
+        table.add_row(*row)
     return table
+
+
+def _broken(name: str) -> str:
+    """A header in two lines after its prefix: 'val_accuracy' -> 'val_\\naccuracy'."""
+    head, sep, rest = name.partition("_")
+    return f"{head}{sep}\n{rest}" if sep and rest else name
+
+
+def _table_width(columns: dict[str, list[str]], headers: dict[str, str]) -> int:
+    """Columns a rich table of these cells takes: each column its widest line plus a
+    border and a space either side, and the closing border."""
+    return 1 + sum(3 + max([len(line) for line in headers[name].splitlines()] + [len(c) for c in cells])
+                   for name, cells in columns.items())
 
 
 def resources(state: RunState) -> Table:
@@ -344,8 +434,13 @@ def memory_text(state: RunState) -> str:
 # -- the command ------------------------------------------------------------------------------
 
 def cmd_tail(args) -> int:
-    """``pipetrain tail FILE [--follow] [--raw] [--poll S]``."""
-    path = history_file(args.file)
+    """``pipetrain tail FILE [--follow] [--raw] [--poll S]``. With ``--follow``, exits
+    with the run's status: 0 completed or stopped, 1 failed (or its process gone without
+    an end record), 130 interrupted."""
+    try:
+        path = history_file(args.file)
+    except HistoryPathError as e:
+        raise BadInput(str(e)) from None
     if not args.follow and not path.exists():
         raise BadInput(f"{path}: no such history file (--follow waits for it)")
     try:
@@ -383,8 +478,14 @@ def tail_raw(path: Path, *, follow: bool, poll: float, out=None) -> int:
                 out.flush()
             if follower.at_eof and follower.lines_seen and not follower.records_seen:
                 raise BadInput(f"{path}: not a pipetrain history (no JSON records in {follower.lines_seen} line(s))")
-            if follower.finished or (not follow and follower.at_eof):
+            if follower.finished:
+                return exit_status(follower.last_end) if follow else EXIT_OK
+            if not follow and follower.at_eof:
                 return EXIT_OK
+            if follower.at_eof and follower.last_run is not None and \
+                    writer_state(follower.last_run.get("process")) == "gone":
+                print(f"pipetrain: {gone_text(follower.last_run, path)}", file=sys.stderr, flush=True)
+                return EXIT_FAILED
             if follower.at_eof:
                 time.sleep(poll)
 
@@ -397,14 +498,20 @@ def tail_plain(path: Path, *, follow: bool, poll: float, out=None) -> int:
     """The plain lines, as ``pipetrain train`` prints them into a file; without
     ``follow``, those so far and, while the run goes on, where it is now."""
     out = out or sys.stdout
-    state = None
+    update = None
     for update in announced(updates(path, follow=follow, poll=poll), path):
-        state = update.state
         for line in update.lines:
             print(line, file=out, flush=True)
-    if not follow and state is not None and state.runs and state.end is None:
-        print(position_line(state), file=out, flush=True)
-    return EXIT_OK
+    state = update.state if update is not None else None
+    if state is not None and state.runs and state.end is None:
+        if update.writer == "gone":
+            if not follow:
+                print(position_line(state) + "  (not running)", file=out, flush=True)
+            print(f"pipetrain: {gone_text(state.run, path)}", file=sys.stderr, flush=True)
+            return EXIT_FAILED if follow else EXIT_OK
+        if not follow:
+            print(position_line(state), file=out, flush=True)
+    return exit_status(state.end if state is not None else None) if follow else EXIT_OK
 
 
 def announced(stream: Iterator[Update], path: Path) -> Iterator[Update]:
@@ -422,10 +529,10 @@ def announced(stream: Iterator[Update], path: Path) -> Iterator[Update]:
 
 def tail_once(path: Path, console: Console) -> int:
     """The dashboard of the history as it is now."""
-    state = RunState()
+    update = Update(RunState())
     for update in updates(path, follow=False):
-        state = update.state
-    console.print(dashboard(state, path, now=time.time()))
+        pass
+    console.print(dashboard(update.state, path, now=time.time(), writer=update.writer, width=console.width))
     return EXIT_OK
 
 
@@ -433,13 +540,16 @@ def tail_live(path: Path, console: Console, *, poll: float) -> int:
     """The dashboard, redrawn in place as records arrive, until the run ends."""
     with Live(console=console, auto_refresh=False, redirect_stdout=False, redirect_stderr=False) as live:
         drawn = 0.0
+        update = None
         for update in updates(path, follow=True, poll=poll):
             if update.at_eof or time.monotonic() - drawn > DRAW_S:
                 view = dashboard(update.state, path, now=time.time(), waiting=update.waiting,
-                                 max_epochs=max(3, console.height - 24))
+                                 max_epochs=max(3, console.height - 24), writer=update.writer, width=console.width)
                 live.update(view, refresh=True)
                 drawn = time.monotonic()
-    return EXIT_OK
+    if update is not None and update.writer == "gone":
+        return EXIT_FAILED
+    return exit_status(update.state.end if update is not None else None)
 
 
 __all__ = ["cmd_tail", "dashboard", "updates", "Update"]

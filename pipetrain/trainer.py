@@ -11,6 +11,8 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 
+from pipetrain import distributed
+from pipetrain.labels import sparse_label_limits
 from pipetrain.run import Run
 from pipetrain.source import H5Source
 
@@ -37,11 +39,14 @@ def train(
     partitions: int = 16,
     monitor_interval: float | None = 2.0,
     overwrite: bool = False,
-    resume: bool = False,
+    resume: bool | str = False,
     checkpoint_every: int | None = 1000,
     stop_on_nonfinite: bool = True,
     producer_priority: str = "idle",
+    allow_changed_data: bool = False,
     config: Mapping | None = None,
+    steps_per_execution: int = 1,
+    device_prefetch: bool | str = "auto",
 ):
     """Train a compiled Keras model on an :class:`H5Source` with ``train_on_batch``.
 
@@ -68,11 +73,22 @@ def train(
         validation_batch_size: defaults to ``batch_size``.
         resume: continue the run of ``history`` from its last checkpoint, at the exact
             next batch (the model must be built as it was; its weights, optimizer state
-            and the epoch's metrics are restored). Defaults to False.
+            and the epoch's metrics are restored); ``"auto"`` when a checkpoint exists.
+            Defaults to False.
+        allow_changed_data: resume although a data file changed since the run read it.
+            Defaults to False.
         checkpoint_every: batches between checkpoints in the run folder, besides one at
             each epoch end. Defaults to 1000.
         stop_on_nonfinite: stop (status ``failed``) on a NaN or infinite loss. Defaults
             to True.
+        steps_per_execution: batches trained per compiled call (see
+            :mod:`pipetrain.fused`), as ``fit``'s argument of that name: epoch metrics
+            stay exactly ``fit``'s; one batch record, one pair of batch callbacks and
+            one signal check per group of k batches; checkpoints land between groups.
+            Defaults to 1.
+        device_prefetch: copy the next batch to the accelerator while the current one
+            trains (see :mod:`pipetrain.device`); ``"auto"``: where there is one.
+            Defaults to "auto".
 
     Other arguments are those of :class:`pipetrain.Run`.
 
@@ -88,13 +104,16 @@ def train(
     """
     if getattr(model, "optimizer", None) is None:
         raise ValueError("train(): the model is not compiled; call model.compile(...) first")
-    source.check_model(model)
-    if validation is not None:
-        validation.check_model(model)
+    for data in (source, validation):
+        if data is not None:
+            data.check_model(model)
+            data.limit_labels(sparse_label_limits(model, data.y))  # checked as the rows are read
+    distributed.check_steps_per_execution(steps_per_execution)  # before anything is written
     settings = {
         "epochs": epochs, "batch_size": batch_size, "shuffle": shuffle, "seed": seed,
         "workers": workers, "max_queue": max_queue, "validation": [str(p) for p in validation.paths] if validation else None,
         "class_weight": dict(class_weight) if class_weight else None,
+        "steps_per_execution": steps_per_execution,
     }
     with Run(
         source, batch_size=batch_size, epochs=epochs, history=history, shuffle=shuffle, seed=seed,
@@ -103,11 +122,16 @@ def train(
         callbacks=callbacks, verbose=verbose, monitor_interval=monitor_interval,
         config={**settings, **(config or {})}, overwrite=overwrite, resume=resume,
         checkpoint_every=checkpoint_every, stop_on_nonfinite=stop_on_nonfinite,
-        producer_priority=producer_priority,
+        producer_priority=producer_priority, allow_changed_data=allow_changed_data, validation=validation,
+        device_prefetch=device_prefetch,
     ) as run:
         for epoch in run.epochs():
-            for batch in epoch:
-                epoch.train_on_batch(model, batch.x, batch.y, batch.sample_weight, class_weight)
+            if steps_per_execution == 1:
+                for batch in epoch:
+                    epoch.train_on_batch(model, batch.x, batch.y, batch.sample_weight, class_weight)
+            else:
+                for group in epoch.groups(steps_per_execution):
+                    epoch.train_on_group(model, group, class_weight)
             if validation is not None:  # also after a callback stopped the epoch, as fit does
                 epoch.evaluate(model, validation, validation_batch_size or batch_size)
     return run.history

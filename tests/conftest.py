@@ -2,6 +2,7 @@
 
 import os
 import signal
+import sys
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -24,6 +25,23 @@ def wait_until(condition, timeout: float = 30.0, poll: float = 0.01) -> bool:
     while not condition() and time.monotonic() < deadline:
         time.sleep(poll)
     return condition()
+
+
+def keras_backend() -> str:
+    """The Keras backend the tests run on (``KERAS_BACKEND``; CI runs the ``model`` tests
+    on each of tensorflow, jax and torch)."""
+    import keras
+
+    return keras.backend.backend()
+
+
+def pytest_terminal_summary(terminalreporter):
+    """Which backend ran these tests, just above pytest's closing line."""
+    import keras
+
+    backend = keras.backend.backend()
+    version = getattr(sys.modules.get(backend), "__version__", "")
+    terminalreporter.write_line(f"Keras {keras.__version__}, backend {backend} {version}".rstrip())
 
 
 def write_h5(path: Path, chunks: int | None = 16, compression: str | None = "gzip", **datasets) -> Path:

@@ -271,16 +271,16 @@ def test_userblock_offset_is_detected_either_way(tmp_path):
         f.create_dataset(
             "x", data=sample((ROWS, 12), "float32"), chunks=(32, 12), compression="gzip"
         )
-    fd = os.open(tmp_path / "f.h5", os.O_RDONLY)
+    data = chunks.FileBytes(str(tmp_path / "f.h5"))
     try:
         with h5py.File(tmp_path / "f.h5", "r") as f:
             info = f["x"].id.get_chunk_info(0)
             origin, size = info.chunk_offset, info.size
-            assert chunks._address_base(f["x"], fd, origin, info.byte_offset, size) == 0
-            assert chunks._address_base(f["x"], fd, origin, info.byte_offset - 512, size) == 512
-            assert chunks._address_base(f["x"], fd, origin, info.byte_offset + 3, size) is None
+            assert chunks._address_base(f["x"], data, origin, info.byte_offset, size) == 0
+            assert chunks._address_base(f["x"], data, origin, info.byte_offset - 512, size) == 512
+            assert chunks._address_base(f["x"], data, origin, info.byte_offset + 3, size) is None
     finally:
-        os.close(fd)
+        data.close()
 
 
 def test_chunks_that_skipped_filters(tmp_path):
@@ -494,27 +494,105 @@ def test_corrupt_chunk_names_file_dataset_chunk_and_rows(tmp_path, backend):
             reader.read(50, 100)
         message = str(caught.value)
         assert message.startswith(
-            f"{path}: dataset 'images' chunk at row 64, reading rows 50:100: gzip"
+            f"{path}: dataset 'images' rows 64-96: gzip"
         )
         reader.read(0, 64)  # the other chunks still read
         reader.close()
 
 
-def test_corrupt_first_chunk_falls_back_at_open(tmp_path):
+@pytest.mark.parametrize("row", [0, ROWS - 1])
+def test_a_corrupt_first_or_last_chunk_is_an_error_naming_its_rows_not_a_fallback(tmp_path, row):
     path = write(tmp_path / "f.h5", sample((ROWS, 12), "float32"), compression="gzip")
-    corrupt_chunk(path, 0)
-    with h5py.File(path, "r") as f:
-        assert fallback_reason(f["x"]).startswith("self-check failed: ")
+    corrupt_chunk(path, row)
+    first = row // 32 * 32
+    with h5py.File(path, "r") as f, pytest.raises(chunks.DamagedChunk, match=f"{path}: dataset 'x' rows {first}-{min(first + 32, ROWS)}: "):
+        open_chunk_reader(f["x"])
 
 
-def test_short_read_is_an_oserror_naming_the_chunk(tmp_path):
+def test_short_read_is_a_damaged_chunk_naming_the_rows(tmp_path):
     path = write(tmp_path / "f.h5", sample((ROWS, 12), "float32"), compression="gzip")
     with h5py.File(path, "r") as f:
         reader = opened(f["x"])
         offset = int(reader._offsets[3, 0])
         os.truncate(path, offset + 5)  # the reader's own descriptor sees the shorter file
         with pytest.raises(
-            OSError, match=r"dataset 'x' chunk at row 96, reading rows 90:100: short read"
+            chunks.DamagedChunk, match=r"dataset 'x' rows 96-100: short read"
         ):
             reader.read(90, 100)
         reader.close()
+
+
+def chunk_btree_keys(path, rank: int) -> list[int]:
+    """File offsets of the keys of a dataset's chunk index (a version-1 B-tree leaf,
+    h5py's default format): each key is the chunk's stored size (4 bytes), filter mask
+    (4), then rank + 1 eight-byte coordinates, the last one always 0."""
+    data = open(path, "rb").read()
+    pos = data.find(b"TREE")
+    while data[pos + 4] != 1 or data[pos + 5] != 0:  # raw-data chunk node, leaf
+        pos = data.find(b"TREE", pos + 1)
+    entries = int.from_bytes(data[pos + 6 : pos + 8], "little")
+    stride = 8 + 8 * (rank + 1) + 8  # key, then the child's address
+    return [pos + 24 + stride * i for i in range(entries + 1)]
+
+
+def patch(path, at: int, value: int, size: int) -> None:
+    with open(path, "r+b") as raw:
+        raw.seek(at)
+        raw.write(value.to_bytes(size, "little"))
+
+
+def four_chunks(tmp_path) -> tuple[str, np.ndarray]:
+    x = np.arange(256, dtype="float32").reshape(64, 4) + 1
+    return write(tmp_path / "f.h5", x, chunks=(16, 4), compression="gzip"), x
+
+
+def test_a_chunk_the_index_search_cannot_find_is_an_error_not_the_chunk_or_fill_values(tmp_path):
+    """A flipped byte in a chunk's key: HDF5's own search no longer finds rows 16-31 (h5py
+    returns fill values there, quietly), while a walk of the index still lists the chunk."""
+    path, x = four_chunks(tmp_path)
+    key = chunk_btree_keys(path, rank=2)[1]
+    patch(path, key + 8 + 8 * 2, 4, 8)  # the key's last coordinate, always 0
+    with h5py.File(path, "r") as f:
+        assert (f["x"][16:32] == 0).all()  # what h5py's read gives
+        reader = opened(f["x"])
+        ours, _ = reader.read(0, 16)  # the chunks HDF5 finds still read
+        assert ours.tobytes() == x[:16].tobytes()
+        with pytest.raises(chunks.DamagedChunk, match=rf"{path}: dataset 'x' rows 16-20: the chunk index is damaged"):
+            reader.read(10, 20)
+        reader.close()
+
+
+def test_a_file_cut_inside_a_chunk_is_an_error_at_open_naming_the_rows(tmp_path):
+    """Truncated in the middle of a chunk, with the end-of-file address in the superblock
+    patched to match (HDF5 then opens it and would fail only when the rows are read)."""
+    path, _ = four_chunks(tmp_path)
+    with h5py.File(path, "r") as f:
+        info = f["x"].id.get_chunk_info(2)  # rows 32-48
+    os.truncate(path, info.byte_offset + info.size // 2)
+    patch(path, 40, info.byte_offset + info.size // 2, 8)  # superblock v0: end-of-file address
+    with h5py.File(path, "r") as f, pytest.raises(chunks.DamagedChunk, match=rf"{path}: dataset 'x' rows 32-48: its chunk of .* lies outside the file"):
+        open_chunk_reader(f["x"])
+
+
+@pytest.mark.parametrize("what", ["size grown", "size shrunk"])
+def test_a_chunk_size_that_disagrees_with_the_file_is_an_error(tmp_path, what):
+    x = np.arange(256, dtype="float32").reshape(64, 4)
+    path = write(tmp_path / "f.h5", x, chunks=(16, 4))  # unfiltered: every chunk is 256 bytes
+    key = chunk_btree_keys(path, rank=2)[1]
+    patch(path, key, 300 if what == "size grown" else 200, 4)
+    message = "overlaps the chunk of rows 32-48" if what == "size grown" else "stored as 200 bytes, not 256"
+    with h5py.File(path, "r") as f, pytest.raises(chunks.DamagedChunk, match=rf"dataset 'x' rows 16-32: .*{message}"):
+        open_chunk_reader(f["x"])
+
+
+def test_check_index_covers_chunks_that_h5py_reads(tmp_path):
+    """Datasets with a filter the fast path leaves to h5py (fletcher32) get the same index checks."""
+    x = np.arange(256, dtype="float32").reshape(64, 4)
+    path = write(tmp_path / "f.h5", x, chunks=(16, 4), fletcher32=True)
+    with h5py.File(path, "r") as f:
+        assert isinstance(open_chunk_reader(f["x"]), str)
+        info = f["x"].id.get_chunk_info(3)
+    os.truncate(path, info.byte_offset + 10)
+    patch(path, 40, info.byte_offset + 10, 8)
+    with h5py.File(path, "r") as f, pytest.raises(chunks.DamagedChunk, match="rows 48-64: its chunk"):
+        chunks.check_index(f["x"])

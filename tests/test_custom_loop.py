@@ -1,6 +1,7 @@
 """Custom loops on pipetrain.Run: the README's GAN runs as written, is killed and resumed
 exactly; two models' epoch aggregates are right; Keras callbacks see the batches."""
 
+import json
 import re
 import signal
 import subprocess
@@ -13,6 +14,8 @@ import pytest
 
 import pipetrain
 from tests.conftest import wait_until, write_h5
+
+pytestmark = pytest.mark.model
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -28,31 +31,48 @@ def run_script(folder: Path, timeout=180):
                             stderr=subprocess.PIPE, text=True)
 
 
+def batches_in(folder: Path) -> int:
+    history = folder / "runs" / "gan" / "history.jsonl"
+    return history.read_text().count('"type":"batch"') if history.exists() else 0
+
+
 @pytest.fixture(scope="module")
 def gan_runs(tmp_path_factory):
-    """The README's GAN: once straight through, once killed with SIGKILL and run again."""
-    whole, killed = tmp_path_factory.mktemp("whole"), tmp_path_factory.mktemp("killed")
-    for folder in (whole, killed):
+    """The README's GAN: once straight through (then run again, with nothing left to do),
+    once killed with SIGKILL and run again, once stopped with Ctrl-C and run again."""
+    whole, killed, stopped = (tmp_path_factory.mktemp(name) for name in ("whole", "killed", "stopped"))
+    for folder in (whole, killed, stopped):
         (folder / "gan.py").write_text(readme_gan())
     straight = run_script(whole)
-    victim = run_script(killed)
-    history = killed / "runs" / "gan" / "history.jsonl"
-    wait_until(lambda: history.exists() and history.read_text().count('"type":"batch"') >= 60, timeout=120, poll=0.05)
-    assert victim.poll() is None, "the run ended before it could be killed"
+    victim, interrupted = run_script(killed), run_script(stopped)
+    assert wait_until(lambda: batches_in(killed) >= 60 and batches_in(stopped) >= 60, timeout=600, poll=0.05)
+    assert victim.poll() is None and interrupted.poll() is None, "a run ended before it could be stopped"
     victim.send_signal(signal.SIGKILL)
+    interrupted.send_signal(signal.SIGINT)
     victim.wait(30)
-    assert straight.wait(180) == 0, straight.stderr.read()
-    again = run_script(killed)
-    out, err = again.communicate(timeout=180)
-    assert again.returncode == 0, err
-    assert "resuming at epoch" in out
-    return whole, killed
+    stopped_out, stopped_err = interrupted.communicate(timeout=600)
+    assert straight.wait(600) == 0, straight.stderr.read()
+    resumed = {}
+    for folder in (killed, stopped):
+        again = run_script(folder)
+        out, err = again.communicate(timeout=600)
+        assert again.returncode == 0, err
+        assert "resuming at epoch" in out
+        resumed[folder] = out
+    before = (whole / "runs" / "gan" / "history.jsonl").read_bytes()
+    done = run_script(whole)
+    done_out, done_err = done.communicate(timeout=600)
+    assert done.returncode == 0, done_err
+    assert (whole / "runs" / "gan" / "history.jsonl").read_bytes() == before
+    return {"whole": whole, "killed": killed, "stopped": stopped, "ctrl_c": (interrupted.returncode, stopped_out,
+            stopped_err), "resumed": resumed, "again": done_out}
 
 
-def test_the_readme_gan_is_killed_resumed_and_equals_the_straight_run(gan_runs):
-    whole, killed = gan_runs
-    a = pipetrain.read_history(whole / "runs" / "gan" / "history.jsonl")
-    b = pipetrain.read_history(killed / "runs" / "gan" / "history.jsonl")
+@pytest.mark.parametrize("how", ["killed", "stopped"])
+def test_the_readme_gan_is_killed_resumed_and_equals_the_straight_run(gan_runs, how):
+    a = pipetrain.read_history(gan_runs["whole"] / "runs" / "gan" / "history.jsonl")
+    b = pipetrain.read_history(gan_runs[how] / "runs" / "gan" / "history.jsonl")
+    assert len(a.runs) == 1  # running the finished script again added nothing
     assert len(b.runs) == 2 and b.runs[1]["resume"] is not None
     positions = [(r["epoch"], r["batch"]) for r in b.batches]
     assert positions == [(e, i) for e in range(10) for i in range(23)]  # each batch once
@@ -65,11 +85,36 @@ def test_the_readme_gan_is_killed_resumed_and_equals_the_straight_run(gan_runs):
     assert b.end["status"] == "completed"
 
 
+def test_ctrl_c_in_the_custom_loop_ends_it_with_one_line_and_no_traceback(gan_runs):
+    """The batch in hand finishes, the checkpoint is written, run.epochs() raises
+    pipetrain.Interrupted: uncaught, the script exits 130 without a traceback, the
+    closing summary saying where it stopped; run again, it goes on from there."""
+    code, out, err = gan_runs["ctrl_c"]
+    assert code == 130
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
+    h = pipetrain.read_history(gan_runs["stopped"] / "runs" / "gan" / "history.jsonl")
+    first_end = next(r for r in (json.loads(line) for line in
+                                 (gan_runs["stopped"] / "runs" / "gan" / "history.jsonl").read_text().splitlines())
+                     if r["type"] == "end")
+    assert first_end["status"] == "interrupted" and first_end["reason"] == "SIGINT"
+    assert re.fullmatch(r"stopped by SIGINT after epoch \d+, batch \d+/23 \(checkpoint written\)", first_end["error"])
+    assert re.search(r"^interrupted: \d+ epoch\(s\), [\d,]+ steps - stopped by SIGINT after epoch \d+, batch \d+/23",
+                     out, flags=re.M)
+    # It went on at the batch after the one it stopped after, in people's numbers both.
+    e, b = map(int, re.search(r"after epoch (\d+), batch (\d+)/", first_end["error"]).groups())
+    said = f"resuming at epoch {e}, batch {b + 1}/23" if b < 23 else f"resuming at the end of epoch {e}"
+    assert said in gan_runs["resumed"][gan_runs["stopped"]]
+    assert (h.runs[1]["resume"]["epoch"], h.runs[1]["resume"]["batch"]) == (e - 1, b)  # records count from 0
+
+
+def test_a_finished_custom_loop_run_again_is_already_complete(gan_runs):
+    assert "is already complete (all 10 epochs trained); nothing to train" in gan_runs["again"]
+
+
 def test_tail_and_plot_show_the_custom_loops_history(gan_runs, tmp_path, capsys):
     from pipetrain.cli import main
 
-    _, killed = gan_runs
-    run_dir = killed / "runs" / "gan"
+    run_dir = gan_runs["killed"] / "runs" / "gan"
     assert main(["tail", str(run_dir)]) == 0
     out = capsys.readouterr().out
     assert "models 'discriminator', 'gan'" in out and "resuming at epoch" in out
@@ -166,7 +211,7 @@ def test_leaving_the_batch_loop_early_stops_the_run_resumably(tmp_path):
                         break
         return run, ends, m
 
-    with pytest.warns(UserWarning, match="epoch 0 left after 4 of 8 batches"):
+    with pytest.warns(UserWarning, match="epoch 1 left after 4 of 8 batches"):
         run, ends, _ = run_loop(resume=False, leave_at=3)
     assert run.status == "stopped" and ends.ended
     h = pipetrain.read_history(tmp_path / "run" / "history.jsonl")
@@ -206,7 +251,7 @@ def test_an_epoch_ended_by_the_loop_itself_resumes_and_completes(tmp_path):
                 epoch.end(mine=1.0)
         return run
 
-    with pytest.warns(UserWarning, match="epoch 0 left after 5 of 8 batches"):
+    with pytest.warns(UserWarning, match="epoch 1 left after 5 of 8 batches"):
         assert run_loop(leave_at=4).status == "stopped"
     assert run_loop().status == "completed"
     h = pipetrain.read_history(tmp_path / "run" / "history.jsonl")
@@ -222,9 +267,9 @@ def test_a_train_step_set_on_the_model_stays_its_own(tmp_path):
     calls = []
     own = m.train_step
 
-    def mine(data):
+    def mine(*args):  # Keras' train_step takes (data), on JAX (state, data)
         calls.append(1)
-        return own(data)
+        return own(*args)
 
     m.train_step = mine
     with pipetrain.Run(pipetrain.H5Source(path, x="x", y="y"), batch_size=8, epochs=1, shuffle="none",

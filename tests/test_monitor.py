@@ -59,3 +59,31 @@ def test_a_failing_sample_stops_the_monitor_not_the_training():
     with Monitor(interval=0.02, gpu=broken) as monitor:
         wait_until(lambda: monitor.error is not None)
     assert isinstance(monitor.error, RuntimeError)
+
+
+def cpu_s(process) -> float:
+    times = process.cpu_times()
+    return times.user + times.system
+
+
+def test_cpu_use_is_measured_over_a_real_interval():
+    """The first sample (taken as a run starts) is the CPU use over the process's life so
+    far, not over the milliseconds since the monitor was made (0% or thousands of
+    percent); later ones over the time since the last."""
+    import os
+
+    import psutil
+
+    process = psutil.Process()
+    born = process.create_time()
+    monitor = Monitor(interval=1.0)
+    cpu_before, t_before = cpu_s(process), time.time()
+    first = monitor.sample()["cpu_pct"]
+    cpu_after, t_after = cpu_s(process), time.time()
+    assert 100 * cpu_before / (t_after - born) - 0.1 <= first <= 100 * cpu_after / (t_before - born) + 0.1
+    assert 0 < first <= 100 * os.cpu_count()
+    spin_from = time.process_time()
+    while time.process_time() - spin_from < 0.6:  # 0.6 s of this process's CPU, in this thread
+        pass
+    busy = monitor.sample()["cpu_pct"]  # over the time since the first sample
+    assert 100 * 0.6 / (time.time() - t_after) * 0.9 <= busy <= 100 * os.cpu_count()

@@ -1,6 +1,7 @@
 """The producer pool: plan order, the same bytes as h5py, backpressure, each block
 decoded once, errors that reach the consumer, and no thread left behind."""
 
+import gc
 import itertools
 import os
 import threading
@@ -10,10 +11,11 @@ import h5py
 import numpy as np
 import pytest
 
-import pipetrain.pipeline
-from pipetrain.pipeline import PipelineError, Prefetcher, plans_from
+import pipetrain.priority
+from pipetrain.errors import is_bad_input
+from pipetrain.pipeline import BufferPool, PipelineError, Prefetcher, plans_from
 from pipetrain.plan import Plan
-from pipetrain.source import H5Source
+from pipetrain.source import H5Source, SourceError
 from tests.conftest import wait_until
 
 
@@ -272,7 +274,7 @@ def test_whole_blocks_decode_straight_into_the_batch_buffer(make_h5):
 @pytest.mark.skipif(not hasattr(os, "sched_getscheduler"), reason="Linux scheduling policies")
 @pytest.mark.parametrize("priority", ["idle", "low", "normal"])
 def test_producers_run_at_the_priority_asked(files, priority, monkeypatch):
-    monkeypatch.setattr(pipetrain.pipeline, "STARVED_S", float("inf"))  # a busy machine must not raise it here
+    monkeypatch.setattr(pipetrain.priority, "STARVED_SHARE", float("inf"))  # a busy machine must not raise it here
     paths, _, _ = files
     seen = {}
     with H5Source(paths, x="x", y="y") as source:
@@ -323,3 +325,262 @@ def test_starving_idle_producers_are_raised_to_normal_priority(make_h5):
 
 def _alive(tid: int) -> bool:
     return os.path.exists(f"/proc/self/task/{tid}")
+
+
+@pytest.mark.parametrize("shuffle", ["none", "block"])
+@pytest.mark.parametrize("rows", [slice(40, 350), slice(None, 0.9), slice(0.9, None), slice(-77, None), slice(5, 6)])
+def test_a_row_range_of_many_files_is_read_without_copying_and_nothing_else(files, shuffle, rows):
+    """H5Source(rows=...) over three files: the plan's batches hold exactly the rows of
+    the range (in file order for "none": fit's batches on x[range]), with h5py's bytes;
+    blocks stay within the range and aligned with the files' chunks."""
+    paths, x, y = files
+    total = len(x)
+    with H5Source(paths, x="x", y="y", rows=rows) as source:
+        lo, hi = source.row_range
+        assert source.rows == hi - lo and source.rows_total == total
+        assert (lo, hi) == ((40, 350) if rows.start == 40 else (0, 455) if rows.stop == 0.9 else
+                            (455, 506) if rows.start == 0.9 else (429, 506) if rows.start == -77 else (5, 6))
+        plan = Plan(source.row_ranges, 24, block_rows=source.block_rows(), shuffle=shuffle, seed=4, window=64)
+        first = np.cumsum([0, *source.rows_per_file])[plan.blocks.file] + plan.blocks.start
+        assert plan.rows == source.rows and first.min() >= lo and (first + plan.blocks.rows).max() <= hi
+        inner = first > lo  # every block but the range's first starts on a chunk of its file
+        assert (plan.blocks.start[inner] % np.array([32, 10, 64])[plan.blocks.file[inner]] == 0).all()
+        got_x, got_y = [], []
+        with Prefetcher(source, plan.batches(0), plan.blocks, 24, workers=2, recycle=False) as stream:
+            for batch in stream:
+                got_x.append(batch.x)
+                got_y.append(batch.y)
+    got_x, got_y = np.concatenate(got_x), np.concatenate(got_y)
+    if shuffle == "none":
+        np.testing.assert_array_equal(got_x, x[lo:hi])
+        np.testing.assert_array_equal(got_y, y[lo:hi])
+    else:  # a permutation of the range's rows (y is a unique float per row)
+        order = np.argsort(got_y)
+        np.testing.assert_array_equal(got_y[order], np.sort(y[lo:hi]))
+        np.testing.assert_array_equal(got_x[order], x[lo:hi][np.argsort(y[lo:hi])])
+
+
+def test_split_takes_the_last_rows_for_validation_as_fit_does(files):
+    import math
+
+    paths, _, _ = files
+    with H5Source(paths, x="x", y="y") as whole:
+        train, val = whole.split(0.1)
+        cut = math.floor(whole.rows * (1.0 - 0.1))  # keras' train_validation_split
+        assert (train.row_range, val.row_range) == ((0, cut), (cut, whole.rows))
+        inner_train, inner_val = train.split(0.5)  # a split of a split stays inside it
+        assert inner_train.row_range == (0, cut // 2) and inner_val.row_range == (cut // 2, cut)
+        for source in (train, val, inner_train, inner_val):
+            source.close()
+        for bad, message in ((0.0, "between 0 and 1"), (1, "between 0 and 1"), (0.999999, "cannot be split")):
+            with pytest.raises(SourceError, match=message):
+                whole.split(bad)
+    for rows, message in ((slice(10, 10), "selects no row"), (slice(0, 10, 2), "expected a slice"),
+                          (slice(0, 1.5), "between 0.0 and 1.0"), (slice("a", None), "row numbers or fractions"),
+                          (range(3), "expected a slice")):
+        with pytest.raises(SourceError, match=message):
+            H5Source(paths, x="x", y="y", rows=rows)
+
+
+# -- no hang, no leak: every way a worker can stop reaches the consumer ------------------------
+
+
+def consume(stream, timeout: float = 30.0, pause: float = 0.0) -> dict:
+    """Iterate ``stream`` in another thread: the batch indices it delivered and the
+    exception that ended it; ``done`` is False if it was still waiting after ``timeout``."""
+    out = {"got": [], "error": None, "done": False}
+
+    def loop():
+        try:
+            for batch in stream:
+                out["got"].append(batch.index)
+                time.sleep(pause)
+        except BaseException as e:
+            out["error"] = e
+        finally:
+            out["done"] = True
+
+    threading.Thread(target=loop, daemon=True).start()
+    wait_until(lambda: out["done"], timeout=timeout)
+    return out
+
+
+@pytest.mark.parametrize("where", ["taking a buffer", "reading ahead"])
+def test_a_worker_failing_outside_a_batch_fails_the_stream_instead_of_hanging_it(files, where, monkeypatch):
+    paths, _, _ = files
+    calls = itertools.count()
+    if where == "taking a buffer":
+        original = BufferPool.acquire
+
+        def failing(self, stop, timeout=None):
+            if next(calls) == 6:
+                raise MemoryError("no memory for another buffer")
+            return original(self, stop, timeout)
+
+        monkeypatch.setattr(BufferPool, "acquire", failing)
+    else:
+        original = Prefetcher._read_ahead
+
+        def failing(self):
+            if next(calls) == 3:
+                raise RuntimeError("read-ahead broke")
+            return original(self)
+
+        monkeypatch.setattr(Prefetcher, "_read_ahead", failing)
+    with H5Source(paths, x="x", y="y") as source:
+        plan = Plan(source.rows_per_file, 8, block_rows=source.block_rows(), shuffle="block", window=64)
+        stream = Prefetcher(source, plan.batches(0), plan.blocks, 8, workers=2, max_queue=2, lookahead=8)
+        out = consume(stream, pause=0.01)  # a consumer slower than the producers: the pool runs dry
+        stream.close()
+    assert out["done"], "the consumer still waits for a batch that will never come"
+    error = out["error"]
+    assert isinstance(error, PipelineError), error
+    assert "producer-" in str(error) and "taking the next batch" in str(error)  # which thread, doing what
+    assert isinstance(error.__cause__, MemoryError if where == "taking a buffer" else RuntimeError)
+    assert out["got"] == list(range(len(out["got"])))  # the batches before it, in order
+
+
+def test_a_consumer_waiting_on_no_live_producer_gets_an_error(files, monkeypatch):
+    # Workers that end without a word (as a killed thread would): the stream is not over.
+    monkeypatch.setattr(Prefetcher, "_take", lambda self: None)
+    paths, _, _ = files
+    with H5Source(paths, x="x", y="y") as source:
+        plan = Plan(source.rows_per_file, 8, block_rows=source.block_rows())
+        stream = Prefetcher(source, plan.batches(0), plan.blocks, 8, workers=2)
+        out = consume(stream)
+        stream.close()
+    assert out["done"], "the consumer waits forever on dead producers"
+    assert isinstance(out["error"], PipelineError) and "every producer thread has stopped" in str(out["error"])
+
+
+def test_cancel_ends_a_wait_for_a_batch_that_does_not_come(make_h5):
+    path = make_h5("stuck.h5", chunks=10, x=np.zeros((100, 3), np.float32))
+    released = threading.Event()
+    cancelled = threading.Event()
+    with H5Source(path, x="x") as source:
+        original = source.read
+
+        def stuck(f, a, b, out=None):  # the disk stops answering at row 30
+            if a >= 30:
+                released.wait(30)
+            return original(f, a, b, out)
+
+        source.read = stuck
+        plan = Plan(source.rows_per_file, 10, block_rows=10, shuffle="none")
+        stream = Prefetcher(source, plan.batches(0), plan.blocks, 10, workers=2, cancel=cancelled.is_set)
+        try:
+            assert [next(stream).index for _ in range(3)] == [0, 1, 2]
+            threading.Timer(0.2, cancelled.set).start()
+            t0 = time.monotonic()
+            with pytest.raises(pipetrain.pipeline.Cancelled):
+                next(stream)
+            assert not released.is_set() and time.monotonic() - t0 < 25  # not by the disk answering
+        finally:
+            released.set()
+            stream.close()
+
+
+def test_a_batch_size_beyond_the_data_sizes_buffers_to_the_data(files):
+    paths, x, y = files
+    with H5Source(paths, x="x", y="y") as source:
+        plan = Plan(source.rows_per_file, 10**10, block_rows=source.block_rows(), shuffle="none")
+        out = {}
+
+        def one_epoch():
+            with Prefetcher(source, plan.batches(0), plan.blocks, 10**10, workers=2, recycle=False) as stream:
+                out["rows"] = stream.pool.rows
+                out["batches"] = list(stream)
+
+        worker = threading.Thread(target=one_epoch, daemon=True)
+        worker.start()
+        assert wait_until(lambda: not worker.is_alive()), "the consumer hangs"
+    assert out["rows"] == len(x) == 506
+    [batch] = out["batches"]
+    np.testing.assert_array_equal(batch.x, x)
+    np.testing.assert_array_equal(batch.y, y)
+
+
+def test_a_batch_the_machine_cannot_hold_is_bad_input_naming_batch_size_and_bytes(tmp_path):
+    path = tmp_path / "huge.h5"
+    with h5py.File(path, "w") as f:  # 1 TB of rows never written: a tiny file
+        f.create_dataset("x", shape=(10**6, 10**6), dtype="uint8", chunks=(4, 10**6))  # small chunks: quick to open
+        f.create_dataset("y", shape=(10**6,), dtype="int64", chunks=(10**5,))
+    with H5Source(path, x="x", y="y") as source:
+        plan = Plan(source.rows_per_file, 10**6, block_rows=source.block_rows(), shuffle="none")
+        out = {}
+
+        def make():
+            try:
+                with Prefetcher(source, plan.batches(0), plan.blocks, 10**6) as stream:
+                    next(stream)
+            except BaseException as e:
+                out["error"] = e
+
+        worker = threading.Thread(target=make, daemon=True)
+        worker.start()
+        assert wait_until(lambda: not worker.is_alive()), "the consumer hangs"
+    error = out["error"]
+    assert is_bad_input(error), error
+    message = str(error)
+    assert message.startswith("batch_size=1000000: one batch needs 931.3 GiB (1000000 rows of 1,000,008 bytes)")
+    assert "use a smaller batch_size" in message and "\n" not in message
+
+
+def test_an_abandoned_prefetcher_stops_its_threads(files):
+    paths, _, _ = files
+    with H5Source(paths, x="x", y="y") as source:
+        plan = Plan(source.rows_per_file, 8, block_rows=source.block_rows())
+        stream = Prefetcher(source, plans_from(plan, 0), plan.blocks, 8, workers=2, max_queue=2)  # endless
+        for _batch in stream:
+            break
+        assert len(producer_threads()) == 2
+        del stream, _batch
+        gc.collect()
+        assert wait_until(lambda: producer_threads() == [])
+
+
+# -- starving producers are raised after a few seconds of waiting, not after one long wait -------
+
+
+def test_the_wait_window_counts_recent_waiting_only():
+    waits = pipetrain.priority.WaitWindow(3.0)
+    waits.add(10.0, 10.6)  # one slow batch: 0.6 s
+    assert waits.waited(11.0) == pytest.approx(0.6) and not waits.starved(11.0)
+    assert waits.waited(13.3) == pytest.approx(0.3)  # half of it is older than the window
+    assert waits.waited(14.0) == 0.0
+    for i in range(8):  # then 40% input-bound: 0.2 s waits in every 0.5 s
+        waits.add(20.0 + 0.5 * i, 20.2 + 0.5 * i)
+    assert waits.waited(23.7) == pytest.approx(1.2) and waits.starved(23.7)  # 40% of 3 s
+    assert not waits.starved(30.0)
+    assert waits.waited(31.0, waiting_since=30.5) == pytest.approx(0.5)  # a wait going on counts
+    assert waits.starved(31.0, waiting_since=30.0)
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_getscheduler"), reason="Linux scheduling policies")
+def test_steady_short_waits_raise_starving_producers_within_seconds(make_h5):
+    # Every batch waits about 0.2 s (never one long wait): 0.9 s of waiting in 3 s is reached
+    # by the 5th to 8th slow batch; more slack here for a machine that runs the test slowly.
+    path = make_h5("slow.h5", chunks=10, x=np.zeros((400, 3), np.float32))
+    with H5Source(path, x="x") as source:
+        original = source.read
+
+        def slow(f, a, b, out=None):
+            time.sleep(0.4)  # two workers: about 0.2 s a batch
+            return original(f, a, b, out)
+
+        source.read = slow
+        plan = Plan(source.rows_per_file, 10, block_rows=10, shuffle="none")
+        raised = []
+        with Prefetcher(source, plan.batches(0), plan.blocks, 10, workers=2, max_queue=2,
+                        on_raised=raised.append) as stream:
+            for batch in stream:
+                if stream.priority == "normal":
+                    raised_at = batch.index
+                    policies = [os.sched_getscheduler(tid) for tid in stream._tids if _alive(tid)]
+                    break
+            else:
+                pytest.fail("the producers were never raised")
+    assert raised_at <= 16
+    assert policies and set(policies) == {os.SCHED_OTHER}
+    [info] = raised
+    assert info["was"] == "idle" and info["waited_s"] > 0.9 and info["window_s"] == 3.0

@@ -89,7 +89,7 @@ def test_without_matplotlib_a_clear_line_and_exit_2(runs, capsys, monkeypatch):
         monkeypatch.delitem(sys.modules, name)
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib → ImportError
     assert cli.main(["plot", "a/runs/exp", "-o", "x.png"]) == 2
-    assert capsys.readouterr().err == 'pipetrain: pipetrain plot needs matplotlib: pip install "pipetrain[plot]"\n'
+    assert capsys.readouterr().err == 'pipetrain plot needs matplotlib: pip install "pipetrain[plot]"\n'  # named once
     assert not (runs / "x.png").exists()
 
 
@@ -102,3 +102,77 @@ def test_text_where_numbers_belong_is_plotted_as_missing(tmp_path):
     write_records(tmp_path / "edited.jsonl", records)
     assert cli.main(["plot", str(tmp_path / "edited.jsonl"), "-o", str(tmp_path / "e.png")]) == 0
     assert png_size(tmp_path / "e.png")[0] > 0
+
+
+def gan_records(run_id="g", t0=1000.0, resume=None):
+    """Two models under prefixes, as the README's GAN records them: no 'loss' key."""
+    records = []
+    for r in known_records(run_id=run_id, t0=t0):
+        r = dict(r)
+        if r["type"] in ("batch", "epoch"):
+            loss = r.pop("loss")
+            r.pop("val_loss", None), r.pop("val_accuracy", None)
+            r.update(d_loss=loss, g_loss=2 * loss, d_accuracy=r.pop("accuracy"))
+        if r["type"] == "run":
+            r.update(models={"discriminator": "discriminator", "gan": "gan"}, resume=resume)
+        records.append(r)
+    return records
+
+
+def test_each_models_losses_are_drawn_and_the_panels_share_their_ranges(tmp_path):
+    """A GAN's d_loss and g_loss fill the loss panels (no 'loss' there to draw); the
+    time panels share one x-range and break at a resume, every one of them."""
+    from matplotlib.figure import Figure
+
+    from pipetrain.plot import draw, loss_names
+
+    write_records(tmp_path / "gan.jsonl", gan_records())
+    write_records(tmp_path / "resumed.jsonl", resumed_records())
+    gan, resumed = load([tmp_path / "gan.jsonl", tmp_path / "resumed.jsonl"])
+    assert loss_names([gan]) == ["d_loss", "g_loss"] and metric_names([gan]) == ["d_accuracy"]
+    assert loss_names([gan, resumed]) == ["loss"]  # one run has a plain loss: the panels show that
+    figure = draw([gan], Figure)
+    loss, batch_loss = figure.axes[0], figure.axes[1]
+    assert len(loss.get_lines()) == 2 and len(batch_loss.get_lines()) == 4  # each loss (raw and its mean)
+    assert [t.get_text() for t in loss.get_legend().get_texts()] == ["d_loss", "g_loss"]
+    np.testing.assert_allclose(loss.get_lines()[1].get_ydata(), gan.epoch_values("g_loss")[1])
+
+    figure = draw([resumed], Figure)
+    time_axes = [ax for ax in figure.axes if ax.get_visible() and ax.get_xlabel().startswith("time")]
+    assert len(time_axes) == 5 and len({ax.get_xlim() for ax in time_axes}) == 1
+    pause = (resumed.resumed_at[0] - resumed.t0) / time_unit([resumed])[1]
+    for ax in time_axes:  # no line drawn across the pause between the segments
+        for line in ax.get_lines():
+            x = np.asarray(line.get_xdata(), dtype=float)
+            before, after = np.flatnonzero(x < pause), np.flatnonzero(x >= pause)
+            assert len(before) and len(after) and np.isnan(x[before[-1] + 1: after[0]]).any(), ax.get_title("left")
+
+
+def test_metrics_and_log_choose_the_panels_and_their_scale(runs, capsys):
+    from matplotlib.figure import Figure
+
+    from pipetrain.plot import draw
+
+    series = load(["a/runs/exp"])
+    figure = draw(series, Figure, metrics=["val_accuracy"], log=True)
+    titles = [ax.get_title("left") for ax in figure.axes if ax.get_visible()]
+    assert titles[:3] == ["Loss per epoch", "Training loss per batch (faint), mean over 1/10 epoch",
+                          "Accuracy per epoch"]
+    assert figure.axes[0].get_yscale() == "log" and figure.axes[2].get_yscale() == "log"
+    assert len(draw(series, Figure, metrics=[]).axes) == 2 + 6  # no metric panel (and one left blank)
+    assert cli.main(["plot", "a/runs/exp", "-o", "m.png", "--metrics", "accuracy", "--log"]) == 0
+    assert cli.main(["plot", "a/runs/exp", "-o", "m.png", "--metrics", "auc"]) == 2
+    assert "--metrics auc: no epoch metric named auc (the histories have loss, accuracy)" in capsys.readouterr().err
+
+
+def test_more_than_ten_runs_get_colours_of_their_own(tmp_path):
+    from matplotlib.colors import to_rgba
+    from matplotlib.figure import Figure
+
+    from pipetrain.plot import draw, run_colors
+
+    for n in (3, 12, 25):
+        assert len({to_rgba(c) for c in run_colors(n)}) == n
+    paths = [write_records(tmp_path / f"r{i}" / "history.jsonl", known_records(run_id=f"r{i}")) for i in range(12)]
+    figure = draw(load(paths), Figure)
+    assert len({to_rgba(line.get_color()) for line in figure.axes[0].get_lines()}) == 12

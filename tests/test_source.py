@@ -117,3 +117,131 @@ def test_the_label_count_reads_the_labels_alone(make_h5):
         source.read = lambda f, a, b, out=None, names=None: asked.append(names) or read(f, a, b, out, names)
         assert label_classes(source, "y") == 7
         assert asked == [["y"]]
+
+
+def test_a_path_that_exists_is_that_file_even_with_glob_characters(tmp_path, make_h5):
+    make_h5("train[1].h5", chunks=None, x=np.zeros((3, 2)))
+    make_h5("train1.h5", chunks=None, x=np.ones((5, 2)))
+    with H5Source(tmp_path / "train[1].h5", x="x") as source:  # the file of that name, not train1.h5
+        assert source.paths == [tmp_path / "train[1].h5"] and source.rows == 3
+    with H5Source(str(tmp_path / "train[0-9].h5"), x="x") as source:  # no such file: a glob
+        assert source.paths == [tmp_path / "train1.h5"]
+
+
+def open_fds() -> int:
+    import os
+
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_a_refused_file_leaves_no_descriptor_open(make_h5):
+    path = make_h5("short.h5", chunks=4, x=np.zeros((20, 3), np.float32), y=np.zeros(19, np.int64))
+    before = open_fds()
+    kept = []  # the exceptions live on (their tracebacks hold the frames that opened the file)
+    for _ in range(20):
+        with pytest.raises(SourceError, match="has 19 rows but 'x' has 20") as info:
+            H5Source(path, x="x", y="y")
+        kept.append(info.value)
+    assert open_fds() <= before + 1
+
+
+def test_a_soft_link_to_an_external_link_is_refused_as_one(tmp_path):
+    (tmp_path / "elsewhere").mkdir()
+    with h5py.File(tmp_path / "elsewhere" / "secret.h5", "w") as f:
+        f["x"] = np.ones((4, 2))
+    (tmp_path / "data").mkdir()
+    with h5py.File(tmp_path / "data" / "links.h5", "w") as f:
+        f["hidden/ext"] = h5py.ExternalLink("../elsewhere/secret.h5", "x")
+        f["x"] = h5py.SoftLink("/hidden/ext")
+        f["g/rel"] = h5py.SoftLink("../x")  # HDF5 has no '..': a dangling link
+        f["loop"] = h5py.SoftLink("/loop")
+    bad(r"links\.h5: dataset 'x' is an external link to .*secret\.h5, outside the data files' folders",
+        tmp_path / "data" / "links.h5", x="x")
+    bad(r"links\.h5: dataset 'g/rel' cannot be opened", tmp_path / "data" / "links.h5", x="g/rel")
+    bad(r"links\.h5: (dataset 'loop' is a loop of soft links|no dataset 'loop')", tmp_path / "data" / "links.h5", x="loop")
+
+
+def test_external_storage_is_found_and_checked_in_the_data_folder_not_the_working_folder(tmp_path, monkeypatch):
+    """HDF5 opens relative external-storage names from the working folder unless told
+    otherwise: a file in the data folder could then read any file of the working folder."""
+    data, work = tmp_path / "data", tmp_path / "work"
+    data.mkdir()
+    work.mkdir()
+    np.arange(8, dtype="<f4").tofile(data / "raw.bin")
+    (np.arange(8, dtype="<f4") + 100).tofile(work / "raw.bin")
+    with h5py.File(data / "ext.h5", "w") as f:
+        f.create_dataset("x", shape=(8,), dtype="<f4", external=[("raw.bin", 0, 32)])
+        f.create_dataset("up", shape=(8,), dtype="<f4", external=[("../work/raw.bin", 0, 32)])
+    monkeypatch.chdir(work)
+    with H5Source(data / "ext.h5", x="x") as source:
+        np.testing.assert_array_equal(source.read(0, 0, 8)[0]["x"], np.arange(8))  # the data folder's raw.bin
+    bad(r"ext\.h5: dataset 'up' is stored in the external file .*work/raw\.bin, outside", data / "ext.h5", x="up")
+
+
+def test_h5py_reads_into_recycled_buffers_give_zeros_where_hdf5_never_fills(tmp_path):
+    """Fill time "never" and storage never written (contiguous here: h5py's read): HDF5
+    leaves the buffer alone; h5py's own read gives zeros, and so must a reused buffer."""
+    with h5py.File(tmp_path / "never.h5", "w") as f:
+        dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
+        dcpl.set_fill_time(h5py.h5d.FILL_TIME_NEVER)
+        h5py.h5d.create(f.id, b"x", h5py.h5t.IEEE_F32LE, h5py.h5s.create_simple((40, 3)), dcpl=dcpl)
+        f["y"] = np.arange(40)
+    with h5py.File(tmp_path / "never.h5", "r") as f:
+        expected = f["x"][0:8]
+    with H5Source(tmp_path / "never.h5", x="x", y="y") as source:
+        buffer = np.full((8, 3), 7.0, np.float32)  # what the previous batch left
+        arrays, _ = source.read(0, 0, 8, out={"x": buffer, "y": np.empty(8, np.int64)})
+        assert arrays["x"].tobytes() == expected.tobytes()
+
+
+def test_damaged_rows_read_by_h5py_are_bad_input_naming_file_dataset_and_rows(tmp_path):
+    from pipetrain.source import CorruptDataError
+
+    x = np.arange(256, dtype="float32").reshape(64, 4)
+    path = tmp_path / "f32.h5"
+    with h5py.File(path, "w") as f:
+        f.create_dataset("x", data=x, chunks=(16, 4), fletcher32=True)  # h5py reads it
+        info = f["x"].id.get_chunk_info(1)
+    with open(path, "r+b") as raw:
+        raw.seek(info.byte_offset + 10)
+        raw.write(b"\xff\xfe\xfd")
+    with H5Source(path, x="x") as source, pytest.raises(CorruptDataError) as caught:
+        source.read(0, 8, 24)
+    message = str(caught.value)
+    assert message.startswith(f"{path}: dataset 'x' rows 16-24: HDF5 cannot read them")  # the damaged chunk's rows and message.count(str(path)) == 1
+
+
+def test_odd_datasets_are_refused_naming_what_they_are(tmp_path):
+    with h5py.File(tmp_path / "odd.h5", "w") as f:
+        f.create_dataset("null", data=h5py.Empty("f4"))
+        f.create_dataset("words", data=["a", "bb", "ccc"], dtype=h5py.string_dtype())
+        f.create_dataset("long", data=np.zeros((3, 2), np.longdouble))
+        f.create_dataset("wide", shape=(3, 0), dtype="f4")
+        f.create_dataset("w2", data=np.ones((3, 2), "f4"))
+        f.create_dataset("x", data=np.zeros((3, 2), "f4"))
+    path = tmp_path / "odd.h5"
+    bad(r"odd\.h5: dataset 'null' has a null dataspace \(no values at all\)", path, x="null")
+    bad(r"odd\.h5: dataset 'words' holds variable-length strings; pipetrain needs numbers", path, x="words")
+    if np.dtype(np.longdouble).itemsize > 8:
+        bad(r"odd\.h5: dataset 'long' has dtype float128 \(extended precision\), which Keras cannot take", path, x="long")
+    bad(r"odd\.h5: dataset 'wide' has rows of shape \(0,\), which hold no values", path, x="wide")
+    bad(r"odd\.h5: dataset 'w2' has rows of shape \(2,\); sample weights need one number per row", path, x="x", sample_weight="w2")
+
+
+def test_a_symbolic_link_loop_is_named_as_one(tmp_path):
+    (tmp_path / "loop.h5").symlink_to(tmp_path / "loop.h5")
+    (tmp_path / "gone.h5").symlink_to(tmp_path / "missing.h5")
+    bad(r"loop\.h5: a loop of symbolic links", tmp_path / "loop.h5", x="x")
+    bad(r"gone\.h5: a symbolic link to .*missing\.h5, which does not exist", tmp_path / "gone.h5", x="x")
+
+
+def test_labels_out_of_the_models_range_name_file_dataset_and_row(make_h5):
+    from pipetrain.labels import LabelLimit
+    from pipetrain.source import LabelRangeError
+
+    path = make_h5("labels.h5", chunks=8, x=np.zeros((40, 3), np.float32), y=np.where(np.arange(40) == 29, 9, 1))
+    with H5Source(path, x="x", y="y") as source:
+        source.limit_labels({"y": LabelLimit(4, "dense", "sparse_categorical_crossentropy")})
+        source.read(0, 0, 24)
+        with pytest.raises(LabelRangeError, match=r"labels\.h5: dataset 'y' row 29 holds label 9, but the model's output 'dense' has 4 classes"):
+            source.read(0, 24, 40)

@@ -1,6 +1,8 @@
 """make-data writes a learnable file of any size in constant memory; inspect shows the
 datasets and the read path pipetrain will use."""
 
+import re
+
 import h5py
 import numpy as np
 import pytest
@@ -48,6 +50,52 @@ def test_make_data_command_and_its_errors(tmp_path, capsys):
         make_data(out, rows=20_000, features=(4,), progress=lambda done, total: (_ for _ in ()).throw(KeyboardInterrupt))
     assert out.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["img.h5"]  # no partial file either
+
+
+def nearest_mean_accuracy(train, test, x="x", y="y") -> float:
+    """A nearest-class-mean classifier fitted on ``train``, scored on ``test``."""
+    with h5py.File(train) as a, h5py.File(test) as b:
+        xa, ya = a[x][...].reshape(len(a[y]), -1), a[y][...]
+        xb, yb = b[x][...].reshape(len(b[y]), -1), b[y][...]
+    means = np.stack([xa[ya == c].mean(axis=0) for c in range(int(ya.max()) + 1)])
+    return float((np.argmin(((xb[:, None, :] - means) ** 2).sum(axis=2), axis=1) == yb).mean())
+
+
+def test_held_out_files_are_the_same_task_with_other_rows(tmp_path, capsys, monkeypatch):
+    """--splits writes train/val/test of one task in one call (rows never repeated);
+    --seed draws other rows of the same task, --task-seed another task."""
+    monkeypatch.setattr("sys.stdout.isatty", lambda: True)  # the progress line, as on a terminal
+    common = ["--features", "32", "--classes", "4", "--chunk-rows", "64", "--x-name", "images", "--y-name", "labels"]
+    assert main(["make-data", str(tmp_path / "d"), "--splits", "train=3000", "val=500", "test=500", *common]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"train\.h5  \d[\d,]*/4,000 rows  [\d,]+ rows/s  ETA \d+:\d\d:\d\d", out)  # rate and ETA
+    assert "wrote " + str(tmp_path / "d" / "val.h5") + ": images (500, 32) float32, labels (500,) int64" in out
+    d = tmp_path / "d"
+    rows = []
+    for name in ("train", "val", "test"):
+        with h5py.File(d / f"{name}.h5") as f:
+            assert set(f) == {"images", "labels"}
+            rows += [r.tobytes() for r in f["images"][...]]
+    assert len(set(rows)) == len(rows) == 4000  # no row in two files
+    assert nearest_mean_accuracy(d / "train.h5", d / "val.h5", "images", "labels") > 0.6
+    assert nearest_mean_accuracy(d / "train.h5", d / "test.h5", "images", "labels") > 0.6
+    # The train split is the one-file call with the same seed; another seed, other rows of the task.
+    assert main(["make-data", str(tmp_path / "same.h5"), "--rows", "3000", *common, "--quiet"]) == 0
+    assert main(["make-data", str(tmp_path / "seed1.h5"), "--rows", "500", "--seed", "1", *common, "--quiet"]) == 0
+    assert main(["make-data", str(tmp_path / "task1.h5"), "--rows", "500", "--task-seed", "1", *common, "--quiet"]) == 0
+    with h5py.File(d / "train.h5") as a, h5py.File(tmp_path / "same.h5") as b, h5py.File(tmp_path / "seed1.h5") as c:
+        np.testing.assert_array_equal(a["images"][...], b["images"][...])
+        assert not set(rows) & {r.tobytes() for r in c["images"][...]}
+    assert nearest_mean_accuracy(d / "train.h5", tmp_path / "seed1.h5", "images", "labels") > 0.6
+    assert nearest_mean_accuracy(d / "train.h5", tmp_path / "task1.h5", "images", "labels") < 0.45  # chance is 0.25
+    for bad, message in ((["--rows", "5", "--splits", "a=1"], "either --rows N"), (["--splits", "a=1", "a=2"], "named twice"),
+                         (["--splits", "a=0"], "expected NAME=ROWS"), (["--rows", "5", "--x-name", "y"], "two different")):
+        target = tmp_path / "bad" if "--splits" in bad else tmp_path / "bad.h5"
+        assert main(["make-data", str(target), *bad]) == 2
+        assert message in capsys.readouterr().err
+    assert main(["make-data", str(d), "--splits", "val=10"]) == 2  # never over a file there
+    assert "val.h5: exists already" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists() and not (tmp_path / "bad.h5").exists()
 
 
 def test_parse_shape():

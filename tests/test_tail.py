@@ -5,11 +5,13 @@ by itself when the run ends."""
 
 import io
 import json
+import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 from rich.console import Console
 
@@ -23,7 +25,8 @@ PLAIN_FINISHED = """\
 pipetrain: model 'mlp' (1,234 params) on 95 rows from 1 file(s), batch 10, 10 steps/epoch, shuffle block
 Epoch 1/3  loss 0.5  accuracy 0.8  val_loss 0.6  val_accuracy 0.75  0.125 s  760 samples/s  input-bound 20.0%
 Epoch 2/3  loss 0.25  accuracy 0.9  val_loss 0.3  val_accuracy 0.85  0.125 s  760 samples/s  input-bound 20.0%
-completed: 2 epoch(s), 20 steps
+completed: 2 epoch(s), 20 steps on tensorflow 2.21.0
+best val_loss 0.3 at epoch 2
 final val_accuracy 0.85
 760 samples/s, input-bound 20.0%
 peak RSS 560 MB
@@ -42,7 +45,8 @@ DASHBOARD_RUNNING = """\
 Epoch 3/3 ━━━━━━━━━━╸                 4/10 ETA 0:00:00 loss 0.0891  800 samples/s  input-bound 20.0%
 run ETA 0:00:00
 no new record for 0:01:30
-last batch  epoch 3, batch 3, step 23: accuracy 0.5  loss 0.0833   step 10.0 ms, waited 2.5 ms
+best val_loss 0.3 at epoch 2
+last batch  epoch 3, batch 4/10, step 24:  accuracy 0.5  loss 0.0833  step 10.0 ms, waited 2.5 ms
 Finished epochs
 ┏━━━━━━━┳━━━━━━┳━━━━━━━━━━┳━━━━━━━━━━┳━━━━━━━━━━━━━━┳━━━━━━━━┳━━━━━━━━━━━┳━━━━━━━━━━━━━┓
 ┃ epoch ┃ loss ┃ accuracy ┃ val_loss ┃ val_accuracy ┃   time ┃ samples/s ┃ input-bound ┃
@@ -167,7 +171,7 @@ def test_dashboard_of_finished_and_resumed_runs(runs):
     state = state_of(resumed_records())
     text = text_of(dashboard(state, runs / "resumed" / "history.jsonl", now=1e10))
     assert "completed: 3 epoch(s), 30 steps" in text
-    assert "resumed 1x, last at epoch 2, batch 4" in text
+    assert "resumed 1x, last at epoch 2, batch 5/10" in text  # it went on with the 5th batch of the 2nd epoch
     assert epoch_column(text) == ["1", "2", "3"]
     assert "no new record" not in text and "ETA" not in text  # an ended run is not stale
 
@@ -272,6 +276,7 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys):
 
 # -- a real run ------------------------------------------------------------------------------
 
+@pytest.mark.model
 def test_tail_follow_started_before_a_real_run_ends_by_itself(tmp_path):
     command = [sys.executable, "-m", "pipetrain"]
     tail = subprocess.Popen([*command, "tail", "runs/live", "--follow", "--poll", "0.05"], cwd=tmp_path,
@@ -280,7 +285,7 @@ def test_tail_follow_started_before_a_real_run_ends_by_itself(tmp_path):
         assert "waiting for runs/live/history.jsonl to appear" in tail.stderr.readline()
         assert tail.poll() is None
         train = subprocess.run([*command, "train", "--epochs", "2", "--name", "live"], cwd=tmp_path,
-                               capture_output=True, text=True, timeout=180)
+                               capture_output=True, text=True, timeout=600)
         assert train.returncode == 0, train.stderr
         out, err = tail.communicate(timeout=30)
     finally:
@@ -289,7 +294,8 @@ def test_tail_follow_started_before_a_real_run_ends_by_itself(tmp_path):
     # The watcher prints exactly what the training process printed into its pipe.
     assert out == train.stdout
     assert [line.split()[1] for line in out.splitlines() if line.startswith("Epoch")] == ["1/2", "2/2"]
-    assert out.splitlines()[-5].startswith("completed: 2 epoch(s), 90 steps")
+    assert out.splitlines()[-6].startswith("completed: 2 epoch(s), 90 steps")
+    assert out.splitlines()[-5].startswith("best val_loss ")
     # and a snapshot taken afterwards is the same log
     again = subprocess.run([*command, "tail", "runs/live"], cwd=tmp_path, capture_output=True, text=True)
     assert again.stdout == train.stdout
@@ -302,9 +308,116 @@ def test_tail_follow_started_before_a_real_run_ends_by_itself(tmp_path):
     assert lines == train.stdout.splitlines()
 
 
+@pytest.mark.parametrize("status, code", [("completed", 0), ("stopped", 0), ("failed", 1), ("interrupted", 130)])
+def test_follow_exits_with_the_runs_status(tmp_path, capsys, status, code):
+    """So that a script can wait on a run: `tail --follow` (plain or raw) exits 0 when
+    it completed or was stopped, 1 when it failed, 130 when it was interrupted; a look
+    without --follow is a view and exits 0."""
+    path = write_records(tmp_path / "h.jsonl", known_records(end=status))
+    assert cli.main(["tail", str(path), "--follow"]) == code
+    assert cli.main(["tail", str(path), "--follow", "--raw"]) == code
+    assert cli.main(["tail", str(path)]) == 0
+    assert cli.main(["tail", str(path), "--raw"]) == 0
+    console = Console(file=io.StringIO(), width=100, force_terminal=True, color_system=None, height=50)
+    assert tail_live(path, console, poll=0.01) == code
+
+
+def dead_process() -> dict:
+    """The run-record description of a process of this host that has ended."""
+    from pipetrain.process import boot_id
+
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    started = psutil.Process(child.pid).create_time()
+    child.wait()
+    return {"pid": child.pid, "host": socket.gethostname(), "boot_id": boot_id(), "started": started}
+
+
+def test_a_run_whose_process_is_gone_says_so_and_follow_exits_1(tmp_path, capsys):
+    """A run killed with -9 writes no end record: on its host, tail says its process is
+    gone (not an ETA), and --follow exits 1 instead of waiting for ever."""
+    records = known_records(epochs_done=2, batches_in_last=4, end=None)
+    records[0]["process"] = dead_process()
+    records[0]["config"]["cli"] = {"epochs": 3}
+    path = write_records(tmp_path / "runs" / "x" / "history.jsonl", records)
+    assert cli.main(["tail", str(path), "--follow"]) == 1
+    captured = capsys.readouterr()
+    assert f"is gone without an end record (killed?); resume with: pipetrain train --resume {path.parent}" \
+        in captured.err
+    assert cli.main(["tail", str(path), "--follow", "--raw"]) == 1
+    assert "is gone" in capsys.readouterr().err
+    assert cli.main(["tail", str(path)]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.splitlines()[-1].endswith("(not running)") and "is gone" in captured.err
+    state = state_of(records)
+    text = text_of(dashboard(state, path, now=state.last_t + 5, writer="gone"))
+    assert "not running: the run's process (pid" in text and "it would go on at epoch 3, batch 5/10" in text
+    assert "ETA" not in text
+
+
+def test_whether_a_runs_process_is_there():
+    from pipetrain.process import process_info, writer_state
+
+    me = process_info()
+    assert writer_state(me) == "alive"
+    assert writer_state(dead_process()) == "gone"
+    assert writer_state({**me, "started": me["started"] - 3600}) == "gone"  # the pid is another process now
+    assert writer_state({**me, "boot_id": "another boot"}) == "gone"  # this host has booted since
+    assert writer_state({**me, "host": "elsewhere"}) == "unknown"  # nothing can be known from here
+    assert writer_state(None) == writer_state({}) == "unknown"  # a history from before the record said
+
+
+@pytest.mark.model
 def test_quiet_training_prints_nothing(tmp_path):
     done = subprocess.run([sys.executable, "-m", "pipetrain", "train", "--epochs", "1", "--quiet", "--name", "q"],
                           cwd=tmp_path, capture_output=True, text=True, timeout=180)
     assert done.returncode == 0, done.stderr
     assert done.stdout == "" and done.stderr == ""
     assert read_history(tmp_path / "runs" / "q").end["status"] == "completed"
+
+
+def test_the_training_bar_and_tail_show_one_samples_per_s(tmp_path):
+    """samples/s "now" has one definition, the batch records' (the batches of the last
+    two seconds, over wall time): the trainer's bar and tail's view show that number."""
+    from pipetrain.progress import EpochBar, RecentRate
+
+    records = known_records(epochs_done=2, batches_in_last=4, end=None)
+    rates = {}
+    for r in records:
+        if r["type"] == "batch":  # what the run records for these batches (one measure per epoch)
+            rate = rates.setdefault(r["epoch"], RecentRate())
+            r["samples_per_s"] = round(rate.add(r["t"] - r["step_s"] - r["wait_s"], r["t"], r["size"]), 1)
+    assert records[-1]["samples_per_s"] == 800.0  # 10 rows per 12.5 ms
+    progress = Progress(verbose=2, console=Console(file=io.StringIO(), width=100))
+    for r in records:
+        progress.handle(r)
+    path = write_records(tmp_path / "h.jsonl", records)
+    view = text_of(dashboard([u.state for u in updates(path, follow=False)][-1], path))
+    assert "800 samples/s" in text_of(EpochBar(progress.state)) and "now 800 samples/s" in view
+
+
+def many_metrics(records):
+    for r in records:
+        if r["type"] == "epoch":
+            r.update(precision=0.5, recall=0.4, auc=0.9, val_precision=0.5, val_recall=0.3, val_auc=0.8)
+    return records
+
+
+def test_an_80_column_terminal_is_fitted(tmp_path):
+    """On 80 columns: the trainer's epoch lines are cut between metrics (never inside a
+    number), the epochs table keeps whole headers and names the columns it leaves out."""
+    records = many_metrics(known_records(epochs_done=2, batches_in_last=4, end=None))
+    console = Console(file=io.StringIO(), width=80, force_terminal=True, color_system=None)
+    progress = Progress(verbose=2, console=console)  # lines only, on a terminal
+    for r in records:
+        progress.handle(r)
+    out = console.file.getvalue().splitlines()
+    assert all(len(line) <= 80 for line in out) and len(out) > 3
+    state = state_of(records)
+    plain = [run_line_or_epoch for r in records for run_line_or_epoch in lines_for(r, state)]
+    assert " ".join(" ".join(out).split()) == " ".join(" ".join(plain).split())  # the same words, in order
+    assert any(line.startswith("    ") and "samples/s" in line for line in out)  # a continuation line
+    path = write_records(tmp_path / "h.jsonl", records)
+    text = text_of(dashboard(state, path, now=state.last_t, width=80), width=80)
+    assert all(len(line) <= 80 for line in text.splitlines())
+    assert "…" not in text and "val_" in text and "accuracy" in text and "epoch" in text
+    assert "not shown at this width: " in text and "input-bound" in text.split("not shown at this width: ")[1]

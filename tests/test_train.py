@@ -3,6 +3,7 @@ validation, several inputs and outputs, sample and class weights) and the same w
 with Keras callbacks working as they do in fit."""
 
 import csv
+import re
 
 import h5py
 import keras
@@ -11,6 +12,8 @@ import pytest
 
 import pipetrain
 from tests.conftest import write_h5
+
+pytestmark = pytest.mark.model
 
 RTOL = 1e-5  # the promise; in practice the numbers are bit-for-bit equal
 
@@ -85,6 +88,19 @@ def test_epoch_metrics_equal_fit_with_auc_precision_and_a_partial_batch(binary_f
     ours = pipetrain.evaluate(model, val, batch_size=32)
     theirs = model.evaluate(vx, vy, batch_size=32, verbose=0, return_dict=True)
     assert_same_history({k: [v] for k, v in ours.items()}, {k: [v] for k, v in theirs.items()})
+
+
+@pytest.mark.model
+def test_a_validation_split_equals_fits_validation_split(binary_files):
+    """source.split(0.2) (and --val-split) validate on the last rows before any
+    shuffling, across the two files, as fit(validation_split=0.2) does: same history."""
+    train_paths, _ = binary_files
+    x, y = arrays(train_paths, "x", "y")
+    expected = binary_model().fit(x, y, batch_size=32, epochs=2, shuffle=False, validation_split=0.2, verbose=0)
+    train, val = pipetrain.H5Source(train_paths, x="x", y="y").split(0.2)
+    assert train.row_range == (0, 168) and val.row_range == (168, 211)  # the cut falls in the second file
+    history = pipetrain.train(binary_model(), train, epochs=2, batch_size=32, validation=val, shuffle="none", verbose=0)
+    assert_same_history(history.history, expected.history)
 
 
 def test_sample_weights_from_a_dataset_equal_fit(binary_files):
@@ -211,6 +227,53 @@ def test_early_stopping_and_reduce_lr_behave_as_in_fit(binary_files, tmp_path):
             np.testing.assert_allclose(float(rb[key]), float(ra[key]), rtol=RTOL, err_msg=key)
     end = pipetrain.read_history(tmp_path / "ours" / "history.jsonl").end
     assert end["status"] == "stopped" and end["epochs"] == len(expected.history["loss"])
+
+
+@pytest.mark.model
+def test_a_run_early_stopping_ended_names_why_and_its_resume_changes_nothing(binary_files, tmp_path, capsys):
+    """The end record says which callback stopped the run and when, the summary names
+    the best epoch; resuming it (or a completed run) says "already complete", writes
+    nothing and returns its History and weights; more epochs extend it."""
+    from pipetrain.outcome import best_epoch
+    from pipetrain.progress import RunState, summary
+
+    train_paths, val_path = binary_files
+    source = pipetrain.H5Source(train_paths, x="x", y="y")
+    val = pipetrain.H5Source(val_path, x="x", y="y")
+    folder = tmp_path / "es"
+
+    def run(model, epochs, **kwargs):
+        return pipetrain.train(model, source, epochs=epochs, batch_size=32, validation=val, shuffle="none",
+                               callbacks=[keras.callbacks.EarlyStopping(patience=1, min_delta=0.05)],
+                               history=folder / "history.jsonl", **kwargs)
+
+    trained = binary_model()
+    first = run(trained, 30, verbose=0)
+    n = len(first.history["loss"])
+    h = pipetrain.read_history(folder)
+    assert 1 < n < 30 and h.end["status"] == "stopped"
+    assert h.runs[0]["monitor"] == {"name": "val_loss", "mode": "min"}
+    name, _, best = best_epoch(h.epochs, h.runs[0]["monitor"])
+    assert name == "val_loss" and best["val_loss"] == min(first.history["val_loss"])
+    # (by min_delta, EarlyStopping's own best may be an earlier epoch than the lowest val_loss)
+    assert re.fullmatch(rf"EarlyStopping at epoch {n}: val_loss did not improve since epoch \d+", h.end["reason"])
+    lines = summary(RunState().extend([*h.runs, *h.epochs, h.end])).splitlines()
+    assert lines[0] == f"stopped: {n} epoch(s), {n * 7:,} steps - {h.end['reason']}"
+    assert lines[1] == f"best val_loss {best['val_loss']:.4g} at epoch {best['epoch'] + 1}"
+    files = {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+    capsys.readouterr()
+
+    model = binary_model(seed=5)  # other weights: the resume gives the run's
+    again = run(model, 30, verbose=1, resume=True)
+    assert f"is already complete (EarlyStopping at epoch {n}:" in capsys.readouterr().out
+    assert {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()} == files  # nothing written
+    assert again.history == first.history
+    assert_same_weights(model, trained)
+
+    assert run(binary_model(), n + 2, verbose=0, resume=True).history == first.history  # still within its 30
+    more = run(binary_model(), 31, verbose=0, resume=True)  # more epochs than it had: it goes on
+    h = pipetrain.read_history(folder)
+    assert len(h.runs) == 2 and len(h.epochs) > n and len(more.history["loss"]) == len(h.epochs)
 
 
 def test_model_checkpoint_terminate_on_nan_and_tensorboard(binary_files, tmp_path):

@@ -1,12 +1,16 @@
 """A training job for the resume tests: it may kill itself (SIGKILL, no clean-up at all)
 at a chosen point, and it saves its final weights.
 
-    python resume_job.py DATA_DIR RUN_DIR KILL [--resume]
+    python resume_job.py DATA_DIR RUN_DIR KILL [--resume] [--callbacks] [--allow-changed-data]
 
-KILL is ``none``, ``batch:E:B`` (as batch B of epoch E begins), or ``val:E:B`` (as
-validation batch B of epoch E begins); ``int-batch:E:B`` sends SIGINT instead.
+KILL is ``none``, ``batch:E:B`` (as batch B of epoch E begins), ``val:E:B`` (as
+validation batch B of epoch E begins), or ``end:E:0`` (when epoch E ends, after every
+other callback wrote its output for it); ``int-batch:E:B`` sends SIGINT instead.
+``--callbacks`` adds Keras' stateful callbacks writing into RUN_DIR, and saves the final
+learning rate in RUN_DIR/final.json.
 """
 
+import json
 import os
 import signal
 import sys
@@ -40,6 +44,25 @@ class KillAt(keras.callbacks.Callback):
     def on_test_batch_begin(self, batch, logs=None):
         self._maybe_die("val", batch)
 
+    def on_epoch_end(self, epoch, logs=None):
+        self._maybe_die("end", 0)
+
+
+def stateful_callbacks(run_dir):
+    """Every stateful Keras callback, writing its outputs into the run folder."""
+    return [
+        keras.callbacks.LearningRateScheduler(lambda epoch, lr: lr if epoch < 1 else lr * 0.5),  # Keras' docs
+        keras.callbacks.ReduceLROnPlateau(monitor="loss", factor=0.8, patience=0, min_delta=10.0),  # every epoch
+        keras.callbacks.EarlyStopping(monitor="val_loss", patience=1, restore_best_weights=True),
+        keras.callbacks.ModelCheckpoint(f"{run_dir}/mc/epoch-{{epoch}}.weights.h5", save_weights_only=True),
+        keras.callbacks.ModelCheckpoint(f"{run_dir}/mc/best.weights.h5", save_weights_only=True,
+                                        save_best_only=True, monitor="val_loss"),
+        keras.callbacks.ModelCheckpoint(f"{run_dir}/mc/e{{epoch}}-b{{batch}}.weights.h5", save_weights_only=True,
+                                        save_freq=7),
+        keras.callbacks.CSVLogger(f"{run_dir}/log.csv"),
+        keras.callbacks.TensorBoard(f"{run_dir}/tb", update_freq=3),
+    ]
+
 
 def model():
     keras.utils.set_random_seed(0)
@@ -57,15 +80,19 @@ def model():
 def main():
     data, run_dir, kill = sys.argv[1:4]
     m = model()
+    callbacks = [keras.callbacks.EarlyStopping(monitor="val_loss", patience=5)]
+    if "--callbacks" in sys.argv:
+        callbacks = stateful_callbacks(run_dir)
     pipetrain.train(
         m, pipetrain.H5Source(f"{data}/train-*.h5", x="x", y="y"), epochs=3, batch_size=32,
         validation=pipetrain.H5Source(f"{data}/val.h5", x="x", y="y"), shuffle="block", seed=1,
         shuffle_window=64, history=f"{run_dir}/history.jsonl", checkpoint_every=4,
-        resume="--resume" in sys.argv, callbacks=[KillAt(kill),
-                                                  keras.callbacks.EarlyStopping(monitor="val_loss", patience=5)],
-        verbose=0,
+        resume="--resume" in sys.argv, callbacks=[*callbacks, KillAt(kill)],
+        verbose=0, **({"allow_changed_data": True} if "--allow-changed-data" in sys.argv else {}),
     )
     np.savez(f"{run_dir}/weights.npz", *m.get_weights())
+    with open(f"{run_dir}/final.json", "w") as f:
+        json.dump({"learning_rate": float(np.asarray(m.optimizer.learning_rate))}, f)
 
 
 if __name__ == "__main__":

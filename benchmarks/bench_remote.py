@@ -1,0 +1,251 @@
+"""Reading and training from a bucket: pipetrain against h5py on an s3fs file and against
+the local disk, with a cloud region's latency added to every request.
+
+    python benchmarks/bench_remote.py [--latency 0.02 0.05] [--repeat 3] [--out benchmarks/results/remote.json]
+
+The W1 file (``pipetrain make-data``: 100,000 x 784 float32, gzip level 1, chunks of 256
+rows) is served by a local S3 endpoint (a read-only, path-style S3 server over the file,
+tests/remote_helpers.py ``FileServer``: moto, the tests' endpoint, reads the whole 117 MB
+object for every ranged GET, 277 ms each, which would measure moto) through a proxy
+that adds ``--latency`` seconds to each request (``FaultProxy``). For each latency, in
+one process, variants run round-robin:
+
+- ``read``: every batch of an epoch (batch 256, file order) through the producer pool,
+  no training: pipetrain from the bucket, from the local disk, and h5py on an
+  ``s3fs`` file object (``s3fs.open``, its default read-ahead cache), ``dset[a:b]``;
+- ``epoch``: one training epoch of the W1 MLP (``pipetrain.train``, block shuffle, the
+  default): from the bucket and from the local disk; and h5py on s3fs feeding
+  ``train_on_batch`` (file order) as the peer.
+
+The metadata cache is on (the second run of a job is the usual case); the first open of
+each file is timed apart (``open_s``, cold and warm). Reported: medians, ratios
+(bucket / local, h5py-s3fs / pipetrain), requests made and bytes fetched.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import h5py  # noqa: E402
+import numpy as np  # noqa: E402
+
+import pipetrain  # noqa: E402
+from pipetrain.pipeline import Prefetcher  # noqa: E402
+from pipetrain.plan import Plan  # noqa: E402
+from pipetrain.synth import make_data  # noqa: E402
+
+BATCH = 256
+ROWS = 100_000
+
+
+def build_model():
+    import keras
+
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((784,)), keras.layers.Dense(256, activation="relu"),
+                              keras.layers.Dense(256, activation="relu"), keras.layers.Dense(10, activation="softmax")])
+    model.compile(keras.optimizers.Adam(1e-3), "sparse_categorical_crossentropy", metrics=["accuracy"])
+    return model
+
+
+class Env:
+    """The S3 endpoint and its latency proxy, in a process of their own (so that serving
+    takes no GIL time from the reader it measures), and their request and byte counts."""
+
+    def __init__(self, folder: Path, latency: float):
+        root = Path(__file__).resolve().parent.parent
+        self.process = subprocess.Popen([sys.executable, "-m", "tests.remote_helpers", str(folder), str(latency)],
+                                        cwd=root, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        endpoint = self.process.stdout.readline().strip()
+        self.options = {"key": "x", "secret": "x", "client_kwargs": {"endpoint_url": endpoint}}
+        self.url = "s3://bench/w1.h5"
+
+    def counts(self) -> dict:
+        self.process.stdin.write("stats\n")
+        self.process.stdin.flush()
+        return json.loads(self.process.stdout.readline())
+
+    def stop(self):
+        self.process.stdin.close()
+        self.process.wait(timeout=30)
+
+
+def source(env: Env | None, local: Path) -> pipetrain.H5Source:
+    if env is None:
+        return pipetrain.H5Source(str(local), x="x", y="y")
+    return pipetrain.H5Source(env.url, x="x", y="y", storage_options=env.options)
+
+
+def v_read_pipetrain(env, local):
+    with source(env, local) as src:
+        plan = Plan(src.rows_per_file, BATCH, block_rows=src.block_rows())
+        t0 = time.perf_counter()
+        with Prefetcher(src, plan.batches(0), plan.blocks, BATCH, workers=2) as stream:
+            for _ in stream:
+                pass
+        return time.perf_counter() - t0
+
+
+def h5py_s3fs(env):
+    import s3fs
+
+    fs = s3fs.S3FileSystem(**env.options)
+    return fs.open("bench/w1.h5", "rb")
+
+
+def v_read_h5py_s3fs(env, local):
+    t0 = time.perf_counter()
+    with h5py_s3fs(env) as fobj, h5py.File(fobj, "r") as f:
+        xs, ys = f["x"], f["y"]
+        for a in range(0, ROWS, BATCH):
+            xs[a : a + BATCH], ys[a : a + BATCH]
+    return time.perf_counter() - t0
+
+
+def v_epoch_pipetrain(env, local):
+    import keras
+
+    model = build_model()
+
+    class Timer(keras.callbacks.Callback):
+        def on_epoch_begin(self, epoch, logs=None):
+            self.t0 = time.perf_counter()
+
+        def on_epoch_end(self, epoch, logs=None):
+            self.seconds = time.perf_counter() - self.t0
+
+    timer = Timer()
+    with source(env, local) as src:
+        # One batch traces the model first: the epoch is timed without the tracing.
+        model.train_on_batch(np.zeros((BATCH, 784), np.float32), np.zeros(BATCH, np.int64))
+        pipetrain.train(model, src, epochs=1, batch_size=BATCH, shuffle="block", verbose=0, workers=2,
+                        callbacks=[timer], monitor_interval=None)
+    return timer.seconds
+
+
+def v_epoch_h5py_s3fs(env, local):
+    model = build_model()
+    model.train_on_batch(np.zeros((BATCH, 784), np.float32), np.zeros(BATCH, np.int64))
+    t0 = time.perf_counter()
+    with h5py_s3fs(env) as fobj, h5py.File(fobj, "r") as f:
+        xs, ys = f["x"], f["y"]
+        for a in range(0, ROWS, BATCH):
+            model.train_on_batch(xs[a : a + BATCH], ys[a : a + BATCH])
+    return time.perf_counter() - t0
+
+
+def open_times(env: Env, cache: Path) -> dict:
+    """Seconds to open the source: cold (no metadata cache) and warm (cached)."""
+    import shutil
+
+    shutil.rmtree(cache, ignore_errors=True)
+    out = {}
+    for kind in ("cold", "warm"):
+        before = env.counts()["requests"]
+        t0 = time.perf_counter()
+        pipetrain.H5Source(env.url, x="x", y="y", storage_options=env.options).close()
+        out[kind] = {"seconds": round(time.perf_counter() - t0, 3), "requests": env.counts()["requests"] - before}
+    return out
+
+
+VARIANTS = {
+    "read/pipetrain-bucket": ("bucket", v_read_pipetrain),
+    "read/pipetrain-local": ("local", v_read_pipetrain),
+    "read/h5py-s3fs": ("bucket", v_read_h5py_s3fs),
+    "epoch/pipetrain-bucket": ("bucket", v_epoch_pipetrain),
+    "epoch/pipetrain-local": ("local", v_epoch_pipetrain),
+    "epoch/h5py-s3fs": ("bucket", v_epoch_h5py_s3fs),
+}
+
+
+def bench(folder: Path, latency: float, repeat: int, skip: set[str]) -> dict:
+    env = Env(folder, latency)
+    try:
+        result = {"latency_s": latency, "open": open_times(env, Path(os.environ["PIPETRAIN_CACHE"]))}
+        runs = {v: [] for v in VARIANTS if v not in skip}
+        requests = {v: [] for v in runs}
+        fetched = {v: [] for v in runs}
+        for r in range(repeat):
+            for name in runs:
+                where, fn = VARIANTS[name]
+                before = env.counts()
+                seconds = fn(env if where == "bucket" else None, folder / "bench" / "w1.h5")
+                after = env.counts()
+                runs[name].append(seconds)
+                requests[name].append(after["requests"] - before["requests"])
+                fetched[name].append(after["bytes"] - before["bytes"])
+                print(f"  {latency * 1000:.0f} ms round {r + 1}/{repeat} {name:24s} {seconds:7.3f} s", flush=True)
+        median = {v: statistics.median(t) for v, t in runs.items()}
+        result["seconds"] = {v: round(t, 3) for v, t in median.items()}
+        result["requests"] = {v: max(n) for v, n in requests.items() if max(n)}
+        result["fetched_mb"] = {v: round(max(n) / 2**20, 1) for v, n in fetched.items() if max(n)}
+        ratios = {}
+        for kind in ("read", "epoch"):
+            bucket, local, peer = (median.get(f"{kind}/{x}") for x in ("pipetrain-bucket", "pipetrain-local", "h5py-s3fs"))
+            if bucket and local:
+                ratios[f"{kind}: bucket / local"] = round(bucket / local, 3)
+            if bucket and peer:
+                ratios[f"{kind}: h5py-s3fs / pipetrain-bucket"] = round(peer / bucket, 2)
+        result["ratios"] = ratios
+        return result
+    finally:
+        env.stop()
+
+
+def table(results: dict) -> str:
+    lines = ["| latency | variant | s | requests | MB fetched |", "|---:|---|---:|---:|---:|"]
+    for r in results["latencies"]:
+        for v, t in r["seconds"].items():
+            lines.append(f"| {r['latency_s'] * 1000:.0f} ms | {v} | {t:.3f} | {r['requests'].get(v, '')} | "
+                         f"{r['fetched_mb'].get(v, '')} |")
+    lines.append("")
+    for r in results["latencies"]:
+        lines.append(f"{r['latency_s'] * 1000:.0f} ms: " + "; ".join(f"{k} = {v}" for k, v in r["ratios"].items())
+                     + f"; open cold {r['open']['cold']}, warm {r['open']['warm']}")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--latency", type=float, nargs="+", default=[0.02, 0.05])
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--data-dir", help="keep the W1 file here (default: a temporary folder)")
+    parser.add_argument("--skip", nargs="*", default=[], help="variants to leave out")
+    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "remote.json"))
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(args.data_dir or tmp)
+        (folder / "bench").mkdir(parents=True, exist_ok=True)
+        path = folder / "bench" / "w1.h5"
+        if not path.exists():
+            make_data(path, ROWS, (784,), 10, "float32", "gzip:1", False, 256)
+        os.environ["PIPETRAIN_CACHE"] = str(Path(tmp) / "cache")
+        import tensorflow as tf
+
+        results = {"machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
+                               "tensorflow": tf.__version__, "h5py": h5py.__version__,
+                               "note": "2-core machine shared with other engineers' jobs"},
+                   "file_mb": round(path.stat().st_size / 2**20, 1), "repeat": args.repeat, "latencies": []}
+        for latency in args.latency:
+            print(f"latency {latency * 1000:.0f} ms:", flush=True)
+            results["latencies"].append(bench(folder, latency, args.repeat, set(args.skip)))
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
+    print()
+    print(table(results))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,337 @@
+"""Objects in buckets and on web servers: URLs, their stores, versions and errors.
+
+A URL (``s3://bucket/key``, ``gs://bucket/key``, ``https://host/path``) names an object
+that pipetrain reads with ranged GETs. This module is the one place that knows the
+object stores: it finds the fsspec filesystem for a URL (``s3fs``, ``gcsfs``, fsspec's
+HTTP), lists globs, reads an object's size and version (S3's ETag, GCS's generation, a
+web server's ETag), and makes ONE ranged GET of it, saying what a failure means:
+
+- ``missing`` (no such bucket or key), ``denied`` (credentials refused): bad input;
+- ``changed``: the object is not the version opened (S3 ``If-Match``, a GCS request
+  pinned to the generation, a web server's ETag or size): never mix two versions;
+- ``transient``: throttling (503 SlowDown, 429), server errors, dropped connections,
+  time-outs: worth another try (the retries are :mod:`pipetrain.ranges`' job);
+- ``other``: anything else, not retried.
+
+Credentials and endpoints are fsspec's: ``storage_options`` in Python; on the command
+line the usual environment (``AWS_PROFILE``, ``AWS_ACCESS_KEY_ID``, ``AWS_ENDPOINT_URL``,
+``GOOGLE_APPLICATION_CREDENTIALS``, ``STORAGE_EMULATOR_HOST``, ...). fsspec and the
+store packages are imported only when a URL is used: ``import pipetrain`` stays free of
+them, and a missing package is one line naming the extra to install.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import threading
+from dataclasses import dataclass
+
+from pipetrain.errors import InputError
+
+__all__ = ["ObjectInfo", "RemoteInputError", "is_url", "store_for", "stat", "expand", "classify"]
+
+_URL = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
+
+# scheme -> (the package that serves it, the extra that installs it)
+SCHEMES = {
+    "s3": ("s3fs", "s3"),
+    "s3a": ("s3fs", "s3"),
+    "gs": ("gcsfs", "gcs"),
+    "gcs": ("gcsfs", "gcs"),
+    "http": ("aiohttp", "http"),
+    "https": ("aiohttp", "http"),
+}
+
+
+class RemoteInputError(InputError):
+    """A URL that cannot be used: unknown scheme, missing package, bucket or key, access denied."""
+
+
+class ObjectChangedError(RemoteInputError):
+    """The object was replaced while it was read: its version no longer matches."""
+
+
+class RemoteReadError(OSError):
+    """A ranged read failed for good (after the retries a transient failure gets)."""
+
+
+def is_url(text) -> bool:
+    """Whether a path given by the user is a URL (``scheme://...``) rather than a local path."""
+    return isinstance(text, str) and _URL.match(text) is not None
+
+
+def scheme(url: str) -> str:
+    return _URL.match(url).group(1).lower()
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    """One object as opened: what must stay the same while it is read."""
+
+    url: str
+    size: int
+    version: str | None  # S3/HTTP ETag, GCS generation; None when the server gives none
+
+    def key(self) -> str:
+        """Identifies this version of the object (for caches)."""
+        return f"{self.url}\n{self.version}\n{self.size}"
+
+
+# ----------------------------------------------------------------------------- stores
+
+
+class Store:
+    """The filesystem of one scheme (with its storage options): stat, list, one ranged GET."""
+
+    def __init__(self, fs, protocol: str):
+        self.fs, self.protocol = fs, protocol
+
+    @property
+    def loop(self):
+        return self.fs.loop
+
+    def path(self, url: str) -> str:
+        return url
+
+    def url(self, path: str) -> str:
+        return path if is_url(path) else f"{self.protocol}://{path}"
+
+    def info(self, url: str) -> ObjectInfo:
+        """Size and version of the object at ``url`` (raises what :func:`classify` knows)."""
+        return self.object(url, self.fs.info(self.path(url)))
+
+    def object(self, url: str, info: dict) -> ObjectInfo:
+        size = info.get("size")
+        if size is None:
+            raise RemoteInputError(f"{url}: the server does not say the object's size; pipetrain needs it for ranged reads")
+        return ObjectInfo(url, int(size), self.version(info))
+
+    def version(self, info: dict) -> str | None:
+        return info.get("ETag") or info.get("etag") or None
+
+    def glob(self, pattern: str) -> list[ObjectInfo]:
+        found = self.fs.glob(self.path(pattern), detail=True)
+        return [self.object(self.url(name), info) for name, info in sorted(found.items())
+                if info.get("type", "file") != "directory"]
+
+    async def get(self, obj: ObjectInfo, start: int, stop: int) -> bytes:
+        """Bytes [start, stop) of this version of the object, in one request."""
+        raise NotImplementedError
+
+
+class S3Store(Store):
+    def path(self, url: str) -> str:
+        return url.split("://", 1)[1]
+
+    async def get(self, obj: ObjectInfo, start: int, stop: int) -> bytes:
+        bucket, key, _ = self.fs.split_path(self.path(obj.url))
+        client = await self.fs.get_s3(bucket)
+        extra = {"IfMatch": obj.version} if obj.version else {}
+        response = await client.get_object(Bucket=bucket, Key=key, Range=f"bytes={start}-{stop - 1}", **extra)
+        try:
+            if obj.version and response.get("ETag") not in (None, obj.version):
+                raise _Changed(f"ETag {obj.version} became {response.get('ETag')}")
+            return await response["Body"].read()
+        finally:
+            response["Body"].close()
+
+
+class _HTTPStatus(OSError):
+    """A response with an error status (for :func:`classify`)."""
+
+    def __init__(self, status: int, text: str):
+        super().__init__(f"HTTP {status}{': ' + text if text else ''}")
+        self.status = status
+
+
+class _Changed(OSError):
+    pass
+
+
+async def _ranged(session, url: str, headers: dict, obj: ObjectInfo, start: int, stop: int,
+                  etag_header: str = "ETag", **kwargs) -> bytes:
+    """One GET of bytes [start, stop) with an aiohttp session, checked: a 206 whose range,
+    total size and version are the object's as opened."""
+    headers = {**headers, "Range": f"bytes={start}-{stop - 1}", "Accept-Encoding": "identity"}
+    async with session.get(url, headers=headers, **kwargs) as r:
+        if r.status >= 400:
+            text = (await r.read())[:200].decode("utf-8", "replace")
+            raise _HTTPStatus(r.status, " ".join(text.split()))
+        if r.status != 206 and not (start == 0 and stop == obj.size):
+            raise RemoteInputError(f"{obj.url}: the server does not honour Range requests (HTTP {r.status}); "
+                                   "pipetrain reads objects in ranges")
+        total = r.headers.get("Content-Range", "").rpartition("/")[2]
+        if total.isdigit() and int(total) != obj.size:
+            raise _Changed(f"size {obj.size} became {total}")
+        version = r.headers.get(etag_header)
+        if obj.version and version and version != obj.version:
+            raise _Changed(f"{etag_header} {obj.version} became {version}")
+        return await r.read()
+
+
+class HTTPStore(Store):
+    def version(self, info: dict) -> str | None:
+        return info.get("ETag") or info.get("Last-Modified") or None
+
+    def glob(self, pattern: str) -> list[ObjectInfo]:
+        # fsspec lists a web server's links; their size and version come from a HEAD each.
+        return [self.info(url) for url in sorted(self.fs.glob(pattern))]
+
+    async def get(self, obj: ObjectInfo, start: int, stop: int) -> bytes:
+        session = await self.fs.set_session()
+        kwargs = dict(self.fs.kwargs)
+        headers = dict(kwargs.pop("headers", None) or {})
+        return await _ranged(session, self.fs.encode_url(obj.url), headers, obj, start, stop, **kwargs)
+
+
+class GCSStore(Store):
+    def path(self, url: str) -> str:
+        return url.split("://", 1)[1]
+
+    def version(self, info: dict) -> str | None:
+        return str(info["generation"]) if info.get("generation") else None
+
+    async def get(self, obj: ObjectInfo, start: int, stop: int) -> bytes:
+        # Pinned to the generation opened: a replaced object answers 404, never new bytes.
+        await self.fs._set_session()
+        url = self.fs.url(self.path(obj.url), generation=obj.version)
+        return await _ranged(self.fs.session, url, self.fs._get_headers({}), obj, start, stop,
+                             etag_header="x-goog-generation", timeout=self.fs.requests_timeout)
+
+
+_STORES = {"s3": S3Store, "s3a": S3Store, "gs": GCSStore, "gcs": GCSStore, "http": HTTPStore, "https": HTTPStore}
+_cache: dict[tuple, Store] = {}
+_cache_lock = threading.Lock()
+
+
+def store_for(url: str, storage_options: dict | None = None) -> Store:
+    """The store serving ``url`` (one per scheme and storage options, kept for the process)."""
+    name = scheme(url)
+    if name not in SCHEMES:
+        known = ", ".join(f"{s}://" for s in ("s3", "gs", "https", "http"))
+        raise RemoteInputError(f"{url}: pipetrain reads {known} URLs, not {name}://")
+    options = dict(storage_options or {})
+    key = (name, repr(sorted(options.items())))
+    with _cache_lock:
+        if key in _cache:
+            return _cache[key]
+        package, extra = SCHEMES[name]
+        try:
+            import fsspec
+
+            __import__(package)
+            fs = fsspec.filesystem(name, **_defaults(name, options))
+        except ImportError as e:
+            raise RemoteInputError(
+                f"{url}: reading {name}:// URLs needs {package} ({e.name or package} is missing): "
+                f"pip install 'pipetrain[{extra}]'"
+            ) from None
+        store = _cache[key] = _STORES[name](fs, name)
+        return store
+
+
+def _defaults(name: str, options: dict) -> dict:
+    """Storage options with pipetrain's defaults where the user set none: one retry policy
+    (pipetrain's, :mod:`pipetrain.ranges`) instead of botocore's retries inside it."""
+    if name in ("s3", "s3a"):
+        config = dict(options.get("config_kwargs") or {})
+        config.setdefault("retries", {"total_max_attempts": 1, "mode": "standard"})
+        config.setdefault("max_pool_connections", 64)
+        return {**options, "config_kwargs": config}
+    return options
+
+
+def stat(url: str, storage_options: dict | None = None) -> ObjectInfo:
+    """Size and version of one object; bad input (one line) when it cannot be read."""
+    store = store_for(url, storage_options)
+    try:
+        info = store.info(url)
+    except RemoteInputError:
+        raise
+    except Exception as e:
+        raise _input_error(url, e) from None
+    return info
+
+
+def expand(pattern: str, storage_options: dict | None = None) -> list[ObjectInfo]:
+    """The objects a URL glob matches, sorted (sizes and versions from the listing)."""
+    store = store_for(pattern, storage_options)
+    try:
+        found = store.glob(pattern)
+    except RemoteInputError:
+        raise
+    except Exception as e:
+        raise _input_error(pattern, e) from None
+    if not found:
+        raise RemoteInputError(f"{pattern}: no object matches")
+    return found
+
+
+def _input_error(url: str, exc: BaseException) -> RemoteInputError:
+    kind = classify(exc)
+    detail = describe(exc)
+    if kind == "missing":
+        return RemoteInputError(f"{url}: no such object or bucket ({detail})")
+    if kind == "denied":
+        return RemoteInputError(f"{url}: access denied ({detail}); check the credentials "
+                                "(storage_options in Python; AWS_PROFILE, AWS_ACCESS_KEY_ID, ... on the command line)")
+    return RemoteInputError(f"{url}: cannot be read: {detail}")
+
+
+# ----------------------------------------------------------------------------- errors
+
+_MISSING = {"NoSuchKey", "NoSuchBucket", "NotFound", "404", "NoSuchVersion"}
+_DENIED = {"AccessDenied", "403", "401", "InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken",
+           "InvalidToken", "AllAccessDisabled", "AccountProblem", "Forbidden"}
+_CHANGED = {"PreconditionFailed", "412"}
+_THROTTLED = {"SlowDown", "ServiceUnavailable", "InternalError", "RequestTimeout", "Throttling",
+              "ThrottlingException", "RequestLimitExceeded", "TooManyRequests", "503", "500", "502", "504"}
+
+
+def _status_and_code(exc: BaseException) -> tuple[int | None, str | None]:
+    response = getattr(exc, "response", None)
+    if isinstance(response, dict):  # botocore ClientError
+        error = response.get("Error") or {}
+        status = (response.get("ResponseMetadata") or {}).get("HTTPStatusCode")
+        return status, error.get("Code")
+    status = getattr(exc, "status", None) or getattr(exc, "code", None)
+    return (status, None) if isinstance(status, int) else (None, None)
+
+
+def classify(exc: BaseException) -> str:
+    """``missing``, ``denied``, ``changed``, ``transient`` or ``other``."""
+    if isinstance(exc, _Changed):
+        return "changed"
+    status, code = _status_and_code(exc)
+    if status == 412 or code in _CHANGED:
+        return "changed"
+    if status == 404 or code in _MISSING or isinstance(exc, FileNotFoundError):
+        return "missing"
+    if status in (401, 403) or code in _DENIED or isinstance(exc, PermissionError):
+        return "denied"
+    if (status is not None and (status in (408, 429) or status >= 500)) or code in _THROTTLED:
+        return "transient"
+    if status is not None or code is not None:
+        return "other"
+    if isinstance(exc, (ConnectionError, TimeoutError, asyncio.TimeoutError, EOFError)):
+        return "transient"
+    module = type(exc).__module__.split(".")[0]
+    if module in ("aiohttp", "botocore", "aiobotocore", "urllib3", "http", "requests"):
+        return "transient"  # connection-level failures: reset, refused, closed, payload cut short
+    if isinstance(exc, OSError) and "Forbidden" in str(exc):  # gcsfs' 403
+        return "denied"
+    if isinstance(exc, OSError) and not isinstance(exc, RemoteReadError):
+        return "transient"
+    return "other"
+
+
+def describe(exc: BaseException) -> str:
+    """One line for a store's exception: its code and message."""
+    status, code = _status_and_code(exc)
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    if code and code not in text:
+        text = f"{code}: {text}"
+    elif status and str(status) not in text:
+        text = f"HTTP {status}: {text}"
+    return text if text != type(exc).__name__ else f"{type(exc).__name__}"

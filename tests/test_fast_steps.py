@@ -1,0 +1,183 @@
+"""Fused steps (k batches per compiled call), device prefetch and vector-valued metrics:
+the numbers stay fit's, on every backend."""
+
+import keras
+import numpy as np
+import pytest
+
+import pipetrain
+from pipetrain import device
+from tests.conftest import write_h5
+from tests.test_train import arrays, assert_same_history, assert_same_weights, binary_model
+
+pytestmark = pytest.mark.model
+BACKEND = keras.backend.backend()
+
+
+@pytest.fixture
+def binary(tmp_path):
+    """150 + 61 rows: 6 batches of 32 and a partial one of 19."""
+    rng = np.random.default_rng(7)
+    paths = []
+    for name, n in (("a.h5", 150), ("b.h5", 61)):
+        x = rng.normal(size=(n, 10)).astype("float32")
+        y = (x[:, 0] - x[:, 1] + rng.normal(scale=0.7, size=n) > 0).astype("float32")
+        paths.append(write_h5(tmp_path / name, chunks=32, x=x, y=y))
+    return paths
+
+
+def fit_history(paths, k, epochs=3):
+    x, y = arrays(paths, "x", "y")
+    model = binary_model()
+    if k > 1:
+        model.compile(model.optimizer, model.loss, metrics=["accuracy", keras.metrics.AUC(name="auc"),
+                                                            keras.metrics.Precision(name="precision")],
+                      steps_per_execution=k)
+    return model, model.fit(x, y, batch_size=32, epochs=epochs, shuffle=False, verbose=0).history
+
+
+@pytest.mark.parametrize("k", [3, 16])
+def test_k_batches_per_call_give_fits_epoch_metrics_and_weights(binary, tmp_path, k):
+    # PyTorch's fit refuses steps_per_execution > 1: there the per-batch fit is the reference.
+    reference, expected = fit_history(binary, 1 if BACKEND == "torch" else k)
+    _, per_batch = fit_history(binary, 1)
+    model = binary_model()
+    history = pipetrain.train(model, pipetrain.H5Source(binary, x="x", y="y"), epochs=3, batch_size=32,
+                              shuffle="none", verbose=0, steps_per_execution=k,
+                              history=tmp_path / "run" / "history.jsonl", monitor_interval=None)
+    assert_same_history(history.history, expected)
+    assert_same_history(history.history, per_batch)
+    assert_same_weights(model, reference)
+
+    # One record per group of up to k batches; the partial last batch is a group of its own.
+    records = pipetrain.read_history(tmp_path / "run" / "history.jsonl").batches
+    lasts = [min(i + k, 6) - 1 for i in range(0, 6, k)] + [6]
+    assert [(r["epoch"], r["batch"]) for r in records] == [(e, last) for e in range(3) for last in lasts]
+    for r in records:
+        count = r.get("batches", 1)
+        assert r["size"] == (19 if r["batch"] == 6 else 32 * count)
+        assert np.isfinite(r["loss"]) and 0 <= r["accuracy"] <= 1
+
+
+def test_a_group_records_the_metrics_of_its_batches(binary, tmp_path):
+    """The record of a group holds the model's metrics over those batches alone."""
+    x, y = arrays(binary, "x", "y")
+    model = binary_model()
+    pipetrain.train(model, pipetrain.H5Source(binary, x="x", y="y"), epochs=1, batch_size=32, shuffle="none",
+                    verbose=0, steps_per_execution=3, history=tmp_path / "r" / "history.jsonl", monitor_interval=None)
+    records = pipetrain.read_history(tmp_path / "r" / "history.jsonl").batches
+    # Replay on a twin: its first batch alone (the group a fresh model starts with is trained
+    # as one batch, then the rest), then batches 3-5 from zeroed metrics.
+    twin = binary_model()
+    for b in range(3):
+        twin.train_on_batch(x[32 * b:32 * b + 32], y[32 * b:32 * b + 32])
+    twin.reset_metrics()
+    for b in range(3, 6):
+        logs = _accumulating_train_on_batch(twin, x[32 * b:32 * b + 32], y[32 * b:32 * b + 32])
+    second = records[1]
+    assert (second["batch"], second["batches"]) == (5, 3)
+    for name in ("loss", "accuracy", "auc"):
+        np.testing.assert_allclose(second[name], logs[name], rtol=1e-5)
+
+
+def _accumulating_train_on_batch(model, x, y):
+    """One training step whose metrics add to the running ones (as within fit)."""
+    state = [np.array(keras.ops.convert_to_numpy(v)) for v in model.metrics_variables]
+    model.train_on_batch(x, y)  # Keras >= 3.15 resets the metrics first
+    for v, before in zip(model.metrics_variables, state, strict=True):
+        v.assign(before + keras.ops.convert_to_numpy(v))
+    return {k: float(v) for k, v in model.get_metrics_result().items()}
+
+
+def test_a_run_stopped_mid_epoch_with_groups_resumes_exactly(binary, tmp_path):
+    class StopAt(keras.callbacks.Callback):
+        def __init__(self, at=None):
+            super().__init__()
+            self.at = at
+
+        def on_train_batch_end(self, batch, logs=None):
+            if self.at is not None and batch >= self.at:
+                self.model.stop_training = True
+
+    source = pipetrain.H5Source(binary, x="x", y="y")
+    straight = binary_model()
+    expected = pipetrain.train(straight, source, epochs=2, batch_size=32, shuffle="block", seed=3, verbose=0,
+                               steps_per_execution=3, monitor_interval=None, callbacks=[StopAt()]).history
+    model = binary_model()
+    run = tmp_path / "run" / "history.jsonl"
+    pipetrain.train(model, source, epochs=2, batch_size=32, shuffle="block", seed=3, verbose=0,
+                    steps_per_execution=3, monitor_interval=None, history=run, callbacks=[StopAt(3)])
+    stopped = pipetrain.read_history(run)
+    assert stopped.end["status"] == "stopped" and stopped.batches[-1]["batch"] == 5  # after the 2nd group
+    resumed = binary_model()
+    history = pipetrain.train(resumed, source, epochs=2, batch_size=32, shuffle="block", seed=3, verbose=0,
+                              steps_per_execution=3, monitor_interval=None, history=run, resume=True,
+                              callbacks=[StopAt()])
+    assert_same_history(history.history, expected)
+    for a, b in zip(resumed.get_weights(), straight.get_weights(), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_device_prefetch_hands_the_loop_exactly_the_produced_batches(tmp_path):
+    x = np.arange(100 * 3, dtype="float32").reshape(100, 3)
+    y = np.arange(100, dtype="int64")
+    path = write_h5(tmp_path / "d.h5", chunks=8, x=x, y=y)
+    assert device.accelerator() is not None or device.device_copier() is None  # "auto" on a CPU: nothing to do
+    copy = device.device_copier(force=True)
+    seen = []
+    with pipetrain.Run(pipetrain.H5Source(path, x="x", y="y"), batch_size=16, epochs=2, shuffle="none",
+                       verbose=0, monitor_interval=None, device_prefetch=True, models=binary_model()) as run:
+        for epoch in run.epochs():
+            for batch in epoch:
+                assert not isinstance(batch.x, np.ndarray)  # the backend's own array, on its device
+                seen.append((keras.ops.convert_to_numpy(batch.x), keras.ops.convert_to_numpy(batch.y)))
+    assert len(seen) == 14
+    got_x = np.concatenate([s[0] for s in seen])
+    got_y = np.concatenate([s[1] for s in seen])
+    np.testing.assert_array_equal(got_x, np.concatenate([x, x]))
+    np.testing.assert_array_equal(got_y, np.concatenate([y, y]))
+    copied = copy((x[:4], y[:4], None))
+    assert copied[2] is None and np.array_equal(keras.ops.convert_to_numpy(copied[0]), x[:4])
+
+
+def test_train_with_device_prefetch_and_groups_equals_fit(binary):
+    reference, expected = fit_history(binary, 1)
+    model = binary_model()
+    history = pipetrain.train(model, pipetrain.H5Source(binary, x="x", y="y"), epochs=3, batch_size=32,
+                              shuffle="none", verbose=0, steps_per_execution=4, device_prefetch=True,
+                              monitor_interval=None)
+    assert_same_history(history.history, expected)
+    assert_same_weights(model, reference)
+
+
+def f1_model():
+    keras.utils.set_random_seed(1)
+    model = keras.Sequential([keras.Input((6,)), keras.layers.Dense(3, activation="softmax")])
+    model.compile("adam", "categorical_crossentropy",
+                  metrics=[keras.metrics.F1Score(average=None, name="f1"), "accuracy"])
+    return model
+
+
+def test_a_per_class_metric_works_as_in_fit_in_records_and_checkpoints(tmp_path):
+    """Issue 16 item 7: F1Score(average=None) crashed train() at batch 0 and its History
+    was refused by the checkpoint."""
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(90, 6)).astype("float32")
+    y = np.eye(3, dtype="float32")[np.argmax(x[:, :3], axis=1)]
+    path = write_h5(tmp_path / "f1.h5", chunks=16, x=x, y=y)
+    expected = f1_model().fit(x, y, batch_size=16, epochs=3, shuffle=False, verbose=0).history
+
+    source = pipetrain.H5Source(path, x="x", y="y")
+    run = tmp_path / "run" / "history.jsonl"
+    pipetrain.train(f1_model(), source, epochs=2, batch_size=16, shuffle="none", verbose=0,
+                    monitor_interval=None, history=run)
+    model = f1_model()
+    history = pipetrain.train(model, source, epochs=3, batch_size=16, shuffle="none", verbose=0,
+                              monitor_interval=None, history=run, resume=True)
+    assert [np.shape(v) for v in history.history["f1"]] == [(3,)] * 3
+    assert_same_history(history.history, expected)
+
+    records = pipetrain.read_history(run)
+    assert all(isinstance(r["f1"], list) and len(r["f1"]) == 3 for r in records.batches)
+    assert len(records.batches) == 18
+    np.testing.assert_allclose([e["f1"] for e in records.epochs], expected["f1"], rtol=1e-5)

@@ -1,0 +1,41 @@
+"""`pipetrain ls`: every run under a folder, with its status, whether its process runs,
+its epochs, its best epoch and its start, read without parsing a batch line."""
+
+from pipetrain import cli, scan
+from pipetrain.process import process_info
+from tests.test_history import known_records, resumed_records, write_records
+from tests.test_tail import dead_process
+
+
+def test_ls_lists_every_run_under_a_folder(tmp_path, capsys, monkeypatch):
+    runs = tmp_path / "runs"
+    done = known_records()
+    done[0]["monitor"] = {"name": "val_accuracy", "mode": "max"}
+    write_records(runs / "a" / "history.jsonl", done)
+    for name, process in (("b", process_info()), ("c", dead_process()),
+                          ("d", {"pid": 1, "host": "elsewhere", "boot_id": "x", "started": 0.0})):
+        records = known_records(epochs_done=1, batches_in_last=3, end=None, run_id=name)
+        records[0]["process"] = process
+        records[0]["started"] = f"2025-01-0{ord(name) - 96}T12:00:00+00:00"
+        write_records(runs / "group" / name / "history.jsonl", records)
+    write_records(runs / "exps" / "x.jsonl", resumed_records())
+    (runs / "notes.jsonl").write_text('{"note": "not a history"}\n')
+    parsed = []
+    real = scan.loads_many
+    monkeypatch.setattr(scan, "loads_many", lambda lines, data=None: parsed.extend(lines) or real(lines, data))
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["ls"]) == 0  # runs/ by default
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ["run", "status", "running", "epochs", "best", "started"]
+    rows = {line.split()[0]: line for line in lines[1:]}
+    assert sorted(rows) == ["runs/a", "runs/exps/x.jsonl", "runs/group/b", "runs/group/c", "runs/group/d"]
+    assert rows["runs/a"].split()[1:] == ["completed", "no", "2/3", "val_accuracy", "0.85", "@", "2", "2025-01-01",
+                                          "12:00"]
+    assert rows["runs/group/b"].split()[1:4] == ["-", "yes", "1/3"]  # this process: it runs
+    assert rows["runs/group/c"].split()[1:4] == ["died", "no", "1/3"]  # its process is gone, no end record
+    assert rows["runs/group/d"].split()[1:3] == ["-", "?"] and "(silent " in rows["runs/group/d"]  # elsewhere
+    assert rows["runs/exps/x.jsonl"].split()[1:4] == ["completed", "no", "3/3"]
+    assert not [line for line in parsed if line.startswith(b'{"type":"batch"')]  # never a batch line
+    assert cli.main(["ls", "runs/group/b"]) == 0 and len(capsys.readouterr().out.splitlines()) == 2
+    assert cli.main(["ls", "nowhere"]) == 2
+    assert "nowhere: no such folder" in capsys.readouterr().err
