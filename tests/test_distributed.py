@@ -326,6 +326,19 @@ def test_distributed_flags_off_jax_are_bad_input(tmp_path, backend, flags):
     assert not (tmp_path / "runs").exists()
 
 
+def test_several_batches_a_step_are_refused_with_a_distribution(data, tmp_path):
+    """Keras' distributed train_on_batch trains one global batch a call: a group of
+    batches in one compiled call (steps_per_execution) is refused before anything is written."""
+    done = subprocess.run([sys.executable, "-m", "pipetrain", "train", "--data", *data.split(","), "--x", "x",
+                           "--y", "y", "--devices", "2", "--steps-per-execution", "2", "--name", "r", "--quiet"],
+                          cwd=tmp_path, env=env(XLA_FLAGS="--xla_force_host_platform_device_count=2"),
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "steps_per_execution=2: a run with a Keras distribution trains one batch" in lines[0]
+    assert not (tmp_path / "runs" / "r" / "history.jsonl").exists()
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--coordinator", "127.0.0.1:1234"], "go together"),
     (["--num-processes", "2", "--process-id", "0"], "go together"),
