@@ -280,7 +280,7 @@ class _EagerSums:
             return
         state = [np.array(keras.ops.convert_to_numpy(v)) for v in self.variables]
         for v in self.variables:
-            v.assign(keras.ops.zeros(v.shape, v.dtype))
+            v.assign(keras.ops.zeros_like(v.value))  # laid out as v: no cross-process check in a distributed run
         for total, count in self.pairs if once_per_batch else ():
             if state[count] > 0:
                 state[total] = np.asarray(state[total] / state[count], state[total].dtype)

@@ -61,6 +61,10 @@ def positive_int(text: str) -> int:
     return value
 
 
+def _devices(text: str) -> str | int:
+    return "all" if text == "all" else positive_int(text)
+
+
 def seed_int(text: str) -> int:
     value = _whole_number(text)
     if not 0 <= value < 2**32:
@@ -119,6 +123,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="CPU priority of the producer threads (default idle: they use the cores' idle time; "
                         "raised to normal when training keeps waiting for data)")
     t.add_argument("--shuffle-window", type=positive_int, default=None, help="rows permuted together (default 8192)")
+    t.add_argument("--partitions", type=positive_int, default=None, metavar="N",
+                   help="runs of blocks the block shuffle reads side by side; the batches are the same on any "
+                        "number of processes, which decode disjoint blocks when their number divides N (default 16)")
     t.add_argument("--steps-per-execution", type=positive_int, default=None, metavar="K",
                    help="batches trained per compiled call, one batch record per K batches (default 1)")
     t.add_argument("--history", metavar="FILE", help="history file (default runs/<name>/history.jsonl)")
@@ -136,6 +143,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="replace an existing history and its checkpoints (never another kind of file)")
     t.add_argument("--quiet", action="store_true", help="print nothing but errors")
     t.add_argument("--debug", action="store_true", help="show full tracebacks")
+    d = t.add_argument_group("data-parallel training on JAX (KERAS_BACKEND=jax; see docs/distributed.md)")
+    d.add_argument("--coordinator", metavar="HOST:PORT",
+                   help="process 0's address: start one process of a multi-process run (with --num-processes, --process-id)")
+    d.add_argument("--num-processes", type=positive_int, default=None, metavar="N", help="processes in the run")
+    d.add_argument("--process-id", type=_whole_number, default=None, metavar="I", help="this process's index, 0 to N-1")
+    d.add_argument("--distributed", action="store_true",
+                   help="join the cluster JAX detects (SLURM, Open MPI, TPU pods) instead of --coordinator")
+    d.add_argument("--devices", type=_devices, default=None, metavar="all|N",
+                   help="data-parallel over all (or N of) this process's local devices")
     t.set_defaults(func=cmd_train)
 
     tail = sub.add_parser("tail", help="show a history: the run, epochs, throughput, memory")
@@ -213,11 +229,11 @@ def _names(values: list[str] | None, default: str | None):
 # run (its data, model and batch order) and cannot change when it resumes.
 TRAIN_DEFAULTS = {
     "epochs": 20, "batch_size": 32, "shuffle": "block", "seed": 0, "workers": 2, "max_queue": 8,
-    "shuffle_window": 8192, "monitor_interval": 2.0, "checkpoint_every": 1000, "producer_priority": "idle",
-    "steps_per_execution": 1,
+    "shuffle_window": 8192, "partitions": 16, "monitor_interval": 2.0, "checkpoint_every": 1000,
+    "producer_priority": "idle", "steps_per_execution": 1,
 }
 FIXED_ON_RESUME = ("data", "val", "val_split", "x", "y", "sample_weight", "model", "batch_size", "shuffle", "seed",
-                   "shuffle_window", "allow_external")
+                   "shuffle_window", "partitions", "allow_external")
 
 
 def _new_run_settings(args) -> dict:
@@ -327,33 +343,78 @@ def _say_if_complete(history: Path, epochs: int, quiet: bool) -> bool:
     return why is not None
 
 
-def cmd_train(args) -> int:
-    from pipetrain import runfolder
-
+def _run_history(args) -> tuple[dict | None, Path]:
+    """A new run's settings and history path; a resume's history (its settings are in
+    its checkpoint, read under the folder's lock)."""
     if args.resume:
         if args.overwrite:
             raise BadInput("--resume and --overwrite exclude each other")
         if args.history or args.name:
             raise BadInput("--resume takes the run folder; --history and --name do not apply")
-        history = _run_to_resume(args.resume)
-    else:
-        if args.allow_changed_data:
-            raise BadInput("--allow-changed-data is for --resume (a new run reads the data as it is)")
-        settings = _new_run_settings(args)
-        name = args.name or _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-        history = Path(args.history) if args.history else Path("runs") / name / "history.jsonl"
-    # One writer at a time, and a folder that can be written, before the data opens or the
-    # model loads; the run joins this lock and the model is saved under it.
-    folder = runfolder.claim(history, history.parent / "checkpoint", joinable=True)
+        return None, _run_to_resume(args.resume)
+    if args.allow_changed_data:
+        raise BadInput("--allow-changed-data is for --resume (a new run reads the data as it is)")
+    settings = _new_run_settings(args)
+    name = args.name or _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    return settings, Path(args.history) if args.history else Path("runs") / name / "history.jsonl"
+
+
+def _join_cluster(args):
+    """--coordinator/--num-processes/--process-id, --distributed, --devices: join the JAX
+    cluster (before anything touches JAX) and set Keras' DataParallel; None without them."""
+    given = [flag for flag, value in (("--coordinator", args.coordinator), ("--num-processes", args.num_processes),
+                                      ("--process-id", args.process_id), ("--distributed", args.distributed),
+                                      ("--devices", args.devices)) if value not in (None, False)]
+    if not given:
+        return None
+    several = [f for f in given if f != "--devices"]
+    if args.distributed and len(several) > 1:
+        raise BadInput("--distributed finds the cluster itself: --coordinator, --num-processes and --process-id do not apply")
+    if not args.distributed and several and not (args.coordinator and args.num_processes and args.process_id is not None):
+        raise BadInput("--coordinator HOST:PORT, --num-processes N and --process-id I go together")
+    if args.coordinator and not 0 <= args.process_id < args.num_processes:
+        raise BadInput(f"--process-id {args.process_id}: expected 0 to {args.num_processes - 1}")
+    from pipetrain import distributed
+
+    backend = distributed.backend_name()  # before Keras loads (seconds): bad input is told at once
+    if backend != "jax":
+        raise BadInput(f"{' '.join(given)}: {distributed.NEEDS_JAX} (this is KERAS_BACKEND={backend})")
+    with quiet_native_logs(not args.debug):
+        import keras  # noqa: F401  (JAX's start-up chatter silenced)
+
+    return distributed.initialize(args.coordinator, args.num_processes, args.process_id,
+                                  detect=args.distributed, devices=args.devices or (None if several else "all"))
+
+
+def cmd_train(args) -> int:
+    from pipetrain import runfolder
+
+    cluster = _join_cluster(args)
     with contextlib.ExitStack() as held:  # the data closes, then the folder is let go
-        held.callback(folder.release)
-        settings = _resumed_settings(args, history, folder) if args.resume else settings
-        if args.resume and _say_if_complete(history, settings["epochs"], args.quiet):
+        folder = None
+
+        def agree() -> dict:
+            # One writer at a time, and a folder that can be written, before the data opens
+            # or the model loads; the run joins this lock and the model is saved under it.
+            # In a distributed run process 0 alone holds the folder and tells the others.
+            nonlocal folder
+            settings, history = _run_history(args)
+            folder = runfolder.claim(history, history.parent / "checkpoint", joinable=True)
+            held.callback(folder.release)
+            if args.resume:
+                settings = _resumed_settings(args, history, folder)
+            complete = bool(args.resume) and _say_if_complete(history, settings["epochs"], args.quiet)
+            return {"settings": settings, "history": str(history), "complete": complete}
+
+        agreed = cluster.first("cli/settings", agree) if cluster else agree()
+        if agreed["complete"]:
             return EXIT_OK
-        return _train(args, settings, history, folder, held)
+        return _train(args, agreed["settings"], Path(agreed["history"]), folder, held, cluster)
 
 
-def _train(args, settings: dict, history: Path, folder, held: contextlib.ExitStack) -> int:
+def _train(args, settings: dict, history: Path, folder, held: contextlib.ExitStack, cluster) -> int:
+    """Train with ``settings``; ``folder`` is the run folder this process holds (None on
+    the other processes of a distributed run)."""
     from pipetrain.source import H5Source
 
     sources = {}
@@ -370,11 +431,12 @@ def _train(args, settings: dict, history: Path, folder, held: contextlib.ExitSta
             raise BadInput(f"--val-split {settings['val_split']}: {e}".replace(f"validation_split={settings['val_split']}: ", "")) from None
         finally:
             whole.close()
-    if not args.resume:  # before the model loads: what the run would replace
-        folder.decide(resume=False, overwrite=args.overwrite,
-                      reads=[p for source in sources.values() for p in source.paths])
     model_file = history.parent / "model.keras"
-    _check_model_file(args, settings, history, model_file)
+    if folder is not None:  # before the model loads: what the run would replace
+        if not args.resume:
+            folder.decide(resume=False, overwrite=args.overwrite,
+                          reads=[p for source in sources.values() for p in source.paths])
+        _check_model_file(args, settings, history, model_file)
 
     with quiet_native_logs(not args.debug):
         import keras
@@ -402,14 +464,19 @@ def _train(args, settings: dict, history: Path, folder, held: contextlib.ExitSta
             monitor_interval=settings["monitor_interval"], overwrite=args.overwrite,
             resume=bool(args.resume), checkpoint_every=settings["checkpoint_every"],
             stop_on_nonfinite=not settings.get("allow_nonfinite"), producer_priority=settings.get("producer_priority", "idle"),
-            allow_changed_data=args.allow_changed_data,
+            partitions=settings.get("partitions", 16), allow_changed_data=args.allow_changed_data,
             steps_per_execution=settings.get("steps_per_execution") or 1,
             config={"cli": _recorded(settings), "argv": sys.argv[1:]},
         )
     except KeyboardInterrupt as e:
         where = history.parent if history.name == "history.jsonl" else history
         raise Interrupted(f"{str(e) or 'interrupted'}; resume with: pipetrain train --resume {where}") from None
-    model.save(model_file)
+    if cluster is None:
+        model.save(model_file)
+    else:  # a collective on JAX: every process saves, process 0 keeps it
+        from pipetrain import distributed
+
+        distributed.save_model(model, model_file)
     return EXIT_OK
 
 
@@ -481,6 +548,9 @@ def main(argv: list[str] | None = None) -> int:
         if code == EXIT_BAD_INPUT and text.startswith(("pipetrain ", "pipetrain:")):  # "pipetrain train: ..." names itself
             prefix = ""
         print(prefix + text, file=sys.stderr)
+        from pipetrain import distributed
+
+        distributed.abandon(code, text)  # in a multi-process run: the others stop too, nobody waits
         return code
 
 

@@ -1,22 +1,42 @@
-"""Which rows make which batch, in which order: a pure function of (seed, epoch).
+"""Which rows make which batch, in which order, for which process: a pure function of
+(seed, epoch) and, for the process's share, (process index, process count).
 
 The rows of all files, in file order, are cut into *blocks*: row ranges aligned with the
 chunks of the data (a block never crosses a file), so that reading a block decodes whole
-chunks and nothing else. An epoch is an order of blocks, grouped into *windows* of a few
-blocks; the rows of a window may be permuted; the rows, window after window, are then cut
-into batches. Two orders are registered in :data:`SHUFFLES`:
+chunks and nothing else. An epoch is one *global order* of rows, cut into batches of
+``batch_size`` rows; the global order does not depend on how many processes train.
+Two orders are registered in :data:`SHUFFLES`:
 
 ``none``
     Blocks in file order, rows in order: exactly the batches of ``fit(shuffle=False)``
     on the concatenated files, the partial last batch included.
 ``block``
-    A random order of blocks, then the rows of each window of ``window`` rows (rounded
-    to whole blocks) permuted. Memory is bounded by the window, not the data set: a
-    reader holds one window of decoded blocks at a time, and no row is read twice.
+    The blocks in a random order, dealt into ``partitions`` runs of consecutive blocks
+    (MosaicML streaming's "canonical nodes"); each partition is read in *windows* of a
+    few blocks whose rows are permuted, and the global order takes one row from each
+    partition in turn. Memory is bounded by the windows, not the data set: a reader
+    holds one window of decoded blocks per partition it reads, and no row is read twice.
 
 No hidden random state: the order is drawn from ``numpy.random.default_rng([seed,
-epoch])`` (and ``[seed, epoch, window]`` inside a window), so any batch of any epoch can
-be planned again after a restart, which is how a run resumes at the exact next batch.
+epoch])`` (and ``[seed, epoch, partition, window]`` inside a window), so any batch of any
+epoch can be planned again after a restart, which is how a run resumes at the exact next
+batch, on any number of processes.
+
+**Process shares** (:class:`Share`: index and count, as Grain's ``ShardOptions``). In a
+data-parallel run every process assembles its share of every global batch and Keras
+joins the shares into one global array. Every process takes the same number of rows of
+every batch (``batch_size / count``), so every process runs the same steps. With
+``block``, process ``i`` takes the rows at global positions ``p`` with ``p % count == i``:
+while every partition still has rows, that is the partitions ``c`` with ``c % count ==
+i``, so processes decode disjoint blocks when ``count`` divides ``partitions`` (any other
+count gives the same batches, each process then decoding more). With ``none``, process
+``i`` takes the ``i``-th contiguous slice of each batch (the blocks at the slices'
+edges are decoded by both neighbours).
+
+A batch whose rows cannot be split evenly over every device of the run (only the
+partial last batch can be such: ``batch_size`` must be a multiple of the devices) is
+*replicated*: every process takes all its rows and every device computes the whole
+batch, so its result is exactly that of one process.
 
 Inside a batch the rows are laid out grouped by block (the batch holds the same rows,
 in an order that lets the assembler copy runs of rows instead of single rows).
@@ -28,6 +48,8 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
+
+PARTITIONS = 16  # the default partition count of the block shuffle (a multiple of 1, 2, 4, 8, 16 processes)
 
 
 @dataclass(frozen=True)
@@ -42,26 +64,50 @@ class Part:
 
 @dataclass(frozen=True)
 class BatchPlan:
-    """The rows of batch ``index`` of ``epoch``."""
+    """This process's rows of batch ``index`` of ``epoch``: ``size`` of the batch's
+    ``global_size`` rows (all of them when the batch is ``replicated``)."""
 
     epoch: int
     index: int
     size: int
     parts: tuple[Part, ...]
+    global_size: int = -1  # -1: the same as size
+    replicated: bool = False
+
+
+@dataclass(frozen=True)
+class Share:
+    """Which part of every batch this process takes: ``index`` of ``count`` processes,
+    each splitting its rows further over ``devices`` local devices (as Keras does)."""
+
+    index: int = 0
+    count: int = 1
+    devices: int = 1
+
+    def __post_init__(self):
+        if self.count < 1 or self.devices < 1 or not 0 <= self.index < self.count:
+            raise ValueError(f"share index={self.index}, count={self.count}, devices={self.devices}: "
+                             "expected 0 <= index < count and devices >= 1")
+
+    @property
+    def total_devices(self) -> int:
+        return self.count * self.devices
 
 
 @dataclass(frozen=True)
 class Shuffle:
-    """An ordering algorithm: how blocks are ordered, and whether rows are permuted."""
+    """An ordering algorithm: how blocks are ordered, whether rows are permuted, and
+    whether the blocks are dealt into partitions (which also decides the shares)."""
 
     blocks_shuffled: bool
     rows_permuted: bool
+    partitioned: bool
     doc: str
 
 
 SHUFFLES: dict[str, Shuffle] = {
-    "none": Shuffle(False, False, "file order, like fit(shuffle=False)"),
-    "block": Shuffle(True, True, "random chunk-aligned blocks, rows permuted within a window"),
+    "none": Shuffle(False, False, False, "file order, like fit(shuffle=False)"),
+    "block": Shuffle(True, True, True, "random chunk-aligned blocks in partitions, rows permuted within a window"),
 }
 
 
@@ -98,8 +144,9 @@ class Blocks:
 
 
 class Plan:
-    """Batches of ``batch_size`` rows over files of ``rows_per_file`` rows (or of the
-    (start, stop) row ranges of parts of files).
+    """Batches of ``batch_size`` rows (the global batch) over files of ``rows_per_file``
+    rows (or of the (start, stop) row ranges of parts of files); this process's rows of
+    each, as ``share`` says.
 
     >>> plan = Plan([10, 5], batch_size=4, block_rows=4)
     >>> [b.size for b in plan.batches(epoch=0)]
@@ -116,35 +163,64 @@ class Plan:
         seed: int = 0,
         window: int = 8192,
         drop_remainder: bool = False,
+        partitions: int = PARTITIONS,
+        share: Share | None = None,
     ):
         if shuffle not in SHUFFLES:
             raise ValueError(f"shuffle={shuffle!r}: expected one of {', '.join(SHUFFLES)}")
         if batch_size < 1:
             raise ValueError(f"batch_size={batch_size} must be >= 1")
+        if partitions < 1:
+            raise ValueError(f"partitions={partitions} must be >= 1")
+        self.share = share or Share()
+        devices = self.share.total_devices
+        if batch_size % devices:
+            raise ValueError(f"batch_size={batch_size} must be a multiple of the run's {devices} devices "
+                             f"({self.share.count} process(es) x {self.share.devices}): each takes an equal share")
         self.blocks = Blocks(rows_per_file, block_rows)
         self.rows = int(self.blocks.rows.sum())
         self.batch_size = int(batch_size)
         self.shuffle = shuffle
         self.seed = int(seed)
         self.drop_remainder = bool(drop_remainder)
+        self.partitions = int(partitions)
+        algo = SHUFFLES[shuffle]
+        self.lanes = self.partitions if algo.partitioned else 1  # partitions read side by side
         self.typical_block = int(np.max(self.blocks.rows)) if len(self.blocks) else 1
-        self.window_blocks = max(1, round(window / self.typical_block))
+        self.window_blocks = max(1, round(window / (self.lanes * self.typical_block))) if algo.rows_permuted else 1
         full, rest = divmod(self.rows, self.batch_size)
-        self.steps_per_epoch = full + (1 if rest and not drop_remainder else 0)
+        self.partial = rest if not drop_remainder else 0  # rows of the partial last batch, if any
+        self.steps_per_epoch = full + (1 if self.partial else 0)
+        # The most rows this process assembles for one batch (its buffers' size).
+        self.local_batch_size = max(self.batch_size // self.share.count,
+                                    self.partial if self.replicated(self.steps_per_epoch - 1) else 0)
+
+    def global_size(self, index: int) -> int:
+        """Rows of global batch ``index`` (every process together)."""
+        return min(self.batch_size, self.rows - index * self.batch_size)
+
+    def replicated(self, index: int) -> bool:
+        """Whether every process takes all rows of batch ``index`` (its rows do not split
+        evenly over the run's devices: only a partial last batch can be so)."""
+        return self.share.total_devices > 1 and self.global_size(index) % self.share.total_devices != 0
 
     @property
     def window_batches(self) -> int:
-        """Batches cut from one window (at most): how far ahead a reader looks to have
-        the next window's blocks decoded before its first batch is due."""
+        """Batches cut from one round of windows (at most): how far ahead a reader looks
+        to have the next windows' blocks decoded before their first batch is due."""
         if not SHUFFLES[self.shuffle].rows_permuted:
             return 1
-        return -(-self.window_blocks * self.typical_block // self.batch_size)
+        lanes = min(self.lanes, max(1, len(self.blocks)))
+        return -(-self.window_blocks * self.typical_block * lanes // self.batch_size)
 
     def batches(self, epoch: int, start: int = 0) -> Iterator[BatchPlan]:
-        """The batches of ``epoch`` from batch ``start`` on, in training order."""
+        """This process's part of the batches of ``epoch`` from batch ``start`` on, in
+        training order."""
         return _EpochBatches(self, epoch, start)
 
     def describe(self) -> dict:
+        """The plan as a run records it: what defines the batches (not the share, so a
+        run resumes on any number of processes)."""
         return {
             "rows": self.rows,
             "batch_size": self.batch_size,
@@ -152,74 +228,158 @@ class Plan:
             "shuffle": self.shuffle,
             "seed": self.seed,
             "blocks": len(self.blocks),
-            "window_blocks": self.window_blocks if SHUFFLES[self.shuffle].rows_permuted else 1,
+            "window_blocks": self.window_blocks,
+            "partitions": self.partitions,
             "drop_remainder": self.drop_remainder,
         }
 
 
+class _Lanes:
+    """The global order of one epoch as rows taken in turn from ``P`` partitions (lanes)
+    of lengths ``L``: round ``r`` takes row ``r`` of every partition longer than ``r``, in
+    partition order. Maps global positions to (partition, row) and back, vectorised."""
+
+    def __init__(self, lengths: np.ndarray):
+        self.lengths = lengths
+        P = len(lengths)
+        self.sorted = np.sort(lengths)
+        self.below = np.concatenate([[0], np.cumsum(self.sorted)])  # sums of the k shortest
+        # Segments of rounds in which the same partitions are active: from each distinct length on.
+        self.seg_round = np.unique(np.concatenate([[0], lengths]))
+        self.seg_first = self.position_of_round(self.seg_round)
+        self.seg_active = np.array([(lengths > r).sum() for r in self.seg_round])
+        table = np.zeros((len(self.seg_round), max(1, P)), dtype=np.int64)
+        for s, r in enumerate(self.seg_round):
+            active = np.flatnonzero(lengths > r)
+            table[s, : len(active)] = active
+        self.seg_table = table
+
+    def position_of_round(self, r: np.ndarray) -> np.ndarray:
+        """Global position of the first row of round ``r``: the sum of min(L, r)."""
+        k = np.searchsorted(self.sorted, r, side="right")
+        return self.below[k] + r * (len(self.lengths) - k)
+
+    def position(self, lane: int, rows: np.ndarray) -> np.ndarray:
+        """Global positions of rows ``rows`` of partition ``lane``."""
+        before = (self.lengths[:lane, None] > rows[None, :]).sum(axis=0)
+        return self.position_of_round(rows) + before
+
+    def locate(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(partition, row) of each global position."""
+        seg = np.searchsorted(self.seg_first, positions, side="right") - 1
+        into = positions - self.seg_first[seg]
+        active = self.seg_active[seg]
+        rounds = self.seg_round[seg] + into // active
+        return self.seg_table[seg, into % active], rounds
+
+
 class _EpochBatches(Iterator[BatchPlan]):
-    """Walks the windows of one epoch in order and cuts them into batches."""
+    """This process's rows of each batch of one epoch, window by window."""
 
     def __init__(self, plan: Plan, epoch: int, start: int):
         self.plan, self.epoch, self.next_index = plan, int(epoch), int(start)
         algo = SHUFFLES[plan.shuffle]
         blocks = plan.blocks
+        K, P, wb = len(blocks), plan.lanes, plan.window_blocks
         rng = np.random.default_rng([plan.seed, self.epoch])
-        self.order = rng.permutation(len(blocks)) if algo.blocks_shuffled else np.arange(len(blocks))
+        self.order = rng.permutation(K) if algo.blocks_shuffled else np.arange(K)
         self.rows_permuted = algo.rows_permuted
-        per_window = plan.window_blocks if algo.rows_permuted else 1
-        self.window_first = np.arange(0, len(blocks), per_window)  # index into order
-        window_rows = np.add.reduceat(blocks.rows[self.order], self.window_first) if len(blocks) else []
-        self.window_start = np.concatenate([[0], np.cumsum(window_rows)]).astype(np.int64)
-        self.per_window = per_window
-        self.cached: dict[int, tuple[np.ndarray, np.ndarray, dict[int, int]]] = {}
+        self.strided = algo.partitioned  # process i takes positions i, i + count, ...
+        # Partition c is order[bounds[c]:bounds[c+1]], read in windows of wb blocks.
+        self.bounds = (np.arange(P + 1) * K) // P
+        self.cum = np.concatenate([[0], np.cumsum(blocks.rows[self.order])]).astype(np.int64)
+        self.lanes = _Lanes(self.cum[self.bounds[1:]] - self.cum[self.bounds[:-1]])
+        # Window table, partition after partition: first block (index into order) of each.
+        counts = -(-(self.bounds[1:] - self.bounds[:-1]) // wb)
+        self.lane_first_window = np.concatenate([[0], np.cumsum(counts)])
+        lane = np.repeat(np.arange(P), counts)
+        m = np.arange(len(lane)) - self.lane_first_window[lane]
+        self.win_first = self.bounds[lane] + m * wb
+        self.win_stop = np.minimum(self.win_first + wb, self.bounds[lane + 1])
+        self.win_lane = lane
+        self.win_row0 = self.cum[self.win_first] - self.cum[self.bounds[lane]]  # row within the partition
+        self.key_scale = plan.rows + 1  # windows sorted by (partition, first row): one search finds any row's
+        self.win_key = lane * self.key_scale + self.win_row0
+        self.cached: dict[int, tuple[np.ndarray, np.ndarray, dict[int, int], int]] = {}
 
     def __next__(self) -> BatchPlan:
         plan, i = self.plan, self.next_index
         if i >= plan.steps_per_epoch:
             raise StopIteration
         lo = i * plan.batch_size
-        hi = min(lo + plan.batch_size, plan.rows)
-        blk_parts, off_parts, uses = [], [], {}
-        w = int(np.searchsorted(self.window_start, lo, side="right")) - 1
-        while self.window_start[w] < hi:
-            blk, off, window_uses = self._window(w)
-            a = max(lo, self.window_start[w]) - self.window_start[w]
-            b = min(hi, self.window_start[w + 1]) - self.window_start[w]
-            blk_parts.append(blk[a:b])
-            off_parts.append(off[a:b])
-            uses.update(window_uses)
-            w += 1
-        for old in [k for k in self.cached if k < w - 1]:
-            del self.cached[old]  # windows behind us are never needed again
+        size = plan.global_size(i)
+        pos = self._mine(lo, size, plan.replicated(i))
+        lane, row = self.lanes.locate(pos)
+        w = np.searchsorted(self.win_key, lane * self.key_scale + row, side="right") - 1
+        by_window = np.argsort(w, kind="stable")
+        windows, firsts = np.unique(w[by_window], return_index=True)
+        blk = np.empty(len(pos), np.int64)
+        off = np.empty(len(pos), np.int64)
+        uses: dict[int, int] = {}
+        for window, a, b in zip(windows.tolist(), firsts.tolist(), [*firsts[1:].tolist(), len(pos)], strict=True):
+            wblk, woff, wuses, _ = self._window(window)
+            at = by_window[a:b]
+            k = row[at] - self.win_row0[window]
+            blk[at], off[at] = wblk[k], woff[k]
+            uses.update(wuses)
+        if len(self.cached) > 2 * len(windows):
+            for old in [k for k, v in self.cached.items() if v[3] < lo + size]:
+                del self.cached[old]  # windows whose last row is behind us are never needed again
         self.next_index += 1
-        return BatchPlan(self.epoch, i, hi - lo, _parts(np.concatenate(blk_parts), np.concatenate(off_parts), uses))
+        return BatchPlan(self.epoch, i, len(pos), _parts(blk, off, uses), size, plan.replicated(i))
 
-    def _window(self, w: int) -> tuple[np.ndarray, np.ndarray, dict[int, int]]:
-        """Block and row-in-block of every position of window ``w``, and block uses."""
+    def _mine(self, lo: int, size: int, replicated: bool) -> np.ndarray:
+        """The global positions of batch [lo, lo + size) that this process takes."""
+        share = self.plan.share
+        if replicated or share.count == 1:
+            return np.arange(lo, lo + size, dtype=np.int64)
+        if self.strided:
+            return np.arange(lo + share.index, lo + size, share.count, dtype=np.int64)
+        each = size // share.count
+        return np.arange(lo + share.index * each, lo + (share.index + 1) * each, dtype=np.int64)
+
+    def _owned(self, pos: np.ndarray) -> np.ndarray:
+        """Which global positions this process takes (vectorised :meth:`_mine`)."""
+        plan, share = self.plan, self.plan.share
+        if share.count == 1:
+            return np.ones(len(pos), bool)
+        batch = pos // plan.batch_size
+        size = np.minimum(plan.batch_size, plan.rows - batch * plan.batch_size)
+        replicated = size % share.total_devices != 0
+        if self.strided:
+            mine = pos % share.count == share.index
+        else:
+            mine = (pos - batch * plan.batch_size) // np.maximum(1, size // share.count) == share.index
+        return replicated | mine
+
+    def _window(self, w: int) -> tuple[np.ndarray, np.ndarray, dict[int, int], int]:
+        """Block and row-in-block of every row of window ``w`` (by its row in the
+        partition), the uses of its blocks, and the global position of its last row."""
         if w in self.cached:
             return self.cached[w]
-        blocks = self.plan.blocks
-        ids = self.order[self.window_first[w] : self.window_first[w] + self.per_window]
+        blocks, plan = self.plan.blocks, self.plan
+        ids = self.order[self.win_first[w] : self.win_stop[w]]
         sizes = blocks.rows[ids]
         blk = np.repeat(ids, sizes)
         # Row offsets within each block: 0..size-1 for every block, without a Python loop.
         off = np.arange(len(blk), dtype=np.int64) - np.repeat(np.cumsum(sizes) - sizes, sizes)
+        lane = int(self.win_lane[w])
         if self.rows_permuted and len(blk) > 1:
-            perm = np.random.default_rng([self.plan.seed, self.epoch, w]).permutation(len(blk))
+            m = int(w - self.lane_first_window[lane])
+            perm = np.random.default_rng([plan.seed, self.epoch, lane, m]).permutation(len(blk))
             blk, off = blk[perm], off[perm]
-        self.cached[w] = (blk, off, self._uses(w, blk))
+        pos = self.lanes.position(lane, self.win_row0[w] + np.arange(len(blk), dtype=np.int64))
+        self.cached[w] = (blk, off, self._uses(blk, pos), int(pos[-1]) if len(pos) else -1)
         return self.cached[w]
 
-    def _uses(self, w: int, blk: np.ndarray) -> dict[int, int]:
-        """For every block of window ``w``: how many batches of this pass read it.
+    def _uses(self, blk: np.ndarray, pos: np.ndarray) -> dict[int, int]:
+        """For every block of a window: how many batches of this pass read it here.
 
-        Only batches from the pass's first batch on count, so a pass that resumes
-        mid-window does not wait for batches it will never build."""
+        Only this process's rows count, and only batches from the pass's first batch on,
+        so a pass that resumes mid-window does not wait for batches it will never build."""
         plan = self.plan
-        pos = self.window_start[w] + np.arange(len(blk), dtype=np.int64)
         batch = pos // plan.batch_size
-        keep = (batch >= self.next_index) & (batch < plan.steps_per_epoch)
+        keep = (batch >= self.next_index) & (batch < plan.steps_per_epoch) & self._owned(pos)
         pairs = np.unique(blk[keep].astype(np.int64) * (plan.steps_per_epoch + 1) + batch[keep])
         ids, counts = np.unique(pairs // (plan.steps_per_epoch + 1), return_counts=True)
         return dict(zip(ids.tolist(), counts.tolist(), strict=True))

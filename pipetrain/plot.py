@@ -413,18 +413,44 @@ TIME_PANELS = {
 }
 
 
+def by_process(records) -> dict[int | None, Table]:
+    """System records by the process that sampled them (a distributed run tags each)."""
+    table = _table(records)
+    if not len(table):
+        return {}
+    process = np.where(table.has("process"), table.array("process"), np.nan)
+    groups: dict[int | None, Table] = {}
+    if np.isnan(process).any():
+        groups[None] = table.take(np.flatnonzero(np.isnan(process)))
+    for value in np.unique(process[~np.isnan(process)]).tolist():
+        groups[int(value)] = table.take(np.flatnonzero(process == value))
+    return groups
+
+
 def _time_panel(ax, series, colors, panel: str, unit: str, scale: float) -> None:
     title, ylabel, source = TIME_PANELS[panel]
     top = 0.0
     for s, color in zip(series, colors, strict=True):
+        lines = []
         if source == "rates":
             t, rate, bound = s.rates()
-            y = rate if panel == "throughput" else bound
-        else:
-            t, y = s.over_time(s.history.system, panel)
-        if len(t):
+            lines.append((None, t, rate if panel == "throughput" else bound))
+        groups = by_process(s.history.system)
+        if source == "system" or (panel == "input_bound" and len(groups) > 1):
+            # One line per process of a distributed run: the slowest host stands out.
+            for process, records in sorted(groups.items(), key=lambda g: -1 if g[0] is None else g[0]):
+                name = "input_bound_pct" if source == "rates" else panel
+                lines.append((process if len(groups) > 1 else None, *s.over_time(records, name)))
+        for process, t, y in lines:
+            if not len(t):
+                continue
             marker = "o" if source == "system" and len(t) <= 60 else None
-            ax.plot(*envelope(t / scale, y), color=color, marker=marker, markersize=3, **TRAIN_STYLE)
+            alpha = 1.0 if process is None else max(0.35, 0.9 - 0.15 * process)  # each process a shade
+            ax.plot(*envelope(t / scale, y), color=color, marker=marker, markersize=3, alpha=alpha, **TRAIN_STYLE)
+            if process is not None and np.isfinite(y).any():
+                last = np.flatnonzero(np.isfinite(y))[-1]
+                ax.annotate(f"process {process}", (t[last] / scale, y[last]), fontsize=8, color=color,
+                            xytext=(3, 0), textcoords="offset points", va="center")
             top = max(top, float(np.nanmax(y, initial=0.0)))
     _style(ax, title, f"time since start ({unit})", ylabel)
     if panel in ("throughput", "input_bound", "cpu_pct"):

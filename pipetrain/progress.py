@@ -169,7 +169,8 @@ class RunState:
         self.runs: list[dict] = []
         self.epochs: list[dict] = []
         self.batch: dict | None = None  # the latest batch record
-        self.system: dict | None = None  # the latest system sample
+        self.system: dict | None = None  # the latest system sample (process 0's in a distributed run)
+        self.processes: dict[int, dict] = {}  # a distributed run: the latest sample of each process
         self.first_rss_mb: float | None = None
         self.peak_rss_mb = 0.0
         self.end: dict | None = None
@@ -274,6 +275,11 @@ class RunState:
         self.position = (int(record.get("epoch") or 0) + 1, 0)
 
     def _system(self, record: dict) -> None:
+        process = record.get("process")
+        if isinstance(process, int):
+            self.processes[process] = record
+            if process != 0:  # memory and CPU shown are process 0's; the others' in processes
+                return
         self.system = record
         rss = record.get("rss_mb")
         if is_number(rss):

@@ -47,14 +47,14 @@ import psutil
 
 from pipetrain import __version__
 from pipetrain import checkpoint as ckpt
-from pipetrain import device, fingerprint, outcome, runfolder
+from pipetrain import device, distributed, fingerprint, outcome, runfolder
 from pipetrain.aggregate import MetricObjects, MetricSums, WeightedMeans, pythonify
 from pipetrain.fused import Group, each
 from pipetrain.errors import Interrupted, RunError, argument, one_line
 from pipetrain.history import SCHEMA, HistoryWriteError, HistoryWriter, jsonable
 from pipetrain.monitor import Monitor, gpu_probe, peak_rss_mb
 from pipetrain.pipeline import PRIORITIES, Batch, Cancelled, Prefetcher, plans_from
-from pipetrain.plan import Plan
+from pipetrain.plan import PARTITIONS, Plan
 from pipetrain.process import process_info
 from pipetrain.progress import Progress, RecentRate, batch_text
 from pipetrain.source import H5Source
@@ -159,6 +159,9 @@ class Run:
         max_queue: batches prefetched ahead of the loop. Defaults to 8.
         max_queue_bytes: bytes prefetched ahead of the loop. Defaults to None.
         shuffle_window: rows permuted together by ``shuffle="block"``. Defaults to 8192.
+        partitions: runs of blocks the block shuffle reads side by side; the batches do
+            not depend on the number of processes, and processes decode disjoint blocks
+            when their number divides it (see :mod:`pipetrain.plan`). Defaults to 16.
         drop_remainder: drop the partial last batch of each epoch. Defaults to False.
         models: the model(s) of the run: one, a list, or a dict by name. Checkpoints
             cover each (weights and optimizer); the first is the one callbacks see.
@@ -216,6 +219,7 @@ class Run:
         max_queue_bytes: int | None = None,
         shuffle_window: int = 8192,
         drop_remainder: bool = False,
+        partitions: int = PARTITIONS,
         models=None,
         metrics=None,
         callbacks=None,
@@ -246,6 +250,8 @@ class Run:
             raise RunError("resume and overwrite exclude each other")
         if resume and history is None:
             raise RunError("resume needs the history of the run to resume")
+        # In a distributed run: what this process does differently (writes or not, its share).
+        self._dist = distributed.link(self)
         self.source = source
         self.validation = validation
         self.allow_changed_data = allow_changed_data
@@ -255,7 +261,9 @@ class Run:
         if device_prefetch not in (True, False, "auto"):
             raise RunError(f"device_prefetch={device_prefetch!r}: expected True, False or 'auto'")
         self.device_prefetch_depth = 1
-        self._device_copy = device.device_copier(force=device_prefetch is True) if device_prefetch else None
+        # A Keras distribution lays each batch out over the devices itself.
+        placed = device_prefetch and not isinstance(self._dist, distributed.RunLink)
+        self._device_copy = device.device_copier(force=device_prefetch is True) if placed else None
         if producer_priority not in PRIORITIES:
             raise RunError(f"producer_priority={producer_priority!r}: expected one of {', '.join(PRIORITIES)}")
         self.producer_priority = producer_priority
@@ -264,6 +272,7 @@ class Run:
             self.plan = Plan(
                 source.row_ranges, batch_size, block_rows=source.block_rows(), shuffle=shuffle,
                 seed=seed, window=shuffle_window, drop_remainder=drop_remainder,
+                partitions=_whole("partitions", partitions), share=self._dist.share,
             )
         except ValueError as e:
             raise RunError(str(e)) from None
@@ -277,7 +286,7 @@ class Run:
         self.run_dir = self.history_path.parent if self.history_path is not None else None
         self.checkpoint_dir = self.run_dir / "checkpoint" if self.run_dir is not None else None
         self.checkpoint_every = checkpoint_every or 0
-        self.verbose = verbose
+        self.verbose = self._dist.verbose(verbose)
         self.monitor_interval = monitor_interval
         self.config = dict(config or {})
         self.overwrite, self.resume = overwrite, resume
@@ -312,6 +321,9 @@ class Run:
         self._epoch: Epoch | None = None
         self._epochs_iter = None
         self._failing = False
+        self._end_lock = threading.Lock()
+        self._ended = False
+        self._system = lambda sample: self.emit("system", **sample)
         self._folder: runfolder.RunFolder | None = None
         self._fingerprints: list[dict] | None = None
 
@@ -354,6 +366,7 @@ class Run:
             "host": host_info(),
             "process": process_info(),
             "resume": resume,
+            **self._dist.describe(),
         }
         if len(self.models) > 1:
             record["model_params"] = {name: _params(m) for name, m in self.models.items()}
@@ -372,10 +385,11 @@ class Run:
                     print(f"pipetrain: {self.history_path} is already complete ({self.complete}); nothing to "
                           f"train (more epochs than {self._resumed[0]['epochs']} would extend it)", flush=True)
                 return self
-            if self.history_path is not None:
+            if self.history_path is not None and self._dist.writes:
                 self._writer = HistoryWriter(self.history_path)
-        except BaseException:
+        except BaseException as e:
             self._release_folder()
+            self._dist.started(e)  # the other processes of a distributed run stop too
             raise
         started = False
         try:
@@ -385,16 +399,19 @@ class Run:
             started = True
             if self.monitor_interval:
                 probe = gpu_probe(keras.backend.backend())
-                self._monitor = Monitor(self.monitor_interval, lambda s: self.emit("system", **s), probe)
-                self.emit("system", **self._monitor.sample())
+                self._system = self._dist.samples(self._system, lambda: self._epoch)
+                self._monitor = Monitor(self.monitor_interval, self._system, probe)
+                self._system(self._monitor.sample())
                 self._monitor.start()
             if self._signals is not None:
                 self._signals.install()
+            self._dist.on_lost(lambda why: self._emit_end("failed", why))
+            self._dist.started(None, {"plan": self.plan.describe(), "rows_per_file": list(self.source.rows_per_file),
+                                      "at": [self.epoch, self.batch]})
         except BaseException as e:
             with contextlib.suppress(Exception):  # the first error is the one to report
                 if started:  # a follower waits for the end of what began
-                    self.emit("end", status="failed", epochs=self.epochs_done, steps=self.steps_done,
-                              error=one_line(e, with_type=True), peak_rss_mb=round(peak_rss_mb(), 1), checkpoint=None)
+                    self._emit_end("failed", one_line(e, with_type=True))
                 self._close_sinks()
             self._release_folder()
             raise
@@ -402,19 +419,25 @@ class Run:
 
     def _open_folder(self) -> dict | None:
         """Lock the run folder (one writer at a time), check it can be written, and
-        decide what starting there means; returns the ``resume`` field of the run record."""
+        decide what starting there means; returns the ``resume`` field of the run record.
+        In a distributed run process 0 alone holds the folder; the others take its verdict."""
         if self.history_path is None:
             return None
-        self._folder = runfolder.claim(self.history_path, self.checkpoint_dir)
         data = [self.source, *([self.validation] if self.validation is not None else [])]
-        kind = self._folder.decide(resume=self.resume, overwrite=self.overwrite,
-                                   reads=[p for source in data for p in source.paths])
         self._fingerprints = [{"role": role, "file": str(path), "fingerprint": source.fingerprint(i)}
                               for role, source in zip(("train", "validation"), data)
                               for i, path in enumerate(source.paths)]
-        self._folder.remove_stale()
-        if self.overwrite:
-            self._folder.clear()
+
+        def decide() -> str:
+            self._folder = runfolder.claim(self.history_path, self.checkpoint_dir)
+            kind = self._folder.decide(resume=self.resume, overwrite=self.overwrite,
+                                       reads=[p for source in data for p in source.paths])
+            self._folder.remove_stale()
+            if self.overwrite:
+                self._folder.clear()
+            return kind
+
+        kind = self._dist.first("folder", decide)
         self.resume = kind == "resume"
         if kind == "restart":
             return {"epoch": 0, "batch": 0, "checkpoint": None,
@@ -425,6 +448,18 @@ class Run:
         if self._folder is not None:
             self._folder.release()
             self._folder = None
+
+    def _emit_end(self, status: str, error: str | None, reason: str | None = None) -> None:
+        """The run's end record, once (in a distributed run the watchdog writes it when
+        a lost process leaves this one stuck in a collective)."""
+        with self._end_lock:
+            if self._ended:
+                return
+            self._ended = True
+        self.emit("end", status=status, epochs=self.epochs_done, steps=self.steps_done, error=error,
+                  reason=reason if reason is not None else ("an error" if status == "failed" else None),
+                  peak_rss_mb=round(peak_rss_mb(), 1),
+                  checkpoint=str(self.last_checkpoint) if self.last_checkpoint else None)
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if self.complete is not None and self._writer is None:
@@ -445,7 +480,7 @@ class Run:
         if self._monitor is not None:
             self._monitor.stop()
             with contextlib.suppress(Exception):  # a last sample is nice to have, not needed
-                self.emit("system", **self._monitor.sample())
+                self._system(self._monitor.sample())
         if exc_type is None:
             self.status = "stopped" if self.stop_requested or self.epochs_done < self.epochs_total else "completed"
             error, reason = None, self.stop_reason or f"all {self.epochs_total} epochs trained"
@@ -456,14 +491,11 @@ class Run:
                 else "interrupted"
             reason = signal_name or "KeyboardInterrupt"
         else:
-            self.status, error, reason = "failed", one_line(exc, with_type=True), "an error"
+            self.status, error, reason = "failed", self._dist.explain(exc), "an error"
         try:
+            self._dist.finish(self.status)
             if not isinstance(exc, HistoryWriteError):
-                self.emit(
-                    "end", status=self.status, epochs=self.epochs_done, steps=self.steps_done,
-                    error=error, reason=reason, peak_rss_mb=round(peak_rss_mb(), 1),
-                    checkpoint=str(self.last_checkpoint) if self.last_checkpoint else None,
-                )
+                self._emit_end(self.status, error, reason)
         finally:
             try:
                 if exc_type is None:
@@ -472,7 +504,10 @@ class Run:
                     with contextlib.suppress(Exception):  # the first error is the one to report
                         self._close_sinks()
             finally:
-                self._release_folder()
+                try:
+                    self._dist.close(self.status, error)  # a process whose run did not end with the others ends here
+                finally:
+                    self._release_folder()
 
     def _close_sinks(self) -> None:
         if self._monitor is not None:
@@ -557,8 +592,10 @@ class Run:
 
     @property
     def interrupted(self) -> str | None:
-        """The signal that asked the run to stop (``"SIGINT"``, ``"SIGTERM"``), if any."""
-        return self._signals.received if self._signals is not None else None
+        """The signal that asked the run to stop (``"SIGINT"``, ``"SIGTERM"``), if any; in a
+        distributed run, once every process has reached the batch boundary they agreed on."""
+        received = self._signals.received if self._signals is not None else None
+        return self._dist.stop_signal(received, self.steps_done)
 
     def stop(self) -> None:
         """Stop after the current batch (as a callback setting ``model.stop_training``),
@@ -574,7 +611,7 @@ class Run:
             self._close_stream()
             self._stream = Prefetcher(
                 self.source, plans_from(self.plan, epoch, start, self.epochs_total), self.plan.blocks,
-                self.batch_size, workers=self.workers, max_queue=self.max_queue,
+                self.plan.local_batch_size, workers=self.workers, max_queue=self.max_queue,
                 max_queue_bytes=self.max_queue_bytes, recycle=self.recycle,
                 priority=self._priority, lookahead=self.plan.window_batches + 1, name="train",
                 on_raised=lambda info: self._producers_raised("train", info), cancel=lambda: self.interrupted,
@@ -619,7 +656,7 @@ class Run:
         for name, model in self.models.items():
             arrays.update(ckpt.model_arrays(name, model))
         callbacks, callback_arrays = ckpt.callback_state(self.callbacks.callbacks)
-        rng, rng_arrays = ckpt.rng_state()
+        rng, rng_arrays = self._dist.gather_rng(ckpt.rng_state())  # every process's random state
         arrays.update(callback_arrays)
         arrays.update(rng_arrays)
         epoch_meta = None
@@ -650,22 +687,15 @@ class Run:
             "rng": rng,
             "saved": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
         }
-        self.last_checkpoint = ckpt.save(self.checkpoint_dir, self.steps_done, meta, arrays)
+        self.last_checkpoint = self._dist.save(lambda: ckpt.save(self.checkpoint_dir, self.steps_done, meta, arrays))
         return self.last_checkpoint
 
     def _load_checkpoint(self) -> dict:
         """Read the newest checkpoint and check that it fits this run; returns the
         ``resume`` field of the run record. The state is applied when training starts."""
-        path = ckpt.latest(self.checkpoint_dir)
-        if path is None:
-            raise RunError(f"{self.checkpoint_dir}: no checkpoint to resume from")
-        try:
-            meta, arrays = ckpt.load(path)
-        except ckpt.CheckpointError as e:
-            raise RunError(str(e)) from e
-        if self.history_path is not None:
-            runfolder.check_resume(self.history_path, meta["run_id"])
-        ckpt.check_backend(path, meta, self.history_path)
+        # Process 0 reads the checkpoint and compares the data with what the run read (a
+        # copy on another host has another modification time); every process gets both.
+        path, meta, arrays, changed = self._dist.first("checkpoint", self._read_checkpoint)
         ours = self.plan.describe()
         for key, theirs in meta["plan"].items():
             if ours.get(key) != theirs:
@@ -675,11 +705,6 @@ class Run:
         if list(meta.get("row_range") or [0, sum(meta["rows_per_file"])]) != list(self.source.row_range):
             raise RunError(f"cannot resume {path}: the run read rows {meta.get('row_range')} of its files, "
                            f"this source rows {list(self.source.row_range)}")
-        changed = fingerprint.changed_files(meta.get("fingerprints"), self._fingerprints)
-        if changed and not self.allow_changed_data:
-            more = f" (and {len(changed) - 1} more)" if len(changed) > 1 else ""
-            raise RunError(f"cannot resume {path}: {changed[0]}{more}; pass "
-                           f"{argument('allow_changed_data=True', '--allow-changed-data')} to resume on the data as it is now")
         if sorted(meta["models"]) == sorted(self.models):
             saved = {name: name for name in self.models}
         elif len(meta["models"]) == len(self.models) == 1:  # one model: its name may differ (sequential_3)
@@ -704,6 +729,24 @@ class Run:
             resume["changed_data"] = changed
         return resume
 
+    def _read_checkpoint(self) -> tuple[Path, dict, dict, list[str]]:
+        path = ckpt.latest(self.checkpoint_dir)
+        if path is None:
+            raise RunError(f"{self.checkpoint_dir}: no checkpoint to resume from")
+        try:
+            meta, arrays = ckpt.load(path)
+        except ckpt.CheckpointError as e:
+            raise RunError(str(e)) from e
+        if self.history_path is not None:
+            runfolder.check_resume(self.history_path, meta["run_id"])
+        ckpt.check_backend(path, meta, self.history_path)
+        changed = fingerprint.changed_files(meta.get("fingerprints"), self._fingerprints)
+        if changed and not self.allow_changed_data:
+            more = f" (and {len(changed) - 1} more)" if len(changed) > 1 else ""
+            raise RunError(f"cannot resume {path}: {changed[0]}{more}; pass "
+                           f"{argument('allow_changed_data=True', '--allow-changed-data')} to resume on the data as it is now")
+        return path, meta, arrays, changed
+
     def _apply_checkpoint(self) -> dict | None:
         """After ``on_train_begin`` (which resets callbacks): callback and RNG state;
         returns the partial epoch's state, if the checkpoint was taken mid-epoch."""
@@ -715,7 +758,7 @@ class Run:
             ckpt.restore_callbacks(self.callbacks.callbacks, meta["callbacks"], arrays)
         except ckpt.CheckpointError as e:
             raise RunError(f"cannot resume {self.last_checkpoint}: {e}") from e
-        ckpt.restore_rng(meta["rng"], arrays)
+        ckpt.restore_rng(*self._dist.own_rng(meta["rng"], arrays))
         return {"meta": meta["epoch"], "arrays": arrays} if meta["epoch"] else None
 
 
@@ -762,7 +805,9 @@ class Epoch:
         where the batch size changes (the partial last batch). One batch record, one
         pair of batch callbacks and one signal check per group; checkpoints land
         between groups."""
-        self._iterator = self._batches(_whole("steps_per_execution", k))
+        k = _whole("steps_per_execution", k)
+        distributed.check_steps_per_execution(k)
+        self._iterator = self._batches(k)
         return self._iterator
 
     def _batches(self, k: int) -> Iterator[Batch | Group]:
@@ -793,7 +838,8 @@ class Epoch:
                 self._values, self._logs = {}, {}
                 if run._batch_begin_hooks:
                     run.callbacks.on_train_batch_begin(item.index)
-                yield item
+                with run._dist.batch_scope(run.plan.replicated(item.index)):
+                    yield item
                 self._finish_batch()
             finished = True
         except GeneratorExit:  # the loop left after training the batch in hand: it counts
@@ -819,10 +865,13 @@ class Epoch:
         step_s = now - self._handed
         count = getattr(batch, "count", 1)
         last = batch.index + count - 1
-        rate = self._rate.add(now - step_s - batch.wait_s, now, batch.size)
+        # The global batch: this process's rows are a share of it (groups of several
+        # batches run on one process only: a distributed run trains one batch a step).
+        size = batch.size if count > 1 else run.plan.global_size(batch.index)
+        rate = self._rate.add(now - step_s - batch.wait_s, now, size)
         if self._values:
-            self._means.add(self._values, batch.size)
-        self.samples += batch.size
+            self._means.add(self._values, size)
+        self.samples += size
         self.batches += count
         self.wait_s += batch.wait_s
         self.read_s += batch.read_s
@@ -833,7 +882,7 @@ class Epoch:
         group = {"batches": count} if count > 1 else {}
         run.emit(
             "batch", epoch=self.index, batch=last, step=self.index * self.steps + last,
-            size=batch.size, **group, **self._logs, **self._values, step_s=round(step_s, 6),
+            size=size, **group, **self._logs, **self._values, step_s=round(step_s, 6),
             wait_s=round(batch.wait_s, 6), samples_per_s=round(rate, 1) if rate else None,
         )
         if run._batch_hooks:
@@ -990,6 +1039,7 @@ class Epoch:
             "val_time_s": round(self.val_time_s, 4),
             "complete": complete,
         }
+        stats = run._dist.epoch_stats(self.index, stats)  # every process's data counters, on process 0
         run.emit("epoch", epoch=self.index, **self.logs, **stats)
         if run._writer is not None:
             run._writer.sync()
@@ -1047,20 +1097,27 @@ def evaluate(model, source: H5Source, batch_size: int, *, workers: int = 2, max_
 
     Returns the metrics ``model.evaluate(..., return_dict=True)`` returns for the same
     batches; ``callbacks`` (a ``CallbackList``) get the ``on_test_*`` hooks."""
-    plan = Plan(source.row_ranges, batch_size, block_rows=source.block_rows(), shuffle="none")
+    cluster = distributed.active()  # in a distributed run each process evaluates its share
+    try:
+        plan = Plan(source.row_ranges, batch_size, block_rows=source.block_rows(), shuffle="none",
+                    share=cluster.share if cluster is not None else None)
+    except ValueError as e:
+        raise RunError(f"validation: {e}") from None
     own = sums is None
     sums = sums or MetricSums(model, "test")
     sums.reset(partial_batch=source.rows % batch_size != 0)
     if callbacks is not None:
         callbacks.on_test_begin()
-    with Prefetcher(source, plan.batches(0), plan.blocks, batch_size, workers=workers, max_queue=max_queue,
-                    priority=priority, name="val", on_raised=on_raised, cancel=interrupted) as batches:
+    with Prefetcher(source, plan.batches(0), plan.blocks, plan.local_batch_size, workers=workers,
+                    max_queue=max_queue, priority=priority, name="val", on_raised=on_raised,
+                    cancel=interrupted) as batches:
         for batch in batches:
             if interrupted is not None and interrupted():
                 raise _Interrupted
             if callbacks is not None and batch_hooks:
                 callbacks.on_test_batch_begin(batch.index)
-            logs = sums.accumulate(lambda b=batch: _test_on_batch(model, b))
+            with distributed.batch_scope(plan.replicated(batch.index)):
+                logs = sums.accumulate(lambda b=batch: _test_on_batch(model, b))
             if callbacks is not None and batch_hooks:
                 callbacks.on_test_batch_end(batch.index, pythonify(logs))
     logs = sums.result()

@@ -390,6 +390,8 @@ def resources(state: RunState) -> Table:
             speed.append(f"read {last['read_mb_s']:,.1f} MB/s")
     if speed:
         grid.add_row("throughput", SEP.join(speed))
+    if len(state.processes) > 1:
+        grid.add_row("processes", processes_text(state))
     system = state.system
     if system is not None:
         grid.add_row("memory", memory_text(state))
@@ -399,6 +401,22 @@ def resources(state: RunState) -> Table:
         if isinstance(gpu, dict):
             grid.add_row("gpu", f"{gpu.get('current', 0):,.0f} MB (peak {gpu.get('peak', 0):,.0f} MB)")
     return grid
+
+
+def processes_text(state: RunState) -> str:
+    """A distributed run: how many processes, which waits most for data (an input-bound
+    run is usually one slow host), which holds the most memory; from their latest samples."""
+    latest = state.processes
+    run = state.runs[-1] if state.runs else {}
+    hosts = {h.get("process"): h.get("hostname") for h in (run.get("distributed") or {}).get("hosts", [])
+             if isinstance(h, dict)}
+    parts = [f"{len(latest)} processes"]
+    for label, field, unit in (("most input-bound", "input_bound_pct", "%"), ("largest RSS", "rss_mb", " MB")):
+        values = [(s[field], p) for p, s in latest.items() if is_number(s.get(field))]
+        if values:
+            value, p = max(values)
+            parts.append(f"{label}: process {p} ({hosts.get(p) or '?'}) {value:,.1f}{unit}")
+    return SEP.join(parts)
 
 
 def memory_text(state: RunState) -> str:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 
+from pipetrain import distributed
 from pipetrain.labels import sparse_label_limits
 from pipetrain.run import Run
 from pipetrain.source import H5Source
@@ -35,6 +36,7 @@ def train(
     max_queue_bytes: int | None = None,
     shuffle_window: int = 8192,
     drop_remainder: bool = False,
+    partitions: int = 16,
     monitor_interval: float | None = 2.0,
     overwrite: bool = False,
     resume: bool | str = False,
@@ -90,6 +92,10 @@ def train(
 
     Other arguments are those of :class:`pipetrain.Run`.
 
+    In a data-parallel run (JAX, ``keras.distribution``; see ``docs/distributed.md``)
+    ``batch_size`` is the global batch: each process trains on its share, and the
+    history, checkpoints and returned metrics are those of the whole run.
+
     Example::
 
         history = pipetrain.train(model, pipetrain.H5Source("train.h5", x="x", y="y"),
@@ -102,6 +108,7 @@ def train(
         if data is not None:
             data.check_model(model)
             data.limit_labels(sparse_label_limits(model, data.y))  # checked as the rows are read
+    distributed.check_steps_per_execution(steps_per_execution)  # before anything is written
     settings = {
         "epochs": epochs, "batch_size": batch_size, "shuffle": shuffle, "seed": seed,
         "workers": workers, "max_queue": max_queue, "validation": [str(p) for p in validation.paths] if validation else None,
@@ -111,7 +118,7 @@ def train(
     with Run(
         source, batch_size=batch_size, epochs=epochs, history=history, shuffle=shuffle, seed=seed,
         workers=workers, max_queue=max_queue, max_queue_bytes=max_queue_bytes,
-        shuffle_window=shuffle_window, drop_remainder=drop_remainder, models=model,
+        shuffle_window=shuffle_window, drop_remainder=drop_remainder, partitions=partitions, models=model,
         callbacks=callbacks, verbose=verbose, monitor_interval=monitor_interval,
         config={**settings, **(config or {})}, overwrite=overwrite, resume=resume,
         checkpoint_every=checkpoint_every, stop_on_nonfinite=stop_on_nonfinite,

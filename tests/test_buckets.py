@@ -632,7 +632,9 @@ def test_cli_run_fails_when_the_network_drops_and_resumes_elsewhere_to_the_same_
     history = pipetrain.read_history(run / "history.jsonl")
     assert history.end["status"] == "failed" and url in history.end["error"]
     assert history.runs[0]["data"]["files"] == [url]
-    assert 4 <= history.end["steps"] < 20, history.end  # mid-epoch 0, after a checkpoint
+    # After a checkpoint, before the end (the watcher polls the history: on a busy machine
+    # it may see the 4th batch late, but the producers run at most a few batches ahead).
+    assert 4 <= history.end["steps"] < 40, history.end
     assert list((run / "checkpoint").glob("ckpt-*"))
 
     elsewhere = tmp_path / "there" / "run"

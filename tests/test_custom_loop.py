@@ -98,7 +98,7 @@ def test_ctrl_c_in_the_custom_loop_ends_it_with_one_line_and_no_traceback(gan_ru
                      if r["type"] == "end")
     assert first_end["status"] == "interrupted" and first_end["reason"] == "SIGINT"
     assert re.fullmatch(r"stopped by SIGINT after epoch \d+, batch \d+/23 \(checkpoint written\)", first_end["error"])
-    assert re.search(r"^interrupted: \d+ epoch\(s\), [\d,]+ steps - stopped by SIGINT after epoch \d+, batch \d+/23",
+    assert re.search(r"^interrupted: \d+ epoch\(s\), [\d,]+ steps on \w+ \S+ - stopped by SIGINT after epoch \d+, batch \d+/23",
                      out, flags=re.M)
     # It went on at the batch after the one it stopped after, in people's numbers both.
     e, b = map(int, re.search(r"after epoch (\d+), batch (\d+)/", first_end["error"]).groups())

@@ -284,7 +284,7 @@ BAD_INPUTS = {
                           "key.h5: dataset 'x': the chunk index is damaged (it lists a chunk at (1099511627776, 0), outside the dataset's (300, 3))"),
     "damaged structure": (["--data", "stub.h5", "--x", "x", "--y", "y"], "stub.h5: dataset 'x' cannot be read (damaged file?): RuntimeError"),
     "make-data one class": (["make-data", "m.h5", "--rows", "10", "--classes", "1"], "pipetrain: --classes 1: must be >= 2"),
-    "make-data flag": (["make-data", "m.h5"], "pipetrain make-data: the following arguments are required: --rows"),
+    "make-data flag": (["make-data", "m.h5"], "pipetrain: make-data: give either --rows N (one file) or --splits NAME=ROWS"),
 }
 # Cases that build or load a model (CI runs them on every Keras backend), and cases found
 # mid-run: those leave a run folder whose history records the failure; nothing that was

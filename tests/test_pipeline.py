@@ -145,8 +145,9 @@ def test_each_block_is_decoded_once(files, shuffle, lookahead):
 def test_the_next_window_is_decoded_while_the_consumer_holds_every_buffer(files):
     paths, x, _ = files
     with H5Source(paths, x="x", y="y") as source:
-        # The first file only (32-row chunks): a block is known by its first row.
-        plan = Plan(source.rows_per_file[:1], 16, block_rows=32, shuffle="block", seed=2, window=64)
+        # The first file only (32-row chunks): a block is known by its first row. One
+        # partition: its windows of two blocks follow one another.
+        plan = Plan(source.rows_per_file[:1], 16, block_rows=32, shuffle="block", seed=2, window=64, partitions=1)
         plans = list(plan.batches(0))
         lookahead = plan.window_batches + 1  # 4 batches per window: the next window is in reach
         reads = []

@@ -6,7 +6,7 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from pipetrain.plan import SHUFFLES, Plan
+from pipetrain.plan import SHUFFLES, Plan, Share
 
 SHAPES = [
     # rows per file, batch size, block rows, window rows
@@ -108,11 +108,11 @@ def test_blocks_never_cross_files_and_align_with_chunks():
 
 
 def test_block_shuffle_reads_a_bounded_window():
-    """Every batch draws its rows from at most two consecutive windows of blocks."""
-    plan = Plan([4096], batch_size=64, block_rows=64, shuffle="block", seed=0, window=512)
-    assert plan.window_blocks == 8
+    """Every batch draws its rows from at most two consecutive windows of each partition."""
+    plan = Plan([4096], batch_size=64, block_rows=64, shuffle="block", seed=0, window=2048, partitions=4)
+    assert plan.window_blocks == 8  # 2048 rows over 4 partitions: 8 blocks of 64 rows each
     for batch in plan.batches(0):
-        assert len({p.block for p in batch.parts}) <= 2 * plan.window_blocks
+        assert len({p.block for p in batch.parts}) <= 2 * plan.partitions * plan.window_blocks
 
 
 def test_bad_settings_are_refused():
@@ -120,3 +120,102 @@ def test_bad_settings_are_refused():
         Plan([10], 2, shuffle="random")
     with pytest.raises(ValueError, match="batch_size=0"):
         Plan([10], 0)
+
+
+# -- process shares ------------------------------------------------------------------------
+
+UNEVEN = [
+    # rows per file, batch size, block rows, window rows, partitions
+    ([100], 8, 10, 40, 4),
+    ([37, 5, 64], 8, 7, 21, 16),  # 106 rows: a partial last batch of 2 rows
+    ([1000], 64, 32, 512, 16),  # 1000 rows: a partial last batch of 40 rows
+    ([250, 251], 16, 16, 8192, 8),  # 501 rows: a partial last batch of 5 rows (replicated on 2 or 4)
+    ([3, 3, 3], 4, 2, 2, 2),
+]
+
+
+def shares(rows, batch, block, window, partitions, shuffle, count, epoch=0, start=0):
+    """Each process's rows of each batch, and the batch plans, for `count` processes."""
+    out = []
+    for index in range(count):
+        plan = Plan(rows, batch, block_rows=block, shuffle=shuffle, seed=7, window=window,
+                    partitions=partitions, share=Share(index, count))
+        out.append((plan, list(plan.batches(epoch, start))))
+    return out
+
+
+@pytest.mark.parametrize("shuffle", sorted(SHUFFLES))
+@pytest.mark.parametrize("count", [2, 4])
+@pytest.mark.parametrize("rows, batch, block, window, partitions", UNEVEN)
+def test_shares_are_disjoint_complete_equal_and_make_the_same_global_batches(
+        shuffle, count, rows, batch, block, window, partitions):
+    """Over an epoch the processes' rows are disjoint and cover every row once; every
+    process runs the same steps with the same number of rows; and the global batches,
+    joined from the shares, are those of one process (the order does not depend on the
+    number of processes)."""
+    one = epoch_rows(Plan(rows, batch, block_rows=block, shuffle=shuffle, seed=7, window=window,
+                          partitions=partitions), 1)
+    many = shares(rows, batch, block, window, partitions, shuffle, count, epoch=1)
+    assert {len(batches) for _, batches in many} == {len(one)}  # the same steps everywhere
+    for k, want in enumerate(one):
+        got = [global_rows(plan, batches[k]) for plan, batches in many]
+        assert len({len(g) for g in got}) == 1  # equal local sizes: no process waits for another
+        replicated = many[0][1][k].replicated
+        assert replicated == (len(want) % count != 0)  # only a batch that cannot split is whole everywhere
+        if replicated:
+            assert all(sorted(g.tolist()) == sorted(want.tolist()) for g in got)
+        else:
+            joined = np.concatenate(got)
+            assert sorted(joined.tolist()) == sorted(want.tolist())  # disjoint and complete
+        assert all(b[k].global_size == len(want) for _, b in many)
+
+
+@pytest.mark.parametrize("count", [1, 2, 4])
+def test_block_shares_read_disjoint_blocks(count):
+    """With the block shuffle and a process count that divides the partitions, each
+    block is decoded by one process, except the few read in the rounds where some
+    partitions have run out (at most one per partition)."""
+    rows, batch, block, window, partitions = [4010, 990], 32, 25, 400, 8  # 201 blocks, two short
+    readers: dict[int, set] = {}
+    total = 0
+    for index, (plan, batches) in enumerate(shares(rows, batch, block, window, partitions, "block", count)):
+        blocks = {p.block for b in batches for p in b.parts}
+        total += sum(int(plan.blocks.rows[b]) for b in blocks)
+        for b in blocks:
+            readers.setdefault(b, set()).add(index)
+    shared = [b for b, who in readers.items() if len(who) > 1]
+    assert len(readers) == 201
+    assert len(shared) <= partitions
+    assert total <= sum(rows) + len(shared) * block * (count - 1)  # about 1/count of the bytes each
+
+
+def test_none_shares_are_contiguous_slices_of_file_order():
+    (p0, b0), (p1, b1) = shares([100], 20, 10, 40, 16, "none", 2)
+    assert global_rows(p0, b0[0]).tolist() == list(range(10))
+    assert global_rows(p1, b1[0]).tolist() == list(range(10, 20))
+
+
+@pytest.mark.parametrize("shuffle", sorted(SHUFFLES))
+def test_a_share_resumes_at_any_batch_with_the_same_rest(shuffle):
+    plan_rows = ([250, 251], 16, 16, 128, 8)
+    for count in (1, 2, 4):
+        full = shares(*plan_rows, shuffle, count, epoch=2)
+        for start in (1, 17):
+            rest = shares(*plan_rows, shuffle, count, epoch=2, start=start)
+            for (plan, a), (_, b) in zip(full, rest, strict=True):
+                assert [global_rows(plan, x).tolist() for x in a[start:]] == [global_rows(plan, x).tolist() for x in b]
+                claimed = {}
+                for x in b:  # block uses stay exact on a resumed share
+                    for part in x.parts:
+                        assert claimed.setdefault(part.block, part.uses) == part.uses
+                counts = Counter(part.block for x in b for part in x.parts)
+                assert counts == Counter(claimed)
+
+
+def test_the_global_size_must_split_over_the_devices():
+    with pytest.raises(ValueError, match="batch_size=30 must be a multiple of the run's 4 devices"):
+        Plan([100], 30, share=Share(0, 2, devices=2))
+    plan = Plan([101], 20, block_rows=10, share=Share(1, 2, devices=2))
+    assert [b.size for b in plan.batches(0)] == [10] * 5 + [1]  # 1 row left: every device computes it
+    assert plan.local_batch_size == 10
+    assert Plan([139], 20, block_rows=10, share=Share(1, 2)).local_batch_size == 19  # the 19 replicated rows

@@ -235,7 +235,7 @@ def test_a_run_early_stopping_ended_names_why_and_its_resume_changes_nothing(bin
     the best epoch; resuming it (or a completed run) says "already complete", writes
     nothing and returns its History and weights; more epochs extend it."""
     from pipetrain.outcome import best_epoch
-    from pipetrain.progress import RunState, summary
+    from pipetrain.progress import RunState, backend_text, summary
 
     train_paths, val_path = binary_files
     source = pipetrain.H5Source(train_paths, x="x", y="y")
@@ -258,7 +258,9 @@ def test_a_run_early_stopping_ended_names_why_and_its_resume_changes_nothing(bin
     # (by min_delta, EarlyStopping's own best may be an earlier epoch than the lowest val_loss)
     assert re.fullmatch(rf"EarlyStopping at epoch {n}: val_loss did not improve since epoch \d+", h.end["reason"])
     lines = summary(RunState().extend([*h.runs, *h.epochs, h.end])).splitlines()
-    assert lines[0] == f"stopped: {n} epoch(s), {n * 7:,} steps - {h.end['reason']}"
+    backend = backend_text(h.runs[0]["host"])
+    assert backend.startswith(keras.backend.backend())
+    assert lines[0] == f"stopped: {n} epoch(s), {n * 7:,} steps on {backend} - {h.end['reason']}"
     assert lines[1] == f"best val_loss {best['val_loss']:.4g} at epoch {best['epoch'] + 1}"
     files = {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()}
     capsys.readouterr()
