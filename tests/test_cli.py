@@ -79,6 +79,7 @@ def test_compute_threads_limits_tensorflow_before_it_starts(tmp_path):
         assert f"--compute-threads: only for the TensorFlow backend (this is {backend})" in done.stderr
 
 
+@pytest.mark.one_backend  # its subject is not the backend's: TensorFlow covers it (CI time)
 @pytest.mark.model
 def test_val_split_is_kept_and_a_finished_run_resumed_changes_nothing(tmp_path):
     """--val-split validates on the last rows and is recorded; resuming the finished run

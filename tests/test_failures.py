@@ -334,6 +334,7 @@ def test_bad_input_from_the_real_command(folder):
     assert done.stderr == "pipetrain: short.h5: dataset 'y' has 19 rows but 'x' has 20; all datasets of a file need the same number of rows\n"
 
 
+@pytest.mark.one_backend  # its subject is not the backend's: TensorFlow covers it (CI time)
 @pytest.mark.model
 def test_allow_external_lets_the_link_through(folder):
     done = cli("train", "--data", "sub/link.h5", "--x", "x", "--y", "y", "--allow-external", "--epochs", "1",
@@ -341,6 +342,7 @@ def test_allow_external_lets_the_link_through(folder):
     assert done.returncode == 0, done.stderr
 
 
+@pytest.mark.one_backend  # its subject is not the backend's: TensorFlow covers it (CI time)
 @pytest.mark.model
 def test_a_corrupt_chunk_mid_run_is_bad_input_with_where(folder):
     path = folder / "d.h5"
@@ -389,6 +391,7 @@ def test_a_non_finite_loss_fails_clearly_unless_allowed(folder):
     assert done.returncode == 0, done.stderr
 
 
+@pytest.mark.one_backend  # its subject is not the backend's: TensorFlow covers it (CI time)
 @pytest.mark.model
 def test_a_full_disk_stops_training_with_a_clear_error(folder):
     (folder / "runs").mkdir()
@@ -399,7 +402,7 @@ def test_a_full_disk_stops_training_with_a_clear_error(folder):
 
 
 @pytest.mark.model
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+@pytest.mark.parametrize("sig", [signal.SIGINT, pytest.param(signal.SIGTERM, marks=pytest.mark.one_backend)])
 def test_a_signal_stops_at_the_next_batch_with_a_checkpoint_and_exit_130(folder, sig):
     history = folder / "runs" / "s" / "history.jsonl"
     proc = subprocess.Popen(

@@ -22,6 +22,7 @@ def test_damaged_copies_read_as_h5py_reads_them_or_are_refused_in_one_line(tmp_p
     assert counts.get("same", 0) > 0 and counts.get("refused at open", 0) > 0 and counts.get("refused rows", 0) > 0, counts
 
 
+@pytest.mark.one_backend  # its subject is not the backend's: TensorFlow covers it (CI time)
 @pytest.mark.model
 def test_the_command_line_on_damaged_copies_exits_0_or_2_with_one_line(tmp_path):
     """A few copies through `pipetrain train` and `pipetrain inspect` in their own process."""

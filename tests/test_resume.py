@@ -118,6 +118,7 @@ def test_nothing_to_resume_is_a_clear_error(data, tmp_path):
     assert "no checkpoint to resume from" in done.stderr
 
 
+@pytest.mark.one_backend  # its subject is not the backend's: TensorFlow covers it (CI time)
 def test_the_command_line_resumes_from_anywhere_with_the_flags_it_was_started_with(data, tmp_path):
     """Relative data paths, a history file of another name, flags that are not data:
     `pipetrain train --resume` from another folder finds and keeps them all."""

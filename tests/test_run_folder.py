@@ -121,6 +121,7 @@ def test_a_lock_left_by_a_killed_process_is_no_lock(tmp_path):
     assert len(pipetrain.read_history(folder).batches) == 3 and not (folder / LOCK_NAME).exists()
 
 
+@pytest.mark.one_backend  # its subject is not the backend's: TensorFlow covers it (CI time)
 @pytest.mark.model
 def test_a_second_train_on_a_running_folder_is_refused_and_touches_nothing(tmp_path, monkeypatch, capsys):
     """A run is training: a second `train` into its folder (new, --overwrite, --resume)
@@ -348,6 +349,7 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
+@pytest.mark.one_backend  # its subject is not the backend's: TensorFlow covers it (CI time)
 @pytest.mark.model
 def test_the_command_line_resumes_a_run_killed_before_its_first_checkpoint(tmp_path, monkeypatch):
     data_file(tmp_path / "d.h5")

@@ -276,6 +276,7 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys):
 
 # -- a real run ------------------------------------------------------------------------------
 
+@pytest.mark.one_backend  # its subject is not the backend's: TensorFlow covers it (CI time)
 @pytest.mark.model
 def test_tail_follow_started_before_a_real_run_ends_by_itself(tmp_path):
     command = [sys.executable, "-m", "pipetrain"]
@@ -366,6 +367,7 @@ def test_whether_a_runs_process_is_there():
     assert writer_state(None) == writer_state({}) == "unknown"  # a history from before the record said
 
 
+@pytest.mark.one_backend  # its subject is not the backend's: TensorFlow covers it (CI time)
 @pytest.mark.model
 def test_quiet_training_prints_nothing(tmp_path):
     done = subprocess.run([sys.executable, "-m", "pipetrain", "train", "--epochs", "1", "--quiet", "--name", "q"],

@@ -370,6 +370,7 @@ def test_the_models_own_evaluate_in_a_callback_is_untouched_and_counts_nothing(b
         assert_same_history(got, want)
 
 
+@pytest.mark.one_backend  # its subject is not the backend's: TensorFlow covers it (CI time)
 def test_a_resumed_run_continues_its_csv_log(binary_files, tmp_path):
     train_paths, _ = binary_files
     source = pipetrain.H5Source(train_paths, x="x", y="y")
