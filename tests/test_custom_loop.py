@@ -1,5 +1,5 @@
-"""Custom loops on pipetrain.Run: the README's GAN runs as written, is killed and resumed
-exactly; two models' epoch aggregates are right; Keras callbacks see the batches."""
+"""Custom loops on pipetrain.Run: the GAN of docs/custom-loops.md runs as written, is killed
+and resumed exactly; two models' epoch aggregates are right; Keras callbacks see the batches."""
 
 import json
 import re
@@ -20,8 +20,8 @@ pytestmark = pytest.mark.model
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def readme_gan() -> str:
-    text = (ROOT / "README.md").read_text()
+def guide_gan() -> str:
+    text = (ROOT / "docs" / "custom-loops.md").read_text()
     block = next(b for b in re.findall(r"```python\n(.*?)```", text, flags=re.S) if b.startswith("# gan.py"))
     return block
 
@@ -38,11 +38,11 @@ def batches_in(folder: Path) -> int:
 
 @pytest.fixture(scope="module")
 def gan_runs(tmp_path_factory):
-    """The README's GAN: once straight through (then run again, with nothing left to do),
+    """The guide's GAN: once straight through (then run again, with nothing left to do),
     once killed with SIGKILL and run again, once stopped with Ctrl-C and run again."""
     whole, killed, stopped = (tmp_path_factory.mktemp(name) for name in ("whole", "killed", "stopped"))
     for folder in (whole, killed, stopped):
-        (folder / "gan.py").write_text(readme_gan())
+        (folder / "gan.py").write_text(guide_gan())
     straight = run_script(whole)
     victim, interrupted = run_script(killed), run_script(stopped)
     assert wait_until(lambda: batches_in(killed) >= 60 and batches_in(stopped) >= 60, timeout=600, poll=0.05)
@@ -69,7 +69,7 @@ def gan_runs(tmp_path_factory):
 
 
 @pytest.mark.parametrize("how", ["killed", "stopped"])
-def test_the_readme_gan_is_killed_resumed_and_equals_the_straight_run(gan_runs, how):
+def test_the_guide_gan_is_killed_resumed_and_equals_the_straight_run(gan_runs, how):
     a = pipetrain.read_history(gan_runs["whole"] / "runs" / "gan" / "history.jsonl")
     b = pipetrain.read_history(gan_runs[how] / "runs" / "gan" / "history.jsonl")
     assert len(a.runs) == 1  # running the finished script again added nothing

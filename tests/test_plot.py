@@ -105,7 +105,7 @@ def test_text_where_numbers_belong_is_plotted_as_missing(tmp_path):
 
 
 def gan_records(run_id="g", t0=1000.0, resume=None):
-    """Two models under prefixes, as the README's GAN records them: no 'loss' key."""
+    """Two models under prefixes, as the GAN of docs/custom-loops.md records them: no 'loss' key."""
     records = []
     for r in known_records(run_id=run_id, t0=t0):
         r = dict(r)
