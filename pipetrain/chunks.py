@@ -46,6 +46,7 @@ from dataclasses import dataclass
 
 import h5py
 import numpy as np
+from h5py._objects import phil as _phil  # h5py's lock around the HDF5 library
 
 from pipetrain.codecs import FILTER_NAMES, Stage, stages, unshuffle_planes
 from pipetrain.errors import InputError
@@ -745,7 +746,8 @@ def _raw_chunk(dsid, origin, size: int, chunk_nbytes: int) -> tuple[int, np.ndar
     past h5py's buffer, crashing the process later (found by tests/fuzz_files.py).
     """
     room = np.empty(2 * max(size, chunk_nbytes) + 4096, np.uint8)
-    mask, view = dsid.read_direct_chunk(origin, out=room)
+    with _phil:  # h5py leaves this call unlocked; HDF5 (not thread-safe) must see one caller
+        mask, view = dsid.read_direct_chunk(origin, out=room)
     return mask, np.asarray(view)
 
 

@@ -584,3 +584,22 @@ def test_steady_short_waits_raise_starving_producers_within_seconds(make_h5):
     assert policies and set(policies) == {os.SCHED_OTHER}
     [info] = raised
     assert info["was"] == "idle" and info["waited_s"] > 0.9 and info["window_s"] == 3.0
+
+
+def test_producers_check_many_chunks_side_by_side_and_read_what_h5py_reads(tmp_path):
+    """Each chunk's first read asks HDF5's own index lookup (tests/test_chunks.py); the
+    producers do so side by side, and HDF5 is not thread-safe: h5py's lock must be held
+    around the lookup, or a sound file reads as "the chunk index is damaged"."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(3_000, 4096)).astype("float32")  # chunks of 256 KB: long HDF5 calls
+    path = tmp_path / "many.h5"
+    with h5py.File(path, "w") as f:
+        f.create_dataset("x", data=x, chunks=(16, 4096))
+        f.create_dataset("y", data=np.arange(len(x)), chunks=(16,), compression="gzip", compression_opts=1)
+    for _ in range(3):  # fresh readers: every chunk is looked up again
+        with H5Source(path, x="x", y="y") as source:
+            plan = Plan(source.rows_per_file, 64, block_rows=source.block_rows(), shuffle="none")
+            with Prefetcher(source, plan.batches(0), plan.blocks, 64, workers=2, recycle=False) as stream:
+                got = [(batch.x, batch.y) for batch in stream]
+        np.testing.assert_array_equal(np.concatenate([g[0] for g in got]), x)
+        np.testing.assert_array_equal(np.concatenate([g[1] for g in got]), np.arange(len(x)))
