@@ -14,7 +14,7 @@ import os
 import sys
 from pathlib import Path
 
-from pipetrain.errors import InputError, command_line, is_bad_input, one_line
+from pipetrain.errors import InputError, Interrupted, command_line, is_bad_input, one_line
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
 
@@ -511,10 +511,6 @@ def set_compute_threads(n: int) -> None:
     import tensorflow as tf
 
     tf.config.threading.set_intra_op_parallelism_threads(n)
-
-
-class Interrupted(KeyboardInterrupt):
-    """Training stopped on SIGINT/SIGTERM, with a checkpoint to resume from."""
 
 
 def main(argv: list[str] | None = None) -> int:

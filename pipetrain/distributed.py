@@ -46,6 +46,7 @@ from collections.abc import Callable
 
 from pipetrain.errors import RunError, is_bad_input, one_line
 from pipetrain.plan import Share
+from pipetrain.process import running
 
 BEAT_S = 1.0  # seconds between heartbeats (and sample collection on process 0)
 LOST_S = 15.0  # a process whose heartbeat stops this long is lost
@@ -434,7 +435,7 @@ class _Channel:
         mine = socket.gethostname()
         for host in self.cluster.hosts:
             if host["process"] != self.index and host["hostname"] == mine:
-                if not _alive(host["pid"]):
+                if not running(host["pid"]):
                     return host["process"]
         return None
 
@@ -475,20 +476,6 @@ class _Channel:
             if beat is None or now - beat[1] < 3 * BEAT_S:
                 return False
         return True
-
-
-def _alive(pid: int) -> bool:
-    """Whether a process of this host runs (a zombie, killed but not yet reaped, does not)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:
-        return True
-    with contextlib.suppress(OSError):
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    return True
 
 
 def end_process(code: int, line: str | None = None) -> None:

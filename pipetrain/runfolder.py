@@ -52,6 +52,7 @@ from pathlib import Path
 
 from pipetrain.errors import RunError, argument
 from pipetrain.history import run_records
+from pipetrain.process import running
 
 try:
     import fcntl
@@ -260,7 +261,7 @@ def _holder(fd: int) -> str:
         try:
             text = os.pread(fd, 4096, 0)
             info = json.loads(text)
-            valid = info.get("host") != host or _alive(int(info["pid"]))
+            valid = info.get("host") != host or running(int(info["pid"]))
         except (ValueError, TypeError, KeyError, AttributeError, OSError):
             info, text, valid = None, None, False
         if valid and text == seen:
@@ -271,16 +272,6 @@ def _holder(fd: int) -> str:
         return "its holder has not said who it is yet"
     who = "this process" if info.get("pid") == os.getpid() and info.get("host") == host else f"pid {info.get('pid')}"
     return f"{who} on {info.get('host')}, since {info.get('since')}"
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 # -- a run folder ----------------------------------------------------------------------------
