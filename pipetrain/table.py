@@ -20,7 +20,7 @@ Example::
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from operator import itemgetter
+from itertools import chain
 
 import numpy as np
 
@@ -109,6 +109,17 @@ def column_of(values: Sequence, kinds: set | None = None) -> Column:
     column = np.empty(n, dtype=object)
     column[:] = list(values)
     return Column("o", column)
+
+
+def _types(values: list) -> map:
+    return map(type, values)
+
+
+def _transposed(rows: list[dict], width: int) -> list[list]:
+    """The values of rows that share one key tuple of ``width`` keys, key by key: one
+    pass over all values, then a strided slice per key."""
+    flat = list(chain.from_iterable(map(dict.values, rows)))
+    return [flat[j::width] for j in range(width)]
 
 
 def _is_none(value) -> bool:
@@ -285,10 +296,11 @@ class TableBuilder:
         self._shape_of: list[np.ndarray] = []
         self.rows = 0
 
-    def add(self, records: list[dict], accept=None) -> bool:
+    def add(self, records: list[dict], accept=None, check=None) -> bool:
         """Append records (any keys, any order). With ``accept``, a function of a shape's
         {key: set of value types}, the records are appended only if it accepts every
-        shape among them (and False is returned otherwise)."""
+        shape among them (and False is returned otherwise); ``check``, a function of a
+        shape's {key: Column}, likewise once the columns are built."""
         if not records:
             return True
         keys = list(map(tuple, records))
@@ -303,11 +315,14 @@ class TableBuilder:
                     start = i
         pieces = []
         for shape, group in groups:
-            values = {k: list(map(itemgetter(k), group)) for k in shape}
-            kinds = {k: set(map(type, v)) for k, v in values.items()}
+            values = _transposed(group, len(shape))
+            kinds = dict(zip(shape, map(set, map(_types, values)), strict=True))
             if accept is not None and not accept(kinds):
                 return False
-            pieces.append((shape, len(group), {k: column_of(v, kinds[k]) for k, v in values.items()}))
+            columns = {k: column_of(v, kinds[k]) for k, v in zip(shape, values, strict=True)}
+            if check is not None and not check(columns):
+                return False
+            pieces.append((shape, len(group), columns))
         for shape, n, columns in pieces:
             sid = self._shapes.setdefault(shape, len(self._shapes))
             self._pieces.append((n, columns))
