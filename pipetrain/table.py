@@ -111,15 +111,17 @@ def column_of(values: Sequence, kinds: set | None = None) -> Column:
     return Column("o", column)
 
 
-def _types(values: list) -> map:
-    return map(type, values)
-
-
-def _transposed(rows: list[dict], width: int) -> list[list]:
-    """The values of rows that share one key tuple of ``width`` keys, key by key: one
-    pass over all values, then a strided slice per key."""
+def _transposed(rows: list[dict], shape: tuple) -> tuple[list[list], dict[str, set]]:
+    """The values of rows that share the key tuple ``shape``, key by key (one pass over
+    all values, then a strided slice per key), and the set of their types per key."""
+    width = len(shape)
     flat = list(chain.from_iterable(map(dict.values, rows)))
-    return [flat[j::width] for j in range(width)]
+    columns = [flat[j::width] for j in range(width)]
+    types = list(map(type, flat))
+    first = types[:width]
+    if types == first * len(rows):  # each key's values of one type (the usual case)
+        return columns, {k: {t} for k, t in zip(shape, first, strict=True)}
+    return columns, {k: set(map(type, v)) for k, v in zip(shape, columns, strict=True)}
 
 
 def _is_none(value) -> bool:
@@ -315,8 +317,7 @@ class TableBuilder:
                     start = i
         pieces = []
         for shape, group in groups:
-            values = _transposed(group, len(shape))
-            kinds = dict(zip(shape, map(set, map(_types, values)), strict=True))
+            values, kinds = _transposed(group, shape)
             if accept is not None and not accept(kinds):
                 return False
             columns = {k: column_of(v, kinds[k]) for k, v in zip(shape, values, strict=True)}
