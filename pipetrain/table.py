@@ -52,13 +52,18 @@ class Column:
     def tolist(self) -> list:
         """The Python values, as the parser gave them."""
         if self.kind == "s":
-            categories = self.categories
-            return [categories[c] for c in self.values.tolist()]
+            return self.objects().tolist()
         values = self.values.tolist()
         if self.null is not None:
             for i in np.flatnonzero(self.null).tolist():
                 values[i] = None
         return values
+
+    def objects(self) -> np.ndarray:
+        """A text column's values as an object array (the very str objects it holds)."""
+        categories = np.empty(max(1, len(self.categories)), dtype=object)  # a filler's codes point at None
+        categories[: len(self.categories)] = self.categories
+        return categories[self.values]
 
     def get(self, i: int):
         if self.kind == "s":
@@ -280,6 +285,10 @@ class Table(Sequence):
                 data[name] = self.array(name)  # NaN where null or missing, as pandas has it
             elif column.kind in ("i", "b") and present.all():
                 data[name] = column.values
+            elif column.kind == "s":
+                values = column.objects()
+                values[~present] = np.nan
+                data[name] = values
             else:
                 values = column.tolist()
                 if not present.all():

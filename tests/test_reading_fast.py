@@ -28,6 +28,7 @@ EDITS = {
     "reordered keys": lambda r: dict(reversed(list(r.items()))) | {"type": "batch"},
     "new key from here on": None,  # handled below: every later batch line gains a key
     "text for a number": lambda r: {**r, "loss": "n/a"},
+    "a text key on one line": lambda r: {**r, "note": "resumed here"},
 }
 RAW_EDITS = [
     lambda line: line.replace(b'"loss":', b'"loss":NaN,"x":', 1),  # json reads NaN
@@ -91,6 +92,15 @@ def test_edited_batch_lines_read_as_json_reads_them(tmp_path, monkeypatch, seed)
         assert items(fast.system) == items(full.system), (edits, size)
         assert items([fast.runs, fast.epochs, fast.end]) == items([full.runs, full.epochs, full.end])
         assert fast.skipped == full.skipped, (edits, size)
+
+
+@pytest.mark.parametrize("seed", range(0, 12, 3))
+def test_edited_histories_to_pandas_as_pandas_reads_the_records(tmp_path, seed):
+    pd = pytest.importorskip("pandas")
+    path, edits = edited_history(tmp_path / "h.jsonl", seed)
+    full, frames = reference(path), read_history(path).to_pandas()
+    for table in ("batches", "system"):
+        pd.testing.assert_frame_equal(frames[table], pd.DataFrame(getattr(full, table)), obj=f"{edits}: {table}")
 
 
 def test_every_wide_integer_orjson_misreads_is_caught(tmp_path):
