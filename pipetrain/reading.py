@@ -10,6 +10,13 @@ segment trained again, exactly as :meth:`History.add` drops them record by recor
 batch of segment ``s`` is dropped when a run record after it resumes at or before its
 (epoch, batch). Epoch records are few and replayed through ``History.add`` itself.
 
+A run of batch lines is parsed by orjson line by line without first looking for
+integers beyond 64 bits (which orjson, unlike json, reads as floats): the columns made
+of them are checked instead - no float of magnitude 2**63 or more, no column of mixed
+values - and parsed again exactly when the check fails. Rows sharing one key tuple
+are transposed into columns in one pass (:class:`~pipetrain.table.TableBuilder`), and
+the garbage collector is paused while reading (millions of new dicts, none in a cycle).
+
 What is asked for decides what is parsed: ``tables=("epochs",)`` parses neither batch
 nor system lines, and a range (``epochs=``, ``since=``/``until=``) parses only the batch
 lines in it (each batch line's time and epoch are read from its first bytes, where the
