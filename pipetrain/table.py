@@ -356,14 +356,25 @@ class TableBuilder:
         for shape in shapes:  # keys in the order they first appear, as pandas orders them
             if shapes.index(shape) in kept_shapes:
                 order.update(dict.fromkeys(shape))
+        if dropping:  # dropped from the pieces that hold such rows, before they are joined
+            self._pieces[:] = self._kept_pieces(keep)
+            shape_of = shape_of[keep]
         sizes = [n for n, _ in self._pieces]
         columns = {}
         for name in order:
-            column = concat([cols.get(name) for _, cols in self._pieces], sizes)
+            columns[name] = concat([cols.get(name) for _, cols in self._pieces], sizes)
             for _, cols in self._pieces:  # free each piece's part as soon as it is joined
                 cols.pop(name, None)
-            columns[name] = column.take(keep) if dropping else column
         self._pieces.clear()
-        if dropping:
-            shape_of = shape_of[keep]
         return Table(columns, shapes, shape_of)
+
+    def _kept_pieces(self, keep: np.ndarray) -> list[tuple[int, dict[str, Column]]]:
+        out, at = [], 0
+        for n, columns in self._pieces:
+            mask = keep[at: at + n]
+            at += n
+            if mask.all():
+                out.append((n, columns))
+            elif mask.any():
+                out.append((int(mask.sum()), {k: c.take(mask) for k, c in columns.items()}))
+        return out
