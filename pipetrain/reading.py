@@ -207,7 +207,7 @@ class _Reader:
                 return
         if not self.want.ranged:
             records = scan.loads_wide(lines)
-            if records is not None and (_one_type_key(data, len(lines)) or self._all_batches(records)):
+            if records is not None and self._all_batches(records):
                 self._wide.append((len(self._pending_batches), lines))
                 self._pending_batches.extend(records)
                 return
@@ -278,13 +278,6 @@ def _batch_kinds_ok(kinds: dict[str, set]) -> bool:
     """well_formed's rules for batch records, on the types of a shape's values."""
     return ("t" in kinds and kinds["t"] <= _NUMBER_TYPES and kinds.get("epoch", set()) <= _POSITION_TYPES
             and kinds.get("batch", set()) <= _POSITION_TYPES and kinds["type"] == {str})
-
-
-def _one_type_key(data: bytes, n: int) -> bool:
-    """Whether the ``n`` lines of ``data``, each beginning as a batch line and parsed
-    as a JSON object, are all batch records: no second type key among them (spelled
-    out, or with an escape)."""
-    return data.count(b'"type"') == n and b"\\" not in data
 
 
 def _narrow(columns: dict) -> bool:
