@@ -17,6 +17,9 @@ values - and parsed again exactly when the check fails. Rows sharing one key tup
 are transposed into columns in one pass (:class:`~pipetrain.table.TableBuilder`), and
 the garbage collector is paused while reading (millions of new dicts, none in a cycle).
 
+A history longer than ``PART_BYTES`` is cut at line ends into parts, one per CPU, parsed
+side by side by helper processes and joined in file order (see ``_read_parts``).
+
 What is asked for decides what is parsed: ``tables=("epochs",)`` parses neither batch
 nor system lines, and a range (``epochs=``, ``since=``/``until=``) parses only the batch
 lines in it (each batch line's time and epoch are read from its first bytes, where the
@@ -27,9 +30,13 @@ from __future__ import annotations
 
 import gc
 import os
+import pickle
 import re
+import subprocess
+import sys
 from collections.abc import Iterable
 from operator import itemgetter
+from pathlib import Path
 
 import numpy as np
 
@@ -141,6 +148,17 @@ class _Reader:
         if self._pending_system:
             self.system.add(self._pending_system)
             self._pending_system = []
+
+    def extend(self, other: _Reader) -> None:
+        """Take on what ``other`` read from the part of the file that follows this one's."""
+        self._flush()
+        other._flush()
+        self.small += other.small
+        self.batch_segments += [(n, segment + self.segment) for n, segment in other.batch_segments]
+        self.segment += other.segment
+        self.skipped += other.skipped
+        self.batches.extend(other.batches)
+        self.system.extend(other.system)
 
     def _exactly(self, records: list[dict], wide: list[tuple[int, list[bytes]]]) -> list[dict]:
         """``records`` with the parts that scan.loads_wide parsed parsed again by scan.loads."""
@@ -327,17 +345,112 @@ def read_history(
         fd = os.open(path, os.O_RDONLY)
     except FileNotFoundError:
         raise FileNotFoundError(f"{path}: no such history file") from None
-    reader = _Reader(selection)
     collecting = gc.isenabled()
     gc.disable()  # millions of new dicts, none in a cycle: collections would find nothing
     try:
-        for block in scan.blocks(fd):
-            reader.block(block)
-        return reader.history()
+        size = os.fstat(fd).st_size
+        parts = _parts(fd, size) if selection.batches or selection.system else [(0, size)]
+        return _read_parts(fd, selection, parts).history()
     finally:
         os.close(fd)
         if collecting:
             gc.enable()
+
+
+# -- a long history parsed by several processes ---------------------------------------------
+#
+# Parsing is CPU work in one thread (orjson holds the GIL), so a long history is cut into
+# parts at line ends, one per CPU: this process parses the first while helper processes
+# parse the others (given the open file itself, so all read the same file), and their
+# readers are joined in file order - run records counted on, segments renumbered - which
+# is what one reader going through the whole file would hold. A helper that cannot start
+# or fails leaves its part to this process: the result is the same, only slower.
+
+PART_BYTES = 32 << 20  # the least a helper process is started for (it costs about 0.3 s)
+
+
+def _cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - macOS, Windows
+        return os.cpu_count() or 1
+
+
+def _parts(fd: int, size: int) -> list[tuple[int, int]]:
+    """Byte ranges of about equal size that begin and end at line ends."""
+    n = max(1, min(_cpus(), size // PART_BYTES))
+    cuts = [0]
+    for i in range(1, n):
+        at = scan.line_end(fd, size * i // n)
+        if cuts[-1] < at < size:
+            cuts.append(at)
+    cuts.append(size)
+    return list(zip(cuts, cuts[1:], strict=False))
+
+
+def _read(fd: int, selection: _Selection, start: int, stop: int) -> _Reader:
+    reader = _Reader(selection)
+    for block in scan.blocks(fd, start, stop):
+        reader.block(block)
+    reader._flush()
+    return reader
+
+
+def _read_parts(fd: int, selection: _Selection, parts: list[tuple[int, int]]) -> _Reader:
+    helpers = [_Helper(fd, selection, start, stop) for start, stop in parts[1:]]
+    try:
+        reader = _read(fd, selection, *parts[0])
+        for helper, (start, stop) in zip(helpers, parts[1:], strict=True):
+            part = helper.result()
+            reader.extend(part if part is not None else _read(fd, selection, start, stop))
+        return reader
+    finally:
+        for helper in helpers:
+            helper.close()
+
+
+class _Helper:
+    """A process parsing one part of a history: it gets the open file, the part and the
+    selection on its standard input and answers with its reader, pickled."""
+
+    def __init__(self, fd: int, selection: _Selection, start: int, stop: int):
+        root = str(Path(__file__).resolve().parent.parent)  # this very pipetrain, wherever it is
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
+        try:
+            self.process = subprocess.Popen(
+                [sys.executable, "-c", "from pipetrain.reading import _serve; _serve()"], env=env,
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, pass_fds=(fd,))
+            self.process.stdin.write(pickle.dumps((fd, selection, start, stop)))
+            self.process.stdin.close()
+        except (OSError, ValueError):  # no process to be had (limits, no executable): parsed here
+            self.close()
+            self.process = None
+
+    def result(self) -> _Reader | None:
+        if self.process is None:
+            return None
+        try:
+            data = self.process.stdout.read()
+            return pickle.loads(data) if self.process.wait() == 0 else None
+        except Exception:  # a helper that died (out of memory, killed): its part is parsed here
+            return None
+
+    def close(self) -> None:
+        process, self.process = getattr(self, "process", None), None
+        if process is not None and process.poll() is None:
+            process.kill()
+            process.wait()
+        if process is not None:
+            process.stdout.close()
+
+
+def _serve() -> None:
+    """A helper process's work (see :class:`_Helper`)."""
+    gc.disable()
+    fd, selection, start, stop = pickle.load(sys.stdin.buffer)
+    reader = _read(fd, selection, start, stop)
+    pickle.dump(reader, sys.stdout.buffer, protocol=pickle.HIGHEST_PROTOCOL)
+    sys.stdout.buffer.flush()
 
 
 def last_look(fd: int, stop: int) -> tuple[list[tuple[int, dict]], int]:

@@ -340,6 +340,14 @@ class TableBuilder:
             self.rows += n
         return True
 
+    def extend(self, other: TableBuilder) -> None:
+        """Append the records ``other`` collected, after this builder's."""
+        remap = np.array([self._shapes.setdefault(shape, len(self._shapes)) for shape in other._shapes] or [0],
+                         dtype=np.int32)
+        self._pieces += other._pieces
+        self._shape_of += [remap[shape_of] for shape_of in other._shape_of]
+        self.rows += other.rows
+
     def ints(self, name: str) -> np.ndarray:
         """:meth:`Table.ints` of the records added so far."""
         column = concat([cols.get(name) for _, cols in self._pieces], [n for n, _ in self._pieces])

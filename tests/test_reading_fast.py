@@ -139,3 +139,36 @@ def test_the_wide_check_refuses_what_orjson_may_have_misread():
     assert not reading._narrow({"a": column_of([1.0, 2.0**63])})
     assert not reading._narrow({"a": column_of([1.0, -(2.0**63)])})
     assert not reading._narrow({"a": column_of([1, 2.5])})  # mixed: an int read as a float could hide
+
+
+# -- a long history parsed by several processes ----------------------------------------------
+
+
+@pytest.mark.parametrize("seed", [0, 5, 7])
+def test_parts_parsed_by_helper_processes_join_into_the_full_parse(tmp_path, monkeypatch, seed):
+    """Cut into four parts (three helper processes), wherever the cuts fall: in a run of
+    batch lines, before a resume, next to a torn last line."""
+    path, edits = edited_history(tmp_path / "h.jsonl", seed)
+    monkeypatch.setattr(reading, "_cpus", lambda: 4)
+    monkeypatch.setattr(reading, "PART_BYTES", path.stat().st_size // 4)
+    answered = []
+    result = reading._Helper.result
+    monkeypatch.setattr(reading._Helper, "result", lambda self: answered.append(result(self)) or answered[-1])
+    full, parts = reference(path), read_history(path)
+    assert len(answered) == 3 and None not in answered  # the parts were read by the helpers
+    assert items(parts.batches) == items(full.batches), edits
+    assert items(parts.system) == items(full.system), edits
+    assert items([parts.runs, parts.epochs, parts.end]) == items([full.runs, full.epochs, full.end])
+    assert parts.skipped == full.skipped
+
+
+@pytest.mark.parametrize("executable", ["/nonexistent/python", "/bin/false"])
+def test_a_helper_that_cannot_start_or_fails_leaves_its_part_to_the_reader(tmp_path, monkeypatch, executable):
+    path, _ = edited_history(tmp_path / "h.jsonl", 3)
+    monkeypatch.setattr(reading, "_cpus", lambda: 3)
+    monkeypatch.setattr(reading, "PART_BYTES", path.stat().st_size // 3)
+    monkeypatch.setattr(reading.sys, "executable", executable)
+    full, parts = reference(path), read_history(path)
+    assert items(parts.batches) == items(full.batches) and items(parts.system) == items(full.system)
+    assert items([parts.runs, parts.epochs, parts.end]) == items([full.runs, full.epochs, full.end])
+    assert parts.skipped == full.skipped
