@@ -25,7 +25,7 @@ from operator import itemgetter
 
 import numpy as np
 
-from pipetrain import scan
+from pipetrain import index, scan
 from pipetrain.history import History, history_file, resume_point, well_formed
 from pipetrain.table import Table, TableBuilder
 
@@ -283,24 +283,52 @@ def read_history(
         raise FileNotFoundError(f"{path}: no such history file") from None
     reader = _Reader(selection)
     try:
-        for block in scan.blocks(fd):
+        start = 0
+        if not selection.batches:  # all it wants is in the lines the index lists, if it is valid
+            known = index.read(fd, index.path_for(path))
+            if known.lines:
+                reader.block(scan.Block(0, b"\n".join(line for _, line in known.lines) + b"\n"))
+            start = known.covered
+        for block in scan.blocks(fd, start):
             reader.block(block)
     finally:
         os.close(fd)
     return reader.history()
 
 
-def last_look(fd: int, stop: int) -> tuple[list[tuple[int, dict]], int]:
+def last_look(fd: int, stop: int, index_path: os.PathLike | None = None) -> tuple[list[tuple[int, dict]], int]:
     """What a state fed every record up to ``stop`` (an offset just after a newline)
     knows, found without parsing every batch line: the records other than batches, and
     the batches that still count at the end - the last one, and the run of batches of
     its epoch after the last run record (an epoch's figures so far). Returns them as
     (offset, record) in file order, with the number of lines that are not records when
-    none is (0 otherwise), so a caller can refuse a file that is not a history."""
+    none is (0 otherwise), so a caller can refuse a file that is not a history.
+
+    With the history's index (``index_path``, when valid) the lines it lists are all that
+    is read before what it covers: what it costs does not grow with the file."""
     others: list[tuple[int, dict]] = []
     batch_runs: list[tuple[int, int]] = []  # file offsets of runs of batch-looking lines
     not_records = 0
-    for block in scan.blocks(fd, 0, stop):
+
+    def take(at: int, line: bytes, record) -> None:
+        nonlocal not_records
+        if type(record) is dict and well_formed(record):
+            if record["type"] != "batch":
+                others.append((at, record))
+        elif line.strip() and not line.startswith(scan.BATCH_PREFIX):
+            not_records += 1
+
+    known = index.read(fd, index_path, stop)
+    at = 0
+    for (start, line), record in zip(known.lines, scan.loads_many([line for _, line in known.lines]), strict=True):
+        if not line.startswith(scan.BATCH_PREFIX):  # a batch-looking line listed is one of a run too
+            if start > at:
+                batch_runs.append((at, start))
+            at = start + len(line) + 1
+        take(start, line, record)
+    if known.covered > at:
+        batch_runs.append((at, known.covered))
+    for block in scan.blocks(fd, known.covered, stop):
         lines = block.others()
         clean = block.clean(lines)
         for start, end in block.batch_runs(lines):
@@ -308,12 +336,7 @@ def last_look(fd: int, stop: int) -> tuple[list[tuple[int, dict]], int]:
         spans = lines if clean else block.lines()  # unclean: a batch-looking line may be another record
         for start, end in spans:
             line = block.data[start:end]
-            record = scan.decode(line)
-            if type(record) is dict and well_formed(record):
-                if record["type"] != "batch":
-                    others.append((block.offset + start, record))
-            elif line.strip() and not line.startswith(scan.BATCH_PREFIX):
-                not_records += 1
+            take(block.offset + start, line, scan.decode(line))
     last_run = max((at for at, r in others if r["type"] == "run"), default=-1)
     batches: list[tuple[int, dict]] = []
     epoch = None
