@@ -13,22 +13,24 @@ last other line, and anything appended by hand).
 The index is binary, little-endian. A 32-byte header: ``PTINDEX1``, the history's inode
 (u64), how many of its first bytes were hashed (u32) and their BLAKE2b-64 digest. Then
 24-byte entries: offset (u64), length (u32), CRC-32 of the line (u32), mtime_ns (i64).
-An entry of length 0 is a *seal* (no line: its offset is where the file ended). Each
-entry says: the line at ``offset`` is whole (a newline before and after it) with that
-CRC, and every line between the previous entry and it begins as a batch line written by
-the writer (or is empty); its mtime_ns, when not 0, is the history's mtime when the file
-ended with it.
+An entry of length 0 is a *seal* (no line: its offset is where the file ended; in the
+CRC's place, 1 when the writer closed the file). Each entry says: the line at ``offset``
+is whole (a newline before and after it) with that CRC, and every line between the
+previous entry and it begins as a batch line written by the writer (or is empty); its
+mtime_ns, when not 0, is the history's mtime when the file ended with it.
 
 A reader trusts the longest run of entries that check out and scans the rest. So the
 index is ignored (the reader scans as if there were none) when it is missing, not a
 file, unreadable, written for another file (inode or first bytes differ); a torn last
 entry, an entry whose line differs (a line inserted, removed or changed by hand moves or
 changes the bytes at the offsets that follow), or one beyond the file's end ends the
-run of entries there. A file that ends where the last entry says but whose mtime differs
-was changed in place after the writer last wrote it: the whole index is ignored. What
-no check sees is an edit that keeps every byte count in a file that has grown since (a
-batch line's ``"batch"`` changed to ``"epoch"`` in place, and a line appended after):
-a history is written by its run, and an editor writes a new file (a new inode).
+run of entries there. A history whose size or mtime is not what its writer sealed when
+it closed it, or that ends where an entry says but with another mtime, was changed by
+something other than its writer: the whole index is ignored. What no check sees is an
+edit that keeps every byte's position in a history whose writer did not close it (a
+run killed, or still running) and that has grown since the last line the index lists (a
+batch line's ``"batch"`` changed to ``"epoch"`` in place): a history is written by its
+run, and an editor writes a new file (a new inode).
 
 The writer's own bytes are never at risk: an index that cannot be written (a folder in
 the way, no permission, a full disk) is left as it is, true for what it covers, with one
@@ -56,6 +58,7 @@ MAGIC = b"PTINDEX1"
 HEAD_BYTES = 4096  # the history's first bytes that the header hashes
 _HEADER = struct.Struct("<8sQI8s4x")
 _ENTRY = struct.Struct("<QIIq")
+CLOSED = 1  # a seal's flag (in the CRC's place): written when the writer closed the history
 
 
 def path_for(history: str | os.PathLike) -> Path:
@@ -117,7 +120,11 @@ def _check(fd: int, raw: bytes, info: os.stat_result, stop: int) -> Known:
     known = Known()
     end = 0
     count = (len(raw) - _HEADER.size) // _ENTRY.size  # a torn last entry is left out
-    for offset, length, crc, mtime in _ENTRY.iter_unpack(raw[_HEADER.size: _HEADER.size + count * _ENTRY.size]):
+    entries = list(_ENTRY.iter_unpack(raw[_HEADER.size: _HEADER.size + count * _ENTRY.size]))
+    if entries and entries[-1][1] == 0 and entries[-1][2] & CLOSED and \
+            (entries[-1][0], entries[-1][3]) != (info.st_size, info.st_mtime_ns):
+        return Known()  # the file changed after its writer closed it, and no writer wrote that
+    for offset, length, crc, mtime in entries:
         after = offset + length + 1 if length else offset
         if offset < end or after > stop:
             break
@@ -191,18 +198,20 @@ class IndexWriter:
             self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)
             self.covered, self._sealed = known.covered, known.sealed
 
-    def update(self) -> None:
+    def update(self, closing: bool = False) -> None:
         if self.on:
-            self._guard(self._update)
+            self._guard(lambda: self._update(closing))
 
-    def _update(self) -> None:
+    def _update(self, closing: bool) -> None:
         info = os.fstat(self._history)
         stop = _line_end(self._history, info.st_size)
         if stop == 0:  # made when there is a first line: the header hashes the file's first bytes
             return
         mtime = info.st_mtime_ns if stop == info.st_size else 0
         entries = [[offset, len(line), zlib.crc32(line), 0] for offset, line in _lines(self._history, self.covered, stop)]
-        if entries and entries[-1][0] + entries[-1][1] + 1 == stop:
+        if closing and mtime:
+            entries.append([stop, 0, CLOSED, mtime])
+        elif entries and entries[-1][0] + entries[-1][1] + 1 == stop:
             entries[-1][3] = mtime
         elif stop > self.covered or (mtime and (stop, mtime) != self._sealed):
             entries.append([stop, 0, 0, mtime])
@@ -210,17 +219,16 @@ class IndexWriter:
             return
         data = b"".join(_ENTRY.pack(*e) for e in entries)
         if self._fd < 0:
-            self._create(data)
+            self._create(data, stop)
         elif os.write(self._fd, data) != len(data):
             raise OSError(errno.ENOSPC, "short write (disk full?)")
         self.covered, self._sealed = stop, (stop, mtime)
 
-    def _create(self, entries: bytes) -> None:
+    def _create(self, entries: bytes, stop: int) -> None:
         """A new index (header and ``entries``), put in place at once: a reader sees the
         old one or the new one."""
-        info = os.fstat(self._history)
-        head = min(HEAD_BYTES, info.st_size)
-        data = _HEADER.pack(MAGIC, info.st_ino, head, _head_digest(self._history, head)) + entries
+        head = min(HEAD_BYTES, stop)
+        data = _HEADER.pack(MAGIC, os.fstat(self._history).st_ino, head, _head_digest(self._history, head)) + entries
         fd, temp = tempfile.mkstemp(prefix=f".{self.path.name}.", dir=self.path.parent)
         try:
             try:
@@ -248,7 +256,7 @@ class IndexWriter:
     def close(self) -> None:
         """Seal (the file's size and mtime now) and close."""
         if self.on:
-            self.update()
+            self.update(closing=True)
         if self._fd >= 0:
             fd, self._fd = self._fd, -1
             os.close(fd)

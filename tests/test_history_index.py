@@ -54,9 +54,17 @@ def several_resumes():
     return records
 
 
-def written(path, records, torn=b""):
+def killed(writer) -> None:
+    """A writer as kill -9 leaves it: its files closed by the kernel, nothing sealed."""
+    if writer._index._fd >= 0:
+        os.close(writer._index._fd)
+    os.close(writer._fd)
+    writer._fd = -1
+
+
+def written(path, records, torn=b"", kill=False):
     """``records`` written through HistoryWriter, a new writer (a resume) at each run
-    record, and ``torn`` appended as a killed writer leaves it."""
+    record; with ``torn`` (or ``kill``), the last writer is killed (while it writes that)."""
     writer = None
     for record in records:
         if record["type"] == "run":
@@ -64,11 +72,12 @@ def written(path, records, torn=b""):
                 writer.close()
             writer = HistoryWriter(path)
         writer.write(record)
-    if writer is not None:
-        writer.close()
-    if torn:
+    if writer is not None and (torn or kill):
+        killed(writer)
         with open(path, "ab") as f:
             f.write(torn)
+    elif writer is not None:
+        writer.close()
     return path
 
 
@@ -142,7 +151,9 @@ def cases(tmp_path):
         lines.insert((i * 7) % len(lines), line + b"\n")
     edited = tmp_path / "edited.jsonl"
     edited.write_bytes(b"".join(lines))
-    HistoryWriter(edited).close()
+    writer = HistoryWriter(edited)
+    writer.write(writer_history()[-1])
+    killed(writer)
     with open(edited, "ab") as f:
         f.write(HAND_EDITED[-1])  # a torn last line after what the index covers
     out.append(("hand-written lines", edited))
@@ -173,11 +184,14 @@ def test_a_history_without_an_index_is_read_by_the_scan_and_indexed_on_resume(tm
     assert_readers_are_the_full_parse(path)
 
 
-def damaged(tmp_path, name, records=None):
-    """A history its writers indexed to its end; a moment later (an edit made in the
-    file's mtime tick would keep its mtime: a person's edit comes later than that)."""
-    path = written(tmp_path / f"{name}.jsonl", records or several_resumes())
-    assert known(path).covered == path.stat().st_size
+def damaged(tmp_path, name, records=None, kill=False):
+    """A history its writers indexed to its end (``kill``: to its last line other than a
+    batch line, the writer killed); a moment later (an edit made in the file's mtime tick
+    would keep its mtime: a person's edit comes later than that)."""
+    records = records or several_resumes()
+    path = written(tmp_path / f"{name}.jsonl", records, kill=kill)
+    last = max(i for i, r in enumerate(records) if r["type"] != "batch")
+    assert known(path).covered == len(b"".join(lines_of(records[: last + 1] if kill else records)))
     assert wait_until(lambda: time.time_ns() - path.stat().st_mtime_ns > 50_000_000)
     return path
 
@@ -215,12 +229,14 @@ def test_a_torn_or_garbled_index_counts_up_to_its_last_good_entry(tmp_path):
     assert known(path).covered == path.stat().st_size
 
 
+@pytest.mark.parametrize("writer", ["closed", "killed"])
 @pytest.mark.parametrize("edit", ["insert an epoch", "remove a system line", "change a system line's length",
                                   "change an epoch in place", "cut the file short"])
-def test_a_hand_edited_history_is_never_read_through_a_stale_index(tmp_path, edit):
+def test_a_hand_edited_history_is_never_read_through_a_stale_index(tmp_path, edit, writer):
     """Each edit is in place (the same inode, which the index is for); a reader that
-    trusted the index blindly would miss or invent records here."""
-    path = damaged(tmp_path, "h")
+    trusted the index blindly would miss or invent records here. A closed history's seal
+    tells any change; a killed writer's index is checked entry by entry."""
+    path = damaged(tmp_path, "h", kill=writer == "killed")
     lines = path.read_bytes().splitlines(keepends=True)
     at = len(lines) // 3
     while not lines[at].startswith(b'{"type":"system"'):
@@ -240,6 +256,8 @@ def test_a_hand_edited_history_is_never_read_through_a_stale_index(tmp_path, edi
     same = next(i for i, (x, y) in enumerate(zip(old + b"\0", new + b"\1")) if x != y)  # the first byte edited
     in_place(path, new)
     assert known(path).covered <= same < len(old)  # nothing after the edit is taken from the index
+    if writer == "killed" and edit != "cut the file short":
+        assert known(path).covered > 0  # what comes before the edit is
     assert_readers_are_the_full_parse(path, edit)
     with HistoryWriter(path):  # a resumed writer mends the index
         pass
@@ -247,13 +265,25 @@ def test_a_hand_edited_history_is_never_read_through_a_stale_index(tmp_path, edi
     assert_readers_are_the_full_parse(path, edit)
 
 
-def test_a_batch_line_turned_into_an_epoch_in_place_is_seen_in_a_finished_history(tmp_path):
+def test_a_line_appended_by_hand_to_a_finished_history_is_read(tmp_path):
+    path = damaged(tmp_path, "h")
+    with open(path, "ab") as f:
+        f.write(encode({"type": "epoch", "run": "r", "t": 99.0, "epoch": 9, "loss": 0.5}))
+    assert known(path).covered == 0  # not what its writer sealed at close: the index is not used
+    assert_readers_are_the_full_parse(path)
+    assert read_history(path, tables=("epochs",)).epochs[-1]["epoch"] == 9
+
+
+@pytest.mark.parametrize("appended", [False, True], ids=["alone", "and a line appended"])
+def test_a_batch_line_turned_into_an_epoch_in_place_is_seen_in_a_finished_history(tmp_path, appended):
     """The same bytes count everywhere, so no offset moves: the writer's seal (the file's
     size and mtime at close) tells that the file was changed after the run wrote it."""
     path = damaged(tmp_path, "h")
-    data = path.read_bytes()
+    data = path.read_bytes() + (encode({"type": "note", "run": "r", "t": 1.0}) if appended else b"")
     before = items(reference(path).epochs)
-    at = data.rindex(b'{"type":"batch","run":"r",')  # the last segment's: no resume supersedes it
+    # a batch of the last segment (no resume supersedes it), between lines the index lists
+    at = data.rindex(b"\n", 0, data.rindex(b'"epoch":3,"batch":5,')) + 1
+    assert data.startswith(b'{"type":"batch"', at)
     in_place(path, data[:at] + b'{"type":"epoch"' + data[at + len(b'{"type":"batch"'):])
     assert known(path).covered == 0
     assert_readers_are_the_full_parse(path)
