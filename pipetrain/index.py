@@ -196,7 +196,9 @@ class IndexWriter:
         if known.entries:
             os.truncate(self.path, _HEADER.size + known.entries * _ENTRY.size)  # a torn or stale tail goes
             self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)
-            self.covered, self._sealed = known.covered, known.sealed
+            # A seal made at close is followed at once by one that is not: readers see a
+            # writer at work (its lines may come before the next entry), not a closed file.
+            self.covered, self._sealed = known.covered, (0, 0)
 
     def update(self, closing: bool = False) -> None:
         if self.on:

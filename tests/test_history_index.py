@@ -433,3 +433,13 @@ def test_a_writer_killed_mid_index_write_leaves_a_history_readers_read_right(tmp
         with HistoryWriter(path):  # the resumed run: the index checks out to the end of the file
             pass
         assert known(path).covered == path.stat().st_size
+
+
+def test_a_resumed_writer_is_read_through_the_index_before_its_first_other_line(tmp_path):
+    path = damaged(tmp_path, "h")
+    size = path.stat().st_size
+    with HistoryWriter(path) as w:
+        w.write(batch(5, 2, 99.0))  # a batch line: nothing written to the index
+        assert known(path).covered == size  # not a closed file changed by hand: a writer at work
+        assert_readers_are_the_full_parse(path)
+    assert known(path).covered == path.stat().st_size
