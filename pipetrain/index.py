@@ -209,6 +209,9 @@ class IndexWriter:
         stop = _line_end(self._history, info.st_size)
         if stop == 0:  # made when there is a first line: the header hashes the file's first bytes
             return
+        if stop < self.covered:  # cut short by another hand while written: a new index
+            os.close(self._fd)
+            self._fd, self.covered = -1, 0
         mtime = info.st_mtime_ns if stop == info.st_size else 0
         entries = [[offset, len(line), zlib.crc32(line), 0] for offset, line in _lines(self._history, self.covered, stop)]
         if closing and mtime:

@@ -443,3 +443,16 @@ def test_a_resumed_writer_is_read_through_the_index_before_its_first_other_line(
         assert known(path).covered == size  # not a closed file changed by hand: a writer at work
         assert_readers_are_the_full_parse(path)
     assert known(path).covered == path.stat().st_size
+
+
+def test_a_history_cut_short_while_written_gets_a_new_index(tmp_path):
+    path = tmp_path / "h.jsonl"
+    records = several_resumes()
+    with HistoryWriter(path) as w:
+        for record in records[:50]:
+            w.write(record)
+        os.truncate(path, 0)  # `: > history.jsonl` while the run writes
+        for record in records[50:]:
+            w.write(record)
+    assert known(path).covered == path.stat().st_size
+    assert_readers_are_the_full_parse(path)
