@@ -830,8 +830,8 @@ class Epoch:
                     item = next(items, None)
                 except Cancelled:  # a signal while waiting for data: stop here, as at a batch's end
                     run.save_checkpoint(self)
-                    raise KeyboardInterrupt(f"stopped by {run.interrupted} while waiting for data "
-                                            f"(epoch {self.index}, batch {run.batch})") from None
+                    raise Interrupted(f"stopped by {run.interrupted} while waiting for the data of "
+                                      f"{batch_text(self.index, run.batch, self.steps)} (checkpoint written)") from None
                 if item is None:
                     break
                 self._current, self._handed = item, time.perf_counter()

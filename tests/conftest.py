@@ -3,9 +3,19 @@
 import os
 import signal
 import sys
+import tempfile
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# JAX compiles the same small steps in every process the tests start (each kill and
+# resume is one): its persistent cache, shared by the test workers and their processes,
+# compiles each once. JAX keys it by the program, its version and flags, and loads the
+# very executable it saved, so results do not change. CPU steps compile in well under
+# the default 1 s threshold, hence the zeros.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
+                      os.path.join(tempfile.gettempdir(), f"pipetrain-tests-jax-cache-{os.getuid()}"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 # Ctrl-C as an interactive shell delivers it, even when the tests were started with
 # SIGINT ignored (nohup): the processes the tests start then inherit it too.
 signal.signal(signal.SIGINT, signal.default_int_handler)
