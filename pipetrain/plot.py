@@ -24,6 +24,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -99,7 +100,11 @@ class Series:
         """(seconds since the start, samples/s, % of the time waiting for data) after
         each batch, over the wall time of the last :attr:`window` batches of its epoch
         (the definitions of the epoch records). NaN separates epochs and segments: no
-        line is drawn across validation or a pause."""
+        line is drawn across validation or a pause. (Computed once: two panels draw them.)"""
+        return self._rates
+
+    @cached_property
+    def _rates(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         batches = _table(self.history.batches)
         if not len(batches):
             return np.array([]), np.array([]), np.array([])

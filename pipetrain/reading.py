@@ -10,6 +10,13 @@ segment trained again, exactly as :meth:`History.add` drops them record by recor
 batch of segment ``s`` is dropped when a run record after it resumes at or before its
 (epoch, batch). Epoch records are few and replayed through ``History.add`` itself.
 
+A run of batch lines is parsed by orjson line by line without first looking for
+integers beyond 64 bits (which orjson, unlike json, reads as floats): the columns made
+of them are checked instead - no float of magnitude 2**63 or more, no column of mixed
+values - and parsed again exactly when the check fails. Rows sharing one key tuple
+are transposed into columns in one pass (:class:`~pipetrain.table.TableBuilder`), and
+the garbage collector is paused while reading (millions of new dicts, none in a cycle).
+
 What is asked for decides what is parsed: ``tables=("epochs",)`` parses neither batch
 nor system lines, and a range (``epochs=``, ``since=``/``until=``) parses only the batch
 lines in it (each batch line's time and epoch are read from its first bytes, where the
@@ -18,6 +25,7 @@ writer puts them; a line written otherwise is parsed whole).
 
 from __future__ import annotations
 
+import gc
 import os
 import re
 from collections.abc import Iterable
@@ -33,6 +41,7 @@ TABLES = ("batches", "epochs", "system")
 _NUMBER_TYPES = {int, float}
 _POSITION_TYPES = {int, type(None)}
 _type_of = itemgetter("type")
+_WIDE = 2.0**63
 # The writer's batch lines begin with their run, time and epoch (see Run.emit).
 _BATCH_HEAD = re.compile(rb'^\{"type":"batch","run":"[^"\\\n]*","t":(-?\d+(?:\.\d+)?(?:[eE][-+]?\d+)?),'
                          rb'"epoch":(\d{1,18}|null)[,}]', re.M)
@@ -93,6 +102,8 @@ class _Reader:
         self.system = TableBuilder()
         self._pending_batches: list[dict] = []
         self._pending_system: list[dict] = []
+        # Parts of _pending_batches parsed by scan.loads_wide: (where they begin, their lines).
+        self._wide: list[tuple[int, list[bytes]]] = []
 
     # -- one record at a time (the general path) -----------------------------------------
 
@@ -119,11 +130,30 @@ class _Reader:
 
     def _flush(self) -> None:
         if self._pending_batches:
-            self._add_batches(self._pending_batches)
-            self._pending_batches = []
+            records, wide = self._pending_batches, self._wide
+            self._pending_batches, self._wide = [], []
+            if not wide:
+                self._add_batches(records)
+            elif self.batches.add(records, accept=_batch_kinds_ok, check=_narrow):
+                self.batch_segments.append((len(records), self.segment))
+            else:  # a wide integer may have been read as a float, or well_formed refuses one
+                self._add_batches(self._exactly(records, wide))
         if self._pending_system:
             self.system.add(self._pending_system)
             self._pending_system = []
+
+    def _exactly(self, records: list[dict], wide: list[tuple[int, list[bytes]]]) -> list[dict]:
+        """``records`` with the parts that scan.loads_wide parsed parsed again by scan.loads."""
+        out, at = [], 0
+        for start, lines in wide:
+            out += records[at:start]
+            for line, record in zip(lines, scan.loads_many(lines), strict=True):
+                if type(record) is dict:  # a batch record: orjson read it as one
+                    out.append(record)
+                else:  # pragma: no cover - json refuses what orjson read (nesting beyond its depth)
+                    self.skipped += bool(line.strip())
+            at = start + len(lines)
+        return out + records[at:]
 
     def _add_batches(self, records: list[dict]) -> None:
         if not self.batches.add(records, accept=_batch_kinds_ok):  # a record well_formed refuses
@@ -174,6 +204,12 @@ class _Reader:
         if self.want.ranged:
             lines = self._in_range(data, lines)
             if not lines:
+                return
+        if not self.want.ranged:
+            records = scan.loads_wide(lines)
+            if records is not None and self._all_batches(records):
+                self._wide.append((len(self._pending_batches), lines))
+                self._pending_batches.extend(records)
                 return
         records = scan.loads_many(lines, data if not self.want.ranged else None)
         if not self.want.ranged and self._all_batches(records):
@@ -244,6 +280,16 @@ def _batch_kinds_ok(kinds: dict[str, set]) -> bool:
             and kinds.get("batch", set()) <= _POSITION_TYPES and kinds["type"] == {str})
 
 
+def _narrow(columns: dict) -> bool:
+    """Whether columns parsed by scan.loads_wide are what json gives: no float of
+    magnitude 2**63 or more (an integer beyond 64 bits, which orjson reads as a float)
+    and no column of mixed values (where one could hide)."""
+    for column in columns.values():
+        if column.kind == "o" or (column.kind == "f" and bool((np.abs(column.values) >= _WIDE).any())):
+            return False
+    return True
+
+
 def _clip(at: tuple[int, int]) -> tuple[int, int]:
     low, high = np.iinfo(np.int64).min, np.iinfo(np.int64).max
     return tuple(min(max(v, low), high) for v in at)
@@ -282,6 +328,8 @@ def read_history(
     except FileNotFoundError:
         raise FileNotFoundError(f"{path}: no such history file") from None
     reader = _Reader(selection)
+    collecting = gc.isenabled()
+    gc.disable()  # millions of new dicts, none in a cycle: collections would find nothing
     try:
         start = 0
         if not selection.batches:  # all it wants is in the lines the index lists, if it is valid
@@ -291,9 +339,11 @@ def read_history(
             start = known.covered
         for block in scan.blocks(fd, start):
             reader.block(block)
+        return reader.history()
     finally:
         os.close(fd)
-    return reader.history()
+        if collecting:
+            gc.enable()
 
 
 def last_look(fd: int, stop: int, index_path: os.PathLike | None = None) -> tuple[list[tuple[int, dict]], int]:

@@ -69,6 +69,19 @@ def loads_many(lines: list[bytes], data: bytes | None = None) -> list:
     return [decode(line) for line in lines]
 
 
+def loads_wide(lines: list[bytes]) -> list | None:
+    """orjson's parse of each line, or None where orjson is missing or refuses one of
+    them. Unlike :func:`loads_many` it does not look for integers beyond 64 bits, which
+    orjson reads as floats of magnitude 2**63 or more: the caller checks its values
+    (see :func:`pipetrain.reading.read_history`)."""
+    if orjson is None:
+        return None
+    try:
+        return list(map(orjson.loads, lines))
+    except orjson.JSONDecodeError:
+        return None
+
+
 def decode(line: bytes):
     """:func:`loads`, or None for a line that is not JSON."""
     try:

@@ -20,7 +20,7 @@ Example::
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from operator import itemgetter
+from itertools import chain
 
 import numpy as np
 
@@ -52,13 +52,18 @@ class Column:
     def tolist(self) -> list:
         """The Python values, as the parser gave them."""
         if self.kind == "s":
-            categories = self.categories
-            return [categories[c] for c in self.values.tolist()]
+            return self.objects().tolist()
         values = self.values.tolist()
         if self.null is not None:
             for i in np.flatnonzero(self.null).tolist():
                 values[i] = None
         return values
+
+    def objects(self) -> np.ndarray:
+        """A text column's values as an object array (the very str objects it holds)."""
+        categories = np.empty(max(1, len(self.categories)), dtype=object)  # a filler's codes point at None
+        categories[: len(self.categories)] = self.categories
+        return categories[self.values]
 
     def get(self, i: int):
         if self.kind == "s":
@@ -109,6 +114,19 @@ def column_of(values: Sequence, kinds: set | None = None) -> Column:
     column = np.empty(n, dtype=object)
     column[:] = list(values)
     return Column("o", column)
+
+
+def _transposed(rows: list[dict], shape: tuple) -> tuple[list[list], dict[str, set]]:
+    """The values of rows that share the key tuple ``shape``, key by key (one pass over
+    all values, then a strided slice per key), and the set of their types per key."""
+    width = len(shape)
+    flat = list(chain.from_iterable(map(dict.values, rows)))
+    columns = [flat[j::width] for j in range(width)]
+    types = list(map(type, flat))
+    first = types[:width]
+    if types == first * len(rows):  # each key's values of one type (the usual case)
+        return columns, {k: {t} for k, t in zip(shape, first, strict=True)}
+    return columns, {k: set(map(type, v)) for k, v in zip(shape, columns, strict=True)}
 
 
 def _is_none(value) -> bool:
@@ -267,6 +285,10 @@ class Table(Sequence):
                 data[name] = self.array(name)  # NaN where null or missing, as pandas has it
             elif column.kind in ("i", "b") and present.all():
                 data[name] = column.values
+            elif column.kind == "s":
+                values = column.objects()
+                values[~present] = np.nan
+                data[name] = values
             else:
                 values = column.tolist()
                 if not present.all():
@@ -285,10 +307,11 @@ class TableBuilder:
         self._shape_of: list[np.ndarray] = []
         self.rows = 0
 
-    def add(self, records: list[dict], accept=None) -> bool:
+    def add(self, records: list[dict], accept=None, check=None) -> bool:
         """Append records (any keys, any order). With ``accept``, a function of a shape's
         {key: set of value types}, the records are appended only if it accepts every
-        shape among them (and False is returned otherwise)."""
+        shape among them (and False is returned otherwise); ``check``, a function of a
+        shape's {key: Column}, likewise once the columns are built."""
         if not records:
             return True
         keys = list(map(tuple, records))
@@ -303,11 +326,13 @@ class TableBuilder:
                     start = i
         pieces = []
         for shape, group in groups:
-            values = {k: list(map(itemgetter(k), group)) for k in shape}
-            kinds = {k: set(map(type, v)) for k, v in values.items()}
+            values, kinds = _transposed(group, shape)
             if accept is not None and not accept(kinds):
                 return False
-            pieces.append((shape, len(group), {k: column_of(v, kinds[k]) for k, v in values.items()}))
+            columns = {k: column_of(v, kinds[k]) for k, v in zip(shape, values, strict=True)}
+            if check is not None and not check(columns):
+                return False
+            pieces.append((shape, len(group), columns))
         for shape, n, columns in pieces:
             sid = self._shapes.setdefault(shape, len(self._shapes))
             self._pieces.append((n, columns))
@@ -331,14 +356,25 @@ class TableBuilder:
         for shape in shapes:  # keys in the order they first appear, as pandas orders them
             if shapes.index(shape) in kept_shapes:
                 order.update(dict.fromkeys(shape))
+        if dropping:  # dropped from the pieces that hold such rows, before they are joined
+            self._pieces[:] = self._kept_pieces(keep)
+            shape_of = shape_of[keep]
         sizes = [n for n, _ in self._pieces]
         columns = {}
         for name in order:
-            column = concat([cols.get(name) for _, cols in self._pieces], sizes)
+            columns[name] = concat([cols.get(name) for _, cols in self._pieces], sizes)
             for _, cols in self._pieces:  # free each piece's part as soon as it is joined
                 cols.pop(name, None)
-            columns[name] = column.take(keep) if dropping else column
         self._pieces.clear()
-        if dropping:
-            shape_of = shape_of[keep]
         return Table(columns, shapes, shape_of)
+
+    def _kept_pieces(self, keep: np.ndarray) -> list[tuple[int, dict[str, Column]]]:
+        out, at = [], 0
+        for n, columns in self._pieces:
+            mask = keep[at: at + n]
+            at += n
+            if mask.all():
+                out.append((n, columns))
+            elif mask.any():
+                out.append((int(mask.sum()), {k: c.take(mask) for k, c in columns.items()}))
+        return out

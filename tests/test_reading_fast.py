@@ -1,0 +1,141 @@
+"""read_history's fast path for runs of batch lines (orjson without the scan for long
+digits, values transposed column by column, the garbage collector paused) gives exactly
+what json.loads of every line gives: on writer-like histories where random batch lines
+were edited by hand in the ways that path could get wrong (integers beyond 64 bits that
+orjson reads as floats, an int among floats, nulls, missing or reordered keys, a key
+added mid-run, NaN, a second type key), in blocks of several sizes, resumed and torn."""
+
+import gc
+import json
+import random
+
+import pytest
+
+from pipetrain import reading, scan
+from pipetrain.history import encode, read_history
+from tests.test_history_reading import items, reference
+
+# (name, change to one batch record's line) - each keeps the line beginning as a batch line
+EDITS = {
+    "wide int": lambda r: {**r, "step": 2**70},
+    "wide negative int among floats": lambda r: {**r, "loss": -(2**63) - 1},
+    "uint64 int": lambda r: {**r, "step": 2**64 - 1},
+    "int at 2**63": lambda r: {**r, "size": 2**63},
+    "float beyond 2**63": lambda r: {**r, "loss": 1.5e19},
+    "int among floats": lambda r: {**r, "loss": 1},
+    "null": lambda r: {**r, "loss": None},
+    "missing key": lambda r: {k: v for k, v in r.items() if k != "step_s"},
+    "reordered keys": lambda r: dict(reversed(list(r.items()))) | {"type": "batch"},
+    "new key from here on": None,  # handled below: every later batch line gains a key
+    "text for a number": lambda r: {**r, "loss": "n/a"},
+    "a text key on one line": lambda r: {**r, "note": "resumed here"},
+}
+RAW_EDITS = [
+    lambda line: line.replace(b'"loss":', b'"loss":NaN,"x":', 1),  # json reads NaN
+    lambda line: line[:-1] + b',"type":"epoch"}',  # a second type key: an epoch record
+    lambda line: line[:-1] + b',"big":123456789012345678901234567890}',
+    lambda line: line.replace(b'"epoch":', b'"epoch":99999999999999999999999,"e":', 1),  # not well formed
+    lambda line: line[:-1] + b',"n":[1,18446744073709551616]}',  # a wide int in a list
+]
+
+
+def writer_like(rng, batches=600):
+    """Run, batch, system and epoch records as the writer writes them, resumed once."""
+    records, t = [], 1000.0
+    for segment, (start, stop) in enumerate([(0, batches // 2), (batches // 3, batches)]):
+        records.append({"type": "run", "run": "r", "t": t, "data": {"steps_per_epoch": 100},
+                        "resume": None if segment == 0 else {"epoch": 0, "batch": batches // 3}})
+        for step in range(start, stop):
+            epoch, b = divmod(step, 100)
+            t += 0.01 * (0.9 + 0.2 * rng.random())
+            records.append({"type": "batch", "run": "r", "t": round(t, 6), "epoch": epoch, "batch": b, "step": step,
+                            "size": 32, "accuracy": round(rng.random(), 6), "loss": 2.3 * rng.random(),
+                            "step_s": round(0.01 * rng.random(), 6), "wait_s": round(1e-4 * rng.random(), 6),
+                            "samples_per_s": round(3200 * rng.random(), 1)})
+            if step % 40 == 39:
+                records.append({"type": "system", "run": "r", "t": t, "rss_mb": 700.5, "threads": 11})
+            if b == 99:
+                records.append({"type": "epoch", "run": "r", "t": t, "epoch": epoch, "loss": 0.5})
+    return records
+
+
+def edited_history(path, seed):
+    rng = random.Random(seed)
+    records = writer_like(rng)
+    batch_at = [i for i, r in enumerate(records) if r["type"] == "batch"]
+    edits = rng.sample(sorted(EDITS), 3)
+    for name in edits:
+        at = rng.choice(batch_at)
+        if EDITS[name] is None:
+            for i in batch_at:
+                if i >= at:
+                    records[i] = {**records[i], "lr": 0.001}
+        else:
+            records[at] = EDITS[name](records[at])
+    lines = [encode(r) for r in records]
+    for edit in rng.sample(RAW_EDITS, 2):
+        at = rng.choice(batch_at)
+        lines[at] = edit(lines[at].rstrip(b"\n")) + b"\n"
+    torn = rng.random() < 0.5
+    path.write_bytes(b"".join(lines) + (b'{"type":"batch","run":"r","t":9' if torn else b""))
+    return path, edits
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_edited_batch_lines_read_as_json_reads_them(tmp_path, monkeypatch, seed):
+    path, edits = edited_history(tmp_path / "h.jsonl", seed)
+    full = reference(path)
+    for size in (None, 2048, 30000):
+        monkeypatch.setattr(scan, "BLOCK_BYTES", size or 8 << 20)
+        fast = read_history(path)
+        assert items(fast.batches) == items(full.batches), (edits, size)
+        assert items(fast.system) == items(full.system), (edits, size)
+        assert items([fast.runs, fast.epochs, fast.end]) == items([full.runs, full.epochs, full.end])
+        assert fast.skipped == full.skipped, (edits, size)
+
+
+@pytest.mark.parametrize("seed", range(0, 12, 3))
+def test_edited_histories_to_pandas_as_pandas_reads_the_records(tmp_path, seed):
+    pd = pytest.importorskip("pandas")
+    path, edits = edited_history(tmp_path / "h.jsonl", seed)
+    full, frames = reference(path), read_history(path).to_pandas()
+    for table in ("batches", "system"):
+        pd.testing.assert_frame_equal(frames[table], pd.DataFrame(getattr(full, table)), obj=f"{edits}: {table}")
+
+
+def test_every_wide_integer_orjson_misreads_is_caught(tmp_path):
+    """A wide integer alone in a run of ordinary batch lines, in each column it can take."""
+    rng = random.Random(1)
+    for key, value in [("step", 2**64), ("step", -(2**63) - 1), ("loss", 2**65), ("t", 10**30), ("size", -(10**40))]:
+        records = writer_like(rng, batches=200)
+        at = [i for i, r in enumerate(records) if r["type"] == "batch"][57]
+        records[at] = {**records[at], key: value}
+        path = tmp_path / "h.jsonl"
+        path.write_bytes(b"".join(encode(r) for r in records))
+        assert items(read_history(path).batches) == items(reference(path).batches), (key, value)
+        assert json.loads(encode(records[at]))[key] == value
+
+
+def test_the_collector_runs_again_after_a_read(tmp_path):
+    path, _ = edited_history(tmp_path / "h.jsonl", 0)
+    assert gc.isenabled()
+    read_history(path)
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        read_history(path)
+        assert not gc.isenabled()  # a caller's choice is kept
+    finally:
+        gc.enable()
+    with pytest.raises(FileNotFoundError):
+        read_history(tmp_path / "missing.jsonl")
+    assert gc.isenabled()
+
+
+def test_the_wide_check_refuses_what_orjson_may_have_misread():
+    from pipetrain.table import column_of
+
+    assert reading._narrow({"a": column_of([1.0, 2.5]), "b": column_of([1, 2]), "c": column_of(["x"])})
+    assert not reading._narrow({"a": column_of([1.0, 2.0**63])})
+    assert not reading._narrow({"a": column_of([1.0, -(2.0**63)])})
+    assert not reading._narrow({"a": column_of([1, 2.5])})  # mixed: an int read as a float could hide
