@@ -5,9 +5,11 @@ batch records, against counting the file's lines in Python.
                                        [--folder /tmp/pipetrain-histories]
                                        [--out benchmarks/results/history.json]
 
-The histories are written as a run writes them (history_maker.py: epochs of 10,000
-batches, a system sample every 200 batches, one resume in the middle after a torn line)
-and kept in --folder for the next time. Each operation runs in a fresh process; its time
+The histories are written as a run writes them (history_maker.py, through HistoryWriter,
+with the history's index: epochs of 10,000 batches, a system sample every 200 batches,
+one resume in the middle after a torn line) and kept in --folder for the next time.
+``tail_noindex`` and ``read_epochs_noindex`` are ``tail`` and ``read_epochs`` with the
+index out of the way (the scan they fall back to). Each operation runs in a fresh process; its time
 is measured inside that process from after the imports (``s``, and ``cpu_s``: the CPU
 time it used, which a busy shared machine disturbs less) and from outside
 (``process_s``: start, imports and all), with the process's peak RSS (``ru_maxrss``).
@@ -29,7 +31,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-OPERATIONS = ["lines", "tail", "tail_plain", "read_all", "read_epochs", "to_pandas", "plot"]
+OPERATIONS = ["lines", "tail", "tail_noindex", "tail_plain", "read_all", "read_epochs", "read_epochs_noindex",
+              "to_pandas", "plot"]
 
 
 def child(operation: str, path: str) -> None:
@@ -37,6 +40,11 @@ def child(operation: str, path: str) -> None:
     sys.path.insert(0, str(ROOT))
     import resource
 
+    if operation.endswith("_noindex"):  # as if the history had no index: the scan readers fall back to
+        from pipetrain import index
+
+        index.read = lambda *args, **kwargs: index.Known()
+        operation = operation.removesuffix("_noindex")
     start, cpu = time.perf_counter(), time.process_time()
     if operation == "lines":
         n = 0
@@ -98,9 +106,11 @@ def history_path(folder: Path, batches: int) -> Path:
     sys.path.insert(0, str(ROOT))
     from history_maker import write_history
 
+    from pipetrain.index import path_for
+
     path = folder / f"history-{batches}.jsonl"
     done = folder / f"history-{batches}.done"
-    if not done.exists():
+    if not done.exists() or not path_for(path).exists():  # (histories written before the index: again)
         print(f"writing {path} ...", flush=True)
         write_history(path, batches)
         done.write_text(str(path.stat().st_size))

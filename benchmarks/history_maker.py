@@ -5,16 +5,20 @@ A job at 100 steps/s with batch 32 and 10,000 steps per epoch: a batch record pe
 epoch end, a system sample every 2 s (200 steps), and one resume in the middle: the
 first segment is killed 400 batches after its last checkpoint (every 1,000 batches),
 leaving a torn line, and the second segment resumes at that checkpoint, trains those
-400 batches again and runs to the end.
+400 batches again and runs to the end. Each segment writes through
+:class:`~pipetrain.history.HistoryWriter`, as a run does: the second one cuts the torn
+line, and the history's index (``.index``) is kept as a run keeps it.
 """
 
 from __future__ import annotations
 
 import math
+import os
 import random
 from pathlib import Path
 
-from pipetrain.history import encode
+from pipetrain.history import HistoryWriter
+from pipetrain.index import path_for
 
 STEPS_PER_EPOCH = 10_000
 BATCH = 32
@@ -50,10 +54,13 @@ def write_history(path: str | Path, batches: int, seed: int = 0) -> Path:
     t = 1_764_085_960.0
     rss = 700.0
     written = 0
-    with path.open("wb", buffering=1 << 20) as f:
+    path.unlink(missing_ok=True)
+    path_for(path).unlink(missing_ok=True)
+    f = HistoryWriter(path)
+    try:
 
         def emit(record):
-            f.write(encode(record))
+            f.write(record)
 
         def train(start: int, stop: int) -> None:
             nonlocal t, rss, written
@@ -85,11 +92,11 @@ def write_history(path: str | Path, batches: int, seed: int = 0) -> Path:
 
         emit(run_record(run_id, t, epochs, None))
         train(0, kill)
-        f.write(b'{"type":"batch","run":"' + run_id.encode() + b'","t":17')  # killed mid-write
-        f.flush()
-        # The resumed run cuts the torn line (as HistoryWriter does) and appends.
-        f.truncate(f.tell() - len(b'{"type":"batch","run":"' + run_id.encode() + b'","t":17'))
-        f.seek(0, 2)
+        killed = f  # noqa: F841 - killed: nothing more of it is written, nothing sealed
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND)  # killed mid-write: half a line
+        os.write(fd, b'{"type":"batch","run":"' + run_id.encode() + b'","t":17')
+        os.close(fd)
+        f = HistoryWriter(path)  # the resumed run cuts the torn line and appends
         at = kill - KILLED_AFTER
         t += 30.0
         emit(run_record(run_id, t, epochs, {"epoch": at // STEPS_PER_EPOCH, "batch": at % STEPS_PER_EPOCH,
@@ -98,4 +105,6 @@ def write_history(path: str | Path, batches: int, seed: int = 0) -> Path:
         emit({"type": "end", "run": run_id, "t": round(t + 0.5, 6), "status": "stopped", "epochs": (at + batches - kill) // STEPS_PER_EPOCH,
               "steps": at + batches - kill, "error": None, "peak_rss_mb": round(rss + 5, 2),
               "checkpoint": None})
+    finally:
+        f.close()
     return path

@@ -28,8 +28,10 @@ import numpy as np
 
 from pipetrain import scan
 from pipetrain.errors import InputError
+from pipetrain.index import IndexWriter
 
 SCHEMA = 1
+_BATCH_LINE = scan.BATCH_PREFIX
 
 
 class HistoryWriteError(OSError):
@@ -72,7 +74,9 @@ class HistoryWriter:
     The file is opened with ``O_APPEND`` and written without a user-space buffer, so every
     record is visible to ``tail -f`` (and ``pipetrain tail``) the moment it is written.
     :meth:`sync` (``fsync``) is called at epoch ends and on close. Several threads may
-    write (the training loop and the system monitor): a lock keeps lines whole.
+    write (the training loop and the system monitor): a lock keeps lines whole. Where
+    each line other than a batch line is goes to the history's index
+    (:mod:`pipetrain.index`), for readers that want only those.
 
     Example::
 
@@ -88,7 +92,9 @@ class HistoryWriter:
             self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
         except OSError as e:
             raise HistoryWriteError(f"{self.path}: cannot write the history: {e.strerror or e}") from e
+        self._index = IndexWriter(self.path, self._fd)  # checked before a cut changes the file's mtime
         self._end_torn_line()
+        self._index.update()  # what it does not cover yet (all of a history from an older pipetrain)
 
     def _end_torn_line(self) -> None:
         """A process killed mid-write can leave half a line at the end: cut it off, so
@@ -120,6 +126,8 @@ class HistoryWriter:
                     f"{self.path}: cannot write the history: only {written} of {len(line)} bytes "
                     "written (disk full?)"
                 )
+            if not line.startswith(_BATCH_LINE):  # nothing more for a batch line
+                self._index.update()
 
     def sync(self) -> None:
         with self._lock:
@@ -140,6 +148,7 @@ class HistoryWriter:
                 return
             fd, self._fd = self._fd, -1
             try:
+                self._index.close()  # sealed: the file's size and mtime now
                 self._fsync(fd)
             finally:
                 os.close(fd)

@@ -40,7 +40,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipetrain import scan
+from pipetrain import index, scan
 from pipetrain.history import History, history_file, resume_point, well_formed
 from pipetrain.table import Table, TableBuilder
 
@@ -349,8 +349,15 @@ def read_history(
     gc.disable()  # millions of new dicts, none in a cycle: collections would find nothing
     try:
         size = os.fstat(fd).st_size
-        parts = _parts(fd, size) if selection.batches or selection.system else [(0, size)]
-        return _read_parts(fd, selection, parts).history()
+        if not selection.batches:  # all it wants is in the lines the index lists, if it is valid
+            reader = _Reader(selection)
+            known = index.read(fd, index.path_for(path))
+            if known.lines:
+                reader.block(scan.Block(0, b"\n".join(line for _, line in known.lines) + b"\n"))
+            for block in scan.blocks(fd, known.covered, size):
+                reader.block(block)
+            return reader.history()
+        return _read_parts(fd, selection, _parts(fd, size)).history()
     finally:
         os.close(fd)
         if collecting:
@@ -453,17 +460,39 @@ def _serve() -> None:
     sys.stdout.buffer.flush()
 
 
-def last_look(fd: int, stop: int) -> tuple[list[tuple[int, dict]], int]:
+def last_look(fd: int, stop: int, index_path: os.PathLike | None = None) -> tuple[list[tuple[int, dict]], int]:
     """What a state fed every record up to ``stop`` (an offset just after a newline)
     knows, found without parsing every batch line: the records other than batches, and
     the batches that still count at the end - the last one, and the run of batches of
     its epoch after the last run record (an epoch's figures so far). Returns them as
     (offset, record) in file order, with the number of lines that are not records when
-    none is (0 otherwise), so a caller can refuse a file that is not a history."""
+    none is (0 otherwise), so a caller can refuse a file that is not a history.
+
+    With the history's index (``index_path``, when valid) the lines it lists are all that
+    is read before what it covers: what it costs does not grow with the file."""
     others: list[tuple[int, dict]] = []
     batch_runs: list[tuple[int, int]] = []  # file offsets of runs of batch-looking lines
     not_records = 0
-    for block in scan.blocks(fd, 0, stop):
+
+    def take(at: int, line: bytes, record) -> None:
+        nonlocal not_records
+        if type(record) is dict and well_formed(record):
+            if record["type"] != "batch":
+                others.append((at, record))
+        elif line.strip() and not line.startswith(scan.BATCH_PREFIX):
+            not_records += 1
+
+    known = index.read(fd, index_path, stop)
+    at = 0
+    for (start, line), record in zip(known.lines, scan.loads_many([line for _, line in known.lines]), strict=True):
+        if not line.startswith(scan.BATCH_PREFIX):  # a batch-looking line listed is one of a run too
+            if start > at:
+                batch_runs.append((at, start))
+            at = start + len(line) + 1
+        take(start, line, record)
+    if known.covered > at:
+        batch_runs.append((at, known.covered))
+    for block in scan.blocks(fd, known.covered, stop):
         lines = block.others()
         clean = block.clean(lines)
         for start, end in block.batch_runs(lines):
@@ -471,12 +500,7 @@ def last_look(fd: int, stop: int) -> tuple[list[tuple[int, dict]], int]:
         spans = lines if clean else block.lines()  # unclean: a batch-looking line may be another record
         for start, end in spans:
             line = block.data[start:end]
-            record = scan.decode(line)
-            if type(record) is dict and well_formed(record):
-                if record["type"] != "batch":
-                    others.append((block.offset + start, record))
-            elif line.strip() and not line.startswith(scan.BATCH_PREFIX):
-                not_records += 1
+            take(block.offset + start, line, scan.decode(line))
     last_run = max((at for at, r in others if r["type"] == "run"), default=-1)
     batches: list[tuple[int, dict]] = []
     epoch = None

@@ -17,8 +17,8 @@ Separation of concerns:
   refuses what must not happen: another run's history or checkpoints replaced without
   ``overwrite``, a file that is not pipetrain's replaced at all, a file the run reads
   used as its history.
-- :meth:`RunFolder.clear` is ``overwrite``: it removes the old history and checkpoints,
-  and nothing else.
+- :meth:`RunFolder.clear` is ``overwrite``: it removes the old history (with its index,
+  ``history.jsonl.index``) and checkpoints, and nothing else.
 
 Locks and network file systems: on NFSv4 (and NFSv3 with ``lockd``) the lock holds
 between machines; mounted ``nolock``, through FUSE, or on cluster file systems that keep
@@ -50,6 +50,7 @@ import warnings
 import zipfile
 from pathlib import Path
 
+from pipetrain import index
 from pipetrain.errors import RunError, argument
 from pipetrain.history import run_records
 from pipetrain.process import running
@@ -413,9 +414,10 @@ class RunFolder:
         return "new"
 
     def clear(self) -> None:
-        """``overwrite``, after :meth:`decide`: remove the old history and checkpoints."""
+        """``overwrite``, after :meth:`decide`: remove the old history (and its index) and checkpoints."""
         if describe(self.history) == HISTORY:
             self.history.unlink()
+            index.remove(self.history)
         for path in checkpoints(self.checkpoint_dir):
             path.unlink()
 

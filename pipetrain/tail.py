@@ -34,7 +34,7 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
-from pipetrain import scan
+from pipetrain import index, scan
 from pipetrain.cli import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, BadInput
 from pipetrain.history import Follower, HistoryPathError, history_file, resume_point, run_name
 from pipetrain.process import writer_state
@@ -124,7 +124,7 @@ def updates(path: Path, *, follow: bool = True, poll: float = 0.25) -> Iterator[
             update = Update(state, waiting=not follower.exists, restarted=restarted)
             if present and not caught_up:
                 stop = scan.line_end(follower.fd, os.fstat(follower.fd).st_size)
-                records, not_records = last_look(follower.fd, stop)
+                records, not_records = last_look(follower.fd, stop, index.path_for(path))
                 if not records and not_records:
                     raise BadInput(f"{path}: not a pipetrain history (no JSON records in {not_records} line(s))")
                 ended = False

@@ -137,7 +137,7 @@ def test_two_processes_train_as_one_and_share_the_rows(plain, two):
 
     # One history, written by process 0, with every process's samples.
     run = out / "run"
-    assert sorted(p.name for p in run.iterdir()) == ["checkpoint", "history.jsonl"]
+    assert sorted(p.name for p in run.iterdir()) == ["checkpoint", "history.jsonl", "history.jsonl.index"]
     h = pipetrain.read_history(run)
     assert len(h.runs) == 1 and h.end["status"] == "completed"
     assert h.runs[0]["distributed"]["processes"] == 2

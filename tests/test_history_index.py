@@ -1,0 +1,458 @@
+"""The history's index (pipetrain.index): readers that use it - tail's look from the end,
+read_history without batches - give exactly what the scan without it and the full parse
+give, on histories the writer indexed, older ones without an index, and indexes that
+are stale, torn, beyond the file's end or for another file; they read less with it (a
+reader that ignored it fails here) and never trust it where the file no longer matches
+(a reader that trusted it blindly fails here). The writer keeps it up to date across
+resumes and torn lines, and a run never fails for it."""
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+import warnings
+
+import pytest
+
+from pipetrain import index, reading, scan
+from pipetrain.history import HistoryWriter, encode, read_history
+from pipetrain.tail import dashboard, updates
+from tests.conftest import wait_until
+from tests.test_history_reading import (
+    HAND_EDITED,
+    batch,
+    full_state,
+    items,
+    reference,
+    state_view,
+    text_of,
+    writer_history,
+)
+
+
+def several_resumes():
+    """Four segments, the writer's way: resumed mid-epoch, at an epoch's start, after an end."""
+    records, t = [], 0.0
+    for seg, (resume, start, stop) in enumerate([(None, 0, 23), ((1, 4), 14, 37), ((3, 0), 30, 45),
+                                                 ((2, 7), 27, 52)]):
+        records.append({"type": "run", "run": "r", "t": t, "data": {"steps_per_epoch": 10, "epochs": 6},
+                        "resume": None if resume is None else {"epoch": resume[0], "batch": resume[1]}})
+        for step in range(start, stop):
+            e, b = divmod(step, 10)
+            t += 0.5
+            records.append(batch(e, b, t))
+            if step % 4 == 0:
+                records.append({"type": "system", "run": "r", "t": t, "rss_mb": 300 + step * (seg + 1)})
+            if b == 9:
+                records.append({"type": "epoch", "run": "r", "t": t, "epoch": e, "loss": 1 / (1 + step)})
+        if seg == 2:
+            records.append({"type": "end", "run": "r", "t": t, "status": "interrupted"})
+    return records
+
+
+def killed(writer) -> None:
+    """A writer as kill -9 leaves it: its files closed by the kernel, nothing sealed."""
+    if writer._index._fd >= 0:
+        os.close(writer._index._fd)
+    os.close(writer._fd)
+    writer._fd = -1
+
+
+def written(path, records, torn=b"", kill=False):
+    """``records`` written through HistoryWriter, a new writer (a resume) at each run
+    record; with ``torn`` (or ``kill``), the last writer is killed (while it writes that)."""
+    writer = None
+    for record in records:
+        if record["type"] == "run":
+            if writer is not None:
+                writer.close()
+            writer = HistoryWriter(path)
+        writer.write(record)
+    if writer is not None and (torn or kill):
+        killed(writer)
+        with open(path, "ab") as f:
+            f.write(torn)
+    elif writer is not None:
+        writer.close()
+    return path
+
+
+def lines_of(records):
+    return [encode(r) for r in records]
+
+
+def in_place(path, data: bytes) -> None:
+    """Rewrite a file in place (the same inode), as some editors and scripts do."""
+    with open(path, "r+b") as f:
+        f.write(data)
+        f.truncate()
+
+
+def look(path, use_index=True):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        stop = scan.line_end(fd, os.fstat(fd).st_size)
+        return reading.last_look(fd, stop, index.path_for(path) if use_index else None)
+    finally:
+        os.close(fd)
+
+
+def known(path) -> index.Known:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return index.read(fd, index.path_for(path))
+    finally:
+        os.close(fd)
+
+
+def scans_from(monkeypatch) -> list:
+    """The offsets scan.blocks is asked to start at, from now on."""
+    starts = []
+    real = scan.blocks
+    monkeypatch.setattr(scan, "blocks", lambda fd, start=0, *a, **k: starts.append(start) or real(fd, start, *a, **k))
+    return starts
+
+
+def assert_readers_are_the_full_parse(path, name=""):
+    """tail's state and view, its look from the end with and without the index, and
+    read_history without batches: all as the full parse."""
+    assert look(path) == look(path, use_index=False), name
+    state = [u.state for u in updates(path, follow=False)][-1]
+    full = full_state(path)
+    assert items(state_view(state)) == items(state_view(full)), name
+    assert text_of(dashboard(state, path, now=0.0)) == text_of(dashboard(full, path, now=0.0)), name
+    whole = reference(path)
+    for tables in (("epochs",), ("epochs", "system"), ()):
+        part = read_history(path, tables=tables)
+        assert items([part.runs, part.end, part.other]) == items([whole.runs, whole.end, whole.other]), name
+        assert items(part.epochs) == items(whole.epochs if "epochs" in tables else []), name
+        assert items(part.system) == items(whole.system if "system" in tables else []), name
+    if whole.system:
+        since = sorted(s["t"] for s in whole.system)[len(whole.system) // 2]
+        part = read_history(path, tables=("system",), since=since)
+        assert items(part.system) == items(s for s in whole.system if s["t"] >= since), name
+
+
+def cases(tmp_path):
+    """(name, path) of histories with the index their writers kept."""
+    out = [("several resumes", written(tmp_path / "resumes.jsonl", several_resumes())),
+           ("three segments, torn", written(tmp_path / "torn.jsonl", writer_history(),
+                                            torn=b'{"type":"batch","run":"r","t":99.5,"ep')),
+           ("whole last line", written(tmp_path / "nl.jsonl", writer_history()[:-1],
+                                       torn=encode(writer_history()[-1]).rstrip(b"\n")))]
+    # Hand-written lines (records only in name, lines only batch-like, ...) given an
+    # index by a writer that resumes the file: the index is rebuilt by a scan.
+    lines = lines_of(writer_history())
+    for i, line in enumerate(HAND_EDITED[:-1]):
+        lines.insert((i * 7) % len(lines), line + b"\n")
+    edited = tmp_path / "edited.jsonl"
+    edited.write_bytes(b"".join(lines))
+    writer = HistoryWriter(edited)
+    writer.write(writer_history()[-1])
+    killed(writer)
+    with open(edited, "ab") as f:
+        f.write(HAND_EDITED[-1])  # a torn last line after what the index covers
+    out.append(("hand-written lines", edited))
+    return out
+
+
+def test_readers_with_the_index_are_the_full_parse_and_read_less(tmp_path, monkeypatch):
+    for name, path in cases(tmp_path):
+        got = known(path)
+        assert got.covered > 0.6 * path.stat().st_size, name  # the index covers the file, up to its last lines
+        assert_readers_are_the_full_parse(path, name)
+        starts = scans_from(monkeypatch)
+        list(updates(path, follow=False))
+        read_history(path, tables=("epochs", "system"))
+        assert len(starts) == 2 and set(starts) == {got.covered}, name  # nothing before it was scanned
+        monkeypatch.undo()
+
+
+def test_a_history_without_an_index_is_read_by_the_scan_and_indexed_on_resume(tmp_path, monkeypatch):
+    path = tmp_path / "old.jsonl"
+    path.write_bytes(b"".join(lines_of(several_resumes())))  # as an older pipetrain left it
+    starts = scans_from(monkeypatch)
+    assert_readers_are_the_full_parse(path)
+    assert set(starts) == {0}
+    monkeypatch.undo()
+    HistoryWriter(path).close()  # a resume
+    assert known(path).covered == path.stat().st_size
+    assert_readers_are_the_full_parse(path)
+
+
+def damaged(tmp_path, name, records=None, kill=False):
+    """A history its writers indexed to its end (``kill``: to its last line other than a
+    batch line, the writer killed); a moment later (an edit made in the file's mtime tick
+    would keep its mtime: a person's edit comes later than that)."""
+    records = records or several_resumes()
+    path = written(tmp_path / f"{name}.jsonl", records, kill=kill)
+    last = max(i for i, r in enumerate(records) if r["type"] != "batch")
+    assert known(path).covered == len(b"".join(lines_of(records[: last + 1] if kill else records)))
+    assert wait_until(lambda: time.time_ns() - path.stat().st_mtime_ns > 50_000_000)
+    return path
+
+
+def test_a_stale_index_of_another_file_is_ignored(tmp_path):
+    path = damaged(tmp_path, "a")
+    other = damaged(tmp_path, "b", several_resumes()[:40])
+    shutil.copy(index.path_for(other), index.path_for(path))  # the index of another history
+    assert known(path).covered == 0
+    assert_readers_are_the_full_parse(path)
+    # The same history replaced by a copy (another inode), its index kept: ignored too.
+    copy = tmp_path / "copy.jsonl"
+    shutil.copy(path, copy)
+    os.replace(copy, path)
+    shutil.copy(index.path_for(other), index.path_for(path))
+    assert known(path).covered == 0
+
+
+def test_a_torn_or_garbled_index_counts_up_to_its_last_good_entry(tmp_path):
+    path = damaged(tmp_path, "torn")
+    ipath = index.path_for(path)
+    whole = known(path)
+    data = ipath.read_bytes()
+    ipath.write_bytes(data[:-10])  # killed mid-entry
+    assert known(path).entries == whole.entries - 1
+    assert_readers_are_the_full_parse(path)
+    ipath.write_bytes(data[:32 + 24 * 5] + b"\xff" * 24 + data[32 + 24 * 6:])  # the sixth entry garbled
+    assert known(path).entries == 5
+    assert_readers_are_the_full_parse(path)
+    ipath.write_bytes(data[:20])  # not even a header
+    assert known(path).covered == 0
+    assert_readers_are_the_full_parse(path)
+    with HistoryWriter(path):  # the writer keeps what checks out and brings it up to date
+        pass
+    assert known(path).covered == path.stat().st_size
+
+
+@pytest.mark.parametrize("writer", ["closed", "killed"])
+@pytest.mark.parametrize("edit", ["insert an epoch", "remove a system line", "change a system line's length",
+                                  "change an epoch in place", "cut the file short"])
+def test_a_hand_edited_history_is_never_read_through_a_stale_index(tmp_path, edit, writer):
+    """Each edit is in place (the same inode, which the index is for); a reader that
+    trusted the index blindly would miss or invent records here. A closed history's seal
+    tells any change; a killed writer's index is checked entry by entry."""
+    path = damaged(tmp_path, "h", kill=writer == "killed")
+    lines = path.read_bytes().splitlines(keepends=True)
+    at = len(lines) // 3
+    while not lines[at].startswith(b'{"type":"system"'):
+        at += 1
+    if edit == "insert an epoch":
+        lines.insert(at, encode({"type": "epoch", "run": "r", "t": 1.0, "epoch": 1, "loss": 9.0}))
+    elif edit == "remove a system line":
+        del lines[at]
+    elif edit == "change a system line's length":
+        lines[at] = lines[at].replace(b'"rss_mb":', b'"rss_mb":1')
+    elif edit == "change an epoch in place":
+        at = max(i for i, line in enumerate(lines) if line.startswith(b'{"type":"epoch"'))
+        lines[at] = lines[at].replace(b'"loss":0.', b'"loss":9.')
+    else:
+        lines = lines[: len(lines) - 5]
+    old, new = path.read_bytes(), b"".join(lines)
+    same = next(i for i, (x, y) in enumerate(zip(old + b"\0", new + b"\1")) if x != y)  # the first byte edited
+    in_place(path, new)
+    assert known(path).covered <= same < len(old)  # nothing after the edit is taken from the index
+    if writer == "killed" and edit != "cut the file short":
+        assert known(path).covered > 0  # what comes before the edit is
+    assert_readers_are_the_full_parse(path, edit)
+    with HistoryWriter(path):  # a resumed writer mends the index
+        pass
+    assert known(path).covered == path.stat().st_size
+    assert_readers_are_the_full_parse(path, edit)
+
+
+def test_a_line_appended_by_hand_to_a_finished_history_is_read(tmp_path):
+    path = damaged(tmp_path, "h")
+    with open(path, "ab") as f:
+        f.write(encode({"type": "epoch", "run": "r", "t": 99.0, "epoch": 9, "loss": 0.5}))
+    assert known(path).covered == 0  # not what its writer sealed at close: the index is not used
+    assert_readers_are_the_full_parse(path)
+    assert read_history(path, tables=("epochs",)).epochs[-1]["epoch"] == 9
+
+
+@pytest.mark.parametrize("appended", [False, True], ids=["alone", "and a line appended"])
+def test_a_batch_line_turned_into_an_epoch_in_place_is_seen_in_a_finished_history(tmp_path, appended):
+    """The same bytes count everywhere, so no offset moves: the writer's seal (the file's
+    size and mtime at close) tells that the file was changed after the run wrote it."""
+    path = damaged(tmp_path, "h")
+    data = path.read_bytes() + (encode({"type": "note", "run": "r", "t": 1.0}) if appended else b"")
+    before = items(reference(path).epochs)
+    # a batch of the last segment (no resume supersedes it), between lines the index lists
+    at = data.rindex(b"\n", 0, data.rindex(b'"epoch":3,"batch":5,')) + 1
+    assert data.startswith(b'{"type":"batch"', at)
+    in_place(path, data[:at] + b'{"type":"epoch"' + data[at + len(b'{"type":"batch"'):])
+    assert known(path).covered == 0
+    assert_readers_are_the_full_parse(path)
+    assert items(read_history(path, tables=("epochs",)).epochs) != before  # the edit shows
+
+
+def test_index_entries_beyond_the_end_are_dropped_and_mended_by_the_writer(tmp_path):
+    path = damaged(tmp_path, "h")
+    data = path.read_bytes()
+    cut = data.rindex(b"\n", 0, len(data) - 1) + 1
+    cut = data.rindex(b"\n", 0, cut - 1) + 1  # the last two lines (an end record) gone by hand
+    os.truncate(path, cut)
+    assert known(path).covered <= cut
+    assert_readers_are_the_full_parse(path)
+    entries = len(index.path_for(path).read_bytes())
+    with HistoryWriter(path):
+        pass
+    assert known(path).covered == cut and len(index.path_for(path).read_bytes()) < entries + 24
+    assert_readers_are_the_full_parse(path)
+
+
+def test_overwrite_ls_and_history_file_know_the_index(tmp_path):
+    from pipetrain.history import history_file
+    from pipetrain.listing import histories
+    from pipetrain.runfolder import claim
+
+    folder = tmp_path / "runs" / "a"
+    folder.mkdir(parents=True)
+    path = written(folder / "history.jsonl", several_resumes())
+    assert index.path_for(path).exists()
+    assert history_file(folder) == path
+    other = written(tmp_path / "runs" / "b.jsonl", several_resumes())
+    assert history_file(tmp_path / "runs") == other  # its one *.jsonl, the index aside
+    assert sorted(histories(tmp_path / "runs")) == sorted([path, other])
+    run = claim(path)
+    try:
+        assert run.decide(resume=False, overwrite=True) == "new"
+        run.clear()
+    finally:
+        run.release()
+    assert not path.exists() and not index.path_for(path).exists()
+
+
+def test_an_index_that_cannot_be_written_warns_once_and_the_run_goes_on(tmp_path):
+    path = tmp_path / "h.jsonl"
+    index.path_for(path).mkdir()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        written(path, several_resumes()[:30])
+    said = [str(w.message) for w in caught if "index" in str(w.message)]
+    assert len(said) == 1 and "cannot keep the history's index" in said[0]  # the first segment's writer; it
+    assert path.read_bytes() == b"".join(lines_of(several_resumes()[:30]))
+    assert known(path).covered == 0
+    assert_readers_are_the_full_parse(path)
+    with HistoryWriter(os.devnull) as w:  # a device takes the lines, and has no index
+        w.write({"type": "run", "run": "r", "t": 0})
+    assert not os.path.exists(os.devnull + index.SUFFIX)
+
+
+def test_readers_while_the_writer_writes(tmp_path):
+    """Two readers look from the end again and again while a run writes: each look is
+    the scan's look at the same bytes."""
+    path = tmp_path / "live.jsonl"
+    records = several_resumes() * 3
+    done = threading.Event()
+    failures = []
+
+    def write():
+        written(path, records)
+        done.set()
+
+    def read():
+        while not done.is_set():
+            if not path.exists():
+                continue
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                stop = scan.line_end(fd, os.fstat(fd).st_size)
+                if reading.last_look(fd, stop, index.path_for(path)) != reading.last_look(fd, stop):
+                    failures.append(stop)
+            finally:
+                os.close(fd)
+
+    threads = [threading.Thread(target=write), threading.Thread(target=read), threading.Thread(target=read)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not failures
+    assert_readers_are_the_full_parse(path)
+
+
+def test_tail_follows_a_run_from_its_index(tmp_path):
+    path = tmp_path / "live.jsonl"
+    records = several_resumes()
+    head = written(path, records[:60])
+    writer = HistoryWriter(head)
+    stream = updates(path, follow=True, poll=0.001)
+    first = next(stream)  # its look from the end, through the index
+    assert first.state.runs
+    for record in records[60:]:
+        writer.write(record)
+    writer.write({"type": "end", "run": "r", "t": 999.0, "status": "completed"})
+    writer.close()
+    last = first
+    for last in stream:
+        pass
+    assert items(state_view(last.state)) == items(state_view(full_state(path)))
+
+
+def test_two_writers_at_once_leave_an_index_readers_can_trust(tmp_path):
+    path = tmp_path / "h.jsonl"
+    a, b = HistoryWriter(path), HistoryWriter(path)
+    for i, record in enumerate(several_resumes()):
+        (a if i % 3 else b).write(record)
+    a.close()
+    b.close()
+    assert_readers_are_the_full_parse(path)
+
+
+def test_a_writer_killed_mid_index_write_leaves_a_history_readers_read_right(tmp_path):
+    """kill -9 while a writer writes many system lines (each one written to the index):
+    whatever moment it dies at, the readers give the full parse, and a resumed writer
+    mends the index."""
+    path = tmp_path / "h.jsonl"
+    script = textwrap.dedent(f"""
+        import sys
+        from pipetrain.history import HistoryWriter
+        w = HistoryWriter({str(path)!r})
+        w.write({{"type": "run", "run": "r", "t": 0.0, "resume": None}})
+        i = 0
+        while True:
+            i += 1
+            w.write({{"type": "batch", "run": "r", "t": float(i), "epoch": i // 100, "batch": i % 100}})
+            w.write({{"type": "system", "run": "r", "t": float(i), "rss_mb": i}})
+            if i == 300:
+                print("going", flush=True)
+    """)
+    for _ in range(3):
+        proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE,
+                                env=dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path)))
+        assert proc.stdout.readline() == b"going\n"
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        proc.stdout.close()
+        assert_readers_are_the_full_parse(path)
+        with HistoryWriter(path):  # the resumed run: the index checks out to the end of the file
+            pass
+        assert known(path).covered == path.stat().st_size
+
+
+def test_a_resumed_writer_is_read_through_the_index_before_its_first_other_line(tmp_path):
+    path = damaged(tmp_path, "h")
+    size = path.stat().st_size
+    with HistoryWriter(path) as w:
+        w.write(batch(5, 2, 99.0))  # a batch line: nothing written to the index
+        assert known(path).covered == size  # not a closed file changed by hand: a writer at work
+        assert_readers_are_the_full_parse(path)
+    assert known(path).covered == path.stat().st_size
+
+
+def test_a_history_cut_short_while_written_gets_a_new_index(tmp_path):
+    path = tmp_path / "h.jsonl"
+    records = several_resumes()
+    with HistoryWriter(path) as w:
+        for record in records[:50]:
+            w.write(record)
+        os.truncate(path, 0)  # `: > history.jsonl` while the run writes
+        for record in records[50:]:
+            w.write(record)
+    assert known(path).covered == path.stat().st_size
+    assert_readers_are_the_full_parse(path)
