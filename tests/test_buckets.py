@@ -649,6 +649,7 @@ def test_cli_run_fails_when_the_network_drops_and_resumes_elsewhere_to_the_same_
 
 
 @pytest.mark.model
+@pytest.mark.one_backend  # its subject is the guide's commands; a run from s3:// on each backend is tested above
 def test_the_guide_examples_run_as_written(tmp_path, bucket, monkeypatch, capsys):
     """docs/buckets.md: its commands (in this process) and its Python example, against the
     local S3 endpoint (AWS_ENDPOINT_URL), on a bucket named as in the guide."""

@@ -112,6 +112,7 @@ def test_killed_before_its_first_checkpoint_starts_again_and_equals_uninterrupte
     assert ours.end["status"] == "completed"
 
 
+@pytest.mark.one_backend  # its subject is a message, not the backend's: TensorFlow covers it (CI time)
 def test_nothing_to_resume_is_a_clear_error(data, tmp_path):
     done = job(data, tmp_path, resume=True)
     assert done.returncode != 0
