@@ -224,7 +224,7 @@ class _Reader:
             if not lines:
                 return
         if not self.want.ranged:
-            records = scan.loads_wide(lines)
+            records = scan.loads_wide(lines, data)
             if records is not None and self._all_batches(records):
                 self._wide.append((len(self._pending_batches), lines))
                 self._pending_batches.extend(records)

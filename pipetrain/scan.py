@@ -43,15 +43,33 @@ _DIGITS = bytes.maketrans(b"123456789", b"000000000")
 _LONG_DIGITS = b"0" * 19
 
 
+# orjson parses up to 1,024 levels of nesting, json.loads as deep as Python's recursion
+# limit lets it (about 1,000 less the caller's depth): a line that may nest deep enough to
+# tell them apart, which takes _DEEP opening brackets, is parsed by json.
+_DEEP = 256
+
+
 def _long_digits(data: bytes) -> bool:
     return data.translate(_DIGITS).find(_LONG_DIGITS) >= 0
+
+
+def _may_nest_deep(data: bytes, lines: int) -> bool:
+    """Whether a line of ``data`` (``lines`` lines, each an object) may nest _DEEP deep."""
+    return data.count(b"[") + data.count(b"{") - lines >= _DEEP
+
+
+def _orjson_can(lines: list[bytes], data: bytes | None) -> list[bool]:
+    """For each line, whether orjson parses it as json.loads would, as far as nesting goes."""
+    if not _may_nest_deep(data if data is not None else b"".join(lines), len(lines)):
+        return [True] * len(lines)
+    return [not _may_nest_deep(line, 1) for line in lines]
 
 
 def loads(line: bytes):
     """``json.loads(line)``, faster: orjson where it gives the same value, json where
     orjson refuses what json accepts (NaN, a byte-order mark, a lone surrogate) or may
     differ (integers beyond 64 bits). Raises ValueError (or RecursionError) as json does."""
-    if orjson is not None and not _long_digits(line):
+    if orjson is not None and not _long_digits(line) and not _may_nest_deep(line, 1):
         try:
             return orjson.loads(line)
         except orjson.JSONDecodeError:
@@ -61,7 +79,8 @@ def loads(line: bytes):
 
 def loads_many(lines: list[bytes], data: bytes | None = None) -> list:
     """:func:`decode` of each line (``data``: the lines joined, if the caller has it)."""
-    if orjson is not None and not _long_digits(data if data is not None else b"".join(lines)):
+    data = data if data is not None else b"".join(lines)
+    if orjson is not None and not _long_digits(data) and all(_orjson_can(lines, data)):
         try:
             return list(map(orjson.loads, lines))
         except orjson.JSONDecodeError:
@@ -69,12 +88,13 @@ def loads_many(lines: list[bytes], data: bytes | None = None) -> list:
     return [decode(line) for line in lines]
 
 
-def loads_wide(lines: list[bytes]) -> list | None:
-    """orjson's parse of each line, or None where orjson is missing or refuses one of
-    them. Unlike :func:`loads_many` it does not look for integers beyond 64 bits, which
+def loads_wide(lines: list[bytes], data: bytes | None = None) -> list | None:
+    """orjson's parse of each line, or None where orjson is missing, refuses one of them
+    or may nest deeper than json (``data``: the lines joined, if the caller has it).
+    Unlike :func:`loads_many` it does not look for integers beyond 64 bits, which
     orjson reads as floats of magnitude 2**63 or more: the caller checks its values
     (see :func:`pipetrain.reading.read_history`)."""
-    if orjson is None:
+    if orjson is None or not all(_orjson_can(lines, data)):
         return None
     try:
         return list(map(orjson.loads, lines))

@@ -172,3 +172,22 @@ def test_a_helper_that_cannot_start_or_fails_leaves_its_part_to_the_reader(tmp_p
     assert items(parts.batches) == items(full.batches) and items(parts.system) == items(full.system)
     assert items([parts.runs, parts.epochs, parts.end]) == items([full.runs, full.epochs, full.end])
     assert parts.skipped == full.skipped
+
+
+@pytest.mark.parametrize("depth", [1000, 1023])
+def test_a_line_nested_deeper_than_json_parses_is_skipped_as_json_skips_it(tmp_path, depth):
+    """orjson parses up to 1,024 levels; json.loads raises RecursionError well before:
+    such a line is no record for the full parse, and none for the fast one either."""
+    rng = random.Random(2)
+    lines = [encode(r) for r in writer_like(rng, batches=200)]
+    nested = b"[" * depth + b"]" * depth
+    at = [i for i, line in enumerate(lines) if line.startswith(scan.BATCH_PREFIX)][77]
+    lines[at] = lines[at][:-2] + b',"n":' + nested + b"}\n"  # a batch line
+    lines.insert(30, b'{"type":"note","run":"r","t":5,"n":' + nested + b"}\n")  # another kind of line
+    path = tmp_path / "h.jsonl"
+    path.write_bytes(b"".join(lines))
+    full, fast = reference(path), read_history(path)
+    assert full.skipped == 2
+    assert items(fast.batches) == items(full.batches) and fast.skipped == full.skipped
+    assert items([fast.runs, fast.epochs, fast.other]) == items([full.runs, full.epochs, full.other])
+    assert scan.decode(lines[30]) is None and scan.loads_many([lines[30].rstrip()]) == [None]
