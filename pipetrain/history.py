@@ -31,7 +31,6 @@ from pipetrain.errors import InputError
 from pipetrain.index import IndexWriter
 
 SCHEMA = 1
-_BATCH_LINE = scan.BATCH_PREFIX
 
 
 class HistoryWriteError(OSError):
@@ -126,7 +125,7 @@ class HistoryWriter:
                     f"{self.path}: cannot write the history: only {written} of {len(line)} bytes "
                     "written (disk full?)"
                 )
-            if not line.startswith(_BATCH_LINE):  # nothing more for a batch line
+            if not line.startswith(scan.BATCH_PREFIX):  # nothing more for a batch line
                 self._index.update()
 
     def sync(self) -> None:

@@ -165,12 +165,6 @@ def _suspect(line: bytes) -> bool:
     return any(needle in line for needle in scan._NOT_IN_BATCH_LINES)
 
 
-def _line_end(fd: int, size: int) -> int:
-    if size == 0 or os.pread(fd, 1, size - 1) == b"\n":
-        return size
-    return scan.line_end(fd, size)
-
-
 class IndexWriter:
     """Keeps the index of a history that ``fd`` (open for appending) writes.
 
@@ -192,7 +186,7 @@ class IndexWriter:
             self._guard(self._open)
 
     def _open(self) -> None:
-        known = read(self._history, self.path, _line_end(self._history, os.fstat(self._history).st_size))
+        known = read(self._history, self.path, scan.line_end(self._history, os.fstat(self._history).st_size))
         if known.entries:
             os.truncate(self.path, _HEADER.size + known.entries * _ENTRY.size)  # a torn or stale tail goes
             self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)
@@ -206,7 +200,7 @@ class IndexWriter:
 
     def _update(self, closing: bool) -> None:
         info = os.fstat(self._history)
-        stop = _line_end(self._history, info.st_size)
+        stop = scan.line_end(self._history, info.st_size)
         if stop == 0:  # made when there is a first line: the header hashes the file's first bytes
             return
         if stop < self.covered:  # cut short by another hand while written: a new index

@@ -201,7 +201,9 @@ def blocks(fd: int, start: int = 0, stop: int | None = None, size: int | None = 
 
 def line_end(fd: int, size: int) -> int:
     """The offset just after the file's last newline (0 if it has none), reading back
-    from ``size`` in bounded pieces."""
+    from ``size`` in bounded pieces (one byte when the file ends with a newline there)."""
+    if size == 0 or os.pread(fd, 1, size - 1) == b"\n":
+        return size
     end = size
     while end > 0:
         start = max(0, end - 65536)
