@@ -35,12 +35,13 @@ import re
 import subprocess
 import sys
 from collections.abc import Iterable
+from functools import partial
 from operator import itemgetter
 from pathlib import Path
 
 import numpy as np
 
-from pipetrain import index, scan
+from pipetrain import columnar, forked, index, scan
 from pipetrain.history import History, history_file, resume_point, well_formed
 from pipetrain.table import Table, TableBuilder
 
@@ -198,12 +199,16 @@ class _Reader:
             self.lines([data[a:b] for a, b in block.lines()])  # parsed whole: nothing is skipped unseen
             self._flush()
             return
-        runs = iter(block.batch_runs(others))
-        run = next(runs, None)
+        runs = block.batch_runs(others)
+        rows = self._columns(data, runs, others) if self.want.batches and not self.want.ranged else None
+        at = 0
         for start, end in [*others, (block.end + 1, None)]:
-            while run is not None and run[0] < start:
-                self.batch_run(data[run[0]:run[1]])
-                run = next(runs, None)
+            while at < len(runs) and runs[at][0] < start:
+                if rows is None:
+                    self.batch_run(data[runs[at][0]:runs[at][1]])
+                else:  # parsed already: which segment its rows belong to
+                    self.batch_segments.append((rows[at], self.segment))
+                at += 1
             if end is None:
                 break
             line = data[start:end]
@@ -212,6 +217,21 @@ class _Reader:
                 continue  # a system record (or not a record at all: no other type key can hide in it)
             self.route(scan.decode(line), line)
         self._flush()  # a block's records go into the tables together
+
+    def _columns(self, data: bytes, runs: list[tuple[int, int]], others: list[tuple[int, int]]) -> list[int] | None:
+        """The block's batch lines parsed at once as columns (:mod:`pipetrain.columnar`)
+        and added to the batch table; the number of lines of each run (None: not parsed,
+        they are to be parsed run by run)."""
+        if not runs or any(b'"batch"' in data[a:b] and _is_batch(scan.decode(data[a:b])) for a, b in others):
+            return None  # (a batch record among the others: kept in file order by the path line by line)
+        lines = data[runs[0][0]:runs[0][1]] if len(runs) == 1 else b"".join(data[a:b] for a, b in runs)
+        parsed = columnar.parse(lines)
+        if parsed is None or parsed[0].record["type"] != "batch" or not well_formed(parsed[0].record):
+            return None
+        template, ends, columns = parsed
+        self.batches.add_columns(template.keys, len(ends), columns)
+        run_ends = np.cumsum([b - a for a, b in runs])  # in ``lines``
+        return np.diff(np.searchsorted(ends, run_ends), prepend=0).tolist()
 
     def batch_run(self, data: bytes) -> None:
         """Consecutive lines that begin as batch lines."""
@@ -292,6 +312,10 @@ class _Reader:
         return self.batches.build(keep=~superseded if superseded.any() else None)
 
 
+def _is_batch(record) -> bool:
+    return type(record) is dict and record.get("type") == "batch"
+
+
 def _batch_kinds_ok(kinds: dict[str, set]) -> bool:
     """well_formed's rules for batch records, on the types of a shape's values."""
     return ("t" in kinds and kinds["t"] <= _NUMBER_TYPES and kinds.get("epoch", set()) <= _POSITION_TYPES
@@ -357,7 +381,7 @@ def read_history(
             for block in scan.blocks(fd, known.covered, size):
                 reader.block(block)
             return reader.history()
-        return _read_parts(fd, selection, _parts(fd, size)).history()
+        return _read_parts(fd, selection, size).history()
     finally:
         os.close(fd)
         if collecting:
@@ -370,10 +394,13 @@ def read_history(
 # parts at line ends, one per CPU: this process parses the first while helper processes
 # parse the others (given the open file itself, so all read the same file), and their
 # readers are joined in file order - run records counted on, segments renumbered - which
-# is what one reader going through the whole file would hold. A helper that cannot start
-# or fails leaves its part to this process: the result is the same, only slower.
+# is what one reader going through the whole file would hold. A helper is forked where
+# that is safe (pipetrain.forked: no other thread runs here), else a new Python is
+# started. A helper that cannot start or fails leaves its part to this process: the
+# result is the same, only slower.
 
-PART_BYTES = 32 << 20  # the least a helper process is started for (it costs about 0.3 s)
+PART_BYTES = 32 << 20  # the least a started helper process is made for (it costs about 0.3 s)
+FORKED_PART_BYTES = 8 << 20  # the least a forked one is made for (it costs milliseconds)
 
 
 def _cpus() -> int:
@@ -383,9 +410,9 @@ def _cpus() -> int:
         return os.cpu_count() or 1
 
 
-def _parts(fd: int, size: int) -> list[tuple[int, int]]:
-    """Byte ranges of about equal size that begin and end at line ends."""
-    n = max(1, min(_cpus(), size // PART_BYTES))
+def _parts(fd: int, size: int, least: int) -> list[tuple[int, int]]:
+    """Byte ranges of about equal size (``least`` bytes or more) that begin and end at line ends."""
+    n = max(1, min(_cpus(), size // least))
     cuts = [0]
     for i in range(1, n):
         at = scan.line_end(fd, size * i // n)
@@ -403,8 +430,13 @@ def _read(fd: int, selection: _Selection, start: int, stop: int) -> _Reader:
     return reader
 
 
-def _read_parts(fd: int, selection: _Selection, parts: list[tuple[int, int]]) -> _Reader:
-    helpers = [_Helper(fd, selection, start, stop) for start, stop in parts[1:]]
+def _read_parts(fd: int, selection: _Selection, size: int) -> _Reader:
+    fork = forked.safe()
+    parts = _parts(fd, size, FORKED_PART_BYTES if fork else PART_BYTES)
+    if fork:
+        helpers = [forked.Child(partial(_read, fd, selection, start, stop)) for start, stop in parts[1:]]
+    else:
+        helpers = [_Helper(fd, selection, start, stop) for start, stop in parts[1:]]
     try:
         reader = _read(fd, selection, *parts[0])
         for helper, (start, stop) in zip(helpers, parts[1:], strict=True):

@@ -334,11 +334,16 @@ class TableBuilder:
                 return False
             pieces.append((shape, len(group), columns))
         for shape, n, columns in pieces:
-            sid = self._shapes.setdefault(shape, len(self._shapes))
-            self._pieces.append((n, columns))
-            self._shape_of.append(np.full(n, sid, dtype=np.int32))
-            self.rows += n
+            self.add_columns(shape, n, columns)
         return True
+
+    def add_columns(self, shape: tuple, n: int, columns: dict[str, Column]) -> None:
+        """Append ``n`` records that all have the keys ``shape``, given as their columns
+        (each as :func:`column_of` makes it from the values)."""
+        sid = self._shapes.setdefault(shape, len(self._shapes))
+        self._pieces.append((n, columns))
+        self._shape_of.append(np.full(n, sid, dtype=np.int32))
+        self.rows += n
 
     def extend(self, other: TableBuilder) -> None:
         """Append the records ``other`` collected, after this builder's."""
