@@ -35,7 +35,7 @@ except ImportError:  # pragma: no cover - depends on the environment
 _NUMBER = re.compile(rb"-?[0-9][-+.eE0-9]*")
 _WIDE = 2.0**63  # orjson reads an integer of this magnitude or more as a float (or not at all)
 _EXACT = 2.0**53  # every integer below this magnitude is exact in a float64
-_COMMA, _COLON, _NEWLINE = ord(","), ord(":"), ord("\n")
+_COLON, _NEWLINE = ord(":"), ord("\n")
 
 
 class Template:
@@ -43,7 +43,7 @@ class Template:
     is ``pieces[0] slot0 pieces[1] slot1 ... pieces[m]``; each piece after the first
     begins with the byte that ends the number before it (a comma or the closing brace)."""
 
-    __slots__ = ("record", "keys", "fixed", "slot_keys", "slot_types", "pieces", "colons", "slot_colons", "rest")
+    __slots__ = ("record", "keys", "fixed", "slot_keys", "slot_types", "pieces", "colons", "slot_colons", "words")
 
     def __init__(self, record, fixed, slot_keys, slot_types, pieces):
         self.record, self.keys, self.fixed = record, tuple(record), fixed
@@ -51,7 +51,33 @@ class Template:
         line = b"".join(pieces)  # (the pieces alone: a number holds no colon)
         self.colons = line.count(b":")
         self.slot_colons = [b"".join(pieces[: j + 1]).count(b":") - 1 for j in range(len(slot_keys))]
-        self.rest = pieces[0] + b"".join(p[1:] for p in pieces[1:]) + b"\n"  # a line's bytes outside the slots
+        # Each piece as words of 8, 4, 2 or 1 bytes (the last may overlap the one before):
+        # (piece, offset in it, bytes, the piece's bytes there, the blank's bytes there).
+        self.words = []
+        for j, piece in enumerate(pieces):
+            blank = b" " * len(piece) if j == 0 else b"," + b" " * (len(piece) - 1)
+            for offset, size in _words(len(piece)):
+                self.words.append((j, offset, size, _int(piece, offset, size), _int(blank, offset, size)))
+
+
+def _words(length: int) -> list[tuple[int, int]]:
+    """(offset, size) of words that cover ``length`` bytes, none beyond them."""
+    size = next(s for s in (8, 4, 2, 1) if s <= length)
+    offsets = list(range(0, length - size + 1, size))
+    if offsets[-1] + size < length:
+        offsets.append(length - size)
+    return [(offset, size) for offset in offsets]
+
+
+def _int(data: bytes, offset: int, size: int) -> int:
+    return int.from_bytes(data[offset: offset + size], "little")
+
+
+def _view(data, size: int) -> np.ndarray:
+    """``data`` as little-endian words of ``size`` bytes beginning at every byte."""
+    if size == 1:
+        return np.frombuffer(data, dtype=np.uint8)
+    return np.ndarray((len(data) - size + 1,), dtype=f"<u{size}", buffer=data, strides=(1,))
 
 
 def template(line: bytes) -> Template | None:
@@ -124,25 +150,24 @@ def parse(data: bytes, like: Template | None = None) -> tuple[Template, np.ndarr
     line_starts[1:] = ends[:-1] + 1
     if not ((starts[:, 0] - line_starts == lengths[0]).all() and (stops > starts).all()):
         return None
-    closers = np.frombuffer(bytes(p[0] for p in t.pieces[1:]), dtype=np.uint8)
-    if not (arr[stops] == closers).all():
-        return None
-    bounds = np.empty((n, 2 * m + 1), dtype=np.int64)  # where each line's pieces and numbers begin
-    bounds[:, 0] = line_starts
-    bounds[:, 1::2] = starts
-    bounds[:, 2::2] = stops + 1  # each number with the byte after it (a comma or a brace)
-    bounds = bounds.ravel()
-    runs = np.empty(len(bounds), dtype=np.int64)
-    np.subtract(bounds[1:], bounds[:-1], out=runs[:-1])
-    runs[-1] = len(data) - bounds[-1]
-    inside = np.repeat(np.tile(np.arange(2 * m + 1) % 2 == 1, n), runs)  # a piece, a number, ...
-    if arr[~inside].tobytes() != t.rest * n:
-        return None
-    numbers = arr[inside]  # each number followed by its closer
-    numbers[np.cumsum((stops - starts + 1).ravel())[m - 1::m] - 1] = _COMMA  # a line's closing brace
-    numbers[-1] = ord("]")
+    # Every piece of every line is the template's, checked a word at a time; in a copy,
+    # each is made blank (its closer a comma), so the copy is one JSON array of the numbers.
+    bases = np.empty((n, m + 1), dtype=np.int64)  # where each piece begins
+    bases[:, 0] = line_starts
+    bases[:, 1:] = stops
+    copy = bytearray(data)
+    views, blanks = {}, {}
+    for j, offset, size, word, blank in t.words:
+        if size not in views:
+            views[size], blanks[size] = _view(data, size), _view(copy, size)
+        at = bases[:, j] + offset
+        if not (views[size][at] == word).all():
+            return None
+        blanks[size][at] = blank
+    copy[0] = ord("[")
+    copy[stops[-1, -1]] = ord("]")
     try:
-        flat = orjson.loads(b"[" + numbers.tobytes())
+        flat = orjson.loads(copy)
     except orjson.JSONDecodeError:
         return None
     if len(flat) != n * m or list(map(type, flat)) != t.slot_types * n:
