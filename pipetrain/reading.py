@@ -36,6 +36,7 @@ import subprocess
 import sys
 from collections.abc import Iterable
 from functools import partial
+from itertools import takewhile
 from operator import itemgetter
 from pathlib import Path
 
@@ -298,21 +299,28 @@ class _Reader:
         return history
 
     def _batch_table(self, runs: list[dict]) -> Table:
-        """The batch records that no later segment trained again."""
-        if not self.batch_segments:
-            return self.batches.build()
-        # The earliest position that a run record after segment s resumes at.
+        """The batch records that no later segment trained again. Only the segments that a
+        later run record resumes can lose any, and their rows come first."""
         big = np.iinfo(np.int64).max
-        after = [(big, big)] * (len(runs) + 1)
+        after = [(big, big)] * (len(runs) + 1)  # the earliest position a run record after segment s resumes at
+        resumed = [False] * (len(runs) + 1)  # whether one does
         for i in range(len(runs) - 1, -1, -1):
             at = resume_point(runs[i])
             after[i] = min(after[i + 1], _clip(at)) if at is not None else after[i + 1]
-        segments = np.repeat(np.array([s for _, s in self.batch_segments], dtype=np.int64),
-                             [n for n, _ in self.batch_segments])
+            resumed[i] = resumed[i + 1] or at is not None
+        pieces = list(takewhile(lambda piece: resumed[piece[1]], self.batch_segments))
+        if not pieces:
+            return self.batches.build()
+        rows = sum(n for n, _ in pieces)
+        segments = np.repeat(np.array([s for _, s in pieces], dtype=np.int64), [n for n, _ in pieces])
         limit = np.array(after, dtype=np.int64)[segments]
-        epoch, batch = self.batches.ints("epoch"), self.batches.ints("batch")
+        epoch, batch = self.batches.ints("epoch", rows), self.batches.ints("batch", rows)
         superseded = (epoch > limit[:, 0]) | ((epoch == limit[:, 0]) & (batch >= limit[:, 1]))
-        return self.batches.build(keep=~superseded if superseded.any() else None)
+        if not superseded.any():
+            return self.batches.build()
+        keep = np.ones(self.batches.rows, dtype=bool)
+        keep[:rows] = ~superseded
+        return self.batches.build(keep=keep)
 
 
 def _is_batch(record) -> bool:

@@ -372,11 +372,18 @@ class TableBuilder:
         self._shape_of += [remap[shape_of] for shape_of in other._shape_of]
         self.rows += other.rows
 
-    def ints(self, name: str) -> np.ndarray:
-        """:meth:`Table.ints` of the records added so far."""
-        column = concat([cols.get(name) for _, cols in self._pieces], [n for n, _ in self._pieces])
-        shape_of = np.concatenate(self._shape_of) if self._shape_of else np.zeros(0, dtype=np.int32)
-        return Table({name: column}, list(self._shapes), shape_of).ints(name)
+    def ints(self, name: str, rows: int | None = None) -> np.ndarray:
+        """:meth:`Table.ints` of the records added so far (of the first ``rows`` of them)."""
+        pieces, shape_of, count = [], [], 0
+        for piece, shapes in zip(self._pieces, self._shape_of, strict=True):
+            if rows is not None and count >= rows:
+                break
+            pieces.append(piece)
+            shape_of.append(shapes)
+            count += piece[0]
+        column = concat([cols.get(name) for _, cols in pieces], [n for n, _ in pieces])
+        shape_of = np.concatenate(shape_of) if shape_of else np.zeros(0, dtype=np.int32)
+        return Table({name: column}, list(self._shapes), shape_of).ints(name)[:rows]
 
     def build(self, keep: np.ndarray | None = None) -> Table:
         """The table of every record added (or of those where ``keep`` is True)."""

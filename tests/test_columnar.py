@@ -182,3 +182,14 @@ def test_read_history_parses_clean_blocks_as_columns_and_the_others_line_by_line
         assert items([fast.runs, list(fast.system), fast.skipped]) == items([full.runs, full.system, full.skipped])
         assert any(c is not None for c in calls) or size > 100_000, size  # (one block: it holds the odd lines)
     assert len(fast.batches) < 301  # the resume dropped the batches it trained again
+
+
+def test_a_batch_at_the_last_position_is_kept_where_nothing_resumes(tmp_path):
+    """Only a later run record's resume point drops a batch: none here, so even a batch
+    at epoch and batch 2**63 - 1 (where "no resume" used to be written as a position) stays."""
+    top = 2**63 - 1
+    path = tmp_path / "h.jsonl"
+    path.write_bytes(encode({"type": "run", "run": "r", "t": 0.0, "resume": None}) + b"".join(
+        encode({"type": "batch", "run": "r", "t": 1.0 + i, "epoch": top, "batch": top - 1 + i}) for i in range(2)))
+    assert items(read_history(path).batches) == items(reference(path).batches)
+    assert len(read_history(path).batches) == 2
