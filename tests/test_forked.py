@@ -5,7 +5,10 @@ thread runs. read_history with forked helpers that fail reads the parts itself."
 
 import os
 import signal
+import subprocess
+import sys
 import threading
+from pathlib import Path
 
 import pytest
 
@@ -133,3 +136,13 @@ def test_forked_helpers_that_fail_leave_their_parts_to_the_reader(tmp_path, monk
     assert items([parts.runs, parts.epochs, parts.end, parts.skipped]) == items(
         [full.runs, full.epochs, full.end, full.skipped])
     assert open_fds() == before
+
+
+def test_the_callers_unwritten_output_is_written_once(tmp_path):
+    """A child leaves with os._exit: what the caller printed but had not written yet is
+    not written a second time by the child."""
+    script = ("import sys; from pipetrain import forked; print('before', end=''); "
+              "child = forked.Child(lambda: 7); print(child.result(), end='')")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(Path(forked.__file__).parents[1])})
+    assert done.stdout == "before7", done.stderr
