@@ -7,7 +7,8 @@ stays held in the child for ever. So :func:`safe` allows a fork only when this p
 runs no thread but its own, apart from OpenBLAS's workers (numpy starts them when it is
 imported; OpenBLAS stops them around a fork) - never under a training loop's threads,
 pytest-xdist's or a follower's. The child only runs the work and leaves with
-``os._exit`` (no atexit handler, no flush of this process's buffers twice).
+``os._exit`` (no atexit handler, no flush of this process's buffers twice), and dies
+with this process (killed by any signal, ``kill -9`` included).
 
 :class:`Child` never raises from :meth:`~Child.result`: a child that could not be made,
 failed, was killed or answered in part gives None, and the caller does the work itself.
@@ -66,6 +67,17 @@ def safe() -> bool:
     return tasks is not None and (tasks == 1 or tasks <= _blas_threads())
 
 
+def _die_with(parent: int) -> None:
+    """In a child: be killed when the parent dies, however it dies (Linux's
+    PR_SET_PDEATHSIG), rather than parse on for nobody."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1: PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # pragma: no cover - not Linux: it finishes its work first
+        return
+    if os.getppid() != parent:  # the parent died before that
+        os._exit(1)
+
+
 class Child:
     """``work()`` run in a forked child; :meth:`result` is what it returned (or None)."""
 
@@ -76,6 +88,7 @@ class Child:
             read, write = os.pipe()
         except OSError:
             return
+        parent = os.getpid()
         try:
             pid = os.fork()
         except OSError:  # no process to be had (limits): the caller does the work
@@ -85,6 +98,7 @@ class Child:
         if pid == 0:  # the child
             code = 1
             try:
+                _die_with(parent)
                 os.close(read)
                 signal.signal(signal.SIGINT, signal.SIG_DFL)  # the caller's handlers are not the child's
                 signal.signal(signal.SIGTERM, signal.SIG_DFL)

@@ -14,6 +14,7 @@ import pytest
 
 from pipetrain import forked, reading
 from pipetrain.history import read_history
+from tests.conftest import wait_until
 from tests.test_history_reading import items, reference
 from tests.test_reading_fast import edited_history, helpers
 
@@ -146,3 +147,19 @@ def test_the_callers_unwritten_output_is_written_once(tmp_path):
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
                           env={**os.environ, "PYTHONPATH": str(Path(forked.__file__).parents[1])})
     assert done.stdout == "before7", done.stderr
+
+
+def test_a_child_dies_with_its_parent():
+    """kill -9 of the process that forked: its child does not parse on for nobody."""
+    script = ("import time; from pipetrain import forked; child = forked.Child(lambda: time.sleep(300)); "
+              "print(child.pid, flush=True); time.sleep(300)")
+    parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True,
+                              env={**os.environ, "PYTHONPATH": str(Path(forked.__file__).parents[1])})
+    try:
+        child = int(parent.stdout.readline())
+        assert os.path.exists(f"/proc/{child}")
+    finally:
+        parent.kill()
+        parent.wait()
+        parent.stdout.close()
+    assert wait_until(lambda: not os.path.exists(f"/proc/{child}"))
