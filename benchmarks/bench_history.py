@@ -14,7 +14,9 @@ is measured inside that process from after the imports (``s``, and ``cpu_s``: th
 time it used, which a busy shared machine disturbs less) and from outside
 (``process_s``: start, imports and all), with the process's peak RSS (``ru_maxrss``)
 and the CPU time of the helper processes it made (``helpers_cpu_s``: read_history's
-parts; on a busy machine ``s`` is at least the larger of ``cpu_s`` and that).
+parts; on a busy machine ``s`` is at least the larger of ``cpu_s`` and that) and the
+largest one's peak RSS (``helper_peak_rss_mb``, pages shared with this process counted
+in both).
 Goals: tail <= 1 s and the same at every size; read_history and to_pandas <= 10x the line
 count's time and <= 2x the file size in memory; plot <= 10 s at 2M.
 """
@@ -90,7 +92,8 @@ def child(operation: str, path: str) -> None:
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     helpers = resource.getrusage(resource.RUSAGE_CHILDREN)  # read_history's helper processes (none before)
     print(json.dumps({"s": round(seconds, 3), "cpu_s": round(cpu_s, 3), "helpers_cpu_s":
-                      round(helpers.ru_utime + helpers.ru_stime, 3), "peak_rss_mb": round(peak, 1)}))
+                      round(helpers.ru_utime + helpers.ru_stime, 3), "peak_rss_mb": round(peak, 1),
+                      "helper_peak_rss_mb": round(helpers.ru_maxrss / 1024, 1)}))
 
 
 def run_child(operation: str, path: Path) -> dict:
