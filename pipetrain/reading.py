@@ -54,6 +54,7 @@ _NUMBER_TYPES = {int, float}
 _POSITION_TYPES = {int, type(None)}
 _type_of = itemgetter("type")
 _WIDE = 2.0**63
+_COLUMNS_LEAST = 32  # batch lines worth a columnar parse of their own (it costs about 0.1 ms)
 # The writer's batch lines begin with their run, time and epoch (see Run.emit).
 _BATCH_HEAD = re.compile(rb'^\{"type":"batch","run":"[^"\\\n]*","t":(-?\d+(?:\.\d+)?(?:[eE][-+]?\d+)?),'
                          rb'"epoch":(\d{1,18}|null)[,}]', re.M)
@@ -223,9 +224,10 @@ class _Reader:
         self._flush()  # a block's records go into the tables together
 
     def _columns(self, data: bytes, runs: list[tuple[int, int]], others: list[tuple[int, int]]) -> list[int] | None:
-        """The block's batch lines parsed at once as columns (:mod:`pipetrain.columnar`)
-        and added to the batch table; the number of lines of each run (None: not parsed,
-        they are to be parsed run by run)."""
+        """The block's batch lines (``runs`` of them) parsed at once as columns
+        (:mod:`pipetrain.columnar`) and added to the batch table after the batch records
+        before them; the number of lines of each run (None: not parsed, they are to be
+        parsed run by run). The caller says which segment they belong to."""
         if not runs or any(b'"batch"' in data[a:b] and _is_batch(scan.decode(data[a:b])) for a, b in others):
             return None  # (a batch record among the others: kept in file order by the path line by line)
         lines = data[runs[0][0]:runs[0][1]] if len(runs) == 1 else b"".join(data[a:b] for a, b in runs)
@@ -233,6 +235,7 @@ class _Reader:
         if parsed is None or parsed[0].record["type"] != "batch" or not well_formed(parsed[0].record):
             return None
         template, ends, columns = parsed
+        self._flush()  # the batch records before these first
         self.batches.add_columns(template.keys, len(ends), columns)
         run_ends = np.cumsum([b - a for a, b in runs])  # in ``lines``
         return np.diff(np.searchsorted(ends, run_ends), prepend=0).tolist()
@@ -246,6 +249,11 @@ class _Reader:
         if self.want.ranged:
             lines = self._in_range(data, lines)
             if not lines:
+                return
+        if not self.want.ranged and len(lines) >= _COLUMNS_LEAST:  # (the block's were not all the writer's)
+            rows = self._columns(data, [(0, len(data))], [])
+            if rows is not None:
+                self.batch_segments.append((rows[0], self.segment))
                 return
         if not self.want.ranged:
             records = scan.loads_wide(lines, data)
