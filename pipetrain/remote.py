@@ -188,6 +188,8 @@ class S3Store(Store):
     async def _get_botocore(self, obj: ObjectInfo, bucket: str, key: str, start: int, stop: int) -> bytes:
         client = await self.fs.get_s3(bucket)
         extra = {**self.fs.s3_additional_kwargs, **self.fs.req_kw}
+        filter_kwargs = getattr(self.fs, "_filter_kwargs", None)  # s3fs drops what GetObject does not take
+        extra = filter_kwargs(client.get_object, extra) if filter_kwargs else {}
         if obj.version:
             extra["IfMatch"] = obj.version
         response = await client.get_object(Bucket=bucket, Key=key, Range=f"bytes={start}-{stop - 1}", **extra)
