@@ -219,6 +219,10 @@ def bench(folder: Path, latency: float, bandwidth: float, repeat: int, skip: set
             bucket, local, peer = (median.get(f"{kind}/{x}") for x in ("pipetrain-bucket", "pipetrain-local", "h5py-s3fs"))
             if bucket and local:
                 ratios[f"{kind}: bucket / local"] = round(bucket / local, 3)
+                # Each round's bucket and local runs are neighbours in time: their ratio
+                # sees the same load on the shared machine.
+                pairs = zip(runs[f"{kind}/pipetrain-bucket"], runs[f"{kind}/pipetrain-local"], strict=True)
+                ratios[f"{kind}: bucket / local, median of rounds"] = round(statistics.median(b / a for b, a in pairs), 3)
             if bucket and peer:
                 ratios[f"{kind}: h5py-s3fs / pipetrain-bucket"] = round(peer / bucket, 2)
         result["ratios"] = ratios

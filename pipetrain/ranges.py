@@ -13,9 +13,15 @@ dropped. Ranges a read needs that no hint covered are fetched at once, all of th
 ranges together. Memory stays bounded: the budget for hinted bytes, plus the ranges of
 the reads in progress (one block per producer thread, as for local files).
 
-Hints arrive a few chunks at a time; they are held back until ``coalesce_bytes`` of them
-wait (or the read-ahead runs low), so that adjacent chunks go out as one request of up
-to ``coalesce_bytes``. Each request is retried on throttling and dropped connections
+Hints arrive a few chunks at a time. Those in the nearer half of the budget (in the
+order they were named) are *due*; due hints are held back until ``coalesce_bytes`` of
+them wait (or the read-ahead runs low), then each goes out joined with the hinted
+ranges beside it in the file, due or not, in one request of up to ``coalesce_bytes``.
+In file order that joins the next chunks; in a block-shuffled epoch, whose blocks come
+in random order, the far half of the budget is a pool of hinted chunks from which a due
+chunk's neighbours come along (the W1 file's shuffled epoch: 223 requests instead of
+389 for its 782 chunks). Every byte fetched was hinted, so the budget still bounds
+memory. Each request is retried on throttling and dropped connections
 with exponential backoff and jitter, and its length is checked; what fails for good is
 one :class:`~pipetrain.remote.RemoteReadError` naming the URL, the bytes and the cause.
 """
