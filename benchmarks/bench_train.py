@@ -435,7 +435,7 @@ def main() -> None:
     parser.add_argument("--data-dir", help="keep the generated files here (default: a temporary folder)")
     results_name = "train.json" if BACKEND == "tensorflow" else f"train-{BACKEND}.json"
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / results_name))
-    parser.add_argument("--compute-threads", type=int, help="TensorFlow intra-op threads (default: all cores)")
+    parser.add_argument("--compute-threads", type=int, help="threads within one op, TensorFlow or PyTorch (default: all cores)")
     parser.add_argument("--backends-table", action="store_true",
                         help="print README's Backends table from the results of each backend, and exit")
     args = parser.parse_args()
@@ -443,11 +443,12 @@ def main() -> None:
         print(backends_table(Path(args.out).parent))
         return
     if args.compute_threads:
-        if BACKEND != "tensorflow":
-            parser.error(f"--compute-threads: only for the TensorFlow backend (this is {BACKEND})")
-        import tensorflow as tf
+        from pipetrain.cli import BadInput, set_compute_threads
 
-        tf.config.threading.set_intra_op_parallelism_threads(args.compute_threads)
+        try:
+            set_compute_threads(args.compute_threads)
+        except BadInput as e:
+            parser.error(str(e))
 
     results = {"machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
                            "backend": BACKEND, BACKEND: sys.modules[BACKEND].__version__,

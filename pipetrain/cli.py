@@ -117,8 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--workers", type=positive_int, default=None, help="producer threads (default 2)")
     t.add_argument("--max-queue", type=positive_int, default=None, help="batches prefetched (default 8)")
     t.add_argument("--compute-threads", type=positive_int, default=None, metavar="N",
-                   help="threads TensorFlow uses within one op (default: all cores); on a small "
-                        "CPU machine, fewer leave a core to the producers")
+                   help="threads TensorFlow or PyTorch uses within one op (default: all cores); on a "
+                        "small CPU machine, fewer leave a core to the producers")
     t.add_argument("--producer-priority", choices=["idle", "low", "normal"], default=None,
                    help="CPU priority of the producer threads (default idle: they use the cores' idle time; "
                         "raised to normal when training keeps waiting for data)")
@@ -389,6 +389,8 @@ def _join_cluster(args):
 def cmd_train(args) -> int:
     from pipetrain import runfolder
 
+    if args.compute_threads:
+        _compute_backend()  # a backend without the setting: refused before anything is written
     cluster = _join_cluster(args)
     with contextlib.ExitStack() as held:  # the data closes, then the folder is let go
         folder = None
@@ -501,16 +503,28 @@ def _check_model_file(args, settings: dict, history: Path, model_file: Path) -> 
 
 
 def set_compute_threads(n: int) -> None:
-    """Limit the threads the backend uses within one op (TensorFlow's intra-op pool), before
-    it starts. On two cores, W1 trains at 1.11 s/epoch with one compute thread against
-    1.67 s with two: the producers get a core of their own (benchmarks/bench_train.py)."""
-    import keras
+    """Limit the threads the backend uses within one op, before it starts: TensorFlow's
+    intra-op pool, PyTorch's intra-op threads. On two cores, W1 trains at 1.11 s/epoch with
+    one compute thread against 1.67 s with two on TensorFlow: the producers get a core of
+    their own (benchmarks/bench_train.py). JAX has no such setting: XLA's CPU runtime
+    sizes its own pool when JAX starts."""
+    if _compute_backend() == "tensorflow":
+        import tensorflow as tf
 
-    if keras.backend.backend() != "tensorflow":
-        raise BadInput(f"--compute-threads: only for the TensorFlow backend (this is {keras.backend.backend()})")
-    import tensorflow as tf
+        tf.config.threading.set_intra_op_parallelism_threads(n)
+    else:
+        import torch
 
-    tf.config.threading.set_intra_op_parallelism_threads(n)
+        torch.set_num_threads(n)
+
+
+def _compute_backend() -> str:
+    from pipetrain.distributed import backend_name
+
+    backend = backend_name()
+    if backend not in ("tensorflow", "torch"):
+        raise BadInput(f"--compute-threads: only for the TensorFlow and PyTorch backends (this is {backend})")
+    return backend
 
 
 def main(argv: list[str] | None = None) -> int:

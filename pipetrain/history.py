@@ -222,17 +222,26 @@ def numeric_view(record: dict) -> dict:
     return {k: None if isinstance(v, str) and k not in ("type", "run") else v for k, v in record.items()}
 
 
+_NUMBERS = {int, float}
+_POSITIONS = {"batch": ("epoch", "batch"), "epoch": ("epoch",), "system": ()}  # whole numbers (or missing)
+
+
 def well_formed(record: Mapping) -> bool:
     """Whether a record has what readers rely on (schema 1): a ``type``, a time ``t``,
     whole-number positions and counts (a missing one counts as 0). Records written
     by pipetrain always are; a file edited by hand or by another tool may not be, and
     such a record is skipped like a torn line."""
     kind = record.get("type")
-    if not isinstance(kind, str) or not is_number(record.get("t")):
+    t = record.get("t")
+    if not isinstance(kind, str) or type(t) not in _NUMBERS and not is_number(t):
         return False
-    if kind in ("batch", "epoch", "system"):
-        positions = {"batch": ("epoch", "batch"), "epoch": ("epoch",)}.get(kind, ())
-        return all(record.get(k) is None or _is_int(record[k]) for k in positions)
+    positions = _POSITIONS.get(kind)
+    if positions is not None:
+        for key in positions:  # a loop, not all(...): readers call this for every line they keep
+            value = record.get(key)
+            if value is not None and type(value) is not int and not _is_int(value):
+                return False
+        return True
     if kind == "run":
         resume, data = record.get("resume"), record.get("data", {})
         if resume is not None and not (isinstance(resume, dict) and all(

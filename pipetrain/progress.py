@@ -199,6 +199,29 @@ class RunState:
         if len(records) < BULK_BATCHES or not self._bulk(records):
             self.extend(records)
 
+    def add_samples(self, records: list[dict]) -> None:
+        """Feed consecutive system samples: the same as :meth:`add` on each, in order,
+        with one dict made per process rather than per sample (a long run's thousands
+        of samples, seen from the end at once)."""
+        latest: dict[int, dict] = {}
+        shown = None
+        for record in records:  # as _system, on the raw records: numeric_view changes no field read here
+            if is_number(record.get("t")):
+                self.last_t = record["t"]
+            process = record.get("process")
+            if isinstance(process, int):
+                latest[process] = record
+                if process != 0:
+                    continue
+            shown = record
+            rss = record.get("rss_mb")
+            if is_number(rss):
+                self.first_rss_mb = rss if self.first_rss_mb is None else self.first_rss_mb
+                self.peak_rss_mb = max(self.peak_rss_mb, rss)
+        self.processes.update({process: numeric_view(record) for process, record in latest.items()})
+        if shown is not None:
+            self.system = numeric_view(shown)
+
     def _bulk(self, records: list[dict]) -> bool:
         from pipetrain.table import Table  # numpy columns; the console itself needs none
 

@@ -128,20 +128,23 @@ def updates(path: Path, *, follow: bool = True, poll: float = 0.25) -> Iterator[
                 if not records and not_records:
                     raise BadInput(f"{path}: not a pipetrain history (no JSON records in {not_records} line(s))")
                 ended = False
-                # The batches of the epoch in progress are summed at once; system samples
-                # between them are fed as they come (they touch no batch figure).
+                # The batches of the epoch in progress are summed at once, and so are the
+                # system samples between two other records (neither touches the other's
+                # figures): a long run's view costs what it shows.
                 epoch_batches: list[dict] = []
+                samples: list[dict] = []
                 for _, record in records:
-                    if record["type"] == "batch":
-                        epoch_batches.append(record)
+                    if record["type"] in ("batch", "system"):
+                        (epoch_batches if record["type"] == "batch" else samples).append(record)
                         continue
-                    if record["type"] != "system":
-                        state.add_epoch_batches(epoch_batches)
-                        epoch_batches = []
+                    state.add_samples(samples)
+                    state.add_epoch_batches(epoch_batches)
+                    epoch_batches, samples = [], []
                     state.add(record)
                     update.lines += lines_for(record, state, path)
                     if record["type"] in ("end", "run"):
                         ended = record["type"] == "end"
+                state.add_samples(samples)
                 state.add_epoch_batches(epoch_batches)
                 if records:
                     state.last_t = records[-1][1]["t"]  # the latest record's time, whatever its type
@@ -527,12 +530,20 @@ def announced(stream: Iterator[Update], path: Path) -> Iterator[Update]:
         yield update
 
 
+def epochs_on_screen(console: Console) -> int:
+    """How many finished epochs the dashboard lists: those that fit on the terminal
+    beside the rest of the view (a long run's older epochs are counted in the caption,
+    and its whole table is one `pipetrain tail FILE | cat` or `read_history` away)."""
+    return max(3, console.height - 24)
+
+
 def tail_once(path: Path, console: Console) -> int:
-    """The dashboard of the history as it is now."""
+    """The dashboard of the history as it is now (on a terminal: the latest epochs that fit)."""
     update = Update(RunState())
     for update in updates(path, follow=False):
         pass
-    console.print(dashboard(update.state, path, now=time.time(), writer=update.writer, width=console.width))
+    console.print(dashboard(update.state, path, now=time.time(), max_epochs=epochs_on_screen(console),
+                            writer=update.writer, width=console.width))
     return EXIT_OK
 
 
@@ -544,7 +555,7 @@ def tail_live(path: Path, console: Console, *, poll: float) -> int:
         for update in updates(path, follow=True, poll=poll):
             if update.at_eof or time.monotonic() - drawn > DRAW_S:
                 view = dashboard(update.state, path, now=time.time(), waiting=update.waiting,
-                                 max_epochs=max(3, console.height - 24), writer=update.writer, width=console.width)
+                                 max_epochs=epochs_on_screen(console), writer=update.writer, width=console.width)
                 live.update(view, refresh=True)
                 drawn = time.monotonic()
     if update is not None and update.writer == "gone":

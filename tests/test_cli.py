@@ -2,6 +2,7 @@
 existing history that is never clobbered (more bad input in test_failures.py)."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -65,18 +66,32 @@ def test_an_existing_history_is_never_clobbered(tmp_path, data):
     assert history.read_text() == '{"type":"run","run":"old","t":0}\n'
 
 
-@pytest.mark.model  # backend-dependent: TensorFlow takes the limit, the other backends refuse the flag
-def test_compute_threads_limits_tensorflow_before_it_starts(tmp_path):
-    code = ("from pipetrain.cli import set_compute_threads; set_compute_threads(1); "
-            "import tensorflow as tf; print(tf.config.threading.get_intra_op_parallelism_threads())")
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+@pytest.mark.model  # backend-dependent: TensorFlow and PyTorch take the limit, JAX refuses the flag
+def test_compute_threads_limits_the_backend_before_it_starts(tmp_path):
     backend = keras_backend()
-    if backend == "tensorflow":
+    ask = {"tensorflow": "import tensorflow as tf; print(tf.config.threading.get_intra_op_parallelism_threads())",
+           "torch": "import torch; print(torch.get_num_threads())"}.get(backend, "")
+    code = f"from pipetrain.cli import set_compute_threads; set_compute_threads(1); {ask}"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    if backend in ("tensorflow", "torch"):
         assert done.returncode == 0, done.stderr
         assert done.stdout.strip() == "1"
     else:
         assert done.returncode == 1
-        assert f"--compute-threads: only for the TensorFlow backend (this is {backend})" in done.stderr
+        assert f"--compute-threads: only for the TensorFlow and PyTorch backends (this is {backend})" in done.stderr
+
+
+def test_compute_threads_on_jax_is_refused_before_anything_is_written(tmp_path):
+    run_dir = tmp_path / "runs" / "r"
+    run_dir.mkdir(parents=True)
+    (run_dir / "history.jsonl").write_text('{"type":"run","run":"old","t":0}\n')
+    done = subprocess.run([sys.executable, "-m", "pipetrain", "train", "--name", "r", "--overwrite",
+                           "--compute-threads", "1"], cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "KERAS_BACKEND": "jax"})
+    assert done.returncode == 2
+    assert done.stderr == "pipetrain: --compute-threads: only for the TensorFlow and PyTorch backends (this is jax)\n"
+    assert [p.name for p in run_dir.iterdir()] == ["history.jsonl"] and "keras" not in done.stdout
+    assert (run_dir / "history.jsonl").read_text() == '{"type":"run","run":"old","t":0}\n'
 
 
 @pytest.mark.one_backend  # its subject is not the backend's: TensorFlow covers it (CI time)

@@ -231,7 +231,8 @@ def full_state(path) -> RunState:
 
 def state_view(state: RunState):
     so_far = state._current
-    return (state.runs, state.epochs, state.batch, state.system, state.first_rss_mb, state.peak_rss_mb, state.end,
+    return (state.runs, state.epochs, state.batch, state.system, list(state.processes.items()), state.first_rss_mb,
+            state.peak_rss_mb, state.end,
             state.last_t, state.position, so_far.epoch, so_far.sums, so_far.samples, so_far.wait_s, so_far.began,
             so_far.last_t, state.means, state.rate, state.eta_s)
 
@@ -264,6 +265,9 @@ def test_tail_from_the_end_is_the_state_of_every_record(tmp_path, block, no_orjs
         if b % 97 == 0:
             long_epoch.append({"type": "system", "run": "r", "t": 1.0 + b, "rss_mb": 100 + b})
     cases.append(("a long epoch with nulls, text and ints", write_records(tmp_path / "long.jsonl", long_epoch)))
+    processes = [dict(r, process=[0, 1, None, True, "3", 2][i % 6], **({"rss_mb": "?"} if i % 5 == 4 else {}))
+                 if r["type"] == "system" else r for i, r in enumerate(long_epoch)]
+    cases.append(("samples of several processes, one with text", write_records(tmp_path / "procs.jsonl", processes)))
     nan = write_records(tmp_path / "nan.jsonl", long_epoch[:300],
                         tail=b'{"type":"batch","run":"r","t":999.0,"epoch":0,"batch":699,"size":4,"loss":NaN}\n')
     cases.append(("a NaN in the file", nan))
@@ -279,6 +283,27 @@ def test_tail_from_the_end_is_the_state_of_every_record(tmp_path, block, no_orjs
         assert items(state_view(state)) == items(state_view(full)), name
         assert text_of(dashboard(state, path, now=0.0)) == text_of(dashboard(full, path, now=0.0)), name
     assert True in summed and (False in summed or bulk > 1)  # both ways were taken (with bulk 1)
+
+
+def test_samples_fed_at_once_make_the_state_they_make_one_by_one():
+    rng = random.Random(5)
+    for trial in range(200):
+        samples = []
+        for i in range(rng.randint(0, 12)):
+            sample = {"type": "system", "run": "r", "t": rng.choice([float(i), i, None, "late"]),
+                      "rss_mb": rng.choice([100.0 + rng.random() * 50, 80, None, "n/a", True]),
+                      "cpu_pct": rng.choice([50.0, "x"])}
+            process = rng.choice([None, 0, 1, 2, True, False, "1", 2.0, "missing"])
+            if process != "missing":
+                sample["process"] = process
+            samples.append(sample)
+        before = [{"type": "system", "run": "r", "t": -1.0, "rss_mb": 90.0, "process": 1}] if trial % 2 else []
+        one_by_one, at_once = RunState().extend(before + samples), RunState().extend(before)
+        at_once.add_samples(samples)
+        for state in (one_by_one, at_once):
+            assert not state.runs and not state.epochs and state.batch is None
+        view = lambda s: (s.system, list(s.processes.items()), s.first_rss_mb, s.peak_rss_mb, s.last_t)  # noqa: E731
+        assert items(view(at_once)) == items(view(one_by_one)), samples
 
 
 def test_tail_prints_the_lines_of_every_record(tmp_path):

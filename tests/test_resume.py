@@ -132,7 +132,7 @@ def test_the_command_line_resumes_from_anywhere_with_the_flags_it_was_started_wi
         return subprocess.run([sys.executable, "-m", "pipetrain", "train", "--quiet", *args],
                               capture_output=True, text=True, timeout=600, cwd=cwd)
 
-    threads = 1 if keras_backend() == "tensorflow" else None  # --compute-threads: TensorFlow's alone
+    threads = None if keras_backend() == "jax" else 1  # --compute-threads: TensorFlow and PyTorch
     first = train("--data", "train-0.h5", "--val", "val.h5", "--x", "x", "--y", "y", "--epochs", "1",
                   "--batch-size", "64", "--history", "h2/foo.jsonl", "--allow-nonfinite",
                   *(["--compute-threads", str(threads)] if threads else []), cwd=start)

@@ -18,7 +18,7 @@ from rich.console import Console
 from pipetrain import cli
 from pipetrain.history import encode, read_history
 from pipetrain.progress import Progress, RunState, epoch_line, lines_for
-from pipetrain.tail import dashboard, tail_live, updates
+from pipetrain.tail import dashboard, tail_live, tail_once, updates
 from tests.test_history import known_records, resumed_records, write_records
 
 PLAIN_FINISHED = """\
@@ -189,6 +189,17 @@ def test_long_runs_show_the_latest_epochs(tmp_path):
     text = text_of(dashboard(state, tmp_path / "h.jsonl", max_epochs=5))
     assert "35 earlier epoch(s) not shown" in text
     assert epoch_column(text) == ["36", "37", "38", "39", "40"]
+
+
+def test_the_view_once_lists_the_latest_epochs_that_fit_on_the_terminal(tmp_path):
+    """As the live view: a long run's older epochs are counted, not drawn (the whole
+    list is `tail FILE | cat`, one line an epoch)."""
+    records = known_records()
+    path = write_records(tmp_path / "h.jsonl", records[:1] + [dict(records[12], epoch=i) for i in range(40)])
+    console = Console(file=io.StringIO(), width=100, force_terminal=True, color_system=None, height=30)
+    assert tail_once(path, console) == 0
+    text = console.file.getvalue()
+    assert "34 earlier epoch(s) not shown" in text and epoch_column(text) == [str(i) for i in range(35, 41)]
 
 
 def test_live_view_draws_the_final_state_and_returns(runs):
