@@ -23,8 +23,12 @@ them, and a missing package is one line naming the extra to install.
 from __future__ import annotations
 
 import asyncio
+import os
 import re
+import ssl
 import threading
+import time
+import weakref
 from dataclasses import dataclass
 
 from pipetrain.errors import InputError
@@ -121,13 +125,73 @@ class Store:
 
 
 class S3Store(Store):
+    """S3 through s3fs. Ranged GETs go to a presigned URL of the object with a plain
+    HTTP client: the signing, hooks and response parsing of botocore cost about 2 ms of
+    CPU per request (measured: 2.5 ms against 0.7 ms for the same GET by aiohttp), CPU
+    taken from the training beside it. The URL is signed by the filesystem's own client
+    (its credentials, region, endpoint and addressing) and signed again every few
+    minutes, and again when the server refuses it. A filesystem with options that must
+    go into every request (requester pays, SSE-C keys, proxies in its config, a custom
+    certificate check) makes its GETs through botocore, as before."""
+
+    SIGN_S = 3600  # a presigned URL is valid this long
+    RESIGN_S = 300  # and used this long (temporary credentials are renewed well before they expire)
+
+    def __init__(self, fs, protocol: str):
+        super().__init__(fs, protocol)
+        self._signed: dict[tuple[str, str], tuple[str, float]] = {}
+        self._session = None
+        self.presigned = not (getattr(fs, "req_kw", None) or getattr(fs, "s3_additional_kwargs", None)
+                              or (getattr(fs, "config_kwargs", None) or {}).get("proxies")
+                              or (getattr(fs, "client_kwargs", None) or {}).get("verify") not in (None, True))
+
     def path(self, url: str) -> str:
         return url.split("://", 1)[1]
 
     async def get(self, obj: ObjectInfo, start: int, stop: int) -> bytes:
         bucket, key, _ = self.fs.split_path(self.path(obj.url))
+        if not self.presigned:
+            return await self._get_botocore(obj, bucket, key, start, stop)
+        headers = {"If-Match": obj.version} if obj.version else {}
+        session = await self._http()
+        for fresh in (False, True):
+            url = await self._url(bucket, key, fresh)
+            try:
+                return await _ranged(session, url, headers, obj, start, stop)
+            except _HTTPStatus as e:
+                if e.status != 403 or fresh:
+                    raise
+        raise AssertionError("unreachable")
+
+    async def _url(self, bucket: str, key: str, fresh: bool):
+        import yarl
+
+        signed = self._signed.get((bucket, key))
+        if fresh or signed is None or time.monotonic() - signed[1] > self.RESIGN_S:
+            client = await self.fs.get_s3(bucket)
+            url = await client.generate_presigned_url("get_object", Params={"Bucket": bucket, "Key": key},
+                                                      ExpiresIn=self.SIGN_S)
+            signed = self._signed[bucket, key] = (yarl.URL(url, encoded=True), time.monotonic())
+        return signed[0]
+
+    async def _http(self):
+        if self._session is None:
+            import aiohttp
+            from fsspec.implementations.http import HTTPFileSystem
+
+            bundle = os.environ.get("AWS_CA_BUNDLE")
+            connector = aiohttp.TCPConnector(limit=0, ssl=ssl.create_default_context(cafile=bundle) if bundle else True)
+            self._session = aiohttp.ClientSession(connector=connector, trust_env=True)
+            weakref.finalize(self, HTTPFileSystem.close_session, self.loop, self._session)
+        return self._session
+
+    async def _get_botocore(self, obj: ObjectInfo, bucket: str, key: str, start: int, stop: int) -> bytes:
         client = await self.fs.get_s3(bucket)
-        extra = {"IfMatch": obj.version} if obj.version else {}
+        extra = {**self.fs.s3_additional_kwargs, **self.fs.req_kw}
+        filter_kwargs = getattr(self.fs, "_filter_kwargs", None)  # s3fs drops what GetObject does not take
+        extra = filter_kwargs(client.get_object, extra) if filter_kwargs else {}
+        if obj.version:
+            extra["IfMatch"] = obj.version
         response = await client.get_object(Bucket=bucket, Key=key, Range=f"bytes={start}-{stop - 1}", **extra)
         try:
             if obj.version and response.get("ETag") not in (None, obj.version):
@@ -141,6 +205,11 @@ class _HTTPStatus(OSError):
     """A response with an error status (for :func:`classify`)."""
 
     def __init__(self, status: int, text: str):
+        code = re.search(r"<Code>([^<]+)</Code>", text)
+        self.code = code.group(1) if code else None
+        message = re.search(r"<Message>([^<]+)</Message>", text)
+        if self.code:  # an S3 error document: its code and message, not the XML
+            text = self.code + (f": {message.group(1)}" if message else "")
         super().__init__(f"HTTP {status}{': ' + text if text else ''}")
         self.status = status
 
@@ -295,6 +364,8 @@ def _status_and_code(exc: BaseException) -> tuple[int | None, str | None]:
         error = response.get("Error") or {}
         status = (response.get("ResponseMetadata") or {}).get("HTTPStatusCode")
         return status, error.get("Code")
+    if isinstance(exc, _HTTPStatus):
+        return exc.status, exc.code
     status = getattr(exc, "status", None) or getattr(exc, "code", None)
     return (status, None) if isinstance(status, int) else (None, None)
 

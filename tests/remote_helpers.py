@@ -3,8 +3,9 @@
 - :func:`start_moto`: a real S3 API (moto in server mode) on a free port.
 - :class:`FileServer`: a read-only web server over a folder that honours ``Range``,
   ``If-Match`` and ``HEAD`` and lists folders as links; path-style S3 clients can read
-  it too (``/bucket/key``), which the benchmark uses: moto reads a whole object for each
-  ranged GET (277 ms per 300 KB range of a 117 MB object, measured), a real bucket not.
+  it too (``/bucket/key``), which the benchmark uses (with a latency per request and a
+  bandwidth per connection): moto reads a whole object for each ranged GET (277 ms per
+  300 KB range of a 117 MB object, measured), a real bucket not.
 - :class:`FaultProxy`: an HTTP proxy in front of either, adding a latency per request,
   counting requests, and injecting faults: error statuses (503 SlowDown), connections
   dropped before the response or cut in the middle of its body.
@@ -57,11 +58,20 @@ class _Server(ThreadingHTTPServer):
 
 
 class FileServer:
-    """Files of ``folder`` over HTTP with ranges, ETags (size and mtime) and folder listings."""
+    """Files of ``folder`` over HTTP with ranges, ETags (size and mtime) and folder listings.
 
-    def __init__(self, folder: str | os.PathLike):
+    For the benchmark, a cloud region's network: ``latency`` seconds before each answer,
+    and at most ``bandwidth`` bytes per second on each connection (None: as fast as
+    the machine sends; bodies go out with ``sendfile``, paced in slices when limited)."""
+
+    SLICE = 256 << 10  # bytes sent between two looks at the pace
+
+    def __init__(self, folder: str | os.PathLike, latency: float = 0.0, bandwidth: float | None = None):
         self.folder = Path(folder)
+        self.latency, self.bandwidth = latency, bandwidth
         self.requests = 0
+        self.bytes = 0  # of the bodies sent
+        self._lock = threading.Lock()
         server = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -77,7 +87,10 @@ class FileServer:
                 self._serve(body=True)
 
             def _serve(self, body: bool):
-                server.requests += 1
+                with server._lock:
+                    server.requests += 1
+                if server.latency:
+                    time.sleep(server.latency)
                 path = server.folder / self.path.split("?")[0].lstrip("/")
                 if path.is_dir():
                     names = sorted(p.name + ("/" if p.is_dir() else "") for p in path.iterdir())
@@ -103,11 +116,26 @@ class FileServer:
                     start, stop = int(a), min(size, int(b) + 1 if b else size)
                     status = 206
                     headers["Content-Range"] = f"bytes {start}-{stop - 1}/{size}"
-                data = b""
+                self._reply(status, headers, b"", stop - start)
                 if body:
-                    with open(path, "rb") as f:
-                        data = os.pread(f.fileno(), stop - start, start)
-                self._reply(status, headers, data, stop - start)
+                    self._send_file(path, start, stop)
+
+            def _send_file(self, path, start, stop):
+                self.wfile.flush()
+                t0, sent = time.monotonic(), 0
+                with open(path, "rb") as f:
+                    while start + sent < stop:
+                        n = os.sendfile(self.connection.fileno(), f.fileno(), start + sent,
+                                        min(server.SLICE, stop - start - sent))
+                        if n == 0:
+                            break
+                        sent += n
+                        if server.bandwidth:
+                            ahead = sent / server.bandwidth - (time.monotonic() - t0)
+                            if ahead > 0:
+                                time.sleep(ahead)
+                with server._lock:
+                    server.bytes += sent
 
             def _reply(self, status, headers, data, length=None):
                 self.send_response(status)
@@ -221,23 +249,22 @@ class FaultProxy:
         self.httpd.server_close()
 
 
-def serve(folder: str, latency: float) -> None:
-    """Serve ``folder`` behind a proxy of ``latency`` seconds until stdin closes; prints
-    the proxy's URL, then (on exit) its request and byte counts as JSON."""
+def serve(folder: str, latency: float, bandwidth: float | None = None) -> None:
+    """Serve ``folder`` with ``latency`` seconds per request and ``bandwidth`` bytes/s
+    per connection until stdin closes; prints the URL, then its request and byte counts
+    as JSON each time it reads ``stats``."""
     import json
     import sys
 
-    server = FileServer(folder)
-    proxy = FaultProxy(server.url, latency=latency)
-    print(proxy.url, flush=True)
+    server = FileServer(folder, latency=latency, bandwidth=bandwidth)
+    print(server.url, flush=True)
     for line in sys.stdin:
         if line.strip() == "stats":
-            print(json.dumps({"requests": proxy.count, "bytes": proxy.bytes}), flush=True)
-    proxy.stop()
+            print(json.dumps({"requests": server.requests, "bytes": server.bytes}), flush=True)
     server.stop()
 
 
 if __name__ == "__main__":
     import sys
 
-    serve(sys.argv[1], float(sys.argv[2]))
+    serve(sys.argv[1], float(sys.argv[2]), float(sys.argv[3]) if len(sys.argv) > 3 and float(sys.argv[3]) else None)

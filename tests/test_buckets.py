@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -339,6 +340,48 @@ def test_throttling_and_cut_connections_are_retried(tmp_path, bucket, proxy):
                   fetch=FetchSettings(retries=8, backoff_s=0.01, max_backoff_s=0.02)) as source:
         assert_same_reads(source, path)
         assert source._fetcher.stats.retries > 3
+
+
+def test_s3_ranged_gets_go_to_a_presigned_url_signed_again_when_refused(tmp_path, bucket, proxy):
+    """The chunks' GETs carry no per-request signature (a presigned URL of the object,
+    the Range and If-Match headers as before): one refused GET (an expired URL) is
+    signed again and succeeds; a refusal that stays is one line saying access denied."""
+    path = labelled(tmp_path / "a.h5", rows=600)
+    url = bucket.put(path, "dir/a b+ü%.h5")  # a key the URL must encode
+    seen, refuse = [], {"once": True, "always": False}
+
+    def gate(method, p, headers, n):
+        if method == "GET" and headers.get("Range"):
+            seen.append((p, headers.get("Authorization"), headers.get("If-Match")))
+            if refuse["always"] or (refuse["once"] and len(seen) > 1):
+                refuse["once"] = False
+                return 403
+        return None
+
+    guarded = proxy(fault=gate)
+    with H5Source(url, x="x", y="y", storage_options=bucket.options(guarded.url), metadata_cache=None,
+                  fetch=FAST) as source:
+        first = len(seen)
+        assert_same_reads(source, path)
+        chunk_gets = seen[first:]
+        assert chunk_gets and all(auth is None and "Signature=" in p and match for p, auth, match in chunk_gets)
+        refuse["always"] = True
+        with pytest.raises(SourceError, match=rf"^{re.escape(url)}: dataset 'x' rows 100-200: .*access denied") as info:
+            source.read(0, 100, 200)
+        assert "\n" not in str(info.value)
+
+
+def test_s3_options_that_every_request_must_carry_go_through_botocore(tmp_path, bucket, proxy):
+    """Requester pays (like SSE-C keys) must be in each signed request: those GETs are
+    botocore's, with the option, and read the same bytes."""
+    path = labelled(tmp_path / "a.h5", rows=300)
+    url = bucket.put(path)
+    seen = []
+    watched = proxy(fault=lambda method, p, headers, n: seen.append(dict(headers)) if headers.get("Range") else None)
+    options = {**bucket.options(watched.url), "requester_pays": True}
+    with H5Source(url, x="x", y="y", storage_options=options, metadata_cache=None, fetch=FAST) as source:
+        assert_same_reads(source, path)
+    assert seen and all(h.get("x-amz-request-payer") == "requester" and h.get("Authorization") for h in seen)
 
 
 def test_a_network_that_stays_down_fails_in_one_line_naming_the_url_and_rows(tmp_path, bucket, proxy):
