@@ -12,7 +12,11 @@ one resume in the middle after a torn line) and kept in --folder for the next ti
 index out of the way (the scan they fall back to). Each operation runs in a fresh process; its time
 is measured inside that process from after the imports (``s``, and ``cpu_s``: the CPU
 time it used, which a busy shared machine disturbs less) and from outside
-(``process_s``: start, imports and all), with the process's peak RSS (``ru_maxrss``).
+(``process_s``: start, imports and all), with the process's peak RSS (``ru_maxrss``)
+and the CPU time of the helper processes it made (``helpers_cpu_s``: read_history's
+parts; on a busy machine ``s`` is at least the larger of ``cpu_s`` and that) and the
+largest one's peak RSS (``helper_peak_rss_mb``, pages shared with this process counted
+in both).
 Goals: tail <= 1 s and the same at every size; read_history and to_pandas <= 10x the line
 count's time and <= 2x the file size in memory; plot <= 10 s at 2M.
 """
@@ -86,7 +90,10 @@ def child(operation: str, path: str) -> None:
         raise SystemExit(f"unknown operation {operation}")
     seconds, cpu_s = time.perf_counter() - start, time.process_time() - cpu
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(json.dumps({"s": round(seconds, 3), "cpu_s": round(cpu_s, 3), "peak_rss_mb": round(peak, 1)}))
+    helpers = resource.getrusage(resource.RUSAGE_CHILDREN)  # read_history's helper processes (none before)
+    print(json.dumps({"s": round(seconds, 3), "cpu_s": round(cpu_s, 3), "helpers_cpu_s":
+                      round(helpers.ru_utime + helpers.ru_stime, 3), "peak_rss_mb": round(peak, 1),
+                      "helper_peak_rss_mb": round(helpers.ru_maxrss / 1024, 1)}))
 
 
 def run_child(operation: str, path: Path) -> dict:
@@ -152,10 +159,10 @@ def main() -> None:
             figures["x_file_size"] = round(figures["peak_rss_mb"] / row["file_mb"], 2)
         results["sizes"][str(size)] = row
         print(f"\n{size:,} batch records, {row['file_mb']} MB")
-        print(f"{'operation':<12} {'s':>8} {'cpu s':>8} {'process s':>10} {'x lines':>8} {'cpu x':>7} "
-              f"{'peak MB':>8} {'x file':>7}")
+        print(f"{'operation':<12} {'s':>8} {'cpu s':>8} {'helpers':>8} {'process s':>10} {'x lines':>8} "
+              f"{'cpu x':>7} {'peak MB':>8} {'x file':>7}")
         for op, f in row["operations"].items():
-            print(f"{op:<12} {f['s']:>8.3f} {f['cpu_s']:>8.3f} {f['process_s']:>10.3f} "
+            print(f"{op:<12} {f['s']:>8.3f} {f['cpu_s']:>8.3f} {f['helpers_cpu_s']:>8.3f} {f['process_s']:>10.3f} "
                   f"{f.get('x_lines', float('nan')):>8.2f} {f.get('cpu_x_lines', float('nan')):>7.2f} "
                   f"{f['peak_rss_mb']:>8.1f} {f['x_file_size']:>7.2f}", flush=True)
     results["machine"]["load_1min_at_end"] = round(os.getloadavg()[0], 2)

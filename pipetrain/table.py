@@ -186,6 +186,7 @@ class Table(Sequence):
         self.columns = columns or {}
         self.shapes = shapes or []
         self.shape_of = shape_of if shape_of is not None else np.zeros(0, dtype=np.int32)
+        self._used: np.ndarray | None = None
 
     @classmethod
     def from_records(cls, records: list[dict]) -> Table:
@@ -245,8 +246,19 @@ class Table(Sequence):
 
     def has(self, name: str) -> np.ndarray:
         """Whether each row has the key ``name``."""
+        lacking = self._lacking(name)
+        return np.ones(len(self), dtype=bool) if lacking is None else ~lacking
+
+    def _lacking(self, name: str) -> np.ndarray | None:
+        """Whether each row lacks the key ``name``; None where no row does."""
         with_key = np.array([name in s for s in self.shapes] or [False], dtype=bool)
-        return with_key[self.shape_of]
+        if with_key.all() or not len(self):
+            return None
+        if self._used is None:  # the shapes some row has
+            self._used = np.bincount(self.shape_of, minlength=len(self.shapes)) > 0
+        if with_key[self._used[: len(with_key)]].all():
+            return None
+        return ~with_key[self.shape_of]
 
     def array(self, name: str) -> np.ndarray:
         """The values of ``name`` as float64: NaN where a row lacks it, where it is null,
@@ -255,7 +267,9 @@ class Table(Sequence):
         if column is None:
             return np.full(len(self), np.nan)
         out = column.numbers()
-        out[~self.has(name)] = np.nan
+        lacking = self._lacking(name)
+        if lacking is not None:
+            out[lacking] = np.nan
         return out
 
     def ints(self, name: str) -> np.ndarray:
@@ -270,7 +284,9 @@ class Table(Sequence):
             low, high = np.iinfo(np.int64).min, np.iinfo(np.int64).max
             out = np.array([min(max(v, low), high) if type(v) is int else 0 for v in column.tolist()],
                            dtype=np.int64)
-        out[~self.has(name)] = 0
+        lacking = self._lacking(name)
+        if lacking is not None:
+            out[lacking] = 0
         return out
 
     def to_pandas(self):
@@ -280,19 +296,22 @@ class Table(Sequence):
 
         data = {}
         for name, column in self.columns.items():
-            present = self.has(name)
-            if column.kind == "f" or (column.kind == "i" and not present.all()):
+            lacking = self._lacking(name)
+            if column.kind == "f" and column.null is None and lacking is None:
+                data[name] = column.values  # (copied by pandas)
+            elif column.kind == "f" or (column.kind == "i" and lacking is not None):
                 data[name] = self.array(name)  # NaN where null or missing, as pandas has it
-            elif column.kind in ("i", "b") and present.all():
+            elif column.kind in ("i", "b"):
                 data[name] = column.values
             elif column.kind == "s":
                 values = column.objects()
-                values[~present] = np.nan
+                if lacking is not None:
+                    values[lacking] = np.nan
                 data[name] = values
             else:
                 values = column.tolist()
-                if not present.all():
-                    for i in np.flatnonzero(~present).tolist():
+                if lacking is not None:
+                    for i in np.flatnonzero(lacking).tolist():
                         values[i] = np.nan
                 data[name] = values
         return pd.DataFrame(data, index=pd.RangeIndex(len(self)))
@@ -334,11 +353,16 @@ class TableBuilder:
                 return False
             pieces.append((shape, len(group), columns))
         for shape, n, columns in pieces:
-            sid = self._shapes.setdefault(shape, len(self._shapes))
-            self._pieces.append((n, columns))
-            self._shape_of.append(np.full(n, sid, dtype=np.int32))
-            self.rows += n
+            self.add_columns(shape, n, columns)
         return True
+
+    def add_columns(self, shape: tuple, n: int, columns: dict[str, Column]) -> None:
+        """Append ``n`` records that all have the keys ``shape``, given as their columns
+        (each as :func:`column_of` makes it from the values)."""
+        sid = self._shapes.setdefault(shape, len(self._shapes))
+        self._pieces.append((n, columns))
+        self._shape_of.append(np.full(n, sid, dtype=np.int32))
+        self.rows += n
 
     def extend(self, other: TableBuilder) -> None:
         """Append the records ``other`` collected, after this builder's."""
@@ -348,11 +372,18 @@ class TableBuilder:
         self._shape_of += [remap[shape_of] for shape_of in other._shape_of]
         self.rows += other.rows
 
-    def ints(self, name: str) -> np.ndarray:
-        """:meth:`Table.ints` of the records added so far."""
-        column = concat([cols.get(name) for _, cols in self._pieces], [n for n, _ in self._pieces])
-        shape_of = np.concatenate(self._shape_of) if self._shape_of else np.zeros(0, dtype=np.int32)
-        return Table({name: column}, list(self._shapes), shape_of).ints(name)
+    def ints(self, name: str, rows: int | None = None) -> np.ndarray:
+        """:meth:`Table.ints` of the records added so far (of the first ``rows`` of them)."""
+        pieces, shape_of, count = [], [], 0
+        for piece, shapes in zip(self._pieces, self._shape_of, strict=True):
+            if rows is not None and count >= rows:
+                break
+            pieces.append(piece)
+            shape_of.append(shapes)
+            count += piece[0]
+        column = concat([cols.get(name) for _, cols in pieces], [n for n, _ in pieces])
+        shape_of = np.concatenate(shape_of) if shape_of else np.zeros(0, dtype=np.int32)
+        return Table({name: column}, list(self._shapes), shape_of).ints(name)[:rows]
 
     def build(self, keep: np.ndarray | None = None) -> Table:
         """The table of every record added (or of those where ``keep`` is True)."""

@@ -11,7 +11,7 @@ import random
 
 import pytest
 
-from pipetrain import reading, scan
+from pipetrain import forked, reading, scan
 from pipetrain.history import encode, read_history
 from tests.test_history_reading import items, reference
 
@@ -144,16 +144,26 @@ def test_the_wide_check_refuses_what_orjson_may_have_misread():
 # -- a long history parsed by several processes ----------------------------------------------
 
 
+def helpers(monkeypatch, kind: str, parts: int, size: int) -> type:
+    """Histories of ``size`` bytes cut into ``parts`` parts for helpers of ``kind``
+    (forked or started); returns the helper class."""
+    monkeypatch.setattr(reading, "_cpus", lambda: parts)
+    monkeypatch.setattr(reading, "PART_BYTES", size // parts)
+    monkeypatch.setattr(reading, "FORKED_PART_BYTES", size // parts)
+    monkeypatch.setattr(forked, "safe", lambda: kind == "forked")
+    return forked.Child if kind == "forked" else reading._Helper
+
+
+@pytest.mark.parametrize("kind", ["forked", "started"])
 @pytest.mark.parametrize("seed", [0, 5, 7])
-def test_parts_parsed_by_helper_processes_join_into_the_full_parse(tmp_path, monkeypatch, seed):
+def test_parts_parsed_by_helper_processes_join_into_the_full_parse(tmp_path, monkeypatch, seed, kind):
     """Cut into four parts (three helper processes), wherever the cuts fall: in a run of
     batch lines, before a resume, next to a torn last line."""
     path, edits = edited_history(tmp_path / "h.jsonl", seed)
-    monkeypatch.setattr(reading, "_cpus", lambda: 4)
-    monkeypatch.setattr(reading, "PART_BYTES", path.stat().st_size // 4)
+    helper = helpers(monkeypatch, kind, 4, path.stat().st_size)
     answered = []
-    result = reading._Helper.result
-    monkeypatch.setattr(reading._Helper, "result", lambda self: answered.append(result(self)) or answered[-1])
+    result = helper.result
+    monkeypatch.setattr(helper, "result", lambda self: answered.append(result(self)) or answered[-1])
     full, parts = reference(path), read_history(path)
     assert len(answered) == 3 and None not in answered  # the parts were read by the helpers
     assert items(parts.batches) == items(full.batches), edits
@@ -165,8 +175,7 @@ def test_parts_parsed_by_helper_processes_join_into_the_full_parse(tmp_path, mon
 @pytest.mark.parametrize("executable", ["/nonexistent/python", "/bin/false"])
 def test_a_helper_that_cannot_start_or_fails_leaves_its_part_to_the_reader(tmp_path, monkeypatch, executable):
     path, _ = edited_history(tmp_path / "h.jsonl", 3)
-    monkeypatch.setattr(reading, "_cpus", lambda: 3)
-    monkeypatch.setattr(reading, "PART_BYTES", path.stat().st_size // 3)
+    helpers(monkeypatch, "started", 3, path.stat().st_size)
     monkeypatch.setattr(reading.sys, "executable", executable)
     full, parts = reference(path), read_history(path)
     assert items(parts.batches) == items(full.batches) and items(parts.system) == items(full.system)
