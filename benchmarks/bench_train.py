@@ -20,7 +20,9 @@ measure. On every backend:
 - ``pipetrain``: ``pipetrain.train`` (file order, like the peers; history of every batch
   and the system monitor on);
 - ``pipetrain-bare``: the same without history and monitor (their cost);
-- ``pipetrain-block``: ``pipetrain.train`` with the block shuffle.
+- ``pipetrain-block``: ``pipetrain.train`` with the block shuffle;
+- on torch, ``train-1thread`` and ``pipetrain-1thread``: ``train`` and ``pipetrain`` with
+  PyTorch's ops on one thread (``pipetrain train --compute-threads 1``).
 
 and each backend's own loader (benchmarks/peers.py), all in file order with 2 workers:
 
@@ -341,6 +343,27 @@ VARIANTS = {
 PEERS = ("sync", *OWN_LOADERS, "PyDataset")
 
 
+def _one_compute_thread(variant):
+    """A variant with PyTorch's ops on one thread (``--compute-threads 1``), the other
+    core left to the producers; PyTorch takes the setting at any time, so it runs beside
+    the others in this process."""
+    def run(path, spec, epochs):
+        import torch
+
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            return variant(path, spec, epochs)
+        finally:
+            torch.set_num_threads(threads)
+    return run
+
+
+if BACKEND == "torch":
+    VARIANTS["train-1thread"] = _one_compute_thread(v_train)
+    VARIANTS["pipetrain-1thread"] = _one_compute_thread(VARIANTS["pipetrain"])
+
+
 def bench(name: str, spec: dict, folder: Path, repeat: int, epochs: int) -> dict:
     path = folder / f"{name}.h5"
     if not path.exists():
@@ -372,6 +395,8 @@ def bench(name: str, spec: dict, folder: Path, repeat: int, epochs: int) -> dict
         "pipetrain_speedup": {peer: round(median[peer] / median["pipetrain"], 3)
                               for peer in PEERS},
         "vs_train_alone": round(median["pipetrain"] / median["train"], 3),
+        **({"vs_train_alone_1thread": round(median["pipetrain-1thread"] / median["train"], 3)}
+           if "pipetrain-1thread" in median else {}),
         "logging_cost_pct": round(100 * (median["pipetrain"] / median["pipetrain-bare"] - 1), 2),
         # Time inside Run.emit (records built and written) and Monitor.sample, as a share
         # of the run: the direct measure, free of the machine's noise.

@@ -22,6 +22,7 @@ import pickle
 import signal
 import struct
 import threading
+import warnings
 from collections.abc import Callable
 
 _HEADER = struct.Struct("<Q")  # the length of the pickle that follows
@@ -90,7 +91,10 @@ class Child:
             return
         parent = os.getpid()
         try:
-            pid = os.fork()
+            with warnings.catch_warnings():  # Python 3.12+ warns of any other OS thread: OpenBLAS's are safe() here
+                warnings.filterwarnings("ignore", message=r".*use of fork\(\) may lead to deadlocks",
+                                        category=DeprecationWarning)
+                pid = os.fork()
         except OSError:  # no process to be had (limits): the caller does the work
             os.close(read)
             os.close(write)
