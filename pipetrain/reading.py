@@ -420,7 +420,6 @@ def read_history(
 
 PART_BYTES = 32 << 20  # the least a started helper process is made for (it costs about 0.3 s)
 FORKED_PART_BYTES = 8 << 20  # the least a forked one is made for (it costs milliseconds)
-FIRST_SHARE = 0.8  # this process's part of the file, in equal shares (2M records: 1.2 s of 5.8 joining)
 
 
 def _cpus() -> int:
@@ -431,14 +430,13 @@ def _cpus() -> int:
 
 
 def _parts(fd: int, size: int, least: int) -> list[tuple[int, int]]:
-    """Byte ranges (``least`` bytes or more) that begin and end at line ends: the first,
-    this process's, FIRST_SHARE of an equal share (it joins the others' answers at the
-    end), the others equal."""
+    """Byte ranges (``least`` bytes or more), equal, that begin and end at line ends.
+    (This process's part, the first, was made smaller for it joins the others' answers at
+    the end: 0.8 of a share read 2M records in 4.8-5.1 s, equal shares in 3.5-4.0 s.)"""
     n = max(1, min(_cpus(), size // least))
-    first = size / n * FIRST_SHARE
     cuts = [0]
     for i in range(1, n):
-        at = scan.line_end(fd, int(first + (size - first) * (i - 1) / (n - 1)))
+        at = scan.line_end(fd, int(size * i / n))
         if cuts[-1] < at < size:
             cuts.append(at)
     cuts.append(size)
