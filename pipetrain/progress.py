@@ -214,10 +214,7 @@ class RunState:
                 if process != 0:
                     continue
             shown = record
-            rss = record.get("rss_mb")
-            if is_number(rss):
-                self.first_rss_mb = rss if self.first_rss_mb is None else self.first_rss_mb
-                self.peak_rss_mb = max(self.peak_rss_mb, rss)
+            self._rss(record)
         self.processes.update({process: numeric_view(record) for process, record in latest.items()})
         if shown is not None:
             self.system = numeric_view(shown)
@@ -304,7 +301,11 @@ class RunState:
             if process != 0:  # memory and CPU shown are process 0's; the others' in processes
                 return
         self.system = record
-        rss = record.get("rss_mb")
+        self._rss(record)
+
+    def _rss(self, sample: dict) -> None:
+        """The first and the peak RSS of the samples shown (process 0's)."""
+        rss = sample.get("rss_mb")
         if is_number(rss):
             self.first_rss_mb = rss if self.first_rss_mb is None else self.first_rss_mb
             self.peak_rss_mb = max(self.peak_rss_mb, rss)
