@@ -436,7 +436,7 @@ def _parts(fd: int, size: int, least: int) -> list[tuple[int, int]]:
     n = max(1, min(_cpus(), size // least))
     cuts = [0]
     for i in range(1, n):
-        at = scan.line_end(fd, int(size * i / n))
+        at = scan.line_end(fd, size * i // n)
         if cuts[-1] < at < size:
             cuts.append(at)
     cuts.append(size)
