@@ -213,6 +213,13 @@ def is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+def is_shown(sample: Mapping) -> bool:
+    """Whether a system sample is one the view shows (memory, CPU): process 0's, or one
+    without a process index (a run of one process). A bool counts as the int it is."""
+    process = sample.get("process")
+    return not isinstance(process, int) or process == 0
+
+
 def numeric_view(record: dict) -> dict:
     """A ``batch``, ``epoch`` or ``system`` record as it is displayed and plotted: text
     where measurements are numbers (a hand-edited file) shows as missing. Other

@@ -38,7 +38,7 @@ from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
 
-from pipetrain.history import is_number, numeric_view, resume_point, superseded
+from pipetrain.history import is_number, is_shown, numeric_view, resume_point, superseded
 from pipetrain.outcome import best_epoch
 
 REFRESH_S = 0.1  # the bar redraws at most ten times a second
@@ -214,10 +214,9 @@ class RunState:
             process = record.get("process")
             if isinstance(process, int):
                 latest[int(process)] = record
-                if process != 0:
-                    continue
-            shown = record
-            self._rss(record)
+            if is_shown(record):
+                shown = record
+                self._rss(record)
         if latest:
             self._processes({process: numeric_view(record) for process, record in latest.items()})
         if shown is not None:
@@ -305,10 +304,9 @@ class RunState:
         process = record.get("process")
         if isinstance(process, int):
             self._processes({int(process): record})
-            if process != 0:  # memory and CPU shown are process 0's; the others' in processes
-                return
-        self.system = record
-        self._rss(record)
+        if is_shown(record):  # memory and CPU shown are process 0's; the others' in processes
+            self.system = record
+            self._rss(record)
 
     def _processes(self, latest: dict[int, dict]) -> None:
         """Note the latest samples of processes; ``processes`` stays in process order (a

@@ -20,6 +20,7 @@ import pytest
 
 from pipetrain import index, reading, scan
 from pipetrain.history import HistoryWriter, encode, read_history
+from pipetrain.progress import RunState
 from pipetrain.tail import dashboard, updates
 from tests.conftest import wait_until
 from tests.test_history_reading import (
@@ -34,8 +35,10 @@ from tests.test_history_reading import (
 )
 
 
-def several_resumes():
-    """Four segments, the writer's way: resumed mid-epoch, at an epoch's start, after an end."""
+def several_resumes(peaks=True):
+    """Four segments, the writer's way: resumed mid-epoch, at an epoch's start, after an
+    end; system samples with the process's peak RSS (``peaks=False``: without, as an
+    older pipetrain wrote them)."""
     records, t = [], 0.0
     for seg, (resume, start, stop) in enumerate([(None, 0, 23), ((1, 4), 14, 37), ((3, 0), 30, 45),
                                                  ((2, 7), 27, 52)]):
@@ -46,7 +49,8 @@ def several_resumes():
             t += 0.5
             records.append(batch(e, b, t))
             if step % 4 == 0:
-                records.append({"type": "system", "run": "r", "t": t, "rss_mb": 300 + step * (seg + 1)})
+                records.append({"type": "system", "run": "r", "t": t, "rss_mb": 300 + step * (seg + 1),
+                                **({"peak_rss_mb": 302 + step * (seg + 1)} if peaks else {})})
             if b == 9:
                 records.append({"type": "epoch", "run": "r", "t": t, "epoch": e, "loss": 1 / (1 + step)})
         if seg == 2:
@@ -101,12 +105,23 @@ def look(path, use_index=True):
         os.close(fd)
 
 
-def known(path) -> index.Known:
+def known(path, samples=True) -> index.Known:
     fd = os.open(path, os.O_RDONLY)
     try:
-        return index.read(fd, index.path_for(path))
+        return index.read(fd, index.path_for(path), samples=samples)
     finally:
         os.close(fd)
+
+
+def assert_looks_agree(path, name=""):
+    """tail's look from the end through the index and by the scan: the same records, but
+    of the system samples only some through the index (those that decide the state)."""
+    (through, none), (scanned, none_either) = look(path), look(path, use_index=False)
+    assert none == none_either, name
+    not_samples = lambda records: [(at, r) for at, r in records if r["type"] != "system"]  # noqa: E731
+    assert not_samples(through) == not_samples(scanned), name
+    assert set(map(repr, through)) <= set(map(repr, scanned)), name
+    return through, scanned
 
 
 def scans_from(monkeypatch) -> list:
@@ -120,7 +135,7 @@ def scans_from(monkeypatch) -> list:
 def assert_readers_are_the_full_parse(path, name=""):
     """tail's state and view, its look from the end with and without the index, and
     read_history without batches: all as the full parse."""
-    assert look(path) == look(path, use_index=False), name
+    assert_looks_agree(path, name)
     state = [u.state for u in updates(path, follow=False)][-1]
     full = full_state(path)
     assert items(state_view(state)) == items(state_view(full)), name
@@ -362,7 +377,12 @@ def test_readers_while_the_writer_writes(tmp_path):
             fd = os.open(path, os.O_RDONLY)
             try:
                 stop = scan.line_end(fd, os.fstat(fd).st_size)
-                if reading.last_look(fd, stop, index.path_for(path)) != reading.last_look(fd, stop):
+                through, scanned = reading.last_look(fd, stop, index.path_for(path)), reading.last_look(fd, stop)
+                if through[1] != scanned[1] or not set(map(repr, through[0])) <= set(map(repr, scanned[0])) or \
+                        [r for r in through[0] if r[1]["type"] != "system"] != \
+                        [r for r in scanned[0] if r[1]["type"] != "system"] or \
+                        state_view(RunState().extend(r for _, r in through[0])) != \
+                        state_view(RunState().extend(r for _, r in scanned[0])):
                     failures.append(stop)
             finally:
                 os.close(fd)
