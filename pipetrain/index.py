@@ -5,8 +5,9 @@ reads them, not the whole file.
 A long history is almost all batch lines: 2,000,000 of them (450 MB) hold about 10,000
 other lines (run, epoch, system, end), and most of those are system samples (one every
 2 s: 43,000 in a day). :class:`IndexWriter`, kept by the history's writer, appends where
-each other line is, and whether it is a system sample, to ``<history>.index``
-(``history.jsonl.index`` in a run folder); nothing is written to it for a batch line.
+each other line is, and whether it is a sample that a reader may leave unread, to
+``<history>.index`` (``history.jsonl.index`` in a run folder); nothing is written to it
+for a batch line.
 :func:`read` gives a reader those lines, each checked against the history's bytes, and
 the offset up to which they are all there is: the reader scans only what comes after it
 (the batch lines since the last other line, and anything appended by hand). A reader
@@ -14,17 +15,23 @@ that needs only some of the samples (``tail``'s first look) leaves the others un
 
 The index is binary, little-endian. A 32-byte header: ``PTINDEX2``, the history's inode
 (u64), how many of its first bytes were hashed (u32) and their BLAKE2b-64 digest. Then
-24-byte entries: offset (u64), length (u32; its top bit set for a *sample*: a line that
-begins as the writer's system lines do and holds no other ``"type"`` key nor escape,
-so a system record or no record at all, :func:`pipetrain.scan.is_sample`), CRC-32 of
-the line (u32), mtime_ns (i64). An entry of length 0 is a *seal* (no line: its offset
-is where the file ended; in the CRC's place, 1 when the writer closed the file). Each
-entry says: the line at ``offset`` is whole (a newline before and after it) with that
-CRC, and every line between the previous entry and it begins as a batch line written
-by the writer (or is empty); its mtime_ns, when not 0, is the history's mtime when the
-file ended with it. An older pipetrain's index (``PTINDEX1``: entries without the
-sample bit) is read as one whose entries are all to be read, and a writer that meets
-one (a resume) writes a new index in its place.
+24-byte entries: offset (u64), length (u32; its top bit set for a *sample*, a line a
+reader may leave unread), CRC-32 of the line (u32), mtime_ns (i64). A sample is a
+system record or no record at all (a line that begins as the writer's system lines do
+and holds no other ``"type"`` key nor escape: :func:`pipetrain.scan.is_sample`) that
+is either not shown (another process's, in a distributed run) or says its process's
+peak RSS: a ``peak_rss_mb`` at least its ``rss_mb`` and the peak of every sample shown
+marked before it since its segment's run record, so that the last one marked says the
+peak of them all. The writer decides it from the line, wherever the line comes from
+(an older pipetrain's sample, without its peak, or one edited by hand is not marked).
+An entry of length 0 is a *seal* (no line: its offset is where the file ended; in the
+CRC's place, 1 when the writer closed the file). Each entry says: the line at
+``offset`` is whole (a newline before and after it) with that CRC, and every line
+between the previous entry and it begins as a batch line written by the writer (or is
+empty); its mtime_ns, when not 0, is the history's mtime when the file ended with it.
+An older pipetrain's index (``PTINDEX1``: no entry marked) is read as one whose
+entries are all to be read, and a writer that meets one (a resume) writes a new index
+in its place.
 
 An entry that is read is checked: a reader reads every entry but the samples', the
 samples it needs, and the last entry (a seal, usually). An entry that is not read is
