@@ -220,6 +220,13 @@ def is_shown(sample: Mapping) -> bool:
     return not isinstance(process, int) or process == 0
 
 
+def processes_of(run: Mapping) -> int:
+    """How many processes a run record says its segment runs on (0: not a distributed run)."""
+    distributed = run.get("distributed")
+    count = distributed.get("processes") if isinstance(distributed, Mapping) else None
+    return count if type(count) is int and count > 0 else 0
+
+
 def numeric_view(record: dict) -> dict:
     """A ``batch``, ``epoch`` or ``system`` record as it is displayed and plotted: text
     where measurements are numbers (a hand-edited file) shows as missing. Other

@@ -19,11 +19,12 @@ The index is binary, little-endian. A 32-byte header: ``PTINDEX2``, the history'
 reader may leave unread), CRC-32 of the line (u32), mtime_ns (i64). A sample is a
 system record or no record at all (a line that begins as the writer's system lines do
 and holds no other ``"type"`` key nor escape: :func:`pipetrain.scan.is_sample`) that
-is either not shown (another process's, in a distributed run) or says its process's
-peak RSS: a ``peak_rss_mb`` at least its ``rss_mb`` and the peak of every sample shown
-marked before it since its segment's run record, so that the last one marked says the
-peak of them all. The writer decides it from the line, wherever the line comes from
-(an older pipetrain's sample, without its peak, or one edited by hand is not marked).
+is either not shown (of one of the other processes its segment's run record names, in
+a distributed run) or says its process's peak RSS: a ``peak_rss_mb`` at least its
+``rss_mb`` and the peak of every sample shown marked before it since its segment's run
+record, so that the last one marked says the peak of them all. The writer decides it
+from the line, wherever the line comes from (an older pipetrain's sample, without its
+peak, or one edited by hand is not marked).
 An entry of length 0 is a *seal* (no line: its offset is where the file ended; in the
 CRC's place, 1 when the writer closed the file). Each entry says: the line at
 ``offset`` is whole (a newline before and after it) with that CRC, and every line
@@ -291,9 +292,11 @@ class IndexWriter:
         self._fd = -1
         self.covered = 0
         self._sealed = (0, 0)
-        # The highest peak of the samples shown marked so far in the segment the lines
-        # listed next belong to (None: not known, when it began before what this writer saw).
+        # Of the segment the lines listed next belong to: the highest peak of the samples
+        # shown marked so far (None: not known, when it began before what this writer
+        # saw) and how many processes its run record says it runs on.
         self._peak: float | None = -math.inf
+        self._processes = 0
         self.on = stat.S_ISREG(os.fstat(fd).st_mode)  # a device as history (/dev/null): no index
         if self.on:
             self._guard(self._open)
@@ -305,7 +308,7 @@ class IndexWriter:
             self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)
             # A seal made at close is followed at once by one that is not: readers see a
             # writer at work (its lines may come before the next entry), not a closed file.
-            self.covered, self._sealed, self._peak = known.covered, (0, 0), None
+            self.covered, self._sealed, self._peak, self._processes = known.covered, (0, 0), None, 0
 
     def update(self, closing: bool = False) -> None:
         if self.on:
@@ -318,7 +321,7 @@ class IndexWriter:
             return
         if stop < self.covered:  # cut short by another hand while written: a new index
             os.close(self._fd)
-            self._fd, self.covered, self._peak = -1, 0, -math.inf
+            self._fd, self.covered, self._peak, self._processes = -1, 0, -math.inf, 0
         mtime = info.st_mtime_ns if stop == info.st_size else 0
         entries = [[offset, len(line), zlib.crc32(line), 0, self._unread_ok(line)]
                    for offset, line in _lines(self._history, self.covered, stop)]
@@ -342,18 +345,21 @@ class IndexWriter:
 
     def _unread_ok(self, line: bytes) -> bool:
         """Whether ``line``'s entry is marked a sample, one a reader may leave unread (see
-        the module's docstring): a system sample not shown (another process's), or one
-        shown whose ``peak_rss_mb`` is at least its ``rss_mb`` and the peak of every
-        sample shown marked since the segment began - the last one marked says them all."""
-        from pipetrain.history import is_number, is_shown, well_formed  # (history imports this module)
+        the module's docstring): a system sample of another of its segment's processes
+        (not shown: a reader finds the latest of each from the end), or one shown whose
+        ``peak_rss_mb`` is at least its ``rss_mb`` and the peak of every sample shown
+        marked since the segment began - the last one marked says them all."""
+        from pipetrain.history import is_number, is_shown, processes_of, well_formed  # (history imports this)
 
         record = scan.decode(line)
         if not scan.is_sample(line):
             if type(record) is dict and record.get("type") == "run" and well_formed(record):
-                self._peak = -math.inf  # a new segment: new processes
+                self._peak, self._processes = -math.inf, processes_of(record)  # a new segment: new processes
             return False
-        if type(record) is not dict or not well_formed(record) or not is_shown(record):
-            return True  # no record at all, or not one whose memory is shown
+        if type(record) is not dict or not well_formed(record):
+            return True  # no record at all
+        if not is_shown(record):
+            return 0 < int(record["process"]) < self._processes
         rss, peak = record.get("rss_mb"), record.get("peak_rss_mb")
         if self._peak is None or not is_number(peak) or not peak >= self._peak or (is_number(rss) and rss > peak):
             return False  # (an older pipetrain's sample, one edited by hand, or after what this writer saw)

@@ -35,7 +35,7 @@ import pickle
 import re
 import subprocess
 import sys
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from functools import partial
 from itertools import takewhile
 from operator import itemgetter
@@ -44,7 +44,7 @@ from pathlib import Path
 import numpy as np
 
 from pipetrain import columnar, forked, index, scan
-from pipetrain.history import History, history_file, is_number, is_shown, resume_point, well_formed
+from pipetrain.history import History, history_file, is_number, is_shown, processes_of, resume_point, well_formed
 from pipetrain.table import Table, TableBuilder
 
 TABLES = ("batches", "epochs", "system")
@@ -600,7 +600,7 @@ class _Look:
                 self._peak(a, b)
             else:
                 mine = parsed[bisect.bisect_right(parsed_at, lo):]
-                self._latest(a, b, mine, _processes(runs[-1][1]) if runs else 0)
+                self._latest(a, b, mine, processes_of(runs[-1][1]) if runs else 0)
 
     def _peak(self, a: int, b: int) -> None:
         """An earlier segment's samples ``a:b`` (unread): what counts of them is their
@@ -678,7 +678,7 @@ class _Look:
 
     # -- the batches ------------------------------------------------------------------------
 
-    def _batch_runs(self) -> list[tuple[int, int]]:
+    def _batch_runs(self) -> Iterator[tuple[int, int]]:
         """File offsets of the runs of batch-looking lines, latest first: after what the
         index covers (the scan's), then between the lines it lists (a batch-looking line
         listed is one of a run too)."""
@@ -718,13 +718,6 @@ class _Look:
                 if at < last_run:
                     return _in_order(others, batches), 0
         return _in_order(others, batches), self.not_records if not others and not batches else 0
-
-
-def _processes(run: dict) -> int:
-    """How many processes a run record says its segment runs on (0: not a distributed run)."""
-    distributed = run.get("distributed")
-    count = distributed.get("processes") if isinstance(distributed, dict) else None
-    return count if type(count) is int and count > 0 else 0
 
 
 def _in_order(others: list, batches: list) -> list[tuple[int, dict]]:

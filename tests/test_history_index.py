@@ -538,27 +538,31 @@ def looked_samples(path) -> list[dict]:
 
 
 def test_the_index_marks_the_samples_a_reader_may_leave_unread(tmp_path):
-    """Marked: another process's sample, and one whose peak covers its RSS and the peaks
-    of those marked before it in its segment (so the last one marked says them all).
-    Not marked: a sample without its peak (an older pipetrain's), with a peak below its
-    RSS or below an earlier one's, or with a second type key; any other record."""
+    """Marked: a sample of another of the processes the run record names, and one whose
+    peak covers its RSS and the peaks of those marked before it in its segment (so the
+    last one marked says them all). Not marked: a sample without its peak (an older
+    pipetrain's), with a peak below its RSS or below an earlier one's, with a second type
+    key, or of a process the run record does not name; any other record."""
     def sample(t, rss, peak, **more):
         return {"type": "system", "run": "r", "t": t, "rss_mb": rss,
                 **({} if peak is None else {"peak_rss_mb": peak}), **more}
 
     records = [
-        ({"type": "run", "run": "r", "t": 0.0, "resume": None}, False),
+        ({"type": "run", "run": "r", "t": 0.0, "resume": None, "distributed": {"processes": 2}}, False),
         (sample(1.0, 100.0, 120.0), True),
         (sample(2.0, 110.0, 115.0), False),  # its peak below the one marked before
         (sample(3.0, 130.0, 125.0), False),  # its peak below its own RSS
         (sample(4.0, 90.0, None), False),  # no peak
         (sample(5.0, 100.0, 130.0), True),
         (sample(6.0, 5000.0, 10.0, process=1), True),  # another process's: its memory is not shown
+        (sample(6.5, 5000.0, 10.0, process=2), False),  # of a process the run does not name
+        (sample(6.7, 5000.0, 10.0, process=-1), False),
         (sample(7.0, 100.0, 140.0, gpu_mb={"type": "x"}), False),  # a second "type" in the line
         (sample(7.5, 100.0, 140.0, process=0), True),
         ({"type": "epoch", "run": "r", "t": 8.0, "epoch": 0, "loss": 0.5}, False),
         ({"type": "run", "run": "r", "t": 9.0, "resume": {"epoch": 1, "batch": 0}}, False),
         (sample(10.0, 50.0, 60.0), True),  # a new segment (new processes): its peaks start over
+        (sample(10.5, 50.0, 60.0, process=1), False),  # (it runs on one process)
         ({"type": "end", "run": "r", "t": 11.0, "status": "completed", "peak_rss_mb": 70.0}, False),
     ]
     path = written(tmp_path / "h.jsonl", [r for r, _ in records])
@@ -600,8 +604,9 @@ def test_tail_reads_only_the_samples_that_decide_the_state(tmp_path):
 @pytest.mark.parametrize("seed", range(3))
 def test_random_histories_read_from_the_end_are_the_full_parse(tmp_path, seed):
     """Resumed histories of one to four processes per segment, samples arriving in any
-    order, a process without samples, segments of an older pipetrain (no peaks), ends,
-    writers killed, torn last lines: tail's state and view are the full parse's."""
+    order, a process without samples, segments of an older pipetrain (no peaks), samples
+    of processes no run names, ends, writers killed, torn last lines: tail's state and
+    view are the full parse's."""
     rng = random.Random(seed)
     for trial in range(8):
         processes = tuple(rng.choice([1, 1, 2, 3, 4]) for _ in range(rng.randint(1, 4)))
@@ -610,6 +615,9 @@ def test_random_histories_read_from_the_end_are_the_full_parse(tmp_path, seed):
         silent = rng.choice([None, 1, 2])  # a process whose samples never came
         records = [r for r in records if not (r["type"] == "system" and r.get("process") == silent
                                               and rng.random() < 0.9)]
+        for r in records:  # and a few written otherwise: a process no run names, a bool, text
+            if "process" in r and rng.random() < 0.03:
+                r["process"] = rng.choice([7, -1, True, "2"])
         for i in reversed([i for i, r in enumerate(records) if r["type"] == "run"][1:]):
             if rng.random() < 0.4:
                 records.insert(i, {"type": "end", "run": "r", "t": records[i]["t"], "status": "interrupted",
