@@ -7,11 +7,11 @@ other lines (run, epoch, system, end), and most of those are system samples (one
 2 s: 43,000 in a day). :class:`IndexWriter`, kept by the history's writer, appends where
 each other line is, and whether it is a sample that a reader may leave unread, to
 ``<history>.index`` (``history.jsonl.index`` in a run folder); nothing is written to it
-for a batch line.
-:func:`read` gives a reader those lines, each checked against the history's bytes, and
-the offset up to which they are all there is: the reader scans only what comes after it
-(the batch lines since the last other line, and anything appended by hand). A reader
-that needs only some of the samples (``tail``'s first look) leaves the others unread.
+for a batch line. :func:`read` gives a reader those lines, each checked against the
+history's bytes, and the offset up to which they are all there is: the reader scans only
+what comes after it (the batch lines since the last other line, and anything appended by
+hand). A reader that needs only some of the samples (``tail``'s first look) leaves the
+others unread.
 
 The index is binary, little-endian. A 32-byte header: ``PTINDEX2``, the history's inode
 (u64), how many of its first bytes were hashed (u32) and their BLAKE2b-64 digest. Then
@@ -78,12 +78,12 @@ from pipetrain import scan
 
 SUFFIX = ".index"
 MAGIC = b"PTINDEX2"
-VERSIONS = {b"PTINDEX1": 1, MAGIC: 2}  # (version 1: entries without a kind)
+VERSIONS = {b"PTINDEX1": 1, MAGIC: 2}  # (version 1: no entry marked a sample)
 HEAD_BYTES = 4096  # the history's first bytes that the header hashes
 _HEADER = struct.Struct("<8sQI8s4x")
 _ENTRY = struct.Struct("<QIIq")
 _ENTRIES = np.dtype([("offset", "<u8"), ("length", "<u4"), ("crc", "<u4"), ("mtime", "<i8")])
-SAMPLE = 1 << 31  # in an entry's length (version 2): the line is a system sample
+SAMPLE = 1 << 31  # in an entry's length (version 2): the line is a sample, one a reader may leave unread
 CLOSED = 1  # a seal's flag (in the CRC's place): written when the writer closed the history
 
 
