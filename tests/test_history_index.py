@@ -483,7 +483,7 @@ def test_a_writer_killed_mid_index_write_leaves_a_history_readers_read_right(tmp
         while True:
             i += 1
             w.write({{"type": "batch", "run": "r", "t": float(i), "epoch": i // 100, "batch": i % 100}})
-            w.write({{"type": "system", "run": "r", "t": float(i), "rss_mb": i}})
+            w.write({{"type": "system", "run": "r", "t": float(i), "rss_mb": i, "peak_rss_mb": i + i % 3}})
             if i == 300:
                 print("going", flush=True)
     """)
