@@ -9,9 +9,10 @@ The histories are written as a run writes them (history_maker.py, through Histor
 with the history's index: epochs of 10,000 batches, a system sample every 200 batches,
 one resume in the middle after a torn line) and kept in --folder for the next time.
 ``tail_noindex`` and ``read_epochs_noindex`` are ``tail`` and ``read_epochs`` with the
-index out of the way (the scan they fall back to). Each operation runs in a fresh process (pipetrain
-compiled to bytecode first, as installed); its time is measured inside that process from after the imports (``s``, and ``cpu_s``: the CPU
-time it used, which a busy shared machine disturbs less) and from outside
+index out of the way (the scan they fall back to). Each operation runs in a fresh process
+(pipetrain compiled to bytecode first, as installed); its time is measured inside that
+process from after the imports (``s``, and ``cpu_s``: the CPU time it used, which a busy
+shared machine disturbs less) and from outside
 (``process_s``: start, imports and all), with the process's peak RSS (``ru_maxrss``)
 and the CPU time of the helper processes it made (``helpers_cpu_s``: read_history's
 parts; on a busy machine ``s`` is at least the larger of ``cpu_s`` and that) and the
