@@ -187,22 +187,9 @@ def v_sync(path, spec, epochs):
 
 
 def v_tfdata(path, spec, epochs):
-    import tensorflow as tf
-
     model = build_model(spec["model"], spec["features"])
-    batch, rows = spec["batch"], spec["rows"]
-    dtype = tf.as_dtype(np.dtype(spec["dtype"]))
-
-    def batches():
-        with h5py.File(path) as f:
-            for a in range(0, rows, batch):
-                yield f["x"][a : a + batch], f["y"][a : a + batch]
-
-    data = tf.data.Dataset.from_generator(batches, output_signature=(
-        tf.TensorSpec((None, *spec["features"]), dtype), tf.TensorSpec((None,), tf.int64),
-    )).prefetch(tf.data.AUTOTUNE)
     timer = EpochTimes()
-    model.fit(data, epochs=epochs, verbose=0, callbacks=[timer])
+    model.fit(peers.tf_dataset(path, spec["batch"]), epochs=epochs, verbose=0, callbacks=[timer])
     return timer.times[1:], None
 
 

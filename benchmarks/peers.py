@@ -1,5 +1,5 @@
-"""The loaders a PyTorch or a JAX user would reach for, over the same HDF5 files, for
-benchmarks/bench_train.py.
+"""The loaders a PyTorch, JAX or TensorFlow user would reach for, over the same HDF5
+files, for benchmarks/bench_train.py and bench_paired.py.
 
 - :class:`H5Rows` is a map-style ``torch.utils.data.Dataset`` (``__len__`` and
   ``__getitem__``, one row per index). Each process opens the file itself (h5py handles
@@ -10,7 +10,7 @@ benchmarks/bench_train.py.
 - :class:`H5Batches` is a Grain random-access source whose records are whole batches
   (one h5py read each).
 - :func:`torch_loader` and :func:`grain_batches` build the loaders as their documentation
-  shows them, with worker processes.
+  shows them, with worker processes; :func:`tf_dataset` is ``tf.data`` over h5py slices.
 
 Both read a batch in one h5py call, the strongest form of each peer: reading row by row
 (a plain ``__getitem__``, Grain's ``MapDataset.source(rows).batch(n)``) costs h5py about
@@ -96,16 +96,16 @@ def as_tensors(batch):
     return torch.from_numpy(batch[0]), torch.from_numpy(batch[1])
 
 
-def torch_loader(path, batch_size: int, workers: int = 2):
+def torch_loader(path, batch_size: int, workers: int = 2, x: str = "x", y: str = "y"):
     """``DataLoader`` over :class:`H5Rows` in file order: ``workers`` worker processes
     (kept across epochs), no pinned memory (CPU)."""
     from torch.utils.data import DataLoader
 
-    return DataLoader(H5Rows(path), batch_size=batch_size, shuffle=False, num_workers=workers,
+    return DataLoader(H5Rows(path, x, y), batch_size=batch_size, shuffle=False, num_workers=workers,
                       collate_fn=as_tensors, pin_memory=False, persistent_workers=True)
 
 
-def grain_batches(path, batch_size: int, epochs: int, workers: int = 2):
+def grain_batches(path, batch_size: int, epochs: int, workers: int = 2, x: str = "x", y: str = "y"):
     """Grain: ``MapDataset`` over :class:`H5Batches`, ``epochs`` passes in file order,
     prefetched by ``workers`` worker processes. One iterator for the whole run, as Grain
     is used (its workers start once)."""
@@ -114,5 +114,21 @@ def grain_batches(path, batch_size: int, epochs: int, workers: int = 2):
 
     if not flags.FLAGS.is_parsed():  # Grain reads its Abseil flags unparsed in a plain script (grain#1355)
         flags.FLAGS.mark_as_parsed()
-    dataset = grain.MapDataset.source(H5Batches(path, batch_size)).repeat(epochs)
+    dataset = grain.MapDataset.source(H5Batches(path, batch_size, x, y)).repeat(epochs)
     return iter(dataset.to_iter_dataset().mp_prefetch(grain.MultiprocessingOptions(num_workers=workers)))
+
+
+def tf_dataset(path, batch_size: int, x: str = "x", y: str = "y"):
+    """``tf.data`` as a TensorFlow user writes it for an HDF5 file: a generator of h5py
+    slices, one batch each, prefetched (``AUTOTUNE``)."""
+    import tensorflow as tf
+
+    with h5py.File(path, "r") as f:
+        rows, specs = len(f[x]), tuple(tf.TensorSpec((None, *f[n].shape[1:]), f[n].dtype) for n in (x, y))
+
+    def batches():
+        with h5py.File(path, "r") as f:
+            for a in range(0, rows, batch_size):
+                yield f[x][a : a + batch_size], f[y][a : a + batch_size]
+
+    return tf.data.Dataset.from_generator(batches, output_signature=specs).prefetch(tf.data.AUTOTUNE)

@@ -43,7 +43,8 @@ class Template:
     is ``pieces[0] slot0 pieces[1] slot1 ... pieces[m]``; each piece after the first
     begins with the byte that ends the number before it (a comma or the closing brace)."""
 
-    __slots__ = ("record", "keys", "fixed", "slot_keys", "slot_types", "pieces", "colons", "slot_colons", "words")
+    __slots__ = ("record", "keys", "fixed", "slot_keys", "slot_types", "pieces", "colons", "slot_colons",
+                 "outside", "piece_runs", "run_is_slot")
 
     def __init__(self, record, fixed, slot_keys, slot_types, pieces):
         self.record, self.keys, self.fixed = record, tuple(record), fixed
@@ -51,33 +52,11 @@ class Template:
         line = b"".join(pieces)  # (the pieces alone: a number holds no colon)
         self.colons = line.count(b":")
         self.slot_colons = [b"".join(pieces[: j + 1]).count(b":") - 1 for j in range(len(slot_keys))]
-        # Each piece as words of 8, 4, 2 or 1 bytes (the last may overlap the one before):
-        # (piece, offset in it, bytes, the piece's bytes there, the blank's bytes there).
-        self.words = []
-        for j, piece in enumerate(pieces):
-            blank = b" " * len(piece) if j == 0 else b"," + b" " * (len(piece) - 1)
-            for offset, size in _words(len(piece)):
-                self.words.append((j, offset, size, _int(piece, offset, size), _int(blank, offset, size)))
-
-
-def _words(length: int) -> list[tuple[int, int]]:
-    """(offset, size) of words that cover ``length`` bytes, none beyond them."""
-    size = next(s for s in (8, 4, 2, 1) if s <= length)
-    offsets = list(range(0, length - size + 1, size))
-    if offsets[-1] + size < length:
-        offsets.append(length - size)
-    return [(offset, size) for offset in offsets]
-
-
-def _int(data: bytes, offset: int, size: int) -> int:
-    return int.from_bytes(data[offset: offset + size], "little")
-
-
-def _view(data, size: int) -> np.ndarray:
-    """``data`` as little-endian words of ``size`` bytes beginning at every byte."""
-    if size == 1:
-        return np.frombuffer(data, dtype=np.uint8)
-    return np.ndarray((len(data) - size + 1,), dtype=f"<u{size}", buffer=data, strides=(1,))
+        # A line with its number places cut out: the pieces, and the newline.
+        self.outside = np.frombuffer(line + b"\n", dtype=np.uint8)
+        self.piece_runs = np.array([len(p) for p in pieces], dtype=np.int64)
+        self.piece_runs[-1] += 1  # the newline
+        self.run_is_slot = np.arange(2 * len(pieces) - 1) % 2 == 1  # piece, slot, piece, ..., piece
 
 
 def template(line: bytes) -> Template | None:
@@ -150,24 +129,25 @@ def parse(data: bytes, like: Template | None = None) -> tuple[Template, np.ndarr
     line_starts[1:] = ends[:-1] + 1
     if not ((starts[:, 0] - line_starts == lengths[0]).all() and (stops > starts).all()):
         return None
-    # Every piece of every line is the template's, checked a word at a time; in a copy,
-    # each is made blank (its closer a comma), so the copy is one JSON array of the numbers.
-    bases = np.empty((n, m + 1), dtype=np.int64)  # where each piece begins
-    bases[:, 0] = line_starts
-    bases[:, 1:] = stops
-    copy = bytearray(data)
-    views, blanks = {}, {}
-    for j, offset, size, word, blank in t.words:
-        if size not in views:
-            views[size], blanks[size] = _view(data, size), _view(copy, size)
-        at = bases[:, j] + offset
-        if not (views[size][at] == word).all():
-            return None
-        blanks[size][at] = blank
-    copy[0] = ord("[")
-    copy[stops[-1, -1]] = ord("]")
+    # Every byte outside the number places is the template's: the data with the places
+    # cut out is the template's pieces (and newline), n times over.
+    runs = np.empty((n, 2 * m + 1), dtype=np.int64)
+    runs[:, 0::2] = t.piece_runs
+    runs[:, 1::2] = stops - starts
+    in_slot = np.repeat(np.tile(t.run_is_slot, n), runs.ravel())
+    outside = arr[~in_slot]
+    if len(outside) != n * len(t.outside) or not (outside.reshape(n, -1) == t.outside).all():
+        return None
+    # The numbers, each with the byte after it (a comma, or the brace that closes the
+    # line, made a comma), cut out as one JSON array.
+    in_slot[stops.ravel()] = True
+    numbers = np.empty(int(runs[:, 1::2].sum()) + n * m + 1, dtype=np.uint8)
+    numbers[0] = ord("[")
+    np.compress(in_slot, arr, out=numbers[1:])
+    numbers[np.cumsum(runs[:, 1::2].sum(axis=1) + m)] = ord(",")  # each line's last closer
+    numbers[-1] = ord("]")
     try:
-        flat = orjson.loads(copy)
+        flat = orjson.loads(memoryview(numbers))
     except orjson.JSONDecodeError:
         return None
     if len(flat) != n * m or list(map(type, flat)) != t.slot_types * n:

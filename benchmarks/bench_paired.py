@@ -1,0 +1,161 @@
+"""Paired blocks: pipetrain's loop against training alone and the backend's own loader,
+step for step, on a machine whose speed drifts.
+
+    KERAS_BACKEND=torch python benchmarks/bench_paired.py [--workload digits w1 w2]
+        [--block 40] [--rounds 12] [--data-dir /tmp/bt-data] [--out results/paired-torch.json]
+
+bench_train.py and bench_overhead.py run each variant for whole epochs, one after the
+other; on this shared 2-core machine the speed of the same work swings by 25-70% within
+minutes, more than the differences they measure. Here every variant is a training loop
+written as a generator that yields after each step, with its own model (same
+architecture, same seed). One process runs them in turn, ``--block`` steps each, round
+after round: variants measured seconds apart share the machine's state, so each round's
+ratio of a variant's block to ``memory``'s block is free of the drift, and the report
+gives the median ms/step and the median of those per-round ratios.
+
+- ``memory``: ``model.train_on_batch`` on in-memory slices of the file's arrays (training
+  alone: what the step itself costs);
+- ``pipetrain``: a ``pipetrain.Run`` loop calling ``epoch.train_on_batch``, with the
+  history and the system monitor on (what ``train()`` runs, checkpoints apart);
+- ``loader``: the backend's own loader feeding ``model.train_on_batch``: torch's
+  ``DataLoader`` (2 worker processes), Grain (2 worker processes) on JAX, ``tf.data``
+  (a generator of h5py slices, prefetched) on TensorFlow.
+
+Workloads: ``digits`` (issue 15: the digits MLP, batch 32, 1 ms steps: pipetrain's
+per-step cost) and ``w1``, ``w2`` of bench_train.py (issue 11: the data path). While one
+variant runs, the others' producers have filled their bounded queues and sleep; the
+block is long enough (several queues' worth of steps) that each is measured in its
+steady state.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import h5py  # noqa: E402
+import keras  # noqa: E402
+
+import peers  # noqa: E402  (benchmarks/peers.py)
+import pipetrain  # noqa: E402
+from bench_overhead import _device  # noqa: E402
+from bench_overhead import _model as digits_model  # noqa: E402
+from bench_train import WORKLOADS, build_model  # noqa: E402
+from pipetrain.synth import make_data  # noqa: E402
+
+BACKEND = keras.backend.backend()
+LOADER = {"torch": "DataLoader", "jax": "Grain", "tensorflow": "tf.data"}[BACKEND]
+
+
+def workload(name: str, data_dir: Path) -> tuple[str, dict, str, str, object]:
+    """(file, spec, x name, y name, model builder) of a workload; its file made if missing."""
+    if name == "digits":
+        path, _ = pipetrain.sample_data()
+        return str(path), {"batch": 32}, "images", "labels", digits_model
+    spec = WORKLOADS[name]
+    path = data_dir / f"{name}.h5"
+    if not path.exists():
+        data_dir.mkdir(parents=True, exist_ok=True)
+        make_data(path, spec["rows"], spec["features"], 10, spec["dtype"], spec["compression"],
+                  spec["shuffle_filter"], 256)
+    return str(path), spec, "x", "y", lambda: build_model(spec["model"], spec["features"])
+
+
+def memory(path, x_name, y_name, batch, model):
+    with h5py.File(path) as f:
+        x, y = f[x_name][...], f[y_name][...]
+    while True:
+        for a in range(0, len(x), batch):
+            model.train_on_batch(x[a:a + batch], y[a:a + batch])
+            yield
+
+
+def with_pipetrain(path, x_name, y_name, batch, model, folder: Path):
+    source = pipetrain.H5Source(path, x=x_name, y=y_name)
+    with pipetrain.Run(source, batch_size=batch, epochs=10**6, shuffle="none", models=model,
+                       history=str(folder / "history.jsonl"), monitor_interval=2.0, verbose=0,
+                       checkpoint_every=None) as run:
+        for epoch in run.epochs():
+            for b in epoch:
+                epoch.train_on_batch(model, b.x, b.y)
+                yield
+
+
+def with_loader(path, x_name, y_name, batch, model):
+    if BACKEND == "torch":
+        loader = peers.torch_loader(path, batch, x=x_name, y=y_name)
+        batches = itertools.chain.from_iterable(itertools.repeat(loader))
+    elif BACKEND == "jax":
+        batches = peers.grain_batches(path, batch, epochs=10**4, x=x_name, y=y_name)
+    else:
+        batches = itertools.chain.from_iterable(itertools.repeat(peers.tf_dataset(path, batch, x=x_name, y=y_name)))
+    for x, y in batches:
+        model.train_on_batch(x, y)
+        yield
+
+
+def run(name: str, block: int, rounds: int, data_dir: Path) -> dict:
+    path, spec, x_name, y_name, builder = workload(name, data_dir)
+    with tempfile.TemporaryDirectory() as tmp:
+        loops = {"memory": memory(path, x_name, y_name, spec["batch"], builder()),
+                 "pipetrain": with_pipetrain(path, x_name, y_name, spec["batch"], builder(), Path(tmp)),
+                 LOADER: with_loader(path, x_name, y_name, spec["batch"], builder())}
+        ms: dict[str, list[float]] = {v: [] for v in loops}
+        try:
+            for r in range(rounds + 1):  # round 0 warms up (tracing, workers, page cache): not counted
+                for variant, loop in loops.items():
+                    t0 = time.perf_counter()
+                    for _ in range(block):
+                        next(loop)
+                    if r:
+                        ms[variant].append(1000 * (time.perf_counter() - t0) / block)
+        finally:
+            for loop in loops.values():
+                loop.close()
+    out = {"workload": name, "backend": BACKEND, "device": _device(), "batch": spec["batch"], "block": block,
+           "rounds": rounds, "variants": {}}
+    for variant, values in ms.items():
+        out["variants"][variant] = {
+            "ms_per_step": [round(v, 3) for v in values], "median_ms": round(statistics.median(values), 3),
+            "x_memory": round(statistics.median(v / m for v, m in zip(values, ms["memory"], strict=True)), 3),
+            "x_loader": round(statistics.median(v / m for v, m in zip(values, ms[LOADER], strict=True)), 3)}
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--workload", nargs="+", default=["digits", "w1", "w2"], choices=["digits", *WORKLOADS])
+    p.add_argument("--block", type=int, default=40, help="steps per variant per round (default 40)")
+    p.add_argument("--rounds", type=int, default=12)
+    p.add_argument("--data-dir", default=os.path.join(tempfile.gettempdir(), "pipetrain-bench"))
+    p.add_argument("--out", default=None, help="JSON file for the results")
+    args = p.parse_args()
+    results = []
+    for name in args.workload:
+        r = run(name, args.block, args.rounds, Path(args.data_dir))
+        results.append(r)
+        print(f"{name} on {BACKEND} ({r['device']}), {args.rounds} rounds of {args.block} steps:")
+        for variant, v in r["variants"].items():
+            print(f"  {variant:10s} {v['median_ms']:8.2f} ms/step   x memory {v['x_memory']:.3f}   "
+                  f"x {LOADER} {v['x_loader']:.3f}", flush=True)
+    if args.out:
+        meta = {"cpus": os.cpu_count(), "python": platform.python_version(), "keras": keras.__version__,
+                "load_1min": round(os.getloadavg()[0], 2), "argv": sys.argv[1:]}
+        Path(args.out).write_text(json.dumps({"meta": meta, "results": results}, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
