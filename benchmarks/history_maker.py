@@ -2,10 +2,11 @@
 
 A job at 100 steps/s with batch 32 and 10,000 steps per epoch: a batch record per step
 (loss, accuracy, timings, recent samples/s), an epoch record (with validation) at each
-epoch end, a system sample every 2 s (200 steps), and one resume in the middle: the
-first segment is killed 400 batches after its last checkpoint (every 1,000 batches),
-leaving a torn line, and the second segment resumes at that checkpoint, trains those
-400 batches again and runs to the end. Each segment writes through
+epoch end, a system sample every 2 s (200 steps; with the process's peak RSS, as a
+run's monitor writes it), and one resume in the middle: the first segment is killed 400
+batches after its last checkpoint (every 1,000 batches), leaving a torn line, and the
+second segment resumes at that checkpoint, trains those 400 batches again and runs to
+the end. Each segment writes through
 :class:`~pipetrain.history.HistoryWriter`, as a run does: the second one cuts the torn
 line, and the history's index (``.index``) is kept as a run keeps it.
 """
@@ -52,7 +53,7 @@ def write_history(path: str | Path, batches: int, seed: int = 0) -> Path:
     epochs = math.ceil((batches - KILLED_AFTER) / STEPS_PER_EPOCH)
     kill = (batches - KILLED_AFTER) // 2 // CHECKPOINT_EVERY * CHECKPOINT_EVERY + KILLED_AFTER
     t = 1_764_085_960.0
-    rss = 700.0
+    rss = peak = 700.0
     written = 0
     path.unlink(missing_ok=True)
     path_for(path).unlink(missing_ok=True)
@@ -63,7 +64,7 @@ def write_history(path: str | Path, batches: int, seed: int = 0) -> Path:
             f.write(record)
 
         def train(start: int, stop: int) -> None:
-            nonlocal t, rss, written
+            nonlocal t, rss, peak, written
             for step in range(start, stop):
                 epoch, index = divmod(step, STEPS_PER_EPOCH)
                 t += STEP_S * (0.9 + 0.2 * rng.random())
@@ -77,9 +78,10 @@ def write_history(path: str | Path, batches: int, seed: int = 0) -> Path:
                 written += 1
                 if step % SYSTEM_EVERY == SYSTEM_EVERY - 1:
                     rss += rng.uniform(-1, 1.05)
+                    peak = max(peak, rss + 0.25 * (step // SYSTEM_EVERY % 5))  # the kernel's: spikes between samples
                     emit({"type": "system", "run": run_id, "t": round(t, 6), "rss_mb": round(rss, 2),
-                          "cpu_pct": round(rng.uniform(90, 110), 1), "sys_available_mb": round(22_000 - rss, 1),
-                          "threads": 11})
+                          "peak_rss_mb": round(peak, 2), "cpu_pct": round(rng.uniform(90, 110), 1),
+                          "sys_available_mb": round(22_000 - rss, 1), "threads": 11})
                 if index == STEPS_PER_EPOCH - 1:
                     t += 3.0
                     emit({"type": "epoch", "run": run_id, "t": round(t, 6), "epoch": epoch,
@@ -97,6 +99,7 @@ def write_history(path: str | Path, batches: int, seed: int = 0) -> Path:
         os.write(fd, b'{"type":"batch","run":"' + run_id.encode() + b'","t":17')
         os.close(fd)
         f = HistoryWriter(path)  # the resumed run cuts the torn line and appends
+        peak = rss  # (a new process)
         at = kill - KILLED_AFTER
         t += 30.0
         emit(run_record(run_id, t, epochs, {"epoch": at // STEPS_PER_EPOCH, "batch": at % STEPS_PER_EPOCH,

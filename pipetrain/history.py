@@ -213,6 +213,20 @@ def is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+def is_shown(sample: Mapping) -> bool:
+    """Whether a system sample is one the view shows (memory, CPU): process 0's, or one
+    without a process index (a run of one process). A bool counts as the int it is."""
+    process = sample.get("process")
+    return not isinstance(process, int) or process == 0
+
+
+def processes_of(run: Mapping) -> int:
+    """How many processes a run record says its segment runs on (0: not a distributed run)."""
+    distributed = run.get("distributed")
+    count = distributed.get("processes") if isinstance(distributed, Mapping) else None
+    return count if type(count) is int and count > 0 else 0
+
+
 def numeric_view(record: dict) -> dict:
     """A ``batch``, ``epoch`` or ``system`` record as it is displayed and plotted: text
     where measurements are numbers (a hand-edited file) shows as missing. Other

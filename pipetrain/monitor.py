@@ -1,7 +1,8 @@
 """A background sampler of process and system resources.
 
-Every ``interval`` seconds a daemon thread measures the process's resident memory, CPU
-use (percent of one core, so two busy cores read 200), the system's available memory,
+Every ``interval`` seconds a daemon thread measures the process's resident memory (now,
+and its peak so far from the kernel: a sample says the peak, spikes between samples
+included), CPU use (percent of one core, so two busy cores read 200), the system's available memory,
 the process's thread count and, where a GPU is present, its memory (current and peak),
 and hands the sample to ``emit``. It never touches a model; GPU memory comes from a
 probe chosen for the Keras backend in use (:func:`gpu_probe`), which reports nothing on
@@ -44,27 +45,33 @@ class Monitor:
         self.interval, self.emit, self.gpu = interval, emit, gpu
         self.process = psutil.Process()
         self._cpu_ref: tuple[float, float] | None = None  # (time, CPU seconds) of the last measure
-        self.peak_rss_mb = 0.0
+        self.peak_rss_mb = 0.0  # the largest peak_rss_mb sampled
         self.samples = 0
+        self._lock = threading.Lock()  # samples are taken by the thread and by the owner
         self.error: BaseException | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
     def sample(self) -> dict:
-        with self.process.oneshot():
-            rss_mb = self.process.memory_info().rss / 2**20
-            record = {
-                "rss_mb": round(rss_mb, 2),
-                "cpu_pct": round(self._cpu_pct(), 1),
-                "sys_available_mb": round(psutil.virtual_memory().available / 2**20, 1),
-                "threads": self.process.num_threads(),
-            }
-        gpu = self.gpu() if self.gpu is not None else None
-        if gpu is not None:
-            record["gpu_mb"] = gpu
-        self.peak_rss_mb = max(self.peak_rss_mb, record["rss_mb"])  # as recorded
-        self.samples += 1
-        return record
+        """One sample. Its ``peak_rss_mb`` (the kernel's, read after the RSS) is never
+        below its own ``rss_mb`` nor below an earlier sample's peak: the latest sample says
+        the peak of them all, which readers rely on (:func:`pipetrain.reading.last_look`)."""
+        with self._lock:
+            with self.process.oneshot():
+                rss_mb = round(self.process.memory_info().rss / 2**20, 2)
+                record = {
+                    "rss_mb": rss_mb,
+                    "peak_rss_mb": max(round(peak_rss_mb(), 2), rss_mb, self.peak_rss_mb),
+                    "cpu_pct": round(self._cpu_pct(), 1),
+                    "sys_available_mb": round(psutil.virtual_memory().available / 2**20, 1),
+                    "threads": self.process.num_threads(),
+                }
+            gpu = self.gpu() if self.gpu is not None else None
+            if gpu is not None:
+                record["gpu_mb"] = gpu
+            self.peak_rss_mb = record["peak_rss_mb"]
+            self.samples += 1
+            return record
 
     def _cpu_pct(self) -> float:
         """Percent of one core since the last sample; for the first sample, and for one

@@ -38,7 +38,7 @@ from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
 
-from pipetrain.history import is_number, numeric_view, resume_point, superseded
+from pipetrain.history import is_number, is_shown, numeric_view, resume_point, superseded
 from pipetrain.outcome import best_epoch
 
 REFRESH_S = 0.1  # the bar redraws at most ten times a second
@@ -155,8 +155,9 @@ class RunState:
 
     A resumed segment (a ``run`` record with ``resume``) continues the same state: the
     epochs it trains again are dropped exactly as :func:`pipetrain.read_history` drops
-    them. Everything here is derived from the records alone, so a view of it is the same
-    whenever and wherever it is drawn.
+    them; its system samples replace the earlier segment's (other processes run it), while
+    the peak RSS stays the whole run's. Everything here is derived from the records
+    alone, so a view of it is the same whenever and wherever it is drawn.
 
     Example::
 
@@ -169,9 +170,11 @@ class RunState:
         self.runs: list[dict] = []
         self.epochs: list[dict] = []
         self.batch: dict | None = None  # the latest batch record
-        self.system: dict | None = None  # the latest system sample (process 0's in a distributed run)
-        self.processes: dict[int, dict] = {}  # a distributed run: the latest sample of each process
-        self.first_rss_mb: float | None = None
+        # The latest segment's (since the latest run record: the processes running now):
+        self.system: dict | None = None  # its latest system sample (process 0's in a distributed run)
+        self.processes: dict[int, dict] = {}  # a distributed run: the latest sample of each process, by index
+        self.first_rss_mb: float | None = None  # the RSS of its first sample shown (process 0's)
+        # The whole run's: the most memory a sample shown or an end record says it held.
         self.peak_rss_mb = 0.0
         self.end: dict | None = None
         self.last_t: float | None = None
@@ -210,12 +213,12 @@ class RunState:
                 self.last_t = record["t"]
             process = record.get("process")
             if isinstance(process, int):
-                latest[process] = record
-                if process != 0:
-                    continue
-            shown = record
-            self._rss(record)
-        self.processes.update({process: numeric_view(record) for process, record in latest.items()})
+                latest[int(process)] = record
+            if is_shown(record):
+                shown = record
+                self._rss(record)
+        if latest:
+            self._processes({process: numeric_view(record) for process, record in latest.items()})
         if shown is not None:
             self.system = numeric_view(shown)
 
@@ -280,6 +283,9 @@ class RunState:
         self.position = at or (0, 0)
         self._current = _EpochSoFar()  # a resumed epoch's figures start at the resume
         self.end = None
+        # New processes: the old ones' samples say nothing of them (a dead process is not
+        # shown, nor growth since another process started); the peak stays the run's.
+        self.system, self.processes, self.first_rss_mb = None, {}, None
         self.runs.append(record)
 
     def _batch(self, record: dict) -> None:
@@ -297,18 +303,28 @@ class RunState:
     def _system(self, record: dict) -> None:
         process = record.get("process")
         if isinstance(process, int):
-            self.processes[process] = record
-            if process != 0:  # memory and CPU shown are process 0's; the others' in processes
-                return
-        self.system = record
-        self._rss(record)
+            self._processes({int(process): record})
+        if is_shown(record):  # memory and CPU shown are process 0's; the others' in processes
+            self.system = record
+            self._rss(record)
+
+    def _processes(self, latest: dict[int, dict]) -> None:
+        """Note the latest samples of processes; ``processes`` stays in process order (a
+        bool counts as the int it is), whatever order the processes' samples came in."""
+        new = not latest.keys() <= self.processes.keys()
+        self.processes.update(latest)
+        if new:
+            self.processes = dict(sorted(self.processes.items()))
 
     def _rss(self, sample: dict) -> None:
-        """The first and the peak RSS of the samples shown (process 0's)."""
-        rss = sample.get("rss_mb")
+        """The first RSS of the samples shown (process 0's) and the peak: of their RSS and
+        of the peak each says (the process's peak so far, from the kernel)."""
+        rss, peak = sample.get("rss_mb"), sample.get("peak_rss_mb")
         if is_number(rss):
             self.first_rss_mb = rss if self.first_rss_mb is None else self.first_rss_mb
             self.peak_rss_mb = max(self.peak_rss_mb, rss)
+        if is_number(peak):
+            self.peak_rss_mb = max(self.peak_rss_mb, peak)
 
     def _end(self, record: dict) -> None:
         self.end = record

@@ -28,13 +28,14 @@ writer puts them; a line written otherwise is parsed whole).
 
 from __future__ import annotations
 
+import bisect
 import gc
 import os
 import pickle
 import re
 import subprocess
 import sys
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from functools import partial
 from itertools import takewhile
 from operator import itemgetter
@@ -43,7 +44,7 @@ from pathlib import Path
 import numpy as np
 
 from pipetrain import columnar, forked, index, scan
-from pipetrain.history import History, history_file, resume_point, well_formed
+from pipetrain.history import History, history_file, is_number, is_shown, processes_of, resume_point, well_formed
 from pipetrain.table import Table, TableBuilder
 
 TABLES = ("batches", "epochs", "system")
@@ -217,8 +218,7 @@ class _Reader:
             if end is None:
                 break
             line = data[start:end]
-            if (not self.want.system and line.startswith(scan.SYSTEM_PREFIX) and line.count(b'"type"') == 1
-                    and b"\\" not in line):
+            if not self.want.system and scan.is_sample(line):
                 continue  # a system record (or not a record at all: no other type key can hide in it)
             self.route(scan.decode(line), line)
         self._flush()  # a block's records go into the tables together
@@ -394,7 +394,7 @@ def read_history(
         size = os.fstat(fd).st_size
         if not selection.batches:  # all it wants is in the lines the index lists, if it is valid
             reader = _Reader(selection)
-            known = index.read(fd, index.path_for(path))
+            known = index.read(fd, index.path_for(path), samples=selection.system)  # (samples: only if asked)
             if known.lines:
                 reader.block(scan.Block(0, b"\n".join(line for _, line in known.lines) + b"\n"))
             for block in scan.blocks(fd, known.covered, size):
@@ -515,67 +515,209 @@ def _serve() -> None:
 
 def last_look(fd: int, stop: int, index_path: os.PathLike | None = None) -> tuple[list[tuple[int, dict]], int]:
     """What a state fed every record up to ``stop`` (an offset just after a newline)
-    knows, found without parsing every batch line: the records other than batches, and
-    the batches that still count at the end - the last one, and the run of batches of
-    its epoch after the last run record (an epoch's figures so far). Returns them as
-    (offset, record) in file order, with the number of lines that are not records when
-    none is (0 otherwise), so a caller can refuse a file that is not a history.
+    knows, found without parsing every batch line: the records other than batches and
+    system samples, the system samples that decide the state, and the batches that still
+    count at the end - the last one, and the run of batches of its epoch after the last
+    run record (an epoch's figures so far). Returns them as (offset, record) in file
+    order, with the number of lines that are not records when none is (0 otherwise), so
+    a caller can refuse a file that is not a history.
+
+    The samples that decide the state (:class:`~pipetrain.progress.RunState`): of the
+    latest segment (since the last run record: the processes running now) its first
+    sample shown, its latest and the latest of each of its processes; and the peak RSS
+    over all, which a sample says itself (``peak_rss_mb``: its process's peak so far).
+    The index leaves unread only samples whose peak covers the ones before them in their
+    segment (:mod:`pipetrain.index`), so of each earlier segment the last of those is
+    read, and of the last segment, from its end, as many as it takes to meet each of its
+    processes (its run record's ``distributed.processes``), then its first shown. Any
+    other sample (an older pipetrain's, without its peak; one edited by hand) is among
+    the lines the index lists to be read.
 
     With the history's index (``index_path``, when valid) the lines it lists are all that
-    is read before what it covers: what it costs does not grow with the file."""
-    others: list[tuple[int, dict]] = []
-    batch_runs: list[tuple[int, int]] = []  # file offsets of runs of batch-looking lines
-    not_records = 0
+    is read before what it covers, and of the system samples only those: what it costs
+    does not grow with the file. Without one, every line but the batches is parsed."""
+    known = index.read(fd, index_path, stop, samples=False)
+    while True:
+        look = _Look(fd, stop, known)
+        try:
+            look.samples()
+        except _Moved:  # a sample line the index lists did not check out: ``known`` now ends before it
+            continue
+        return look.result()
 
-    def take(at: int, line: bytes, record) -> None:
-        nonlocal not_records
+
+class _Moved(Exception):
+    pass
+
+
+class _Look:
+    """One :func:`last_look`: the lines the index lists (but its samples), the lines
+    after what it covers, then the samples and batches that decide the state."""
+
+    def __init__(self, fd: int, stop: int, known: index.Known):
+        self.fd, self.stop, self.known = fd, stop, known
+        self.others: list[tuple[int, dict]] = []  # records other than batches, in file order
+        self.read: list[tuple[int, dict]] = []  # records of the samples read from the index
+        self._cache: dict[int, dict | None] = {}  # the index's samples read: their records
+        self.not_records = 0
+        self.scanned_runs: list[tuple[int, int]] = []  # runs of batch-looking lines after ``covered``
+        lines = known.lines
+        for (at, line), record in zip(lines, scan.loads_many([line for _, line in lines]), strict=True):
+            self.take(at, line, record)
+        for block in scan.blocks(fd, known.covered, stop):
+            spans = block.others()
+            clean = block.clean(spans)
+            for start, end in block.batch_runs(spans):
+                self.scanned_runs.append((block.offset + start, block.offset + end))
+            for start, end in spans if clean else block.lines():  # unclean: a batch-looking line may be another record
+                line = block.data[start:end]
+                self.take(block.offset + start, line, scan.decode(line))
+
+    def take(self, at: int, line: bytes, record, into: list | None = None) -> None:
         if type(record) is dict and well_formed(record):
             if record["type"] != "batch":
-                others.append((at, record))
+                (self.others if into is None else into).append((at, record))
         elif line.strip() and not line.startswith(scan.BATCH_PREFIX):
-            not_records += 1
+            self.not_records += 1
 
-    known = index.read(fd, index_path, stop)
-    at = 0
-    for (start, line), record in zip(known.lines, scan.loads_many([line for _, line in known.lines]), strict=True):
-        if not line.startswith(scan.BATCH_PREFIX):  # a batch-looking line listed is one of a run too
-            if start > at:
-                batch_runs.append((at, start))
-            at = start + len(line) + 1
-        take(start, line, record)
-    if known.covered > at:
-        batch_runs.append((at, known.covered))
-    for block in scan.blocks(fd, known.covered, stop):
-        lines = block.others()
-        clean = block.clean(lines)
-        for start, end in block.batch_runs(lines):
-            batch_runs.append((block.offset + start, block.offset + end))
-        spans = lines if clean else block.lines()  # unclean: a batch-looking line may be another record
-        for start, end in spans:
-            line = block.data[start:end]
-            take(block.offset + start, line, scan.decode(line))
-    last_run = max((at for at, r in others if r["type"] == "run"), default=-1)
-    batches: list[tuple[int, dict]] = []
-    epoch = None
-    for start, end in reversed(batch_runs):
-        data = os.pread(fd, end - start, start)
-        lines = data.split(b"\n")
-        lines.pop()
-        offsets = np.cumsum([0] + [len(line) + 1 for line in lines[:-1]]) + start
-        for at, line, record in zip(reversed(offsets.tolist()), reversed(lines), reversed(scan.loads_many(lines)),
-                                    strict=True):
-            if type(record) is not dict or not well_formed(record) or record["type"] != "batch":
-                not_records += bool(line.strip()) and (type(record) is not dict or not well_formed(record))
-                continue
-            this = int(record.get("epoch") or 0)
-            if epoch is None:
-                epoch = this
-            elif at < last_run or this != epoch:
-                return _in_order(others, batches), 0
-            batches.append((at, record))
-            if at < last_run:
-                return _in_order(others, batches), 0
-    return _in_order(others, batches), not_records if not others and not batches else 0
+    # -- the samples ------------------------------------------------------------------------
+
+    def samples(self) -> None:
+        """Read the samples the index lists unread that decide the state (see last_look)."""
+        offsets = self.known.samples
+        if not len(offsets):
+            return
+        runs = [(at, r) for at, r in self.others if r["type"] == "run"]
+        parsed = [(at, r) for at, r in self.others if r["type"] == "system"]
+        parsed_at = [at for at, _ in parsed]
+        edges = [-1, *(at for at, _ in runs), self.stop]
+        for segment in range(len(edges) - 1):
+            lo, hi = edges[segment], edges[segment + 1]
+            a, b = int(np.searchsorted(offsets, lo, "right")), int(np.searchsorted(offsets, hi, "left"))
+            if a == b:
+                continue  # none of its samples is left unread
+            if segment < len(edges) - 2:
+                self._peak(a, b)
+            else:
+                mine = parsed[bisect.bisect_right(parsed_at, lo):]
+                self._latest(a, b, mine, processes_of(runs[-1][1]) if runs else 0)
+
+    def _peak(self, a: int, b: int) -> None:
+        """An earlier segment's samples ``a:b`` (unread): what counts of them is their
+        peak, which the last one shown says (the writer marked them so); all of them
+        if it does not."""
+        walk = self._backwards(a, b, [])
+        for record, _ in walk:
+            if is_shown(record):
+                if not is_number(record.get("peak_rss_mb")):
+                    break
+                return
+        for _ in walk:
+            pass
+
+    def _latest(self, a: int, b: int, parsed: list[tuple[int, dict]], processes: int) -> None:
+        """The last segment's samples: ``parsed`` already, the index's ``a:b`` unread. Its
+        latest sample shown, the latest of each of its ``processes``, the peak (the last
+        unread one shown says it) and its first sample shown with an RSS."""
+        walk = self._backwards(a, b, parsed)
+        need = set(range(processes)) if processes <= b - a + len(parsed) else None  # None: cannot be met
+        latest = peak = None
+        if need is not None:
+            for record, unread in walk:
+                process = record.get("process")
+                if isinstance(process, int):
+                    need.discard(int(process))
+                if is_shown(record):
+                    latest = latest or record
+                    peak = peak or (record if unread else None)
+                if latest is not None and peak is not None and not need:
+                    break
+            else:
+                return  # all of them read
+        if need is None or not is_number(peak.get("peak_rss_mb")):
+            for _ in walk:  # all of them: the peak is that of every sample
+                pass
+            return
+        for record, _ in self._forwards(a, b, parsed):
+            if is_shown(record) and is_number(record.get("rss_mb")):
+                break
+
+    def _sample(self, k: int) -> dict | None:
+        """The record of the index's unread sample ``k`` (None: not a record), read once."""
+        if k not in self._cache:
+            line = self.known.sample(k)
+            if line is None:
+                raise _Moved
+            records: list = []
+            self.take(int(self.known.samples[k]), line, scan.decode(line), records)
+            self._cache[k] = records[0][1] if records else None
+            self.read += records
+        return self._cache[k]
+
+    def _backwards(self, a: int, b: int, parsed: list[tuple[int, dict]]):
+        """(record, whether it was unread) of the segment's samples, latest first,
+        reading the index's as it goes."""
+        offsets, i, k = self.known.samples, len(parsed) - 1, b - 1
+        while i >= 0 or k >= a:
+            if k >= a and (i < 0 or offsets[k] > parsed[i][0]):
+                record, unread, k = self._sample(k), True, k - 1
+            else:
+                record, unread, i = parsed[i][1], False, i - 1
+            if record is not None and record["type"] == "system":
+                yield record, unread
+
+    def _forwards(self, a: int, b: int, parsed: list[tuple[int, dict]]):
+        offsets, i, k = self.known.samples, 0, a
+        while i < len(parsed) or k < b:
+            if k < b and (i == len(parsed) or offsets[k] < parsed[i][0]):
+                record, unread, k = self._sample(k), True, k + 1
+            else:
+                record, unread, i = parsed[i][1], False, i + 1
+            if record is not None and record["type"] == "system":
+                yield record, unread
+
+    # -- the batches ------------------------------------------------------------------------
+
+    def _batch_runs(self) -> Iterator[tuple[int, int]]:
+        """File offsets of the runs of batch-looking lines, latest first: after what the
+        index covers (the scan's), then between the lines it lists (a batch-looking line
+        listed is one of a run too)."""
+        known = self.known
+        listed = [(at, at + len(line)) for at, line in known.lines if not line.startswith(scan.BATCH_PREFIX)]
+        starts = np.concatenate([np.array([a for a, _ in listed], dtype=np.int64), known.samples])
+        ends = np.concatenate([np.array([e for _, e in listed], dtype=np.int64), known.samples + known.sample_lengths])
+        order = np.argsort(starts, kind="stable")
+        run_starts = np.concatenate([[0], ends[order] + 1])
+        run_ends = np.concatenate([starts[order], [known.covered]])
+        keep = run_ends > run_starts
+        yield from reversed(self.scanned_runs)
+        for start, end in zip(reversed(run_starts[keep].tolist()), reversed(run_ends[keep].tolist()), strict=True):
+            yield start, end
+
+    def result(self) -> tuple[list[tuple[int, dict]], int]:
+        others = self.others + self.read
+        last_run = max((at for at, r in others if r["type"] == "run"), default=-1)
+        batches: list[tuple[int, dict]] = []
+        epoch = None
+        for start, end in self._batch_runs():
+            data = os.pread(self.fd, end - start, start)
+            lines = data.split(b"\n")
+            lines.pop()
+            offsets = np.cumsum([0] + [len(line) + 1 for line in lines[:-1]]) + start
+            for at, line, record in zip(reversed(offsets.tolist()), reversed(lines), reversed(scan.loads_many(lines)),
+                                        strict=True):
+                if type(record) is not dict or not well_formed(record) or record["type"] != "batch":
+                    self.not_records += bool(line.strip()) and (type(record) is not dict or not well_formed(record))
+                    continue
+                this = int(record.get("epoch") or 0)
+                if epoch is None:
+                    epoch = this
+                elif at < last_run or this != epoch:
+                    return _in_order(others, batches), 0
+                batches.append((at, record))
+                if at < last_run:
+                    return _in_order(others, batches), 0
+        return _in_order(others, batches), self.not_records if not others and not batches else 0
 
 
 def _in_order(others: list, batches: list) -> list[tuple[int, dict]]:

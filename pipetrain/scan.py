@@ -49,6 +49,13 @@ _LONG_DIGITS = b"0" * 19
 _DEEP = 256
 
 
+def is_sample(line: bytes) -> bool:
+    """Whether a line is surely a system record or no record at all: it begins as the
+    writer's system lines do and holds no other ``"type"`` key (nor an escape that could
+    spell one), so no reader can take it for a record of another type."""
+    return line.startswith(SYSTEM_PREFIX) and line.count(b'"type"') == 1 and b"\\" not in line
+
+
 def _long_digits(data: bytes) -> bool:
     return data.translate(_DIGITS).find(_LONG_DIGITS) >= 0
 

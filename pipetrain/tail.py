@@ -103,9 +103,10 @@ def updates(path: Path, *, follow: bool = True, poll: float = 0.25) -> Iterator[
     """Look at the history file until the run ends (``follow``) or until its end now.
 
     The first look starts from the end (:func:`pipetrain.reading.last_look`): the state
-    is fed the records that decide it - every record but the batches, and the batches
-    that still count (the latest, and its epoch's after the last resume) - so a long
-    history costs what the view shows. Each later look feeds every record appended
+    is fed the records that decide it - every record but the batches and the system
+    samples, the samples that decide it (the latest, the peak RSS) and the batches that
+    still count (the latest, and its epoch's after the last resume) - so a long history
+    costs what the view shows. Each later look feeds every record appended
     since. Yields after each look; sleeps ``poll`` seconds between looks that found
     nothing more to read. A run without its end record whose process is known to be
     gone (on this host) ends the updates too (``writer`` says "gone"). Raises

@@ -4,11 +4,16 @@ give, on histories the writer indexed, older ones without an index, and indexes 
 are stale, torn, beyond the file's end or for another file; they read less with it (a
 reader that ignored it fails here) and never trust it where the file no longer matches
 (a reader that trusted it blindly fails here). The writer keeps it up to date across
-resumes and torn lines, and a run never fails for it."""
+resumes and torn lines, and a run never fails for it. Of the system samples it marks
+those a reader may leave unread, and tail reads only the few that decide its state, on
+resumed, distributed and random histories, older ones (no peaks, format 1) and edits."""
 
+import json
 import os
+import random
 import shutil
 import signal
+import struct
 import subprocess
 import sys
 import textwrap
@@ -20,6 +25,7 @@ import pytest
 
 from pipetrain import index, reading, scan
 from pipetrain.history import HistoryWriter, encode, read_history
+from pipetrain.progress import RunState
 from pipetrain.tail import dashboard, updates
 from tests.conftest import wait_until
 from tests.test_history_reading import (
@@ -34,8 +40,10 @@ from tests.test_history_reading import (
 )
 
 
-def several_resumes():
-    """Four segments, the writer's way: resumed mid-epoch, at an epoch's start, after an end."""
+def several_resumes(peaks=True):
+    """Four segments, the writer's way: resumed mid-epoch, at an epoch's start, after an
+    end; system samples with the process's peak RSS (``peaks=False``: without, as an
+    older pipetrain wrote them)."""
     records, t = [], 0.0
     for seg, (resume, start, stop) in enumerate([(None, 0, 23), ((1, 4), 14, 37), ((3, 0), 30, 45),
                                                  ((2, 7), 27, 52)]):
@@ -46,11 +54,48 @@ def several_resumes():
             t += 0.5
             records.append(batch(e, b, t))
             if step % 4 == 0:
-                records.append({"type": "system", "run": "r", "t": t, "rss_mb": 300 + step * (seg + 1)})
+                records.append({"type": "system", "run": "r", "t": t, "rss_mb": 300 + step * (seg + 1),
+                                **({"peak_rss_mb": 302 + step * (seg + 1)} if peaks else {})})
             if b == 9:
                 records.append({"type": "epoch", "run": "r", "t": t, "epoch": e, "loss": 1 / (1 + step)})
         if seg == 2:
             records.append({"type": "end", "run": "r", "t": t, "status": "interrupted"})
+    return records
+
+
+def distributed_resumes(processes=(1, 3, 2), samples=40, seed=0, peaks=True):
+    """Segments run on ``processes`` processes each (1: not distributed), resumed one
+    after the other; the samples as a run's monitors write them (each process's peak
+    never falls, spikes between samples included) and as process 0 writes the others'
+    (in the order they reach it); one process's sample without an RSS."""
+    rng = random.Random(seed)
+    records, t, step = [], 0.0, 0
+    for seg, count in enumerate(processes):
+        run = {"type": "run", "run": "r", "t": t, "data": {"steps_per_epoch": 10, "epochs": 99},
+               "resume": None if seg == 0 else {"epoch": step // 10, "batch": step % 10}}
+        if count > 1:
+            run["distributed"] = {"processes": count, "hosts": [{"process": p, "hostname": f"h{p}"}
+                                                                for p in range(count)]}
+        records.append(run)
+        rss = {p: 200.0 + 100 * p + 10 * seg for p in range(count)}
+        peak = dict(rss)
+        for i in range(samples):
+            step += 1
+            t += 0.5
+            records.append(batch(step // 10, step % 10, t))
+            if step % 10 == 9:
+                records.append({"type": "epoch", "run": "r", "t": t, "epoch": step // 10, "loss": 1 / step})
+            p = rng.randrange(count)
+            rss[p] = round(rss[p] + rng.uniform(-30, 40), 2)
+            peak[p] = round(max(peak[p], rss[p] + rng.choice([0, 0, 5, 50])), 2)
+            sample = {"type": "system", "run": "r", "t": t, "rss_mb": rss[p], "cpu_pct": 99.0, "threads": 7}
+            if peaks:
+                sample["peak_rss_mb"] = peak[p]
+            if count > 1:
+                sample = {**sample, "process": p, "host": f"h{p}"}
+            if i == samples // 2:
+                sample["rss_mb"] = None
+            records.append(sample)
     return records
 
 
@@ -101,12 +146,23 @@ def look(path, use_index=True):
         os.close(fd)
 
 
-def known(path) -> index.Known:
+def known(path, samples=True) -> index.Known:
     fd = os.open(path, os.O_RDONLY)
     try:
-        return index.read(fd, index.path_for(path))
+        return index.read(fd, index.path_for(path), samples=samples)
     finally:
         os.close(fd)
+
+
+def assert_looks_agree(path, name=""):
+    """tail's look from the end through the index and by the scan: the same records, but
+    of the system samples only some through the index (those that decide the state)."""
+    (through, none), (scanned, none_either) = look(path), look(path, use_index=False)
+    assert none == none_either, name
+    not_samples = lambda records: [(at, r) for at, r in records if r["type"] != "system"]  # noqa: E731
+    assert not_samples(through) == not_samples(scanned), name
+    assert set(map(repr, through)) <= set(map(repr, scanned)), name
+    return through, scanned
 
 
 def scans_from(monkeypatch) -> list:
@@ -120,7 +176,7 @@ def scans_from(monkeypatch) -> list:
 def assert_readers_are_the_full_parse(path, name=""):
     """tail's state and view, its look from the end with and without the index, and
     read_history without batches: all as the full parse."""
-    assert look(path) == look(path, use_index=False), name
+    assert_looks_agree(path, name)
     state = [u.state for u in updates(path, follow=False)][-1]
     full = full_state(path)
     assert items(state_view(state)) == items(state_view(full)), name
@@ -157,6 +213,9 @@ def cases(tmp_path):
     with open(edited, "ab") as f:
         f.write(HAND_EDITED[-1])  # a torn last line after what the index covers
     out.append(("hand-written lines", edited))
+    out.append(("distributed, resumed on fewer processes", written(tmp_path / "dist.jsonl", distributed_resumes())))
+    out.append(("an older pipetrain's samples (no peak)", written(tmp_path / "old.jsonl",
+                                                                   distributed_resumes(peaks=False), kill=True)))
     return out
 
 
@@ -230,8 +289,8 @@ def test_a_torn_or_garbled_index_counts_up_to_its_last_good_entry(tmp_path):
 
 
 @pytest.mark.parametrize("writer", ["closed", "killed"])
-@pytest.mark.parametrize("edit", ["insert an epoch", "remove a system line", "change a system line's length",
-                                  "change an epoch in place", "cut the file short"])
+@pytest.mark.parametrize("edit", ["insert an epoch", "insert a system line", "remove a system line",
+                                  "change a system line's length", "change an epoch in place", "cut the file short"])
 def test_a_hand_edited_history_is_never_read_through_a_stale_index(tmp_path, edit, writer):
     """Each edit is in place (the same inode, which the index is for); a reader that
     trusted the index blindly would miss or invent records here. A closed history's seal
@@ -243,6 +302,8 @@ def test_a_hand_edited_history_is_never_read_through_a_stale_index(tmp_path, edi
         at += 1
     if edit == "insert an epoch":
         lines.insert(at, encode({"type": "epoch", "run": "r", "t": 1.0, "epoch": 1, "loss": 9.0}))
+    elif edit == "insert a system line":  # the peak of them all, among samples the index leaves unread
+        lines.insert(at, encode({"type": "system", "run": "r", "t": 1.0, "rss_mb": 9000.0, "peak_rss_mb": 9999.0}))
     elif edit == "remove a system line":
         del lines[at]
     elif edit == "change a system line's length":
@@ -256,6 +317,7 @@ def test_a_hand_edited_history_is_never_read_through_a_stale_index(tmp_path, edi
     same = next(i for i, (x, y) in enumerate(zip(old + b"\0", new + b"\1")) if x != y)  # the first byte edited
     in_place(path, new)
     assert known(path).covered <= same < len(old)  # nothing after the edit is taken from the index
+    assert known(path, samples=False).covered <= same  # nor by a reader that leaves samples unread
     if writer == "killed" and edit != "cut the file short":
         assert known(path).covered > 0  # what comes before the edit is
     assert_readers_are_the_full_parse(path, edit)
@@ -362,7 +424,12 @@ def test_readers_while_the_writer_writes(tmp_path):
             fd = os.open(path, os.O_RDONLY)
             try:
                 stop = scan.line_end(fd, os.fstat(fd).st_size)
-                if reading.last_look(fd, stop, index.path_for(path)) != reading.last_look(fd, stop):
+                through, scanned = reading.last_look(fd, stop, index.path_for(path)), reading.last_look(fd, stop)
+                if through[1] != scanned[1] or not set(map(repr, through[0])) <= set(map(repr, scanned[0])) or \
+                        [r for r in through[0] if r[1]["type"] != "system"] != \
+                        [r for r in scanned[0] if r[1]["type"] != "system"] or \
+                        state_view(RunState().extend(r for _, r in through[0])) != \
+                        state_view(RunState().extend(r for _, r in scanned[0])):
                     failures.append(stop)
             finally:
                 os.close(fd)
@@ -418,7 +485,7 @@ def test_a_writer_killed_mid_index_write_leaves_a_history_readers_read_right(tmp
         while True:
             i += 1
             w.write({{"type": "batch", "run": "r", "t": float(i), "epoch": i // 100, "batch": i % 100}})
-            w.write({{"type": "system", "run": "r", "t": float(i), "rss_mb": i}})
+            w.write({{"type": "system", "run": "r", "t": float(i), "rss_mb": i, "peak_rss_mb": i + i % 3}})
             if i == 300:
                 print("going", flush=True)
     """)
@@ -456,3 +523,154 @@ def test_a_history_cut_short_while_written_gets_a_new_index(tmp_path):
             w.write(record)
     assert known(path).covered == path.stat().st_size
     assert_readers_are_the_full_parse(path)
+
+
+# -- system samples: which the index marks, which a reader reads -------------------------------
+
+def marks(path) -> tuple[bytes, list[tuple[bytes, bool]]]:
+    """The index's magic, and each line it lists with whether it is marked a sample."""
+    raw, data = index.path_for(path).read_bytes(), path.read_bytes()
+    entries = struct.iter_unpack("<QIIq", raw[32: 32 + (len(raw) - 32) // 24 * 24])
+    return raw[:8], [(data[o: o + (n & (index.SAMPLE - 1))], bool(n & index.SAMPLE)) for o, n, _, _ in entries
+                     if n & (index.SAMPLE - 1)]
+
+
+def looked_samples(path) -> list[dict]:
+    return [r for _, r in look(path)[0] if r["type"] == "system"]
+
+
+def test_the_index_marks_the_samples_a_reader_may_leave_unread(tmp_path):
+    """Marked: a sample of another of the processes the run record names, and one whose
+    peak covers its RSS and the peaks of those marked before it in its segment (so the
+    last one marked says them all). Not marked: a sample without its peak (an older
+    pipetrain's), with a peak below its RSS or below an earlier one's, with a second type
+    key, or of a process the run record does not name; any other record."""
+    def sample(t, rss, peak, **more):
+        return {"type": "system", "run": "r", "t": t, "rss_mb": rss,
+                **({} if peak is None else {"peak_rss_mb": peak}), **more}
+
+    records = [
+        ({"type": "run", "run": "r", "t": 0.0, "resume": None, "distributed": {"processes": 2}}, False),
+        (sample(1.0, 100.0, 120.0), True),
+        (sample(2.0, 110.0, 115.0), False),  # its peak below the one marked before
+        (sample(3.0, 130.0, 125.0), False),  # its peak below its own RSS
+        (sample(4.0, 90.0, None), False),  # no peak
+        (sample(5.0, 100.0, 130.0), True),
+        (sample(6.0, 5000.0, 10.0, process=1), True),  # another process's: its memory is not shown
+        (sample(6.5, 5000.0, 10.0, process=2), False),  # of a process the run does not name
+        (sample(6.7, 5000.0, 10.0, process=-1), False),
+        (sample(7.0, 100.0, 140.0, gpu_mb={"type": "x"}), False),  # a second "type" in the line
+        (sample(7.5, 100.0, 140.0, process=0), True),
+        ({"type": "epoch", "run": "r", "t": 8.0, "epoch": 0, "loss": 0.5}, False),
+        ({"type": "run", "run": "r", "t": 9.0, "resume": {"epoch": 1, "batch": 0}}, False),
+        (sample(10.0, 50.0, 60.0), True),  # a new segment (new processes): its peaks start over
+        (sample(10.5, 50.0, 60.0, process=1), False),  # (it runs on one process)
+        ({"type": "end", "run": "r", "t": 11.0, "status": "completed", "peak_rss_mb": 70.0}, False),
+    ]
+    path = written(tmp_path / "h.jsonl", [r for r, _ in records])
+    magic, listed = marks(path)
+    assert magic == b"PTINDEX2"
+    assert listed == [(encode(r).rstrip(b"\n"), marked) for r, marked in records]
+    assert_readers_are_the_full_parse(path)
+    # Lines the writer finds rather than writes (appended by hand, an index made anew): the same rule.
+    hand = b'{"type":"system","run":"r","t":12.0,"rss_mb":1,"peak_rss_mb":99,"\\u0074ype":"epoch","epoch":3}'
+    with open(path, "ab") as f:
+        f.write(hand + b"\n" + encode(sample(13.0, 55.0, 65.0)))
+    index.path_for(path).unlink()
+    with HistoryWriter(path):
+        pass
+    assert marks(path)[1] == listed + [(hand, False), (encode(sample(13.0, 55.0, 65.0)).rstrip(b"\n"), True)]
+    assert_readers_are_the_full_parse(path)
+
+
+def test_tail_reads_only_the_samples_that_decide_the_state(tmp_path):
+    """Of 900 samples: an earlier segment's last one shown (its peak), an older
+    pipetrain's segment whole (its samples do not say their peak), and of the last
+    segment its first shown and from its end the latest of each of its 3 processes."""
+    records = distributed_resumes(processes=(1, 3, 3), samples=300)
+    runs = [i for i, r in enumerate(records) if r["type"] == "run"]
+    for r in records[runs[1]: runs[2]]:  # the middle segment as an older pipetrain wrote it
+        r.pop("peak_rss_mb", None)
+    path = written(tmp_path / "h.jsonl", records, kill=True)
+    assert_readers_are_the_full_parse(path)
+    through, scanned = assert_looks_agree(path)
+    segment = lambda r: sum(r["t"] > records[i]["t"] for i in runs[1:])  # noqa: E731 - (times grow)
+    read = [segment(r) for _, r in through if r["type"] == "system"]
+    assert len([r for _, r in scanned if r["type"] == "system"]) == 900
+    assert read.count(0) == 1  # the last sample of the first segment
+    old_shown = [r for r in records[runs[1]: runs[2]] if r["type"] == "system" and r["process"] == 0]
+    assert read.count(1) >= len(old_shown)  # every sample shown of the older pipetrain's segment
+    assert read.count(2) <= 12  # the latest of each process (in the order they came), and the first shown
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_random_histories_read_from_the_end_are_the_full_parse(tmp_path, seed):
+    """Resumed histories of one to four processes per segment, samples arriving in any
+    order, a process without samples, segments of an older pipetrain (no peaks), samples
+    of processes no run names, ends, writers killed, torn last lines: tail's state and
+    view are the full parse's."""
+    rng = random.Random(seed)
+    for trial in range(8):
+        processes = tuple(rng.choice([1, 1, 2, 3, 4]) for _ in range(rng.randint(1, 4)))
+        records = distributed_resumes(processes, samples=rng.randint(0, 40), seed=rng.random(),
+                                      peaks=rng.random() < 0.8)
+        silent = rng.choice([None, 1, 2])  # a process whose samples never came
+        records = [r for r in records if not (r["type"] == "system" and r.get("process") == silent
+                                              and rng.random() < 0.9)]
+        for r in records:  # and a few written otherwise: a process no run names, a bool, text
+            if "process" in r and rng.random() < 0.03:
+                r["process"] = rng.choice([7, -1, True, "2"])
+        for i in reversed([i for i, r in enumerate(records) if r["type"] == "run"][1:]):
+            if rng.random() < 0.4:
+                records.insert(i, {"type": "end", "run": "r", "t": records[i]["t"], "status": "interrupted",
+                                   "peak_rss_mb": rng.choice([None, 250.0, 900.0])})
+        torn = rng.choice([b"", b'{"type":"system","run":"r","t":1e9,"rss_mb":99', b'{"type":"batch","ru'])
+        path = written(tmp_path / f"{trial}.jsonl", records, torn=torn, kill=rng.random() < 0.3)
+        assert_readers_are_the_full_parse(path, f"seed {seed}, trial {trial}: {processes}")
+
+
+def as_version_1(path) -> None:
+    """The history's index as an older pipetrain wrote it: PTINDEX1, no entry marked."""
+    ipath = index.path_for(path)
+    raw = ipath.read_bytes()
+    entries = struct.iter_unpack("<QIIq", raw[32: 32 + (len(raw) - 32) // 24 * 24])
+    ipath.write_bytes(b"PTINDEX1" + raw[8:32] + b"".join(
+        struct.pack("<QIIq", o, n & (index.SAMPLE - 1), c, m) for o, n, c, m in entries))
+
+
+@pytest.mark.parametrize("peaks", [False, True], ids=["an older pipetrain's history", "samples with peaks"])
+def test_an_older_index_is_read_whole_and_replaced_by_a_resumed_writer(tmp_path, peaks):
+    path = written(tmp_path / "h.jsonl", distributed_resumes(processes=(1, 2), samples=30, peaks=peaks),
+                   kill=True)
+    _, listed = marks(path)
+    size = path.stat().st_size
+    covered = known(path).covered
+    as_version_1(path)
+    assert (known(path, samples=False).version, known(path, samples=False).covered) == (1, covered)
+    assert not len(known(path, samples=False).samples)  # every entry is read
+    assert_readers_are_the_full_parse(path)
+    assert len(looked_samples(path)) == 60
+    with HistoryWriter(path):  # a resume: the index made anew, as format 2
+        assert marks(path) == (b"PTINDEX2", listed) and known(path).covered == size
+    assert_readers_are_the_full_parse(path)
+    looked = len(looked_samples(path))  # an older pipetrain's samples (no peak): all read; else a few
+    assert (looked == 60) if not peaks else (looked < 10)
+
+
+def test_a_sample_read_that_does_not_check_out_ends_what_the_index_is_trusted_for(tmp_path):
+    """A killed run's history, edited in place (same lengths): the sample tail reads for
+    the first segment's peak does not check out, so the samples after it, which the
+    index would leave unread, are read - the edit of one of them too."""
+    path = damaged(tmp_path, "h", kill=True)
+    covered = known(path).covered
+    lines = path.read_bytes().splitlines(keepends=True)
+    runs = [i for i, line in enumerate(lines) if line.startswith(b'{"type":"run"')]
+    first = max(i for i in range(runs[1]) if lines[i].startswith(b'{"type":"system"'))  # read: its peak
+    second = [i for i in range(runs[1], runs[2]) if lines[i].startswith(b'{"type":"system"')][1]  # not read
+    lines[first] = lines[first].replace(b'"rss_mb":3', b'"rss_mb":4')
+    lines[second] = lines[second].replace(b'"rss_mb":3', b'"rss_mb":9')
+    in_place(path, b"".join(lines))
+    assert known(path, samples=False).covered == covered  # what it checks at once checks out
+    assert_readers_are_the_full_parse(path)
+    state = [u.state for u in updates(path, follow=False)][-1]
+    assert state.peak_rss_mb == json.loads(lines[second])["rss_mb"] > 900

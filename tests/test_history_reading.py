@@ -293,6 +293,8 @@ def test_samples_fed_at_once_make_the_state_they_make_one_by_one():
             sample = {"type": "system", "run": "r", "t": rng.choice([float(i), i, None, "late"]),
                       "rss_mb": rng.choice([100.0 + rng.random() * 50, 80, None, "n/a", True]),
                       "cpu_pct": rng.choice([50.0, "x"])}
+            if rng.random() < 0.5:
+                sample["peak_rss_mb"] = rng.choice([120.0 + rng.random() * 50, 90, None, "n/a", False])
             process = rng.choice([None, 0, 1, 2, True, False, "1", 2.0, "missing"])
             if process != "missing":
                 sample["process"] = process

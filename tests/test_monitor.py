@@ -14,11 +14,26 @@ def test_a_sample_describes_this_process():
     monitor = Monitor(interval=1.0)
     ballast = np.ones(64 * 2**20 // 8)  # 64 MB that the sample must see
     sample = monitor.sample()
-    assert set(sample) == {"rss_mb", "cpu_pct", "sys_available_mb", "threads"}
+    assert set(sample) == {"rss_mb", "peak_rss_mb", "cpu_pct", "sys_available_mb", "threads"}
     assert sample["rss_mb"] >= 64 and sample["sys_available_mb"] > 0
     assert sample["threads"] == threading.active_count() or sample["threads"] >= 1
     assert peak_rss_mb() >= sample["rss_mb"] * 0.9
+    # the kernel's peak so far (ru_maxrss), never below the RSS sampled (the kernel's may lag it a little)
+    assert sample["peak_rss_mb"] >= sample["rss_mb"] and sample["peak_rss_mb"] >= 64
     del ballast
+
+
+def test_a_samples_peak_is_the_peak_of_every_sample_before_it():
+    """The latest sample says the peak of all (what tail's look from the end relies on),
+    spikes between samples included: a spike freed before the next sample still shows."""
+    monitor = Monitor(interval=1.0)
+    first = monitor.sample()
+    spike = np.ones(96 * 2**20 // 8)  # 96 MB more than the process held, freed before the next sample
+    del spike
+    after = [monitor.sample() for _ in range(3)]
+    assert after[0]["peak_rss_mb"] >= first["rss_mb"] + 90  # the spike, which no sample saw
+    peaks = [s["peak_rss_mb"] for s in [first, *after]]
+    assert peaks == sorted(peaks) and all(s["peak_rss_mb"] >= s["rss_mb"] for s in [first, *after])
 
 
 def test_samples_arrive_on_a_thread_at_the_interval_and_stop():

@@ -110,6 +110,32 @@ def test_a_resumed_run_continues_the_state_as_read_history_does(runs):
     assert state.end["status"] == "completed" and state.peak_rss_mb == 560.0
 
 
+def test_memory_shown_is_the_running_processes_and_the_peak_the_whole_runs():
+    """A resumed segment runs in new processes: its memory and its "+N MB since start"
+    are its own, the processes shown are its own (one fewer here), and the peak is the
+    run's - the most any sample shown says, its RSS or the kernel's peak in it."""
+    sample = lambda t, rss, process, peak=None: {  # noqa: E731
+        "type": "system", "run": "r", "t": t, "rss_mb": rss, "process": process,
+        **({} if peak is None else {"peak_rss_mb": peak})}
+    first = {"type": "run", "run": "r", "t": 0.0, "distributed": {"processes": 3}, "resume": None}
+    state = state_of([first, sample(1.0, 400.0, 2), sample(1.5, 500.0, 0, peak=900.0), sample(2.0, 450.0, 1),
+                      sample(3.0, 600.0, 0, peak=600.0), sample(3.5, 300.0, 1)])
+    assert list(state.processes) == [0, 1, 2]  # in process order, not the order their samples came in
+    assert (state.system["rss_mb"], state.first_rss_mb, state.peak_rss_mb) == (600.0, 500.0, 900.0)
+    resumed = {"type": "run", "run": "r", "t": 10.0, "distributed": {"processes": 2}, "resume": {"epoch": 0,
+                                                                                               "batch": 3}}
+    state.extend([resumed])
+    assert state.system is None and state.processes == {} and state.first_rss_mb is None
+    assert "memory" not in text_of(dashboard(state, Path("h.jsonl")))  # nothing of the processes gone
+    state.extend([sample(11.0, 200.0, 1), sample(11.5, 250.0, 0, peak=260.0), sample(12.0, 280.0, True)])
+    assert list(state.processes) == [0, 1] and state.processes[1]["rss_mb"] == 280.0  # True is process 1
+    assert (state.system["rss_mb"], state.first_rss_mb, state.peak_rss_mb) == (250.0, 250.0, 900.0)
+    assert "RSS 250 MB (peak 900 MB, +0 MB since start)" in text_of(dashboard(state, Path("h.jsonl")))
+    assert "2 processes" in text_of(dashboard(state, Path("h.jsonl")))
+    state.extend([{"type": "end", "run": "r", "t": 13.0, "status": "completed", "peak_rss_mb": 950.0}])
+    assert state.peak_rss_mb == 950.0
+
+
 def test_unknown_record_types_and_fields_are_ignored():
     records = known_records()
     records.insert(3, {"type": "note", "run": "r1", "t": 1000.01, "text": "hello"})
