@@ -2,7 +2,7 @@
 step for step, on a machine whose speed drifts.
 
     KERAS_BACKEND=torch python benchmarks/bench_paired.py [--workload digits w1 w2]
-        [--block 40] [--rounds 12] [--data-dir /tmp/bt-data] [--out results/paired-torch.json]
+        [--block 200] [--rounds 8] [--settle 0.5] [--data-dir /tmp/bt-data] [--out results/paired-torch.json]
 
 bench_train.py and bench_overhead.py run each variant for whole epochs, one after the
 other; on this shared 2-core machine the speed of the same work swings by 25-70% within
@@ -11,7 +11,10 @@ written as a generator that yields after each step, with its own model (same
 architecture, same seed). One process runs them in turn, ``--block`` steps each, round
 after round: variants measured seconds apart share the machine's state, so each round's
 ratio of a variant's block to ``memory``'s block is free of the drift, and the report
-gives the median ms/step and the median of those per-round ratios.
+gives the median ms/step and the median of those per-round ratios. Before each block the
+process sleeps ``--settle`` seconds: the loaders whose turn just ended refill their
+bounded queues then, not inside the next variant's block (a loader's producers would
+otherwise decode on the time of the variant measured after it).
 
 - ``memory``: ``model.train_on_batch`` on in-memory slices of the file's arrays (training
   alone: what the step itself costs);
@@ -21,11 +24,11 @@ gives the median ms/step and the median of those per-round ratios.
   ``DataLoader`` (2 worker processes), Grain (2 worker processes) on JAX, ``tf.data``
   (a generator of h5py slices, prefetched) on TensorFlow.
 
-Workloads: ``digits`` (issue 15: the digits MLP, batch 32, 1 ms steps: pipetrain's
-per-step cost) and ``w1``, ``w2`` of bench_train.py (issue 11: the data path). While one
-variant runs, the others' producers have filled their bounded queues and sleep; the
-block is long enough (several queues' worth of steps) that each is measured in its
-steady state.
+Workloads: ``digits`` (issue 15: the digits MLP, batch 32, 1-4 ms steps: pipetrain's
+per-step cost) and ``w1``, ``w2`` of bench_train.py (issue 11: the data path). A loader
+begins each block with its queue full (pipetrain 8 batches, the DataLoader 4): batches
+decoded outside the block, so the block is long (``--block``, default 200 steps, 80 on
+W2 whose steps are 10x longer) for those to be a few percent of it.
 """
 
 from __future__ import annotations
@@ -107,7 +110,7 @@ def with_loader(path, x_name, y_name, batch, model):
         yield
 
 
-def run(name: str, block: int, rounds: int, data_dir: Path) -> dict:
+def run(name: str, block: int, rounds: int, data_dir: Path, settle: float) -> dict:
     path, spec, x_name, y_name, builder = workload(name, data_dir)
     with tempfile.TemporaryDirectory() as tmp:
         loops = {"memory": memory(path, x_name, y_name, spec["batch"], builder()),
@@ -117,6 +120,7 @@ def run(name: str, block: int, rounds: int, data_dir: Path) -> dict:
         try:
             for r in range(rounds + 1):  # round 0 warms up (tracing, workers, page cache): not counted
                 for variant, loop in loops.items():
+                    time.sleep(settle)
                     t0 = time.perf_counter()
                     for _ in range(block):
                         next(loop)
@@ -126,7 +130,7 @@ def run(name: str, block: int, rounds: int, data_dir: Path) -> dict:
             for loop in loops.values():
                 loop.close()
     out = {"workload": name, "backend": BACKEND, "device": _device(), "batch": spec["batch"], "block": block,
-           "rounds": rounds, "variants": {}}
+           "rounds": rounds, "settle_s": settle, "variants": {}}
     for variant, values in ms.items():
         out["variants"][variant] = {
             "ms_per_step": [round(v, 3) for v in values], "median_ms": round(statistics.median(values), 3),
@@ -138,16 +142,18 @@ def run(name: str, block: int, rounds: int, data_dir: Path) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--workload", nargs="+", default=["digits", "w1", "w2"], choices=["digits", *WORKLOADS])
-    p.add_argument("--block", type=int, default=40, help="steps per variant per round (default 40)")
-    p.add_argument("--rounds", type=int, default=12)
+    p.add_argument("--block", type=int, default=None, help="steps per variant per round (default 200, W2 80)")
+    p.add_argument("--rounds", type=int, default=8)
+    p.add_argument("--settle", type=float, default=0.5, help="seconds of sleep before each block (default 0.5)")
     p.add_argument("--data-dir", default=os.path.join(tempfile.gettempdir(), "pipetrain-bench"))
     p.add_argument("--out", default=None, help="JSON file for the results")
     args = p.parse_args()
     results = []
     for name in args.workload:
-        r = run(name, args.block, args.rounds, Path(args.data_dir))
+        block = args.block or (80 if name == "w2" else 200)
+        r = run(name, block, args.rounds, Path(args.data_dir), args.settle)
         results.append(r)
-        print(f"{name} on {BACKEND} ({r['device']}), {args.rounds} rounds of {args.block} steps:")
+        print(f"{name} on {BACKEND} ({r['device']}), {args.rounds} rounds of {block} steps:")
         for variant, v in r["variants"].items():
             print(f"  {variant:10s} {v['median_ms']:8.2f} ms/step   x memory {v['x_memory']:.3f}   "
                   f"x {LOADER} {v['x_loader']:.3f}", flush=True)
