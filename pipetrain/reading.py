@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import bisect
 import gc
+import heapq
 import os
 import pickle
 import re
@@ -606,7 +607,7 @@ class _Look:
         """An earlier segment's samples ``a:b`` (unread): what counts of them is their
         peak, which the last one shown says (the writer marked them so); all of them
         if it does not."""
-        walk = self._backwards(a, b, [])
+        walk = self._walk(a, b, [])
         for record, _ in walk:
             if is_shown(record):
                 if not is_number(record.get("peak_rss_mb")):
@@ -619,7 +620,7 @@ class _Look:
         """The last segment's samples: ``parsed`` already, the index's ``a:b`` unread. Its
         latest sample shown, the latest of each of its ``processes``, the peak (the last
         unread one shown says it) and its first sample shown with an RSS."""
-        walk = self._backwards(a, b, parsed)
+        walk = self._walk(a, b, parsed)
         need = set(range(processes)) if processes <= b - a + len(parsed) else None  # None: cannot be met
         latest = peak = None
         if need is not None:
@@ -638,7 +639,7 @@ class _Look:
             for _ in walk:  # all of them: the peak is that of every sample
                 pass
             return
-        for record, _ in self._forwards(a, b, parsed):
+        for record, _ in self._walk(a, b, parsed, latest_first=False):
             if is_shown(record) and is_number(record.get("rss_mb")):
                 break
 
@@ -654,27 +655,17 @@ class _Look:
             self.read += records
         return self._cache[k]
 
-    def _backwards(self, a: int, b: int, parsed: list[tuple[int, dict]]):
-        """(record, whether it was unread) of the segment's samples, latest first,
-        reading the index's as it goes."""
-        offsets, i, k = self.known.samples, len(parsed) - 1, b - 1
-        while i >= 0 or k >= a:
-            if k >= a and (i < 0 or offsets[k] > parsed[i][0]):
-                record, unread, k = self._sample(k), True, k - 1
-            else:
-                record, unread, i = parsed[i][1], False, i - 1
+    def _walk(self, a: int, b: int, parsed: list[tuple[int, dict]], latest_first: bool = True):
+        """(record, whether it was unread) of the segment's samples, latest first (or in
+        file order): ``parsed``, and the index's unread ``a:b``, each read as it comes."""
+        offsets = self.known.samples
+        order = range(b - 1, a - 1, -1) if latest_first else range(a, b)
+        unread = ((int(offsets[k]), k) for k in order)  # (lazy: a walk stops when it has what it needs)
+        known = reversed(parsed) if latest_first else iter(parsed)
+        for _, item in heapq.merge(unread, known, key=itemgetter(0), reverse=latest_first):
+            record, was_unread = (self._sample(item), True) if type(item) is int else (item, False)
             if record is not None and record["type"] == "system":
-                yield record, unread
-
-    def _forwards(self, a: int, b: int, parsed: list[tuple[int, dict]]):
-        offsets, i, k = self.known.samples, 0, a
-        while i < len(parsed) or k < b:
-            if k < b and (i == len(parsed) or offsets[k] < parsed[i][0]):
-                record, unread, k = self._sample(k), True, k + 1
-            else:
-                record, unread, i = parsed[i][1], False, i + 1
-            if record is not None and record["type"] == "system":
-                yield record, unread
+                yield record, was_unread
 
     # -- the batches ------------------------------------------------------------------------
 
