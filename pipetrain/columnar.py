@@ -141,10 +141,11 @@ def parse(data: bytes, like: Template | None = None) -> tuple[Template, np.ndarr
     # The numbers, each with the byte after it (a comma, or the brace that closes the
     # line, made a comma), cut out as one JSON array.
     in_slot[stops.ravel()] = True
-    numbers = np.empty(int(runs[:, 1::2].sum()) + n * m + 1, dtype=np.uint8)
+    closers = np.cumsum(runs[:, 1::2].sum(axis=1) + m)  # where each line's last closer lands
+    numbers = np.empty(int(closers[-1]) + 1, dtype=np.uint8)
     numbers[0] = ord("[")
     np.compress(in_slot, arr, out=numbers[1:])
-    numbers[np.cumsum(runs[:, 1::2].sum(axis=1) + m)] = ord(",")  # each line's last closer
+    numbers[closers] = ord(",")
     numbers[-1] = ord("]")
     try:
         flat = orjson.loads(memoryview(numbers))
