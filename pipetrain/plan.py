@@ -44,11 +44,13 @@ in an order that lets the assembler copy runs of rows instead of single rows).
 
 from __future__ import annotations
 
+import collections
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
+AHEAD_ROWS = 4096  # rows of the batches an epoch's iterator plans in one pass (at least one batch)
 PARTITIONS = 16  # the default partition count of the block shuffle (a multiple of 1, 2, 4, 8, 16 processes)
 
 
@@ -301,14 +303,33 @@ class _EpochBatches(Iterator[BatchPlan]):
         self.key_scale = plan.rows + 1  # windows sorted by (partition, first row): one search finds any row's
         self.win_key = lane * self.key_scale + self.win_row0
         self.cached: dict[int, tuple[np.ndarray, np.ndarray, dict[int, int], int]] = {}
+        self.ready: collections.deque[BatchPlan] = collections.deque()  # planned, not yet taken
+        self.ahead_rows = AHEAD_ROWS
 
     def __next__(self) -> BatchPlan:
-        plan, i = self.plan, self.next_index
-        if i >= plan.steps_per_epoch:
-            raise StopIteration
-        lo = i * plan.batch_size
-        size = plan.global_size(i)
-        pos = self._mine(lo, size, plan.replicated(i))
+        if not self.ready:
+            if self.next_index >= self.plan.steps_per_epoch:
+                raise StopIteration
+            self._plan_ahead()
+        return self.ready.popleft()
+
+    def _plan_ahead(self) -> None:
+        """Plan the next batches, as many as hold about ``AHEAD_ROWS`` rows, in one
+        vectorised pass: a plan costs a few dozen small numpy calls, which a producer
+        would otherwise make for every batch, holding the GIL the training step needs."""
+        plan, first = self.plan, self.next_index
+        count = min(plan.steps_per_epoch - first, max(1, self.ahead_rows // plan.batch_size))
+        indices = range(first, first + count)
+        sizes = [plan.global_size(i) for i in indices]
+        replicated = [plan.replicated(i) for i in indices]
+        lo = first * plan.batch_size
+        if plan.share.count == 1:
+            pos = np.arange(lo, lo + sum(sizes), dtype=np.int64)
+            taken = sizes
+        else:
+            mine = [self._mine(i * plan.batch_size, size, rep) for i, size, rep in zip(indices, sizes, replicated)]
+            pos, taken = np.concatenate(mine), [len(m) for m in mine]
+        batch = np.repeat(np.arange(count), taken)
         lane, row = self.lanes.locate(pos)
         w = np.searchsorted(self.win_key, lane * self.key_scale + row, side="right") - 1
         by_window = np.argsort(w, kind="stable")
@@ -322,11 +343,13 @@ class _EpochBatches(Iterator[BatchPlan]):
             k = row[at] - self.win_row0[window]
             blk[at], off[at] = wblk[k], woff[k]
             uses.update(wuses)
-        if len(self.cached) > 2 * len(windows):
-            for old in [k for k, v in self.cached.items() if v[3] < lo + size]:
-                del self.cached[old]  # windows whose last row is behind us are never needed again
-        self.next_index += 1
-        return BatchPlan(self.epoch, i, len(pos), _parts(blk, off, uses), size, plan.replicated(i))
+        end = lo + sum(sizes)
+        for old in [k for k, v in self.cached.items() if v[3] < end]:
+            del self.cached[old]  # windows whose last row is behind these batches are never needed again
+        self.next_index += count
+        parts = _parts(batch, blk, off, uses, count)
+        for j, i in enumerate(indices):
+            self.ready.append(BatchPlan(self.epoch, i, taken[j], parts[j], sizes[j], replicated[j]))
 
     def _mine(self, lo: int, size: int, replicated: bool) -> np.ndarray:
         """The global positions of batch [lo, lo + size) that this process takes."""
@@ -385,17 +408,24 @@ class _EpochBatches(Iterator[BatchPlan]):
         return dict(zip(ids.tolist(), counts.tolist(), strict=True))
 
 
-def _parts(blk: np.ndarray, off: np.ndarray, uses: dict[int, int]) -> tuple[Part, ...]:
-    """Group a batch's rows by block; each group becomes one contiguous run of the batch."""
-    order = np.lexsort((off, blk))
-    blk, off = blk[order], off[order]
-    firsts = np.flatnonzero(np.diff(blk, prepend=-1))
+def _parts(batch: np.ndarray, blk: np.ndarray, off: np.ndarray, uses: dict[int, int],
+           count: int) -> list[tuple[Part, ...]]:
+    """The parts of ``count`` consecutive batches (``batch``: each row's batch, 0 to
+    ``count - 1``, non-decreasing): a batch's rows grouped by block, each group one
+    contiguous run of the batch, in block order and, within a block, in row order."""
+    order = np.lexsort((off, blk, batch))
+    batch, blk, off = batch[order], blk[order], off[order]
+    firsts = np.flatnonzero((np.diff(blk, prepend=-1) != 0) | (np.diff(batch, prepend=-1) != 0))
     ends = np.append(firsts[1:], len(blk))
-    parts = []
-    for a, b in zip(firsts.tolist(), ends.tolist(), strict=True):
-        rows = off[a:b]
-        run = int(rows[-1]) - int(rows[0]) + 1 == len(rows)
-        src = slice(int(rows[0]), int(rows[-1]) + 1) if run else rows
-        block = int(blk[a])
-        parts.append(Part(block, src, slice(a, b), uses[block]))
-    return tuple(parts)
+    # Where each batch's rows begin, for the parts' places within their batch.
+    begins = np.searchsorted(batch, np.arange(count))
+    base = begins[batch[firsts]]
+    runs = (off[ends - 1] - off[firsts] + 1 == ends - firsts).tolist()
+    out: list[list[Part]] = [[] for _ in range(count)]
+    for b, block, a, e, at, first, last, run in zip(
+        batch[firsts].tolist(), blk[firsts].tolist(), firsts.tolist(), ends.tolist(), base.tolist(),
+        off[firsts].tolist(), off[ends - 1].tolist(), runs, strict=True,
+    ):
+        src = slice(first, last + 1) if run else off[a:e]
+        out[b].append(Part(block, src, slice(a - at, e - at), uses[block]))
+    return [tuple(p) for p in out]

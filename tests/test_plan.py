@@ -99,6 +99,43 @@ def test_uses_count_the_batches_that_read_each_block(shuffle, rows, batch, block
         assert dict(seen) == claimed  # a cache that drops a block after `uses` reads is exact
 
 
+def _same_plans(a, b) -> None:
+    assert (a.epoch, a.index, a.size, a.global_size, a.replicated) == (b.epoch, b.index, b.size, b.global_size, b.replicated)
+    assert len(a.parts) == len(b.parts)
+    for p, q in zip(a.parts, b.parts, strict=True):
+        assert (p.block, p.dst, p.uses, type(p.src)) == (q.block, q.dst, q.uses, type(q.src))
+        assert p.src == q.src if isinstance(p.src, slice) else np.array_equal(p.src, q.src)
+
+
+def test_planning_many_batches_at_once_plans_each_as_alone():
+    """An epoch's iterator plans batches in vectorised passes of about AHEAD_ROWS rows:
+    for any shape, share, shuffle and resume point, every plan (rows, layout, block
+    uses) equals the one planned one batch per pass."""
+    rng = np.random.default_rng(11)
+    checked = 0
+    for _ in range(150):
+        count, devices = int(rng.choice([1, 1, 2, 3, 4])), int(rng.choice([1, 2]))
+        files = rng.integers(1, 300, size=int(rng.integers(1, 4))).tolist()
+        settings = dict(block_rows=int(rng.integers(1, 64)), shuffle=str(rng.choice(sorted(SHUFFLES))),
+                        seed=int(rng.integers(10)), window=int(rng.integers(1, 300)),
+                        drop_remainder=bool(rng.random() < 0.3), partitions=int(rng.integers(1, 17)),
+                        share=Share(int(rng.integers(count)), count, devices))
+        plan = Plan(files, int(rng.integers(1, 40)) * count * devices, **settings)
+        if not plan.steps_per_epoch:
+            continue
+        start = int(rng.integers(plan.steps_per_epoch))
+        one_by_one = plan.batches(1, start)
+        one_by_one.ahead_rows = 1
+        several = plan.batches(1, start)
+        several.ahead_rows = int(rng.choice([7, 100, 4096]))
+        pairs = list(zip(one_by_one, several, strict=True))
+        assert len(pairs) == plan.steps_per_epoch - start
+        for a, b in pairs:
+            _same_plans(a, b)
+        checked += len(pairs)
+    assert checked > 1000
+
+
 def test_blocks_never_cross_files_and_align_with_chunks():
     plan = Plan([37, 5, 64], batch_size=8, block_rows=16)
     b = plan.blocks
