@@ -7,6 +7,8 @@ metric sums; callback arrays such as ``EarlyStopping.best_weights``) and one JSO
 document (position, settings, counters, callback and RNG state). It is written to a
 temporary file, flushed to disk, and renamed into place: the rename is the commit
 point, so the newest ``ckpt-*.npz`` is always complete. Older ones are then removed.
+A run's own checkpoints are written by a :class:`Writer`, in a background thread, while
+training goes on.
 
 Keras' own ``BackupAndRestore`` saves the batch index but restarts the epoch from batch
 0; here the position, the batch order (a pure function of seed and epoch) and the
@@ -20,6 +22,7 @@ import json
 import os
 import random
 import tempfile
+import threading
 import zipfile
 from pathlib import Path
 
@@ -62,15 +65,17 @@ def latest(folder: str | os.PathLike) -> Path | None:
 
 def save(folder: str | os.PathLike, step: int, meta: dict, arrays: dict[str, np.ndarray]) -> Path:
     """Write one checkpoint atomically (temporary file, fsync, rename); return its path."""
-    folder = Path(folder)
+    return _write(Path(folder), step, json.dumps(meta).encode(), arrays)
+
+
+def _write(folder: Path, step: int, document: bytes, arrays: dict[str, np.ndarray]) -> Path:
     final = folder / f"ckpt-{step:012d}.npz"
     try:
         folder.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=".ckpt-", suffix=".tmp", dir=folder)
         try:
             with os.fdopen(fd, "wb") as f:
-                document = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
-                np.savez(f, __meta__=document, **arrays)
+                np.savez(f, __meta__=np.frombuffer(document, dtype=np.uint8), **arrays)
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, final)
@@ -83,6 +88,57 @@ def save(folder: str | os.PathLike, step: int, meta: dict, arrays: dict[str, np.
     for old in sorted(folder.glob("ckpt-*.npz"))[:-KEEP]:
         old.unlink(missing_ok=True)
     return final
+
+
+def _owned(array) -> np.ndarray:
+    """``array`` as an array that nothing else writes to: a view (of a tensor's memory,
+    say) is copied."""
+    array = np.asarray(array)
+    return array if array.flags.owndata else array.copy()
+
+
+class Writer:
+    """Writes a run's checkpoints in a background thread, one at a time, in order.
+
+    Writing (the archive, two fsyncs, the rename) costs a small model's run a few
+    milliseconds at every checkpoint, time the training loop would otherwise wait; here
+    the loop only takes the snapshot (the arrays, which are copies, and the JSON
+    document) and goes on. A checkpoint is complete once renamed, as with :func:`save`,
+    so a kill during a write leaves the one before it, as a kill during :func:`save`
+    does. :meth:`submit` waits for the previous write first (at most one in flight, and
+    memory for one snapshot); :meth:`wait` waits for the last and raises its error.
+    ``latest`` is the newest checkpoint written so far."""
+
+    def __init__(self):
+        self.latest: Path | None = None
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+
+    def submit(self, folder: str | os.PathLike, step: int, meta: dict, arrays: dict[str, np.ndarray]) -> Path:
+        """Start writing a checkpoint; returns the path it will have."""
+        self.wait()
+        document = json.dumps(meta).encode()  # now: the document may hold objects the run changes later
+        arrays = {name: _owned(a) for name, a in arrays.items()}
+        folder = Path(folder)
+        self._thread = threading.Thread(target=self._run, args=(folder, step, document, arrays),
+                                        name="pipetrain-checkpoint", daemon=True)
+        self._thread.start()
+        return folder / f"ckpt-{step:012d}.npz"
+
+    def _run(self, folder: Path, step: int, document: bytes, arrays: dict[str, np.ndarray]) -> None:
+        try:
+            self.latest = _write(folder, step, document, arrays)
+        except BaseException as e:  # raised in the loop's thread, by the next wait
+            self._error = e
+
+    def wait(self) -> None:
+        """Wait for the checkpoint being written, if any; raise the error of a write that failed."""
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
 
 
 def load(path: str | os.PathLike) -> tuple[dict, dict[str, np.ndarray]]:

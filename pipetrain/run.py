@@ -308,7 +308,7 @@ class Run:
         self.stop_reason: str | None = None  # why it stopped before its last epoch, in words
         self.complete: str | None = None  # resumed a run with nothing left to train: why
         self._callback_ended = False  # a callback set stop_training: the run is complete
-        self.last_checkpoint: Path | None = None
+        self._checkpoints = ckpt.Writer()
         self._signals = _Signals() if handle_signals else None
         self._sums: dict[tuple[int, str, str], MetricSums] = {}
         self._resumed: tuple[dict, dict] | None = None  # checkpoint (meta, arrays) to apply
@@ -475,6 +475,12 @@ class Run:
         self._close_stream()
         for sums in self._sums.values():  # the models get their own step functions back
             sums.detach()
+        late = None  # a checkpoint written in the background that failed: the run fails with it
+        try:
+            self._checkpoints.wait()
+        except Exception as e:
+            if exc_type is None:
+                exc_type, exc, late = type(e), e, e
         if self._signals is not None:
             self._signals.restore()
         if self._monitor is not None:
@@ -508,6 +514,8 @@ class Run:
                     self._dist.close(self.status, error)  # a process whose run did not end with the others ends here
                 finally:
                     self._release_folder()
+        if late is not None:
+            raise late
 
     def _close_sinks(self) -> None:
         if self._monitor is not None:
@@ -569,10 +577,10 @@ class Run:
         if incomplete and self.checkpoint_dir is not None:
             # Before the epoch's end reaches the callbacks: a resume trains the rest of
             # the epoch and ends it once, as if it had never stopped.
-            self.save_checkpoint(epoch)
+            self.save_checkpoint(epoch, wait=False)
         epoch.end()
         if not incomplete and self.checkpoint_dir is not None:
-            self.save_checkpoint()
+            self.save_checkpoint(wait=False)
 
     def _end_training(self, last: Epoch | None) -> None:
         self._close_stream()
@@ -647,9 +655,17 @@ class Run:
 
     # -- checkpoints and resume -------------------------------------------------------
 
-    def save_checkpoint(self, epoch: Epoch | None = None) -> Path | None:
+    @property
+    def last_checkpoint(self) -> Path | None:
+        """The newest checkpoint written (complete on disk), or the one resumed from."""
+        return self._checkpoints.latest
+
+    def save_checkpoint(self, epoch: Epoch | None = None, wait: bool = True) -> Path | None:
         """Write the run's state (mid-``epoch`` if given); atomic, so a kill at any
-        instant leaves the last complete checkpoint usable."""
+        instant leaves the last complete checkpoint usable. With ``wait=False`` (the
+        loop's own checkpoints) the file is written in the background while training
+        goes on (:class:`pipetrain.checkpoint.Writer`); an error then ends the run at
+        the next checkpoint or at its end."""
         if self.checkpoint_dir is None:
             return None
         arrays: dict[str, np.ndarray] = {}
@@ -687,8 +703,10 @@ class Run:
             "rng": rng,
             "saved": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
         }
-        self.last_checkpoint = self._dist.save(lambda: ckpt.save(self.checkpoint_dir, self.steps_done, meta, arrays))
-        return self.last_checkpoint
+        path = self._dist.save(lambda: self._checkpoints.submit(self.checkpoint_dir, self.steps_done, meta, arrays))
+        if wait:
+            self._checkpoints.wait()
+        return path
 
     def _load_checkpoint(self) -> dict:
         """Read the newest checkpoint and check that it fits this run; returns the
@@ -722,7 +740,7 @@ class Run:
         except ckpt.CheckpointError as e:
             raise RunError(f"cannot resume {path}: {e}") from e
         self._resumed = (meta, arrays)
-        self.last_checkpoint = path
+        self._checkpoints.latest = path
         self.complete = outcome.already_complete(meta, self.epochs_total)
         resume = {"epoch": self.epoch, "batch": self.batch, "checkpoint": str(path)}
         if changed:
@@ -896,7 +914,7 @@ class Epoch:
                               "(checkpoint written)")
         every = run.checkpoint_every
         if every and run.steps_done // every > (run.steps_done - count) // every and run.batch < self.steps:
-            run.save_checkpoint(self)
+            run.save_checkpoint(self, wait=False)
 
     def _check_finite(self, last: int) -> None:
         run = self.run

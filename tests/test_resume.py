@@ -65,6 +65,7 @@ METRICS = ("loss", "accuracy", "top2", "val_loss", "val_accuracy", "val_top2")
     pytest.param("batch:1:2", marks=ONE_BACKEND),  # right after a checkpoint (the 12th step completed just before)
     pytest.param("val:1:1", marks=ONE_BACKEND),    # during validation
     pytest.param("batch:2:0", marks=ONE_BACKEND),  # right after the epoch-end checkpoint
+    pytest.param("write:10", marks=ONE_BACKEND),  # writing the epoch-end checkpoint (step 10), training on
     "int-batch:1:9",  # Ctrl-C in the last batch: stops with every batch trained, before validation
 ])
 def test_killed_and_resumed_equals_uninterrupted(data, uninterrupted, tmp_path, kill):
@@ -89,7 +90,10 @@ def test_killed_and_resumed_equals_uninterrupted(data, uninterrupted, tmp_path, 
     positions = [(r["epoch"], r["batch"]) for r in ours.batches]
     assert positions == [(e, b) for e in range(3) for b in range(10)]  # every batch exactly once
     assert [r["loss"] for r in ours.batches] == [r["loss"] for r in theirs.batches]
-    assert len(ours.runs) == 2 and ours.runs[1]["resume"]["epoch"] == int(kill.split(":")[1])
+    if kill == "write:10":  # that checkpoint never landed: the run goes on from the one before
+        assert (ours.runs[1]["resume"]["epoch"], ours.runs[1]["resume"]["batch"]) == (0, 8)
+    else:
+        assert len(ours.runs) == 2 and ours.runs[1]["resume"]["epoch"] == int(kill.split(":")[1])
     if kill.startswith("int"):
         assert ours.runs[1]["resume"]["batch"] == 10  # every batch of epoch 1 was trained
     assert ours.end["status"] == "completed" and ours.end["steps"] == 30
@@ -110,6 +114,42 @@ def test_killed_before_its_first_checkpoint_starts_again_and_equals_uninterrupte
     assert [(r["epoch"], r["batch"]) for r in ours.batches] == [(e, b) for e in range(3) for b in range(10)]
     assert [r["loss"] for r in ours.batches] == [r["loss"] for r in theirs.batches]
     assert ours.end["status"] == "completed"
+
+
+@pytest.mark.one_backend  # its subject is the checkpoint writer, not the backend's: TensorFlow covers it (CI time)
+def test_a_checkpoint_that_fails_in_the_background_fails_the_run_and_keeps_the_one_before(data, tmp_path, monkeypatch):
+    """Checkpoints are written while training goes on: a write that fails (a full disk)
+    ends the run, failed, with its error, by the next checkpoint; the checkpoint before
+    it stays, and a resume goes on from there."""
+    write = checkpoint._write
+
+    def full_disk(folder, step, document, arrays):
+        if step == 8:
+            raise checkpoint.CheckpointError(f"{folder}: cannot write a checkpoint: No space left on device")
+        return write(folder, step, document, arrays)
+
+    def run(**settings):
+        keras.utils.set_random_seed(0)
+        model = keras.Sequential([keras.Input((12,)), keras.layers.Dense(3, activation="softmax")])
+        model.compile("adam", "sparse_categorical_crossentropy")
+        return pipetrain.train(model, pipetrain.H5Source(f"{data}/train-*.h5", x="x", y="y"), epochs=2,
+                               batch_size=32, history=tmp_path / "history.jsonl", checkpoint_every=4, verbose=0,
+                               **settings)
+
+    monkeypatch.setattr(checkpoint, "_write", full_disk)
+    with pytest.raises(checkpoint.CheckpointError, match="No space left on device"):
+        run()
+    history = pipetrain.read_history(tmp_path / "history.jsonl")
+    assert history.end["status"] == "failed" and "No space left on device" in history.end["error"]
+    assert history.end["checkpoint"].endswith("ckpt-000000000004.npz")
+    assert checkpoint.latest(tmp_path / "checkpoint").name == "ckpt-000000000004.npz"
+    assert 8 <= max(r["step"] for r in history.batches) <= 9  # trained on until the epoch's end checkpoint
+
+    monkeypatch.setattr(checkpoint, "_write", write)
+    run(resume=True)
+    history = pipetrain.read_history(tmp_path / "history.jsonl")
+    assert history.runs[-1]["resume"]["batch"] == 4 and history.end["status"] == "completed"
+    assert [(r["epoch"], r["batch"]) for r in history.batches] == [(e, b) for e in range(2) for b in range(10)]
 
 
 @pytest.mark.one_backend  # its subject is a message, not the backend's: TensorFlow covers it (CI time)

@@ -5,7 +5,10 @@ at a chosen point, and it saves its final weights.
 
 KILL is ``none``, ``batch:E:B`` (as batch B of epoch E begins), ``val:E:B`` (as
 validation batch B of epoch E begins), or ``end:E:0`` (when epoch E ends, after every
-other callback wrote its output for it); ``int-batch:E:B`` sends SIGINT instead.
+other callback wrote its output for it): each once the checkpoints begun before are on
+disk (they are written in the background); ``int-batch:E:B`` sends SIGINT instead.
+``write:S`` kills the job in the background write of the checkpoint of step S, while
+training goes on.
 ``--callbacks`` adds Keras' stateful callbacks writing into RUN_DIR, and saves the final
 learning rate in RUN_DIR/final.json.
 """
@@ -14,6 +17,7 @@ import json
 import os
 import signal
 import sys
+import threading
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -21,6 +25,7 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
 import pipetrain  # noqa: E402
+from pipetrain import checkpoint  # noqa: E402
 
 
 class KillAt(keras.callbacks.Callback):
@@ -34,6 +39,9 @@ class KillAt(keras.callbacks.Callback):
 
     def _maybe_die(self, kind, batch):
         if self.where == f"{kind}:{self.epoch}:{batch}":
+            for thread in threading.enumerate():
+                if thread.name == "pipetrain-checkpoint":
+                    thread.join()
             os.kill(os.getpid(), signal.SIGKILL)
         if self.where == f"int-{kind}:{self.epoch}:{batch}":  # Ctrl-C: stop after this batch
             os.kill(os.getpid(), signal.SIGINT)
@@ -77,8 +85,22 @@ def model():
     return m
 
 
+def die_writing(step: int) -> None:
+    """SIGKILL inside the background write of the checkpoint of ``step``."""
+    write = checkpoint._write
+
+    def dying(folder, at, document, arrays):
+        if at == step:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return write(folder, at, document, arrays)
+
+    checkpoint._write = dying
+
+
 def main():
     data, run_dir, kill = sys.argv[1:4]
+    if kill.startswith("write:"):
+        die_writing(int(kill.split(":")[1]))
     m = model()
     callbacks = [keras.callbacks.EarlyStopping(monitor="val_loss", patience=5)]
     if "--callbacks" in sys.argv:
