@@ -4,9 +4,12 @@
                                         [--out benchmarks/results/overhead.json]
 
 The model is the digits MLP (8x8 -> 128 -> 10, batch 32) on the sample digits (1,438
-rows, 45 steps an epoch). A variant's per-step cost is the difference between a run of
-``--long`` epochs and one of ``--short`` epochs divided by the extra steps, so start-up
-(tracing, threads, files) cancels. Each backend runs in its own process (the backend is
+rows, 45 steps an epoch). A variant's per-step cost is the time of epochs ``--short`` + 1
+to ``--long`` of one run, from the clock at each epoch's end, divided by their steps: the
+first ``--short`` epochs take the start-up (tracing and compiling, threads, files) and
+are not timed. (Timing two runs of different lengths and taking the difference, as this
+script did first, let JAX's compile-time jitter exceed the whole difference for its
+fastest variants: a negative time per step.) Each backend runs in its own process (the backend is
 chosen at import); within it, the variants run round-robin, ``--repeat`` times, and the
 table shows the median of the repeats (and the best, as issue 15 measured it):
 
@@ -72,35 +75,44 @@ def _model(seed=0):
     return model
 
 
-def _one(variant: str, epochs: int, x, y, source, folder: Path) -> float:
-    """Seconds for ``epochs`` epochs of ``variant`` on a fresh model."""
+def _one(variant: str, epochs: int, x, y, source, folder: Path) -> list[float]:
+    """The clock at the end of each of ``epochs`` epochs of ``variant`` on a fresh model."""
+    import keras
+
     import pipetrain
+
+    ends: list[float] = []
+
+    class Clock(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            ends.append(time.perf_counter())
 
     model = _model()
     history = str(folder / f"{time.monotonic_ns()}" / "history.jsonl") if "hist" in variant else None
     monitor = 2.0 if "hist" in variant else None
-    t0 = time.perf_counter()
     if variant == "bare":
         n = len(x)
         for _ in range(epochs):
             for start in range(0, n, BATCH):
                 model.train_on_batch(x[start:start + BATCH], y[start:start + BATCH])
+            ends.append(time.perf_counter())
     elif variant == "fit-spe16":
         model.compile(model.optimizer, model.loss, metrics=["accuracy"], steps_per_execution=16)
-        model.fit(x, y, batch_size=BATCH, epochs=epochs, shuffle=False, verbose=0)
+        model.fit(x, y, batch_size=BATCH, epochs=epochs, shuffle=False, verbose=0, callbacks=[Clock()])
     elif variant.startswith("train"):
         fused = {"steps_per_execution": 16} if "spe16" in variant else {}
         pipetrain.train(model, source, epochs=epochs, batch_size=BATCH, shuffle="none", history=history,
-                        monitor_interval=monitor, verbose=0, checkpoint_every=None, **fused)
+                        monitor_interval=monitor, verbose=0, checkpoint_every=None, callbacks=[Clock()], **fused)
     elif variant == "run+hist":
         with pipetrain.Run(source, batch_size=BATCH, epochs=epochs, shuffle="none", history=history,
                            models=model, monitor_interval=monitor, verbose=0, checkpoint_every=None) as run:
             for epoch in run.epochs():
                 for batch in epoch:
                     epoch.train_on_batch(model, batch.x, batch.y)
+                ends.append(time.perf_counter())
     else:
         raise ValueError(variant)
-    return time.perf_counter() - t0
+    return ends
 
 
 def run_backend(repeat: int, short: int, long: int, variants: list[str]) -> dict:
@@ -125,9 +137,8 @@ def run_backend(repeat: int, short: int, long: int, variants: list[str]) -> dict
     with tempfile.TemporaryDirectory() as tmp:
         for _ in range(repeat):
             for variant in variants:  # round-robin: the machine's noise spreads over all
-                t_short = _one(variant, short, x, y, source, Path(tmp))
-                t_long = _one(variant, long, x, y, source, Path(tmp))
-                per_step[variant].append(1000 * (t_long - t_short) / ((long - short) * steps))
+                ends = _one(variant, long, x, y, source, Path(tmp))
+                per_step[variant].append(1000 * (ends[long - 1] - ends[short - 1]) / ((long - short) * steps))
     bare = per_step.get("bare")
     out = {"backend": keras.backend.backend(), "device": _device(), "steps_per_epoch": steps,
            "variants": {}}
@@ -163,8 +174,8 @@ def main(argv=None) -> int:
     p.add_argument("--backends", nargs="+", default=["tensorflow", "jax", "torch"])
     p.add_argument("--variants", nargs="+", default=VARIANTS, choices=VARIANTS)
     p.add_argument("--repeat", type=int, default=3)
-    p.add_argument("--short", type=int, default=4, help="epochs of the short run (default 4)")
-    p.add_argument("--long", type=int, default=24, help="epochs of the long run (default 24)")
+    p.add_argument("--short", type=int, default=4, help="first epochs, not timed: the start-up (default 4)")
+    p.add_argument("--long", type=int, default=24, help="epochs of each run (default 24)")
     p.add_argument("--out", default=None, help="JSON file for the results")
     p.add_argument("--in-process", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -183,7 +194,7 @@ def main(argv=None) -> int:
         results.append(json.loads(done.stdout.strip().splitlines()[-1]))
         print(table(results[-1:]), flush=True)
     print()
-    print(f"ms per step, median of {args.repeat} repeats ({args.long} - {args.short} epochs); "
+    print(f"ms per step, median of {args.repeat} repeats (epochs {args.short + 1}-{args.long}); "
           "in brackets the ratio to bare")
     print(table(results))
     if args.out:
