@@ -105,8 +105,9 @@ class Writer:
     the loop only takes the snapshot (the arrays, which are copies, and the JSON
     document) and goes on. A checkpoint is complete once renamed, as with :func:`save`,
     so a kill during a write leaves the one before it, as a kill during :func:`save`
-    does. :meth:`submit` waits for the previous write first (at most one in flight, and
-    memory for one snapshot); :meth:`wait` waits for the last and raises its error.
+    does. :meth:`submit` waits for the previous write first (at most one in flight; a
+    caller that joins before taking its snapshot holds one snapshot at a time);
+    :meth:`wait` waits for the last and raises its error.
     ``latest`` is the newest checkpoint written so far."""
 
     def __init__(self):
@@ -131,11 +132,15 @@ class Writer:
         except BaseException as e:  # raised in the loop's thread, by the next wait
             self._error = e
 
-    def wait(self) -> None:
-        """Wait for the checkpoint being written, if any; raise the error of a write that failed."""
+    def join(self) -> None:
+        """Wait for the checkpoint being written, if any (its error is kept for :meth:`wait`)."""
         if self._thread is not None:
             self._thread.join()
             self._thread = None
+
+    def wait(self) -> None:
+        """Wait for the checkpoint being written, if any; raise the error of a write that failed."""
+        self.join()
         if self._error is not None:
             error, self._error = self._error, None
             raise error

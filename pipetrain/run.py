@@ -668,6 +668,7 @@ class Run:
         the next checkpoint or at its end."""
         if self.checkpoint_dir is None:
             return None
+        self._checkpoints.join()  # the previous snapshot leaves memory before this one is taken
         arrays: dict[str, np.ndarray] = {}
         for name, model in self.models.items():
             arrays.update(ckpt.model_arrays(name, model))
