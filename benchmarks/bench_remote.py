@@ -269,7 +269,7 @@ def main() -> None:
 
         results = {"machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
                                "tensorflow": tf.__version__, "h5py": h5py.__version__,
-                               "note": "2-core machine shared with other engineers' jobs"},
+                               "load_1min_before": round(os.getloadavg()[0], 2)},
                    "file_mb": round(path.stat().st_size / 2**20, 1), "repeat": args.repeat, "latencies": []}
         for bandwidth in args.bandwidth:
             for latency in args.latency:
