@@ -327,7 +327,8 @@ class _EpochBatches(Iterator[BatchPlan]):
             pos = np.arange(lo, lo + sum(sizes), dtype=np.int64)
             taken = sizes
         else:
-            mine = [self._mine(i * plan.batch_size, size, rep) for i, size, rep in zip(indices, sizes, replicated)]
+            mine = [self._mine(i * plan.batch_size, size, rep)
+                    for i, size, rep in zip(indices, sizes, replicated, strict=True)]
             pos, taken = np.concatenate(mine), [len(m) for m in mine]
         batch = np.repeat(np.arange(count), taken)
         lane, row = self.lanes.locate(pos)

@@ -475,10 +475,10 @@ class Run:
         self._close_stream()
         for sums in self._sums.values():  # the models get their own step functions back
             sums.detach()
-        late = None  # a checkpoint written in the background that failed: the run fails with it
+        late = None  # a background checkpoint that failed, or a Ctrl-C while waiting for it: the run ends with it
         try:
             self._checkpoints.wait()
-        except Exception as e:
+        except BaseException as e:
             if exc_type is None:
                 exc_type, exc, late = type(e), e, e
         if self._signals is not None:

@@ -152,6 +152,33 @@ def test_a_checkpoint_that_fails_in_the_background_fails_the_run_and_keeps_the_o
     assert [(r["epoch"], r["batch"]) for r in history.batches] == [(e, b) for e in range(2) for b in range(10)]
 
 
+@pytest.mark.one_backend  # its subject is the run's ending, not the backend's: TensorFlow covers it (CI time)
+def test_ctrl_c_while_the_run_waits_for_its_last_checkpoint_still_ends_the_history(data, tmp_path):
+    """The run's end waits for the checkpoint being written; a Ctrl-C during that wait
+    ends the run as interrupted, with its end record, and leaves the folder free."""
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((12,)), keras.layers.Dense(3, activation="softmax")])
+    model.compile("adam", "sparse_categorical_crossentropy")
+
+    def ctrl_c():
+        raise KeyboardInterrupt
+
+    source = pipetrain.H5Source(f"{data}/train-*.h5", x="x", y="y")
+    with pytest.raises(KeyboardInterrupt):
+        with pipetrain.Run(source, batch_size=32, history=tmp_path / "history.jsonl", models=model,
+                           verbose=0) as run:
+            for epoch in run.epochs():
+                for batch in epoch:
+                    epoch.train_on_batch(model, batch.x, batch.y)
+            run._checkpoints.wait = ctrl_c
+    history = pipetrain.read_history(tmp_path / "history.jsonl")
+    assert history.end is not None and history.end["status"] == "interrupted"
+    again = pipetrain.Run(source, batch_size=32, history=tmp_path / "history.jsonl", models=model, verbose=0,
+                          resume=True)
+    with again:  # the folder's lock was released
+        assert again.complete is not None
+
+
 @pytest.mark.one_backend  # its subject is a message, not the backend's: TensorFlow covers it (CI time)
 def test_nothing_to_resume_is_a_clear_error(data, tmp_path):
     done = job(data, tmp_path, resume=True)
