@@ -30,6 +30,7 @@ import numpy as np
 
 from pipetrain.errors import RunError
 from pipetrain.history import run_records
+from pipetrain.runfolder import checkpoints
 
 KEEP = 2  # checkpoints kept: the newest, and one before it
 
@@ -58,8 +59,7 @@ def check_backend(path: Path, meta: dict, history: Path | None = None) -> None:
 
 def latest(folder: str | os.PathLike) -> Path | None:
     """The newest complete checkpoint in ``folder``, or None."""
-    folder = Path(folder)
-    found = sorted(folder.glob("ckpt-*.npz")) if folder.is_dir() else []
+    found = checkpoints(Path(folder))
     return found[-1] if found else None
 
 
@@ -68,8 +68,13 @@ def save(folder: str | os.PathLike, step: int, meta: dict, arrays: dict[str, np.
     return _write(Path(folder), step, json.dumps(meta).encode(), arrays)
 
 
+def path_of(folder: Path, step: int) -> Path:
+    """Where the checkpoint of ``step`` goes (the names sort in step order)."""
+    return folder / f"ckpt-{step:012d}.npz"
+
+
 def _write(folder: Path, step: int, document: bytes, arrays: dict[str, np.ndarray]) -> Path:
-    final = folder / f"ckpt-{step:012d}.npz"
+    final = path_of(folder, step)
     try:
         folder.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=".ckpt-", suffix=".tmp", dir=folder)
@@ -85,7 +90,7 @@ def _write(folder: Path, step: int, document: bytes, arrays: dict[str, np.ndarra
         _fsync_folder(folder)
     except OSError as e:
         raise CheckpointError(f"{folder}: cannot write a checkpoint: {e.strerror or e}") from e
-    for old in sorted(folder.glob("ckpt-*.npz"))[:-KEEP]:
+    for old in checkpoints(folder)[:-KEEP]:
         old.unlink(missing_ok=True)
     return final
 
@@ -110,6 +115,8 @@ class Writer:
     :meth:`wait` waits for the last and raises its error.
     ``latest`` is the newest checkpoint written so far."""
 
+    THREAD = "pipetrain-checkpoint"  # the writing thread's name
+
     def __init__(self):
         self.latest: Path | None = None
         self._thread: threading.Thread | None = None
@@ -122,9 +129,9 @@ class Writer:
         arrays = {name: _owned(a) for name, a in arrays.items()}
         folder = Path(folder)
         self._thread = threading.Thread(target=self._run, args=(folder, step, document, arrays),
-                                        name="pipetrain-checkpoint", daemon=True)
+                                        name=self.THREAD, daemon=True)
         self._thread.start()
-        return folder / f"ckpt-{step:012d}.npz"
+        return path_of(folder, step)
 
     def _run(self, folder: Path, step: int, document: bytes, arrays: dict[str, np.ndarray]) -> None:
         try:

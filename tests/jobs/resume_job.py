@@ -40,7 +40,7 @@ class KillAt(keras.callbacks.Callback):
     def _maybe_die(self, kind, batch):
         if self.where == f"{kind}:{self.epoch}:{batch}":
             for thread in threading.enumerate():
-                if thread.name == "pipetrain-checkpoint":
+                if thread.name == checkpoint.Writer.THREAD:
                     thread.join()
             os.kill(os.getpid(), signal.SIGKILL)
         if self.where == f"int-{kind}:{self.epoch}:{batch}":  # Ctrl-C: stop after this batch
