@@ -322,9 +322,9 @@ class _EpochBatches(Iterator[BatchPlan]):
         indices = range(first, first + count)
         sizes = [plan.global_size(i) for i in indices]
         replicated = [plan.replicated(i) for i in indices]
-        lo = first * plan.batch_size
+        lo, end = first * plan.batch_size, first * plan.batch_size + sum(sizes)
         if plan.share.count == 1:
-            pos = np.arange(lo, lo + sum(sizes), dtype=np.int64)
+            pos = np.arange(lo, end, dtype=np.int64)
             taken = sizes
         else:
             mine = [self._mine(i * plan.batch_size, size, rep)
@@ -344,7 +344,6 @@ class _EpochBatches(Iterator[BatchPlan]):
             k = row[at] - self.win_row0[window]
             blk[at], off[at] = wblk[k], woff[k]
             uses.update(wuses)
-        end = lo + sum(sizes)
         for old in [k for k, v in self.cached.items() if v[3] < end]:
             del self.cached[old]  # windows whose last row is behind these batches are never needed again
         self.next_index += count
@@ -418,14 +417,14 @@ def _parts(batch: np.ndarray, blk: np.ndarray, off: np.ndarray, uses: dict[int, 
     batch, blk, off = batch[order], blk[order], off[order]
     firsts = np.flatnonzero((np.diff(blk, prepend=-1) != 0) | (np.diff(batch, prepend=-1) != 0))
     ends = np.append(firsts[1:], len(blk))
+    owner, low, high = batch[firsts], off[firsts], off[ends - 1]  # each part's batch, first and last row
     # Where each batch's rows begin, for the parts' places within their batch.
-    begins = np.searchsorted(batch, np.arange(count))
-    base = begins[batch[firsts]]
-    runs = (off[ends - 1] - off[firsts] + 1 == ends - firsts).tolist()
+    base = np.searchsorted(batch, np.arange(count))[owner]
+    runs = (high - low + 1 == ends - firsts).tolist()
     out: list[list[Part]] = [[] for _ in range(count)]
     for b, block, a, e, at, first, last, run in zip(
-        batch[firsts].tolist(), blk[firsts].tolist(), firsts.tolist(), ends.tolist(), base.tolist(),
-        off[firsts].tolist(), off[ends - 1].tolist(), runs, strict=True,
+        owner.tolist(), blk[firsts].tolist(), firsts.tolist(), ends.tolist(), base.tolist(),
+        low.tolist(), high.tolist(), runs, strict=True,
     ):
         src = slice(first, last + 1) if run else off[a:e]
         out[b].append(Part(block, src, slice(a - at, e - at), uses[block]))
