@@ -481,6 +481,8 @@ class Run:
         except BaseException as e:
             if exc_type is None:
                 exc_type, exc, late = type(e), e, e
+            with contextlib.suppress(BaseException):  # a Ctrl-C in the wait: the write takes milliseconds, let it land
+                self._checkpoints.join()
         if self._signals is not None:
             self._signals.restore()
         if self._monitor is not None:

@@ -155,7 +155,8 @@ def test_a_checkpoint_that_fails_in_the_background_fails_the_run_and_keeps_the_o
 @pytest.mark.one_backend  # its subject is the run's ending, not the backend's: TensorFlow covers it (CI time)
 def test_ctrl_c_while_the_run_waits_for_its_last_checkpoint_still_ends_the_history(data, tmp_path):
     """The run's end waits for the checkpoint being written; a Ctrl-C during that wait
-    ends the run as interrupted, with its end record, and leaves the folder free."""
+    lets the write land (it takes milliseconds), ends the run as interrupted with its end
+    record naming that checkpoint, and leaves the folder free to resume."""
     keras.utils.set_random_seed(0)
     model = keras.Sequential([keras.Input((12,)), keras.layers.Dense(3, activation="softmax")])
     model.compile("adam", "sparse_categorical_crossentropy")
@@ -173,6 +174,7 @@ def test_ctrl_c_while_the_run_waits_for_its_last_checkpoint_still_ends_the_histo
             run._checkpoints.wait = ctrl_c
     history = pipetrain.read_history(tmp_path / "history.jsonl")
     assert history.end is not None and history.end["status"] == "interrupted"
+    assert history.end["checkpoint"].endswith("ckpt-000000000010.npz")
     again = pipetrain.Run(source, batch_size=32, history=tmp_path / "history.jsonl", models=model, verbose=0,
                           resume=True)
     with again:  # the folder's lock was released
