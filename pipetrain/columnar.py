@@ -27,10 +27,7 @@ import numpy as np
 
 from pipetrain.table import Column, column_of
 
-try:
-    import orjson
-except ImportError:  # pragma: no cover - depends on the environment
-    orjson = None
+import orjson
 
 _NUMBER = re.compile(rb"-?[0-9][-+.eE0-9]*")
 _WIDE = 2.0**63  # orjson reads an integer of this magnitude or more as a float (or not at all)
@@ -62,7 +59,7 @@ class Template:
 def template(line: bytes) -> Template | None:
     """The template of one line (without its newline): None for a line that is not a
     flat JSON object written without spaces, or that holds no number."""
-    if orjson is None or not line.startswith(b"{"):
+    if not line.startswith(b"{"):
         return None
     try:
         record = orjson.loads(line)

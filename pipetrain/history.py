@@ -14,6 +14,7 @@ or with pandas::
 
 from __future__ import annotations
 
+import enum
 import errno
 import json
 import math
@@ -25,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import orjson
 
 from pipetrain import scan
 from pipetrain.errors import InputError
@@ -54,15 +56,24 @@ def jsonable(value):
         return value
     if isinstance(value, Path):
         return str(value)
+    if isinstance(value, enum.Enum):
+        return jsonable(value.value)
     # Anything else (a dtype, a Keras object in a config) is recorded by its text.
     return str(value)
 
 
+# orjson writes a batch line in a tenth of json's time (about 1 us against 7, warm); what
+# it would write unlike jsonable (a datetime, a dataclass, a subclass of str) it refuses.
+# Both write an enum as its value.
+_ORJSON = (orjson.OPT_APPEND_NEWLINE | orjson.OPT_PASSTHROUGH_DATETIME | orjson.OPT_PASSTHROUGH_DATACLASS
+           | orjson.OPT_PASSTHROUGH_SUBCLASS)
+
+
 def encode(record: Mapping) -> bytes:
-    """One record as one complete line of strict JSON."""
-    try:  # the common case: plain finite values, no conversion needed
-        line = json.dumps(record, allow_nan=False, separators=(",", ":"))
-    except (TypeError, ValueError):  # numpy values, NaN or infinity somewhere
+    """One record as one complete line of strict JSON (non-finite floats as null)."""
+    try:  # the common case: plain values (orjson writes NaN and infinity as null, as jsonable does)
+        return orjson.dumps(record, option=_ORJSON)
+    except TypeError:  # numpy values, a Path, an integer beyond 64 bits, a key not a string, a lone surrogate
         line = json.dumps(jsonable(record), allow_nan=False, separators=(",", ":"))
     return (line + "\n").encode()
 

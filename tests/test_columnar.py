@@ -13,8 +13,6 @@ from pipetrain import columnar, reading
 from pipetrain.history import encode, read_history
 from tests.test_history_reading import items, reference
 
-pytest.importorskip("orjson")
-
 
 def batch_lines(n=40, seed=0, **extra) -> list[bytes]:
     rng = random.Random(seed)

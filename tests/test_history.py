@@ -32,6 +32,36 @@ def test_each_record_is_one_line_of_strict_json(tmp_path):
     assert first == {"type": "batch", "run": "r", "t": 1.5, "loss": None, "acc": 0.5, "n": 3, "big": None, "v": [0, 1, 2]}
 
 
+def test_a_record_reads_back_as_jsonable_makes_it_whatever_its_values(tmp_path):
+    """The fast encoder (orjson) and the general one (json of jsonable) write the same values:
+    a record orjson refuses goes the general way, one it takes reads back as jsonable's."""
+    import datetime
+    import enum
+    from pathlib import PurePosixPath
+
+    from pipetrain.history import encode, jsonable
+
+    class Colour(enum.Enum):
+        RED = "red"
+
+    class Name(str):
+        pass
+
+    plain = {"type": "batch", "run": "r", "t": 1764085960.020295, "epoch": 0, "loss": 2.2784635016542927,
+             "wait_s": 2.8e-05, "tiny": 5e-324, "huge": 1.7976931348623157e308, "zero": -0.0, "n": 2**63 - 1,
+             "none": None, "ok": True, "list": [1, 2.5, "x"], "pair": (1, 2), "nested": {"a": [{"b": 1e16}]},
+             "nan": float("nan"), "inf": float("-inf"), "text": "é ü 漢", "colour": Colour.RED}
+    odd = [("numpy", np.float32(0.5)), ("numpy int", np.int64(3)), ("path", PurePosixPath("/a/b")),
+           ("beyond 64 bits", 2**70), ("int key", {1: 2}), ("surrogate", "\udc80"), ("str subclass", Name("x")),
+           ("datetime", datetime.datetime(2026, 11, 30, 12, 0)), ("array", np.arange(3))]
+    for record in [plain] + [{**plain, name: value} for name, value in odd]:
+        line = encode(record)
+        assert line.endswith(b"\n") and line.count(b"\n") == 1
+        strict = json.loads(line, parse_constant=lambda c: pytest.fail(f"non-strict JSON constant {c}"))
+        assert strict == json.loads(json.dumps(jsonable(record))), record
+        assert math.copysign(1, strict["zero"]) == -1
+
+
 def test_records_are_visible_at_once_without_close(tmp_path):
     path = tmp_path / "h.jsonl"
     w = HistoryWriter(path)
