@@ -17,6 +17,7 @@ epoch's partial metrics are all saved, so no batch is trained twice.
 
 from __future__ import annotations
 
+import collections
 import csv
 import json
 import os
@@ -103,54 +104,109 @@ def _owned(array) -> np.ndarray:
 
 
 class Writer:
-    """Writes a run's checkpoints in a background thread, one at a time, in order.
+    """A run's writes to disk that training need not wait for, done in order by one
+    background thread: its checkpoints, and the history's syncs (so a history is on disk
+    up to its epoch record before the checkpoint that follows that epoch is).
 
-    Writing (the archive, two fsyncs, the rename) costs a small model's run a few
-    milliseconds at every checkpoint, time the training loop would otherwise wait; here
-    the loop only takes the snapshot (the arrays, which are copies, and the JSON
-    document) and goes on. A checkpoint is complete once renamed, as with :func:`save`,
-    so a kill during a write leaves the one before it, as a kill during :func:`save`
-    does. :meth:`submit` waits for the previous write first (at most one in flight; a
-    caller that joins before taking its snapshot holds one snapshot at a time);
-    :meth:`wait` waits for the last and raises its error.
-    ``latest`` is the newest checkpoint written so far."""
+    Writing a checkpoint (the archive, two fsyncs, the rename) costs a small model's run a
+    few milliseconds, and an fsync of the history at an epoch's end about one (more on a
+    slow disk), time the training loop would otherwise wait; here the loop only takes the
+    snapshot (the arrays, which are copies, and the JSON document) and goes on. A
+    checkpoint is complete once renamed, as with :func:`save`, so a kill during a write
+    leaves the one before it, as a kill during :func:`save` does. :meth:`submit` waits
+    for the previous checkpoint first (at most one in flight; a caller that joins before
+    taking its snapshot holds one snapshot at a time) and raises the error of any write
+    that failed; :meth:`wait` waits for them all and raises it too. ``latest`` is the
+    newest checkpoint written so far. The thread starts with the first write (starting
+    one costs about a millisecond on busy cores) and ends with :meth:`close`."""
 
     THREAD = "pipetrain-checkpoint"  # the writing thread's name
 
     def __init__(self):
         self.latest: Path | None = None
-        self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
+        self._jobs: collections.deque = collections.deque()  # (ticket, callable), in order
+        self._issued = self._done = 0  # tickets handed out, and the jobs finished
+        self._checkpoint = 0  # the ticket of the last checkpoint submitted
+        self._changed = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._closed = False
 
     def submit(self, folder: str | os.PathLike, step: int, meta: dict, arrays: dict[str, np.ndarray]) -> Path:
         """Start writing a checkpoint; returns the path it will have."""
-        self.wait()
+        self.join_checkpoint()
+        self._raise()
         document = json.dumps(meta).encode()  # now: the document may hold objects the run changes later
         arrays = {name: _owned(a) for name, a in arrays.items()}
         folder = Path(folder)
-        self._thread = threading.Thread(target=self._run, args=(folder, step, document, arrays),
-                                        name=self.THREAD, daemon=True)
-        self._thread.start()
+        self._checkpoint = self.later(lambda: self._wrote(_write(folder, step, document, arrays)))
         return path_of(folder, step)
 
-    def _run(self, folder: Path, step: int, document: bytes, arrays: dict[str, np.ndarray]) -> None:
-        try:
-            self.latest = _write(folder, step, document, arrays)
-        except BaseException as e:  # raised in the loop's thread, by the next wait
-            self._error = e
+    def _wrote(self, path: Path) -> None:
+        self.latest = path
 
-    def join(self) -> None:
+    def later(self, job) -> int:
+        """Run ``job()`` in the thread after those before it; returns its ticket (for
+        :meth:`join`). An exception it raises is raised by the next :meth:`submit` or
+        :meth:`wait`, and the jobs given until then are dropped. Once closed, the job
+        runs here and now."""
+        with self._changed:
+            if self._closed:
+                job()
+                return self._issued
+            self._issued += 1
+            self._jobs.append((self._issued, job))
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._serve, name=self.THREAD, daemon=True)
+                self._thread.start()
+            self._changed.notify_all()
+            return self._issued
+
+    def _serve(self) -> None:
+        while True:
+            with self._changed:
+                while not self._jobs and not self._closed:
+                    self._changed.wait()
+                if not self._jobs:
+                    return
+                ticket, job = self._jobs[0]
+            if self._error is None:  # after a failure, nothing more (no checkpoint after a failed sync)
+                try:
+                    job()
+                except BaseException as e:  # raised in the loop's thread, by the next submit or wait
+                    self._error = e
+            with self._changed:
+                self._jobs.popleft()
+                self._done = ticket
+                self._changed.notify_all()
+
+    def join_checkpoint(self) -> None:
         """Wait for the checkpoint being written, if any (its error is kept for :meth:`wait`)."""
-        if self._thread is not None:
-            self._thread.join()
-            self._thread = None
+        self.join(self._checkpoint)
+
+    def join(self, ticket: int | None = None) -> None:
+        """Wait for the jobs up to ``ticket`` (all given so far by default) to be done
+        (an error is kept for :meth:`wait`)."""
+        with self._changed:
+            ticket = self._issued if ticket is None else ticket
+            while self._done < ticket:
+                self._changed.wait()
 
     def wait(self) -> None:
-        """Wait for the checkpoint being written, if any; raise the error of a write that failed."""
+        """Wait for every job given so far; raise the error of one that failed."""
         self.join()
+        self._raise()
+
+    def _raise(self) -> None:
         if self._error is not None:
             error, self._error = self._error, None
             raise error
+
+    def close(self) -> None:
+        """Let the thread end once its jobs are done (later jobs are refused)."""
+        with self._changed:
+            self._closed = True
+            self._changed.notify_all()
 
 
 def load(path: str | os.PathLike) -> tuple[dict, dict[str, np.ndarray]]:

@@ -140,9 +140,18 @@ class HistoryWriter:
                 self._index.update()
 
     def sync(self) -> None:
+        """Flush what is written to disk (another thread may go on writing meanwhile)."""
         with self._lock:
-            if self._fd >= 0:
-                self._fsync(self._fd)
+            if self._fd < 0:
+                return
+            try:
+                fd = os.dup(self._fd)  # its own descriptor: a close meanwhile cannot pull the file away
+            except OSError as e:
+                raise HistoryWriteError(f"{self.path}: cannot sync the history: {e.strerror or e}") from e
+        try:
+            self._fsync(fd)
+        finally:
+            os.close(fd)
 
     def _fsync(self, fd: int) -> None:
         try:

@@ -483,6 +483,7 @@ class Run:
                 exc_type, exc, late = type(e), e, e
             with contextlib.suppress(BaseException):  # a Ctrl-C in the wait: the write takes milliseconds, let it land
                 self._checkpoints.join()
+        self._checkpoints.close()
         if self._signals is not None:
             self._signals.restore()
         if self._monitor is not None:
@@ -670,7 +671,7 @@ class Run:
         the next checkpoint or at its end."""
         if self.checkpoint_dir is None:
             return None
-        self._checkpoints.join()  # the previous snapshot leaves memory before this one is taken
+        self._checkpoints.join_checkpoint()  # the previous snapshot leaves memory before this one is taken
         arrays: dict[str, np.ndarray] = {}
         for name, model in self.models.items():
             arrays.update(ckpt.model_arrays(name, model))
@@ -1062,8 +1063,8 @@ class Epoch:
         }
         stats = run._dist.epoch_stats(self.index, stats)  # every process's data counters, on process 0
         run.emit("epoch", epoch=self.index, **self.logs, **stats)
-        if run._writer is not None:
-            run._writer.sync()
+        if run._writer is not None:  # on disk before the checkpoint that follows, not waited for here
+            run._checkpoints.later(run._writer.sync)
         run.callbacks.on_epoch_end(self.index, dict(self.logs))
         if complete:
             run.epochs_done = self.index + 1

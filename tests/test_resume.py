@@ -2,9 +2,12 @@
 the same weights, the same epoch metrics and a history in which every batch appears once."""
 
 import json
+import os
 import signal
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import keras
@@ -150,6 +153,78 @@ def test_a_checkpoint_that_fails_in_the_background_fails_the_run_and_keeps_the_o
     history = pipetrain.read_history(tmp_path / "history.jsonl")
     assert history.runs[-1]["resume"]["batch"] == 4 and history.end["status"] == "completed"
     assert [(r["epoch"], r["batch"]) for r in history.batches] == [(e, b) for e in range(2) for b in range(10)]
+
+
+def _small_run(data, tmp_path, **settings):
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((12,)), keras.layers.Dense(3, activation="softmax")])
+    model.compile("adam", "sparse_categorical_crossentropy")
+    return pipetrain.train(model, pipetrain.H5Source(f"{data}/train-*.h5", x="x", y="y"), epochs=2,
+                           batch_size=32, history=tmp_path / "history.jsonl", checkpoint_every=4, verbose=0,
+                           **settings)
+
+
+@pytest.mark.one_backend  # its subject is the background writer, not the backend's: TensorFlow covers it (CI time)
+def test_the_history_is_synced_in_the_background_before_the_checkpoint_that_follows(data, tmp_path, monkeypatch):
+    """The history's fsync at an epoch's end runs in the checkpoint writer's thread, while
+    training goes on, and before the epoch-end checkpoint is written: on disk, a checkpoint
+    never runs ahead of its epoch's record. One thread writes every checkpoint and ends
+    with the run."""
+    from pipetrain.history import HistoryWriter
+
+    events = []
+    sync, write = HistoryWriter._fsync, checkpoint._write
+
+    def slow_sync(self, fd):
+        size = os.fstat(fd).st_size
+        time.sleep(0.5)
+        events.append(("sync", threading.current_thread().name, size, os.fstat(fd).st_size))
+        return sync(self, fd)
+
+    def recorded_write(folder, step, document, arrays):
+        events.append(("write", threading.current_thread().ident, step))
+        return write(folder, step, document, arrays)
+
+    monkeypatch.setattr(HistoryWriter, "_fsync", slow_sync)
+    monkeypatch.setattr(checkpoint, "_write", recorded_write)
+    _small_run(data, tmp_path)
+    assert not [t for t in threading.enumerate() if t.name == checkpoint.Writer.THREAD]
+
+    text = (tmp_path / "history.jsonl").read_bytes()
+    epoch_ends = [text.index(b"\n", text.index(b'{"type":"epoch","run"')) + 1]
+    epoch_ends.append(text.index(b"\n", text.index(b'{"type":"epoch","run"', epoch_ends[0])) + 1)
+    syncs = [e for e in events[:-1] if e[0] == "sync"]  # the last: the history's close, at the run's end
+    assert [e[1] for e in syncs] == [checkpoint.Writer.THREAD] * 2 and events[-1][0] == "sync"
+    assert [e[2] for e in syncs] == epoch_ends  # each synced up to its epoch's record...
+    assert syncs[0][3] > syncs[0][2]  # ...while the loop went on writing the next epoch's batches
+    order = [e[0] if e[0] == "sync" else e[2] for e in events[:-1]]
+    assert order == [4, 8, "sync", 10, 12, 16, "sync", 20]
+    assert len({e[1] for e in events if e[0] == "write"}) == 1
+
+
+@pytest.mark.one_backend  # its subject is the background writer, not the backend's: TensorFlow covers it (CI time)
+def test_a_history_sync_that_fails_in_the_background_fails_the_run_and_no_checkpoint_follows(data, tmp_path,
+                                                                                             monkeypatch):
+    """An fsync of the history that fails at an epoch's end (a disk error) ends the run
+    with its error by the next checkpoint; the epoch's checkpoint, which would run ahead
+    of a history not on disk, is not written."""
+    from pipetrain.history import HistoryWriteError, HistoryWriter
+
+    sync, failed = HistoryWriter._fsync, []
+
+    def failing_once(self, fd):
+        if not failed:
+            failed.append(fd)
+            raise HistoryWriteError(f"{self.path}: cannot sync the history: Input/output error")
+        return sync(self, fd)
+
+    monkeypatch.setattr(HistoryWriter, "_fsync", failing_once)
+    with pytest.raises(HistoryWriteError, match="history.jsonl: cannot sync the history: Input/output error"):
+        _small_run(data, tmp_path)
+    assert checkpoint.latest(tmp_path / "checkpoint").name == "ckpt-000000000008.npz"
+    history = pipetrain.read_history(tmp_path / "history.jsonl")
+    assert [(r["epoch"], r["batch"]) for r in history.batches][:10] == [(0, b) for b in range(10)]
+    assert not [t for t in threading.enumerate() if t.name == checkpoint.Writer.THREAD]
 
 
 @pytest.mark.one_backend  # its subject is the run's ending, not the backend's: TensorFlow covers it (CI time)

@@ -17,7 +17,6 @@ import json
 import os
 import signal
 import sys
-import threading
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -26,6 +25,18 @@ import numpy as np  # noqa: E402
 
 import pipetrain  # noqa: E402
 from pipetrain import checkpoint  # noqa: E402
+
+
+WRITERS = []  # the run's background writers, for the kill points to wait on
+_writer_init = checkpoint.Writer.__init__
+
+
+def _recorded(self):
+    _writer_init(self)
+    WRITERS.append(self)
+
+
+checkpoint.Writer.__init__ = _recorded
 
 
 class KillAt(keras.callbacks.Callback):
@@ -39,9 +50,8 @@ class KillAt(keras.callbacks.Callback):
 
     def _maybe_die(self, kind, batch):
         if self.where == f"{kind}:{self.epoch}:{batch}":
-            for thread in threading.enumerate():
-                if thread.name == checkpoint.Writer.THREAD:
-                    thread.join()
+            for writer in WRITERS:
+                writer.join()
             os.kill(os.getpid(), signal.SIGKILL)
         if self.where == f"int-{kind}:{self.epoch}:{batch}":  # Ctrl-C: stop after this batch
             os.kill(os.getpid(), signal.SIGINT)
