@@ -2,7 +2,7 @@
 step for step, on a machine whose speed drifts.
 
     KERAS_BACKEND=torch python benchmarks/bench_paired.py [--workload digits w1 w2]
-        [--block 200] [--rounds 8] [--settle 0.5] [--data-dir /tmp/bt-data] [--out results/paired-torch.json]
+        [--block 200] [--rounds 8] [--settle 0.5] [--parts] [--data-dir /tmp/bt-data] [--out results/paired-torch.json]
 
 bench_train.py and bench_overhead.py run each variant for whole epochs, one after the
 other; on this shared 2-core machine the speed of the same work swings by 25-70% within
@@ -19,7 +19,10 @@ otherwise decode on the time of the variant measured after it).
 - ``memory``: ``model.train_on_batch`` on in-memory slices of the file's arrays (training
   alone: what the step itself costs);
 - ``pipetrain``: a ``pipetrain.Run`` loop calling ``epoch.train_on_batch``, with the
-  history and the system monitor on (what ``train()`` runs, checkpoints apart);
+  history and the system monitor on, and a checkpoint at each epoch's end (what
+  ``train()`` runs); with ``--parts`` also ``pipetrain-no-ckpt`` (the same without the
+  checkpoints) and ``pipetrain-no-hist`` (no history, hence no checkpoints), to say what
+  each costs;
 - ``loader``: the backend's own loader feeding ``model.train_on_batch``: torch's
   ``DataLoader`` (2 worker processes), Grain (2 worker processes) on JAX, ``tf.data``
   (a generator of h5py slices, prefetched) on TensorFlow.
@@ -86,11 +89,13 @@ def memory(path, x_name, y_name, batch, model):
             yield
 
 
-def with_pipetrain(path, x_name, y_name, batch, model, folder: Path):
+def with_pipetrain(path, x_name, y_name, batch, model, folder: Path, history=True, checkpoints=True):
     source = pipetrain.H5Source(path, x=x_name, y=y_name)
     with pipetrain.Run(source, batch_size=batch, epochs=10**6, shuffle="none", models=model,
-                       history=str(folder / "history.jsonl"), monitor_interval=2.0, verbose=0,
-                       checkpoint_every=None) as run:
+                       history=str(folder / "history.jsonl") if history else None, monitor_interval=2.0,
+                       verbose=0, checkpoint_every=None) as run:
+        if not checkpoints:  # (--parts) no checkpoint at the epochs' ends: what they cost
+            run.save_checkpoint = lambda *args, **kwargs: None
         for epoch in run.epochs():
             for b in epoch:
                 epoch.train_on_batch(model, b.x, b.y)
@@ -110,12 +115,19 @@ def with_loader(path, x_name, y_name, batch, model):
         yield
 
 
-def run(name: str, block: int, rounds: int, data_dir: Path, settle: float) -> dict:
+def run(name: str, block: int, rounds: int, data_dir: Path, settle: float, parts: bool = False) -> dict:
     path, spec, x_name, y_name, builder = workload(name, data_dir)
     with tempfile.TemporaryDirectory() as tmp:
+        for sub in ("a", "b"):
+            (Path(tmp) / sub).mkdir()
         loops = {"memory": memory(path, x_name, y_name, spec["batch"], builder()),
-                 "pipetrain": with_pipetrain(path, x_name, y_name, spec["batch"], builder(), Path(tmp)),
+                 "pipetrain": with_pipetrain(path, x_name, y_name, spec["batch"], builder(), Path(tmp) / "a"),
                  LOADER: with_loader(path, x_name, y_name, spec["batch"], builder())}
+        if parts:
+            loops["pipetrain-no-ckpt"] = with_pipetrain(path, x_name, y_name, spec["batch"], builder(),
+                                                        Path(tmp) / "b", checkpoints=False)
+            loops["pipetrain-no-hist"] = with_pipetrain(path, x_name, y_name, spec["batch"], builder(), Path(tmp),
+                                                        history=False)
         ms: dict[str, list[float]] = {v: [] for v in loops}
         try:
             for r in range(rounds + 1):  # round 0 warms up (tracing, workers, page cache): not counted
@@ -146,16 +158,18 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=8)
     p.add_argument("--settle", type=float, default=0.5, help="seconds of sleep before each block (default 0.5)")
     p.add_argument("--data-dir", default=os.path.join(tempfile.gettempdir(), "pipetrain-bench"))
+    p.add_argument("--parts", action="store_true",
+                   help="also pipetrain without its epoch-end checkpoints, and without history (nor checkpoints)")
     p.add_argument("--out", default=None, help="JSON file for the results")
     args = p.parse_args()
     results = []
     for name in args.workload:
         block = args.block or (80 if name == "w2" else 200)
-        r = run(name, block, args.rounds, Path(args.data_dir), args.settle)
+        r = run(name, block, args.rounds, Path(args.data_dir), args.settle, args.parts)
         results.append(r)
         print(f"{name} on {BACKEND} ({r['device']}), {args.rounds} rounds of {block} steps:")
         for variant, v in r["variants"].items():
-            print(f"  {variant:10s} {v['median_ms']:8.2f} ms/step   x memory {v['x_memory']:.3f}   "
+            print(f"  {variant:17s} {v['median_ms']:8.2f} ms/step   x memory {v['x_memory']:.3f}   "
                   f"x {LOADER} {v['x_loader']:.3f}", flush=True)
     if args.out:
         meta = {"cpus": os.cpu_count(), "python": platform.python_version(), "keras": keras.__version__,

@@ -151,16 +151,18 @@ class Writer:
         :meth:`wait`, and the jobs given until then are dropped. Once closed, the job
         runs here and now."""
         with self._changed:
-            if self._closed:
-                job()
-                return self._issued
-            self._issued += 1
-            self._jobs.append((self._issued, job))
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._serve, name=self.THREAD, daemon=True)
-                self._thread.start()
-            self._changed.notify_all()
-            return self._issued
+            closed = self._closed
+            if not closed:
+                self._issued += 1
+                self._jobs.append((self._issued, job))
+                if self._thread is None:
+                    self._thread = threading.Thread(target=self._serve, name=self.THREAD, daemon=True)
+                    self._thread.start()
+                self._changed.notify_all()
+            ticket = self._issued
+        if closed:
+            job()
+        return ticket
 
     def _serve(self) -> None:
         while True:
@@ -203,7 +205,7 @@ class Writer:
             raise error
 
     def close(self) -> None:
-        """Let the thread end once its jobs are done (later jobs are refused)."""
+        """Let the thread end once its jobs are done (jobs given later run in the caller's thread)."""
         with self._changed:
             self._closed = True
             self._changed.notify_all()

@@ -155,6 +155,14 @@ def test_a_checkpoint_that_fails_in_the_background_fails_the_run_and_keeps_the_o
     assert [(r["epoch"], r["batch"]) for r in history.batches] == [(e, b) for e in range(2) for b in range(10)]
 
 
+def _writer_left(before: set) -> list:
+    """Writer threads started since ``before`` that have not ended (a moment after the run's end)."""
+    started = [t for t in set(threading.enumerate()) - before if t.name == checkpoint.Writer.THREAD]
+    for thread in started:
+        thread.join(5)
+    return [t for t in started if t.is_alive()]
+
+
 def _small_run(data, tmp_path, **settings):
     keras.utils.set_random_seed(0)
     model = keras.Sequential([keras.Input((12,)), keras.layers.Dense(3, activation="softmax")])
@@ -187,8 +195,9 @@ def test_the_history_is_synced_in_the_background_before_the_checkpoint_that_foll
 
     monkeypatch.setattr(HistoryWriter, "_fsync", slow_sync)
     monkeypatch.setattr(checkpoint, "_write", recorded_write)
+    before = set(threading.enumerate())
     _small_run(data, tmp_path)
-    assert not [t for t in threading.enumerate() if t.name == checkpoint.Writer.THREAD]
+    assert not _writer_left(before)
 
     text = (tmp_path / "history.jsonl").read_bytes()
     epoch_ends = [text.index(b"\n", text.index(b'{"type":"epoch","run"')) + 1]
@@ -200,6 +209,28 @@ def test_the_history_is_synced_in_the_background_before_the_checkpoint_that_foll
     order = [e[0] if e[0] == "sync" else e[2] for e in events[:-1]]
     assert order == [4, 8, "sync", 10, 12, 16, "sync", 20]
     assert len({e[1] for e in events if e[0] == "write"}) == 1
+
+
+@pytest.mark.one_backend  # its subject is the background writer alone
+def test_the_writer_runs_jobs_in_order_in_one_thread_and_after_close_in_the_callers():
+    writer, done = checkpoint.Writer(), []
+    release = threading.Event()
+    writer.later(lambda: (release.wait(5), done.append(("slow", threading.current_thread().name))))
+    ticket = writer.later(lambda: done.append(("next", threading.current_thread().name)))
+    assert done == []  # queued behind the slow one, the caller not held up
+    release.set()
+    writer.join(ticket)
+    assert done == [("slow", checkpoint.Writer.THREAD), ("next", checkpoint.Writer.THREAD)]
+    writer.later(lambda: 1 / 0)
+    writer.later(lambda: done.append("dropped"))  # after a failure, nothing more
+    with pytest.raises(ZeroDivisionError):
+        writer.wait()
+    assert "dropped" not in done
+    writer.close()
+    writer.later(lambda: done.append(("closed", threading.current_thread().name)))
+    assert done[-1] == ("closed", threading.current_thread().name)
+    writer._thread.join(5)
+    assert not writer._thread.is_alive()
 
 
 @pytest.mark.one_backend  # its subject is the background writer, not the backend's: TensorFlow covers it (CI time)
@@ -219,12 +250,13 @@ def test_a_history_sync_that_fails_in_the_background_fails_the_run_and_no_checkp
         return sync(self, fd)
 
     monkeypatch.setattr(HistoryWriter, "_fsync", failing_once)
+    before = set(threading.enumerate())
     with pytest.raises(HistoryWriteError, match="history.jsonl: cannot sync the history: Input/output error"):
         _small_run(data, tmp_path)
     assert checkpoint.latest(tmp_path / "checkpoint").name == "ckpt-000000000008.npz"
     history = pipetrain.read_history(tmp_path / "history.jsonl")
     assert [(r["epoch"], r["batch"]) for r in history.batches][:10] == [(0, b) for b in range(10)]
-    assert not [t for t in threading.enumerate() if t.name == checkpoint.Writer.THREAD]
+    assert not _writer_left(before)
 
 
 @pytest.mark.one_backend  # its subject is the run's ending, not the backend's: TensorFlow covers it (CI time)
