@@ -24,10 +24,9 @@ from __future__ import annotations
 import re
 
 import numpy as np
+import orjson
 
 from pipetrain.table import Column, column_of
-
-import orjson
 
 _NUMBER = re.compile(rb"-?[0-9][-+.eE0-9]*")
 _WIDE = 2.0**63  # orjson reads an integer of this magnitude or more as a float (or not at all)
