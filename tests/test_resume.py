@@ -246,6 +246,7 @@ def test_a_history_sync_that_fails_in_the_background_fails_the_run_and_no_checkp
     def failing_once(self, fd):
         if not failed:
             failed.append(fd)
+            time.sleep(0.3)  # slow: the epoch's checkpoint is queued behind it before it fails
             raise HistoryWriteError(f"{self.path}: cannot sync the history: Input/output error")
         return sync(self, fd)
 
