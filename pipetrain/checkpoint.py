@@ -139,11 +139,12 @@ class Writer:
         document = json.dumps(meta).encode()  # now: the document may hold objects the run changes later
         arrays = {name: _owned(a) for name, a in arrays.items()}
         folder = Path(folder)
-        self._checkpoint = self.later(lambda: self._wrote(_write(folder, step, document, arrays)))
-        return path_of(folder, step)
 
-    def _wrote(self, path: Path) -> None:
-        self.latest = path
+        def write() -> None:
+            self.latest = _write(folder, step, document, arrays)
+
+        self._checkpoint = self.later(write)
+        return path_of(folder, step)
 
     def later(self, job) -> int:
         """Run ``job()`` in the thread after those before it; returns its ticket (for

@@ -26,7 +26,7 @@ import os
 import re
 from collections.abc import Iterator
 
-import orjson  # 3-5x faster than json for a history's lines (None here: json alone, as the tests check)
+import orjson  # 3-5x faster than json for a history's lines (the tests set it to None to read with json alone)
 
 BLOCK_BYTES = 8 << 20
 BATCH_PREFIX = b'{"type":"batch",'

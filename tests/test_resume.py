@@ -119,42 +119,6 @@ def test_killed_before_its_first_checkpoint_starts_again_and_equals_uninterrupte
     assert ours.end["status"] == "completed"
 
 
-@pytest.mark.one_backend  # its subject is the checkpoint writer, not the backend's: TensorFlow covers it (CI time)
-def test_a_checkpoint_that_fails_in_the_background_fails_the_run_and_keeps_the_one_before(data, tmp_path, monkeypatch):
-    """Checkpoints are written while training goes on: a write that fails (a full disk)
-    ends the run, failed, with its error, by the next checkpoint; the checkpoint before
-    it stays, and a resume goes on from there."""
-    write = checkpoint._write
-
-    def full_disk(folder, step, document, arrays):
-        if step == 8:
-            raise checkpoint.CheckpointError(f"{folder}: cannot write a checkpoint: No space left on device")
-        return write(folder, step, document, arrays)
-
-    def run(**settings):
-        keras.utils.set_random_seed(0)
-        model = keras.Sequential([keras.Input((12,)), keras.layers.Dense(3, activation="softmax")])
-        model.compile("adam", "sparse_categorical_crossentropy")
-        return pipetrain.train(model, pipetrain.H5Source(f"{data}/train-*.h5", x="x", y="y"), epochs=2,
-                               batch_size=32, history=tmp_path / "history.jsonl", checkpoint_every=4, verbose=0,
-                               **settings)
-
-    monkeypatch.setattr(checkpoint, "_write", full_disk)
-    with pytest.raises(checkpoint.CheckpointError, match="No space left on device"):
-        run()
-    history = pipetrain.read_history(tmp_path / "history.jsonl")
-    assert history.end["status"] == "failed" and "No space left on device" in history.end["error"]
-    assert history.end["checkpoint"].endswith("ckpt-000000000004.npz")
-    assert checkpoint.latest(tmp_path / "checkpoint").name == "ckpt-000000000004.npz"
-    assert 8 <= max(r["step"] for r in history.batches) <= 9  # trained on until the epoch's end checkpoint
-
-    monkeypatch.setattr(checkpoint, "_write", write)
-    run(resume=True)
-    history = pipetrain.read_history(tmp_path / "history.jsonl")
-    assert history.runs[-1]["resume"]["batch"] == 4 and history.end["status"] == "completed"
-    assert [(r["epoch"], r["batch"]) for r in history.batches] == [(e, b) for e in range(2) for b in range(10)]
-
-
 def _writer_left(before: set) -> list:
     """Writer threads started since ``before`` that have not ended (a moment after the run's end)."""
     started = [t for t in set(threading.enumerate()) - before if t.name == checkpoint.Writer.THREAD]
@@ -170,6 +134,34 @@ def _small_run(data, tmp_path, **settings):
     return pipetrain.train(model, pipetrain.H5Source(f"{data}/train-*.h5", x="x", y="y"), epochs=2,
                            batch_size=32, history=tmp_path / "history.jsonl", checkpoint_every=4, verbose=0,
                            **settings)
+
+
+@pytest.mark.one_backend  # its subject is the checkpoint writer, not the backend's: TensorFlow covers it (CI time)
+def test_a_checkpoint_that_fails_in_the_background_fails_the_run_and_keeps_the_one_before(data, tmp_path, monkeypatch):
+    """Checkpoints are written while training goes on: a write that fails (a full disk)
+    ends the run, failed, with its error, by the next checkpoint; the checkpoint before
+    it stays, and a resume goes on from there."""
+    write = checkpoint._write
+
+    def full_disk(folder, step, document, arrays):
+        if step == 8:
+            raise checkpoint.CheckpointError(f"{folder}: cannot write a checkpoint: No space left on device")
+        return write(folder, step, document, arrays)
+
+    monkeypatch.setattr(checkpoint, "_write", full_disk)
+    with pytest.raises(checkpoint.CheckpointError, match="No space left on device"):
+        _small_run(data, tmp_path)
+    history = pipetrain.read_history(tmp_path / "history.jsonl")
+    assert history.end["status"] == "failed" and "No space left on device" in history.end["error"]
+    assert history.end["checkpoint"].endswith("ckpt-000000000004.npz")
+    assert checkpoint.latest(tmp_path / "checkpoint").name == "ckpt-000000000004.npz"
+    assert 8 <= max(r["step"] for r in history.batches) <= 9  # trained on until the epoch's end checkpoint
+
+    monkeypatch.setattr(checkpoint, "_write", write)
+    _small_run(data, tmp_path, resume=True)
+    history = pipetrain.read_history(tmp_path / "history.jsonl")
+    assert history.runs[-1]["resume"]["batch"] == 4 and history.end["status"] == "completed"
+    assert [(r["epoch"], r["batch"]) for r in history.batches] == [(e, b) for e in range(2) for b in range(10)]
 
 
 @pytest.mark.one_backend  # its subject is the background writer, not the backend's: TensorFlow covers it (CI time)
