@@ -264,10 +264,14 @@ def well_formed(record: Mapping) -> bool:
     """Whether a record has what readers rely on (schema 1): a ``type``, a time ``t``,
     whole-number positions and counts (a missing one counts as 0). Records written
     by pipetrain always are; a file edited by hand or by another tool may not be, and
-    such a record is skipped like a torn line."""
+    such a record is skipped like a torn line. A time that is not finite (``1e400`` or
+    ``NaN`` in the file: pipetrain never writes one) says nothing of when, so it counts
+    as no time."""
     kind = record.get("type")
     t = record.get("t")
     if not isinstance(kind, str) or type(t) not in _NUMBERS and not is_number(t):
+        return False
+    if isinstance(t, float) and not math.isfinite(t):
         return False
     positions = _POSITIONS.get(kind)
     if positions is not None:

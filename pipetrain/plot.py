@@ -148,7 +148,16 @@ def _arrays(rows) -> tuple[np.ndarray, np.ndarray]:
     if not rows:
         return np.array([]), np.array([])
     x, y = zip(*rows, strict=True)
-    return np.asarray(x, dtype=float), np.asarray([np.nan if v is None else v for v in y], dtype=float)
+    return np.asarray(x, dtype=float), np.array([_number(v) for v in y], dtype=float)
+
+
+def _number(value) -> float:
+    """A value as drawn: a number, or NaN (missing) for a null, a list, an object, a
+    number beyond a float's range."""
+    try:
+        return float(value) if is_number(value) else np.nan
+    except OverflowError:
+        return np.nan
 
 
 def _steps_per_epoch(history: History) -> int:

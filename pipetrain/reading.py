@@ -31,6 +31,7 @@ from __future__ import annotations
 import bisect
 import gc
 import heapq
+import math
 import os
 import pickle
 import re
@@ -149,7 +150,7 @@ class _Reader:
             self._pending_batches, self._wide = [], []
             if not wide:
                 self._add_batches(records)
-            elif self.batches.add(records, accept=_batch_kinds_ok, check=_narrow):
+            elif self.batches.add(records, accept=_batch_kinds_ok, check=lambda c: _narrow(c) and _finite_times(c)):
                 self.batch_segments.append((len(records), self.segment))
             else:  # a wide integer may have been read as a float, or well_formed refuses one
                 self._add_batches(self._exactly(records, wide))
@@ -182,7 +183,7 @@ class _Reader:
         return out + records[at:]
 
     def _add_batches(self, records: list[dict]) -> None:
-        if not self.batches.add(records, accept=_batch_kinds_ok):  # a record well_formed refuses
+        if not self.batches.add(records, accept=_batch_kinds_ok, check=_finite_times):  # one well_formed refuses
             kept = [r for r in records if well_formed(r)]
             self.skipped += len(records) - len(kept)
             self.batches.add(kept)
@@ -310,20 +311,20 @@ class _Reader:
     def _batch_table(self, runs: list[dict]) -> Table:
         """The batch records that no later segment trained again. Only the segments that a
         later run record resumes can lose any, and their rows come first."""
-        big = np.iinfo(np.int64).max
-        after = [(big, big)] * (len(runs) + 1)  # the earliest position a run record after segment s resumes at
-        resumed = [False] * (len(runs) + 1)  # whether one does
-        for i in range(len(runs) - 1, -1, -1):
-            at = resume_point(runs[i])
-            after[i] = min(after[i + 1], _clip(at)) if at is not None else after[i + 1]
-            resumed[i] = resumed[i + 1] or at is not None
-        pieces = list(takewhile(lambda piece: resumed[piece[1]], self.batch_segments))
+        after: list[tuple[int, int] | None] = [None] * (len(runs) + 1)  # the earliest position a run
+        for i in range(len(runs) - 1, -1, -1):  # record after segment s resumes at (None: none does)
+            at, later = resume_point(runs[i]), after[i + 1]
+            after[i] = later if at is None else at if later is None else min(at, later)
+        pieces = list(takewhile(lambda piece: after[piece[1]] is not None, self.batch_segments))
         if not pieces:
             return self.batches.build()
         rows = sum(n for n, _ in pieces)
         segments = np.repeat(np.array([s for _, s in pieces], dtype=np.int64), [n for n, _ in pieces])
-        limit = np.array(after, dtype=np.int64)[segments]
-        epoch, batch = self.batches.ints("epoch", rows), self.batches.ints("batch", rows)
+        # Positions beyond 64 bits (a hand-edited history) are compared as Python's integers.
+        epoch, batch = self.batches.ints("epoch", rows, exact=True), self.batches.ints("batch", rows, exact=True)
+        points = [at or (0, 0) for at in after]
+        wide = any(_clip(at) != at for at in points)
+        limit = np.array(points, dtype=object if wide else np.int64)[segments]
         superseded = (epoch > limit[:, 0]) | ((epoch == limit[:, 0]) & (batch >= limit[:, 1]))
         if not superseded.any():
             return self.batches.build()
@@ -340,6 +341,15 @@ def _batch_kinds_ok(kinds: dict[str, set]) -> bool:
     """well_formed's rules for batch records, on the types of a shape's values."""
     return ("t" in kinds and kinds["t"] <= _NUMBER_TYPES and kinds.get("epoch", set()) <= _POSITION_TYPES
             and kinds.get("batch", set()) <= _POSITION_TYPES and kinds["type"] == {str})
+
+
+def _finite_times(columns: dict) -> bool:
+    """well_formed's rule that a time is finite, on a shape's columns (json reads the
+    ``1e400`` and ``NaN`` that orjson refuses)."""
+    t = columns["t"]
+    if t.kind == "f":
+        return bool(np.isfinite(t.values).all())
+    return t.kind != "o" or all(type(v) is not float or math.isfinite(v) for v in t.values)
 
 
 def _narrow(columns: dict) -> bool:

@@ -272,9 +272,10 @@ class Table(Sequence):
             out[lacking] = np.nan
         return out
 
-    def ints(self, name: str) -> np.ndarray:
+    def ints(self, name: str, exact: bool = False) -> np.ndarray:
         """The values of a position or count (``epoch``, ``batch``, ``size``) as int64,
-        as readers take them: a missing or null value counts as 0."""
+        as readers take them: a missing or null value counts as 0. One beyond 64 bits
+        is clipped to int64, or, ``exact``, kept (then the array holds Python ints)."""
         column = self.columns.get(name)
         if column is None:
             return np.zeros(len(self), dtype=np.int64)
@@ -282,8 +283,11 @@ class Table(Sequence):
             out = column.values.copy()
         else:
             low, high = np.iinfo(np.int64).min, np.iinfo(np.int64).max
-            out = np.array([min(max(v, low), high) if type(v) is int else 0 for v in column.tolist()],
-                           dtype=np.int64)
+            values = [v if type(v) is int else 0 for v in column.tolist()]
+            if exact and any(not low <= v <= high for v in values):
+                out = np.array(values, dtype=object)
+            else:
+                out = np.array([min(max(v, low), high) for v in values], dtype=np.int64)
         lacking = self._lacking(name)
         if lacking is not None:
             out[lacking] = 0
@@ -372,7 +376,7 @@ class TableBuilder:
         self._shape_of += [remap[shape_of] for shape_of in other._shape_of]
         self.rows += other.rows
 
-    def ints(self, name: str, rows: int | None = None) -> np.ndarray:
+    def ints(self, name: str, rows: int | None = None, exact: bool = False) -> np.ndarray:
         """:meth:`Table.ints` of the records added so far (of the first ``rows`` of them)."""
         pieces, shape_of, count = [], [], 0
         for piece, shapes in zip(self._pieces, self._shape_of, strict=True):
@@ -383,7 +387,7 @@ class TableBuilder:
             count += piece[0]
         column = concat([cols.get(name) for _, cols in pieces], [n for n, _ in pieces])
         shape_of = np.concatenate(shape_of) if shape_of else np.zeros(0, dtype=np.int32)
-        return Table({name: column}, list(self._shapes), shape_of).ints(name)[:rows]
+        return Table({name: column}, list(self._shapes), shape_of).ints(name, exact)[:rows]
 
     def build(self, keep: np.ndarray | None = None) -> Table:
         """The table of every record added (or of those where ``keep`` is True)."""

@@ -104,6 +104,22 @@ def test_text_where_numbers_belong_is_plotted_as_missing(tmp_path):
     assert png_size(tmp_path / "e.png")[0] > 0
 
 
+def test_a_list_or_an_object_where_a_number_belongs_is_plotted_as_missing(tmp_path):
+    """A metric that is a list in one epoch and a number in others (or a loss that is an
+    object): drawn where it is a number, missing where it is not."""
+    records = known_records()
+    epochs = [r for r in records if r["type"] == "epoch"]
+    epochs[0].update(accuracy=[0.5, 0.6], loss={"a": 1.0})
+    epochs[1].update(val_loss=10**400)
+    next(r for r in records if r["type"] == "batch").update(loss=[1.0])
+    write_records(tmp_path / "edited.jsonl", records)
+    assert cli.main(["plot", str(tmp_path / "edited.jsonl"), "-o", str(tmp_path / "e.png")]) == 0
+    series = load([tmp_path / "edited.jsonl"])[0]
+    assert np.isnan(series.epoch_values("accuracy")[1]).tolist() == [True, False]
+    assert np.isnan(series.epoch_values("loss")[1]).tolist() == [True, False]
+    assert np.isnan(series.epoch_values("val_loss")[1]).tolist() == [False, True]
+
+
 def gan_records(run_id="g", t0=1000.0, resume=None):
     """Two models under prefixes, as the GAN of docs/custom-loops.md records them: no 'loss' key."""
     records = []

@@ -116,6 +116,38 @@ def test_every_wide_integer_orjson_misreads_is_caught(tmp_path):
         assert json.loads(encode(records[at]))[key] == value
 
 
+@pytest.mark.parametrize("edit", [b'"t":1e400,"t0":', b'"t":NaN,"t0":', b'"t":-Infinity,"t0":'])
+def test_a_batch_line_whose_time_is_not_finite_is_skipped_as_the_full_parse_skips_it(tmp_path, edit):
+    """json reads these (orjson refuses them): a time that says nothing of when is no
+    time, in a long run of the writer's batch lines as on its own."""
+    records = writer_like(random.Random(2), batches=200)
+    lines = [encode(r) for r in records]
+    batch_at = [i for i, r in enumerate(records) if r["type"] == "batch"]
+    for at in (batch_at[57], batch_at[-1]):
+        lines[at] = lines[at].replace(b'"t":', edit, 1)
+    path = tmp_path / "h.jsonl"
+    path.write_bytes(b"".join(lines))
+    fast, full = read_history(path), reference(path)
+    assert fast.skipped == full.skipped == 2
+    assert items(fast.batches) == items(full.batches)
+
+
+@pytest.mark.parametrize("rows", [3, 40])
+def test_positions_beyond_64_bits_are_compared_exactly_when_a_resume_drops_batches(tmp_path, rows):
+    """(2**63, i) comes before (2**64, 0): a resume at the latter keeps those batches,
+    and one at (2**63, 1) drops all but the first (exactly as History.add compares)."""
+    for epoch, resume, kept in [(2**63, 2**64, rows), (2**63, 2**63, 1), (-(2**64), -(2**63), rows),
+                                (0, 0, 1)]:
+        records = [{"type": "run", "run": "r", "t": 1.0, "resume": None}]
+        records += [{"type": "batch", "run": "r", "t": 2.0 + i, "epoch": epoch, "batch": i, "step": i, "size": 1,
+                     "loss": 0.5} for i in range(rows)]
+        records.append({"type": "run", "run": "r", "t": 3.0, "resume": {"epoch": resume, "batch": 1}})
+        path = tmp_path / "h.jsonl"
+        path.write_bytes(b"".join(encode(r) for r in records))
+        fast, full = read_history(path), reference(path)
+        assert items(fast.batches) == items(full.batches) and len(fast.batches) == kept, (epoch, resume)
+
+
 def test_the_collector_runs_again_after_a_read(tmp_path):
     path, _ = edited_history(tmp_path / "h.jsonl", 0)
     assert gc.isenabled()

@@ -228,6 +228,26 @@ def test_the_view_once_lists_the_latest_epochs_that_fit_on_the_terminal(tmp_path
     assert "34 earlier epoch(s) not shown" in text and epoch_column(text) == [str(i) for i in range(35, 41)]
 
 
+def test_records_whose_time_is_not_finite_are_skipped_by_every_view(tmp_path, capsys):
+    """``1e400`` and ``NaN`` where a time belongs (a hand-edited file; json reads them)
+    say nothing of when: such records are skipped like torn lines, by read_history,
+    the view on a terminal, ls and plot alike, instead of crashing them."""
+    lines = [encode(r) for r in known_records()]
+    kinds = [json.loads(line)["type"] for line in lines]
+    edited = {kinds.index("system"): b"NaN", kinds.index("epoch"): b"1e400", kinds.index("end"): b"-1e400"}
+    for at, value in edited.items():
+        lines[at] = lines[at].replace(b'"t":', b'"t":' + value + b',"t0":', 1)
+    path = tmp_path / "runs" / "edited" / "history.jsonl"
+    path.parent.mkdir(parents=True)
+    path.write_bytes(b"".join(lines))
+    assert read_history(path).skipped == 3 and read_history(path).end is None
+    console = Console(file=io.StringIO(), width=100, force_terminal=True, color_system=None, height=50)
+    assert tail_once(path, console) == 0
+    assert cli.main(["ls", str(tmp_path / "runs")]) == 0 and "runs/edited" in capsys.readouterr().out
+    if pytest.importorskip("matplotlib"):
+        assert cli.main(["plot", str(path), "-o", str(tmp_path / "p.png")]) == 0
+
+
 def test_live_view_draws_the_final_state_and_returns(runs):
     console = Console(file=io.StringIO(), width=100, force_terminal=True, color_system=None, height=50)
     assert tail_live(runs / "done" / "history.jsonl", console, poll=0.01) == 0
