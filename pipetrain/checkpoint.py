@@ -88,7 +88,7 @@ def _write(folder: Path, step: int, document: bytes, arrays: dict[str, np.ndarra
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
-        _fsync_folder(folder)
+        fsync_folder(folder)
     except OSError as e:
         raise CheckpointError(f"{folder}: cannot write a checkpoint: {e.strerror or e}") from e
     for old in checkpoints(folder)[:-KEEP]:
@@ -249,7 +249,7 @@ def _reason(e: Exception) -> str:
     return f"no {e}" if isinstance(e, KeyError) else str(e) or type(e).__name__
 
 
-def _fsync_folder(folder: Path) -> None:
+def fsync_folder(folder: Path) -> None:
     fd = os.open(folder, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -450,13 +450,19 @@ def callback_state(callbacks: list) -> tuple[list[dict], dict[str, np.ndarray]]:
     return states, arrays
 
 
-def restore_callbacks(callbacks: list, states: list[dict], arrays: dict[str, np.ndarray]) -> None:
-    """Put back what :func:`callback_state` took, after ``on_train_begin`` has reset them."""
+def check_callbacks(callbacks: list, states: list[dict]) -> None:
+    """The callbacks are those whose state the checkpoint holds (a resume checks this
+    before it writes anything)."""
     if [type(cb).__name__ for cb in callbacks] != [s["class"] for s in states]:
         raise CheckpointError(
             "the callbacks differ from the checkpoint's: "
             f"{[s['class'] for s in states]} were saved, {[type(cb).__name__ for cb in callbacks]} given"
         )
+
+
+def restore_callbacks(callbacks: list, states: list[dict], arrays: dict[str, np.ndarray]) -> None:
+    """Put back what :func:`callback_state` took, after ``on_train_begin`` has reset them."""
+    check_callbacks(callbacks, states)
     for i, (cb, saved) in enumerate(zip(callbacks, states, strict=True)):
         state = {}
         for key, value in saved["state"].items():

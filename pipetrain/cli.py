@@ -326,21 +326,32 @@ def _resumed_settings(args, history: Path, folder) -> dict:
     return settings
 
 
-def _say_if_complete(history: Path, epochs: int, quiet: bool) -> bool:
+def _say_if_complete(history: Path, epochs: int, quiet: bool) -> str | None:
     """A resumed run with nothing left to train (every epoch done, or a callback ended
-    it) is left as it is, history and model included; more --epochs extend it."""
-    from pipetrain import checkpoint, outcome
+    it) is left as it is, history and model included (``"complete"``); more --epochs
+    extend it (None). One killed while it saved its model, after its end, saves the
+    model again from its last checkpoint and writes nothing else (``"save the model"``)."""
+    from pipetrain import checkpoint, outcome, runfolder
 
     latest = checkpoint.latest(history.parent / "checkpoint")
     if latest is None:  # killed before its first checkpoint: it starts again
-        return False
+        return None
     meta = checkpoint.load_meta(latest)
     why = outcome.already_complete(meta, epochs)
-    if why and not quiet:
-        where = history.parent if history.name == "history.jsonl" else history
+    if why is None:
+        return None
+    where = history.parent if history.name == "history.jsonl" else history
+    model_file = history.parent / runfolder.MODEL
+    if not runfolder.model_is_saved(model_file, latest):
+        if not quiet:
+            print(f"pipetrain: {where} is already complete ({why}), but {model_file} is missing, not whole or "
+                  "older than the last checkpoint (the run was stopped before it saved it): saving it from the "
+                  "last checkpoint")
+        return "save the model"
+    if not quiet:
         print(f"pipetrain: {where} is already complete ({why}); nothing to train "
               f"(--epochs above {meta['epochs']} extends it)")
-    return why is not None
+    return "complete"
 
 
 def _run_history(args) -> tuple[dict | None, Path]:
@@ -405,18 +416,23 @@ def cmd_train(args) -> int:
             held.callback(folder.release)
             if args.resume:
                 settings = _resumed_settings(args, history, folder)
-            complete = bool(args.resume) and _say_if_complete(history, settings["epochs"], args.quiet)
-            return {"settings": settings, "history": str(history), "complete": complete}
+            state = _say_if_complete(history, settings["epochs"], args.quiet) if args.resume else None
+            return {"settings": settings, "history": str(history), "state": state}
 
         agreed = cluster.first("cli/settings", agree) if cluster else agree()
-        if agreed["complete"]:
+        if agreed["state"] == "complete":
             return EXIT_OK
-        return _train(args, agreed["settings"], Path(agreed["history"]), folder, held, cluster)
+        return _train(args, agreed["settings"], Path(agreed["history"]), folder, held, cluster,
+                      save_only=agreed["state"] == "save the model")
 
 
-def _train(args, settings: dict, history: Path, folder, held: contextlib.ExitStack, cluster) -> int:
+def _train(args, settings: dict, history: Path, folder, held: contextlib.ExitStack, cluster,
+           save_only: bool = False) -> int:
     """Train with ``settings``; ``folder`` is the run folder this process holds (None on
-    the other processes of a distributed run)."""
+    the other processes of a distributed run). ``save_only``: a finished run whose model
+    was not saved: the model, restored from the last checkpoint, is saved (the resume
+    trains and writes nothing)."""
+    from pipetrain import runfolder
     from pipetrain.source import H5Source
 
     sources = {}
@@ -433,7 +449,7 @@ def _train(args, settings: dict, history: Path, folder, held: contextlib.ExitSta
             raise BadInput(f"--val-split {settings['val_split']}: {e}".replace(f"validation_split={settings['val_split']}: ", "")) from None
         finally:
             whole.close()
-    model_file = history.parent / "model.keras"
+    model_file = history.parent / runfolder.MODEL
     if folder is not None:  # before the model loads: what the run would replace
         if not args.resume:
             folder.decide(resume=False, overwrite=args.overwrite,
@@ -462,7 +478,7 @@ def _train(args, settings: dict, history: Path, folder, held: contextlib.ExitSta
             model, train, epochs=settings["epochs"], batch_size=settings["batch_size"],
             validation=sources.get("val"), shuffle=settings["shuffle"], seed=settings["seed"],
             workers=settings["workers"], max_queue=settings["max_queue"], history=history,
-            verbose=0 if args.quiet else 1, shuffle_window=settings["shuffle_window"],
+            verbose=0 if args.quiet or save_only else 1, shuffle_window=settings["shuffle_window"],
             monitor_interval=settings["monitor_interval"], overwrite=args.overwrite,
             resume=bool(args.resume), checkpoint_every=settings["checkpoint_every"],
             stop_on_nonfinite=not settings.get("allow_nonfinite"), producer_priority=settings.get("producer_priority", "idle"),
@@ -474,7 +490,7 @@ def _train(args, settings: dict, history: Path, folder, held: contextlib.ExitSta
         where = history.parent if history.name == "history.jsonl" else history
         raise Interrupted(f"{str(e) or 'interrupted'}; resume with: pipetrain train --resume {where}") from None
     if cluster is None:
-        model.save(model_file)
+        runfolder.save_model(model, model_file)
     else:  # a collective on JAX: every process saves, process 0 keeps it
         from pipetrain import distributed
 

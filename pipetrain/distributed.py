@@ -43,6 +43,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 from pipetrain.errors import RunError, is_bad_input, one_line
 from pipetrain.plan import Share
@@ -152,9 +153,11 @@ def save_model(model, path) -> None:
     process must save; process 0 writes ``path``, the others a copy that is thrown away."""
     import tempfile
 
+    from pipetrain.runfolder import save_model as save_whole
+
     cluster = active()
     if cluster is None or cluster.is_writer:
-        model.save(path)
+        save_whole(model, Path(path))
         return
     with tempfile.TemporaryDirectory() as folder:
         model.save(os.path.join(folder, "model.keras"))
@@ -281,7 +284,6 @@ class Cluster:
 
     def _receive(self, key: str):
         import io
-        from pathlib import Path
 
         import numpy as np
 

@@ -739,6 +739,7 @@ class Run:
         self.steps_done, self.epochs_done = meta["steps_done"], meta["epochs_done"]
         targets = meta.get("optimizer_targets") or {}
         try:
+            ckpt.check_callbacks(self.callbacks.callbacks, meta["callbacks"])  # (restored after on_train_begin)
             for name, model in self.models.items():
                 ckpt.restore_model(saved[name], model, arrays, targets.get(saved[name]))
         except ckpt.CheckpointError as e:

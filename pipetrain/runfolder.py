@@ -18,7 +18,10 @@ Separation of concerns:
   ``overwrite``, a file that is not pipetrain's replaced at all, a file the run reads
   used as its history.
 - :meth:`RunFolder.clear` is ``overwrite``: it removes the old history (with its index,
-  ``history.jsonl.index``) and checkpoints, and nothing else.
+  ``history.jsonl.index``), checkpoints and ``model.keras``, and nothing else.
+- :func:`save_model` writes ``model.keras`` whole or not at all; :func:`model_is_saved`
+  says whether a finished run's model is there, whole and saved after its last checkpoint
+  (a run killed while saving it is finished again by a resume).
 
 Locks and network file systems: on NFSv4 (and NFSv3 with ``lockd``) the lock holds
 between machines; mounted ``nolock``, through FUSE, or on cluster file systems that keep
@@ -61,6 +64,8 @@ except ImportError:  # pragma: no cover - not a POSIX system
     fcntl = None
 
 LOCK_NAME = ".pipetrain.lock"
+MODEL = "model.keras"  # the model the command line saves at a run's end, beside the history
+_MODEL_PART = ".model.saving.keras"  # a model being saved: renamed to MODEL once whole
 HISTORY = "a pipetrain history"
 _NO_LOCKS = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS}
 # How the history writer begins every run and epoch record (compact JSON, "type" first).
@@ -414,10 +419,14 @@ class RunFolder:
         return "new"
 
     def clear(self) -> None:
-        """``overwrite``, after :meth:`decide`: remove the old history (and its index) and checkpoints."""
+        """``overwrite``, after :meth:`decide`: remove the old history (and its index),
+        checkpoints, and the model the old run saved beside its history (a new run killed
+        early must not leave it beside its own history)."""
         if describe(self.history) == HISTORY:
             self.history.unlink()
             index.remove(self.history)
+            for name in (MODEL, _MODEL_PART):
+                (self.folder / name).unlink(missing_ok=True)
         for path in checkpoints(self.checkpoint_dir):
             path.unlink()
 
@@ -427,6 +436,38 @@ class RunFolder:
         if self.checkpoint_dir.is_dir():
             for path in self.checkpoint_dir.glob(".ckpt-*.tmp"):
                 path.unlink(missing_ok=True)
+
+
+def save_model(model, path: Path) -> None:
+    """``model.save(path)``, whole or not at all: saved beside it, synced, then renamed
+    over it, so that a run killed while saving leaves the earlier file or none."""
+    from pipetrain.checkpoint import fsync_folder
+
+    part = path.with_name(_MODEL_PART)
+    try:
+        model.save(part)
+        fd = os.open(part, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(part, path)
+    except BaseException:
+        part.unlink(missing_ok=True)
+        raise
+    fsync_folder(path.parent)
+
+
+def model_is_saved(path: Path, checkpoint: Path | None) -> bool:
+    """Whether a finished run's model is at ``path``: a whole ``.keras`` archive, saved no
+    earlier than the run's last ``checkpoint`` (an older one is an earlier segment's, left
+    by a run killed before it saved its own)."""
+    try:
+        with zipfile.ZipFile(path):
+            pass
+        return checkpoint is None or os.stat(path).st_mtime_ns >= os.stat(checkpoint).st_mtime_ns
+    except (OSError, zipfile.BadZipFile):
+        return False
 
 
 def check_resume(history: Path, run_id: str) -> None:

@@ -66,6 +66,73 @@ def test_an_existing_history_is_never_clobbered(tmp_path, data):
     assert history.read_text() == '{"type":"run","run":"old","t":0}\n'
 
 
+@pytest.mark.one_backend  # its subject is the run folder's, not the backend's (CI time)
+@pytest.mark.model
+def test_a_finished_run_whose_model_was_not_saved_saves_it_from_its_last_checkpoint_on_resume(tmp_path):
+    """Killed after its end record, while it saved model.keras (left torn), or after
+    an extension's end (an earlier segment's model left): --resume saves the model from
+    the last checkpoint, whole, and writes nothing else."""
+    import keras
+
+    from pipetrain import checkpoint
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(40, 3)).astype(np.float32)
+    write_h5(tmp_path / "d.h5", x=x, y=(x[:, 0] > 0).astype(np.int64))
+    done = pipetrain("train", "--data", "d.h5", "--x", "x", "--y", "y", "--epochs", "2", "--batch-size", "8",
+                     "--name", "m", "--quiet", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    run_dir = tmp_path / "runs" / "m"
+    model_file, latest = run_dir / "model.keras", checkpoint.latest(run_dir / "checkpoint")
+    _, arrays = checkpoint.load(latest)
+    saved = [arrays[k] for k in sorted((k for k in arrays if k.startswith("model/")), key=lambda k: int(k.rsplit("/", 1)[1]))]
+    others = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file() and p != model_file}
+
+    whole = model_file.read_bytes()
+    for damage in ("torn", "stale"):
+        if damage == "torn":
+            model_file.write_bytes(whole[: len(whole) // 3])
+        else:  # whole, but older than the last checkpoint: an earlier segment's
+            os.utime(model_file, ns=(latest.stat().st_mtime_ns - 10**9,) * 2)
+        again = pipetrain("train", "--resume", str(run_dir), cwd=tmp_path)
+        assert again.returncode == 0, again.stderr
+        assert again.stdout == (f"pipetrain: {run_dir} is already complete (all 2 epochs trained), but {model_file} "
+                                "is missing, not whole or older than the last checkpoint (the run was stopped before "
+                                "it saved it): saving it from the last checkpoint\n"), damage
+        weights = keras.saving.load_model(model_file).get_weights()
+        assert len(weights) == len(saved) and all(np.array_equal(a, b) for a, b in zip(weights, saved)), damage
+        assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file() and p != model_file} == others
+    assert [p.name for p in run_dir.iterdir() if p.name.startswith(".model")] == []
+
+
+def test_a_model_is_saved_whole_or_not_at_all_and_overwrite_removes_the_old_runs(tmp_path):
+    """A save that fails midway leaves the earlier model.keras as it was (and no part of
+    the new one); --overwrite removes the old run's model with its history."""
+    from pipetrain import runfolder
+
+    class Failing:
+        def save(self, path):
+            path.write_bytes(b"PK half a model")
+            raise OSError(28, "No space left on device")
+
+    folder = tmp_path / "runs" / "r"
+    folder.mkdir(parents=True)
+    (folder / "model.keras").write_bytes(b"the earlier model")
+    with pytest.raises(OSError, match="No space"):
+        runfolder.save_model(Failing(), folder / "model.keras")
+    assert sorted(p.name for p in folder.iterdir()) == ["model.keras"]
+    assert (folder / "model.keras").read_bytes() == b"the earlier model"
+
+    (folder / "history.jsonl").write_text('{"type":"run","run":"old","t":0}\n')
+    claimed = runfolder.claim(folder / "history.jsonl", folder / "checkpoint")
+    try:
+        assert claimed.decide(resume=False, overwrite=True) == "new"
+        claimed.clear()
+    finally:
+        claimed.release()
+    assert not (folder / "model.keras").exists() and not (folder / "history.jsonl").exists()
+
+
 @pytest.mark.model  # backend-dependent: TensorFlow and PyTorch take the limit, JAX refuses the flag
 def test_compute_threads_limits_the_backend_before_it_starts(tmp_path):
     backend = keras_backend()

@@ -16,7 +16,7 @@ import pytest
 
 import pipetrain
 from pipetrain import checkpoint
-from pipetrain.errors import InputError
+from pipetrain.errors import InputError, RunError
 from tests.conftest import keras_backend, write_h5
 
 pytestmark = pytest.mark.model
@@ -134,6 +134,21 @@ def _small_run(data, tmp_path, **settings):
     return pipetrain.train(model, pipetrain.H5Source(f"{data}/train-*.h5", x="x", y="y"), epochs=2,
                            batch_size=32, history=tmp_path / "history.jsonl", checkpoint_every=4, verbose=0,
                            **settings)
+
+
+@pytest.mark.one_backend  # its subject is the run's checks, not the backend's: TensorFlow covers it (CI time)
+def test_a_resume_with_other_callbacks_is_refused_before_anything_is_written(data, tmp_path):
+    """Like every other refusal of a resume: the history gains no run or end record and
+    the callbacks never begin (no CSV log made)."""
+    _small_run(data, tmp_path)
+    before = (tmp_path / "history.jsonl").read_bytes()
+    model = keras.Sequential([keras.Input((12,)), keras.layers.Dense(3, activation="softmax")])
+    model.compile("adam", "sparse_categorical_crossentropy")
+    with pytest.raises(RunError, match="the callbacks differ from the checkpoint's"):
+        pipetrain.train(model, pipetrain.H5Source(f"{data}/train-*.h5", x="x", y="y"), epochs=3, batch_size=32,
+                        history=tmp_path / "history.jsonl", checkpoint_every=4, verbose=0, resume=True,
+                        callbacks=[keras.callbacks.CSVLogger(str(tmp_path / "log.csv"))])
+    assert (tmp_path / "history.jsonl").read_bytes() == before and not (tmp_path / "log.csv").exists()
 
 
 @pytest.mark.one_backend  # its subject is the checkpoint writer, not the backend's: TensorFlow covers it (CI time)
