@@ -226,9 +226,9 @@ class RemoteH5:
         from pipetrain.ranges import Fetcher as _Fetcher
 
         self.store = remote.store_for(url, storage_options)
-        self.obj = obj or remote.stat(url, storage_options)
         self._own_fetcher = fetcher is None
         self.fetcher = fetcher or _Fetcher()
+        self.obj = obj or remote.stat(url, storage_options, self.fetcher.settings)
         self.cache = None
         if metadata_cache:
             self.cache = MetadataCache(default_cache_dir() if metadata_cache is True else metadata_cache)

@@ -39,6 +39,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 from pipetrain.remote import (
+    Failed,
     ObjectChangedError,
     ObjectInfo,
     RemoteInputError,
@@ -46,6 +47,8 @@ from pipetrain.remote import (
     Store,
     classify,
     describe,
+    settled,
+    within,
 )
 
 MAX_GAP = 8 << 10  # bytes between two ranges that are still fetched in one request
@@ -95,6 +98,10 @@ class FetchSettings:
                 ) from None
             values[name] = number
         return cls(**values)
+
+    def backoff(self, attempt: int) -> float:
+        """Seconds to wait before retry ``attempt`` (from 0): doubling, with jitter."""
+        return min(self.max_backoff_s, self.backoff_s * 2**attempt) * random.uniform(0.5, 1.0)
 
 
 class _Request:
@@ -185,6 +192,8 @@ class Fetcher:
                 data = request.future.result()
             except concurrent.futures.CancelledError:
                 raise RemoteReadError(f"{obj.url}: bytes {start}-{start + size}: the reader was closed") from None
+            if isinstance(data, Failed):  # (see settled)
+                raise data.error
             yield memoryview(data)[offset : offset + size]
 
     # -- read-ahead -------------------------------------------------------------------
@@ -262,7 +271,7 @@ class Fetcher:
     # -- requests ---------------------------------------------------------------------
 
     def _request(self, obj: ObjectInfo, store: Store, start: int, stop: int) -> _Request:
-        future = asyncio.run_coroutine_threadsafe(self._get(obj, store, start, stop), store.loop)
+        future = asyncio.run_coroutine_threadsafe(settled(self._get(obj, store, start, stop)), store.loop)
         self._futures.add(future)
         future.add_done_callback(self._futures.discard)
         return _Request(future, start)
@@ -277,7 +286,7 @@ class Fetcher:
         while True:
             try:
                 async with semaphore:
-                    data = await asyncio.wait_for(store.get(obj, start, stop), settings.timeout_s)
+                    data = await within(store.get(obj, start, stop), settings.timeout_s)
                 if len(data) != stop - start:
                     raise _ShortRead(f"expected {stop - start} bytes, got {len(data)}")
                 self.stats.requests += 1
@@ -293,8 +302,7 @@ class Fetcher:
                 name = type(exc).__name__
                 self.stats.errors[name] = self.stats.errors.get(name, 0) + 1
                 if kind == "transient" and attempt < settings.retries:
-                    wait = min(settings.max_backoff_s, settings.backoff_s * 2**attempt)
-                    await asyncio.sleep(wait * random.uniform(0.5, 1.0))
+                    await asyncio.sleep(settings.backoff(attempt))
                     attempt += 1
                     self.stats.retries += 1
                     continue

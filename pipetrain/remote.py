@@ -29,7 +29,7 @@ import ssl
 import threading
 import time
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from pipetrain.errors import InputError
 
@@ -76,6 +76,7 @@ class ObjectInfo:
     url: str
     size: int
     version: str | None  # S3/HTTP ETag, GCS generation; None when the server gives none
+    validator: str = "ETag"  # the response header that says the version (a web server's Last-Modified)
 
     def key(self) -> str:
         """Identifies this version of the object (for caches)."""
@@ -101,8 +102,10 @@ class Store:
     def url(self, path: str) -> str:
         return path if is_url(path) else f"{self.protocol}://{path}"
 
-    def info(self, url: str) -> ObjectInfo:
-        """Size and version of the object at ``url`` (raises what :func:`classify` knows)."""
+    def info(self, url: str, settings=None) -> ObjectInfo:
+        """Size and version of the object at ``url`` (raises what :func:`classify` knows);
+        ``settings``: the reads' :class:`pipetrain.ranges.FetchSettings`, where the store
+        uses them."""
         return self.object(url, self.fs.info(self.path(url)))
 
     def object(self, url: str, info: dict) -> ObjectInfo:
@@ -240,8 +243,55 @@ async def _ranged(session, url: str, headers: dict, obj: ObjectInfo, start: int,
 
 
 class HTTPStore(Store):
+    """A web server. An object's size and version come from a HEAD of pipetrain's own,
+    under the reads' time-out and retries (fsspec's waits minutes for a server that does
+    not answer, and reads every failure as a missing file). The version is the ETag, or
+    Last-Modified from a server that sends no ETag; every ranged GET checks it."""
+
     def version(self, info: dict) -> str | None:
         return info.get("ETag") or info.get("Last-Modified") or None
+
+    def object(self, url: str, info: dict) -> ObjectInfo:
+        obj = super().object(url, info)
+        return obj if info.get("ETag") or not obj.version else replace(obj, validator="Last-Modified")
+
+    def info(self, url: str, settings=None) -> ObjectInfo:
+        from pipetrain.ranges import FetchSettings
+
+        return asyncio.run_coroutine_threadsafe(self._info(url, settings or FetchSettings.from_env()),
+                                                self.loop).result()
+
+    async def _info(self, url: str, settings) -> ObjectInfo:
+        attempt = 0
+        while True:
+            try:
+                return self.object(url, await within(self._head(url), settings.timeout_s))
+            except Exception as exc:
+                if classify(exc) != "transient" or attempt >= settings.retries:
+                    raise
+                await asyncio.sleep(settings.backoff(attempt))
+                attempt += 1
+
+    async def _head(self, url: str) -> dict:
+        """The headers that say an object's size and version: a HEAD's, or where the
+        server does not answer HEAD (or gives no size there) a one-byte ranged GET's."""
+        session = await self.fs.set_session()
+        kwargs = dict(self.fs.kwargs)
+        headers = {**(kwargs.pop("headers", None) or {}), "Accept-Encoding": "identity"}
+        target = self.fs.encode_url(url)
+        async with session.head(target, headers=headers, allow_redirects=True, **kwargs) as r:
+            size = r.headers.get("Content-Length", "")
+            if r.status >= 400 and r.status not in (405, 501):  # (405, 501: HEAD not served)
+                raise _HTTPStatus(r.status, "")
+            if r.status < 400 and size.isdigit():
+                return {"size": int(size), "ETag": r.headers.get("ETag"), "Last-Modified": r.headers.get("Last-Modified")}
+        async with session.get(target, headers={**headers, "Range": "bytes=0-0"}, **kwargs) as r:
+            if r.status >= 400:
+                raise _HTTPStatus(r.status, (await r.read())[:200].decode("utf-8", "replace"))
+            total = r.headers.get("Content-Range", "").rpartition("/")[2]
+            size = total if total.isdigit() else r.headers.get("Content-Length") if r.status == 200 else None
+            return {"size": int(size) if size else None, "ETag": r.headers.get("ETag"),
+                    "Last-Modified": r.headers.get("Last-Modified")}
 
     def glob(self, pattern: str) -> list[ObjectInfo]:
         # fsspec lists a web server's links; their size and version come from a HEAD each.
@@ -251,7 +301,8 @@ class HTTPStore(Store):
         session = await self.fs.set_session()
         kwargs = dict(self.fs.kwargs)
         headers = dict(kwargs.pop("headers", None) or {})
-        return await _ranged(session, self.fs.encode_url(obj.url), headers, obj, start, stop, **kwargs)
+        return await _ranged(session, self.fs.encode_url(obj.url), headers, obj, start, stop,
+                             etag_header=obj.validator, **kwargs)
 
 
 class GCSStore(Store):
@@ -311,11 +362,13 @@ def _defaults(name: str, options: dict) -> dict:
     return options
 
 
-def stat(url: str, storage_options: dict | None = None) -> ObjectInfo:
-    """Size and version of one object; bad input (one line) when it cannot be read."""
+def stat(url: str, storage_options: dict | None = None, settings=None) -> ObjectInfo:
+    """Size and version of one object; bad input (one line) when it is missing or
+    denied, a :class:`RemoteReadError` when the network failed (``settings``: the
+    reads' time-out and retries, where the store uses them)."""
     store = store_for(url, storage_options)
     try:
-        info = store.info(url)
+        info = store.info(url, settings)
     except RemoteInputError:
         raise
     except Exception as e:
@@ -337,15 +390,47 @@ def expand(pattern: str, storage_options: dict | None = None) -> list[ObjectInfo
     return found
 
 
-def _input_error(url: str, exc: BaseException) -> RemoteInputError:
+def _input_error(url: str, exc: BaseException) -> RemoteInputError | RemoteReadError:
     kind = classify(exc)
     detail = describe(exc)
+    if kind == "transient":  # after the retries: the network or the server, not the URL
+        return RemoteReadError(f"{url}: cannot be read: {detail}")
     if kind == "missing":
         return RemoteInputError(f"{url}: no such object or bucket ({detail})")
     if kind == "denied":
         return RemoteInputError(f"{url}: access denied ({detail}); check the credentials "
                                 "(storage_options in Python; AWS_PROFILE, AWS_ACCESS_KEY_ID, ... on the command line)")
     return RemoteInputError(f"{url}: cannot be read: {detail}")
+
+
+# ----------------------------------------------------------------------------- awaiting
+
+class Failed:
+    """An awaited call's error, returned as its result by :func:`settled`."""
+
+    __slots__ = ("error",)
+
+    def __init__(self, error: BaseException):
+        self.error = error
+
+
+async def settled(call):
+    """``await call``, with its error returned as a :class:`Failed`, not raised: a task
+    whose result nobody takes (its future cancelled by a closing reader, or timed out
+    as it failed) then leaves no error unread, which asyncio prints with a traceback."""
+    try:
+        return await call
+    except Exception as e:
+        return Failed(e)
+
+
+async def within(call, seconds: float):
+    """``await call`` for at most ``seconds`` (then ``asyncio.TimeoutError``), without
+    the error that asyncio.wait_for leaves unread when the call fails as it is cancelled."""
+    result = await asyncio.wait_for(settled(call), seconds)
+    if isinstance(result, Failed):
+        raise result.error
+    return result
 
 
 # ----------------------------------------------------------------------------- errors

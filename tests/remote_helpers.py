@@ -66,9 +66,10 @@ class FileServer:
 
     SLICE = 256 << 10  # bytes sent between two looks at the pace
 
-    def __init__(self, folder: str | os.PathLike, latency: float = 0.0, bandwidth: float | None = None):
+    def __init__(self, folder: str | os.PathLike, latency: float = 0.0, bandwidth: float | None = None,
+                 etag: bool = True):
         self.folder = Path(folder)
-        self.latency, self.bandwidth = latency, bandwidth
+        self.latency, self.bandwidth, self.etag = latency, bandwidth, etag  # etag False: Last-Modified alone
         self.requests = 0
         self.bytes = 0  # of the bodies sent
         self._lock = threading.Lock()
@@ -104,6 +105,8 @@ class FileServer:
                 headers = {"ETag": etag, "Accept-Ranges": "bytes",
                            "Last-Modified": email.utils.formatdate(stat.st_mtime, usegmt=True),
                            "Content-Type": "application/octet-stream"}
+                if not server.etag:
+                    del headers["ETag"]
                 wanted = self.headers.get("If-Match")
                 if wanted and wanted.strip() != etag:
                     return self._reply(412, {"Content-Type": "application/xml"},
@@ -200,7 +203,8 @@ class FaultProxy:
                     self.send_header("Content-Type", "application/xml")
                     self.send_header("Content-Length", str(len(text)))
                     self.end_headers()
-                    self.wfile.write(text)
+                    if self.command != "HEAD":  # (a HEAD's answer has no body)
+                        self.wfile.write(text)
                     return
                 conn = getattr(local, "conn", None)
                 if conn is None:

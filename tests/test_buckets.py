@@ -520,6 +520,105 @@ def test_https_objects_read_with_ranges_and_globs_from_a_listing(tmp_path):
         server.stop()
 
 
+def test_a_web_server_without_etags_has_its_objects_checked_by_last_modified(tmp_path):
+    """A server that says an object's version by Last-Modified alone: an object replaced
+    while it is read (same size, other bytes) is refused, never read as a mix of two."""
+    folder = tmp_path / "www"
+    folder.mkdir()
+    path = labelled(folder / "d.h5", rows=300, seed=1)
+    server = FileServer(folder, etag=False)
+    try:
+        with H5Source(f"{server.url}/d.h5", x="x", y="y", fetch=FAST, metadata_cache=None) as source:
+            assert_same_reads(source, path)
+            before, data = path.stat(), bytearray(path.read_bytes())
+            data[len(data) // 2] ^= 0xFF  # other bytes, the same size
+            path.write_bytes(data)
+            os.utime(path, (before.st_mtime + 100, before.st_mtime + 100))
+            with pytest.raises(SourceError, match="the object changed while it was read .*Last-Modified"):
+                source.read(0, 100, 300)
+    finally:
+        server.stop()
+
+
+def test_a_web_servers_answer_to_opening_an_object_is_told_as_it_is(tmp_path):
+    """Opening an https:// object: a server that does not answer fails after the reads'
+    time-out and retries (not minutes later, not as "no such object"); 403 is access
+    denied, 500 is retried and then a read failure, 404 is a missing object."""
+    import time
+
+    folder = tmp_path / "www"
+    folder.mkdir()
+    labelled(folder / "d.h5", rows=300)
+    server = FileServer(folder)
+    answers = {}
+
+    def fault(method, path, headers, n):
+        answer = answers.get(method)
+        if answer == "hang":
+            time.sleep(30)
+            return "drop"
+        return answer
+
+    proxy = FaultProxy(server.url, fault=fault)
+    quick = FetchSettings(retries=1, backoff_s=0.01, max_backoff_s=0.05, timeout_s=0.5)
+    try:
+        for head, get, error, match in [
+            ("hang", "hang", SourceReadError, "d.h5: cannot be read: TimeoutError"),
+            (403, None, SourceError, "d.h5: access denied"),
+            (500, 500, SourceReadError, "d.h5: cannot be read: HTTP 500"),
+            (404, None, SourceError, "d.h5: no such object or bucket"),
+            (405, None, None, None),  # no HEAD: a one-byte ranged GET says the size and version
+        ]:
+            answers.update(HEAD=head, GET=get)
+            t0 = time.monotonic()
+            if error is None:
+                with H5Source(f"{proxy.url}/d.h5", x="x", y="y", fetch=quick, metadata_cache=None) as source:
+                    assert_same_reads(source, folder / "d.h5")
+                continue
+            with pytest.raises(error, match=match):
+                H5Source(f"{proxy.url}/d.h5", x="x", y="y", fetch=quick, metadata_cache=None)
+            assert time.monotonic() - t0 < 10, head  # a hang guard: the server would take 30 s a request
+    finally:
+        proxy.stop()
+        server.stop()
+
+
+def test_requests_that_fail_after_the_reader_closed_leave_no_error_unread(caplog):
+    """A request cancelled by close() that fails anyway (the object changed) must not
+    leave asyncio printing "Task exception was never retrieved" on stderr."""
+    import asyncio
+    import gc
+    import time
+
+    from pipetrain.remote import ObjectChangedError, ObjectInfo
+
+    class Store:
+        loop = asyncio.new_event_loop()
+
+        async def get(self, obj, start, stop):
+            try:
+                await asyncio.sleep(0.2)
+            finally:  # refuses to be cancelled, as a request finishing its error does
+                raise ObjectChangedError(f"{obj.url}: the object changed")
+
+    store = Store()
+    thread = threading.Thread(target=store.loop.run_forever, daemon=True)
+    thread.start()
+    try:
+        fetcher = Fetcher(FAST)
+        obj = ObjectInfo("http://host/a.h5", 1000, '"v1"')
+        fetcher.will_need(obj, store, [(0, 100), (500, 100)])
+        time.sleep(0.05)
+        fetcher.close()
+        time.sleep(0.4)
+        asyncio.run_coroutine_threadsafe(asyncio.sleep(0), store.loop).result()
+        gc.collect()
+        assert not [r for r in caplog.records if "never retrieved" in r.getMessage()]
+    finally:
+        store.loop.call_soon_threadsafe(store.loop.stop)
+        thread.join(5)
+
+
 @pytest.fixture(scope="module")
 def gcs_emulator():
     os.environ["GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT"] = "false"  # the emulator has no gRPC layout API
