@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 from pipetrain.errors import InputError, Interrupted, command_line, is_bad_input, one_line
+from pipetrain.plan import MAX_PARTITIONS, MAX_SEED
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
 
@@ -54,6 +55,14 @@ def _whole_number(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
 
 
+def nonempty(text: str) -> str:
+    """A path, name or dataset: an empty one (an unset shell variable) is refused, not
+    taken as absent."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("expected a value, got an empty one")
+    return text
+
+
 def positive_int(text: str) -> int:
     value = _whole_number(text)
     if value < 1:
@@ -67,8 +76,15 @@ def _devices(text: str) -> str | int:
 
 def seed_int(text: str) -> int:
     value = _whole_number(text)
-    if not 0 <= value < 2**32:
+    if not 0 <= value <= MAX_SEED:
         raise argparse.ArgumentTypeError(f"must be between 0 and 2**32 - 1, got {value}")
+    return value
+
+
+def partition_count(text: str) -> int:
+    value = positive_int(text)
+    if value > MAX_PARTITIONS:
+        raise argparse.ArgumentTypeError(f"must be at most {MAX_PARTITIONS}, got {value}")
     return value
 
 
@@ -98,16 +114,16 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", parser_class=_Parser)
 
     t = sub.add_parser("train", help="train a model (no flags: the embedded sample job)")
-    t.add_argument("--data", nargs="+", metavar="PATH", help="training files, URLs (s3://, gs://, https://) or globs "
+    t.add_argument("--data", type=nonempty, nargs="+", metavar="PATH", help="training files, URLs (s3://, gs://, https://) or globs "
                    "(default: the sample digits)")
-    t.add_argument("--x", nargs="+", metavar="NAME", help="input dataset name(s); NAME=DATASET to key by input name")
-    t.add_argument("--y", nargs="+", metavar="NAME", help="target dataset name(s); NAME=DATASET to key by output name")
-    t.add_argument("--sample-weight", metavar="NAME", help="dataset of per-row weights")
-    t.add_argument("--val", nargs="+", metavar="PATH", help="validation files, URLs or globs")
+    t.add_argument("--x", type=nonempty, nargs="+", metavar="NAME", help="input dataset name(s); NAME=DATASET to key by input name")
+    t.add_argument("--y", type=nonempty, nargs="+", metavar="NAME", help="target dataset name(s); NAME=DATASET to key by output name")
+    t.add_argument("--sample-weight", type=nonempty, metavar="NAME", help="dataset of per-row weights")
+    t.add_argument("--val", type=nonempty, nargs="+", metavar="PATH", help="validation files, URLs or globs")
     t.add_argument("--val-split", type=fraction, metavar="F",
                    help="validate on the last F of the training rows, as fit's validation_split (taken from "
                         "the end, before shuffling; nothing is copied)")
-    t.add_argument("--model", metavar="FILE.keras|module:function", help="the model (default: a small MLP sized from the data)")
+    t.add_argument("--model", type=nonempty, metavar="FILE.keras|module:function", help="the model (default: a small MLP sized from the data)")
     t.add_argument("--unsafe-model", action="store_true",
                    help="load a .keras file that holds Python code (Lambda layers); it runs as the file loads: only for files you trust")
     t.add_argument("--epochs", type=positive_int, default=None, help="epochs (default 20)")
@@ -123,19 +139,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="CPU priority of the producer threads (default idle: they use the cores' idle time; "
                         "raised to normal when training keeps waiting for data)")
     t.add_argument("--shuffle-window", type=positive_int, default=None, help="rows permuted together (default 8192)")
-    t.add_argument("--partitions", type=positive_int, default=None, metavar="N",
+    t.add_argument("--partitions", type=partition_count, default=None, metavar="N",
                    help="runs of blocks the block shuffle reads side by side; the batches are the same on any "
                         "number of processes, which decode disjoint blocks when their number divides N (default 16)")
     t.add_argument("--steps-per-execution", type=positive_int, default=None, metavar="K",
                    help="batches trained per compiled call, one batch record per K batches (default 1)")
-    t.add_argument("--history", metavar="FILE", help="history file (default runs/<name>/history.jsonl)")
+    t.add_argument("--history", type=nonempty, metavar="FILE", help="history file (default runs/<name>/history.jsonl)")
     t.add_argument("--checkpoint-every", type=positive_int, default=None, metavar="N",
                    help="batches between checkpoints, besides each epoch end (default 1000)")
-    t.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR (or of that history file) at the exact next batch")
+    t.add_argument("--resume", type=nonempty, metavar="RUN_DIR", help="continue the run in RUN_DIR (or of that history file) at the exact next batch")
     t.add_argument("--allow-nonfinite", action="store_true", help="keep training when a loss is NaN or infinite")
     t.add_argument("--allow-changed-data", action="store_true",
                    help="with --resume: go on although a data file changed since the run read it")
-    t.add_argument("--name", help="run name, for the default history path (default: the start time)")
+    t.add_argument("--name", type=nonempty, help="run name, for the default history path (default: the start time)")
     t.add_argument("--monitor-interval", type=positive_seconds, default=None, metavar="S",
                    help="seconds between system samples (default 2)")
     t.add_argument("--allow-external", action="store_true", help="allow HDF5 external links and virtual datasets outside the data folders")

@@ -19,6 +19,7 @@ import errno
 import json
 import math
 import os
+import stat
 import threading
 import time
 from collections.abc import Iterator, Mapping
@@ -196,14 +197,35 @@ def history_file(path: str | os.PathLike) -> Path:
     path = Path(path)
     if path.is_dir():
         if (path / "history.jsonl").exists():
-            return path / "history.jsonl"
+            return _a_file(path / "history.jsonl")
         found = sorted(p for p in path.glob("*.jsonl") if p.is_file())
         if len(found) > 1:
             raise HistoryPathError(f"{path}: holds several histories; name one: {', '.join(str(f) for f in found)}")
         return found[0] if found else path / "history.jsonl"
     if not path.exists() and path.suffix not in (".jsonl", ".json"):
         return path / "history.jsonl"
+    return _a_file(path)
+
+
+def _a_file(path: Path) -> Path:
+    """``path``, unless it is a pipe, a socket or a device, which a reader would wait on
+    forever (or read without end)."""
+    try:
+        mode = path.stat().st_mode
+    except OSError:
+        return path  # not there (yet): the reader says so, or waits for the run
+    if not stat.S_ISREG(mode):
+        raise HistoryPathError(f"{path}: is {file_kind(mode)}, not a history file")
     return path
+
+
+def file_kind(mode: int) -> str:
+    """What a file that is not a regular file is, for a message ("a named pipe")."""
+    for test, name in ((stat.S_ISBLK, "a block device"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISFIFO, "a named pipe"), (stat.S_ISSOCK, "a socket"), (stat.S_ISDIR, "a folder")):
+        if test(mode):
+            return name
+    return "not a regular file"
 
 
 def run_name(path: str | os.PathLike, run: Mapping | None = None) -> str:

@@ -17,11 +17,12 @@ from __future__ import annotations
 
 import datetime as _dt
 import os
+import stat
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from pipetrain.history import decode_line, read_history
+from pipetrain.history import HistoryPathError, decode_line, history_file, read_history
 from pipetrain.outcome import best_epoch
 from pipetrain.process import writer_state
 from pipetrain.progress import fmt, fmt_duration
@@ -32,8 +33,11 @@ FIRST_LINE_BYTES = 1 << 20  # a run record is shorter than this
 def histories(folder: Path) -> Iterator[Path]:
     """The history files under ``folder`` (itself one, or a run folder, included), in
     path order: ``*.jsonl`` files whose first line is a ``run`` record."""
-    if folder.is_file():
-        yield folder
+    if not folder.is_dir():
+        path = history_file(folder)  # (a pipe or a device: refused, not waited on)
+        if path.exists() and path.stat().st_size and not _starts_a_history(path):
+            raise HistoryPathError(f"{path}: is not a pipetrain history (its first line is not a run record)")
+        yield path
         return
     for root, dirs, files in os.walk(folder):
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
@@ -45,6 +49,8 @@ def histories(folder: Path) -> Iterator[Path]:
 
 def _starts_a_history(path: Path) -> bool:
     try:
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            return False  # a named pipe would never answer
         with open(path, "rb") as f:
             first = f.readline(FIRST_LINE_BYTES)
     except OSError:

@@ -145,7 +145,7 @@ def load_model(spec: str, source: H5Source, *, unsafe: bool = False, folders=())
                     "which would run as it loads; if you trust the file, pass --unsafe-model"
                 ) from None
             raise ModelError(f"{spec}: cannot load the model: {_shorten(reason)}") from None
-    elif ":" in spec:
+    elif ":" in spec and all(spec.partition(":")[::2]):
         module_name, _, func_name = spec.partition(":")
         if os.getcwd() not in sys.path and "" not in sys.path:
             sys.path.insert(0, os.getcwd())  # as `python -m` has it; the console script does not

@@ -516,7 +516,7 @@ class Prefetcher(Iterator[Batch]):
             if taken is None:
                 return False
             seq, plan, buffers = taken
-            doing = f"handing over epoch {plan.epoch}, batch {plan.index}"
+            doing = f"handing over epoch {plan.epoch + 1}, batch {plan.index + 1}"
             try:
                 result: Batch | _Failure = self._build(plan, buffers)
             except _Stopped:
@@ -613,7 +613,7 @@ class Prefetcher(Iterator[Batch]):
         self._next += 1
         if isinstance(result, _Failure):
             self.close()
-            where = (f" (epoch {result.plan.epoch}, batch {result.plan.index})" if result.plan
+            where = (f" (epoch {result.plan.epoch + 1}, batch {result.plan.index + 1})" if result.plan  # from 1, as shown
                      else f" ({result.where})" if result.where else "")
             raise PipelineError(f"a producer thread failed{where}: {result.error}") from result.error
         now = time.perf_counter()

@@ -52,6 +52,8 @@ import numpy as np
 
 AHEAD_ROWS = 4096  # rows of the batches an epoch's iterator plans in one pass (at least one batch)
 PARTITIONS = 16  # the default partition count of the block shuffle (a multiple of 1, 2, 4, 8, 16 processes)
+MAX_PARTITIONS = 1 << 16  # an epoch's plan takes time and memory in proportion: far above any real need
+MAX_SEED = 2**32 - 1
 
 
 @dataclass(frozen=True)
@@ -172,8 +174,8 @@ class Plan:
             raise ValueError(f"shuffle={shuffle!r}: expected one of {', '.join(SHUFFLES)}")
         if batch_size < 1:
             raise ValueError(f"batch_size={batch_size} must be >= 1")
-        if partitions < 1:
-            raise ValueError(f"partitions={partitions} must be >= 1")
+        if not 1 <= partitions <= MAX_PARTITIONS:
+            raise ValueError(f"partitions={partitions} must be from 1 to {MAX_PARTITIONS}")
         self.share = share or Share()
         devices = self.share.total_devices
         if batch_size % devices:

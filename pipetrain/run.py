@@ -54,7 +54,7 @@ from pipetrain.errors import Interrupted, RunError, argument, one_line
 from pipetrain.history import SCHEMA, HistoryWriteError, HistoryWriter, jsonable
 from pipetrain.monitor import Monitor, gpu_probe, peak_rss_mb
 from pipetrain.pipeline import PRIORITIES, Batch, Cancelled, Prefetcher, plans_from
-from pipetrain.plan import PARTITIONS, Plan
+from pipetrain.plan import MAX_PARTITIONS, MAX_SEED, PARTITIONS, Plan
 from pipetrain.process import process_info
 from pipetrain.progress import Progress, RecentRate, batch_text
 from pipetrain.source import H5Source
@@ -238,6 +238,7 @@ class Run:
         device_prefetch: bool | str = False,
     ):
         batch_size, epochs = _whole("batch_size", batch_size), _whole("epochs", epochs)
+        seed = _whole("seed", seed, 0, MAX_SEED)
         workers, max_queue = _whole("workers", workers), _whole("max_queue", max_queue)
         if checkpoint_every:  # None or 0: at epoch ends only
             checkpoint_every = _whole("checkpoint_every", checkpoint_every)
@@ -272,7 +273,7 @@ class Run:
             self.plan = Plan(
                 source.row_ranges, batch_size, block_rows=source.block_rows(), shuffle=shuffle,
                 seed=seed, window=shuffle_window, drop_remainder=drop_remainder,
-                partitions=_whole("partitions", partitions), share=self._dist.share,
+                partitions=_whole("partitions", partitions, 1, MAX_PARTITIONS), share=self._dist.share,
             )
         except ValueError as e:
             raise RunError(str(e)) from None
@@ -1158,14 +1159,16 @@ def _params(model) -> int | None:
         return None
 
 
-def _whole(name: str, value) -> int:
-    """A whole number >= 1 (Python or numpy integers), or a RunError naming the setting."""
+def _whole(name: str, value, low: int = 1, high: int | None = None) -> int:
+    """A whole number from ``low`` to ``high`` (Python or numpy integers), or a RunError
+    naming the setting."""
     try:
         number = operator.index(value)
     except TypeError:
         number = None
-    if number is None or isinstance(value, bool) or number < 1:
-        raise RunError(f"{name}={value!r} must be a whole number >= 1")
+    if number is None or isinstance(value, bool) or number < low or high is not None and number > high:
+        bounds = f">= {low}" if high is None else f"from {low} to {high}"
+        raise RunError(f"{name}={value!r} must be a whole number {bounds}")
     return number
 
 

@@ -55,7 +55,7 @@ from pathlib import Path
 
 from pipetrain import index
 from pipetrain.errors import RunError, argument
-from pipetrain.history import run_records
+from pipetrain.history import file_kind, run_records
 from pipetrain.process import running
 
 try:
@@ -312,15 +312,7 @@ def _check_history_path(history: Path) -> None:
     except OSError:
         return  # not there yet (or under something that is not a folder: the lock says which)
     if not (stat.S_ISREG(mode) or stat.S_ISCHR(mode)):  # a device such as /dev/null takes the lines
-        raise RunError(f"{history}: is {_file_kind(mode)}, not a history file")
-
-
-def _file_kind(mode: int) -> str:
-    for test, name in ((stat.S_ISBLK, "a block device"), (stat.S_ISFIFO, "a named pipe"),
-                       (stat.S_ISSOCK, "a socket")):
-        if test(mode):
-            return name
-    return "not a regular file"
+        raise RunError(f"{history}: is {file_kind(mode)}, not a history file")
 
 
 def _why(e: OSError, path: Path) -> str:

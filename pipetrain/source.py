@@ -347,7 +347,8 @@ class H5Source:
             reader = open_chunk_reader(dset, remote.chunk_bytes(), remote.verified.setdefault(name, {}))
         if isinstance(reader, ChunkReader):
             return reader
-        size = os.path.getsize(path) if remote is None else remote.obj.size
+        # (the file the dataset is in: another one where an external link leads)
+        size = os.path.getsize(dset.file.filename) if remote is None else remote.obj.size
         _check_filters(path, name, dset)
         _check_filter_parameters(path, name, dset)
         check_index(dset, str(path), size)

@@ -18,12 +18,14 @@ memory holds one block whatever the number of rows.
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import time
 from pathlib import Path
 
 import h5py
 import numpy as np
+import psutil
 
 from pipetrain.errors import InputError
 
@@ -225,15 +227,43 @@ def cmd_make_data(args) -> int:
     for path, _ in jobs:
         if path.exists() and not args.overwrite:
             raise BadInput(f"{path}: exists already; pass --overwrite to replace it")
-    if not args.x_name or not args.y_name or args.x_name == args.y_name:
+    x_name, y_name = args.x_name.strip("/"), args.y_name.strip("/")  # (HDF5 reads "/x" as "x")
+    if not x_name or not y_name or x_name == y_name:
         raise BadInput(f"--x-name {args.x_name!r} --y-name {args.y_name!r}: two different, non-empty dataset names needed")
     features = parse_shape(args.features)
     if args.classes < 2:
         raise BadInput(f"--classes {args.classes}: must be >= 2 (labels of one class teach nothing)")
+    _check_memory(args.classes, int(np.prod(features)), min(args.chunk_rows, max(rows for _, rows in jobs)))
     compression_options(args.compression, args.shuffle_filter)  # bad settings before any file is made
     if args.splits is not None:
         out.mkdir(exist_ok=True)
     line = _Line(sum(rows for _, rows in jobs), sys.stdout.isatty() and not args.quiet)
+    # SIGTERM as Ctrl-C: the file being written is removed, not left behind half done.
+    previous = signal.signal(signal.SIGTERM, _terminated)
+    try:
+        _make_each(args, jobs, features, line)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    return 0
+
+
+def _terminated(signum, frame):
+    raise KeyboardInterrupt("terminated")
+
+
+def _check_memory(classes: int, width: int, chunk_rows: int) -> None:
+    """The class prototypes and a chunk of rows (with the noise drawn for it) must fit in
+    the memory available: a spec beyond it is bad input, not a failed allocation."""
+    from pipetrain.cli import BadInput
+
+    need = 4 * classes * width + 16 * chunk_rows * width
+    available = psutil.virtual_memory().available
+    if need > available:
+        raise BadInput(f"--classes {classes} with --features of {width:,} values a row (chunks of {chunk_rows} rows) "
+                       f"needs {need / 2**30:,.1f} GiB of memory to write; {available / 2**30:,.1f} GiB is available")
+
+
+def _make_each(args, jobs, features, line) -> None:
     written = 0
     for split, (path, rows) in enumerate(jobs):
         t0 = time.perf_counter()
@@ -248,4 +278,3 @@ def cmd_make_data(args) -> int:
                   f"{args.y_name} ({rows},) int64, {args.classes} classes (task {args.task_seed}, seed {args.seed}); "
                   f"{size:,.1f} MB on disk ({raw:,.1f} MB of {args.x_name}), {time.perf_counter() - t0:.1f} s",
                   flush=True)
-    return 0

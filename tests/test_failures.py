@@ -242,6 +242,12 @@ BAD_INPUTS = {
                                   "past/old/checkpoint: holds the checkpoints of another run"),
     "history is a folder": (["--data", "d.h5", "--x", "x", "--y", "y", "--history", "past"], "past: is a folder"),
     "seed": (["--data", "d.h5", "--x", "x", "--seed", "-1"], "--seed: must be between 0 and 2**32 - 1, got -1"),
+    "partitions beyond any need": (["--data", "d.h5", "--x", "x", "--partitions", "10000000"],
+                                   "--partitions: must be at most 65536, got 10000000"),
+    "an empty --resume (an unset variable)": (["--resume", ""], "--resume: expected a value, got an empty one"),
+    "an empty --model": (["--data", "d.h5", "--x", "x", "--model", ""], "--model: expected a value, got an empty one"),
+    "a --model of no module": (["--data", "d.h5", "--x", "x", "--y", "y", "--model", ":"],
+                               "--model :: expected FILE.keras or package.module:function"),
     "monitor interval": (["--data", "d.h5", "--x", "x", "--monitor-interval", "-1"],
                          "--monitor-interval: must be a number of seconds above 0 and below a day, got -1"),
     "monitor interval nan": (["--data", "d.h5", "--x", "x", "--monitor-interval", "nan"],
@@ -659,3 +665,21 @@ def test_tensorflow_op_errors_become_the_one_line_that_says_what_failed():
         "RuntimeError: Received a label value of 9 which is outside the valid range of [0, 4). "
         "Label values: 1 1 1 1 1 1 1 1 …"
     )
+
+
+@pytest.mark.parametrize("settings, message", [
+    ({"seed": -1}, "seed=-1 must be a whole number from 0 to 4294967295"),
+    ({"seed": 1.5}, "seed=1.5 must be a whole number from 0 to 4294967295"),
+    ({"seed": 2**40}, "seed=1099511627776 must be a whole number from 0 to 4294967295"),
+    ({"seed": "a"}, "seed='a' must be a whole number from 0 to 4294967295"),
+    ({"partitions": 10**7}, "partitions=10000000 must be a whole number from 1 to 65536"),
+])
+def test_a_seed_or_partition_count_out_of_range_is_refused_naming_it(tmp_path, settings, message):
+    """Before anything is written: a negative seed failed in a producer thread, a huge
+    partition count took minutes and gigabytes to plan each epoch."""
+    import re
+
+    path = write_h5(tmp_path / "d.h5", x=np.zeros((20, 2), np.float32))
+    with pipetrain.H5Source(path, x="x") as source, pytest.raises(pipetrain.errors.RunError, match=re.escape(message)):
+        pipetrain.Run(source, batch_size=4, history=tmp_path / "h.jsonl", **settings)
+    assert not (tmp_path / "h.jsonl").exists()

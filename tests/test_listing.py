@@ -39,3 +39,31 @@ def test_ls_lists_every_run_under_a_folder(tmp_path, capsys, monkeypatch):
     assert cli.main(["ls", "runs/group/b"]) == 0 and len(capsys.readouterr().out.splitlines()) == 2
     assert cli.main(["ls", "nowhere"]) == 2
     assert "nowhere: no such folder" in capsys.readouterr().err
+
+
+def test_pipes_devices_and_files_that_are_not_histories_are_refused_not_waited_on(tmp_path):
+    """A named pipe called *.jsonl would block ls, tail and plot forever: ls passes it by
+    in a folder, and named, each command refuses it (or a device) in one line; ls of a
+    file that is not a history refuses it instead of listing it as a run."""
+    import os
+    import subprocess
+    import sys
+
+    folder = tmp_path / "runs"
+    write_records(folder / "a" / "history.jsonl", known_records())
+    os.mkfifo(folder / "pipe.jsonl")
+    (tmp_path / "data.h5").write_bytes(b"\x89HDF\r\n\x1a\n" + bytes(100))
+
+    def pipetrain(*args):
+        return subprocess.run([sys.executable, "-m", "pipetrain", *args], capture_output=True, text=True,
+                              timeout=60, cwd=tmp_path)
+
+    listed = pipetrain("ls", "runs")
+    assert listed.returncode == 0 and "runs/a" in listed.stdout and "pipe" not in listed.stdout
+    for args, message in [(("tail", "runs/pipe.jsonl"), "runs/pipe.jsonl: is a named pipe, not a history file"),
+                          (("plot", "runs/pipe.jsonl", "-o", "p.png"), "runs/pipe.jsonl: is a named pipe"),
+                          (("ls", "runs/pipe.jsonl"), "runs/pipe.jsonl: is a named pipe"),
+                          (("tail", "/dev/zero"), "/dev/zero: is a character device, not a history file"),
+                          (("ls", "data.h5"), "data.h5: is not a pipetrain history (its first line is not a run")]:
+        done = pipetrain(*args)
+        assert done.returncode == 2 and message in done.stderr and len(done.stderr.splitlines()) == 1, args

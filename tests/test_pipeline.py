@@ -211,7 +211,7 @@ def test_a_producer_error_reaches_the_consumer_with_where_and_traceback(make_h5)
         source.read = failing
         stream = Prefetcher(source, plan.batches(0), plan.blocks, 10, workers=2, priority="normal")
         got = []
-        with pytest.raises(PipelineError, match=r"epoch 0, batch 5\).*disk on fire") as info:
+        with pytest.raises(PipelineError, match=r"epoch 1, batch 6\).*disk on fire") as info:  # from 1, as shown
             for batch in stream:
                 got.append(batch.index)
         assert time.monotonic() - min(raised) < 1.0  # from the failing read to the consumer

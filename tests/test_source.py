@@ -107,6 +107,20 @@ def test_links_and_virtual_datasets_outside_the_data_folder_are_refused(tmp_path
         assert source.rows == 4
 
 
+def test_an_external_link_to_a_contiguous_dataset_larger_than_the_link_file_is_read(tmp_path):
+    """The truncation check measures the file the dataset is in (the link's target), not
+    the file that holds the link."""
+    x = np.arange(200 * 8, dtype=np.float32).reshape(200, 8)
+    with h5py.File(tmp_path / "target.h5", "w") as f:
+        f["x"], f["y"] = x, np.arange(200)
+    with h5py.File(tmp_path / "link.h5", "w") as f:
+        f["x"], f["y"] = h5py.ExternalLink("target.h5", "x"), h5py.ExternalLink("target.h5", "y")
+    with H5Source(tmp_path / "link.h5", x="x", y="y") as source:
+        arrays, _ = source.read(0, 0, 200)
+        np.testing.assert_array_equal(arrays["x"], x)
+        np.testing.assert_array_equal(arrays["y"], np.arange(200))
+
+
 def test_the_label_count_reads_the_labels_alone(make_h5):
     from pipetrain.models import label_classes
 

@@ -52,6 +52,36 @@ def test_make_data_command_and_its_errors(tmp_path, capsys):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["img.h5"]  # no partial file either
 
 
+def test_make_data_refuses_what_memory_cannot_hold_and_names_that_are_not_datasets(tmp_path, capsys):
+    for args, message in [(["--features", "100000x100000"], "GiB of memory to write"),
+                          (["--classes", "1000000000"], "--classes 1000000000 with --features of 784 values a row"),
+                          (["--x-name", "/"], "--x-name '/' --y-name 'y': two different, non-empty dataset names"),
+                          (["--x-name", "/y"], "two different, non-empty dataset names")]:
+        assert main(["make-data", str(tmp_path / "n.h5"), "--rows", "10", *args]) == 2, args
+        assert message in capsys.readouterr().err, args
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_make_data_stopped_by_sigterm_leaves_no_partial_file(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    job = subprocess.Popen([sys.executable, "-m", "pipetrain", "make-data", str(tmp_path / "big.h5"), "--rows",
+                            "100000000000", "--features", "8", "--quiet"], stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not list(tmp_path.glob(".big.h5.partial-*")) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert list(tmp_path.glob(".big.h5.partial-*")), "make-data never began writing"
+        job.send_signal(signal.SIGTERM)
+        assert job.wait(timeout=60) == 130
+    finally:
+        job.kill()
+    assert list(tmp_path.iterdir()) == [] and job.stderr.read().strip() == "pipetrain: interrupted"
+
+
 def nearest_mean_accuracy(train, test, x="x", y="y") -> float:
     """A nearest-class-mean classifier fitted on ``train``, scored on ``test``."""
     with h5py.File(train) as a, h5py.File(test) as b:
