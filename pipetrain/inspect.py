@@ -51,21 +51,35 @@ def describe(path: str | Path, storage_options: dict | None = None) -> list[dict
 
     rows: list[dict] = []
 
-    def visit(name: str, obj) -> None:
-        if isinstance(obj, h5py.Dataset):
-            rows.append(_dataset_row(name, obj))
+    def visit(f: h5py.File) -> None:
+        # Every link, soft and external ones too (visititems passes them by): a dataset
+        # reached through one is listed, a link that leads nowhere too (its read path
+        # says why training refuses it).
+        names: list[str] = []
+        (f.visit_links if hasattr(f, "visit_links") else f.visit)(names.append)  # (h5py < 3.11: hard links)
+        for name in names:
+            link = f.get(name, getlink=True)
+            try:
+                obj = f[name]
+            except (KeyError, OSError, ValueError):  # a dangling link, or a file that cannot be opened
+                if isinstance(link, (h5py.SoftLink, h5py.ExternalLink)):
+                    rows.append({"dataset": name, "shape": "?", "dtype": "?", "chunks": "?", "filters": "?",
+                                 "stored": "-", "ratio": "-", "read path": ""})
+                continue
+            if isinstance(obj, h5py.Dataset):
+                rows.append(_dataset_row(name, obj))
 
     if is_url(str(path)):
         from pipetrain.h5remote import RemoteH5
 
         opened = RemoteH5(str(path), storage_options)
         try:
-            opened.file.visititems(visit)
+            visit(opened.file)
         finally:
             opened.close()
     else:
         with h5py.File(path, "r") as f:
-            f.visititems(visit)
+            visit(f)
     for row in rows:  # with the file closed: H5Source opens some datasets its own way
         row["read path"] = _read_path(path, row["dataset"], storage_options)
     return rows

@@ -264,7 +264,9 @@ def load(paths: Sequence[str | os.PathLike]) -> list[Series]:
             raise BadInput(f"{path}: cannot read the history: {e.strerror or e}") from None
         history.epochs = [numeric_view(r) for r in history.epochs]  # the tables give numbers already
         if not history.runs:
-            problem = f"{history.skipped} line(s) are not JSON records" if history.skipped else "it is empty"
+            found = len(history.epochs) + len(history.batches) + len(history.system)
+            problem = (f"{found} record(s) but no run record before them" if found
+                       else f"{history.skipped} line(s) are not pipetrain records" if history.skipped else "it is empty")
             raise BadInput(f"{path}: no run to plot ({problem})")
         series.append(Series(run_name(path, history.runs[0]), history, history.runs[0]["t"]))
         folders.append(str(path.parent if path.name == "history.jsonl" else path))

@@ -293,6 +293,9 @@ class Run:
         self.overwrite, self.resume = overwrite, resume
         self.stop_on_nonfinite = stop_on_nonfinite
         self.run_id = f"{_dt.datetime.now():%Y%m%d-%H%M%S}-{uuid.uuid4().hex[:6]}"
+        if callbacks is not None and not (isinstance(callbacks, (list, tuple)) and all(
+                isinstance(cb, keras.callbacks.Callback) for cb in callbacks)):
+            raise RunError(f"callbacks={callbacks!r}: expected a list of keras.callbacks.Callback objects")
         self.callbacks = keras.callbacks.CallbackList(
             callbacks, add_history=True, add_progbar=False, model=self.model or self._stand_in,
             verbose=0, epochs=epochs, steps=self.plan.steps_per_epoch,

@@ -81,12 +81,19 @@ def expand_paths(paths: str | os.PathLike | Sequence[str | os.PathLike],
 
 def _expand(paths, storage_options) -> tuple[list[Path | str], dict]:
     """Files and URLs, and what listing a URL glob told about its objects (url -> ObjectInfo)."""
-    if isinstance(paths, (str, os.PathLike)):
+    given = paths
+    if isinstance(paths, (str, bytes, os.PathLike)):
         paths = [paths]
+    try:
+        paths = list(paths)
+    except TypeError:
+        paths = [None]
+    if not all(isinstance(p, (str, bytes, os.PathLike)) for p in paths):
+        raise SourceError(f"paths={given!r}: expected a file, URL or glob, or a list of them")
     files: list[Path | str] = []
     objects: dict = {}
     for p in paths:
-        text = os.fspath(p)
+        text = os.fsdecode(p)
         if is_url(text):
             if _url_has_magic(text):
                 from pipetrain import remote
@@ -116,6 +123,8 @@ def _names(names: Names | None, what: str) -> list[str]:
         return []
     if isinstance(names, str):
         return [names]
+    if not isinstance(names, (Mapping, list, tuple)):
+        raise SourceError(f"{what}={names!r}: expected a dataset name, a list of names or a dict of names")
     values = list(names.values()) if isinstance(names, Mapping) else list(names)
     if not values or not all(isinstance(n, str) and n for n in values):
         raise SourceError(f"{what}={names!r}: expected a dataset name, a list of names or a dict of names")
@@ -400,7 +409,7 @@ class H5Source:
             raise SourceError(f"{path}: dataset '{name}' is empty (0 rows)")
         if 0 in dset.shape[1:]:
             raise SourceError(f"{path}: dataset '{name}' has rows of shape {dset.shape[1:]}, which hold no values")
-        if name == self.sample_weight and dset.shape[1:] not in ((), (1,)):
+        if name in _names(self.sample_weight, "sample_weight") and dset.shape[1:] not in ((), (1,)):
             raise SourceError(
                 f"{path}: dataset '{name}' has rows of shape {dset.shape[1:]}; sample weights "
                 "need one number per row"

@@ -127,7 +127,7 @@ def updates(path: Path, *, follow: bool = True, poll: float = 0.25) -> Iterator[
                 stop = scan.line_end(follower.fd, os.fstat(follower.fd).st_size)
                 records, not_records = last_look(follower.fd, stop, index.path_for(path))
                 if not records and not_records:
-                    raise BadInput(f"{path}: not a pipetrain history (no JSON records in {not_records} line(s))")
+                    raise BadInput(f"{path}: not a pipetrain history (no pipetrain records in {not_records} line(s))")
                 ended = False
                 # The batches of the epoch in progress are summed at once, and so are the
                 # system samples between two other records (neither touches the other's
@@ -161,7 +161,7 @@ def updates(path: Path, *, follow: bool = True, poll: float = 0.25) -> Iterator[
                     state.add(record)
                     update.lines += lines_for(record, state, path)
             if follower.at_eof and lines_seen and not records_seen:
-                raise BadInput(f"{path}: not a pipetrain history (no JSON records in {lines_seen} line(s))")
+                raise BadInput(f"{path}: not a pipetrain history (no pipetrain records in {lines_seen} line(s))")
             if follower.at_eof and state.runs and state.end is None:
                 update.writer = writer_state(state.run.get("process"))
             yield update

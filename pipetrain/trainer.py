@@ -12,6 +12,7 @@ import os
 from collections.abc import Mapping
 
 from pipetrain import distributed
+from pipetrain.errors import RunError
 from pipetrain.labels import sparse_label_limits
 from pipetrain.run import Run
 from pipetrain.source import H5Source
@@ -104,6 +105,12 @@ def train(
     """
     if getattr(model, "optimizer", None) is None:
         raise ValueError("train(): the model is not compiled; call model.compile(...) first")
+    for name, data in (("source", source), ("validation", validation)):
+        if data is not None and not isinstance(data, H5Source):
+            raise RunError(f"{name}={data!r}: expected a pipetrain.H5Source (such as pipetrain.H5Source(path, "
+                           "x=..., y=...))")
+    if class_weight is not None and not isinstance(class_weight, Mapping):
+        raise RunError(f"class_weight={class_weight!r}: expected a dict of weights by class index, as fit takes")
     for data in (source, validation):
         if data is not None:
             data.check_model(model)

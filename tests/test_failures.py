@@ -683,3 +683,35 @@ def test_a_seed_or_partition_count_out_of_range_is_refused_naming_it(tmp_path, s
     with pipetrain.H5Source(path, x="x") as source, pytest.raises(pipetrain.errors.RunError, match=re.escape(message)):
         pipetrain.Run(source, batch_size=4, history=tmp_path / "h.jsonl", **settings)
     assert not (tmp_path / "h.jsonl").exists()
+
+
+def test_arguments_of_the_wrong_kind_are_refused_naming_them(tmp_path):
+    """What a Python user gets wrong first: a path where a source belongs, a callback or a
+    mode where a list or a dict belongs, None or a number where paths or names belong; and
+    sample weights named in a list are checked as one named alone."""
+    import re
+
+    from pipetrain.errors import RunError
+    from pipetrain.source import SourceError
+
+    path = write_h5(tmp_path / "d.h5", x=np.zeros((40, 3), np.float32), y=np.zeros(40, np.int64),
+                    w2=np.ones((40, 2), np.float32))
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2, activation="softmax")])
+    model.compile("adam", "sparse_categorical_crossentropy")
+    with pipetrain.H5Source(path, x="x", y="y") as source:
+        for settings, message in [({"validation": str(path)}, f"validation='{path}': expected a pipetrain.H5Source"),
+                                  ({"callbacks": 5}, "callbacks=5: expected a list of keras.callbacks.Callback"),
+                                  ({"class_weight": "balanced"}, "class_weight='balanced': expected a dict")]:
+            with pytest.raises(RunError, match=re.escape(message)):
+                pipetrain.train(model, source, verbose=0, history=tmp_path / "h.jsonl", **settings)
+    with pytest.raises(RunError, match=re.escape(f"source='{path}': expected a pipetrain.H5Source")):
+        pipetrain.train(model, str(path), verbose=0)
+    assert not (tmp_path / "h.jsonl").exists()
+    for args, kwargs, message in [((None,), {"x": "x"}, "paths=None: expected a file, URL or glob"),
+                                  ((path,), {"x": 3}, "x=3: expected a dataset name"),
+                                  ((path,), {"x": "x", "sample_weight": ["w2"]},
+                                   "dataset 'w2' has rows of shape (2,); sample weights need one number per row")]:
+        with pytest.raises(SourceError, match=re.escape(message)):
+            pipetrain.H5Source(*args, **kwargs)
+    with pipetrain.H5Source(bytes(path), x="x") as source, pipetrain.H5Source(tmp_path.glob("d.h5"), x="x") as again:
+        assert source.rows == again.rows == 40

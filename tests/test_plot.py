@@ -74,11 +74,13 @@ def test_rolling_mean_leaves_out_missing_values():
 @pytest.mark.parametrize("args, message", [
     (["plot", "nope", "-o", "x.png"], "nope/history.jsonl: no such history file"),
     (["plot", "empty.jsonl", "-o", "x.png"], "empty.jsonl: no run to plot (it is empty)"),
+    (["plot", "headless.jsonl", "-o", "x.png"], "headless.jsonl: no run to plot (1 record(s) but no run record before"),
     (["plot", "a/runs/exp", "-o", "x.bmpx"], "x.bmpx: unknown picture format '.bmpx' (use .png, .svg or .pdf)"),
     (["plot", "a/runs/exp", "-o", "no/such/dir/x.png"], "cannot write the plot (no/such/dir is not a folder)"),
 ])
 def test_bad_input_is_one_line_and_exit_2(runs, capsys, args, message):
     (runs / "empty.jsonl").write_text("")
+    (runs / "headless.jsonl").write_text('{"type":"epoch","run":"r","t":1.0,"epoch":0,"loss":0.5}\n')
     assert cli.main(args) == 2
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1, err

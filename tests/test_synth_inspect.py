@@ -147,3 +147,20 @@ def test_inspect_shows_layout_filters_and_read_path(tmp_path, capsys):
     assert "h5py read" in rows["checksummed"] and "fletcher32" in rows["checksummed"]
     assert "contiguous" in rows["plain"] and "h5py read" in rows["plain"]
     assert main(["inspect", str(tmp_path / "none.h5")]) == 2
+
+
+def test_inspect_lists_datasets_reached_through_links_and_links_that_lead_nowhere(tmp_path):
+    """Training reads through external and soft links: inspect lists those datasets, and
+    a dangling link with why training refuses it, instead of "(no datasets)"."""
+    from pipetrain.inspect import describe
+
+    with h5py.File(tmp_path / "target.h5", "w") as f:
+        f["x"], f["y"] = np.zeros((200, 8), np.float32), np.zeros(200, np.int64)
+    with h5py.File(tmp_path / "links.h5", "w") as f:
+        f["x"], f["y"] = h5py.ExternalLink("target.h5", "x"), h5py.ExternalLink("target.h5", "y")
+        f["labels"] = h5py.SoftLink("/y")
+        f["gone"] = h5py.ExternalLink("missing.h5", "x")
+    rows = {row["dataset"]: row for row in describe(tmp_path / "links.h5")}
+    assert sorted(rows) == ["gone", "labels", "x", "y"]
+    assert rows["x"]["shape"] == "(200, 8)" and rows["labels"]["shape"] == "(200,)"
+    assert not rows["x"]["read path"].startswith("refused") and rows["gone"]["read path"].startswith("refused")

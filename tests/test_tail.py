@@ -322,7 +322,7 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys):
     cases = [
         (["tail", str(tmp_path / "missing.jsonl")], "missing.jsonl: no such history file (--follow waits for it)"),
         (["tail", "--follow", str(tmp_path / "notes.txt" / "h.jsonl")], "cannot read the history: Not a directory"),
-        (["tail", str(tmp_path / "notes.txt")], "notes.txt: not a pipetrain history (no JSON records in 2 line(s))"),
+        (["tail", str(tmp_path / "notes.txt")], "notes.txt: not a pipetrain history (no pipetrain records in 2 line(s))"),
         (["tail", "--poll", "0", str(tmp_path / "notes.txt")], "--poll: must be a number of seconds above 0"),
     ]
     for args, message in cases:
