@@ -552,9 +552,9 @@ def last_look(fd: int, stop: int, index_path: os.PathLike | None = None) -> tupl
         look = _Look(fd, stop, known)
         try:
             look.samples()
+            return look.result()
         except _Moved:  # a sample line the index lists did not check out: ``known`` now ends before it
             continue
-        return look.result()
 
 
 class _Moved(Exception):
@@ -695,13 +695,30 @@ class _Look:
         for start, end in zip(reversed(run_starts[keep].tolist()), reversed(run_ends[keep].tolist()), strict=True):
             yield start, end
 
+    def _distrust(self) -> None:
+        """A run of batch lines between the index's unread samples does not lie between
+        line ends: a sample before it is not where the index says. The first unread
+        sample that does not check out shortens ``known`` to the entries before it; if
+        none is found, the index is not used."""
+        for k in range(len(self.known.samples)):
+            if self.known.sample(k) is None:
+                return
+        fresh = index.Known()
+        for name in ("lines", "covered", "entries", "sealed", "samples", "sample_lengths"):
+            setattr(self.known, name, getattr(fresh, name))
+
     def result(self) -> tuple[list[tuple[int, dict]], int]:
         others = self.others + self.read
         last_run = max((at for at, r in others if r["type"] == "run"), default=-1)
         batches: list[tuple[int, dict]] = []
         epoch = None
         for start, end in self._batch_runs():
-            data = os.pread(self.fd, end - start, start)
+            before = 1 if start else 0  # (the byte before: a newline, where the index is right)
+            data = os.pread(self.fd, end - start + before, start - before)
+            if data[:before] != b"\n"[:before] or data[-1:] != b"\n":
+                self._distrust()  # an unread sample moved (bytes cut before it and added after)
+                raise _Moved
+            data = data[before:]
             lines = data.split(b"\n")
             lines.pop()
             offsets = np.cumsum([0] + [len(line) + 1 for line in lines[:-1]]) + start

@@ -674,3 +674,28 @@ def test_a_sample_read_that_does_not_check_out_ends_what_the_index_is_trusted_fo
     assert_readers_are_the_full_parse(path)
     state = [u.state for u in updates(path, follow=False)][-1]
     assert state.peak_rss_mb == json.loads(lines[second])["rss_mb"] > 900
+
+
+def test_unread_samples_shifted_by_edits_that_cancel_out_are_not_trusted_as_line_edges(tmp_path):
+    """A killed run's history edited in place: a byte less in one sample, a byte more in a
+    batch line three samples later. The samples between are not where the index says,
+    yet the lines after them are: the batch runs between them would be read a byte off
+    (and batches left out of the epoch so far). Their edges are checked: the reader
+    goes back to where the index checks out."""
+    path = tmp_path / "killed.jsonl"
+    writer = HistoryWriter(path)
+    writer.write({"type": "run", "run": "r", "t": 1000.0, "schema": 1, "resume": None,
+                  "data": {"rows": 3200, "batch_size": 32, "steps_per_epoch": 100, "epochs": 1}})
+    for i in range(62):
+        writer.write({"type": "batch", "run": "r", "t": 1001.0 + i, "epoch": 0, "batch": i, "step": i, "size": 32,
+                      "loss": 0.5 + i, "step_s": 0.01, "wait_s": 0.0, "samples_per_s": 3000.0})
+        if i % 5 == 4:
+            writer.write({"type": "system", "run": "r", "t": 1001.0 + i, "rss_mb": 700.0, "peak_rss_mb": 900.0,
+                          "cpu_pct": 99.0, "sys_available_mb": 2000, "threads": 11})
+    os.close(writer._fd)  # killed: the index is not sealed
+    lines = path.read_bytes().split(b"\n")[:-1]
+    samples = [i for i, line in enumerate(lines) if line.startswith(b'{"type":"system"')]
+    lines[samples[2]] = lines[samples[2]].replace(b'"sys_available_mb":2000', b'"sys_available_mb":200')
+    lines[samples[5] + 1] = lines[samples[5] + 1].replace(b'"loss":30.5,', b'"loss":30.50,')
+    in_place(path, b"\n".join(lines) + b"\n")
+    assert_readers_are_the_full_parse(path)  # the epoch so far: the mean loss of its 62 batches
