@@ -279,7 +279,7 @@ class HTTPStore(Store):
         kwargs = dict(self.fs.kwargs)
         headers = {**(kwargs.pop("headers", None) or {}), "Accept-Encoding": "identity"}
         target = self.fs.encode_url(url)
-        async with session.head(target, headers=headers, allow_redirects=True, **kwargs) as r:
+        async with session.head(target, headers=headers, **{"allow_redirects": True, **kwargs}) as r:
             size = r.headers.get("Content-Length", "")
             if r.status >= 400 and r.status not in (405, 501):  # (405, 501: HEAD not served)
                 raise _HTTPStatus(r.status, "")
