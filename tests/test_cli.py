@@ -68,20 +68,24 @@ def test_an_existing_history_is_never_clobbered(tmp_path, data):
 
 @pytest.mark.one_backend  # its subject is the run folder's, not the backend's (CI time)
 @pytest.mark.model
-def test_a_finished_run_whose_model_was_not_saved_saves_it_from_its_last_checkpoint_on_resume(tmp_path):
+def test_a_finished_run_whose_model_was_not_saved_saves_it_from_its_last_checkpoint_on_resume(tmp_path, capsys,
+                                                                                               monkeypatch):
     """Killed after its end record, while it saved model.keras (left torn), or after
     an extension's end (an earlier segment's model left): --resume saves the model from
-    the last checkpoint, whole, and writes nothing else."""
+    the last checkpoint, whole, and writes nothing else. (In this process: the command
+    line's code is the same, without a new process's imports.)"""
     import keras
 
     from pipetrain import checkpoint
+    from pipetrain.cli import main
 
+    monkeypatch.chdir(tmp_path)
     rng = np.random.default_rng(0)
     x = rng.normal(size=(40, 3)).astype(np.float32)
     write_h5(tmp_path / "d.h5", x=x, y=(x[:, 0] > 0).astype(np.int64))
-    done = pipetrain("train", "--data", "d.h5", "--x", "x", "--y", "y", "--epochs", "2", "--batch-size", "8",
-                     "--name", "m", "--quiet", cwd=tmp_path)
-    assert done.returncode == 0, done.stderr
+    assert main(["train", "--data", "d.h5", "--x", "x", "--y", "y", "--epochs", "2", "--batch-size", "8",
+                 "--name", "m", "--quiet"]) == 0
+    capsys.readouterr()
     run_dir = tmp_path / "runs" / "m"
     model_file, latest = run_dir / "model.keras", checkpoint.latest(run_dir / "checkpoint")
     _, arrays = checkpoint.load(latest)
@@ -94,11 +98,11 @@ def test_a_finished_run_whose_model_was_not_saved_saves_it_from_its_last_checkpo
             model_file.write_bytes(whole[: len(whole) // 3])
         else:  # whole, but older than the last checkpoint: an earlier segment's
             os.utime(model_file, ns=(latest.stat().st_mtime_ns - 10**9,) * 2)
-        again = pipetrain("train", "--resume", str(run_dir), cwd=tmp_path)
-        assert again.returncode == 0, again.stderr
-        assert again.stdout == (f"pipetrain: {run_dir} is already complete (all 2 epochs trained), but {model_file} "
-                                "is missing, not whole or older than the last checkpoint (the run was stopped before "
-                                "it saved it): saving it from the last checkpoint\n"), damage
+        assert main(["train", "--resume", str(run_dir)]) == 0, damage
+        assert capsys.readouterr().out == (
+            f"pipetrain: {run_dir} is already complete (all 2 epochs trained), but {model_file} is missing, not "
+            "whole or older than the last checkpoint (the run was stopped before it saved it): saving it from the "
+            "last checkpoint\n"), damage
         weights = keras.saving.load_model(model_file).get_weights()
         assert len(weights) == len(saved) and all(np.array_equal(a, b) for a, b in zip(weights, saved)), damage
         assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file() and p != model_file} == others
