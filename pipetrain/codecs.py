@@ -181,15 +181,40 @@ def _lz4_decoder(backend: str, nbytes: int) -> tuple[_Decoder, str] | None:
 
 
 def _zstd_decoder(backend: str, nbytes: int) -> tuple[_Decoder, str] | None:
+    found = None
     if backend == "imagecodecs":
-        return _imagecodecs("zstd_decode", nbytes)
-    if backend == "numcodecs":
+        found = _imagecodecs("zstd_decode", nbytes)
+    elif backend == "numcodecs":
         zstd = _module("numcodecs.zstd")
-        if zstd is None:
-            return None
-        codec = zstd.Zstd()
-        return (lambda src, dest: codec.decode(src, out=dest)), "numcodecs"
-    return None
+        if zstd is not None:
+            codec = zstd.Zstd()
+            found = (lambda src, dest: codec.decode(src, out=dest)), "numcodecs"
+    if found is None:
+        return None
+    decode, label = found
+
+    def one_frame(src, dest):
+        size = _zstd_content_size(memoryview(src).cast("B"))
+        if size is not None and size != nbytes:  # HDF5's filter decodes the first frame alone: refused, not guessed
+            raise ValueError(f"its zstd frame holds {size} bytes, the chunk {nbytes} (several frames?)")
+        return decode(src, dest)
+
+    return one_frame, label
+
+
+def _zstd_content_size(view: memoryview) -> int | None:
+    """The content size a zstd frame's header declares (None: not declared, or not a
+    frame: the decoder says what is wrong)."""
+    if len(view) < 6 or int.from_bytes(view[:4], "little") != 0xFD2FB528:
+        return None
+    descriptor = view[4]
+    single = descriptor >> 5 & 1
+    fcs_bytes = (1 if single else 0, 2, 4, 8)[descriptor >> 6]
+    at = 5 + (0 if single else 1) + (0, 1, 2, 4)[descriptor & 3]  # after the window byte and the dictionary id
+    if not fcs_bytes or len(view) < at + fcs_bytes:
+        return None
+    size = int.from_bytes(view[at : at + fcs_bytes], "little")
+    return size + 256 if fcs_bytes == 2 else size
 
 
 def _bitshuffle_decoder(backend: str, nbytes: int, cd_values: tuple[int, ...]):
@@ -241,6 +266,8 @@ def _bitshuffle_decoder(backend: str, nbytes: int, cd_values: tuple[int, ...]):
             size -= size % 8
             stored = int.from_bytes(view[pos : pos + 4], "big")
             pos += 4
+            if pos + stored > len(view):  # (a slice would cut it short where the filter fails)
+                raise ValueError(f"a bitshuffle block of {stored} bytes at byte {pos} runs past the chunk's {len(view)}")
             target = shuffled[done * itemsize : (done + size) * itemsize]
             got = block_codec(view[pos : pos + stored], target)
             if got is not target:
@@ -248,6 +275,8 @@ def _bitshuffle_decoder(backend: str, nbytes: int, cd_values: tuple[int, ...]):
             pos += stored
             done += size
         tail = (count - done) * itemsize
+        if pos + tail > len(view):
+            raise ValueError(f"the bitshuffle chunk ends at byte {len(view)}, before its last {tail} bytes")
         shuffled[done * itemsize :] = np.frombuffer(view[pos : pos + tail], np.uint8)
         return ic.bitshuffle_decode(
             memoryview(shuffled),

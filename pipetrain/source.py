@@ -364,7 +364,8 @@ class H5Source:
         _check_contiguous(path, name, dset, size)
         dcpl = dset.id.get_create_plist()
         if (
-            dcpl.get_fill_time() == h5py.h5d.FILL_TIME_NEVER
+            dset.is_virtual  # (its sources' fill settings are theirs, not in this plist)
+            or dcpl.get_fill_time() == h5py.h5d.FILL_TIME_NEVER
             or dcpl.fill_value_defined() == h5py.h5d.FILL_VALUE_UNDEFINED
         ):
             # HDF5 leaves unwritten storage out of the buffer (h5py's own buffers are

@@ -500,6 +500,45 @@ def test_corrupt_chunk_names_file_dataset_chunk_and_rows(tmp_path, backend):
         reader.close()
 
 
+@pytest.mark.parametrize("cname", ["lz4", "zstd"])
+def test_a_bitshuffle_block_size_beyond_its_chunk_is_an_error_as_in_h5py(tmp_path, cname):
+    """A damaged stored size (the first block's, bytes 12-15) that claims more than the
+    chunk holds: h5py's filter fails, so does the read, naming the rows (the block was
+    cut short by a slice and decoded anyway)."""
+    from pipetrain.source import CorruptDataError, H5Source
+
+    x = (np.random.default_rng(2).normal(size=(ROWS, 8)) * 10).round(1).astype("<f4")
+    path = write(tmp_path / "bs.h5", x, chunks=(16, 8), **plugin("Bitshuffle", cname=cname))
+    with h5py.File(path, "r") as f:
+        offset = f["x"].id.get_chunk_info_by_coord((80, 0)).byte_offset
+    with open(path, "r+b") as raw:
+        raw.seek(offset + 12)
+        first = raw.read(1)
+        raw.seek(offset + 12)
+        raw.write(bytes([first[0] ^ 1]))
+    with h5py.File(path, "r") as f, pytest.raises(OSError):
+        f["x"][80:96]
+    with H5Source(path, x="x") as source, pytest.raises(CorruptDataError, match="rows 80-96"):
+        source.read(0, 80, 96)
+
+
+def test_a_zstd_chunk_of_two_frames_is_refused_as_damaged(tmp_path):
+    """HDF5's zstd filter decodes a chunk's first frame alone (h5py then returns bytes it
+    never wrote): such a chunk is damaged, not read whole."""
+    from pipetrain.source import CorruptDataError, H5Source
+
+    imagecodecs = pytest.importorskip("imagecodecs")
+    x = np.arange(ROWS * 8, dtype="<f4").reshape(ROWS, 8)
+    path = write(tmp_path / "zstd.h5", x, chunks=(16, 8), **plugin("Zstd"))
+    raw = x[80:96].tobytes()
+    with h5py.File(path, "r+") as f:
+        f["x"].id.write_direct_chunk((80, 0), imagecodecs.zstd_encode(raw[:256]) + imagecodecs.zstd_encode(raw[256:]))
+    with H5Source(path, x="x") as source:
+        np.testing.assert_array_equal(source.read(0, 0, 80)[0]["x"], x[:80])  # the other chunks read
+        with pytest.raises(CorruptDataError, match="rows 80-96: .*zstd frame holds 256 bytes, the chunk 512"):
+            source.read(0, 80, 96)
+
+
 @pytest.mark.parametrize("row", [0, ROWS - 1])
 def test_a_corrupt_first_or_last_chunk_is_an_error_naming_its_rows_not_a_fallback(tmp_path, row):
     path = write(tmp_path / "f.h5", sample((ROWS, 12), "float32"), compression="gzip")

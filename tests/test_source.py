@@ -208,6 +208,26 @@ def test_h5py_reads_into_recycled_buffers_give_zeros_where_hdf5_never_fills(tmp_
         assert arrays["x"].tobytes() == expected.tobytes()
 
 
+def test_a_virtual_dataset_over_a_source_hdf5_never_fills_reads_zeros_into_recycled_buffers(tmp_path):
+    """The virtual dataset's own fill settings say nothing of its sources': one whose
+    source has fill time "never" and chunks never written gives zeros, as h5py's read."""
+    with h5py.File(tmp_path / "source.h5", "w") as f:
+        dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
+        dcpl.set_chunk((16, 3))
+        dcpl.set_fill_time(h5py.h5d.FILL_TIME_NEVER)
+        dset = h5py.Dataset(h5py.h5d.create(f.id, b"a", h5py.h5t.IEEE_F32LE, h5py.h5s.create_simple((40, 3)), dcpl=dcpl))
+        dset[16:32] = np.ones((16, 3), np.float32)
+    with h5py.File(tmp_path / "virtual.h5", "w") as f:
+        layout = h5py.VirtualLayout((40, 3), "<f4")
+        layout[:] = h5py.VirtualSource("source.h5", "a", (40, 3))
+        f.create_virtual_dataset("x", layout)
+        expected = f["x"][0:40]
+    with H5Source(tmp_path / "virtual.h5", x="x") as source:
+        buffer = np.full((40, 3), 7.0, np.float32)  # what the previous batch left
+        arrays, _ = source.read(0, 0, 40, out={"x": buffer})
+        assert arrays["x"].tobytes() == expected.tobytes()
+
+
 def test_damaged_rows_read_by_h5py_are_bad_input_naming_file_dataset_and_rows(tmp_path):
     from pipetrain.source import CorruptDataError
 
