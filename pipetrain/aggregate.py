@@ -139,6 +139,7 @@ class MetricSums:
             strategy = getattr(self.model, "distribute_strategy", None)
             default = strategy is None or type(strategy).__name__ == "_DefaultDistributionStrategy"
             default = default and _no_distribution()
+            default = default and not getattr(self.model, "run_eagerly", False)  # its own eager step, as fit runs it
             if self.step == "train" and default:
                 self._sums = _FusedSums(self.model)
             elif keras.backend.backend() == "tensorflow" and default:

@@ -114,6 +114,12 @@ def host_info() -> dict:
     }
 
 
+# What the batch and epoch records hold themselves: not names for Epoch.record().
+RECORD_FIELDS = frozenset({"type", "run", "t", "epoch", "batch", "step", "size", "batches", "step_s", "wait_s",
+                           "samples_per_s", "samples", "time_s", "input_bound_pct", "read_mb", "read_mb_s", "disk_mb",
+                           "val_time_s", "complete"})
+
+
 class _Signals:
     """SIGINT and SIGTERM ask the run to stop at the next batch boundary; a second one
     stops at once (:class:`pipetrain.Interrupted`). Installed only in the main thread."""
@@ -296,6 +302,9 @@ class Run:
         if callbacks is not None and not (isinstance(callbacks, (list, tuple)) and all(
                 isinstance(cb, keras.callbacks.Callback) for cb in callbacks)):
             raise RunError(f"callbacks={callbacks!r}: expected a list of keras.callbacks.Callback objects")
+        if any(isinstance(cb, keras.callbacks.BackupAndRestore) for cb in callbacks or ()):
+            raise RunError("callbacks: BackupAndRestore would load its own backup over the run's weights as training "
+                           "begins; the run's checkpoints resume it exactly (resume=True): leave BackupAndRestore out")
         self.callbacks = keras.callbacks.CallbackList(
             callbacks, add_history=True, add_progbar=False, model=self.model or self._stand_in,
             verbose=0, epochs=epochs, steps=self.plan.steps_per_epoch,
@@ -496,7 +505,9 @@ class Run:
                 self._system(self._monitor.sample())
         if exc_type is None:
             self.status = "stopped" if self.stop_requested or self.epochs_done < self.epochs_total else "completed"
-            error, reason = None, self.stop_reason or f"all {self.epochs_total} epochs trained"
+            left = f"the loop left after {self.epochs_done} of {self.epochs_total} epochs"
+            error, reason = None, self.stop_reason or (left if self.status == "stopped" else
+                                                       f"all {self.epochs_total} epochs trained")
         elif issubclass(exc_type, KeyboardInterrupt):
             self.status = "interrupted"
             signal_name = self._signals.received if self._signals and self._signals.received else None
@@ -523,6 +534,9 @@ class Run:
                     self._release_folder()
         if late is not None:
             raise late
+        received = self._signals.received if self._signals is not None else None
+        if exc_type is None and received is not None:  # after the last batch: not acted on, not lost either
+            raise Interrupted(f"{received} after the run's last batch (the run is {self.status})")
 
     def _close_sinks(self) -> None:
         if self._monitor is not None:
@@ -742,6 +756,9 @@ class Run:
         self.epoch, self.batch = meta["position"]["epoch"], meta["position"]["batch"]
         self.steps_done, self.epochs_done = meta["steps_done"], meta["epochs_done"]
         targets = meta.get("optimizer_targets") or {}
+        held, ours = sum(k.startswith("metrics/") for k in arrays), sum(len(m.variables) for m in self.metrics.metrics)
+        if meta.get("epoch") and held != ours:  # (a checkpoint taken mid-epoch holds their state)
+            raise RunError(f"cannot resume {path}: it holds {held} variables of metrics=, the run's metrics= have {ours}")
         try:
             ckpt.check_callbacks(self.callbacks.callbacks, meta["callbacks"])  # (restored after on_train_begin)
             for name, model in self.models.items():
@@ -898,6 +915,7 @@ class Epoch:
         rate = self._rate.add(now - step_s - batch.wait_s, now, size)
         if self._values:
             self._means.add(self._values, size)
+        self._train_logs = None  # (taken before a mid-epoch evaluate: the epoch goes on)
         self.samples += size
         self.batches += count
         self.wait_s += batch.wait_s
@@ -907,6 +925,9 @@ class Epoch:
         run.batch = last + 1
         run.steps_done += count
         group = {"batches": count} if count > 1 else {}
+        if self._values.keys() & self._logs.keys():
+            raise RunError(f"Epoch.record({', '.join(f'{k}=' for k in sorted(self._values.keys() & self._logs.keys()))}"
+                           "...): the model's train_on_batch reports that already; give your values other names")
         run.emit(
             "batch", epoch=self.index, batch=last, step=self.index * self.steps + last,
             size=size, **group, **self._logs, **self._values, step_s=round(step_s, 6),
@@ -1006,6 +1027,10 @@ class Epoch:
         """Record scalar values of the current batch (averaged over the epoch by batch size)."""
         if self._current is None:
             raise RuntimeError("Epoch.record() is for the batch being trained: call it inside the batch loop")
+        taken = sorted(values.keys() & RECORD_FIELDS)
+        if taken:
+            raise RunError(f"Epoch.record({', '.join(f'{k}=' for k in taken)}...): the batch and epoch records' own "
+                           "field(s); give your values other names")
         self._values.update({k: float(v) for k, v in values.items()})
 
     def _train_results(self) -> dict:

@@ -305,3 +305,107 @@ def test_a_train_step_set_on_the_model_stays_its_own(tmp_path):
             for batch in epoch:
                 epoch.train_on_batch(m, batch.x, batch.y)
     assert vars(m)["train_step"] is mine and calls  # pipetrain's step wrapped the user's, then gave it back
+
+
+def _tiny(tmp_path):
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(64, 4)).astype("float32")
+    write_h5(tmp_path / "d.h5", x=x, y=(x[:, 0] > 0).astype("int64"))
+    write_h5(tmp_path / "v.h5", x=x[:20], y=(x[:20, 0] > 0).astype("int64"))
+    return pipetrain.H5Source(tmp_path / "d.h5", x="x", y="y"), pipetrain.H5Source(tmp_path / "v.h5", x="x", y="y")
+
+
+def _model(cls=keras.Sequential, **compile_options):
+    keras.utils.set_random_seed(1)
+    model = cls([keras.Input((4,)), keras.layers.Dense(8, activation="relu"), keras.layers.Dense(2, activation="softmax")])
+    model.compile(keras.optimizers.SGD(0.1), "sparse_categorical_crossentropy", metrics=["accuracy"], **compile_options)
+    return model
+
+
+def test_a_model_compiled_to_run_eagerly_runs_its_own_step_eagerly_as_fit_does(tmp_path):
+    """run_eagerly=True: its train_step runs on every batch (not once, traced), and the
+    epoch metrics are fit's."""
+    source, _ = _tiny(tmp_path)
+    calls = []
+
+    class Counted(keras.Sequential):
+        def train_step(self, *args):
+            calls.append(1)
+            return super().train_step(*args)
+
+    with source:
+        x, y = source.read(0, 0, 64)[0].values()
+        fitted = _model(Counted, run_eagerly=True).fit(x, y, batch_size=16, epochs=2, shuffle=False, verbose=0)
+        assert len(calls) == 8
+        calls.clear()
+        trained = pipetrain.train(_model(Counted, run_eagerly=True), source, epochs=2, batch_size=16, shuffle="none",
+                                  verbose=0)
+    assert len(calls) == 8 and trained.history == fitted.history
+
+
+@pytest.mark.one_backend  # the loop's bookkeeping, not the backend's: TensorFlow covers it (CI time)
+def test_a_custom_loops_mistakes_are_told_and_its_numbers_stay_right(tmp_path):
+    """Values recorded under the records' own names (or the model's) are refused, not
+    written over them; an evaluate mid-epoch leaves the epoch's figures whole; a loop
+    left between epochs says so; BackupAndRestore (which would load old weights over a
+    resumed run's) is refused; a Ctrl-C after the last batch is not swallowed."""
+    import os
+
+    source, validation = _tiny(tmp_path)
+    for values, message in [({"type": 0.5}, "Epoch.record(type=...): the batch and epoch records' own field"),
+                            ({"loss": 1.0}, "Epoch.record(loss=...): the model's train_on_batch reports that")]:
+        model = _model()
+        with pytest.raises(pipetrain.errors.RunError, match=re.escape(message)), \
+                pipetrain.Run(source, batch_size=16, epochs=1, models=model, verbose=0) as run:
+            for epoch in run.epochs():
+                for batch in epoch:
+                    epoch.train_on_batch(model, batch.x, batch.y)
+                    epoch.record(**values)
+    logs = []
+    for mid in (False, True):
+        model = _model()
+        with pipetrain.Run(source, batch_size=16, epochs=1, shuffle="none", models=model, verbose=0) as run:
+            for epoch in run.epochs():
+                for batch in epoch:
+                    epoch.train_on_batch(model, batch.x, batch.y)
+                    epoch.record(mine=float(batch.index))
+                    if mid and batch.index == 1:
+                        epoch.evaluate(model, validation)
+                epoch.evaluate(model, validation)
+        logs.append(epoch.logs)
+    assert logs[0] == logs[1] and logs[0]["mine"] == 1.5
+    model = _model()
+    with pipetrain.Run(source, batch_size=16, epochs=3, models=model, verbose=0, history=tmp_path / "h.jsonl") as run:
+        for epoch in run.epochs():
+            for batch in epoch:
+                epoch.train_on_batch(model, batch.x, batch.y)
+            break
+    assert pipetrain.read_history(tmp_path / "h.jsonl").end["reason"] == "the loop left after 1 of 3 epochs"
+    with pytest.raises(pipetrain.errors.RunError, match="BackupAndRestore would load its own backup"):
+        pipetrain.train(_model(), source, callbacks=[keras.callbacks.BackupAndRestore(str(tmp_path / "b"))], verbose=0)
+    with pytest.raises(KeyboardInterrupt, match="SIGINT after the run's last batch"), \
+            pipetrain.Run(source, batch_size=16, epochs=1, models=model, verbose=0) as run:
+        for epoch in run.epochs():
+            for batch in epoch:
+                epoch.train_on_batch(model, batch.x, batch.y)
+        os.kill(os.getpid(), signal.SIGINT)
+    assert run.status == "completed"
+
+
+@pytest.mark.one_backend  # the checkpoint's checks, not the backend's: TensorFlow covers it (CI time)
+def test_a_resume_with_other_metrics_is_refused_before_anything_is_written(tmp_path):
+    source, _ = _tiny(tmp_path)
+    model = _model()
+    history = tmp_path / "run" / "history.jsonl"
+    with pipetrain.Run(source, batch_size=16, epochs=2, models=model, verbose=0, history=history, checkpoint_every=1,
+                       metrics=[keras.metrics.Mean(name="mm")]) as run:
+        for epoch in run.epochs():
+            for batch in epoch:
+                epoch.train_on_batch(model, batch.x, batch.y)
+                if batch.index == 1:
+                    run.stop()
+    before = history.read_bytes()
+    with pytest.raises(pipetrain.errors.RunError, match="holds 2 variables of metrics=, the run's metrics= have 0"):
+        pipetrain.Run(source, batch_size=16, epochs=2, models=_model(), verbose=0, history=history,
+                      resume=True).__enter__()
+    assert history.read_bytes() == before
