@@ -11,7 +11,9 @@ import argparse
 import contextlib
 import datetime as _dt
 import os
+import signal
 import sys
+import threading
 from pathlib import Path
 
 from pipetrain.errors import InputError, Interrupted, command_line, is_bad_input, one_line
@@ -38,7 +40,11 @@ def quiet_native_logs(enabled: bool = True):
         return
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     sys.stderr.flush()
-    saved = os.dup(2)
+    try:
+        saved = os.dup(2)
+    except OSError:  # fd 2 closed: nothing to silence
+        yield
+        return
     try:
         with open(os.devnull, "w") as devnull:
             os.dup2(devnull.fileno(), 2)
@@ -561,6 +567,31 @@ def _compute_backend() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    for name in ("stdout", "stderr"):  # closed by the caller (>&-): what would go there goes nowhere
+        if getattr(sys, name) is None:
+            setattr(sys, name, open(os.devnull, "w"))
+    previous = _terminate_as_interrupt()
+    try:
+        return _main(argv)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _terminate_as_interrupt():
+    """SIGTERM before a run installs its own handlers (while Python, Keras and the data
+    load): a Ctrl-C, so the folder is let go and the line is said; the handler it
+    replaced, or None where nothing was replaced."""
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) != signal.SIG_DFL:
+        return None
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt("terminated (SIGTERM)")
+
+    return signal.signal(signal.SIGTERM, interrupt)
+
+
+def _main(argv: list[str]) -> int:
     debug = "--debug" in argv
     command = next((a for a in argv if not a.startswith("-")), "")
     try:
@@ -576,8 +607,13 @@ def main(argv: list[str] | None = None) -> int:
         with command_line():  # messages name flags, not Python arguments
             return args.func(args)
     except KeyboardInterrupt as e:
-        print(f"pipetrain: {e}" if isinstance(e, Interrupted) else "pipetrain: interrupted", file=sys.stderr)
+        text = str(e) if isinstance(e, Interrupted) or str(e).startswith("terminated") else "interrupted"
+        print(f"pipetrain: {text}", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except BrokenPipeError:  # the reader of the output left (`| head`): nothing more to say
+        with contextlib.suppress(OSError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_OK
     except Exception as e:
         if debug:
             import traceback

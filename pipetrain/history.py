@@ -501,8 +501,13 @@ class Follower:
 
     @property
     def finished(self) -> bool:
-        # Half a line after the end record means a resumed segment is being written.
-        return self.ended and self.at_eof and not self._pending
+        # Half a line after the end record means a resumed segment is being written; a
+        # live holder of the run's folder, a resume starting there (before its run record).
+        if not (self.ended and self.at_eof and not self._pending):
+            return False
+        from pipetrain.runfolder import held  # (runfolder reads histories)
+
+        return not held(self.path)
 
     def look(self) -> bool:
         """Open the file, or notice that it was rewritten (and start over); whether it

@@ -69,7 +69,7 @@ def writer_state(process: dict | None) -> str:
     recorded = process.get("started")
     if isinstance(recorded, (int, float)) and abs(started - recorded) > STARTED_SLACK_S:
         return "gone"  # the pid now belongs to another process
-    return "alive"
+    return "alive" if running(process["pid"]) else "gone"  # (a zombie: killed, not reaped yet)
 
 
 def running(pid: int) -> bool:

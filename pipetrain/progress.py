@@ -25,6 +25,9 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
+import os
+import sys
 import textwrap
 import threading
 import time
@@ -671,6 +674,16 @@ class EpochBar:
 
 # -- the sink of a training run ---------------------------------------------------------------
 
+class _Console(Console):
+    """The training's console: when the reader of its output leaves (``| head``), what
+    it would print goes nowhere, and training goes on (rich's own would exit)."""
+
+    def on_broken_pipe(self) -> None:
+        self.quiet = True
+        with contextlib.suppress(OSError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+
+
 class Progress:
     """Shows a training run's records on the console as they arrive.
 
@@ -689,7 +702,7 @@ class Progress:
 
     def __init__(self, verbose: int = 1, console: Console | None = None, history_path=None):
         self.verbose = verbose
-        self.console = console or Console(highlight=False, soft_wrap=True)
+        self.console = console or _Console(highlight=False, soft_wrap=True)
         self.history_path = history_path
         self.live = verbose == 1 and self.console.is_terminal
         self.state = RunState()

@@ -247,6 +247,17 @@ def _same_file(fd: int, path: Path) -> bool:
     return (mine.st_dev, mine.st_ino) == (now.st_dev, now.st_ino)
 
 
+def held(history: Path) -> bool:
+    """Whether a live process of this host holds the folder of ``history`` (a run writing
+    it, or a resume starting there before its first record), as the lock file says; read
+    without taking the lock, which a reader never does."""
+    try:
+        info = json.loads((Path(history).parent / LOCK_NAME).read_bytes())
+        return info.get("host") == socket.gethostname() and running(int(info["pid"]))
+    except (OSError, ValueError, TypeError, KeyError, AttributeError):
+        return False
+
+
 def _write_holder(fd: int) -> None:
     info = {"pid": os.getpid(), "host": socket.gethostname(),
             "since": _dt.datetime.now().astimezone().isoformat(timespec="seconds")}

@@ -196,3 +196,51 @@ def test_val_split_is_kept_and_a_finished_run_resumed_changes_nothing(tmp_path):
     h = read_history(run_dir)
     assert len(h.runs) == 2 and h.runs[1]["data"]["row_range"] == [0, 30] and len(h.epochs) == 3
     assert h.end["status"] == "completed" and h.epochs[-1]["samples"] == 30 and "val_loss" in h.epochs[-1]
+
+
+@pytest.mark.one_backend  # the command line's streams and signals, not the backend's (CI time)
+@pytest.mark.model
+def test_a_reader_that_leaves_closed_streams_and_sigterm_at_start_end_cleanly(tmp_path):
+    """`train | head -n 1`: training goes on to its end (it ended 'failed', silently);
+    `ls | head -n 1` and commands with stdout and stderr closed exit 0 with nothing said;
+    SIGTERM while the job starts (before a run exists) is one line, exit 130, and the
+    folder let go."""
+    import signal
+    import time
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(200, 3)).astype(np.float32)
+    write_h5(tmp_path / "d.h5", x=x, y=(x[:, 0] > 0).astype(np.int64))
+    train = [sys.executable, "-m", "pipetrain", "train", "--data", "d.h5", "--x", "x", "--y", "y", "--batch-size",
+             "8", "--epochs", "3"]
+    job = subprocess.Popen([*train, "--name", "piped"], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    job.stdout.readline()
+    job.stdout.close()  # the reader leaves
+    assert job.wait(timeout=600) == 0, job.stderr.read()
+    run = read_history(tmp_path / "runs" / "piped")
+    assert run.end["status"] == "completed" and len(run.epochs) == 3 and (tmp_path / "runs/piped/model.keras").exists()
+
+    listing = subprocess.Popen([sys.executable, "-m", "pipetrain", "ls", "runs"], cwd=tmp_path, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE)
+    listing.stdout.readline()
+    listing.stdout.close()
+    assert listing.wait(timeout=60) == 0 and listing.stderr.read() == b""
+
+    def closed():
+        os.close(1)
+        os.close(2)
+
+    for args in (["ls", "runs"], ["tail", "runs/piped", "--raw"]):
+        done = subprocess.run([sys.executable, "-m", "pipetrain", *args], cwd=tmp_path, preexec_fn=closed, timeout=60)
+        assert done.returncode == 0, args
+
+    job = subprocess.Popen([*train, "--name", "stopped"], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                           text=True)
+    lock = tmp_path / "runs" / "stopped" / ".pipetrain.lock"
+    deadline = time.monotonic() + 120
+    while not lock.exists() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    job.send_signal(signal.SIGTERM)
+    assert job.wait(timeout=120) == 130
+    assert job.stderr.read().strip().splitlines()[-1] == "pipetrain: terminated (SIGTERM)"
+    assert not lock.exists()

@@ -19,6 +19,7 @@ from pipetrain import cli
 from pipetrain.history import encode, read_history
 from pipetrain.progress import Progress, RunState, epoch_line, lines_for
 from pipetrain.tail import dashboard, tail_live, tail_once, updates
+from tests.conftest import wait_until
 from tests.test_history import known_records, resumed_records, write_records
 
 PLAIN_FINISHED = """\
@@ -480,3 +481,35 @@ def test_an_80_column_terminal_is_fitted(tmp_path):
     assert all(len(line) <= 80 for line in text.splitlines())
     assert "…" not in text and "val_" in text and "accuracy" in text and "epoch" in text
     assert "not shown at this width: " in text and "input-bound" in text.split("not shown at this width: ")[1]
+
+
+def test_a_zombie_writer_is_gone_and_a_folder_held_by_a_resume_keeps_a_follower_following(tmp_path):
+    """A trainer killed but not reaped (a zombie) is gone, not alive; an ended history
+    whose folder a live process holds (a resume starting, before its run record) is not
+    finished for a follower, and its writer not gone."""
+    import os
+    import signal
+    import socket
+
+    from pipetrain.history import Follower
+    from pipetrain.process import boot_id, writer_state
+    from pipetrain.tail import _writer
+
+    child = subprocess.Popen(["sleep", "30"])
+    try:
+        started = psutil.Process(child.pid).create_time()
+        os.kill(child.pid, signal.SIGKILL)
+        wait_until(lambda: psutil.Process(child.pid).status() == psutil.STATUS_ZOMBIE, timeout=10)
+        process = {"pid": child.pid, "host": socket.gethostname(), "boot_id": boot_id(), "started": started}
+        assert writer_state(process) == "gone"
+    finally:
+        child.wait()
+    path = write_records(tmp_path / "run" / "history.jsonl", known_records())
+    follower = Follower(path)
+    follower.read()
+    assert follower.finished
+    lock = tmp_path / "run" / ".pipetrain.lock"
+    lock.write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": "now"}))
+    assert not follower.finished and _writer({"process": process}, path) == "alive"
+    lock.write_text(json.dumps({"pid": child.pid, "host": socket.gethostname(), "since": "then"}))  # a stale lock
+    assert follower.finished and _writer({"process": process}, path) == "gone"
