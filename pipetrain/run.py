@@ -925,7 +925,7 @@ class Epoch:
         run.batch = last + 1
         run.steps_done += count
         group = {"batches": count} if count > 1 else {}
-        if self._values.keys() & self._logs.keys():
+        if self._values and self._values.keys() & self._logs.keys():
             raise RunError(f"Epoch.record({', '.join(f'{k}=' for k in sorted(self._values.keys() & self._logs.keys()))}"
                            "...): the model's train_on_batch reports that already; give your values other names")
         run.emit(

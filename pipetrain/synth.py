@@ -18,7 +18,6 @@ memory holds one block whatever the number of rows.
 from __future__ import annotations
 
 import os
-import signal
 import sys
 import time
 from pathlib import Path
@@ -238,17 +237,8 @@ def cmd_make_data(args) -> int:
     if args.splits is not None:
         out.mkdir(exist_ok=True)
     line = _Line(sum(rows for _, rows in jobs), sys.stdout.isatty() and not args.quiet)
-    # SIGTERM as Ctrl-C: the file being written is removed, not left behind half done.
-    previous = signal.signal(signal.SIGTERM, _terminated)
-    try:
-        _make_each(args, jobs, features, line)
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+    _make_each(args, jobs, features, line)  # (SIGTERM is a Ctrl-C here, cli.main's: the partial file goes)
     return 0
-
-
-def _terminated(signum, frame):
-    raise KeyboardInterrupt("terminated")
 
 
 def _check_memory(classes: int, width: int, chunk_rows: int) -> None:

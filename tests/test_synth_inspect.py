@@ -79,7 +79,7 @@ def test_make_data_stopped_by_sigterm_leaves_no_partial_file(tmp_path):
         assert job.wait(timeout=60) == 130
     finally:
         job.kill()
-    assert list(tmp_path.iterdir()) == [] and job.stderr.read().strip() == "pipetrain: interrupted"
+    assert list(tmp_path.iterdir()) == [] and job.stderr.read().strip() == "pipetrain: terminated (SIGTERM)"
 
 
 def nearest_mean_accuracy(train, test, x="x", y="y") -> float:
