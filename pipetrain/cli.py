@@ -586,7 +586,7 @@ def _terminate_as_interrupt():
         return None
 
     def interrupt(signum, frame):
-        raise KeyboardInterrupt("terminated (SIGTERM)")
+        raise Interrupted("terminated (SIGTERM)")
 
     return signal.signal(signal.SIGTERM, interrupt)
 
@@ -607,8 +607,7 @@ def _main(argv: list[str]) -> int:
         with command_line():  # messages name flags, not Python arguments
             return args.func(args)
     except KeyboardInterrupt as e:
-        text = str(e) if isinstance(e, Interrupted) or str(e).startswith("terminated") else "interrupted"
-        print(f"pipetrain: {text}", file=sys.stderr)
+        print(f"pipetrain: {e}" if isinstance(e, Interrupted) else "pipetrain: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
     except BrokenPipeError:  # the reader of the output left (`| head`): nothing more to say
         with contextlib.suppress(OSError):

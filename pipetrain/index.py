@@ -117,10 +117,13 @@ class Known:
         do (whatever was taken from it before is to be taken again)."""
         line = self._listing.line(int(self._ids[k]))
         if line is None:
-            fresh = self._listing.known()
-            for name in ("lines", "covered", "entries", "sealed", "samples", "sample_lengths", "_ids"):
-                setattr(self, name, getattr(fresh, name))
+            self.become(self._listing.known())
         return line
+
+    def become(self, other: Known) -> None:
+        """Say, in place, what ``other`` says (readers holding this Known see it)."""
+        for name in ("lines", "covered", "entries", "sealed", "samples", "sample_lengths", "_ids"):
+            setattr(self, name, getattr(other, name))
 
 
 def _head_digest(fd: int, length: int) -> bytes:

@@ -703,9 +703,7 @@ class _Look:
         for k in range(len(self.known.samples)):
             if self.known.sample(k) is None:
                 return
-        fresh = index.Known()
-        for name in ("lines", "covered", "entries", "sealed", "samples", "sample_lengths"):
-            setattr(self.known, name, getattr(fresh, name))
+        self.known.become(index.Known())
 
     def result(self) -> tuple[list[tuple[int, dict]], int]:
         others = self.others + self.read
