@@ -28,7 +28,6 @@ import argparse
 import json
 import os
 import platform
-import socket
 import statistics
 import subprocess
 import sys
@@ -47,6 +46,7 @@ import pipetrain  # noqa: E402
 from pipetrain.pipeline import Prefetcher  # noqa: E402
 from pipetrain.plan import Plan, Share  # noqa: E402
 from pipetrain.synth import make_data  # noqa: E402
+from tests.remote_helpers import free_port  # noqa: E402
 
 BATCH = 256
 
@@ -115,12 +115,6 @@ else:  # the bare loop: one in-memory batch, this process's share of it, as many
     if index == 0:
         json.dump(times, open(os.path.join(out, "bare.json"), "w"))
 ''' % {"batch": BATCH}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def train_once(folder: Path, variant: str, count: int, data: Path, epochs: int) -> dict:

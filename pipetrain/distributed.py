@@ -126,6 +126,8 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
         jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU collectives across processes
         given = {} if detect else {"coordinator_address": coordinator, "num_processes": num_processes,
                                    "process_id": process_id}
+        if not detect and process_id == 0 and coordinator:
+            _check_service_port(coordinator)
         try:
             jax.distributed.initialize(**given, heartbeat_timeout_seconds=HEARTBEAT_S)
         except (ValueError, TypeError, RuntimeError) as e:
@@ -134,6 +136,27 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
     chosen = _devices(devices)
     keras.distribution.set_distribution(keras.distribution.DataParallel(devices=chosen))
     return active()
+
+
+def _check_service_port(coordinator: str) -> None:
+    """Process 0 serves JAX's coordination service on the coordinator's port, on every
+    address of this host as JAX binds it: a port already taken would end the process
+    with SIGSEGV and not a word, and leave the others waiting five minutes for it."""
+    bind = os.environ.get("JAX_COORDINATOR_BIND_ADDRESS") or f"[::]:{coordinator.rpartition(':')[2]}"
+    host, _, port = bind.rpartition(":")
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host.strip("[]") or None, int(port), type=socket.SOCK_STREAM,
+                                                             flags=socket.AI_PASSIVE)[0]
+        probe = socket.socket(family, kind, proto)
+    except (OSError, ValueError):  # no such address or no IPv6 here: JAX says what it finds
+        return
+    with probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as a server binds: TIME_WAIT is no obstacle
+        try:
+            probe.bind(address)
+        except OSError as e:
+            raise DistributedError(f"coordinator {coordinator}: process 0 cannot serve JAX's coordination service "
+                                   f"on {bind}: {e.strerror or e} (is another run using port {port}?)") from None
 
 
 def _agree_on_a_seed() -> None:

@@ -25,16 +25,11 @@ import pytest
 
 import pipetrain
 from tests.conftest import wait_until, write_h5
+from tests.remote_helpers import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 JOB = ROOT / "tests" / "jobs" / "dist_job.py"
 ROWS = (160, 95)  # 255 rows: 7 batches of 32 and a partial batch of 31, which cannot split over 2
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -56,16 +51,33 @@ def env(**extra) -> dict:
 
 
 def start(out: Path, count: int, **opts) -> list[subprocess.Popen]:
-    """``count`` processes of one run (a plain run for 1), each with its own log."""
+    """``count`` processes of one run (a plain run for 1), each with its own log. The
+    others start once process 0 listens: one that cannot reach it would wait in
+    JAX's initialize for five minutes."""
     out.mkdir(parents=True, exist_ok=True)
-    coordinator = f"127.0.0.1:{free_port()}" if count > 1 else "-"
+    port = free_port()
+    coordinator = f"127.0.0.1:{port}" if count > 1 else "-"
     settings = [f"{k}={v}" for k, v in opts.items()]
-    return [subprocess.Popen([sys.executable, str(JOB), str(out), coordinator, str(count), str(i), *settings],
+
+    def process(i: int) -> subprocess.Popen:
+        p = subprocess.Popen([sys.executable, str(JOB), str(out), coordinator, str(count), str(i), *settings],
                              env=env(), stdout=open(out / f"log-{i}", "w"), stderr=subprocess.STDOUT)
-            for i in range(count)]
+        p.log = out / f"log-{i}"
+        return p
+
+    first = process(0)
+    if count > 1:
+        def listening() -> bool:
+            with socket.socket() as s:
+                return first.poll() is not None or s.connect_ex(("127.0.0.1", port)) == 0
+        if not wait_until(listening, timeout=120, poll=0.05) or first.poll() is not None:
+            first.kill()
+            raise AssertionError(f"process 0 never listened on {coordinator}:\n{first.log.read_text()[-3000:]}")
+    return [first, *(process(i) for i in range(1, count))]
 
 
 def finish(procs: list[subprocess.Popen], timeout: float = 300) -> list[int]:
+    """The processes' exit codes; past ``timeout`` all are killed and their logs shown."""
     deadline = time.monotonic() + timeout
     codes = []
     for p in procs:
@@ -74,7 +86,8 @@ def finish(procs: list[subprocess.Popen], timeout: float = 300) -> list[int]:
         except subprocess.TimeoutExpired:
             for q in procs:
                 q.kill()
-            raise
+            shown = "\n".join(f"--- {q.log} (exit {q.wait()})\n{q.log.read_text()[-3000:]}" for q in procs)
+            raise AssertionError(f"not finished within {timeout:.0f} s:\n{shown}") from None
     return codes
 
 
@@ -323,6 +336,24 @@ def test_distributed_flags_off_jax_are_bad_input(tmp_path, backend, flags):
     assert done.returncode == 2
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and "needs KERAS_BACKEND=jax" in lines[0] and backend in lines[0], done.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_coordinator_port_in_use_is_bad_input(data, tmp_path):
+    """Process 0 serves JAX's coordination service on the port: taken, jaxlib ended the
+    process with SIGSEGV and not a word (and the others waited five minutes)."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", free_port()))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = subprocess.run([sys.executable, "-m", "pipetrain", "train", "--data", *data.split(","), "--x", "x",
+                               "--y", "y", "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2",
+                               "--process-id", "0", "--name", "r", "--quiet"],
+                              cwd=tmp_path, env=env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and f"coordinator 127.0.0.1:{port}: process 0 cannot serve" in lines[0], done.stderr
+    assert "Address already in use" in lines[0]
     assert not (tmp_path / "runs").exists()
 
 
