@@ -178,7 +178,8 @@ def test_starving_producers_are_raised_and_the_history_says_when(data, monkeypat
     h = pipetrain.read_history(history)
     [raised] = [r for r in h.other if r["type"] == "producers"]
     assert raised["priority"] == "normal" and raised["was"] == "idle" and raised["stream"] == "train"
-    assert raised["epoch"] == 0 and 1 <= raised["batch"] < 19  # within the first epoch's 19 batches
+    # Within the first epoch's 19 batches (on a busy machine, as early as the wait for its first).
+    assert raised["epoch"] == 0 and 0 <= raised["batch"] < 19
     assert raised["waited_s"] > 0.3 * raised["window_s"]
     assert made == [("train", "idle"), ("val", "normal")]  # streams made afterwards start raised
     # Readers take the record in their stride.
