@@ -48,6 +48,19 @@ def host_logs(logs: Mapping) -> dict:
     return out
 
 
+def unfused_reason(model) -> str | None:
+    """Why ``model``'s training batches run through its own ``train_on_batch`` rather than
+    pipetrain's compiled step (:mod:`pipetrain.fused`), so one at a time; None if they do not."""
+    if getattr(model, "run_eagerly", False):
+        return "it is compiled with run_eagerly=True (its own eager step, as fit runs it)"
+    strategy = getattr(model, "distribute_strategy", None)
+    if strategy is not None and type(strategy).__name__ != "_DefaultDistributionStrategy":
+        return f"it trains under a tf.distribute strategy ({type(strategy).__name__})"
+    if not _no_distribution():
+        return "a Keras distribution is set"
+    return None
+
+
 def _no_distribution() -> bool:
     """No ``keras.distribution`` is set (JAX data parallel runs the model's own steps)."""
     distribution = getattr(keras, "distribution", None)
@@ -132,20 +145,30 @@ class MetricSums:
             raise ValueError(f"step={step!r}: expected 'train' or 'test'")
         self.model, self.step = model, step
         self._sums: _EagerSums | _InStepSums | None = None
+        self._compiled = None  # the compile the sums are bound to
         self.partial_batch = False
 
+    def _compile_key(self) -> tuple:
+        model = self.model
+        return (id(getattr(model, "optimizer", None)), id(getattr(model, "_compile_metrics", None)),
+                id(getattr(model, "_compile_loss", None)))
+
     def _bound(self) -> _EagerSums | _InStepSums | _FusedSums:
+        if self._sums is not None and self._compile_key() != self._compiled:
+            # Recompiled: new metric variables and optimizer, which the next batch
+            # builds through train_on_batch. Their state starts at zero, as in fit's
+            # next call: the sums go on from the batches trained after the compile.
+            self.detach()
         if self._sums is None:
-            strategy = getattr(self.model, "distribute_strategy", None)
-            default = strategy is None or type(strategy).__name__ == "_DefaultDistributionStrategy"
-            default = default and _no_distribution()
-            default = default and not getattr(self.model, "run_eagerly", False)  # its own eager step, as fit runs it
+            self._compiled = self._compile_key()
+            default = unfused_reason(self.model) is None
             if self.step == "train" and default:
                 self._sums = _FusedSums(self.model)
             elif keras.backend.backend() == "tensorflow" and default:
                 self._sums = _InStepSums(self.model, self.step)
             else:
                 self._sums = _EagerSums(self.model)
+            self._sums.reset(self.partial_batch)
         return self._sums
 
     @property

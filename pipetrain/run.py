@@ -48,7 +48,7 @@ import psutil
 from pipetrain import __version__
 from pipetrain import checkpoint as ckpt
 from pipetrain import device, distributed, fingerprint, outcome, runfolder
-from pipetrain.aggregate import MetricObjects, MetricSums, WeightedMeans, pythonify
+from pipetrain.aggregate import MetricObjects, MetricSums, WeightedMeans, pythonify, unfused_reason
 from pipetrain.fused import Group, each
 from pipetrain.errors import Interrupted, RunError, argument, one_line
 from pipetrain.history import SCHEMA, HistoryWriteError, HistoryWriter, jsonable
@@ -243,11 +243,11 @@ class Run:
         validation: H5Source | None = None,
         device_prefetch: bool | str = False,
     ):
-        batch_size, epochs = _whole("batch_size", batch_size), _whole("epochs", epochs)
-        seed = _whole("seed", seed, 0, MAX_SEED)
-        workers, max_queue = _whole("workers", workers), _whole("max_queue", max_queue)
+        batch_size, epochs = whole_setting("batch_size", batch_size), whole_setting("epochs", epochs)
+        seed = whole_setting("seed", seed, 0, MAX_SEED)
+        workers, max_queue = whole_setting("workers", workers), whole_setting("max_queue", max_queue)
         if checkpoint_every:  # None or 0: at epoch ends only
-            checkpoint_every = _whole("checkpoint_every", checkpoint_every)
+            checkpoint_every = whole_setting("checkpoint_every", checkpoint_every)
         if monitor_interval is not None and not (isinstance(monitor_interval, (int, float))
                                                  and 0 < monitor_interval < math.inf):
             raise RunError(f"monitor_interval={monitor_interval!r} must be a number of seconds > 0 (or None)")
@@ -265,7 +265,7 @@ class Run:
         self.batch_size, self.epochs_total = batch_size, epochs
         self.workers, self.max_queue, self.max_queue_bytes = workers, max_queue, max_queue_bytes
         self.recycle = recycle
-        if device_prefetch not in (True, False, "auto"):
+        if not (device_prefetch is True or device_prefetch is False or device_prefetch == "auto"):  # 1 == True
             raise RunError(f"device_prefetch={device_prefetch!r}: expected True, False or 'auto'")
         self.device_prefetch_depth = 1
         # A Keras distribution lays each batch out over the devices itself.
@@ -279,7 +279,7 @@ class Run:
             self.plan = Plan(
                 source.row_ranges, batch_size, block_rows=source.block_rows(), shuffle=shuffle,
                 seed=seed, window=shuffle_window, drop_remainder=drop_remainder,
-                partitions=_whole("partitions", partitions, 1, MAX_PARTITIONS), share=self._dist.share,
+                partitions=whole_setting("partitions", partitions, 1, MAX_PARTITIONS), share=self._dist.share,
             )
         except ValueError as e:
             raise RunError(str(e)) from None
@@ -849,7 +849,7 @@ class Epoch:
         where the batch size changes (the partial last batch). One batch record, one
         pair of batch callbacks and one signal check per group; checkpoints land
         between groups."""
-        k = _whole("steps_per_execution", k)
+        k = whole_setting("steps_per_execution", k)
         distributed.check_steps_per_execution(k)
         self._iterator = self._batches(k)
         return self._iterator
@@ -1001,7 +1001,11 @@ class Epoch:
         Returns the metrics of the group's batches (the model's metrics over them, as
         ``fit`` would report for those batches alone); the epoch's metrics stay exactly
         ``fit``'s. A model's very first group trains its first batch on its own (that
-        call builds the model) and reports the metrics of the rest."""
+        call builds the model) and reports the metrics of the rest. ``groups(1)`` gives
+        batches, which train as :meth:`train_on_batch` does."""
+        if not isinstance(group, Group):
+            return self.train_on_batch(model, group.x, group.y, group.sample_weight, class_weight, prefix)
+        check_groups(model, group.count)
         sums = self._track(model, prefix)
         data = (group.x, group.y, group.sample_weight)
         if class_weight is not None:
@@ -1187,7 +1191,15 @@ def _params(model) -> int | None:
         return None
 
 
-def _whole(name: str, value, low: int = 1, high: int | None = None) -> int:
+def check_groups(model, k: int) -> None:
+    """Groups of k > 1 batches need pipetrain's compiled step, which some models cannot use."""
+    why = unfused_reason(model) if k > 1 else None
+    if why is not None:
+        raise RunError(f"steps_per_execution={k}: model {getattr(model, 'name', '?')!r} trains one batch a step: "
+                       f"{why}; use 1")
+
+
+def whole_setting(name: str, value, low: int = 1, high: int | None = None) -> int:
     """A whole number from ``low`` to ``high`` (Python or numpy integers), or a RunError
     naming the setting."""
     try:
@@ -1203,6 +1215,7 @@ def _whole(name: str, value, low: int = 1, high: int | None = None) -> int:
 def _items(stream: Iterator[Batch], steps: int, k: int) -> Iterator[Batch | Group]:
     """The next ``steps`` batches of ``stream``, one by one (k = 1) or in groups of up
     to k batches of one size."""
+    k = min(k, max(steps, 1))  # a group never spans more than the epoch's steps: no more room than those
     if k == 1:
         for _ in range(steps):
             yield next(stream)

@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from pipetrain import distributed
 from pipetrain.errors import RunError
 from pipetrain.labels import sparse_label_limits
-from pipetrain.run import Run
+from pipetrain.run import Run, check_groups, whole_setting
 from pipetrain.source import H5Source
 
 
@@ -115,7 +115,10 @@ def train(
         if data is not None:
             data.check_model(model)
             data.limit_labels(sparse_label_limits(model, data.y))  # checked as the rows are read
-    distributed.check_steps_per_execution(steps_per_execution)  # before anything is written
+    # Before anything is written:
+    steps_per_execution = whole_setting("steps_per_execution", steps_per_execution)
+    distributed.check_steps_per_execution(steps_per_execution)
+    check_groups(model, steps_per_execution)
     settings = {
         "epochs": epochs, "batch_size": batch_size, "shuffle": shuffle, "seed": seed,
         "workers": workers, "max_queue": max_queue, "validation": [str(p) for p in validation.paths] if validation else None,

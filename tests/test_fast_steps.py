@@ -7,6 +7,7 @@ import pytest
 
 import pipetrain
 from pipetrain import device
+from pipetrain.errors import RunError
 from tests.conftest import write_h5
 from tests.test_train import arrays, assert_same_history, assert_same_weights, binary_model
 
@@ -181,3 +182,96 @@ def test_a_per_class_metric_works_as_in_fit_in_records_and_checkpoints(tmp_path)
     assert all(isinstance(r["f1"], list) and len(r["f1"]) == 3 for r in records.batches)
     assert len(records.batches) == 18
     np.testing.assert_allclose([e["f1"] for e in records.epochs], expected["f1"], rtol=1e-5)
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_a_model_recompiled_between_epochs_trains_on_as_fit_does(binary, tmp_path, k):
+    """A new optimizer and metrics at epoch 2 (a fine-tuning step): the epoch equals fit's
+    after the same compile, and each record holds its own batches' metrics (JAX failed
+    at once: 'SGD must be built'; elsewhere the records held running means)."""
+    x, y = arrays(binary, "x", "y")
+
+    def recompile(model):
+        model.compile(keras.optimizers.SGD(0.05), "binary_crossentropy",
+                      metrics=["accuracy", keras.metrics.AUC(name="auc")])
+
+    reference = binary_model()
+    first = reference.fit(x, y, batch_size=32, epochs=1, shuffle=False, verbose=0).history
+    recompile(reference)
+    second = reference.fit(x, y, batch_size=32, epochs=1, shuffle=False, verbose=0).history
+
+    model = binary_model()
+    history = tmp_path / "run" / "history.jsonl"
+    with pipetrain.Run(pipetrain.H5Source(binary, x="x", y="y"), batch_size=32, epochs=2, shuffle="none",
+                       history=history, models=model, verbose=0, monitor_interval=None) as run:
+        for epoch in run.epochs():
+            if epoch.index == 1:
+                recompile(model)
+            for group in epoch.groups(k):
+                epoch.train_on_group(model, group)
+    epochs = pipetrain.read_history(history).epochs
+    for epoch, expected in zip(epochs, (first, second), strict=True):  # epoch 2 without precision
+        assert_same_history({n: epoch[n] for n in expected}, {n: v[0] for n, v in expected.items()})
+        assert "precision" in epoch if expected is first else "precision" not in epoch
+    assert_same_weights(model, reference)
+    records = [r for r in pipetrain.read_history(history).batches if r["epoch"] == 1]
+    if k == 1:  # a batch's own loss: the size-weighted mean of the records is the epoch's
+        mean = sum(r["loss"] * r["size"] for r in records) / sum(r["size"] for r in records)
+        np.testing.assert_allclose(mean, second["loss"][0], rtol=1e-5)
+
+
+@pytest.mark.parametrize("k, message", [
+    (0, "steps_per_execution=0 must be a whole number >= 1"),
+    (2.5, "steps_per_execution=2.5 must be a whole number >= 1"),
+    ("16", "steps_per_execution='16' must be a whole number >= 1"),
+    (None, "steps_per_execution=None must be a whole number >= 1"),
+    (True, "steps_per_execution=True must be a whole number >= 1"),
+])
+def test_a_bad_steps_per_execution_is_refused_before_anything_is_written(binary, tmp_path, k, message):
+    """It was checked once the history was written (a failed run that blocked the
+    corrected call), or failed with a TypeError, or True trained as 1."""
+    with pytest.raises(RunError) as raised:
+        pipetrain.train(binary_model(), pipetrain.H5Source(binary, x="x", y="y"), batch_size=32, verbose=0,
+                        steps_per_execution=k, history=tmp_path / "r" / "history.jsonl")
+    assert str(raised.value) == message
+    assert not (tmp_path / "r").exists()
+
+
+def test_a_model_that_runs_eagerly_refuses_groups_before_training(binary, tmp_path):
+    """Its batches go through its own eager train_on_batch, one a step: a group of them
+    failed after training the first batch ('k=3: ... no fused step here')."""
+    model = binary_model()
+    model.compile(model.optimizer, model.loss, run_eagerly=True)
+    before = [w.copy() for w in model.get_weights()]
+    source = pipetrain.H5Source(binary, x="x", y="y")
+    with pytest.raises(RunError, match=r"steps_per_execution=4: model '\w+' trains one batch a step: "
+                                                 r"it is compiled with run_eagerly=True"):
+        pipetrain.train(model, source, batch_size=32, verbose=0, steps_per_execution=4,
+                        history=tmp_path / "r" / "history.jsonl")
+    assert not (tmp_path / "r").exists()
+    with pipetrain.Run(source, batch_size=32, models=model, verbose=0, monitor_interval=None) as run:
+        for epoch in run.epochs():
+            for group in epoch.groups(4):
+                with pytest.raises(RunError, match="trains one batch a step"):
+                    epoch.train_on_group(model, group)
+                break
+            break
+    for a, b in zip(before, model.get_weights(), strict=True):
+        np.testing.assert_array_equal(a, b)  # nothing trained
+
+
+def test_a_group_size_beyond_the_epoch_holds_the_epochs_batches_only(binary, tmp_path):
+    """k = 10**9 allocated room for k batches (119 GiB: MemoryError); as fit, it is one
+    group of the epoch's batches."""
+    model = binary_model()
+    history = pipetrain.train(model, pipetrain.H5Source(binary, x="x", y="y"), epochs=2, batch_size=32,
+                              shuffle="none", verbose=0, steps_per_execution=10**9, monitor_interval=None)
+    _, expected = fit_history(binary, 1, epochs=2)
+    assert_same_history(history.history, expected)
+
+
+@pytest.mark.parametrize("value", [1, 1.0, np.True_, 0, "yes"])
+def test_device_prefetch_takes_true_false_or_auto_only(binary, value):
+    """1 == True let 1, 1.0 and numpy's True through, acting as 'auto'."""
+    with pytest.raises(RunError, match=r"device_prefetch=.*: expected True, False or 'auto'"):
+        pipetrain.Run(pipetrain.H5Source(binary, x="x", y="y"), batch_size=32, device_prefetch=value)
