@@ -40,9 +40,14 @@ def pythonify(logs: Mapping) -> dict:
 
 
 def host_logs(logs: Mapping) -> dict:
-    """Logs already on the host (numpy) as Python floats, or arrays for vector values."""
+    """Logs already on the host (numpy) as Python floats, or arrays for vector values;
+    nested dicts (a ``train_step`` returning ``compile_metrics``' result) flattened, as
+    Keras does."""
     out = {}
     for name, value in logs.items():
+        if isinstance(value, Mapping):
+            out.update(host_logs(value))
+            continue
         value = np.asarray(value)
         out[name] = float(value) if value.ndim == 0 else value
     return out
@@ -53,6 +58,11 @@ def unfused_reason(model) -> str | None:
     pipetrain's compiled step (:mod:`pipetrain.fused`), so one at a time; None if they do not."""
     if getattr(model, "run_eagerly", False):
         return "it is compiled with run_eagerly=True (its own eager step, as fit runs it)"
+    backend, jit = keras.backend.backend(), getattr(model, "jit_compile", None)
+    if backend == "jax" and jit is False:  # fit runs its step unjitted: Python side effects on every batch
+        return "it is compiled with jit_compile=False"
+    if backend == "torch" and jit is True:  # fit runs its step through torch.compile
+        return "it is compiled with jit_compile=True (torch.compile)"
     strategy = getattr(model, "distribute_strategy", None)
     if strategy is not None and type(strategy).__name__ != "_DefaultDistributionStrategy":
         return f"it trains under a tf.distribute strategy ({type(strategy).__name__})"

@@ -140,7 +140,7 @@ class _TFStep(FusedStep):
 
     def _run(self, data, k):
         logs = self._one_fn(data) if k == 1 else self._many_fn(data)
-        return {name: value.numpy() for name, value in logs.items()}
+        return keras.tree.map_structure(lambda value: value.numpy(), logs)
 
     def get(self):
         return [np.array(s.numpy()) for s in self.sums]
@@ -251,8 +251,8 @@ class _TorchStep(FusedStep):
                 for v, g in zip(self.variables, group, strict=True):
                     v.value.copy_(g)
             logs = self.model.get_metrics_result()
-        return {name: value.detach().cpu().numpy() if torch.is_tensor(value) else np.asarray(value)
-                for name, value in logs.items()}
+        return keras.tree.map_structure(
+            lambda value: value.detach().cpu().numpy() if torch.is_tensor(value) else np.asarray(value), logs)
 
     def get(self):
         return [s.detach().cpu().numpy().copy() for s in self.sums]

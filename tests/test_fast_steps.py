@@ -275,3 +275,68 @@ def test_device_prefetch_takes_true_false_or_auto_only(binary, value):
     """1 == True let 1, 1.0 and numpy's True through, acting as 'auto'."""
     with pytest.raises(RunError, match=r"device_prefetch=.*: expected True, False or 'auto'"):
         pipetrain.Run(pipetrain.H5Source(binary, x="x", y="y"), batch_size=32, device_prefetch=value)
+
+
+class NestedLogs(keras.Sequential):
+    """A train_step returning the compiled metrics' result as a nested dict, as the Keras
+    guides' ``{m.name: m.result() for m in self.metrics}`` does."""
+
+    if BACKEND == "jax":
+        def train_step(self, state, data):
+            logs, state = super().train_step(state, data)
+            return {"loss": logs["loss"], "compile_metrics": {k: v for k, v in logs.items() if k != "loss"}}, state
+    else:
+        def train_step(self, data):
+            logs = super().train_step(data)
+            return {"loss": logs["loss"], "compile_metrics": {k: v for k, v in logs.items() if k != "loss"}}
+
+
+def test_a_train_step_returning_nested_logs_trains_as_in_fit(binary, tmp_path):
+    """It failed at the second batch (the first goes through train_on_batch) on every backend."""
+    def model():
+        keras.utils.set_random_seed(0)
+        m = NestedLogs([keras.Input((10,)), keras.layers.Dense(8, activation="relu"),
+                        keras.layers.Dense(1, activation="sigmoid")])
+        m.compile(keras.optimizers.Adam(0.01), "binary_crossentropy", metrics=["accuracy"])
+        return m
+
+    x, y = arrays(binary, "x", "y")
+    reference = model()
+    expected = reference.fit(x, y, batch_size=32, epochs=2, shuffle=False, verbose=0).history
+    ours = model()
+    history = pipetrain.train(ours, pipetrain.H5Source(binary, x="x", y="y"), epochs=2, batch_size=32,
+                              shuffle="none", verbose=0, history=tmp_path / "r" / "history.jsonl",
+                              monitor_interval=None)
+    assert_same_history(history.history, expected)
+    assert_same_weights(ours, reference)
+    assert all("accuracy" in r for r in pipetrain.read_history(tmp_path / "r" / "history.jsonl").batches)
+
+
+@pytest.mark.skipif(BACKEND == "tensorflow", reason="TensorFlow's fused step follows jit_compile itself")
+def test_a_models_jit_compile_choice_is_kept(binary, monkeypatch):
+    """JAX, jit_compile=False: fit runs the step unjitted, so Python in it runs every batch
+    (the fused step jitted it: 3 calls of 14). PyTorch, jit_compile=True: fit runs the step
+    through torch.compile (the fused step ran 1 of 14 through it)."""
+    calls = []
+    if BACKEND == "torch":
+        import torch
+
+        def counting_compile(function, *args, **kwargs):  # torch.compile, counted and not compiled (CI time)
+            def compiled(*a, **kw):
+                calls.append(1)
+                return function(*a, **kw)
+            return compiled
+
+        monkeypatch.setattr(torch, "compile", counting_compile)
+
+    class Counting(keras.Sequential):
+        if BACKEND == "jax":
+            def train_step(self, state, data):
+                calls.append(1)
+                return super().train_step(state, data)
+
+    model = Counting([keras.Input((10,)), keras.layers.Dense(1, activation="sigmoid")])
+    model.compile("adam", "binary_crossentropy", jit_compile=BACKEND == "torch")
+    pipetrain.train(model, pipetrain.H5Source(binary, x="x", y="y"), epochs=2, batch_size=32, verbose=0,
+                    monitor_interval=None)
+    assert len(calls) == 14  # 7 batches an epoch, each through the model's own step
