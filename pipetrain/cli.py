@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime as _dt
+import json
 import os
 import signal
 import sys
@@ -414,9 +415,38 @@ def _join_cluster(args):
         raise BadInput(f"{' '.join(given)}: {distributed.NEEDS_JAX} (this is KERAS_BACKEND={backend})")
     with quiet_native_logs(not args.debug):
         import keras  # noqa: F401  (JAX's start-up chatter silenced)
+        with contextlib.suppress(ImportError):  # and TensorFlow's: Keras seeds it once the processes agree on a seed
+            import tensorflow  # noqa: F401
 
     return distributed.initialize(args.coordinator, args.num_processes, args.process_id,
                                   detect=args.distributed, devices=args.devices or (None if several else "all"))
+
+
+def _flags(args) -> dict | None:
+    """What a new run's flags ask for, which every process of a distributed run must give
+    alike (None for a resume, whose settings come from its checkpoint)."""
+    if args.resume:
+        return None
+    settings = _new_run_settings(args)
+    for local in ("model_dir", "compute_threads"):  # each process's own folder and cores
+        settings.pop(local)
+    return settings
+
+
+def _same_flags(args, cluster) -> None:
+    """On process 0: every other process was started with this one's flags (each takes
+    process 0's settings, so a difference would otherwise go unnoticed)."""
+    from pipetrain.distributed import START_S
+
+    mine = _flags(args)
+    for i in range(1, cluster.count):
+        theirs = json.loads(cluster.channel.wait(f"cli/flags/{i}", START_S))
+        if mine is None or theirs is None:
+            continue
+        differ = [f"--{k.replace('_', '-')} {theirs.get(k)!r} there, {mine.get(k)!r} here"
+                  for k in dict.fromkeys([*mine, *theirs]) if theirs.get(k) != mine.get(k)]
+        if differ:
+            raise BadInput(f"{cluster.name(i)} was started with other flags: {'; '.join(differ)}")
 
 
 def cmd_train(args) -> int:
@@ -425,6 +455,8 @@ def cmd_train(args) -> int:
     if args.compute_threads:
         _compute_backend()  # a backend without the setting: refused before anything is written
     cluster = _join_cluster(args)
+    if cluster is not None and cluster.channel is not None and not cluster.is_writer:
+        cluster.channel.set(f"cli/flags/{cluster.index}", json.dumps(_flags(args)))
     with contextlib.ExitStack() as held:  # the data closes, then the folder is let go
         folder = None
 
@@ -441,7 +473,7 @@ def cmd_train(args) -> int:
             state = _say_if_complete(history, settings["epochs"], args.quiet) if args.resume else None
             return {"settings": settings, "history": str(history), "state": state}
 
-        agreed = cluster.first("cli/settings", agree) if cluster else agree()
+        agreed = cluster.first("cli/settings", lambda: (_same_flags(args, cluster), agree())[1]) if cluster else agree()
         if agreed["state"] == "complete":
             return EXIT_OK
         return _train(args, agreed["settings"], Path(agreed["history"]), folder, held, cluster,
@@ -607,7 +639,11 @@ def _main(argv: list[str]) -> int:
         with command_line():  # messages name flags, not Python arguments
             return args.func(args)
     except KeyboardInterrupt as e:
-        print(f"pipetrain: {e}" if isinstance(e, Interrupted) else "pipetrain: interrupted", file=sys.stderr)
+        text = str(e) if isinstance(e, Interrupted) else "interrupted"
+        print(f"pipetrain: {text}", file=sys.stderr)
+        from pipetrain import distributed
+
+        distributed.abandon(EXIT_INTERRUPTED, text)  # outside the agreed stop: the others stop too (not JAX's exit barrier)
         return EXIT_INTERRUPTED
     except BrokenPipeError:  # the reader of the output left (`| head`): nothing more to say
         with contextlib.suppress(OSError):

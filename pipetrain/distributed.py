@@ -38,6 +38,7 @@ import atexit
 import contextlib
 import json
 import os
+import signal
 import socket
 import sys
 import threading
@@ -128,10 +129,15 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
                                    "process_id": process_id}
         if not detect and process_id == 0 and coordinator:
             _check_service_port(coordinator)
+        handler = signal.getsignal(signal.SIGTERM)
         try:
             jax.distributed.initialize(**given, heartbeat_timeout_seconds=HEARTBEAT_S)
         except (ValueError, TypeError, RuntimeError) as e:
             raise DistributedError(f"cannot join the cluster: {one_line(e)}") from e
+        if handler is not None and threading.current_thread() is threading.main_thread():
+            # JAX's preemption notifier took SIGTERM in C, where Python's handler never
+            # runs: a SIGTERM until the run began was lost (the job trained on).
+            signal.signal(signal.SIGTERM, handler)
         _agree_on_a_seed()
     chosen = _devices(devices)
     keras.distribution.set_distribution(keras.distribution.DataParallel(devices=chosen))
@@ -825,7 +831,7 @@ class RunLink(Local):
         channel = self.channel
         if channel is None or not self._agreed(status):
             return
-        with contextlib.suppress(Exception):
+        with contextlib.suppress(Exception, KeyboardInterrupt):  # a second Ctrl-C cuts the wait, not the end record
             channel.set(f"{self.key}done/{self.cluster.index}", status or "?", overwrite=True)
             if self.writes:
                 deadline = time.monotonic() + 5 * BEAT_S

@@ -27,6 +27,8 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import hashlib
+import json
 import math
 import operator
 import os
@@ -420,7 +422,8 @@ class Run:
                 self._signals.install()
             self._dist.on_lost(lambda why: self._emit_end("failed", why))
             self._dist.started(None, {"plan": self.plan.describe(), "rows_per_file": list(self.source.rows_per_file),
-                                      "at": [self.epoch, self.batch]})
+                                      "at": [self.epoch, self.batch], "epochs": self.epochs_total,
+                                      "contents": self._contents()})
         except BaseException as e:
             with contextlib.suppress(Exception):  # the first error is the one to report
                 if started:  # a follower waits for the end of what began
@@ -456,6 +459,16 @@ class Run:
             return {"epoch": 0, "batch": 0, "checkpoint": None,
                     "restart": "killed before its first checkpoint: the records before this one are superseded"}
         return self._load_checkpoint() if self.resume else None
+
+    def _contents(self) -> list[str] | None:
+        """Each data file's contents in a few characters (its fingerprint without the
+        modification time, which a copy on another host need not share): what the
+        processes of a distributed run compare."""
+        if getattr(self, "_fingerprints", None) is None:
+            return None
+        return [f"{os.path.basename(f['file'])}:" + hashlib.sha1(json.dumps(
+            {k: v for k, v in f["fingerprint"].items() if k != "mtime_ns"}, sort_keys=True).encode()).hexdigest()[:12]
+                for f in self._fingerprints]
 
     def _release_folder(self) -> None:
         if self._folder is not None:

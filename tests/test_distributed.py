@@ -20,6 +20,7 @@ import sys
 import time
 from pathlib import Path
 
+import h5py
 import numpy as np
 import pytest
 
@@ -50,16 +51,16 @@ def env(**extra) -> dict:
     return {**os.environ, "KERAS_BACKEND": "jax", "PYTHONPATH": str(ROOT), "TF_CPP_MIN_LOG_LEVEL": "3", **extra}
 
 
-def start(out: Path, count: int, **opts) -> list[subprocess.Popen]:
-    """``count`` processes of one run (a plain run for 1), each with its own log. The
-    others start once process 0 listens: one that cannot reach it would wait in
-    JAX's initialize for five minutes."""
+def start(out: Path, count: int, own: dict[int, dict] | None = None, **opts) -> list[subprocess.Popen]:
+    """``count`` processes of one run (a plain run for 1), each with its own log (and
+    ``own[i]``'s settings over ``opts``). The others start once process 0 listens: one
+    that cannot reach it would wait in JAX's initialize for five minutes."""
     out.mkdir(parents=True, exist_ok=True)
     port = free_port()
     coordinator = f"127.0.0.1:{port}" if count > 1 else "-"
-    settings = [f"{k}={v}" for k, v in opts.items()]
 
     def process(i: int) -> subprocess.Popen:
+        settings = [f"{k}={v}" for k, v in {**opts, **(own or {}).get(i, {})}.items()]
         p = subprocess.Popen([sys.executable, str(JOB), str(out), coordinator, str(count), str(i), *settings],
                              env=env(), stdout=open(out / f"log-{i}", "w"), stderr=subprocess.STDOUT)
         p.log = out / f"log-{i}"
@@ -196,6 +197,58 @@ def test_a_stop_on_one_process_stops_both_and_the_run_resumes_on_one(data, tmp_p
     assert resumed[0].tolist()[:2] == [0, 4]  # the exact next batch
     np.testing.assert_array_equal(resumed, expected[len(expected) - len(resumed):])
     assert_same_training(whole, one)
+
+
+def test_processes_with_other_epochs_or_other_contents_are_refused(data, tmp_path):
+    """Process 1 asked for 4 epochs and read a file of the same rows with other values:
+    the run trained on both mixed (or ended in a false 'lost process 0'); now neither
+    process starts, each says what differs, and nothing is trained."""
+    other = tmp_path / "other"
+    other.mkdir()
+    first = data.split(",")[0]
+    with h5py.File(first) as f:
+        write_h5(other / "part-0.h5", chunks=16, x=f["x"][...] + 1, y=f["y"][...], row=f["row"][...])
+    mixed = ",".join([str(other / "part-0.h5"), data.split(",")[1]])
+    out = tmp_path / "mixed"
+    codes = finish(start(out, 2, own={1: {"epochs": 4, "data": mixed}}, data=data))
+    assert codes == [1, 1], logs(out)  # dist_job lets the error out (the command line exits 2)
+    for i in (0, 1):
+        text = (out / f"log-{i}").read_text()
+        assert "sees other data or settings" in text and "epochs 4 there, 2 here" in text or \
+            "epochs 2 there, 4 here" in text, text
+        assert "contents" in text and "part-0.h5:" in text, text
+    assert not (out / f"weights-0.npz").exists() and len(rows(out, 0)) == 0
+
+
+def test_a_process_started_with_other_flags_is_refused_on_every_process(data, tmp_path):
+    """The command line: each process takes process 0's settings, so process 1's own
+    --epochs and --batch-size went unheard (it trained process 0's run without a word)."""
+    port = free_port()
+    common = ["-m", "pipetrain", "train", "--data", *data.split(","), "--x", "x", "--y", "y", "--name", "r",
+              "--quiet", "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2"]
+    zero = subprocess.Popen([sys.executable, *common, "--process-id", "0", "--epochs", "2"], cwd=tmp_path, env=env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    one = subprocess.Popen([sys.executable, *common, "--process-id", "1", "--epochs", "5", "--batch-size", "16"],
+                           cwd=tmp_path, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    outputs = [p.communicate(timeout=300) for p in (zero, one)]
+    assert [zero.returncode, one.returncode] == [2, 2], outputs
+    for _, err in outputs:
+        assert len(err.strip().splitlines()) == 1, err
+        assert "process 1 (host" in err and "was started with other flags: --epochs 5 there, 2 here; " \
+            "--batch-size 16 there, 32 here" in err, err
+    assert not (tmp_path / "runs" / "r" / "history.jsonl").exists()
+
+
+def test_sigterm_after_joining_the_cluster_reaches_python(tmp_path):
+    """JAX's preemption notifier takes SIGTERM in C: Python's handler never ran, and a
+    SIGTERM between joining the cluster and the run's start was lost."""
+    code = (f"import os, signal, time, pipetrain.distributed as d\n"
+            f"signal.signal(signal.SIGTERM, lambda *a: print('handled', flush=True))\n"
+            f"d.initialize('127.0.0.1:{free_port()}', num_processes=1, process_id=0, devices=None)\n"
+            f"os.kill(os.getpid(), signal.SIGTERM)\n"
+            f"time.sleep(0.5)\nprint('alive', flush=True)\nos._exit(0)\n")
+    done = subprocess.run([sys.executable, "-c", code], env=env(), capture_output=True, text=True, timeout=120)
+    assert done.stdout.split() == ["handled", "alive"], (done.stdout, done.stderr[-2000:])
 
 
 def test_a_killed_process_ends_the_other_and_the_run_resumes(data, two, tmp_path):
