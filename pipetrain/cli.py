@@ -487,28 +487,13 @@ def _train(args, settings: dict, history: Path, folder, held: contextlib.ExitSta
     was not saved: the model, restored from the last checkpoint, is saved (the resume
     trains and writes nothing)."""
     from pipetrain import runfolder
-    from pipetrain.source import H5Source
 
-    sources = {}
-    for role in ("data", "val"):
-        if settings[role]:
-            sources[role] = held.enter_context(H5Source(
-                settings[role], x=settings["x"], y=settings["y"], sample_weight=settings["sample_weight"],
-                allow_external=settings["allow_external"]))
-    if settings.get("val_split"):  # the last rows validate, as fit's validation_split
-        whole = sources["data"]
-        try:
-            sources["data"], sources["val"] = (held.enter_context(part) for part in whole.split(settings["val_split"]))
-        except InputError as e:
-            raise BadInput(f"--val-split {settings['val_split']}: {e}".replace(f"validation_split={settings['val_split']}: ", "")) from None
-        finally:
-            whole.close()
+    def open_data() -> dict:
+        return _open_data(args, settings, history, folder, held)
+
+    # On every process of a distributed run, or none goes on (the model's build is a collective).
+    sources = cluster.together("cli/data", open_data) if cluster is not None else open_data()
     model_file = history.parent / runfolder.MODEL
-    if folder is not None:  # before the model loads: what the run would replace
-        if not args.resume:
-            folder.decide(resume=False, overwrite=args.overwrite,
-                          reads=[p for source in sources.values() for p in source.paths])
-        _check_model_file(args, settings, history, model_file)
 
     with quiet_native_logs(not args.debug):
         import keras
@@ -550,6 +535,35 @@ def _train(args, settings: dict, history: Path, folder, held: contextlib.ExitSta
 
         distributed.save_model(model, model_file)
     return EXIT_OK
+
+
+def _open_data(args, settings: dict, history: Path, folder, held: contextlib.ExitStack) -> dict:
+    """The run's sources by role (``data``, ``val``), opened; where this process holds the
+    run folder, the checks of what the run would replace."""
+    from pipetrain import runfolder
+    from pipetrain.source import H5Source
+
+    sources = {}
+    for role in ("data", "val"):
+        if settings[role]:
+            sources[role] = held.enter_context(H5Source(
+                settings[role], x=settings["x"], y=settings["y"], sample_weight=settings["sample_weight"],
+                allow_external=settings["allow_external"]))
+    if settings.get("val_split"):  # the last rows validate, as fit's validation_split
+        whole = sources["data"]
+        try:
+            sources["data"], sources["val"] = (held.enter_context(part) for part in whole.split(settings["val_split"]))
+        except InputError as e:
+            raise BadInput(f"--val-split {settings['val_split']}: {e}".replace(f"validation_split={settings['val_split']}: ", "")) from None
+        finally:
+            whole.close()
+    model_file = history.parent / runfolder.MODEL
+    if folder is not None:  # before the model loads: what the run would replace
+        if not args.resume:
+            folder.decide(resume=False, overwrite=args.overwrite,
+                          reads=[p for source in sources.values() for p in source.paths])
+        _check_model_file(args, settings, history, model_file)
+    return sources
 
 
 def _check_model_file(args, settings: dict, history: Path, model_file: Path) -> None:

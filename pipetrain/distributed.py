@@ -138,6 +138,7 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
             # JAX's preemption notifier took SIGTERM in C, where Python's handler never
             # runs: a SIGTERM until the run began was lost (the job trained on).
             signal.signal(signal.SIGTERM, handler)
+        _same_local_devices()
         _agree_on_a_seed()
     chosen = _devices(devices)
     keras.distribution.set_distribution(keras.distribution.DataParallel(devices=chosen))
@@ -163,6 +164,24 @@ def _check_service_port(coordinator: str) -> None:
         except OSError as e:
             raise DistributedError(f"coordinator {coordinator}: process 0 cannot serve JAX's coordination service "
                                    f"on {bind}: {e.strerror or e} (is another run using port {port}?)") from None
+
+
+def _same_local_devices() -> None:
+    """Every process has as many local devices: JAX's collectives over the processes'
+    devices (the seed's below, Keras' data parallelism) need it, and failed with a bare
+    AssertionError."""
+    import jax
+    from jax._src import distributed as jax_distributed
+
+    client = jax_distributed.global_state.client
+    client.key_value_set(f"{PREFIX}local-devices/{jax.process_index()}", str(jax.local_device_count()))
+    counts = [int(client.blocking_key_value_get(f"{PREFIX}local-devices/{i}", int(START_S * 1000)))
+              for i in range(jax.process_count())]
+    if len(set(counts)) > 1:
+        raise DistributedError("the processes have different numbers of local devices (" +
+                               ", ".join(f"process {i}: {n}" for i, n in enumerate(counts)) +
+                               "): JAX's collectives over processes need the same number on each, whatever "
+                               "--devices uses (give every process the same XLA_FLAGS or GPUs)")
 
 
 def _agree_on_a_seed() -> None:
@@ -275,6 +294,39 @@ class Cluster:
     def describe(self) -> dict:
         return {"processes": self.count, "devices": self.devices, "local_devices": self.local_devices,
                 "hosts": self.hosts}
+
+    def all_ready(self, key: str, error: BaseException | None = None, data=None) -> None:
+        """Every process says whether it got to ``key`` (``error`` if not) and what it
+        sees (``data``); each waits for all, and raises if any failed or sees other data:
+        a failure on one process is one clear error on every process, not a broken
+        collective later."""
+        if self.channel is None:
+            if error is not None:
+                raise error
+            return
+        mine = {"error": one_line(error) if error else None, "bad": is_bad_input(error), "data": data}
+        self.channel.set(f"{key}/{self.index}", json.dumps(mine))
+        if error is not None:
+            raise error
+        for i in range(self.count):
+            theirs = json.loads(self.channel.wait(f"{key}/{i}", START_S))
+            if theirs["error"]:
+                raise (DistributedError if theirs["bad"] else RuntimeError)(
+                    f"{self.name(i)} could not start: {theirs['error']}")
+            if theirs["data"] != data:
+                raise DistributedError(f"{self.name(i)} sees other data or settings: "
+                                       f"{_differences(theirs['data'], data)}")
+
+    def together(self, key: str, work: Callable):
+        """``work()`` on every process, which goes on only if it went well on all (see
+        :meth:`all_ready`)."""
+        try:
+            result = work()
+        except Exception as e:
+            self.all_ready(key, e)
+            raise
+        self.all_ready(key)
+        return result
 
     def first(self, key: str, read: Callable):
         """``read()`` on process 0 (a checkpoint: ``(path, meta, arrays, ...)``, or a JSON
@@ -657,22 +709,9 @@ class RunLink(Local):
     def started(self, error: BaseException | None = None, fingerprint=None) -> None:
         """Every process says whether its run started (and what data it sees); each
         waits for all, and raises if any failed or sees other data."""
+        self.cluster.all_ready(f"{self.key}start", error, fingerprint)
         if self.channel is None:
-            if error is not None:
-                raise error
             return
-        mine = {"error": one_line(error) if error else None, "bad": is_bad_input(error), "data": fingerprint}
-        self.channel.set(f"{self.key}start/{self.cluster.index}", json.dumps(mine))
-        if error is not None:
-            raise error
-        for i in range(self.cluster.count):
-            theirs = json.loads(self.channel.wait(f"{self.key}start/{i}", START_S))
-            if theirs["error"]:
-                raise (DistributedError if theirs["bad"] else RuntimeError)(
-                    f"{self.cluster.name(i)} could not start: {theirs['error']}")
-            if theirs["data"] != fingerprint:
-                raise DistributedError(f"{self.cluster.name(i)} sees other data or settings: "
-                                       f"{_differences(theirs['data'], fingerprint)}")
         self._active = True  # from here until close, a lost process ends the run
         self.channel.active += 1
         if self.writes and self.run.history_path is not None:

@@ -43,11 +43,12 @@ def last_records(path: Path) -> list[dict]:
 
 
 def end_record(path: Path, run_id: str, who: str) -> dict | None:
-    """The end record to append, or None when the run's last record is its end."""
+    """The end record to append, or None when the run's last record is its end, or it
+    wrote none (the run's own records are the last ones: it had not begun)."""
     from pipetrain import checkpoint
 
     records = [r for r in last_records(path) if r.get("run") == run_id]
-    if records and records[-1].get("type") == "end":
+    if not records or records[-1].get("type") == "end":
         return None
     batches = [r for r in records if r.get("type") == "batch"]
     epochs = [r for r in records if r.get("type") == "epoch" and r.get("complete", True)]

@@ -400,11 +400,20 @@ class Run:
                     print(f"pipetrain: {self.history_path} is already complete ({self.complete}); nothing to "
                           f"train (more epochs than {self._resumed[0]['epochs']} would extend it)", flush=True)
                 return self
-            if self.history_path is not None and self._dist.writes:
-                self._writer = HistoryWriter(self.history_path)
         except BaseException as e:
             self._release_folder()
             self._dist.started(e)  # the other processes of a distributed run stop too
+            raise
+        try:
+            # Every process of a distributed run sees the same data and settings, or none
+            # starts: before the run record, so that a mismatch writes nothing.
+            self._dist.started(None, {"plan": self.plan.describe(), "rows_per_file": list(self.source.rows_per_file),
+                                      "at": [self.epoch, self.batch], "epochs": self.epochs_total,
+                                      "contents": self._contents()})
+            if self.history_path is not None and self._dist.writes:
+                self._writer = HistoryWriter(self.history_path)
+        except BaseException:
+            self._release_folder()
             raise
         started = False
         try:
@@ -421,9 +430,6 @@ class Run:
             if self._signals is not None:
                 self._signals.install()
             self._dist.on_lost(lambda why: self._emit_end("failed", why))
-            self._dist.started(None, {"plan": self.plan.describe(), "rows_per_file": list(self.source.rows_per_file),
-                                      "at": [self.epoch, self.batch], "epochs": self.epochs_total,
-                                      "contents": self._contents()})
         except BaseException as e:
             with contextlib.suppress(Exception):  # the first error is the one to report
                 if started:  # a follower waits for the end of what began
@@ -729,6 +735,7 @@ class Run:
             "config": jsonable(self.config),
             "models": list(self.models),
             "optimizer_targets": {name: ckpt.optimizer_targets(m) for name, m in self.models.items()},
+            "dtype_policies": {name: _policy(m) for name, m in self.models.items()},
             "epoch": epoch_meta,
             # A callback ended the run at an epoch's end (EarlyStopping): it is complete, and
             # a resume changes nothing. Stopped inside an epoch, the epoch goes on.
@@ -765,6 +772,15 @@ class Run:
         else:
             raise RunError(f"cannot resume {path}: the models were {meta['models']}, now {sorted(self.models)}")
         self._saved_names = {saved_name: name for name, saved_name in saved.items()}
+        # Settings outside the plan that change what a batch computes: not exact otherwise.
+        policies = meta.get("dtype_policies") or {}
+        for name, model in self.models.items():
+            if policies.get(saved[name]) not in (None, _policy(model)):
+                raise RunError(f"cannot resume {path}: model {name!r} trained under the dtype policy "
+                               f"{policies[saved[name]]!r}, now {_policy(model)!r}")
+        then, now = (meta.get("config") or {}), json.loads(json.dumps(jsonable(self.config)))
+        if "class_weight" in then and "class_weight" in now and then["class_weight"] != now["class_weight"]:
+            raise RunError(f"cannot resume {path}: class_weight was {then['class_weight']}, now {now['class_weight']}")
         self.run_id = meta["run_id"]
         self.epoch, self.batch = meta["position"]["epoch"], meta["position"]["batch"]
         self.steps_done, self.epochs_done = meta["steps_done"], meta["epochs_done"]
@@ -1202,6 +1218,11 @@ def _params(model) -> int | None:
         return int(model.count_params())
     except Exception:  # not built yet
         return None
+
+
+def _policy(model) -> str | None:
+    """The name of a model's dtype policy (``mixed_bfloat16``...)."""
+    return getattr(getattr(model, "dtype_policy", None), "name", None)
 
 
 def check_groups(model, k: int) -> None:

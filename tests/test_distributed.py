@@ -217,7 +217,8 @@ def test_processes_with_other_epochs_or_other_contents_are_refused(data, tmp_pat
         assert "sees other data or settings" in text and "epochs 4 there, 2 here" in text or \
             "epochs 2 there, 4 here" in text, text
         assert "contents" in text and "part-0.h5:" in text, text
-    assert not (out / f"weights-0.npz").exists() and len(rows(out, 0)) == 0
+    assert not (out / "weights-0.npz").exists() and len(rows(out, 0)) == 0
+    assert not (out / "run" / "history.jsonl").exists()  # nothing written: the corrected run starts afresh
 
 
 def test_a_process_started_with_other_flags_is_refused_on_every_process(data, tmp_path):
@@ -237,6 +238,32 @@ def test_a_process_started_with_other_flags_is_refused_on_every_process(data, tm
         assert "process 1 (host" in err and "was started with other flags: --epochs 5 there, 2 here; " \
             "--batch-size 16 there, 32 here" in err, err
     assert not (tmp_path / "runs" / "r" / "history.jsonl").exists()
+
+
+def test_a_process_that_cannot_start_stops_every_process_with_its_reason(data, tmp_path):
+    """A run folder that holds a history already: process 0 said so (exit 2) while process
+    1 went on to build the model, a collective, and died of a broken Gloo connection (134)."""
+    (tmp_path / "runs" / "r").mkdir(parents=True)
+    (tmp_path / "runs" / "r" / "history.jsonl").write_text(json.dumps({"type": "run", "run": "old", "t": 1.0}) + "\n")
+    port = free_port()
+    common = ["-m", "pipetrain", "train", "--data", *data.split(","), "--x", "x", "--y", "y", "--name", "r",
+              "--quiet", "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id"]
+    procs = [subprocess.Popen([sys.executable, *common, str(i)], cwd=tmp_path, env=env(), stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for i in (0, 1)]
+    outputs = [p.communicate(timeout=300)[1] for p in procs]
+    assert [p.returncode for p in procs] == [2, 2], outputs
+    assert all(len(err.strip().splitlines()) == 1 and "a history exists already" in err for err in outputs), outputs
+    assert "process 0 (host" in outputs[1] and "could not start" in outputs[1], outputs[1]
+
+
+def test_processes_with_other_numbers_of_devices_are_told_so(data, tmp_path):
+    """JAX's collectives over processes need as many local devices on each: it failed
+    with a bare AssertionError in Keras' seed agreement."""
+    out = tmp_path / "devices"
+    assert finish(start(out, 2, own={1: {"devices": 2}}, data=data)) == [1, 1], logs(out)
+    for i in (0, 1):
+        assert "the processes have different numbers of local devices (process 0: 1, process 1: 2)" in \
+            (out / f"log-{i}").read_text(), logs(out)
 
 
 def test_sigterm_after_joining_the_cluster_reaches_python(tmp_path):
@@ -518,8 +545,8 @@ def test_the_guardian_writes_the_end_of_a_killed_writer(tmp_path):
     history = run / "history.jsonl"
     history.write_text("".join(json.dumps(r) + "\n" for r in records) + '{"type": "batch", "ru')  # torn: killed mid-write
 
-    def guard():
-        p = subprocess.Popen([sys.executable, "-m", "pipetrain.guardian", str(history), "r1", "process 0 (host h, pid 7)"],
+    def guard(run_id="r1"):
+        p = subprocess.Popen([sys.executable, "-m", "pipetrain.guardian", str(history), run_id, "process 0 (host h, pid 7)"],
                              stdin=subprocess.PIPE, env=env())
         p.stdin.close()  # what process 0's death does
         assert p.wait(60) == 0
@@ -532,3 +559,5 @@ def test_the_guardian_writes_the_end_of_a_killed_writer(tmp_path):
     size = history.stat().st_size
     guard()
     assert history.stat().st_size == size  # the run has its end record: nothing more
+    guard("r2")
+    assert history.stat().st_size == size  # a run that wrote nothing (it ended before its run record) has no end

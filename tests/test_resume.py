@@ -463,3 +463,31 @@ def test_a_checkpoint_of_another_backend_is_refused_in_one_line_and_nothing_chan
     history.write_text(history.read_text().replace(f'"backend":"{ours}"', f'"backend":"{theirs}"'))
     assert main(["train", "--resume", str(tmp_path / "run"), "--epochs", "2", "--quiet"]) == 2
     assert f"written under Keras' {theirs} backend" in capsys.readouterr().err
+
+
+def test_a_resume_with_another_class_weight_or_dtype_policy_is_refused(tmp_path):
+    """Both change what each batch computes, outside the batch order: the resume went on
+    and mixed two weightings (or two precisions) in one run."""
+    from tests.test_train import binary_model
+
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(96, 10)).astype("float32")
+    source = pipetrain.H5Source(write_h5(tmp_path / "d.h5", x=x, y=(x[:, 0] > 0).astype("float32")), x="x", y="y")
+    history = tmp_path / "run" / "history.jsonl"
+
+    def train(model, epochs, **kwargs):
+        return pipetrain.train(model, source, epochs=epochs, batch_size=32, verbose=0, history=history,
+                               monitor_interval=None, **kwargs)
+
+    train(binary_model(), 1, class_weight={0: 1.0, 1: 2.0})
+    with pytest.raises(RunError, match=r"class_weight was \{'0': 1.0, '1': 2.0\}, now \{'0': 1.0, '1': 5.0\}"):
+        train(binary_model(), 2, class_weight={0: 1.0, 1: 5.0}, resume=True)
+    keras.config.set_dtype_policy("mixed_bfloat16")
+    try:
+        mixed = binary_model()
+    finally:
+        keras.config.set_dtype_policy("float32")
+    with pytest.raises(RunError, match=r"trained under the dtype policy 'float32', now 'mixed_bfloat16'"):
+        train(mixed, 2, class_weight={0: 1.0, 1: 2.0}, resume=True)
+    train(binary_model(), 2, class_weight={0: 1.0, 1: 2.0}, resume=True)  # as it was: it goes on
+    assert [e["epoch"] for e in pipetrain.read_history(history).epochs] == [0, 1]
