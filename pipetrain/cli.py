@@ -78,7 +78,12 @@ def positive_int(text: str) -> int:
 
 
 def _devices(text: str) -> str | int:
-    return "all" if text == "all" else positive_int(text)
+    if text == "all":
+        return "all"
+    try:
+        return positive_int(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"expected 'all' or a number of devices >= 1, got {text!r}") from None
 
 
 def seed_int(text: str) -> int:

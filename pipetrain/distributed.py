@@ -37,6 +37,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import json
+import operator
 import os
 import signal
 import socket
@@ -46,7 +47,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from pipetrain.errors import RunError, is_bad_input, one_line
+from pipetrain.errors import RunError, argument, is_bad_input, one_line
 from pipetrain.plan import Share
 from pipetrain.process import running
 
@@ -133,6 +134,10 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
         try:
             jax.distributed.initialize(**given, heartbeat_timeout_seconds=HEARTBEAT_S)
         except (ValueError, TypeError, RuntimeError) as e:
+            if detect and "coordinator_address" in str(e):
+                raise DistributedError(f"{argument('detect=True', '--distributed')}: JAX finds no cluster here (it "
+                                       "knows SLURM, Open MPI and TPU pods); give the coordinator, the number "
+                                       "of processes and this process's id instead") from e
             raise DistributedError(f"cannot join the cluster: {one_line(e)}") from e
         if handler is not None and threading.current_thread() is threading.main_thread():
             # JAX's preemption notifier took SIGTERM in C, where Python's handler never
@@ -224,9 +229,13 @@ def _devices(devices: str | int | None) -> list:
     elif devices is None:
         count = 1
     else:
-        count = int(devices)
-        if not 1 <= count <= local:
-            raise DistributedError(f"devices={devices}: this process has {local} device(s)")
+        try:
+            count = int(devices) if isinstance(devices, str) else operator.index(devices)
+        except (TypeError, ValueError):
+            count = None
+        if count is None or isinstance(devices, bool) or not 1 <= count <= local:
+            raise DistributedError(f"{argument(f'devices={devices!r}', f'--devices {devices}')}: expected 'all' or "
+                                   f"a number of devices from 1 to {local} (this process's)")
     return [d for process in sorted(by_process) for d in by_process[process][:count]]
 
 

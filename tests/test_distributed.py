@@ -266,6 +266,24 @@ def test_processes_with_other_numbers_of_devices_are_told_so(data, tmp_path):
             (out / f"log-{i}").read_text(), logs(out)
 
 
+def test_initialize_names_what_is_wrong_with_its_arguments():
+    """devices='abc' raised a bare ValueError, devices=True used 1 device, and detect=True
+    outside a cluster said 'coordinator_address should be defined'."""
+    code = ("import pipetrain.distributed as d\n"
+            "try:\n    d.initialize(detect=True)\n"  # first: before anything starts JAX's backend
+            "except d.DistributedError as e:\n    print(e)\n"
+            "for devices in ('abc', True, 5):\n"
+            "    try:\n        d.initialize(devices=devices)\n"
+            "    except d.DistributedError as e:\n        print(e)\n")
+    done = subprocess.run([sys.executable, "-c", code], env=env(), capture_output=True, text=True, timeout=120)
+    assert done.stdout.splitlines() == [
+        "detect=True: JAX finds no cluster here (it knows SLURM, Open MPI and TPU pods); give the coordinator, "
+        "the number of processes and this process's id instead",
+        "devices='abc': expected 'all' or a number of devices from 1 to 1 (this process's)",
+        "devices=True: expected 'all' or a number of devices from 1 to 1 (this process's)",
+        "devices=5: expected 'all' or a number of devices from 1 to 1 (this process's)"], (done.stdout, done.stderr[-2000:])
+
+
 def test_sigterm_after_joining_the_cluster_reaches_python(tmp_path):
     """JAX's preemption notifier takes SIGTERM in C: Python's handler never ran, and a
     SIGTERM between joining the cluster and the run's start was lost."""
@@ -455,7 +473,7 @@ def test_several_batches_a_step_are_refused_with_a_distribution(data, tmp_path):
     (["--num-processes", "2", "--process-id", "0"], "go together"),
     (["--coordinator", "h:1", "--num-processes", "2", "--process-id", "2"], "--process-id 2: expected 0 to 1"),
     (["--distributed", "--process-id", "1"], "--distributed finds the cluster itself"),
-    (["--devices", "none"], "--devices"),
+    (["--devices", "none"], "--devices: expected 'all' or a number of devices >= 1, got 'none'"),
 ])
 def test_distributed_flags_that_do_not_fit_are_one_line(flags, message, capsys):
     from pipetrain.cli import main

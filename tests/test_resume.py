@@ -465,6 +465,7 @@ def test_a_checkpoint_of_another_backend_is_refused_in_one_line_and_nothing_chan
     assert f"written under Keras' {theirs} backend" in capsys.readouterr().err
 
 
+@pytest.mark.one_backend  # the run's own check, not the backend's
 def test_a_resume_with_another_class_weight_or_dtype_policy_is_refused(tmp_path):
     """Both change what each batch computes, outside the batch order: the resume went on
     and mixed two weightings (or two precisions) in one run."""
