@@ -52,10 +52,14 @@ def end_record(path: Path, run_id: str, who: str) -> dict | None:
         return None
     batches = [r for r in records if r.get("type") == "batch"]
     epochs = [r for r in records if r.get("type") == "epoch" and r.get("complete", True)]
+    if epochs:
+        done = epochs[-1]["epoch"] + 1
+    else:  # an epoch longer than the tail read: the epochs before the last batch's are done
+        done = batches[-1].get("epoch") if batches else None
     latest = checkpoint.latest(path.parent / "checkpoint")
     return {
         "type": "end", "run": run_id, "t": round(time.time(), 6), "status": "failed",
-        "epochs": epochs[-1]["epoch"] + 1 if epochs else None,
+        "epochs": done,
         "steps": batches[-1]["step"] + 1 if batches else None,
         "error": f"lost {who}: it ended without writing the end record (killed, or its host failed); "
                  "the other processes ended with it",

@@ -579,3 +579,19 @@ def test_the_guardian_writes_the_end_of_a_killed_writer(tmp_path):
     assert history.stat().st_size == size  # the run has its end record: nothing more
     guard("r2")
     assert history.stat().st_size == size  # a run that wrote nothing (it ended before its run record) has no end
+
+
+def test_the_guardian_counts_the_epochs_of_a_run_whose_epoch_outgrew_its_tail(tmp_path):
+    """The guardian reads the history's last megabyte: in an epoch of more batches than
+    that holds, it found no epoch record and wrote 'epochs': null."""
+    from pipetrain.guardian import TAIL_BYTES, end_record
+
+    history = tmp_path / "history.jsonl"
+    lines = [{"type": "run", "run": "r1", "t": 1.0}, {"type": "epoch", "run": "r1", "t": 2.0, "epoch": 0},
+             {"type": "epoch", "run": "r1", "t": 3.0, "epoch": 1}]
+    batch = {"type": "batch", "run": "r1", "t": 4.0, "epoch": 2, "batch": 0, "step": 0, "size": 32, "loss": 0.5}
+    count = TAIL_BYTES // len(json.dumps(batch)) + 100
+    lines += [dict(batch, batch=i, step=20000 + i) for i in range(count)]
+    history.write_text("".join(json.dumps(r) + "\n" for r in lines))
+    record = end_record(history, "r1", "process 0")
+    assert (record["epochs"], record["steps"]) == (2, 20000 + count)
