@@ -1,7 +1,7 @@
 """README.md is what users run: CI runs its test command verbatim, its examples run as
 written, its links resolve and its module map names every module. The guides in docs/
 have their own tests: docs/custom-loops.md in test_custom_loop.py, docs/buckets.md in
-test_buckets.py, docs/distributed.md in test_distributed.py."""
+test_buckets.py, docs/distributed.md in test_distributed_start.py."""
 
 import json
 import os
