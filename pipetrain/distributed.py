@@ -128,6 +128,11 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
         jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU collectives across processes
         given = {} if detect else {"coordinator_address": coordinator, "num_processes": num_processes,
                                    "process_id": process_id}
+        from jax._src import distributed as jax_distributed
+
+        if jax_distributed.global_state.client is not None:  # (its port is then this process's own)
+            raise DistributedError("initialize(): this process has joined a cluster already (once a process, "
+                                   "as jax.distributed.initialize)")
         if not detect and process_id == 0 and coordinator:
             _check_service_port(coordinator)
         handler = signal.getsignal(signal.SIGTERM)

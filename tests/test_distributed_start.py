@@ -76,6 +76,18 @@ def test_initialize_names_what_is_wrong_with_its_arguments():
         "devices=5: expected 'all' or a number of devices from 1 to 1 (this process's)"], (done.stdout, done.stderr[-2000:])
 
 
+def test_joining_twice_says_so():
+    """The second call said the coordinator's port was in use (by this same process)."""
+    code = (f"import pipetrain.distributed as d\n"
+            f"d.initialize('127.0.0.1:{free_port()}', num_processes=1, process_id=0, devices=None)\n"
+            f"try:\n    d.initialize('127.0.0.1:{free_port()}', num_processes=1, process_id=0)\n"
+            f"except d.DistributedError as e:\n    print(e, flush=True)\n"
+            f"import os\nos._exit(0)\n")
+    done = subprocess.run([sys.executable, "-c", code], env=env(), capture_output=True, text=True, timeout=120)
+    assert done.stdout.strip() == ("initialize(): this process has joined a cluster already (once a process, "
+                                   "as jax.distributed.initialize)"), (done.stdout, done.stderr[-2000:])
+
+
 def test_sigterm_after_joining_the_cluster_reaches_python(tmp_path):
     """JAX's preemption notifier takes SIGTERM in C: Python's handler never ran, and a
     SIGTERM between joining the cluster and the run's start was lost."""
