@@ -427,23 +427,20 @@ def _join_cluster(args):
                                   detect=args.distributed, devices=args.devices or (None if several else "all"))
 
 
-def _flags(args) -> dict | None:
-    """What a new run's flags ask for, which every process of a distributed run must give
-    alike (None for a resume, whose settings come from its checkpoint)."""
-    if args.resume:
+def _comparable(settings: dict | None) -> dict | None:
+    """What every process of a distributed run must give alike: a new run's settings
+    without each process's own folder and cores (None for a resume, whose settings
+    come from its checkpoint)."""
+    if settings is None:
         return None
-    settings = _new_run_settings(args)
-    for local in ("model_dir", "compute_threads"):  # each process's own folder and cores
-        settings.pop(local)
-    return settings
+    return {k: v for k, v in settings.items() if k not in ("model_dir", "compute_threads")}
 
 
-def _same_flags(args, cluster) -> None:
+def _same_flags(cluster, mine: dict | None) -> None:
     """On process 0: every other process was started with this one's flags (each takes
     process 0's settings, so a difference would otherwise go unnoticed)."""
     from pipetrain.distributed import START_S
 
-    mine = _flags(args)
     for i in range(1, cluster.count):
         theirs = json.loads(cluster.channel.wait(f"cli/flags/{i}", START_S))
         if mine is None or theirs is None:
@@ -461,7 +458,7 @@ def cmd_train(args) -> int:
         _compute_backend()  # a backend without the setting: refused before anything is written
     cluster = _join_cluster(args)
     if cluster is not None and cluster.channel is not None and not cluster.is_writer:
-        cluster.channel.set(f"cli/flags/{cluster.index}", json.dumps(_flags(args)))
+        cluster.channel.set(f"cli/flags/{cluster.index}", json.dumps(_comparable(_run_history(args)[0])))
     with contextlib.ExitStack() as held:  # the data closes, then the folder is let go
         folder = None
 
@@ -471,6 +468,8 @@ def cmd_train(args) -> int:
             # In a distributed run process 0 alone holds the folder and tells the others.
             nonlocal folder
             settings, history = _run_history(args)
+            if cluster is not None:
+                _same_flags(cluster, _comparable(settings))
             folder = runfolder.claim(history, history.parent / "checkpoint", joinable=True)
             held.callback(folder.release)
             if args.resume:
@@ -478,7 +477,7 @@ def cmd_train(args) -> int:
             state = _say_if_complete(history, settings["epochs"], args.quiet) if args.resume else None
             return {"settings": settings, "history": str(history), "state": state}
 
-        agreed = cluster.first("cli/settings", lambda: (_same_flags(args, cluster), agree())[1]) if cluster else agree()
+        agreed = cluster.first("cli/settings", agree) if cluster else agree()
         if agreed["state"] == "complete":
             return EXIT_OK
         return _train(args, agreed["settings"], Path(agreed["history"]), folder, held, cluster,
@@ -493,12 +492,13 @@ def _train(args, settings: dict, history: Path, folder, held: contextlib.ExitSta
     trains and writes nothing)."""
     from pipetrain import runfolder
 
+    model_file = history.parent / runfolder.MODEL
+
     def open_data() -> dict:
-        return _open_data(args, settings, history, folder, held)
+        return _open_data(args, settings, history, model_file, folder, held)
 
     # On every process of a distributed run, or none goes on (the model's build is a collective).
     sources = cluster.together("cli/data", open_data) if cluster is not None else open_data()
-    model_file = history.parent / runfolder.MODEL
 
     with quiet_native_logs(not args.debug):
         import keras
@@ -542,10 +542,9 @@ def _train(args, settings: dict, history: Path, folder, held: contextlib.ExitSta
     return EXIT_OK
 
 
-def _open_data(args, settings: dict, history: Path, folder, held: contextlib.ExitStack) -> dict:
+def _open_data(args, settings: dict, history: Path, model_file: Path, folder, held: contextlib.ExitStack) -> dict:
     """The run's sources by role (``data``, ``val``), opened; where this process holds the
     run folder, the checks of what the run would replace."""
-    from pipetrain import runfolder
     from pipetrain.source import H5Source
 
     sources = {}
@@ -562,7 +561,6 @@ def _open_data(args, settings: dict, history: Path, folder, held: contextlib.Exi
             raise BadInput(f"--val-split {settings['val_split']}: {e}".replace(f"validation_split={settings['val_split']}: ", "")) from None
         finally:
             whole.close()
-    model_file = history.parent / runfolder.MODEL
     if folder is not None:  # before the model loads: what the run would replace
         if not args.resume:
             folder.decide(resume=False, overwrite=args.overwrite,

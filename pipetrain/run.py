@@ -470,7 +470,7 @@ class Run:
         """Each data file's contents in a few characters (its fingerprint without the
         modification time, which a copy on another host need not share): what the
         processes of a distributed run compare."""
-        if getattr(self, "_fingerprints", None) is None:
+        if self._fingerprints is None:
             return None
         return [f"{os.path.basename(f['file'])}:" + hashlib.sha1(json.dumps(
             {k: v for k, v in f["fingerprint"].items() if k != "mtime_ns"}, sort_keys=True).encode()).hexdigest()[:12]

@@ -23,6 +23,11 @@ from tests.remote_helpers import free_port
 from tests.test_distributed import ROOT, data, env  # noqa: F401  (data: the module's fixture)
 
 
+def run_python(code: str) -> subprocess.CompletedProcess:
+    """``python -c code`` on JAX, its output captured."""
+    return subprocess.run([sys.executable, "-c", code], env=env(), capture_output=True, text=True, timeout=120)
+
+
 def test_a_process_started_with_other_flags_is_refused_on_every_process(data, tmp_path):
     """The command line: each process takes process 0's settings, so process 1's own
     --epochs and --batch-size went unheard (it trained process 0's run without a word)."""
@@ -67,7 +72,7 @@ def test_initialize_names_what_is_wrong_with_its_arguments():
             "for devices in ('abc', True, 5):\n"
             "    try:\n        d.initialize(devices=devices)\n"
             "    except d.DistributedError as e:\n        print(e)\n")
-    done = subprocess.run([sys.executable, "-c", code], env=env(), capture_output=True, text=True, timeout=120)
+    done = run_python(code)
     assert done.stdout.splitlines() == [
         "detect=True: JAX finds no cluster here (it knows SLURM, Open MPI and TPU pods); give the coordinator, "
         "the number of processes and this process's id instead",
@@ -83,7 +88,7 @@ def test_joining_twice_says_so():
             f"try:\n    d.initialize('127.0.0.1:{free_port()}', num_processes=1, process_id=0)\n"
             f"except d.DistributedError as e:\n    print(e, flush=True)\n"
             f"import os\nos._exit(0)\n")
-    done = subprocess.run([sys.executable, "-c", code], env=env(), capture_output=True, text=True, timeout=120)
+    done = run_python(code)
     assert done.stdout.strip() == ("initialize(): this process has joined a cluster already (once a process, "
                                    "as jax.distributed.initialize)"), (done.stdout, done.stderr[-2000:])
 
@@ -96,7 +101,7 @@ def test_sigterm_after_joining_the_cluster_reaches_python(tmp_path):
             f"d.initialize('127.0.0.1:{free_port()}', num_processes=1, process_id=0, devices=None)\n"
             f"os.kill(os.getpid(), signal.SIGTERM)\n"
             f"time.sleep(0.5)\nprint('alive', flush=True)\nos._exit(0)\n")
-    done = subprocess.run([sys.executable, "-c", code], env=env(), capture_output=True, text=True, timeout=120)
+    done = run_python(code)
     assert done.stdout.split() == ["handled", "alive"], (done.stdout, done.stderr[-2000:])
 
 
@@ -201,7 +206,7 @@ def test_the_docs_examples_run_as_written(tmp_path):
 def test_importing_pipetrain_imports_neither_keras_nor_jax():
     code = ("import sys, pipetrain, pipetrain.distributed, pipetrain.plan, pipetrain.cli; "
             "print(sorted(m for m in ('jax', 'keras', 'tensorflow', 'torch') if m in sys.modules))")
-    done = subprocess.run([sys.executable, "-c", code], env=env(), capture_output=True, text=True, timeout=120)
+    done = run_python(code)
     assert done.stdout.strip() == "[]", done.stderr
 
 
