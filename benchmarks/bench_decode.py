@@ -1,9 +1,13 @@
 """Read throughput of pipetrain's raw-chunk reader against h5py's own read, per filter and thread count.
 
-    python benchmarks/bench_decode.py [--rows N] [--repeat R] [--out results.json]
+    python benchmarks/bench_decode.py [--rows N] [--repeat R] [--data images|make-data] [--out results.json]
 
 Writes W1-like files to a temporary folder (N x 784 float32, chunks of 256 rows, one file
-per filter), then reads every row in 256-row batches with 1, 2 and 4 threads:
+per filter), then reads every row in 256-row batches with 1, 2 and 4 threads. The rows
+(``--data``): ``images`` (the default), MNIST-like pixels that compress like images do; or
+``make-data``, the rows `pipetrain make-data` writes and bench_train.py's W1 reads (class
+prototypes plus noise in steps of 1/16, which gzip shrinks about 2.7x and inflates several
+times slower):
 
 - ``pipetrain``       ChunkReader.read(a, b), a new array per batch
 - ``pipetrain out=``  ChunkReader.read(a, b, out=buf), one reused buffer per thread
@@ -76,8 +80,19 @@ def w1_like(rows: int, seed: int = 0) -> np.ndarray:
     return data
 
 
-def write_files(folder: Path, rows: int, options: dict[str, dict]) -> dict[str, Path]:
-    data = w1_like(rows)
+def make_data_rows(rows: int, folder: Path) -> np.ndarray:
+    """The rows `pipetrain make-data` writes (bench_train.py's W1), uncompressed."""
+    from pipetrain.synth import make_data
+
+    path = make_data(folder / "make-data.h5", rows, (FEATURES,), compression="none", chunk_rows=CHUNK_ROWS)
+    with h5py.File(path) as f:
+        data = f["x"][:]
+    path.unlink()
+    return data
+
+
+def write_files(folder: Path, rows: int, options: dict[str, dict], kind: str = "images") -> dict[str, Path]:
+    data = w1_like(rows) if kind == "images" else make_data_rows(rows, folder)
     paths = {}
     for name, opts in options.items():
         path = folder / f"{name}.h5"
@@ -327,6 +342,8 @@ def main(argv=None) -> int:
     )
     parser.add_argument("--threads", default="1,2,4", help="thread counts (default 1,2,4)")
     parser.add_argument("--filters", default="", help="comma-separated subset of the filters")
+    parser.add_argument("--data", choices=("images", "make-data"), default="images",
+                        help="the rows: image-like pixels (default) or those of `pipetrain make-data` (W1 of bench_train)")
     parser.add_argument("--out", type=Path, help="write all timings as JSON here")
     args = parser.parse_args(argv)
     threads = tuple(int(n) for n in args.threads.split(","))
@@ -338,9 +355,9 @@ def main(argv=None) -> int:
     timer = Timer(threads)
     with tempfile.TemporaryDirectory(prefix="bench_decode_") as folder:
         print(
-            f"writing {len(options)} files of {args.rows} x {FEATURES} float32 ...", file=sys.stderr
+            f"writing {len(options)} files of {args.rows} x {FEATURES} float32 ({args.data}) ...", file=sys.stderr
         )
-        paths = write_files(Path(folder), args.rows, options)
+        paths = write_files(Path(folder), args.rows, options, args.data)
         results = measure(paths, args.rows, args.repeat, threads, timer)
         decoders, waits = [], []
         if "gzip-1" in paths:
@@ -357,6 +374,7 @@ def main(argv=None) -> int:
     if args.out:
         report = {
             "rows": args.rows,
+            "data": args.data,
             "features": FEATURES,
             "chunk_rows": CHUNK_ROWS,
             "batch": BATCH,

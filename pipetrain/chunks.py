@@ -48,7 +48,7 @@ import h5py
 import numpy as np
 from h5py._objects import phil as _phil  # h5py's lock around the HDF5 library
 
-from pipetrain.codecs import FILTER_NAMES, Stage, stages, unshuffle_planes
+from pipetrain.codecs import FILTER_NAMES, Stage, fastest, stages, unshuffle_planes
 from pipetrain.errors import InputError
 from pipetrain.remote import RemoteReadError
 
@@ -542,6 +542,9 @@ def _open(dset, prefer, data, verified: dict) -> ChunkReader | str:
         verified["base"] = base
     real = sum(1 << i for i, stage in enumerate(pipeline) if stage is not None)
     _check_index(filename, name, tuple(dset.shape), chunks, offsets, sizes, masks, real, chunk_nbytes, data.size)
+    if not prefer and not data.remote:  # (in a bucket, a chunk to time would cost a request)
+        pipeline = fastest(pipeline, lambda: _first_stored(data, offsets, sizes, masks), chunk_nbytes,
+                           (name, dtype.str, chunks))
     reader = ChunkReader(
         filename=filename,
         name=name,
@@ -562,6 +565,19 @@ def _open(dset, prefer, data, verified: dict) -> ChunkReader | str:
         _self_check(reader, dset, offsets)  # DamagedChunk when the edge chunks differ
         verified["checked"] = True
     return reader
+
+
+def _first_stored(data, offsets: np.ndarray, sizes: np.ndarray, masks: np.ndarray) -> bytes | None:
+    """The first chunk stored with every filter applied, as the file holds it (None: none is)."""
+    whole = np.flatnonzero((offsets.ravel() >= 0) & (sizes.ravel() > 0) & (masks.ravel() == 0))
+    if not whole.size:
+        return None
+    at = int(whole[0])
+    size = int(sizes.ravel()[at])
+    try:
+        return next(iter(data.read([(int(offsets.ravel()[at]), size, np.empty(size, np.uint8))])))
+    except OSError:
+        return None  # (the reader's own read says what is wrong, in its words)
 
 
 def _closed(data, reason: str) -> str:

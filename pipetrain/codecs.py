@@ -2,16 +2,19 @@
 
 Each filter of a dataset's pipeline becomes a :class:`Stage` whose ``decode`` turns the
 stored bytes back into that filter's input, with a codec that releases the GIL:
-deflate/gzip through libdeflate (imagecodecs or the ``deflate`` package), ISA-L or zlib,
-fastest first; lzf, blosc, lz4, zstd and bitshuffle through imagecodecs, numcodecs or
-lz4 when installed; the byte shuffle with numpy. :func:`stages` builds the pipeline of a
+deflate/gzip through libdeflate (imagecodecs or the ``deflate`` package), ISA-L or zlib;
+lzf, blosc, lz4, zstd and bitshuffle through imagecodecs, numcodecs or lz4 when
+installed; the byte shuffle with numpy. :func:`stages` builds the pipeline of a
 dataset, or says in one line why it cannot (an unsupported filter, a missing package),
-so that :mod:`pipetrain.chunks` falls back to h5py's own read.
+so that :mod:`pipetrain.chunks` falls back to h5py's own read. Which installed library
+decodes fastest depends on the data, so :func:`fastest` times them on one stored chunk.
 """
 
 from __future__ import annotations
 
 import importlib
+import threading
+import time
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -19,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["FILTER_NAMES", "SHUFFLE", "Stage", "stages", "unshuffle_planes"]
+__all__ = ["FILTER_NAMES", "SHUFFLE", "Stage", "fastest", "stages", "unshuffle_planes"]
 
 # HDF5 filter ids (H5Zpublic.h and the registered-filter list).
 _GZIP, SHUFFLE, _FLETCHER32, _SZIP, _NBIT, _SCALEOFFSET = 1, 2, 3, 4, 5, 6
@@ -40,11 +43,13 @@ FILTER_NAMES = {
     _BLOSC2: "blosc2",
 }
 
-# Decoder back ends per filter, fastest first. gzip, measured with
-# benchmarks/bench_decode.py (W1: 256 x 784 float32 chunks, gzip level 1, one thread,
-# whole batches): libdeflate through imagecodecs ~2.4 GB/s (it inflates straight into
-# the output array), libdeflate through the `deflate` package ~2.3 GB/s, ISA-L ~1.35 GB/s,
-# zlib ~0.5 GB/s (h5py's own read: ~0.5 GB/s). All of them release the GIL.
+# Decoder back ends per filter, in the order tried when no chunk is at hand to time them
+# (fastest(), below). gzip, measured with benchmarks/bench_decode.py (256 x 784 float32
+# chunks, gzip level 1, one thread, whole batches), image-like rows: libdeflate through
+# imagecodecs ~2.4 GB/s (it inflates straight into the output array), through the
+# `deflate` package ~2.3 GB/s, ISA-L ~1.35 GB/s, zlib ~0.5 GB/s (h5py's own read ~0.5
+# GB/s); the noise-like rows of `make-data` (--data make-data), which gzip shrinks 2.7x:
+# ISA-L 417 MB/s, libdeflate 353-357, zlib 210. All of them release the GIL.
 _BACKENDS: dict[str, tuple[str, ...]] = {
     "gzip": ("imagecodecs", "libdeflate", "isal", "zlib"),
     "lzf": ("imagecodecs",),
@@ -82,6 +87,7 @@ class Stage:
     via: str  # the library that decodes it, for humans
     decode: _Decoder
     shuffle_itemsize: int = 0  # > 0 for the byte-shuffle filter: unshuffled while placing
+    backend: str = ""  # the key in _BACKENDS of the library that decodes it
 
 
 # ----------------------------------------------------------------------------- decoders
@@ -363,6 +369,7 @@ def stages(
             else:
                 found = _COMPRESSORS[name](backend, chunk_nbytes)
             if found is not None:
+                found = (*found, backend)
                 break
         if found is None:
             if name in prefer:
@@ -371,9 +378,69 @@ def stages(
                 return f"bitshuffle with options {cd_values} is not supported"
             packages = " or ".join(candidates)
             return f"{name} needs {packages} (pip install {_PIP_HINT[name]})"
-        stages.append(Stage(name, found[1], found[0]))
+        stages.append(Stage(name, found[1], found[0], backend=found[2]))
         if name != "bitshuffle" or (len(cd_values) > 4 and cd_values[4]):
             compressors.append(name)
     if len(compressors) > 1:
         return f"more than one compression filter ({'+'.join(compressors)})"
     return stages
+
+
+# The choice of fastest(), per kind of chunk: the files of one data set are alike, and
+# timing costs a few milliseconds a dataset.
+_FASTEST: dict[tuple, str] = {}
+_FASTEST_LOCK = threading.Lock()
+
+
+def fastest(pipeline: list[Stage | None], stored: Callable[[], bytes | None], chunk_nbytes: int, kind: tuple,
+            repeat: int = 2) -> list[Stage | None]:
+    """``pipeline`` with the decoder of its last filter (the first undone) swapped for the
+    installed one that decodes ``stored()`` (one chunk as the file holds it, or None)
+    fastest, best of ``repeat`` interleaved runs. ``kind`` names the sort of chunk (the
+    dataset, its dtype and chunk shape): the first chunk timed decides for all of its kind."""
+    last = pipeline[-1] if pipeline else None
+    if last is None or last.name not in _COMPRESSORS or len(_BACKENDS[last.name]) < 2:
+        return pipeline
+    key = (last.name, chunk_nbytes, *kind)
+    with _FASTEST_LOCK:
+        chosen = _FASTEST.get(key)
+    if chosen is None:
+        sample = stored()
+        chosen = _time(last.name, sample, chunk_nbytes, repeat) if sample is not None else None
+        if chosen is None:  # (not kept: a later chunk of this kind may be timed)
+            return pipeline
+        with _FASTEST_LOCK:
+            _FASTEST[key] = chosen
+    if chosen == last.backend:
+        return pipeline
+    decode, via = _COMPRESSORS[last.name](chosen, chunk_nbytes)
+    return [*pipeline[:-1], Stage(last.name, via, decode, backend=chosen)]
+
+
+def _time(name: str, stored: bytes, chunk_nbytes: int, repeat: int) -> str | None:
+    """The back end of filter ``name`` that decodes ``stored`` fastest, or None when fewer
+    than two decode it, or two decode it differently (the order of _BACKENDS then stands)."""
+    decoders = {}
+    for backend in _BACKENDS[name]:
+        found = _COMPRESSORS[name](backend, chunk_nbytes)
+        if found is not None:
+            decoders[backend] = found[0]
+    if len(decoders) < 2:
+        return None
+    best = dict.fromkeys(decoders, float("inf"))
+    dest = np.empty(chunk_nbytes, np.uint8)
+    expected = None
+    for round_ in range(repeat):
+        for backend, decode in decoders.items():
+            start = time.perf_counter()
+            try:
+                got = decode(stored, dest)
+            except Exception:  # noqa: BLE001 - a damaged chunk is the reader's to say, in its words
+                return None
+            best[backend] = min(best[backend], time.perf_counter() - start)
+            if round_ == 0:
+                data = bytes(memoryview(got).cast("B"))
+                if expected is not None and data != expected:
+                    return None
+                expected = data
+    return min(best, key=best.get)

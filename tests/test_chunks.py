@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 
@@ -635,3 +636,64 @@ def test_check_index_covers_chunks_that_h5py_reads(tmp_path):
     patch(path, 40, info.byte_offset + 10, 8)
     with h5py.File(path, "r") as f, pytest.raises(chunks.DamagedChunk, match="rows 48-64: its chunk"):
         chunks.check_index(f["x"])
+
+
+# ------------------------------------------------------------- the fastest installed decoder
+
+
+def test_the_decoder_is_the_one_that_decodes_a_stored_chunk_fastest(monkeypatch):
+    stored = zlib.compress(sample((64, 12), "float32").tobytes(), 1)
+    nbytes = 64 * 12 * 4
+    calls = []
+
+    def slow(src, dest):
+        calls.append("slow")
+        time.sleep(0.004)
+        return zlib.decompress(src)
+
+    def quick(src, dest):
+        calls.append("quick")
+        return zlib.decompress(src)
+
+    decoders = {"slow": slow, "quick": quick, "absent": None}
+    monkeypatch.setitem(codecs._BACKENDS, "gzip", ("slow", "absent", "quick"))
+    monkeypatch.setitem(codecs._COMPRESSORS, "gzip", lambda backend, n: (decoders[backend], backend)
+                        if decoders[backend] else None)
+    monkeypatch.setattr(codecs, "_FASTEST", {})
+    first = codecs.Stage("gzip", "slow", slow, backend="slow")
+    shuffle = codecs.Stage("shuffle", "numpy", None, 4)
+    pipeline = codecs.fastest([shuffle, first], lambda: stored, nbytes, ("x", "<f4", (64, 12)))
+    assert pipeline[0] is shuffle and pipeline[1].backend == "quick" and pipeline[1].via == "quick"
+    assert calls.count("slow") == calls.count("quick") == 2  # best of two, each
+    # The kind of chunk keeps its choice: no second timing, not even a read of a chunk.
+    calls.clear()
+    again = codecs.fastest([shuffle, first], lambda: pytest.fail("read again"), nbytes, ("x", "<f4", (64, 12)))
+    assert again[1].backend == "quick" and not calls
+
+
+@pytest.mark.parametrize("trouble", ["differs", "raises", "no chunk"])
+def test_decoders_that_disagree_or_fail_leave_the_default_order(monkeypatch, trouble):
+    stored = zlib.compress(b"abc" * 100, 1)
+
+    def wrong(src, dest):
+        if trouble == "raises":
+            raise ValueError("bad stream")
+        return b"xyz" * 100
+
+    decoders = {"first": lambda src, dest: zlib.decompress(src), "second": wrong}
+    monkeypatch.setitem(codecs._BACKENDS, "gzip", ("first", "second"))
+    monkeypatch.setitem(codecs._COMPRESSORS, "gzip", lambda backend, n: (decoders[backend], backend))
+    monkeypatch.setattr(codecs, "_FASTEST", {})
+    pipeline = [codecs.Stage("gzip", "first", decoders["first"], backend="first")]
+    got = codecs.fastest(pipeline, lambda: None if trouble == "no chunk" else stored, 300, ("x",))
+    assert got == pipeline and codecs._FASTEST == {}  # and nothing kept: another chunk may be timed
+
+
+def test_a_reader_opened_without_preference_reads_like_h5py_with_the_decoder_it_timed(tmp_path, monkeypatch):
+    monkeypatch.setattr(codecs, "_FASTEST", {})
+    path = write(tmp_path / "f.h5", sample((ROWS, 12), "float32"), compression="gzip", compression_opts=1)
+    with h5py.File(path, "r") as f, opened(f["x"]) as reader:
+        (key, chosen), = codecs._FASTEST.items()
+        assert key[0] == "gzip" and key[2:] == ("x", "<f4", f["x"].chunks)
+        assert reader.stages[-1].backend == chosen
+        assert_reads_like_h5py(reader, f["x"])
