@@ -2,7 +2,8 @@
 step for step, on a machine whose speed drifts.
 
     KERAS_BACKEND=torch python benchmarks/bench_paired.py [--workload digits w1 w2]
-        [--block 200] [--rounds 8] [--settle 0.5] [--parts] [--data-dir /tmp/bt-data] [--out results/paired-torch.json]
+        [--block 200] [--rounds 8] [--settle 0.5] [--parts] [--priorities low normal]
+        [--data-dir /tmp/bt-data] [--out results/paired-torch.json]
 
 bench_train.py and bench_overhead.py run each variant for whole epochs, one after the
 other; on this shared 2-core machine the speed of the same work swings by 25-70% within
@@ -22,7 +23,8 @@ otherwise decode on the time of the variant measured after it).
   history and the system monitor on, and a checkpoint at each epoch's end (what
   ``train()`` runs); with ``--parts`` also ``pipetrain-no-ckpt`` (the same without the
   checkpoints) and ``pipetrain-no-hist`` (no history, hence no checkpoints), to say what
-  each costs;
+  each costs; with ``--priorities`` also ``pipetrain-<priority>`` (the producers at that
+  CPU priority instead of idle: ``producer_priority``);
 - ``loader``: the backend's own loader feeding ``model.train_on_batch``: torch's
   ``DataLoader`` (2 worker processes), Grain (2 worker processes) on JAX, ``tf.data``
   (a generator of h5py slices, prefetched) on TensorFlow.
@@ -89,11 +91,12 @@ def memory(path, x_name, y_name, batch, model):
             yield
 
 
-def with_pipetrain(path, x_name, y_name, batch, model, folder: Path, history=True, checkpoints=True):
+def with_pipetrain(path, x_name, y_name, batch, model, folder: Path, history=True, checkpoints=True,
+                   priority="idle"):
     source = pipetrain.H5Source(path, x=x_name, y=y_name)
     with pipetrain.Run(source, batch_size=batch, epochs=10**6, shuffle="none", models=model,
                        history=str(folder / "history.jsonl") if history else None, monitor_interval=2.0,
-                       verbose=0, checkpoint_every=None) as run:
+                       verbose=0, checkpoint_every=None, producer_priority=priority) as run:
         if not checkpoints:  # (--parts) no checkpoint at the epochs' ends: what they cost
             run.save_checkpoint = lambda *args, **kwargs: None
         for epoch in run.epochs():
@@ -115,7 +118,8 @@ def with_loader(path, x_name, y_name, batch, model):
         yield
 
 
-def run(name: str, block: int, rounds: int, data_dir: Path, settle: float, parts: bool = False) -> dict:
+def run(name: str, block: int, rounds: int, data_dir: Path, settle: float, parts: bool = False,
+        priorities: tuple[str, ...] = ()) -> dict:
     path, spec, x_name, y_name, builder = workload(name, data_dir)
     with tempfile.TemporaryDirectory() as tmp:
         for sub in ("a", "b"):
@@ -128,6 +132,10 @@ def run(name: str, block: int, rounds: int, data_dir: Path, settle: float, parts
                                                         Path(tmp) / "b", checkpoints=False)
             loops["pipetrain-no-hist"] = with_pipetrain(path, x_name, y_name, spec["batch"], builder(), Path(tmp),
                                                         history=False)
+        for priority in priorities:
+            (Path(tmp) / priority).mkdir()
+            loops[f"pipetrain-{priority}"] = with_pipetrain(path, x_name, y_name, spec["batch"], builder(),
+                                                           Path(tmp) / priority, priority=priority)
         ms: dict[str, list[float]] = {v: [] for v in loops}
         try:
             for r in range(rounds + 1):  # round 0 warms up (tracing, workers, page cache): not counted
@@ -160,12 +168,14 @@ def main() -> None:
     p.add_argument("--data-dir", default=os.path.join(tempfile.gettempdir(), "pipetrain-bench"))
     p.add_argument("--parts", action="store_true",
                    help="also pipetrain without its epoch-end checkpoints, and without history (nor checkpoints)")
+    p.add_argument("--priorities", nargs="*", default=[], choices=["low", "normal"],
+                   help="also pipetrain with its producers at these CPU priorities (default: idle only)")
     p.add_argument("--out", default=None, help="JSON file for the results")
     args = p.parse_args()
     results = []
     for name in args.workload:
         block = args.block or (80 if name == "w2" else 200)
-        r = run(name, block, args.rounds, Path(args.data_dir), args.settle, args.parts)
+        r = run(name, block, args.rounds, Path(args.data_dir), args.settle, args.parts, tuple(args.priorities))
         results.append(r)
         print(f"{name} on {BACKEND} ({r['device']}), {args.rounds} rounds of {block} steps:")
         for variant, v in r["variants"].items():
