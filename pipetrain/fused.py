@@ -137,10 +137,27 @@ class _TFStep(FusedStep):
 
         self._one_fn = tf.function(one, reduce_retracing=True, jit_compile=jit)
         self._many_fn = tf.function(many, reduce_retracing=True)
+        self._traced = set()
 
     def _run(self, data, k):
-        logs = self._one_fn(data) if k == 1 else self._many_fn(data)
+        fn = self._one_fn if k == 1 else self._many_fn
+        if k not in self._traced:
+            self._traced.add(k)
+            self._trace_any_rows(fn, data, 1 if k == 1 else 2)  # (k > 1: the last group may be short)
+        logs = fn(data)
         return keras.tree.map_structure(lambda value: value.numpy(), logs)
+
+    def _trace_any_rows(self, fn, data, leading: int):
+        """Trace ``fn`` once for any size of the ``leading`` axes, as fit's dataset has
+        them: the short last batch then dispatches to it instead of tracing the step
+        again (a stall of a second or more on a large model). Arrays only; anything
+        else is left to tf.function's own tracing."""
+        tf = self.tf
+        leaves = [a for a in keras.tree.flatten(data) if a is not None]
+        if not all(isinstance(a, (np.ndarray, tf.Tensor)) and a.ndim >= leading for a in leaves):
+            return
+        fn.get_concrete_function(each(
+            lambda a: tf.TensorSpec((None,) * leading + tuple(a.shape[leading:]), tf.as_dtype(a.dtype)), data))
 
     def get(self):
         return [np.array(s.numpy()) for s in self.sums]

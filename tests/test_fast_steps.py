@@ -340,3 +340,20 @@ def test_a_models_jit_compile_choice_is_kept(binary, monkeypatch):
     pipetrain.train(model, pipetrain.H5Source(binary, x="x", y="y"), epochs=2, batch_size=32, verbose=0,
                     monitor_interval=None)
     assert len(calls) == 14  # 7 batches an epoch, each through the model's own step
+
+
+@pytest.mark.skipif(BACKEND != "tensorflow", reason="JAX compiles each shape (XLA), PyTorch traces nothing")
+@pytest.mark.parametrize("k", [1, 4])
+def test_the_short_last_batch_does_not_trace_the_step_again(binary, monkeypatch, k):
+    """6 batches of 32 and one of 19 (k=4: groups of 4, 2 and 1): one trace for any rows."""
+    from pipetrain import fused
+
+    steps = []
+    build = fused._TFStep._build
+    monkeypatch.setattr(fused._TFStep, "_build", lambda self: (steps.append(self), build(self)))
+    model = binary_model()
+    pipetrain.train(model, pipetrain.H5Source(binary, x="x", y="y"), epochs=2, batch_size=32, shuffle="none",
+                    verbose=0, monitor_interval=None, steps_per_execution=k)
+    [step] = steps
+    assert step._one_fn.experimental_get_tracing_count() == 1
+    assert step._many_fn.experimental_get_tracing_count() == (k > 1)
