@@ -350,6 +350,7 @@ def test_a_models_jit_compile_choice_is_kept(binary, monkeypatch):
     assert len(calls) == 14  # 7 batches an epoch, each through the model's own step
 
 
+@pytest.mark.one_backend  # TensorFlow's tracing is its subject (CI deselects it on the others)
 @pytest.mark.skipif(BACKEND != "tensorflow", reason="JAX compiles each shape (XLA), PyTorch traces nothing")
 @pytest.mark.parametrize("k", [1, 4])
 def test_the_short_last_batch_does_not_trace_the_step_again(binary, monkeypatch, k):
