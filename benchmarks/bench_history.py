@@ -17,8 +17,9 @@ shared machine disturbs less) and from outside
 and the CPU time of the helper processes it made (``helpers_cpu_s``: read_history's
 parts; on a busy machine ``s`` is at least the larger of ``cpu_s`` and that) and the
 largest one's peak RSS (``helper_peak_rss_mb``, pages shared with this process counted
-in both). ``imports`` only imports what the readers import (pandas, pipetrain's reader):
-a Python with them holds about 80 MB before it reads a byte, 19x a 20k history's file,
+in both). ``imports`` only imports what the readers import (pandas, pipetrain's reader; its ``s``
+is the imports' time): a Python with them holds about 80 MB before it reads a byte, 19x
+a 20k history's file,
 so the readers' memory is also given beyond that (``x_file_above_imports``: the peak
 less the imports' peak, over the file's size).
 Goals: tail <= 1 s and the same at every size; read_history and to_pandas <= 10x the line
