@@ -101,7 +101,7 @@ def child(operation: str, path: str) -> None:
     seconds, cpu_s = time.perf_counter() - start, time.process_time() - cpu
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     helpers = resource.getrusage(resource.RUSAGE_CHILDREN)  # read_history's helper processes (none before)
-    print(json.dumps({"s": round(seconds, 3), "cpu_s": round(cpu_s, 3), "helpers_cpu_s":
+    print(json.dumps({"s": round(seconds, 4), "cpu_s": round(cpu_s, 4), "helpers_cpu_s":
                       round(helpers.ru_utime + helpers.ru_stime, 3), "peak_rss_mb": round(peak, 1),
                       "helper_peak_rss_mb": round(helpers.ru_maxrss / 1024, 1)}))
 
