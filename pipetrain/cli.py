@@ -671,15 +671,15 @@ def _main(argv: list[str]) -> int:
             import traceback
 
             traceback.print_exc()
+        from pipetrain import distributed
+
         code = EXIT_BAD_INPUT if is_bad_input(e) else EXIT_FAILED
         failed = "training failed" if command == "train" else f"{command} failed"
         prefix = "pipetrain: " if code == EXIT_BAD_INPUT else f"pipetrain: {failed}: "
-        text = one_line(e)
+        text = distributed.explain(e, one_line(e))  # a collective that failed: the process that left first
         if code == EXIT_BAD_INPUT and text.startswith(("pipetrain ", "pipetrain:")):  # "pipetrain train: ..." names itself
             prefix = ""
         print(prefix + text, file=sys.stderr)
-        from pipetrain import distributed
-
         distributed.abandon(code, text)  # in a multi-process run: the others stop too, nobody waits
         return code
 

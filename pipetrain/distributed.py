@@ -502,11 +502,8 @@ class _Channel:
                 process = int(key.rsplit("/", 1)[1])
                 if self.seen.get(process, (None,))[0] != value:
                     self.seen[process] = (value, now)
-            for key, value in failed:
-                process = int(key.rsplit("/", 1)[1])
-                if process != self.index:
-                    failure = json.loads(value)
-                    self._declare(f"{self.cluster.name(process)} failed: {failure['error']}", failure["bad"])
+            for process, (why, bad) in self._failures(failed).items():
+                self._declare(why, bad)
             for hook in list(self.on_beat):
                 with contextlib.suppress(Exception):  # a sample that cannot be written is not a loss
                     hook()
@@ -525,6 +522,21 @@ class _Channel:
             for process, (_, when) in list(self.seen.items()):
                 if process != self.index and now - when > LOST_S:
                     self._declare(f"lost {self.cluster.name(process)}: no heartbeat for {now - when:.0f} s")
+
+    def _failures(self, failed: list[tuple[str, str]] | None = None) -> dict[int, tuple[str, bool]]:
+        """What the other processes that said they failed said: {process: (why, bad input)}."""
+        if failed is None:
+            try:
+                failed = self.items("fail/")
+            except Exception:  # the coordinator is gone
+                return {}
+        out = {}
+        for key, value in failed:
+            process = int(key.rsplit("/", 1)[1])
+            if process != self.index:
+                failure = json.loads(value)
+                out[process] = (f"{self.cluster.name(process)} failed: {failure['error']}", failure["bad"])
+        return out
 
     def dead_here(self) -> int | None:
         """A process on this host whose pid is gone (seen at once, without waiting for
@@ -608,6 +620,25 @@ def abandon(code: int, error: str, bad: bool = False) -> None:
         while not channel.others_gone() and time.monotonic() < deadline:
             time.sleep(BEAT_S / 4)
     end_process(code)
+
+
+def explain(exc: BaseException, text: str) -> str:
+    """``text`` (what ``exc`` says), or where ``exc`` is a collective that failed in a
+    multi-process run, the process that was lost or failed first, and why (it may take
+    the others a heartbeat or two to hear it): "process 1 (host ...) failed: interrupted
+    (text)", not Gloo's "Connection closed by peer"."""
+    cluster = _active
+    channel = cluster.channel if cluster is not None else None
+    if channel is None or is_bad_input(exc) or not _collective(exc):
+        return text
+    deadline = time.monotonic() + LOST_S + 2 * BEAT_S
+    while channel.lost is None and time.monotonic() < deadline:
+        dead = channel.dead_here()
+        if dead is not None:  # (what it said as it left, if it could say it)
+            channel._declare(*channel._failures().get(dead, (f"lost {cluster.name(dead)}: the process is gone", False)))
+            break
+        time.sleep(BEAT_S / 4)
+    return f"{channel.lost} ({text})" if channel.lost else text
 
 
 def lost_reason() -> str | None:
@@ -865,18 +896,7 @@ class RunLink(Local):
 
     def explain(self, exc: BaseException) -> str:
         """The error to record: a failed collective names the process that was lost."""
-        text = one_line(exc, with_type=True)
-        channel = self.channel
-        if channel is None or is_bad_input(exc) or not _collective(exc):
-            return text
-        deadline = time.monotonic() + LOST_S + 2 * BEAT_S
-        while channel.lost is None and time.monotonic() < deadline:
-            dead = channel.dead_here()
-            if dead is not None:
-                channel._declare(f"lost {self.cluster.name(dead)}: the process is gone")
-                break
-            time.sleep(BEAT_S / 4)
-        return f"{channel.lost} ({text})" if channel.lost else text
+        return explain(exc, one_line(exc, with_type=True))
 
     def finish(self, status: str | None) -> None:
         """Before the end record: after an end every process shares, process 0 waits

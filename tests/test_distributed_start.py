@@ -11,6 +11,7 @@ backend the session uses, and are not marked ``model``: CI runs them once.
 import json
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -19,6 +20,7 @@ import numpy as np
 import pytest
 
 import pipetrain
+from tests.conftest import wait_until
 from tests.remote_helpers import free_port
 from tests.test_distributed import ROOT, data, env  # noqa: F401  (data: the module's fixture)
 
@@ -61,6 +63,40 @@ def test_a_process_that_cannot_start_stops_every_process_with_its_reason(data, t
     assert [p.returncode for p in procs] == [2, 2], outputs
     assert all(len(err.strip().splitlines()) == 1 and "a history exists already" in err for err in outputs), outputs
     assert "process 0 (host" in outputs[1] and "could not start" in outputs[1], outputs[1]
+
+
+def test_a_ctrl_c_on_one_process_before_the_run_ends_every_process_at_once(data, tmp_path):
+    """Ctrl-C on process 1 while its model builds (the cluster joined, no run yet to agree
+    a stop): it said "interrupted" and then waited in JAX's shutdown for process 0, which
+    waited in the run's start for it, minutes on end. It leaves the cluster instead, and
+    process 0 ends too, naming it."""
+    (tmp_path / "slow.py").write_text(
+        "import pathlib, time, jax, keras\n"
+        "def model():\n"
+        "    if jax.process_index() == 1:\n"
+        "        pathlib.Path('building').touch()\n"
+        "        time.sleep(120)\n"
+        "    m = keras.Sequential([keras.Input((3,)), keras.layers.Dense(1)])\n"
+        "    m.compile('adam', 'mse')\n"
+        "    return m\n")
+    port = free_port()
+    common = ["-m", "pipetrain", "train", "--data", *data.split(","), "--x", "x", "--y", "y", "--name", "r",
+              "--quiet", "--model", "slow:model", "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2",
+              "--process-id"]
+    procs = [subprocess.Popen([sys.executable, *common, str(i)], cwd=tmp_path, env=env(PYTHONPATH=f"{ROOT}:{tmp_path}"),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in (0, 1)]
+    try:
+        assert wait_until(lambda: (tmp_path / "building").exists() or any(p.poll() is not None for p in procs),
+                          timeout=240, poll=0.05)
+        assert all(p.poll() is None for p in procs), [p.communicate() for p in procs]
+        procs[1].send_signal(signal.SIGINT)
+        outputs = [p.communicate(timeout=60)[1] for p in procs]  # JAX's own timeouts are minutes
+    finally:
+        for p in procs:
+            p.kill()
+    assert procs[1].returncode == 130 and outputs[1].strip() == "pipetrain: interrupted", outputs[1]
+    assert procs[0].returncode != 0 and "process 1" in outputs[0] and "interrupted" in outputs[0], outputs[0]
+    assert len(outputs[0].strip().splitlines()) == 1, outputs[0]
 
 
 def test_initialize_names_what_is_wrong_with_its_arguments():
