@@ -320,6 +320,34 @@ def test_a_keras_distribution_off_jax_is_refused_by_run(classification_files):
         keras.distribution.set_distribution(None)
 
 
+def test_a_second_ctrl_c_while_process_0_waits_for_the_others_cuts_the_wait_only():
+    """After a stop every process agreed on, process 0 waits briefly for the others' last
+    system samples, then writes the end record: a second Ctrl-C in that wait went out of
+    it, past the end record (the run's history had none)."""
+    from types import SimpleNamespace
+
+    from pipetrain import distributed
+
+    class Channel:  # the coordination service, as a second Ctrl-C finds it mid-wait
+        said: list = []
+
+        def set(self, key, value, overwrite=False):
+            self.said.append(key)
+
+        def items(self, prefix):
+            raise KeyboardInterrupt
+
+    cluster = SimpleNamespace(share=None, is_writer=True, count=2, index=0, channel=Channel(), runs=0,
+                              ended_together=False)
+    link = distributed.RunLink(cluster, run=None)
+    link.stopped_together = True
+    try:
+        link.finish("interrupted")  # returns: the run writes its end record next
+    except KeyboardInterrupt:  # (not left to pytest, which would take it for the user's and stop)
+        pytest.fail("the second Ctrl-C went out of the wait, past the end record")
+    assert cluster.channel.said == ["run/1/done/0"]
+
+
 def test_the_guardian_writes_the_end_of_a_killed_writer(tmp_path):
     """Process 0 killed: JAX aborts the other processes at once, so the guardian process 0
     started writes the end record when process 0's pipe closes; after an end record, it
