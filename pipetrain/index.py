@@ -183,6 +183,8 @@ class _Listing:
         before = np.concatenate([np.zeros(1, dtype=np.int64), self.after[:-1]])
         bad = np.flatnonzero(~placed | (self.after > stop) | (self.offset < before))
         self.count = int(bad[0]) if len(bad) else len(entries)  # entries that may check out
+        if self.count < len(entries) and placed[self.count] and self.offset[self.count] < before[self.count]:
+            self.count = 0  # entries out of order: no writer wrote that (two swapped hide the line between)
         self.lines: dict[int, bytes] = {}  # entry: its line, for the lines that checked out
         self.checked = np.zeros(len(entries), dtype=bool)
         for i in np.flatnonzero(~self.sample[: self.count]).tolist():

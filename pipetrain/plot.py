@@ -461,7 +461,7 @@ def _time_panel(ax, series, colors, panel: str, unit: str, scale: float) -> None
             if not len(t):
                 continue
             marker = "o" if source == "system" and len(t) <= 60 else None
-            alpha = 1.0 if process is None else max(0.35, 0.9 - 0.15 * process)  # each process a shade
+            alpha = 1.0 if process is None else min(0.9, max(0.35, 0.9 - 0.15 * process))  # each process a shade
             ax.plot(*envelope(t / scale, y), color=color, marker=marker, markersize=3, alpha=alpha, **TRAIN_STYLE)
             if process is not None and np.isfinite(y).any():
                 last = np.flatnonzero(np.isfinite(y))[-1]

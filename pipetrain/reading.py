@@ -77,7 +77,8 @@ class _Selection:
         if epochs is not None and not isinstance(epochs, range):
             raise ValueError(f"epochs={epochs!r}: give an epoch number or a range of them (range(3, 5))")
         for name, value in (("since", since), ("until", until)):
-            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                      or math.isnan(value)):
                 raise ValueError(f"{name}={value!r}: give a Unix time in seconds")
         self.epoch_range, self.since, self.until = epochs, since, until
         self.ranged = epochs is not None or since is not None or until is not None
@@ -93,11 +94,14 @@ class _Selection:
         return True
 
     def mask(self, t: np.ndarray, epoch: np.ndarray | None) -> np.ndarray:
+        """Which records may be in the range, from their times as floats (an integer time
+        beyond 2**53 rounded: it may round up to ``until`` from below it; the exact test,
+        :meth:`takes`, comes after) and epochs."""
         keep = np.ones(len(t), dtype=bool)
         if self.since is not None:
             keep &= t >= self.since
         if self.until is not None:
-            keep &= t < self.until
+            keep &= t <= self.until
         if self.epoch_range is not None and epoch is not None:
             r = self.epoch_range
             if r.step == 1:

@@ -280,6 +280,10 @@ def test_a_torn_or_garbled_index_counts_up_to_its_last_good_entry(tmp_path):
     ipath.write_bytes(data[:32 + 24 * 5] + b"\xff" * 24 + data[32 + 24 * 6:])  # the sixth entry garbled
     assert known(path).entries == 5
     assert_readers_are_the_full_parse(path)
+    sixth, seventh = data[32 + 24 * 5:32 + 24 * 6], data[32 + 24 * 6:32 + 24 * 7]
+    ipath.write_bytes(data[:32 + 24 * 5] + seventh + sixth + data[32 + 24 * 7:])  # two entries swapped
+    assert known(path).covered == 0  # (the sixth's line, between them, was taken for batch lines)
+    assert_readers_are_the_full_parse(path)
     ipath.write_bytes(data[:20])  # not even a header
     assert known(path).covered == 0
     assert_readers_are_the_full_parse(path)

@@ -208,6 +208,21 @@ def test_bad_selections_name_the_argument(tmp_path):
         read_history(path, epochs=(1, 2))
     with pytest.raises(ValueError, match="since="):
         read_history(path, since="yesterday")
+    for name in ("since", "until"):  # NaN kept every epoch and sample but no batch
+        with pytest.raises(ValueError, match=f"{name}=nan: give a Unix time"):
+            read_history(path, **{name: float("nan")})
+
+
+def test_until_keeps_integer_times_just_below_it_that_round_up_to_it(tmp_path):
+    """Times beyond 2**53 written as integers: 10**17 + 10 is below until = 10**17 + 16
+    (a float), but rounds up to it as a float; the batch lines' range pre-filter dropped them."""
+    path = tmp_path / "t.jsonl"
+    path.write_text('{"type":"run","run":"r","t":0}\n' + "".join(
+        '{"type":"batch","run":"r","t":100000000000000010,"epoch":0,"batch":%d,"loss":1.0}\n' % i for i in range(3)))
+    until = 1e17 + 16
+    assert sum(b["t"] < until for b in read_history(path).batches) == 3
+    assert len(read_history(path, until=until).batches) == 3
+    assert len(read_history(path, until=1e17).batches) == 0
 
 
 # -- tail from the end ------------------------------------------------------------------------

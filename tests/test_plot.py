@@ -37,6 +37,16 @@ def test_plot_writes_a_report_sized_png(runs, capsys):
     assert (runs / "one.png").stat().st_size > 50_000  # drawn, not blank
 
 
+def test_a_sample_of_a_negative_process_is_drawn(tmp_path, capsys):
+    """A hand-edited process number below 0 made a shade beyond 1: 'plot failed: alpha
+    (1.05) is outside 0-1 range', exit 1."""
+    (tmp_path / "n.jsonl").write_text(
+        '{"type":"run","run":"r","t":0}\n{"type":"system","run":"r","t":1,"rss_mb":5,"process":-1}\n'
+        '{"type":"system","run":"r","t":1,"rss_mb":5,"process":0}\n')
+    assert cli.main(["plot", str(tmp_path / "n.jsonl"), "-o", str(tmp_path / "n.png")]) == 0, capsys.readouterr().err
+    png_size(tmp_path / "n.png")
+
+
 def test_several_runs_overlay_and_are_told_apart(runs):
     series = load(["a/runs/exp", "b/runs/exp/history.jsonl", "running.jsonl"])
     assert [s.label for s in series] == ["a/runs/exp", "b/runs/exp", "r9"]
