@@ -15,8 +15,9 @@ others unread.
 
 The index is binary, little-endian. A 32-byte header: ``PTINDEX2``, the history's inode
 (u64), how many of its first bytes were hashed (u32) and their BLAKE2b-64 digest. Then
-24-byte entries: offset (u64), length (u32; its top bit set for a *sample*, a line a
-reader may leave unread), CRC-32 of the line (u32), mtime_ns (i64). A sample is a
+32-byte entries: offset (u64), length (u32; its top bit set for a *sample*, a line a
+reader may leave unread), CRC-32 of the line (u32), mtime_ns (i64), and the *chain*
+(u64): the sum of a mix of each entry's fields and place, up to this one (:func:`chain`). A sample is a
 system record or no record at all (a line that begins as the writer's system lines do
 and holds no other ``"type"`` key nor escape: :func:`pipetrain.scan.is_sample`) that
 is either not shown (of one of the other processes its segment's run record names, in
@@ -30,17 +31,20 @@ CRC's place, 1 when the writer closed the file). Each entry says: the line at
 ``offset`` is whole (a newline before and after it) with that CRC, and every line
 between the previous entry and it begins as a batch line written by the writer (or is
 empty); its mtime_ns, when not 0, is the history's mtime when the file ended with it.
-An older pipetrain's index (``PTINDEX1``: no entry marked) is read as one whose
-entries are all to be read, and a writer that meets one (a resume) writes a new index
-in its place.
+An older pipetrain's index is read as it was written: ``PTINDEX1`` (no entry marked) as
+one whose entries are all to be read, ``PTINDEX2`` (24-byte entries, no chain) with its
+marks; a writer that meets one (a resume) writes a new index in its place.
 
 An entry that is read is checked: a reader reads every entry but the samples', the
 samples it needs, and the last entry (a seal, usually). An entry that is not read is
 trusted only before one that checks out: a line inserted or removed before that one
 moves it, which its check catches. The first entry read that does not check out (a
 line inserted, removed or changed by hand moves or changes the bytes at the offsets
-that follow), a torn last entry, or one beyond the file's end ends the entries trusted
-at the last one before it that checks out, and the reader scans from there. The index
+that follow), a torn last entry, one beyond the file's end, or the first whose chain is
+not the sum of the entries up to it (the index itself damaged: an entry dropped, moved
+or changed, whose lines may all still check out) ends the entries trusted at the last
+one before it that checks out, and the reader scans from there; entries out of order
+are no writer's: the whole index is ignored. The index
 is ignored (the reader scans as if there were none) when it is missing, not a file,
 unreadable, written for another file (inode or first bytes differ). A history whose
 size or mtime is not what its writer sealed when it closed it, or that ends where an
@@ -77,14 +81,32 @@ import numpy as np
 from pipetrain import scan
 
 SUFFIX = ".index"
-MAGIC = b"PTINDEX2"
-VERSIONS = {b"PTINDEX1": 1, MAGIC: 2}  # (version 1: no entry marked a sample)
+MAGIC = b"PTINDEX3"
+VERSIONS = {b"PTINDEX1": 1, b"PTINDEX2": 2, MAGIC: 3}  # (1: no entry marked a sample; 1 and 2: no chain)
 HEAD_BYTES = 4096  # the history's first bytes that the header hashes
 _HEADER = struct.Struct("<8sQI8s4x")
-_ENTRY = struct.Struct("<QIIq")
-_ENTRIES = np.dtype([("offset", "<u8"), ("length", "<u4"), ("crc", "<u4"), ("mtime", "<i8")])
+_FIELDS = [("offset", "<u8"), ("length", "<u4"), ("crc", "<u4"), ("mtime", "<i8")]
+_ENTRIES = {1: np.dtype(_FIELDS), 2: np.dtype(_FIELDS), 3: np.dtype([*_FIELDS, ("chain", "<u8")])}
+ENTRY_BYTES = _ENTRIES[3].itemsize
+# The chain: each entry's mix of its fields and its place, summed over it and the entries
+# before it (mod 2**64; odd multipliers, so every field and place moves it).
+_MIX = [np.uint64(k) for k in (0x9E3779B97F4A7C15, 0xC2B2AE3D27D4EB4F, 0x165667B19E3779F9, 0xD6E8FEB86659FD93,
+                               0xFF51AFD7ED558CCD, 0xC4CEB9FE1A85EC53)]
 SAMPLE = 1 << 31  # in an entry's length (version 2): the line is a sample, one a reader may leave unread
 CLOSED = 1  # a seal's flag (in the CRC's place): written when the writer closed the history
+
+
+def chain(entries: np.ndarray, first: int = 0, before: int = 0) -> np.ndarray:
+    """The chain value of each of ``entries`` (the index's entries ``first`` on, after
+    one whose chain is ``before``): a dropped, moved or changed entry (a bit of a sample's
+    mark included) changes its own and every later one."""
+    k = _MIX
+    with np.errstate(over="ignore"):
+        place = np.arange(first + 1, first + 1 + len(entries), dtype=np.uint64)
+        mixed = ((entries["offset"].astype(np.uint64) * k[0]) ^ (entries["length"].astype(np.uint64) * k[1])
+                 ^ (entries["crc"].astype(np.uint64) * k[2]) ^ (entries["mtime"].astype(np.uint64) * k[3])
+                 ^ (place * k[4])) * k[5]
+        return np.cumsum(mixed, dtype=np.uint64) + np.uint64(before)
 
 
 def path_for(history: str | os.PathLike) -> Path:
@@ -106,6 +128,7 @@ class Known:
     entries: int = 0  # how many entries checked out (seals included)
     sealed: tuple[int, int] = (0, 0)  # (end, mtime_ns) of the last of them
     version: int = 0  # the index's format (0: no valid index)
+    chain: int = 0  # the chain value of the last entry that checked out (format 3)
     samples: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
     sample_lengths: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
     _listing: _Listing | None = field(default=None, repr=False, compare=False)
@@ -122,7 +145,7 @@ class Known:
 
     def become(self, other: Known) -> None:
         """Say, in place, what ``other`` says (readers holding this Known see it)."""
-        for name in ("lines", "covered", "entries", "sealed", "samples", "sample_lengths", "_ids"):
+        for name in ("lines", "covered", "entries", "sealed", "chain", "samples", "sample_lengths", "_ids"):
             setattr(self, name, getattr(other, name))
 
 
@@ -172,8 +195,8 @@ class _Listing:
     def __init__(self, fd: int, entries: np.ndarray, version: int, info: os.stat_result, stop: int):
         self.fd, self.info, self.version = fd, info, version
         length = entries["length"].astype(np.int64)
-        self.sample = (length & SAMPLE).astype(bool) if version == 2 else np.zeros(len(entries), dtype=bool)
-        self.length = length & (SAMPLE - 1) if version == 2 else length
+        self.sample = (length & SAMPLE).astype(bool) if version >= 2 else np.zeros(len(entries), dtype=bool)
+        self.length = length & (SAMPLE - 1) if version >= 2 else length
         self.crc = entries["crc"]
         self.mtime = entries["mtime"]
         offset = entries["offset"]
@@ -185,6 +208,10 @@ class _Listing:
         self.count = int(bad[0]) if len(bad) else len(entries)  # entries that may check out
         if self.count < len(entries) and placed[self.count] and self.offset[self.count] < before[self.count]:
             self.count = 0  # entries out of order: no writer wrote that (two swapped hide the line between)
+        self.chain = entries["chain"] if version >= 3 else None
+        if self.chain is not None:  # an entry dropped, moved or changed: those before it are the index's
+            broken = np.flatnonzero(chain(entries[: self.count]) != self.chain[: self.count])
+            self.count = int(broken[0]) if len(broken) else self.count
         self.lines: dict[int, bytes] = {}  # entry: its line, for the lines that checked out
         self.checked = np.zeros(len(entries), dtype=bool)
         for i in np.flatnonzero(~self.sample[: self.count]).tolist():
@@ -203,8 +230,9 @@ class _Listing:
         if magic not in VERSIONS or inode != info.st_ino or head_len > info.st_size or \
                 _head_digest(fd, head_len) != digest:
             return None
-        count = (len(raw) - _HEADER.size) // _ENTRY.size  # a torn last entry is left out
-        entries = np.frombuffer(raw, _ENTRIES, count, _HEADER.size)
+        dtype = _ENTRIES[VERSIONS[magic]]
+        count = (len(raw) - _HEADER.size) // dtype.itemsize  # a torn last entry is left out
+        entries = np.frombuffer(raw, dtype, count, _HEADER.size)
         if count and entries["length"][-1] == 0 and entries["crc"][-1] & CLOSED and \
                 (int(entries["offset"][-1]), int(entries["mtime"][-1])) != (info.st_size, info.st_mtime_ns):
             return None  # the file changed after its writer closed it, and no writer wrote that
@@ -260,7 +288,8 @@ class _Listing:
         lines = [(int(self.offset[i]), self.lines[i]) for i in sorted(self.lines) if i < n]
         ids = np.flatnonzero(self.sample[:n] & ~self.checked[:n])
         end = (int(self.after[n - 1]), int(self.mtime[n - 1])) if n else (0, 0)
-        return Known(lines, end[0], n, end, self.version, self.offset[ids], self.length[ids], self, ids)
+        last = int(self.chain[n - 1]) if n and self.chain is not None else 0
+        return Known(lines, end[0], n, end, self.version, last, self.offset[ids], self.length[ids], self, ids)
 
 
 def _lines(fd: int, start: int, stop: int) -> list[tuple[int, bytes]]:
@@ -302,14 +331,16 @@ class IndexWriter:
         # saw) and how many processes its run record says it runs on.
         self._peak: float | None = -math.inf
         self._processes = 0
+        self._entries, self._chain = 0, 0  # entries in the index, and the last one's chain value
         self.on = stat.S_ISREG(os.fstat(fd).st_mode)  # a device as history (/dev/null): no index
         if self.on:
             self._guard(self._open)
 
     def _open(self) -> None:
         known = read(self._history, self.path, scan.line_end(self._history, os.fstat(self._history).st_size))
-        if known.entries and known.version == 2:  # (one of version 1, without kinds, is made anew from the file)
-            os.truncate(self.path, _HEADER.size + known.entries * _ENTRY.size)  # a torn or stale tail goes
+        if known.entries and known.version == 3:  # (an older one, without marks or chain, is made anew)
+            os.truncate(self.path, _HEADER.size + known.entries * ENTRY_BYTES)  # a torn or stale tail goes
+            self._entries, self._chain = known.entries, known.chain
             self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)
             # A seal made at close is followed at once by one that is not: readers see a
             # writer at work (its lines may come before the next entry), not a closed file.
@@ -327,6 +358,8 @@ class IndexWriter:
         if stop < self.covered:  # cut short by another hand while written: a new index
             os.close(self._fd)
             self._fd, self.covered, self._peak, self._processes = -1, 0, -math.inf, 0
+        if self._fd < 0:
+            self._entries, self._chain = 0, 0
         mtime = info.st_mtime_ns if stop == info.st_size else 0
         entries = [[offset, len(line), zlib.crc32(line), 0, self._unread_ok(line)]
                    for offset, line in _lines(self._history, self.covered, stop)]
@@ -340,13 +373,17 @@ class IndexWriter:
             entries.append([stop, 0, 0, mtime, False])
         if not entries:
             return
-        data = b"".join(_ENTRY.pack(offset, length | (SAMPLE if sample else 0), crc, mtime)
-                        for offset, length, crc, mtime, sample in entries)
+        rows = np.zeros(len(entries), dtype=_ENTRIES[3])
+        for i, (offset, length, crc, mtime, sample) in enumerate(entries):
+            rows[i] = (offset, length | (SAMPLE if sample else 0), crc, mtime, 0)
+        rows["chain"] = chain(rows, self._entries, self._chain)
+        data = rows.tobytes()
         if self._fd < 0:
             self._create(data, stop)
         elif os.write(self._fd, data) != len(data):
             raise OSError(errno.ENOSPC, "short write (disk full?)")
         self.covered, self._sealed = stop, (stop, mtime)
+        self._entries, self._chain = self._entries + len(rows), int(rows["chain"][-1])
 
     def _unread_ok(self, line: bytes) -> bool:
         """Whether ``line``'s entry is marked a sample, one a reader may leave unread (see

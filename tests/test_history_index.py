@@ -277,11 +277,12 @@ def test_a_torn_or_garbled_index_counts_up_to_its_last_good_entry(tmp_path):
     ipath.write_bytes(data[:-10])  # killed mid-entry
     assert known(path).entries == whole.entries - 1
     assert_readers_are_the_full_parse(path)
-    ipath.write_bytes(data[:32 + 24 * 5] + b"\xff" * 24 + data[32 + 24 * 6:])  # the sixth entry garbled
+    e = index.ENTRY_BYTES
+    ipath.write_bytes(data[:32 + e * 5] + b"\xff" * e + data[32 + e * 6:])  # the sixth entry garbled
     assert known(path).entries == 5
     assert_readers_are_the_full_parse(path)
-    sixth, seventh = data[32 + 24 * 5:32 + 24 * 6], data[32 + 24 * 6:32 + 24 * 7]
-    ipath.write_bytes(data[:32 + 24 * 5] + seventh + sixth + data[32 + 24 * 7:])  # two entries swapped
+    sixth, seventh = data[32 + e * 5:32 + e * 6], data[32 + e * 6:32 + e * 7]
+    ipath.write_bytes(data[:32 + e * 5] + seventh + sixth + data[32 + e * 7:])  # two entries swapped
     assert known(path).covered == 0  # (the sixth's line, between them, was taken for batch lines)
     assert_readers_are_the_full_parse(path)
     ipath.write_bytes(data[:20])  # not even a header
@@ -290,6 +291,29 @@ def test_a_torn_or_garbled_index_counts_up_to_its_last_good_entry(tmp_path):
     with HistoryWriter(path):  # the writer keeps what checks out and brings it up to date
         pass
     assert known(path).covered == path.stat().st_size
+
+
+@pytest.mark.parametrize("corruption", ["an entry dropped", "an epoch's entry marked a sample"])
+def test_an_index_corrupted_in_itself_is_trusted_only_before_the_corruption(tmp_path, corruption):
+    """Every entry left still checks out against its line, but a dropped entry's line was
+    taken for batch lines and a line marked a sample left unread: read_history's epochs
+    and tail lost that epoch. Each entry's chain value (format 3) catches both."""
+    path = damaged(tmp_path, "h")
+    ipath, e = index.path_for(path), index.ENTRY_BYTES
+    data, lines = ipath.read_bytes(), path.read_bytes()
+    entries = list(struct.iter_unpack("<QIIqQ", data[32:]))
+    epoch = next(i for i, (o, n, *_) in enumerate(entries) if lines[o:].startswith(b'{"type":"epoch"'))
+    whole = known(path)
+    if corruption == "an entry dropped":
+        data = data[:32 + e * epoch] + data[32 + e * (epoch + 1):]
+    else:
+        o, n, c, m, ch = entries[epoch]
+        data = data[:32 + e * epoch] + struct.pack("<QIIqQ", o, n | index.SAMPLE, c, m, ch) + data[32 + e * (epoch + 1):]
+    ipath.write_bytes(data)
+    assert known(path).entries == epoch < whole.entries
+    assert_readers_are_the_full_parse(path, corruption)
+    assert [r["epoch"] for r in read_history(path, tables=("epochs",)).epochs] == \
+        [r["epoch"] for r in reference(path).epochs]
 
 
 @pytest.mark.parametrize("writer", ["closed", "killed"])
@@ -367,7 +391,7 @@ def test_index_entries_beyond_the_end_are_dropped_and_mended_by_the_writer(tmp_p
     entries = len(index.path_for(path).read_bytes())
     with HistoryWriter(path):
         pass
-    assert known(path).covered == cut and len(index.path_for(path).read_bytes()) < entries + 24
+    assert known(path).covered == cut and len(index.path_for(path).read_bytes()) < entries + index.ENTRY_BYTES
     assert_readers_are_the_full_parse(path)
 
 
@@ -534,8 +558,9 @@ def test_a_history_cut_short_while_written_gets_a_new_index(tmp_path):
 def marks(path) -> tuple[bytes, list[tuple[bytes, bool]]]:
     """The index's magic, and each line it lists with whether it is marked a sample."""
     raw, data = index.path_for(path).read_bytes(), path.read_bytes()
-    entries = struct.iter_unpack("<QIIq", raw[32: 32 + (len(raw) - 32) // 24 * 24])
-    return raw[:8], [(data[o: o + (n & (index.SAMPLE - 1))], bool(n & index.SAMPLE)) for o, n, _, _ in entries
+    e = index.ENTRY_BYTES
+    entries = struct.iter_unpack("<QIIqQ", raw[32: 32 + (len(raw) - 32) // e * e])
+    return raw[:8], [(data[o: o + (n & (index.SAMPLE - 1))], bool(n & index.SAMPLE)) for o, n, _, _, _ in entries
                      if n & (index.SAMPLE - 1)]
 
 
@@ -573,7 +598,7 @@ def test_the_index_marks_the_samples_a_reader_may_leave_unread(tmp_path):
     ]
     path = written(tmp_path / "h.jsonl", [r for r, _ in records])
     magic, listed = marks(path)
-    assert magic == b"PTINDEX2"
+    assert magic == b"PTINDEX3"
     assert listed == [(encode(r).rstrip(b"\n"), marked) for r, marked in records]
     assert_readers_are_the_full_parse(path)
     # Lines the writer finds rather than writes (appended by hand, an index made anew): the same rule.
@@ -637,9 +662,10 @@ def as_version_1(path) -> None:
     """The history's index as an older pipetrain wrote it: PTINDEX1, no entry marked."""
     ipath = index.path_for(path)
     raw = ipath.read_bytes()
-    entries = struct.iter_unpack("<QIIq", raw[32: 32 + (len(raw) - 32) // 24 * 24])
+    e = index.ENTRY_BYTES
+    entries = struct.iter_unpack("<QIIqQ", raw[32: 32 + (len(raw) - 32) // e * e])
     ipath.write_bytes(b"PTINDEX1" + raw[8:32] + b"".join(
-        struct.pack("<QIIq", o, n & (index.SAMPLE - 1), c, m) for o, n, c, m in entries))
+        struct.pack("<QIIq", o, n & (index.SAMPLE - 1), c, m) for o, n, c, m, _ in entries))
 
 
 @pytest.mark.parametrize("peaks", [False, True], ids=["an older pipetrain's history", "samples with peaks"])
@@ -654,11 +680,29 @@ def test_an_older_index_is_read_whole_and_replaced_by_a_resumed_writer(tmp_path,
     assert not len(known(path, samples=False).samples)  # every entry is read
     assert_readers_are_the_full_parse(path)
     assert len(looked_samples(path)) == 60
-    with HistoryWriter(path):  # a resume: the index made anew, as format 2
-        assert marks(path) == (b"PTINDEX2", listed) and known(path).covered == size
+    with HistoryWriter(path):  # a resume: the index made anew, as format 3
+        assert marks(path) == (b"PTINDEX3", listed) and known(path).covered == size
     assert_readers_are_the_full_parse(path)
     looked = len(looked_samples(path))  # an older pipetrain's samples (no peak): all read; else a few
     assert (looked == 60) if not peaks else (looked < 10)
+
+
+def test_a_format_2_index_is_read_as_it_was_and_replaced_by_a_resumed_writer(tmp_path):
+    """Format 2 (entries without their chain value, as pipetrain wrote until 2026-12-01):
+    read, its samples' marks used; a resume writes format 3 in its place."""
+    path = written(tmp_path / "h.jsonl", distributed_resumes(processes=(1, 2), samples=30, peaks=True), kill=True)
+    _, listed = marks(path)
+    size, covered, looked = path.stat().st_size, known(path).covered, len(looked_samples(path))
+    ipath, e = index.path_for(path), index.ENTRY_BYTES
+    raw = ipath.read_bytes()
+    ipath.write_bytes(b"PTINDEX2" + raw[8:32] + b"".join(
+        struct.pack("<QIIq", o, n, c, m) for o, n, c, m, _ in struct.iter_unpack("<QIIqQ", raw[32:])))
+    assert (known(path).version, known(path).covered) == (2, covered)
+    assert_readers_are_the_full_parse(path)
+    assert len(looked_samples(path)) == looked < 10
+    with HistoryWriter(path):
+        assert marks(path) == (b"PTINDEX3", listed) and known(path).covered == size
+    assert_readers_are_the_full_parse(path)
 
 
 def test_a_sample_read_that_does_not_check_out_ends_what_the_index_is_trusted_for(tmp_path):
