@@ -605,12 +605,17 @@ class _Look:
         runs = [(at, r) for at, r in self.others if r["type"] == "run"]
         parsed = [(at, r) for at, r in self.others if r["type"] == "system"]
         parsed_at = [at for at, _ in parsed]
+        ends = [at for at, r in self.others if r["type"] == "end"]
         edges = [-1, *(at for at, _ in runs), self.stop]
         for segment in range(len(edges) - 1):
             lo, hi = edges[segment], edges[segment + 1]
             a, b = int(np.searchsorted(offsets, lo, "right")), int(np.searchsorted(offsets, hi, "left"))
             if a == b:
                 continue  # none of its samples is left unread
+            for at in ends:  # (samples after an end in its segment, edited in: the end says the peak before it)
+                k = int(np.searchsorted(offsets, at, "left"))
+                if lo < at < hi and a < k < b:
+                    self._peak(a, k)
             if segment < len(edges) - 2:
                 self._peak(a, b)
             else:

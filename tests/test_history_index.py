@@ -316,6 +316,32 @@ def test_an_index_corrupted_in_itself_is_trusted_only_before_the_corruption(tmp_
         [r["epoch"] for r in reference(path).epochs]
 
 
+def test_tail_lines_at_an_end_followed_by_samples_of_its_segment_are_those_of_the_scan(tmp_path):
+    """Samples edited in after an end record, in its segment: tail's plain lines said the
+    peak RSS at the end from the first sample only (900 MB), the scan from both (920)."""
+    import io
+
+    from pipetrain.tail import tail_plain
+
+    path = tmp_path / "p.jsonl"
+    with HistoryWriter(path) as w:
+        w.write({"type": "run", "run": "r", "t": 0.0})
+        w.write({"type": "system", "run": "r", "t": 1.0, "rss_mb": 900.0, "peak_rss_mb": 900.0})
+        w.write({"type": "system", "run": "r", "t": 1.5, "rss_mb": 920.0, "peak_rss_mb": 920.0})
+        w.write({"type": "end", "run": "r", "t": 2.0, "status": "stopped"})
+        w.write({"type": "system", "run": "r", "t": 3.0, "rss_mb": 950.0, "peak_rss_mb": 950.0})
+
+    def plain() -> str:
+        out = io.StringIO()
+        tail_plain(path, follow=False, poll=0.1, out=out)
+        return out.getvalue()
+
+    through = plain()
+    index.path_for(path).unlink()
+    assert through == plain() and "peak RSS 920 MB" in through, through
+    assert_readers_are_the_full_parse(path)
+
+
 @pytest.mark.parametrize("writer", ["closed", "killed"])
 @pytest.mark.parametrize("edit", ["insert an epoch", "insert a system line", "remove a system line",
                                   "change a system line's length", "change an epoch in place", "cut the file short"])
