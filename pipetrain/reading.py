@@ -390,7 +390,8 @@ def read_history(
     lines unparsed (``.batches`` and ``.system`` come back empty, and ``skipped`` counts
     only the lines read); ``epochs=range(10, 20)`` keeps the batch and epoch records of
     those epochs; ``since``/``until`` (Unix seconds, until excluded) keep the batch,
-    epoch and system records of that time. Run records and the end record always come.
+    epoch and system records of that time (a batch line outside them is not parsed, so
+    ``skipped`` does not count it if it is broken). Run records and the end record always come.
 
     Example::
 
