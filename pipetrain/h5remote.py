@@ -57,7 +57,11 @@ class MetadataCache:
         return self.folder / f"{name}-{version}.pages"
 
     def load(self, obj: ObjectInfo) -> tuple[dict[int, bytes], dict]:
-        """(pages, notes) kept for this version of the object; empty when none are."""
+        """(pages, notes) kept for this version of the object; empty when none are (or
+        when its version cannot tell one content from another: a file replaced by one of
+        the same size was read through the old one's pages)."""
+        if not obj.versioned:
+            return {}, {}
         try:
             with open(self.path(obj), "rb") as f:
                 header = json.loads(f.readline())
@@ -79,6 +83,8 @@ class MetadataCache:
 
     def save(self, obj: ObjectInfo, pages: dict[int, bytes], notes: dict) -> None:
         """Keep the pages (best effort: a cache that cannot be written is no error)."""
+        if not obj.versioned:
+            return
         digest = hashlib.sha256()
         for p in sorted(pages):
             digest.update(pages[p])

@@ -82,6 +82,12 @@ class ObjectInfo:
         """Identifies this version of the object (for caches)."""
         return f"{self.url}\n{self.version}\n{self.size}"
 
+    @property
+    def versioned(self) -> bool:
+        """Whether its version tells its contents apart: an ETag or a generation, not a
+        Last-Modified (a second apart at best) or nothing."""
+        return self.version is not None and self.validator != "Last-Modified"
+
 
 # ----------------------------------------------------------------------------- stores
 
@@ -227,19 +233,37 @@ async def _ranged(session, url: str, headers: dict, obj: ObjectInfo, start: int,
     total size and version are the object's as opened."""
     headers = {**headers, "Range": f"bytes={start}-{stop - 1}", "Accept-Encoding": "identity"}
     async with session.get(url, headers=headers, **kwargs) as r:
+        spans, total = _content_range(r.headers.get("Content-Range", ""))
+        if r.status == 416 and total is not None and total != obj.size:  # (a range inside the size opened)
+            raise _Changed(f"size {obj.size} became {total}")
         if r.status >= 400:
             text = (await r.read())[:200].decode("utf-8", "replace")
             raise _HTTPStatus(r.status, " ".join(text.split()))
+        encoding = r.headers.get("Content-Encoding", "identity").strip().lower()
+        if encoding not in ("", "identity"):
+            raise RemoteInputError(f"{obj.url}: the object is stored {encoding}-encoded (Content-Encoding: "
+                                   f"{encoding}); pipetrain reads ranges of a plain HDF5 file")
         if r.status != 206 and not (start == 0 and stop == obj.size):
             raise RemoteInputError(f"{obj.url}: the server does not honour Range requests (HTTP {r.status}); "
                                    "pipetrain reads objects in ranges")
-        total = r.headers.get("Content-Range", "").rpartition("/")[2]
-        if total.isdigit() and int(total) != obj.size:
+        if total is not None and total != obj.size:
             raise _Changed(f"size {obj.size} became {total}")
+        if r.status == 206 and spans is not None and spans != (start, stop - 1):
+            raise RemoteInputError(f"{obj.url}: asked for bytes {start}-{stop - 1}, the server sent bytes "
+                                   f"{spans[0]}-{spans[1]}; pipetrain reads objects in ranges")
         version = r.headers.get(etag_header)
         if obj.version and version and version != obj.version:
             raise _Changed(f"{etag_header} {obj.version} became {version}")
         return await r.read()
+
+
+def _content_range(value: str) -> tuple[tuple[int, int] | None, int | None]:
+    """``bytes FIRST-LAST/TOTAL`` (or ``bytes */TOTAL``): ((first, last) or None, total or None)."""
+    unit, _, rest = value.strip().partition(" ")
+    span, _, total = rest.partition("/")
+    first, dash, last = span.partition("-")
+    spans = (int(first), int(last)) if unit == "bytes" and dash and first.isdigit() and last.isdigit() else None
+    return spans, int(total) if total.isdigit() else None
 
 
 class HTTPStore(Store):
@@ -281,7 +305,9 @@ class HTTPStore(Store):
         target = self.fs.encode_url(url)
         async with session.head(target, headers=headers, **{"allow_redirects": True, **kwargs}) as r:
             size = r.headers.get("Content-Length", "")
-            if r.status >= 400 and r.status not in (405, 501):  # (405, 501: HEAD not served)
+            # 405, 501: HEAD not served; 403 where the URL is signed for GET (a presigned
+            # URL: the GET below says whether access is denied)
+            if r.status >= 400 and r.status not in (405, 501) and not (r.status == 403 and "?" in url):
                 raise _HTTPStatus(r.status, "")
             if r.status < 400 and size.isdigit():
                 return {"size": int(size), "ETag": r.headers.get("ETag"), "Last-Modified": r.headers.get("Last-Modified")}
@@ -301,6 +327,8 @@ class HTTPStore(Store):
         session = await self.fs.set_session()
         kwargs = dict(self.fs.kwargs)
         headers = dict(kwargs.pop("headers", None) or {})
+        if obj.version:  # the server refuses (412) a version other than the one opened, where it knows it
+            headers["If-Match" if obj.validator == "ETag" else "If-Unmodified-Since"] = obj.version
         return await _ranged(session, self.fs.encode_url(obj.url), headers, obj, start, stop,
                              etag_header=obj.validator, **kwargs)
 
@@ -377,8 +405,15 @@ def stat(url: str, storage_options: dict | None = None, settings=None) -> Object
 
 
 def expand(pattern: str, storage_options: dict | None = None) -> list[ObjectInfo]:
-    """The objects a URL glob matches, sorted (sizes and versions from the listing)."""
+    """The objects a URL glob matches, sorted (sizes and versions from the listing); an
+    object whose key is the pattern itself (``train[1].h5``) is that object, as a local
+    path that exists is that file (the glob read train1.h5 instead, or added ab.h5 to a?.h5)."""
     store = store_for(pattern, storage_options)
+    # (not for a pattern with * alone, the usual glob: its key is no real object's, and the
+    # look would cost a request or two each time)
+    literal = _literal(store, pattern) if any(c in pattern.split("://", 1)[1] for c in "[?") else None
+    if literal is not None:
+        return [literal]
     try:
         found = store.glob(pattern)
     except RemoteInputError:
@@ -388,6 +423,16 @@ def expand(pattern: str, storage_options: dict | None = None) -> list[ObjectInfo
     if not found:
         raise RemoteInputError(f"{pattern}: no object matches")
     return found
+
+
+def _literal(store: Store, url: str) -> ObjectInfo | None:
+    """The object at ``url`` taken literally, or None where there is none (or a prefix:
+    nothing in it)."""
+    try:
+        obj = store.info(url)
+    except Exception:  # no such object (the usual case for a glob), or it cannot say: the glob decides
+        return None
+    return obj if obj.size else None
 
 
 def _input_error(url: str, exc: BaseException) -> RemoteInputError | RemoteReadError:

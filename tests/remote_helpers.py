@@ -77,13 +77,18 @@ class FileServer:
 
     For the benchmark, a cloud region's network: ``latency`` seconds before each answer,
     and at most ``bandwidth`` bytes per second on each connection (None: as fast as
-    the machine sends; bodies go out with ``sendfile``, paced in slices when limited)."""
+    the machine sends; bodies go out with ``sendfile``, paced in slices when limited).
+    ``faults`` (a dict, changed at will) makes it misbehave: ``wrong_start`` (a range's
+    bytes from 0 instead, and says so in Content-Range), ``encoding`` (a Content-Encoding
+    header), ``head403`` (refuses a HEAD of a URL with a query, as S3 does for a URL
+    presigned for GET)."""
 
     SLICE = 256 << 10  # bytes sent between two looks at the pace
 
     def __init__(self, folder: str | os.PathLike, latency: float = 0.0, bandwidth: float | None = None,
                  etag: bool = True):
         self.folder = Path(folder)
+        self.faults: dict = {}
         self.latency, self.bandwidth, self.etag = latency, bandwidth, etag  # etag False: Last-Modified alone
         self.requests = 0
         self.bytes = 0  # of the bodies sent
@@ -97,6 +102,8 @@ class FileServer:
                 pass
 
             def do_HEAD(self):
+                if server.faults.get("head403") and "?" in self.path:
+                    return self._reply(403, {}, b"")
                 self._serve(body=False)
 
             def do_GET(self):
@@ -132,8 +139,14 @@ class FileServer:
                 if spec.startswith("bytes="):
                     a, _, b = spec[6:].partition("-")
                     start, stop = int(a), min(size, int(b) + 1 if b else size)
+                    if start >= size:
+                        return self._reply(416, {"Content-Range": f"bytes */{size}"}, b"")
+                    if server.faults.get("wrong_start"):
+                        start, stop = 0, stop - start
                     status = 206
                     headers["Content-Range"] = f"bytes {start}-{stop - 1}/{size}"
+                if server.faults.get("encoding"):
+                    headers["Content-Encoding"] = server.faults["encoding"]
                 self._reply(status, headers, b"", stop - start)
                 if body:
                     self._send_file(path, start, stop)

@@ -540,6 +540,75 @@ def test_a_web_server_without_etags_has_its_objects_checked_by_last_modified(tmp
         server.stop()
 
 
+def test_a_web_server_that_misbehaves_is_told_never_read_wrong(tmp_path):
+    """Found by a hostile review, each read before as wrong bytes or as another failure:
+    a 206 of other bytes than asked (read as the rows: wrong data), an object truncated
+    while it is read (HTTP 416, a read failure), an object stored gzip-encoded (retried,
+    then 'expected 250 bytes, got 4448'), a presigned URL whose HEAD is refused (access
+    denied, though its GET works), and a server without ETags whose object was replaced
+    by one of the same size (read through the metadata cached for the first)."""
+    folder = tmp_path / "www"
+    folder.mkdir()
+    path = labelled(folder / "d.h5", rows=3000, seed=1)
+    server = FileServer(folder)
+    url = f"{server.url}/d.h5"
+    try:
+        with H5Source(url, x="x", y="y", fetch=FAST, metadata_cache=None) as source:
+            server.faults["wrong_start"] = True
+            with pytest.raises(SourceError, match=r"asked for bytes \d+-\d+, the server sent bytes 0-"):
+                source.read(0, 1000, 1100)
+            server.faults.clear()
+            os.truncate(path, path.stat().st_size // 2)  # (this server's ETag changes: its If-Match fails)
+            with pytest.raises(SourceError, match="the object changed while it was read .*HTTP 412"):
+                source.read(0, 2900, 3000)
+        labelled(folder / "d.h5", rows=3000, seed=1)
+        server.faults["encoding"] = "gzip"
+        bad(r"d.h5: the object is stored gzip-encoded \(Content-Encoding: gzip\)", url, x="x", fetch=FAST,
+            metadata_cache=None)
+        server.faults.clear()
+        server.faults["head403"] = True
+        with H5Source(url + "?X-Amz-Signature=abc", x="x", y="y", fetch=FAST, metadata_cache=None) as source:
+            assert_same_reads(source, path)
+    finally:
+        server.stop()
+    plain = FileServer(folder, etag=False)  # Last-Modified alone: a second apart at best
+    cache = tmp_path / "cache"
+    try:
+        def write(order, seed):
+            x = np.random.default_rng(seed).normal(size=(3000, 40)).astype("f4")
+            with h5py.File(folder / "e.h5", "w") as f:
+                for name in order:
+                    f.create_dataset(name, data=x if name == "x" else np.arange(3000) % 3,
+                                     chunks=(64, 40) if name == "x" else (128,))
+        write("xy", 1)
+        with H5Source(f"{plain.url}/e.h5", x="x", y="y", fetch=FAST, metadata_cache=cache) as source:
+            source.read(0, 0, 3000)
+        size = (folder / "e.h5").stat().st_size
+        write("yx", 2)  # the same size, other places, within the same second (or not: the same either way)
+        assert (folder / "e.h5").stat().st_size == size
+        with H5Source(f"{plain.url}/e.h5", x="x", y="y", fetch=FAST, metadata_cache=cache) as source:
+            with h5py.File(folder / "e.h5") as f:
+                np.testing.assert_array_equal(source.read(0, 0, 3000)[0]["x"], f["x"][:])
+            os.truncate(folder / "e.h5", size // 2)  # no ETag: the server answers the range past the end 416
+            with pytest.raises(SourceError, match=f"the object changed while it was read .*size {size} became"):
+                source.read(0, 2900, 3000)
+    finally:
+        plain.stop()
+
+
+def test_a_bucket_key_that_looks_like_a_glob_is_that_object_when_it_exists(bucket, tmp_path):
+    """s3://b/train[1].h5 read train1.h5 instead, and s3://b/a?.h5 added ab.h5 to it;
+    a path that exists is that file, as for local paths."""
+    for key, rows in (("train[1].h5", 100), ("train1.h5", 70), ("a?.h5", 100), ("ab.h5", 70)):
+        bucket.put(labelled(tmp_path / f"{rows}.h5", rows=rows, chunk=4), key)
+    for key in ("train[1].h5", "a?.h5"):
+        url = f"s3://{bucket.name}/{key}"
+        with H5Source(url, x="x", y="y", fetch=FAST, storage_options=bucket.options()) as source:
+            assert source.paths == [url] and source.rows == 100
+    with H5Source(f"s3://{bucket.name}/train*.h5", x="x", y="y", fetch=FAST, storage_options=bucket.options()) as source:
+        assert sorted(source.paths) == [f"s3://{bucket.name}/train1.h5", f"s3://{bucket.name}/train[1].h5"]
+
+
 def test_a_web_servers_answer_to_opening_an_object_is_told_as_it_is(tmp_path):
     """Opening an https:// object: a server that does not answer fails after the reads'
     time-out and retries (not minutes later, not as "no such object"); 403 is access
