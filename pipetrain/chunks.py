@@ -49,7 +49,7 @@ import numpy as np
 from h5py._objects import phil as _phil  # h5py's lock around the HDF5 library
 
 from pipetrain.codecs import FILTER_NAMES, Stage, fastest, stages, unshuffle_planes
-from pipetrain.errors import InputError
+from pipetrain.errors import InputError, located
 from pipetrain.remote import RemoteReadError
 
 __all__ = ["ChunkReader", "DamagedChunk", "FileBytes", "check_index", "open_chunk_reader", "read_path"]
@@ -194,7 +194,7 @@ class ChunkReader:
             except _ShortRead as exc:
                 raise DamagedChunk(f"{self._where(row_chunk, column, start, stop)}: {exc}") from None
             except OSError as exc:  # the disk or the network failed: not the file's fault
-                raise OSError(f"{self._where(row_chunk, column, start, stop)}: {exc}") from exc
+                raise OSError(located(self._where(row_chunk, column, start, stop), exc, self._filename)) from exc
             self._lookup(row_chunk, column, data, start, stop)
             if raw:
                 if data is not direct:  # fetched elsewhere (a remote source): one copy

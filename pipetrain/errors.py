@@ -54,6 +54,17 @@ def one_line(exc: BaseException, with_type: bool = False) -> str:
     return f"{type(exc).__name__}: {text}" if with_type and not is_bad_input(exc) else text
 
 
+def located(where: str, exc: BaseException, path: str) -> str:
+    """``where: message`` for an error out of reading the file ``path``, which names the
+    file once: a lower layer's message that names it already keeps its own place (the
+    dataset and rows of a chunk, or the bytes of a request) after the file's name, and
+    the place more precise than ``where`` wins."""
+    text, prefix = one_line(exc), f"{path}: "
+    while text.startswith(prefix):
+        text = text[len(prefix):]
+    return prefix + text if text.startswith("dataset '") else f"{where}: {text}"
+
+
 class Interrupted(KeyboardInterrupt, SystemExit):
     """A run stopped by SIGINT or SIGTERM, its checkpoint written: what ``run.epochs()``
     (and ``train()``) raise. It is a ``KeyboardInterrupt`` (``except KeyboardInterrupt``

@@ -34,7 +34,7 @@ import numpy as np
 
 from pipetrain.chunks import ChunkReader, DamagedChunk, check_index, open_chunk_reader
 from pipetrain.codecs import FILTER_NAMES
-from pipetrain.errors import InputError, one_line
+from pipetrain.errors import InputError, located, one_line
 from pipetrain.remote import RemoteReadError, is_url
 
 Names = str | Sequence[str] | Mapping[str, str]
@@ -582,14 +582,15 @@ class H5Source:
                 if isinstance(reader, ChunkReader) or _network_failure(e) or _io_error(e):
                     # the disk or the network failed (the chunk reader says a damaged
                     # chunk as DamagedChunk)
-                    raise SourceReadError(f"{where}: {one_line(e)}") from e
+                    raise SourceReadError(located(where, e, str(self.paths[file]))) from e
                 first, last = _failing_rows(reader, start, stop)
                 where = f"{self.paths[file]}: dataset '{name}' rows {first}-{last}"
                 # HDF5's own read failed on what the file holds (a checksum, a filter,
                 # an address past the end): damaged data, not a failing disk.
                 raise CorruptDataError(f"{where}: HDF5 cannot read them (damaged file?): {one_line(e)}") from e
             except Exception as e:
-                raise CorruptDataError(f"{self.paths[file]}: dataset '{name}' rows {start}-{stop}: {one_line(e)}") from e
+                raise CorruptDataError(located(f"{self.paths[file]}: dataset '{name}' rows {start}-{stop}", e,
+                                               str(self.paths[file]))) from e
             fetched += n
             limit = self._label_limits.get(name)
             if limit is not None:

@@ -395,7 +395,9 @@ def test_a_network_that_stays_down_fails_in_one_line_naming_the_url_and_rows(tmp
         with pytest.raises(SourceReadError) as info:
             source.read(0, 100, 200)
     message = str(info.value)
-    assert message.startswith(f"{url}: dataset 'x' rows 100-200") and "after 4 attempts" in message
+    # The rows of the chunk that failed (of the 100-200 asked), the request's bytes: the URL once.
+    assert message.startswith(f"{url}: dataset 'x' rows 100-128: bytes ") and "after 4 attempts" in message
+    assert message.count(url) == 1, message
     assert "\n" not in message
 
 
