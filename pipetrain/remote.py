@@ -112,7 +112,11 @@ class Store:
         """Size and version of the object at ``url`` (raises what :func:`classify` knows);
         ``settings``: the reads' :class:`pipetrain.ranges.FetchSettings`, where the store
         uses them."""
-        return self.object(url, self.fs.info(self.path(url)))
+        info = self.fs.info(self.path(url))
+        if info.get("type") == "directory":  # (it said "not an HDF5 file (0 bytes)")
+            raise RemoteInputError(f"{url}: a bucket or a folder of objects, not an object; name a file, "
+                                   f"or its files with a glob ({url.rstrip('/')}/*.h5)")
+        return self.object(url, info)
 
     def object(self, url: str, info: dict) -> ObjectInfo:
         size = info.get("size")

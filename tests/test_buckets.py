@@ -611,6 +611,14 @@ def test_a_bucket_key_that_looks_like_a_glob_is_that_object_when_it_exists(bucke
         assert sorted(source.paths) == [f"s3://{bucket.name}/train1.h5", f"s3://{bucket.name}/train[1].h5"]
 
 
+def test_a_bucket_or_a_folder_given_as_a_file_is_told_so(bucket, tmp_path):
+    """It said 'not an HDF5 file (0 bytes, no HDF5 signature)'."""
+    bucket.put(labelled(tmp_path / "a.h5"), "dir/a.h5")
+    for url in (f"s3://{bucket.name}", f"s3://{bucket.name}/", f"s3://{bucket.name}/dir"):
+        bad(rf"{re.escape(url)}: a bucket or a folder of objects, not an object; name a file, or its files with a "
+            rf"glob \({re.escape(url.rstrip('/'))}/\*\.h5\)", url, x="x", storage_options=bucket.options(), fetch=FAST)
+
+
 def test_a_web_servers_answer_to_opening_an_object_is_told_as_it_is(tmp_path):
     """Opening an https:// object: a server that does not answer fails after the reads'
     time-out and retries (not minutes later, not as "no such object"); 403 is access
