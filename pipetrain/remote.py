@@ -500,7 +500,9 @@ def _status_and_code(exc: BaseException) -> tuple[int | None, str | None]:
         return status, error.get("Code")
     if isinstance(exc, _HTTPStatus):
         return exc.status, exc.code
-    status = getattr(exc, "status", None) or getattr(exc, "code", None)
+    status = getattr(exc, "status", None)
+    if status is None:  # (aiohttp's errors have status; their code is its deprecated name: not read)
+        status = getattr(exc, "code", None)
     return (status, None) if isinstance(status, int) else (None, None)
 
 
@@ -533,6 +535,8 @@ def classify(exc: BaseException) -> str:
 
 def describe(exc: BaseException) -> str:
     """One line for a store's exception: its code and message."""
+    if type(exc).__name__ == "TooManyRedirects":  # (aiohttp's says "0, message='', url=...")
+        return f"too many redirects (a redirect loop?), the last to {getattr(exc, 'request_info', None) and exc.request_info.real_url}"
     status, code = _status_and_code(exc)
     text = " ".join(str(exc).split()) or type(exc).__name__
     if code and code not in text:

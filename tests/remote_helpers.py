@@ -81,7 +81,7 @@ class FileServer:
     ``faults`` (a dict, changed at will) makes it misbehave: ``wrong_start`` (a range's
     bytes from 0 instead, and says so in Content-Range), ``encoding`` (a Content-Encoding
     header), ``head403`` (refuses a HEAD of a URL with a query, as S3 does for a URL
-    presigned for GET)."""
+    presigned for GET), ``loop`` (redirects every request to itself)."""
 
     SLICE = 256 << 10  # bytes sent between two looks at the pace
 
@@ -112,6 +112,8 @@ class FileServer:
             def _serve(self, body: bool):
                 with server._lock:
                     server.requests += 1
+                if server.faults.get("loop"):  # every request redirected to itself
+                    return self._reply(302, {"Location": self.path}, b"")
                 if server.latency:
                     time.sleep(server.latency)
                 path = server.folder / self.path.split("?")[0].lstrip("/")
