@@ -84,9 +84,10 @@ class ObjectInfo:
 
     @property
     def versioned(self) -> bool:
-        """Whether its version tells its contents apart: an ETag or a generation, not a
-        Last-Modified (a second apart at best) or nothing."""
-        return self.version is not None and self.validator != "Last-Modified"
+        """Whether its version tells its bytes apart: a strong ETag or a generation, not a
+        weak ETag (W/"...": the same meaning, maybe other bytes), a Last-Modified (a second
+        apart at best) or nothing."""
+        return self.version is not None and self.validator != "Last-Modified" and not self.version.startswith("W/")
 
 
 # ----------------------------------------------------------------------------- stores
@@ -331,8 +332,12 @@ class HTTPStore(Store):
         session = await self.fs.set_session()
         kwargs = dict(self.fs.kwargs)
         headers = dict(kwargs.pop("headers", None) or {})
-        if obj.version:  # the server refuses (412) a version other than the one opened, where it knows it
-            headers["If-Match" if obj.validator == "ETag" else "If-Unmodified-Since"] = obj.version
+        # The server refuses (412) a version other than the one opened, where it knows it; a
+        # weak ETag (W/"...") never matches If-Match (RFC 9110): the answers' ETags are compared.
+        if obj.validator == "ETag" and obj.version and not obj.version.startswith("W/"):
+            headers["If-Match"] = obj.version
+        elif obj.validator == "Last-Modified" and obj.version:
+            headers["If-Unmodified-Since"] = obj.version
         return await _ranged(session, self.fs.encode_url(obj.url), headers, obj, start, stop,
                              etag_header=obj.validator, **kwargs)
 

@@ -81,7 +81,8 @@ class FileServer:
     ``faults`` (a dict, changed at will) makes it misbehave: ``wrong_start`` (a range's
     bytes from 0 instead, and says so in Content-Range), ``encoding`` (a Content-Encoding
     header), ``head403`` (refuses a HEAD of a URL with a query, as S3 does for a URL
-    presigned for GET), ``loop`` (redirects every request to itself)."""
+    presigned for GET), ``loop`` (redirects every request to itself), ``weak`` (weak
+    ETags, which If-Match never matches)."""
 
     SLICE = 256 << 10  # bytes sent between two looks at the pace
 
@@ -129,10 +130,12 @@ class FileServer:
                 headers = {"ETag": etag, "Accept-Ranges": "bytes",
                            "Last-Modified": email.utils.formatdate(stat.st_mtime, usegmt=True),
                            "Content-Type": "application/octet-stream"}
+                if server.faults.get("weak"):
+                    etag = headers["ETag"] = "W/" + etag
                 if not server.etag:
                     del headers["ETag"]
                 wanted = self.headers.get("If-Match")
-                if wanted and wanted.strip() != etag:
+                if wanted and (wanted.strip() != etag or etag.startswith("W/")):  # (strong comparison: RFC 9110)
                     return self._reply(412, {"Content-Type": "application/xml"},
                                        b"<Error><Code>PreconditionFailed</Code></Error>" if body else b"")
                 size, status = stat.st_size, 200

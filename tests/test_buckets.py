@@ -572,6 +572,10 @@ def test_a_web_server_that_misbehaves_is_told_never_read_wrong(tmp_path):
         bad(r"d.h5: cannot be read: too many redirects \(a redirect loop\?\), the last to http", url, x="x",
             fetch=FAST, metadata_cache=None)
         server.faults.clear()
+        server.faults["weak"] = True  # W/"...": read, not refused by If-Match
+        with H5Source(url, x="x", y="y", fetch=FAST, metadata_cache=None) as source:
+            assert_same_reads(source, path)
+        server.faults.clear()
         server.faults["head403"] = True
         with H5Source(url + "?X-Amz-Signature=abc", x="x", y="y", fetch=FAST, metadata_cache=None) as source:
             assert_same_reads(source, path)
