@@ -393,6 +393,8 @@ def _run_history(args) -> tuple[dict | None, Path]:
         return None, _run_to_resume(args.resume)
     if args.allow_changed_data:
         raise BadInput("--allow-changed-data is for --resume (a new run reads the data as it is)")
+    if args.name is not None and (not args.name.strip(". ") or any(c in args.name for c in "/\\\0")):
+        raise BadInput(f"--name {args.name!r}: a name, not a path (it goes under runs/); give a path with --history")
     settings = _new_run_settings(args)
     name = args.name or _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     return settings, Path(args.history) if args.history else Path("runs") / name / "history.jsonl"

@@ -133,6 +133,8 @@ def load_model(spec: str, source: H5Source, *, unsafe: bool = False, folders=())
 
     path = Path(spec)
     if spec.endswith(".keras") or path.exists():
+        if path.is_dir():
+            raise ModelError(f"{spec}: a folder, not a model file")
         if not path.is_file():
             raise ModelError(f"{spec}: no such model file")
         try:
@@ -157,10 +159,22 @@ def load_model(spec: str, source: H5Source, *, unsafe: bool = False, folders=())
         factory = getattr(module, func_name, None)
         if not callable(factory):
             raise ModelError(f"--model {spec}: {module_name} has no function {func_name!r}")
-        takes_source = bool(inspect.signature(factory).parameters)
-        model = factory(source) if takes_source else factory()
+        parameters = inspect.signature(factory).parameters.values()
+        required = [p.name for p in parameters if p.default is p.empty and p.kind in (p.POSITIONAL_ONLY,
+                                                                                      p.POSITIONAL_OR_KEYWORD)]
+        if len(required) > 1:
+            raise ModelError(f"--model {spec}: {func_name}() takes {len(required)} arguments "
+                             f"({', '.join(required)}); a model function takes none, or the data source")
+        takes_source = any(True for _ in parameters)
+        try:
+            model = factory(source) if takes_source else factory()
+        except SystemExit as e:  # (it ended pipetrain with its code, silently)
+            raise ModelError(f"--model {spec}: {func_name}() exited (SystemExit({e.code!r})) instead of "
+                             "returning a model") from None
     else:
         raise ModelError(f"--model {spec}: expected FILE.keras or package.module:function")
+    if not isinstance(model, keras.Model):
+        raise ModelError(f"--model {spec}: gave {type(model).__name__}, not a Keras model")
     if getattr(model, "optimizer", None) is None or not getattr(model, "compiled", True):
         raise ModelError(f"--model {spec}: the model is not compiled (compile it before saving or returning it)")
     return model

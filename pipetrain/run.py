@@ -62,6 +62,8 @@ from pipetrain.progress import Progress, RecentRate, batch_text
 from pipetrain.source import H5Source
 
 CHECKPOINT_EVERY = 1000  # batches between checkpoints, besides one at each epoch end
+MAX_ROWS = 2**63 - 1  # a batch's rows are numpy int64 offsets (10**20 failed in a producer thread)
+MAX_WORKERS = 256  # producer threads (100,000 failed to start: "can't start new thread")
 
 
 class NonFiniteLoss(FloatingPointError):
@@ -245,9 +247,10 @@ class Run:
         validation: H5Source | None = None,
         device_prefetch: bool | str = False,
     ):
-        batch_size, epochs = whole_setting("batch_size", batch_size), whole_setting("epochs", epochs)
+        batch_size = whole_setting("batch_size", batch_size, 1, MAX_ROWS)
+        epochs = whole_setting("epochs", epochs)
         seed = whole_setting("seed", seed, 0, MAX_SEED)
-        workers, max_queue = whole_setting("workers", workers), whole_setting("max_queue", max_queue)
+        workers, max_queue = whole_setting("workers", workers, 1, MAX_WORKERS), whole_setting("max_queue", max_queue)
         if checkpoint_every:  # None or 0: at epoch ends only
             checkpoint_every = whole_setting("checkpoint_every", checkpoint_every)
         if monitor_interval is not None and not (isinstance(monitor_interval, (int, float))
@@ -1242,7 +1245,8 @@ def whole_setting(name: str, value, low: int = 1, high: int | None = None) -> in
         number = None
     if number is None or isinstance(value, bool) or number < low or high is not None and number > high:
         bounds = f">= {low}" if high is None else f"from {low} to {high}"
-        raise RunError(f"{name}={value!r} must be a whole number {bounds}")
+        said = argument(f"{name}={value!r}", f"--{name.replace('_', '-')} {value}")
+        raise RunError(f"{said} must be a whole number {bounds}")
     return number
 
 

@@ -324,6 +324,11 @@ def _check_history_path(history: Path) -> None:
         return  # not there yet (or under something that is not a folder: the lock says which)
     if not (stat.S_ISREG(mode) or stat.S_ISCHR(mode)):  # a device such as /dev/null takes the lines
         raise RunError(f"{history}: is {file_kind(mode)}, not a history file")
+    folder = history.parent.resolve()
+    if stat.S_ISCHR(mode) and (folder == Path("/dev") or Path("/dev") in folder.parents):
+        # (the run's lock, checkpoints and model went into /dev)
+        raise RunError(f"{history}: a device in {folder}, which would be the run folder (its checkpoints and "
+                       f"model); link it from a run folder instead (ln -s {history} runs/NAME/history.jsonl)")
 
 
 def _why(e: OSError, path: Path) -> str:

@@ -244,3 +244,47 @@ def test_a_reader_that_leaves_closed_streams_and_sigterm_at_start_end_cleanly(tm
     assert job.wait(timeout=120) == 130
     assert job.stderr.read().strip().splitlines()[-1] == "pipetrain: terminated (SIGTERM)"
     assert not lock.exists()
+
+
+FACTORIES = """
+def notmodel():
+    return 42
+
+def twoargs(a, b):
+    pass
+
+def exits():
+    raise SystemExit(0)
+"""
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--name", "../escaped"], "--name '../escaped': a name, not a path (it goes under runs/); give a path with --history"),
+    (["--name", "a/b"], "--name 'a/b': a name, not a path"),
+    (["--history", "/dev/null"], "/dev/null: a device in /dev, which would be the run folder (its checkpoints and model)"),
+    (["--workers", "100000"], "--workers 100000 must be a whole number from 1 to 256"),
+    (["--batch-size", str(10**20)], f"--batch-size {10**20} must be a whole number from 1 to {2**63 - 1}"),
+    (["--model", "factories:notmodel"], "--model factories:notmodel: gave int, not a Keras model"),
+    (["--model", "factories:twoargs"], "--model factories:twoargs: twoargs() takes 2 arguments (a, b); a model "
+                                       "function takes none, or the data source"),
+    (["--model", "factories:exits"], "--model factories:exits: exits() exited (SystemExit(0)) instead of returning a model"),
+    (["--model", "folder.keras"], "folder.keras: a folder, not a model file"),
+], ids=["name-up", "name-path", "dev-null", "workers", "batch-size", "not-a-model", "two-args", "exits", "folder"])
+def test_flags_a_hostile_review_found_are_bad_input_and_write_nothing(tmp_path, data, monkeypatch, capsys, args,
+                                                                      message):
+    """Each was taken: --name '../x' wrote outside runs/, --history /dev/null put the run's
+    checkpoints and model in /dev, --workers 100000 and --batch-size 10**20 failed in the
+    producers (exit 1, a failed run left behind), a factory's SystemExit(0) ended
+    pipetrain silently with 0, and the others said something else."""
+    from pipetrain import cli
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    (tmp_path / "factories.py").write_text(FACTORIES)
+    (tmp_path / "folder.keras").mkdir()
+    before = set(os.listdir("/dev"))
+    assert cli.main(["train", "--data", "d.h5", "--x", "x", "--y", "y", "--quiet", *args]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "runs").exists() and not (tmp_path.parent / "escaped").exists()
+    assert set(os.listdir("/dev")) == before
