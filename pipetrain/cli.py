@@ -312,8 +312,13 @@ def _run_to_resume(given: str) -> Path:
     (found as ``pipetrain tail`` finds it)."""
     from pipetrain.history import history_file
 
+    from pipetrain import runfolder
+
     path = history_file(given)
     if not path.is_file():
+        if Path(given).is_dir() and runfolder.held(Path(given) / "history.jsonl"):  # a run starting there
+            raise BadInput(f"--resume {given}: another run is starting in this folder (before its first record); "
+                           "wait for it to end, or choose another folder")
         raise BadInput(f"--resume {given}: no such run folder or history file" if not Path(given).is_dir() else
                        f"--resume {given}: no history file there (is it a run folder?)")
     return path
@@ -629,6 +634,14 @@ def main(argv: list[str] | None = None) -> int:
             signal.signal(signal.SIGTERM, previous)
 
 
+def _hold_interrupts():
+    """Ignore SIGINT while the interrupted command says so and ends; the handler it
+    replaced (None off the main thread)."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def _terminate_as_interrupt():
     """SIGTERM before a run installs its own handlers (while Python, Keras and the data
     load): a Ctrl-C, so the folder is let go and the line is said; the handler it
@@ -658,12 +671,17 @@ def _main(argv: list[str]) -> int:
         with command_line():  # messages name flags, not Python arguments
             return args.func(args)
     except KeyboardInterrupt as e:
-        text = str(e) if isinstance(e, Interrupted) else "interrupted"
-        print(f"pipetrain: {text}", file=sys.stderr)
-        from pipetrain import distributed
+        held = _hold_interrupts()  # a second Ctrl-C here printed a traceback through this handler's imports
+        try:
+            text = str(e) if isinstance(e, Interrupted) else "interrupted"
+            print(f"pipetrain: {text}", file=sys.stderr)
+            from pipetrain import distributed
 
-        distributed.abandon(EXIT_INTERRUPTED, text)  # outside the agreed stop: the others stop too (not JAX's exit barrier)
-        return EXIT_INTERRUPTED
+            distributed.abandon(EXIT_INTERRUPTED, text)  # outside the agreed stop: the others stop too (not JAX's exit barrier)
+            return EXIT_INTERRUPTED
+        finally:
+            if held is not None:
+                signal.signal(signal.SIGINT, held)
     except BrokenPipeError:  # the reader of the output left (`| head`): nothing more to say
         with contextlib.suppress(OSError):
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

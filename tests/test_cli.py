@@ -288,3 +288,45 @@ def test_flags_a_hostile_review_found_are_bad_input_and_write_nothing(tmp_path, 
     assert message in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "runs").exists() and not (tmp_path.parent / "escaped").exists()
     assert set(os.listdir("/dev")) == before
+
+
+def test_resume_of_a_folder_a_run_is_starting_in_says_so(tmp_path, capsys):
+    """The run holds the folder's lock but has not written its history yet: --resume said
+    'no history file there (is it a run folder?)'."""
+    import socket
+
+    from pipetrain import cli
+    from pipetrain.runfolder import LOCK_NAME
+
+    folder = tmp_path / "race"
+    folder.mkdir()
+    (folder / LOCK_NAME).write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": "now"}))
+    assert cli.main(["train", "--resume", str(folder)]) == 2
+    err = capsys.readouterr().err
+    assert f"--resume {folder}: another run is starting in this folder" in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_second_ctrl_c_while_the_first_is_told_ends_in_one_line(tmp_path, monkeypatch, capsys):
+    """Ctrl-C twice quickly during start-up: the second landed in the handler of the first
+    (its import of pipetrain.distributed) and printed two tracebacks."""
+    import signal
+
+    from pipetrain import cli, distributed
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    def second_ctrl_c(code, text):
+        os.kill(os.getpid(), signal.SIGINT)  # Python's handler raises KeyboardInterrupt at once
+
+    monkeypatch.setattr(cli, "cmd_train", interrupted)
+    monkeypatch.setattr(distributed, "abandon", second_ctrl_c)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        assert cli.main(["train"]) == 130
+    except KeyboardInterrupt:  # (not left to pytest, which would take it for the user's)
+        pytest.fail("the second Ctrl-C went out of the first's handler")
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert capsys.readouterr().err == "pipetrain: interrupted\n"
+    assert signal.getsignal(signal.SIGINT) is previous
