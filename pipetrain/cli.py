@@ -310,9 +310,8 @@ def _recorded(settings: dict) -> dict:
 def _run_to_resume(given: str) -> Path:
     """The history of the run that ``--resume`` names: a run folder, or a history file
     (found as ``pipetrain tail`` finds it)."""
-    from pipetrain.history import history_file
-
     from pipetrain import runfolder
+    from pipetrain.history import history_file
 
     path = history_file(given)
     if not path.is_file():

@@ -13,7 +13,7 @@ what comes after it (the batch lines since the last other line, and anything app
 hand). A reader that needs only some of the samples (``tail``'s first look) leaves the
 others unread.
 
-The index is binary, little-endian. A 32-byte header: ``PTINDEX2``, the history's inode
+The index is binary, little-endian. A 32-byte header: ``PTINDEX3``, the history's inode
 (u64), how many of its first bytes were hashed (u32) and their BLAKE2b-64 digest. Then
 32-byte entries: offset (u64), length (u32; its top bit set for a *sample*, a line a
 reader may leave unread), CRC-32 of the line (u32), mtime_ns (i64), and the *chain*
@@ -92,7 +92,7 @@ ENTRY_BYTES = _ENTRIES[3].itemsize
 # before it (mod 2**64; odd multipliers, so every field and place moves it).
 _MIX = [np.uint64(k) for k in (0x9E3779B97F4A7C15, 0xC2B2AE3D27D4EB4F, 0x165667B19E3779F9, 0xD6E8FEB86659FD93,
                                0xFF51AFD7ED558CCD, 0xC4CEB9FE1A85EC53)]
-SAMPLE = 1 << 31  # in an entry's length (version 2): the line is a sample, one a reader may leave unread
+SAMPLE = 1 << 31  # in an entry's length (version 2 on): the line is a sample, one a reader may leave unread
 CLOSED = 1  # a seal's flag (in the CRC's place): written when the writer closed the history
 
 

@@ -159,13 +159,13 @@ def load_model(spec: str, source: H5Source, *, unsafe: bool = False, folders=())
         factory = getattr(module, func_name, None)
         if not callable(factory):
             raise ModelError(f"--model {spec}: {module_name} has no function {func_name!r}")
-        parameters = inspect.signature(factory).parameters.values()
-        required = [p.name for p in parameters if p.default is p.empty and p.kind in (p.POSITIONAL_ONLY,
-                                                                                      p.POSITIONAL_OR_KEYWORD)]
+        parameters = inspect.signature(factory).parameters
+        required = [p.name for p in parameters.values()
+                    if p.default is p.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
         if len(required) > 1:
             raise ModelError(f"--model {spec}: {func_name}() takes {len(required)} arguments "
                              f"({', '.join(required)}); a model function takes none, or the data source")
-        takes_source = any(True for _ in parameters)
+        takes_source = bool(parameters)
         try:
             model = factory(source) if takes_source else factory()
         except SystemExit as e:  # (it ended pipetrain with its code, silently)

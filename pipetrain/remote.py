@@ -541,7 +541,8 @@ def classify(exc: BaseException) -> str:
 def describe(exc: BaseException) -> str:
     """One line for a store's exception: its code and message."""
     if type(exc).__name__ == "TooManyRedirects":  # (aiohttp's says "0, message='', url=...")
-        return f"too many redirects (a redirect loop?), the last to {getattr(exc, 'request_info', None) and exc.request_info.real_url}"
+        last = getattr(getattr(exc, "request_info", None), "real_url", None)
+        return "too many redirects (a redirect loop?)" + (f", the last to {last}" if last else "")
     status, code = _status_and_code(exc)
     text = " ".join(str(exc).split()) or type(exc).__name__
     if code and code not in text:
