@@ -13,6 +13,12 @@ errors and timings to the consumer. It knows nothing of models.
 - **Each block decoded once.** A block needed by several batches (a chunk straddling two
   batches, or a shuffle window) is decoded by the first worker that needs it and kept
   until its last user, as counted by the plan, has copied its rows.
+- **No hand-over for a copy.** A batch that no worker has taken yet when the consumer
+  asks for it, and that only copies rows out of blocks already decoded, is copied by
+  the consumer itself: waiting would cost a thread switch both ways and a hand-over of
+  the GIL, more than the copy (PyTorch's step keeps both cores busy, so idle-priority
+  workers run only once the consumer waits). Workers sleep until half the buffers are
+  free, then fill them in one go.
 - **Ahead of time.** While every buffer is in use, workers decode the cached blocks of
   batches not started yet (``lookahead``), so the first batch of a shuffle window, which
   reads all of the window's blocks, does not make the consumer wait.
@@ -105,16 +111,26 @@ class BufferPool:
     it each batch gets fresh arrays, but the number in flight is bounded all the same.
     ``batch_size`` (the size asked for, which ``rows`` may be below) names the setting
     when a buffer cannot be allocated.
+
+    Producers that found no buffer free sleep in :meth:`wait` until ``wake_at`` buffers
+    are free again (or :meth:`wake` is called), then fill them in one go: waking a thread
+    and handing it the GIL for every batch cost more than building a small batch (about
+    80 us of CPU a batch on PyTorch digits, taken from a step that holds the GIL).
     """
 
-    def __init__(self, fields, rows: int, capacity: int, recycle: bool = True, batch_size: int | None = None):
+    def __init__(self, fields, rows: int, capacity: int, recycle: bool = True, batch_size: int | None = None,
+                 wake_at: int | None = None):
         self.fields, self.rows, self.capacity, self.recycle = fields, rows, capacity, recycle
         self.batch_size = rows if batch_size is None else batch_size
         self.buffer_bytes = rows * sum(f.row_bytes for f in fields.values())
         self._memory = psutil.virtual_memory().total  # no buffer can be larger than this
         self._free: list[dict[str, np.ndarray]] = []
         self._allocated = 0
-        self._permits = threading.Semaphore(capacity)
+        self._available = capacity  # permits not taken
+        self.wake_at = max(1, min(capacity, capacity // 2 if wake_at is None else wake_at))
+        lock = threading.Lock()
+        self._room = threading.Condition(lock)  # wake_at buffers are free (producers wait for this)
+        self._freed = threading.Condition(lock)  # a buffer is free (acquire waits for this)
 
     def prime(self) -> None:
         """Allocate one buffer now, in the calling thread: a batch too large for the
@@ -127,20 +143,18 @@ class BufferPool:
         :class:`BatchMemoryError` (the permit given back) when a new buffer cannot be
         allocated."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        while True:
-            left = POLL_S if deadline is None else min(POLL_S, deadline - time.monotonic())
-            if self._permits.acquire(timeout=max(0.0, left)):
-                break
-            if stop.is_set() or (deadline is not None and time.monotonic() >= deadline):
-                return None
-        try:
-            return self._free.pop()
-        except IndexError:
-            pass
+        with self._room:
+            while not self._available:
+                if stop.is_set() or (deadline is not None and time.monotonic() >= deadline):
+                    return None
+                self._freed.wait(POLL_S if deadline is None else min(POLL_S, deadline - time.monotonic()))
+            self._available -= 1
+            if self._free:
+                return self._free.pop()
         try:
             return self._allocate()
         except BaseException:
-            self._permits.release()
+            self.release(None)
             raise
 
     def _allocate(self) -> dict[str, np.ndarray]:
@@ -165,14 +179,26 @@ class BufferPool:
                 "batch_size or max_queue")
 
     def wait(self, timeout: float) -> None:
-        """Wait up to ``timeout`` seconds for a buffer to come free, without taking it."""
-        if self._permits.acquire(timeout=timeout):
-            self._permits.release()
+        """Wait up to ``timeout`` seconds for ``wake_at`` buffers to be free (or for
+        :meth:`wake`), without taking one."""
+        with self._room:
+            if self._available < self.wake_at:
+                self._room.wait(timeout)
+
+    def wake(self) -> None:
+        """Wake the waiting producers whatever the number of free buffers (the consumer
+        waits for a batch)."""
+        with self._room:
+            self._room.notify_all()
 
     def release(self, buffers: dict[str, np.ndarray] | None) -> None:
-        if buffers is not None and self.recycle:
-            self._free.append(buffers)
-        self._permits.release()
+        with self._room:
+            if buffers is not None and self.recycle:
+                self._free.append(buffers)
+            self._available += 1
+            self._freed.notify()
+            if self._available == self.wake_at:
+                self._room.notify_all()
 
 
 def _size(nbytes: int) -> str:
@@ -255,6 +281,11 @@ class BlockCache:
             entry.fetched, entry.ahead_s = 0, 0.0
         # Time spent waiting for a block decoded ahead is in the caller's own time already.
         return entry.arrays, fetched, 0.0 if waited else seconds
+
+    def ready(self, epoch: int, block: int) -> bool:
+        """Whether the block is decoded (without error) and waiting for its users."""
+        entry = self._entries.get((epoch, block))
+        return entry is not None and entry.ready.is_set() and entry.error is None
 
     def done(self, epoch: int, block: int) -> None:
         """One planned user of the block has copied its rows."""
@@ -594,14 +625,20 @@ class Prefetcher(Iterator[Batch]):
         t0 = time.perf_counter()
         while True:
             with self._done:
-                if self._next in self._results:
-                    result = self._results.pop(self._next)
-                    break
-                if self._stop.is_set() or (self._total is not None and self._next >= self._total):
+                result = self._results.pop(self._next, None)
+                if result is None and self._ended():
                     raise StopIteration
+            if result is None:
+                result = self._build_here()
+            if result is not None:
+                break
+            with self._done:
+                if self._next in self._results or self._ended():  # came meanwhile: taken (or ended) above
+                    continue
                 # Workers deliver under this lock: if none is alive now, none will.
                 alive = any(t.is_alive() for t in self._threads)
                 if alive:
+                    self.pool.wake()  # producers below the pool's wake_at mark start now
                     self._done.wait(POLL_S)
             if not alive:
                 self.close()
@@ -622,6 +659,49 @@ class Prefetcher(Iterator[Batch]):
         self._check_starved(now)
         self._held = result
         return result
+
+    def _ended(self) -> bool:
+        """(Under ``_done``) the stream is closed, or every batch is delivered."""
+        return self._stop.is_set() or (self._total is not None and self._next >= self._total)
+
+    def _build_here(self) -> Batch | _Failure | None:
+        """The batch the consumer waits for, built in its own thread when no worker has
+        taken it yet and it is only a copy out of blocks already decoded; else None.
+
+        Where the step holds the GIL and the cores (PyTorch on CPU), idle-priority
+        workers run only once the consumer waits: every batch then cost a wait, two
+        thread switches and a hand-over of the GIL, more than the copy itself (digits:
+        the consumer waited at 55% of its batches). Copying here costs the same copy and
+        nothing else. Decoding stays with the workers."""
+        with self._dispatch:
+            if self._issued != self._next or self._stop.is_set() or self._total is not None:
+                return None
+            if not self._ahead:
+                self._peek()
+                if not self._ahead:
+                    return None
+            seq, plan = self._ahead[0]
+            if isinstance(plan, BaseException) or not all(
+                    not self._direct(part) and self.cache.ready(plan.epoch, part.block) for part in plan.parts):
+                return None
+            try:
+                buffers = self.pool.acquire(self._stop, timeout=0)
+            except Exception:  # no memory for a new buffer: a worker meets it too, and says so
+                return None
+            if buffers is None:
+                return None
+            self._ahead.popleft()
+            self._issued = seq + 1
+        try:
+            return self._build(plan, buffers)
+        except Exception as e:
+            self.pool.release(buffers)
+            return _Failure(plan, e)
+        except BaseException as e:  # Ctrl-C while copying: it goes up; the batch is lost, and says so if asked again
+            self.pool.release(buffers)
+            with self._done:
+                self._results[seq] = _Failure(plan, e)
+            raise
 
     def _check_starved(self, now: float, waiting_since: float | None = None) -> None:
         """Other processes keep the cores so busy that idle-time producers hardly run:

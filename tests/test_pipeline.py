@@ -111,6 +111,95 @@ def test_backpressure_bounds_the_batches_in_flight(files):
             assert len(list(stream)) == plan.steps_per_epoch - 1
 
 
+def test_a_batch_no_producer_took_is_copied_by_the_consumer_out_of_a_decoded_block(files, monkeypatch):
+    # Producers held back after the first batch (as idle-priority threads are while a
+    # PyTorch step keeps both cores): the next batches of the block the first one decoded
+    # are copies, which the consumer makes itself rather than wait for a producer.
+    paths, x, y = files
+    gate = threading.Event()
+    original_take = Prefetcher._take
+
+    def take(self):
+        if self._issued >= 1:
+            gate.wait(5)
+        return original_take(self)
+
+    monkeypatch.setattr(Prefetcher, "_take", take)
+    with H5Source(paths, x="x", y="y") as source:
+        plan = Plan(source.rows_per_file, 8, block_rows=32, shuffle="none")  # 4 batches a block
+        stream = Prefetcher(source, plan.batches(0), plan.blocks, 8, workers=1)
+        builders = {}
+        original_build = stream._build
+        stream._build = lambda p, b: builders.setdefault(p.index, threading.current_thread().name) and original_build(p, b)
+        with stream:
+            rows = expected_rows(plan, 0)
+            for i in range(4):
+                batch = next(stream)
+                np.testing.assert_array_equal(batch.x, x[rows[i]])
+                np.testing.assert_array_equal(batch.y, y[rows[i]])
+            gate.set()
+            rest = [(b.x.copy(), b.y.copy()) for b in stream]
+    assert [builders[i] for i in (1, 2, 3)] == [threading.current_thread().name] * 3
+    assert "-producer-" in builders[0] and "-producer-" in builders[4]  # decoding stays with the producers
+    for (bx, by), r in zip(rest, rows[4:], strict=True):
+        np.testing.assert_array_equal(bx, x[r])
+        np.testing.assert_array_equal(by, y[r])
+
+
+def test_an_error_in_the_consumers_own_copy_names_the_batch(files, monkeypatch):
+    paths, _, _ = files
+    gate = threading.Event()
+    original_take, original_copy = Prefetcher._take, Prefetcher._copy
+
+    def take(self):
+        if self._issued >= 1:
+            gate.wait(5)
+        return original_take(self)
+
+    def copy(self, epoch, part, arrays, out):
+        if threading.current_thread() is threading.main_thread():
+            raise OSError("the copy broke")
+        return original_copy(self, epoch, part, arrays, out)
+
+    monkeypatch.setattr(Prefetcher, "_take", take)
+    monkeypatch.setattr(Prefetcher, "_copy", copy)
+    with H5Source(paths, x="x", y="y") as source:
+        plan = Plan(source.rows_per_file, 8, block_rows=32, shuffle="none")
+        with Prefetcher(source, plan.batches(0), plan.blocks, 8, workers=1) as stream:
+            next(stream)
+            with pytest.raises(PipelineError, match=r"\(epoch 1, batch 2\): the copy broke") as caught:
+                next(stream)
+            gate.set()
+    assert isinstance(caught.value.__cause__, OSError)
+
+
+def test_waiting_producers_wake_at_the_pools_mark_or_when_the_consumer_waits(files):
+    paths, _, _ = files
+    with H5Source(paths, x="x", y="y") as source:
+        pool = BufferPool(source.fields, rows=4, capacity=4)
+    assert pool.wake_at == 2
+    stop = threading.Event()
+    held = [pool.acquire(stop) for _ in range(4)]
+    woke = threading.Event()
+
+    def producer():
+        pool.wait(timeout=30)
+        woke.set()
+
+    for release, wakes in (([held.pop()], False), ([held.pop()], True)):
+        woke.clear()
+        thread = threading.Thread(target=producer)
+        thread.start()
+        for buffers in release:
+            pool.release(buffers)
+        assert woke.wait(0.3 if not wakes else 10) is wakes  # 1 free: it sleeps on; 2: it wakes
+        if not wakes:
+            pool.wake()  # the consumer waits for a batch: wake whatever is free
+            assert woke.wait(10)
+        thread.join(10)
+    assert pool.acquire(stop, timeout=0) is not None  # buffers given back are taken again
+
+
 def test_max_queue_bytes_lowers_the_queue(files):
     paths, _, _ = files
     with H5Source(paths, x="x", y="y") as source:
@@ -284,7 +373,8 @@ def test_producers_run_at_the_priority_asked(files, priority, monkeypatch):
 
         def build(p, b):
             tid = threading.get_native_id()
-            seen[tid] = (os.sched_getscheduler(tid), os.getpriority(os.PRIO_PROCESS, tid))
+            if threading.current_thread() is not threading.main_thread():  # (the consumer copies some itself)
+                seen[tid] = (os.sched_getscheduler(tid), os.getpriority(os.PRIO_PROCESS, tid))
             return original(p, b)
 
         stream._build = build
