@@ -2,7 +2,7 @@
 step for step, on a machine whose speed drifts.
 
     KERAS_BACKEND=torch python benchmarks/bench_paired.py [--workload digits w1 w2]
-        [--block 200] [--rounds 8] [--settle 0.5] [--parts] [--priorities low normal]
+        [--block 200] [--rounds 8] [--settle 0.5] [--parts] [--control] [--priorities low normal]
         [--data-dir /tmp/bt-data] [--out results/paired-torch.json]
 
 bench_train.py and bench_overhead.py run each variant for whole epochs, one after the
@@ -24,7 +24,9 @@ otherwise decode on the time of the variant measured after it).
   ``train()`` runs); with ``--parts`` also ``pipetrain-no-ckpt`` (the same without the
   checkpoints) and ``pipetrain-no-hist`` (no history, hence no checkpoints), to say what
   each costs; with ``--priorities`` also ``pipetrain-<priority>`` (the producers at that
-  CPU priority instead of idle: ``producer_priority``);
+  CPU priority instead of idle: ``producer_priority``); with ``--control`` also
+  ``memory-again`` (training alone once more, its own model: its ratio to ``memory`` is
+  what two identical loops differ by on this machine, the floor under every other ratio);
 - ``loader``: the backend's own loader feeding ``model.train_on_batch``: torch's
   ``DataLoader`` (2 worker processes), Grain (2 worker processes) on JAX, ``tf.data``
   (a generator of h5py slices, prefetched) on TensorFlow.
@@ -119,7 +121,7 @@ def with_loader(path, x_name, y_name, batch, model):
 
 
 def run(name: str, block: int, rounds: int, data_dir: Path, settle: float, parts: bool = False,
-        priorities: tuple[str, ...] = ()) -> dict:
+        priorities: tuple[str, ...] = (), control: bool = False) -> dict:
     path, spec, x_name, y_name, builder = workload(name, data_dir)
     with tempfile.TemporaryDirectory() as tmp:
         for sub in ("a", "b"):
@@ -132,6 +134,8 @@ def run(name: str, block: int, rounds: int, data_dir: Path, settle: float, parts
                                                         Path(tmp) / "b", checkpoints=False)
             loops["pipetrain-no-hist"] = with_pipetrain(path, x_name, y_name, spec["batch"], builder(), Path(tmp),
                                                         history=False)
+        if control:  # training alone again, its own model: the ratio between identical loops is the noise
+            loops["memory-again"] = memory(path, x_name, y_name, spec["batch"], builder())
         for priority in priorities:
             (Path(tmp) / priority).mkdir()
             loops[f"pipetrain-{priority}"] = with_pipetrain(path, x_name, y_name, spec["batch"], builder(),
@@ -152,9 +156,14 @@ def run(name: str, block: int, rounds: int, data_dir: Path, settle: float, parts
     out = {"workload": name, "backend": BACKEND, "device": _device(), "batch": spec["batch"], "block": block,
            "rounds": rounds, "settle_s": settle, "variants": {}}
     for variant, values in ms.items():
+        ratios = [v / m for v, m in zip(values, ms["memory"], strict=True)]
+        quartiles = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else [ratios[0]] * 3
         out["variants"][variant] = {
             "ms_per_step": [round(v, 3) for v in values], "median_ms": round(statistics.median(values), 3),
-            "x_memory": round(statistics.median(v / m for v, m in zip(values, ms["memory"], strict=True)), 3),
+            "x_memory": round(statistics.median(ratios), 3),
+            "x_memory_iqr": [round(quartiles[0], 3), round(quartiles[2], 3)],
+            # the whole time of the variant's blocks over training alone's: one ratio of all rounds' sums
+            "x_memory_total": round(sum(values) / sum(ms["memory"]), 3),
             "x_loader": round(statistics.median(v / m for v, m in zip(values, ms[LOADER], strict=True)), 3)}
     return out
 
@@ -170,16 +179,21 @@ def main() -> None:
                    help="also pipetrain without its epoch-end checkpoints, and without history (nor checkpoints)")
     p.add_argument("--priorities", nargs="*", default=[], choices=["low", "normal"],
                    help="also pipetrain with its producers at these CPU priorities (default: idle only)")
+    p.add_argument("--control", action="store_true",
+                   help="also training alone a second time (memory-again): how far two identical loops differ here")
     p.add_argument("--out", default=None, help="JSON file for the results")
     args = p.parse_args()
     results = []
     for name in args.workload:
         block = args.block or (80 if name == "w2" else 200)
-        r = run(name, block, args.rounds, Path(args.data_dir), args.settle, args.parts, tuple(args.priorities))
+        r = run(name, block, args.rounds, Path(args.data_dir), args.settle, args.parts, tuple(args.priorities),
+                args.control)
         results.append(r)
         print(f"{name} on {BACKEND} ({r['device']}), {args.rounds} rounds of {block} steps:")
         for variant, v in r["variants"].items():
-            print(f"  {variant:17s} {v['median_ms']:8.2f} ms/step   x memory {v['x_memory']:.3f}   "
+            low, high = v["x_memory_iqr"]
+            print(f"  {variant:17s} {v['median_ms']:8.2f} ms/step   x memory {v['x_memory']:.3f} "
+                  f"(rounds' IQR {low:.3f}-{high:.3f}, sums {v['x_memory_total']:.3f})   "
                   f"x {LOADER} {v['x_loader']:.3f}", flush=True)
     if args.out:
         meta = {"cpus": os.cpu_count(), "python": platform.python_version(), "keras": keras.__version__,
