@@ -120,18 +120,18 @@ def test_a_batch_no_producer_took_is_copied_by_the_consumer_out_of_a_decoded_blo
     original_take = Prefetcher._take
 
     def take(self):
-        if self._issued >= 1:
-            gate.wait(5)
+        while self._issued >= 1 and not gate.is_set() and not self._stop.is_set():  # held back until let go or closed
+            gate.wait(0.01)
         return original_take(self)
 
     monkeypatch.setattr(Prefetcher, "_take", take)
     with H5Source(paths, x="x", y="y") as source:
         plan = Plan(source.rows_per_file, 8, block_rows=32, shuffle="none")  # 4 batches a block
-        stream = Prefetcher(source, plan.batches(0), plan.blocks, 8, workers=1)
         builders = {}
-        original_build = stream._build
-        stream._build = lambda p, b: builders.setdefault(p.index, threading.current_thread().name) and original_build(p, b)
-        with stream:
+        original_build = Prefetcher._build  # (patched before the workers start)
+        monkeypatch.setattr(Prefetcher, "_build", lambda self, p, b: builders.setdefault(
+            p.index, threading.current_thread().name) and original_build(self, p, b))
+        with Prefetcher(source, plan.batches(0), plan.blocks, 8, workers=1) as stream:
             rows = expected_rows(plan, 0)
             for i in range(4):
                 batch = next(stream)
@@ -146,19 +146,20 @@ def test_a_batch_no_producer_took_is_copied_by_the_consumer_out_of_a_decoded_blo
         np.testing.assert_array_equal(by, y[r])
 
 
-def test_an_error_in_the_consumers_own_copy_names_the_batch(files, monkeypatch):
+@pytest.mark.parametrize("error", [OSError, KeyboardInterrupt])
+def test_an_error_in_the_consumers_own_copy_names_the_batch(files, monkeypatch, error):
     paths, _, _ = files
     gate = threading.Event()
     original_take, original_copy = Prefetcher._take, Prefetcher._copy
 
     def take(self):
-        if self._issued >= 1:
-            gate.wait(5)
+        while self._issued >= 1 and not gate.is_set() and not self._stop.is_set():  # held back until let go or closed
+            gate.wait(0.01)
         return original_take(self)
 
     def copy(self, epoch, part, arrays, out):
         if threading.current_thread() is threading.main_thread():
-            raise OSError("the copy broke")
+            raise error("the copy broke")
         return original_copy(self, epoch, part, arrays, out)
 
     monkeypatch.setattr(Prefetcher, "_take", take)
@@ -167,10 +168,13 @@ def test_an_error_in_the_consumers_own_copy_names_the_batch(files, monkeypatch):
         plan = Plan(source.rows_per_file, 8, block_rows=32, shuffle="none")
         with Prefetcher(source, plan.batches(0), plan.blocks, 8, workers=1) as stream:
             next(stream)
+            if error is KeyboardInterrupt:  # Ctrl-C goes up as it came; asked again, the batch says it was lost
+                with pytest.raises(KeyboardInterrupt):
+                    next(stream)
             with pytest.raises(PipelineError, match=r"\(epoch 1, batch 2\): the copy broke") as caught:
                 next(stream)
             gate.set()
-    assert isinstance(caught.value.__cause__, OSError)
+    assert isinstance(caught.value.__cause__, error)
 
 
 def test_waiting_producers_wake_at_the_pools_mark_or_when_the_consumer_waits(files):
