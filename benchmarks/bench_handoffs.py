@@ -62,7 +62,7 @@ def main(argv=None) -> int:
     counts: collections.Counter = collections.Counter()
     producer_cpu: list[float] = []
     consumer = threading.main_thread()
-    build, next_batch, produce = pipeline.Prefetcher._build, pipeline.Prefetcher.__next__, pipeline._produce
+    build, produce, wait = pipeline.Prefetcher._build, pipeline._produce, threading.Condition.wait
 
     def counted_build(self, plan, buffers):
         counts["built by the consumer" if threading.current_thread() is consumer else "built by producers"] += 1
@@ -79,7 +79,6 @@ def main(argv=None) -> int:
         finally:
             producer_cpu.append(time.thread_time())
 
-    wait = threading.Condition.wait
     pipeline.Prefetcher._build = counted_build
     pipeline._produce = timed_produce
     path, _ = pipetrain.sample_data()
@@ -102,7 +101,7 @@ def main(argv=None) -> int:
                 for batch in epoch:
                     epoch.train_on_batch(model, batch.x, batch.y)
                     steps += 1 <= epoch.index < args.epochs - 1
-    pipeline.Prefetcher._build, pipeline.Prefetcher.__next__, pipeline._produce = build, next_batch, produce
+    pipeline.Prefetcher._build, pipeline._produce = build, produce
     per_step = {kind: [round((end[kind][i] - start.get(kind, [0, 0])[i]) / steps, 2) for i in (0, 1)] for kind in end}
     out = {"backend": keras.backend.backend(), "history": args.history, "steps": steps,
            "threads": os.environ.get("OMP_NUM_THREADS"),

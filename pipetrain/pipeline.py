@@ -118,8 +118,7 @@ class BufferPool:
     80 us of CPU a batch on PyTorch digits, taken from a step that holds the GIL).
     """
 
-    def __init__(self, fields, rows: int, capacity: int, recycle: bool = True, batch_size: int | None = None,
-                 wake_at: int | None = None):
+    def __init__(self, fields, rows: int, capacity: int, recycle: bool = True, batch_size: int | None = None):
         self.fields, self.rows, self.capacity, self.recycle = fields, rows, capacity, recycle
         self.batch_size = rows if batch_size is None else batch_size
         self.buffer_bytes = rows * sum(f.row_bytes for f in fields.values())
@@ -127,7 +126,7 @@ class BufferPool:
         self._free: list[dict[str, np.ndarray]] = []
         self._allocated = 0
         self._available = capacity  # permits not taken
-        self.wake_at = max(1, min(capacity, capacity // 2 if wake_at is None else wake_at))
+        self.wake_at = max(1, capacity // 2)
         lock = threading.Lock()
         self._room = threading.Condition(lock)  # wake_at buffers are free (producers wait for this)
         self._freed = threading.Condition(lock)  # a buffer is free (acquire waits for this)
@@ -671,7 +670,7 @@ class Prefetcher(Iterator[Batch]):
         Where the step holds the GIL and the cores (PyTorch on CPU), idle-priority
         workers run only once the consumer waits: every batch then cost a wait, two
         thread switches and a hand-over of the GIL, more than the copy itself (digits:
-        the consumer waited at 55% of its batches). Copying here costs the same copy and
+        the consumer waited at 63% of its batches). Copying here costs the same copy and
         nothing else. Decoding stays with the workers."""
         with self._dispatch:
             if self._issued != self._next or self._stop.is_set() or self._total is not None:

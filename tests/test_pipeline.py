@@ -111,20 +111,27 @@ def test_backpressure_bounds_the_batches_in_flight(files):
             assert len(list(stream)) == plan.steps_per_epoch - 1
 
 
+def hold_producers_after_the_first_batch(monkeypatch) -> threading.Event:
+    """Producers take no plan after the first until the event is set or the stream
+    closes (as idle-priority threads wait while a PyTorch step keeps both cores)."""
+    gate = threading.Event()
+    original_take = Prefetcher._take
+
+    def take(self):
+        while self._issued >= 1 and not gate.is_set() and not self._stop.is_set():
+            gate.wait(0.01)
+        return original_take(self)
+
+    monkeypatch.setattr(Prefetcher, "_take", take)
+    return gate
+
+
 def test_a_batch_no_producer_took_is_copied_by_the_consumer_out_of_a_decoded_block(files, monkeypatch):
     # Producers held back after the first batch (as idle-priority threads are while a
     # PyTorch step keeps both cores): the next batches of the block the first one decoded
     # are copies, which the consumer makes itself rather than wait for a producer.
     paths, x, y = files
-    gate = threading.Event()
-    original_take = Prefetcher._take
-
-    def take(self):
-        while self._issued >= 1 and not gate.is_set() and not self._stop.is_set():  # held back until let go or closed
-            gate.wait(0.01)
-        return original_take(self)
-
-    monkeypatch.setattr(Prefetcher, "_take", take)
+    gate = hold_producers_after_the_first_batch(monkeypatch)
     with H5Source(paths, x="x", y="y") as source:
         plan = Plan(source.rows_per_file, 8, block_rows=32, shuffle="none")  # 4 batches a block
         builders = {}
@@ -149,20 +156,14 @@ def test_a_batch_no_producer_took_is_copied_by_the_consumer_out_of_a_decoded_blo
 @pytest.mark.parametrize("error", [OSError, KeyboardInterrupt])
 def test_an_error_in_the_consumers_own_copy_names_the_batch(files, monkeypatch, error):
     paths, _, _ = files
-    gate = threading.Event()
-    original_take, original_copy = Prefetcher._take, Prefetcher._copy
-
-    def take(self):
-        while self._issued >= 1 and not gate.is_set() and not self._stop.is_set():  # held back until let go or closed
-            gate.wait(0.01)
-        return original_take(self)
+    gate = hold_producers_after_the_first_batch(monkeypatch)
+    original_copy = Prefetcher._copy
 
     def copy(self, epoch, part, arrays, out):
         if threading.current_thread() is threading.main_thread():
             raise error("the copy broke")
         return original_copy(self, epoch, part, arrays, out)
 
-    monkeypatch.setattr(Prefetcher, "_take", take)
     monkeypatch.setattr(Prefetcher, "_copy", copy)
     with H5Source(paths, x="x", y="y") as source:
         plan = Plan(source.rows_per_file, 8, block_rows=32, shuffle="none")
