@@ -19,13 +19,16 @@ from __future__ import annotations
 
 import collections
 import csv
+import io
 import json
 import os
 import random
 import tempfile
 import threading
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 
@@ -66,7 +69,8 @@ def latest(folder: str | os.PathLike) -> Path | None:
 
 def save(folder: str | os.PathLike, step: int, meta: dict, arrays: dict[str, np.ndarray]) -> Path:
     """Write one checkpoint atomically (temporary file, fsync, rename); return its path."""
-    return _write(Path(folder), step, json.dumps(meta).encode(), arrays)
+    document, arrays = _document(meta), dict(arrays)
+    return _write(Path(folder), step, lambda file: pack_into(file, document, arrays))
 
 
 def path_of(folder: Path, step: int) -> Path:
@@ -74,14 +78,39 @@ def path_of(folder: Path, step: int) -> Path:
     return folder / f"ckpt-{step:012d}.npz"
 
 
-def _write(folder: Path, step: int, document: bytes, arrays: dict[str, np.ndarray]) -> Path:
+def pack(meta: dict, arrays: dict[str, np.ndarray]) -> io.BytesIO:
+    """A checkpoint file's bytes in memory (see :func:`pack_into`)."""
+    packed = io.BytesIO()
+    pack_into(packed, _document(meta), arrays)
+    return packed
+
+
+def pack_into(file: BinaryIO, document: bytes, arrays: dict[str, np.ndarray]) -> None:
+    """Write an ``.npz`` (as ``np.savez`` writes one) of ``document`` (a JSON meta) and
+    ``arrays`` to ``file``, taking the arrays out of the dict one by one as it packs them:
+    a model's state is not held twice while it is packed."""
+    with zipfile.ZipFile(file, "w", zipfile.ZIP_STORED, allowZip64=True) as archive:
+        members = {"__meta__": np.frombuffer(document, dtype=np.uint8)}
+        for name in [*members, *arrays]:
+            array = np.asanyarray(members.pop(name) if name in members else arrays.pop(name))
+            with archive.open(f"{name}.npy", "w", force_zip64=True) as member:
+                np.lib.format.write_array(member, array, allow_pickle=False)
+            del array
+
+
+def _document(meta: dict) -> bytes:
+    return json.dumps(meta).encode()
+
+
+def _write(folder: Path, step: int, fill: Callable[[BinaryIO], object]) -> Path:
+    """Write the checkpoint of ``step``, whose bytes ``fill(file)`` writes, atomically."""
     final = path_of(folder, step)
     try:
         folder.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=".ckpt-", suffix=".tmp", dir=folder)
         try:
             with os.fdopen(fd, "wb") as f:
-                np.savez(f, __meta__=np.frombuffer(document, dtype=np.uint8), **arrays)
+                fill(f)
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, final)
@@ -103,6 +132,9 @@ def _owned(array) -> np.ndarray:
     return array if array.flags.owndata else array.copy()
 
 
+PACK_HERE_BYTES = 32 << 20  # a checkpoint's arrays up to this size are packed by the caller (see Writer)
+
+
 class Writer:
     """A run's writes to disk that training need not wait for, done in order by one
     background thread: its checkpoints, and the history's syncs (so a history is on disk
@@ -111,7 +143,12 @@ class Writer:
     Writing a checkpoint (the archive, two fsyncs, the rename) costs a small model's run a
     few milliseconds, and an fsync of the history at an epoch's end about one (more on a
     slow disk), time the training loop would otherwise wait; here the loop only takes the
-    snapshot (the arrays, which are copies, and the JSON document) and goes on. A
+    snapshot and goes on. A state of up to ``PACK_HERE_BYTES`` is packed in the loop's
+    thread, and the writing thread only writes, syncs and renames, which release the GIL:
+    packing costs ~20 us of Python per array, and done in the thread it took the GIL
+    from a PyTorch step at every array (docs/performance.md measures both). A larger
+    state is copied here and packed there, where its bytes, not its arrays, are the
+    cost. A
     checkpoint is complete once renamed, as with :func:`save`, so a kill during a write
     leaves the one before it, as a kill during :func:`save` does. :meth:`submit` waits
     for the previous checkpoint first (at most one in flight; a caller that joins before
@@ -133,15 +170,21 @@ class Writer:
         self._closed = False
 
     def submit(self, folder: str | os.PathLike, step: int, meta: dict, arrays: dict[str, np.ndarray]) -> Path:
-        """Start writing a checkpoint; returns the path it will have."""
+        """Start writing a checkpoint; returns the path it will have. Takes the arrays
+        out of ``arrays`` (see :func:`pack_into`)."""
         self.join_checkpoint()
         self._raise()
-        document = json.dumps(meta).encode()  # now: the document may hold objects the run changes later
-        arrays = {name: _owned(a) for name, a in arrays.items()}
         folder = Path(folder)
+        if sum(np.asarray(a).nbytes for a in arrays.values()) <= PACK_HERE_BYTES:
+            archive = pack(meta, arrays)
+            fill = lambda file: file.write(archive.getbuffer())  # noqa: E731
+        else:
+            document = _document(meta)  # now: the meta may hold objects the run changes later
+            arrays = {name: _owned(arrays.pop(name)) for name in list(arrays)}
+            fill = lambda file: pack_into(file, document, arrays)  # noqa: E731
 
         def write() -> None:
-            self.latest = _write(folder, step, document, arrays)
+            self.latest = _write(folder, step, fill)
 
         self._checkpoint = self.later(write)
         return path_of(folder, step)
@@ -222,13 +265,22 @@ def load_meta(path: str | os.PathLike) -> dict:
     return _read(path, with_arrays=False)[0]
 
 
+def unpack(file, with_arrays: bool = True) -> tuple[dict, dict[str, np.ndarray]]:
+    """The meta and the arrays of what :func:`pack` wrote (a path or a file object)."""
+    if not zipfile.is_zipfile(file):  # numpy would take it for a pickle
+        raise ValueError("not an .npz archive")
+    if hasattr(file, "seek"):
+        file.seek(0)
+    with np.load(file, allow_pickle=False) as data:
+        meta = json.loads(data["__meta__"].tobytes().decode())
+        arrays = {k: data[k] for k in data.files if k != "__meta__"} if with_arrays else {}
+    return meta, arrays
+
+
 def _read(path, with_arrays: bool) -> tuple[dict, dict[str, np.ndarray]]:
     try:
-        if not zipfile.is_zipfile(path):  # numpy would take it for a pickle
-            raise ValueError("not an .npz archive")
-        with np.load(path, allow_pickle=False) as data:
-            meta = _check_meta(json.loads(data["__meta__"].tobytes().decode()))
-            arrays = {k: data[k] for k in data.files if k != "__meta__"} if with_arrays else {}
+        meta, arrays = unpack(path, with_arrays)
+        _check_meta(meta)
     except Exception as e:  # not a zip, a damaged member, no or bad __meta__
         raise CheckpointError(f"{path}: cannot read the checkpoint ({_reason(e)})") from e
     return meta, arrays

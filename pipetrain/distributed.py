@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import io
 import json
 import operator
 import os
@@ -360,27 +361,20 @@ class Cluster:
 
     def _send(self, key: str, value) -> None:
         """JSON, or (path, meta, arrays, *more JSON) as an .npz in chunks (never a pickle)."""
-        import io
-
-        import numpy as np
+        from pipetrain.checkpoint import pack
 
         if not isinstance(value, tuple):
             self.channel.set(key, json.dumps({"json": value}))
             return
         path, meta, arrays, *more = value
-        buffer = io.BytesIO()
-        document = json.dumps({"path": str(path), "meta": meta, "more": more}).encode()
-        np.savez(buffer, __meta__=np.frombuffer(document, np.uint8), **arrays)
-        blob = buffer.getvalue()
+        blob = pack({"path": str(path), "meta": meta, "more": more}, dict(arrays)).getvalue()  # (pack empties the dict)
         chunks = [blob[i : i + CHUNK] for i in range(0, len(blob), CHUNK)] or [b""]
         for i, chunk in enumerate(chunks):
             self.channel.client.key_value_set_bytes(f"{PREFIX}{key}/{i}", chunk)
         self.channel.set(key, json.dumps({"chunks": len(chunks)}))
 
     def _receive(self, key: str):
-        import io
-
-        import numpy as np
+        from pipetrain.checkpoint import unpack
 
         head = json.loads(self.channel.wait(key, START_S))
         if "error" in head:
@@ -389,9 +383,7 @@ class Cluster:
             return head["json"]
         blob = b"".join(self.channel.client.blocking_key_value_get_bytes(f"{PREFIX}{key}/{i}", int(START_S * 1000))
                         for i in range(head["chunks"]))
-        with np.load(io.BytesIO(blob), allow_pickle=False) as data:
-            document = json.loads(data["__meta__"].tobytes().decode())
-            arrays = {k: data[k] for k in data.files if k != "__meta__"}
+        document, arrays = unpack(io.BytesIO(blob))
         return Path(document["path"]), document["meta"], arrays, *document.get("more", [])
 
     def replicated_scope(self):

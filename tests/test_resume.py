@@ -171,10 +171,10 @@ def test_a_checkpoint_that_fails_in_the_background_fails_the_run_and_keeps_the_o
     it stays, and a resume goes on from there."""
     write = checkpoint._write
 
-    def full_disk(folder, step, document, arrays):
+    def full_disk(folder, step, fill):
         if step == 8:
             raise checkpoint.CheckpointError(f"{folder}: cannot write a checkpoint: No space left on device")
-        return write(folder, step, document, arrays)
+        return write(folder, step, fill)
 
     monkeypatch.setattr(checkpoint, "_write", full_disk)
     with pytest.raises(checkpoint.CheckpointError, match="No space left on device"):
@@ -209,9 +209,9 @@ def test_the_history_is_synced_in_the_background_before_the_checkpoint_that_foll
         events.append(("sync", threading.current_thread().name, size, os.fstat(fd).st_size))
         return sync(self, fd)
 
-    def recorded_write(folder, step, document, arrays):
+    def recorded_write(folder, step, fill):
         events.append(("write", threading.current_thread().ident, step))
-        return write(folder, step, document, arrays)
+        return write(folder, step, fill)
 
     monkeypatch.setattr(HistoryWriter, "_fsync", slow_sync)
     monkeypatch.setattr(checkpoint, "_write", recorded_write)
@@ -251,6 +251,37 @@ def test_the_writer_runs_jobs_in_order_in_one_thread_and_after_close_in_the_call
     assert done[-1] == ("closed", threading.current_thread().name)
     writer._thread.join(5)
     assert not writer._thread.is_alive()
+
+
+@pytest.mark.one_backend  # its subject is the background writer alone
+@pytest.mark.parametrize("small", [True, False])
+def test_a_submitted_checkpoint_is_the_state_at_submit_and_a_small_one_is_packed_by_the_caller(
+        small, tmp_path, monkeypatch):
+    """A small state is packed by the caller (Python work under the GIL, ~20 us an array,
+    that a writing thread would take from the training step again and again), and the
+    thread only writes its bytes; a large one is copied by the caller and packed by the
+    thread. Either way, what the caller changes after submitting (weights trained on,
+    the meta) is not in the checkpoint, and the arrays are let go of as they are packed."""
+    packed_in, write_array = set(), np.lib.format.write_array
+    monkeypatch.setattr(np.lib.format, "write_array", lambda *a, **k: (packed_in.add(threading.current_thread().name),
+                                                                       write_array(*a, **k))[1])
+    monkeypatch.setattr(checkpoint, "PACK_HERE_BYTES", 48 if small else 47)  # the state: 6 float64
+    writer, release = checkpoint.Writer(), threading.Event()
+    writer.later(lambda: release.wait(5))  # holds the thread until the state changed
+    weights, meta = np.arange(6.0), {"epoch": 1}
+    arrays = {"w": weights[:]}  # a view, as of a tensor's memory
+    path = writer.submit(tmp_path, 7, meta, arrays)
+    assert arrays == {}
+    weights[:] = -1.0
+    meta["epoch"] = 2
+    release.set()
+    writer.wait()
+    assert packed_in == {threading.current_thread().name if small else checkpoint.Writer.THREAD}
+    with np.load(path) as saved:  # (checkpoint.load wants a run's whole meta)
+        assert json.loads(saved["__meta__"].tobytes()) == {"epoch": 1}
+        assert np.array_equal(saved["w"], np.arange(6.0))
+    assert writer.latest == path
+    writer.close()
 
 
 @pytest.mark.one_backend  # its subject is the background writer, not the backend's: TensorFlow covers it (CI time)

@@ -99,10 +99,10 @@ def die_writing(step: int) -> None:
     """SIGKILL inside the background write of the checkpoint of ``step``."""
     write = checkpoint._write
 
-    def dying(folder, at, document, arrays):
+    def dying(folder, at, fill):
         if at == step:
             os.kill(os.getpid(), signal.SIGKILL)
-        return write(folder, at, document, arrays)
+        return write(folder, at, fill)
 
     checkpoint._write = dying
 
