@@ -149,15 +149,15 @@ class Writer:
     thread, and the writing thread only writes, syncs and renames, which release the GIL:
     packing costs ~20 us of Python per array, and done in the thread it took the GIL
     from a PyTorch step at every array (docs/performance.md measures both). A larger
-    state is copied here and packed there, where its bytes, not its arrays, are the
-    cost. A
-    checkpoint is complete once renamed, as with :func:`save`, so a kill during a write
-    leaves the one before it, as a kill during :func:`save` does. :meth:`submit` waits
-    for the previous checkpoint first (at most one in flight; a caller that joins before
-    taking its snapshot holds one snapshot at a time) and raises the error of any write
-    that failed; :meth:`wait` waits for them all and raises it too. ``latest`` is the
-    newest checkpoint written so far. The thread starts with the first write (starting
-    one costs about a millisecond on busy cores) and ends with :meth:`close`."""
+    state is copied here (where it is a view) and packed there, where its bytes, not
+    its arrays, are the cost. A checkpoint is complete once renamed, as with
+    :func:`save`, so a kill during a write leaves the one before it, as a kill during
+    :func:`save` does. :meth:`submit` waits for the previous checkpoint first (at most
+    one in flight; a caller that joins before taking its snapshot holds one snapshot at
+    a time) and raises the error of any write that failed; :meth:`wait` waits for them
+    all and raises it too. ``latest`` is the newest checkpoint written so far. The
+    thread starts with the first write (starting one costs about a millisecond on busy
+    cores) and ends with :meth:`close`."""
 
     THREAD = "pipetrain-checkpoint"  # the writing thread's name
 
