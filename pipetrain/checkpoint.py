@@ -462,6 +462,8 @@ def _pack(value, key: str, arrays: dict[str, np.ndarray]):
     plain data."""
     value = _to_plain(value)
     if isinstance(value, np.ndarray):
+        if value.dtype.hasobject:  # read back only through a pickle, which a checkpoint never holds
+            return None
         arrays[key] = value
         return {"__array__": key}
     if isinstance(value, (list, tuple)):
@@ -499,7 +501,9 @@ def callback_state(callbacks: list) -> tuple[list[dict], dict[str, np.ndarray]]:
             if packed is not None or value is None:
                 state[key] = packed
             else:
-                raise CheckpointError(f"callback {type(cb).__name__}: state {key!r} is not plain data ({type(value).__name__})")
+                kind = ("an array of Python objects" if isinstance(value, np.ndarray) and value.dtype.hasobject
+                        else type(value).__name__)
+                raise CheckpointError(f"callback {type(cb).__name__}: state {key!r} is not plain data ({kind})")
         states.append({"class": type(cb).__name__, "custom": custom, "state": state})
     return states, arrays
 

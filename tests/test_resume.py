@@ -144,7 +144,8 @@ def _small_run(data, tmp_path, **settings):
     keras.utils.set_random_seed(0)
     model = keras.Sequential([keras.Input((12,)), keras.layers.Dense(3, activation="softmax")])
     model.compile("adam", "sparse_categorical_crossentropy")
-    return pipetrain.train(model, pipetrain.H5Source(f"{data}/train-*.h5", x="x", y="y"), epochs=2,
+    settings = {"epochs": 2, **settings}
+    return pipetrain.train(model, pipetrain.H5Source(f"{data}/train-*.h5", x="x", y="y"),
                            batch_size=32, history=tmp_path / "history.jsonl", checkpoint_every=4, verbose=0,
                            **settings)
 
@@ -470,6 +471,57 @@ def relabel(folder: Path, backend: str | None) -> Path:
     if backend is not None:
         meta["backend"] = backend
     return checkpoint.save(folder, int(path.stem.split("-")[1]), meta, arrays)
+
+
+class Counting(keras.callbacks.Callback):
+    """A callback with its own state (``get_state``/``set_state``): batches seen, and the
+    losses of the batches as an array."""
+
+    def __init__(self, extra=None):
+        super().__init__()
+        self.seen, self.losses, self.extra, self.restored = 0, [], extra, None
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.seen += 1
+        self.losses.append(logs["loss"])
+
+    def get_state(self):
+        state = {"seen": self.seen, "losses": np.asarray(self.losses, dtype="float64")}
+        return state if self.extra is None else {**state, "extra": self.extra}
+
+    def set_state(self, state):
+        self.restored = state
+        self.seen, self.losses = state["seen"], list(state["losses"])
+
+
+@ONE_BACKEND  # its subject is the checkpoint's callback state, not the backend's
+def test_a_callbacks_own_state_comes_back_on_resume_as_it_gave_it(data, tmp_path):
+    """A callback with ``get_state``/``set_state`` gets back, on resume, the state it gave
+    at the checkpoint: plain values and arrays, exactly."""
+    first = Counting()
+    _small_run(data, tmp_path, callbacks=[first], epochs=1)
+    assert first.seen == 10
+    again = Counting()
+    _small_run(data, tmp_path, callbacks=[again], resume=True)
+    assert again.restored["seen"] == 10
+    np.testing.assert_array_equal(again.restored["losses"], np.asarray(first.losses, dtype="float64"))
+    assert again.seen == 20 and again.losses[:10] == first.losses
+
+
+@ONE_BACKEND  # its subject is the checkpoint's callback state, not the backend's
+@pytest.mark.parametrize("extra, shown", [(object(), "object"),
+                                          (np.array(["a", None], dtype=object), "an array of Python objects")])
+def test_a_callback_state_that_is_not_plain_data_fails_the_run_in_one_line_naming_it(data, tmp_path, extra, shown):
+    """At the first checkpoint, naming the callback and the key (an array of Python
+    objects cannot be read back without a pickle, which a checkpoint never holds); the
+    history ends failed with that error and keeps every batch trained."""
+    with pytest.raises(checkpoint.CheckpointError,
+                       match=rf"^callback Counting: state 'extra' is not plain data \({shown}\)$"):
+        _small_run(data, tmp_path, callbacks=[Counting(extra)])
+    history = pipetrain.read_history(tmp_path / "history.jsonl")
+    assert history.end["status"] == "failed" and "state 'extra' is not plain data" in history.end["error"]
+    assert [r["batch"] for r in history.batches] == [0, 1, 2, 3]
+    assert checkpoint.latest(tmp_path / "checkpoint") is None
 
 
 def test_a_checkpoint_of_another_backend_is_refused_in_one_line_and_nothing_changes(data, tmp_path, capsys):
