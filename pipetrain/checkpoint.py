@@ -88,14 +88,31 @@ def pack(meta: dict, arrays: dict[str, np.ndarray]) -> io.BytesIO:
 def pack_into(file: BinaryIO, document: bytes, arrays: dict[str, np.ndarray]) -> None:
     """Write an ``.npz`` (as ``np.savez`` writes one) of ``document`` (a JSON meta) and
     ``arrays`` to ``file``, taking the arrays out of the dict one by one as it packs them:
-    a model's state is not held twice while it is packed."""
+    a model's state is not held twice while it is packed.
+
+    The ``.npy`` format knows numpy's own types only: an array of a type that ml_dtypes
+    adds (bfloat16, float8, int4: a model's variables may be such) would come back as
+    raw bytes (``|V2``), which no backend assigns. Its bits are stored as unsigned
+    integers instead, and its type's name in the member ``__dtypes__``."""
+    extended: dict[str, str] = {}
     with zipfile.ZipFile(file, "w", zipfile.ZIP_STORED, allowZip64=True) as archive:
         members = {"__meta__": np.frombuffer(document, dtype=np.uint8)}
         for name in [*members, *arrays]:
             array = np.asanyarray(members.pop(name) if name in members else arrays.pop(name))
+            if _extended(array.dtype):
+                extended[name] = array.dtype.name
+                array = array.view(f"u{array.dtype.itemsize}")
             with archive.open(f"{name}.npy", "w", force_zip64=True) as member:
                 np.lib.format.write_array(member, array, allow_pickle=False)
             del array
+        if extended:
+            with archive.open("__dtypes__.npy", "w") as member:
+                np.lib.format.write_array(member, np.frombuffer(json.dumps(extended).encode(), dtype=np.uint8))
+
+
+def _extended(dtype: np.dtype) -> bool:
+    """A type that numpy does not define itself (an ml_dtypes one, like bfloat16)."""
+    return dtype.kind == "V" and dtype.fields is None and dtype.type is not np.void
 
 
 def _document(meta: dict) -> bytes:
@@ -275,7 +292,13 @@ def unpack(file, with_arrays: bool = True) -> tuple[dict, dict[str, np.ndarray]]
         file.seek(0)
     with np.load(file, allow_pickle=False) as data:
         meta = json.loads(data["__meta__"].tobytes().decode())
-        arrays = {k: data[k] for k in data.files if k != "__meta__"} if with_arrays else {}
+        arrays = {k: data[k] for k in data.files if k not in ("__meta__", "__dtypes__")} if with_arrays else {}
+        extended = json.loads(data["__dtypes__"].tobytes().decode()) if with_arrays and "__dtypes__" in data else {}
+    if extended:
+        import ml_dtypes  # (Keras' own dependency)
+
+        for name, dtype in extended.items():
+            arrays[name] = arrays[name].view(getattr(ml_dtypes, dtype))
     return meta, arrays
 
 

@@ -473,6 +473,48 @@ def relabel(folder: Path, backend: str | None) -> Path:
     return checkpoint.save(folder, int(path.stem.split("-")[1]), meta, arrays)
 
 
+@ONE_BACKEND  # its subject is the archive's format alone
+def test_arrays_of_ml_dtypes_types_come_back_with_their_type_and_bits(tmp_path):
+    """bfloat16, float8 and int4 arrays (a model's variables may be such) come back as
+    they went, not as raw bytes (``|V2``); numpy's own types are stored as before."""
+    import ml_dtypes
+
+    arrays = {"bf16": np.linspace(-3, 3, 7).astype(ml_dtypes.bfloat16),
+              "f8": np.linspace(-2, 2, 5).astype(ml_dtypes.float8_e4m3fn).reshape(5, 1),
+              "i4": np.arange(-8, 8).astype(ml_dtypes.int4), "f32": np.arange(3, dtype="float32"),
+              "raw": np.zeros(2, dtype="V2")}
+    path = checkpoint.save(tmp_path, 1, {"run_id": "r"}, arrays)
+    with np.load(path) as f:  # still an .npz any numpy reads
+        assert f["f32"].dtype == np.float32 and f["bf16"].dtype == np.uint16
+    _, back = checkpoint.unpack(path)
+    assert set(back) == set(arrays)
+    for name, array in arrays.items():
+        assert back[name].dtype == array.dtype and back[name].shape == array.shape, name
+        assert back[name].tobytes() == array.tobytes(), name
+
+
+def test_a_bfloat16_model_resumed_ends_as_if_never_stopped(data, tmp_path):
+    """A model whose variables are bfloat16 resumes on every backend (its checkpoint
+    came back as raw bytes, which no backend would assign), with the weights and epoch
+    metrics of the run that was never stopped."""
+    def bf16_run(folder, **settings):
+        keras.utils.set_random_seed(0)
+        model = keras.Sequential([keras.Input((12,)), keras.layers.Dense(8, activation="relu", dtype="bfloat16"),
+                                  keras.layers.Dense(3, activation="softmax", dtype="float32")])
+        model.compile("adam", "sparse_categorical_crossentropy", metrics=["accuracy"])
+        pipetrain.train(model, pipetrain.H5Source(f"{data}/train-*.h5", x="x", y="y"), batch_size=32,
+                        history=folder / "history.jsonl", checkpoint_every=4, verbose=0, **settings)
+        return model, pipetrain.read_history(folder / "history.jsonl")
+
+    whole, whole_history = bf16_run(tmp_path / "whole", epochs=2)
+    bf16_run(tmp_path / "cut", epochs=1)
+    resumed, resumed_history = bf16_run(tmp_path / "cut", epochs=2, resume=True)
+    assert str(resumed.weights[0].dtype) == "bfloat16"
+    for a, b in zip(whole.weights, resumed.weights, strict=True):
+        assert np.asarray(a.numpy()).tobytes() == np.asarray(b.numpy()).tobytes(), a.path
+    assert [e["loss"] for e in resumed_history.epochs] == [e["loss"] for e in whole_history.epochs]
+
+
 class Counting(keras.callbacks.Callback):
     """A callback with its own state (``get_state``/``set_state``): batches seen, and the
     losses of the batches as an array."""
