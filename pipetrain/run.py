@@ -49,7 +49,7 @@ import psutil
 
 from pipetrain import __version__
 from pipetrain import checkpoint as ckpt
-from pipetrain import device, distributed, fingerprint, outcome, runfolder
+from pipetrain import device, distributed, fingerprint, fitlike, outcome, runfolder
 from pipetrain.aggregate import MetricObjects, MetricSums, WeightedMeans, pythonify, unfused_reason
 from pipetrain.fused import Group, each
 from pipetrain.errors import Interrupted, RunError, argument, one_line
@@ -588,6 +588,7 @@ class Run:
             ckpt.continue_csv_logs(self.callbacks.callbacks, self.epoch)
         for model in self.models.values():  # as fit does: a model an earlier run stopped trains again
             model.stop_training = False
+        fitlike.starting(self.models.values())
         self.callbacks.on_train_begin()
         epoch_state = self._apply_checkpoint()
         previous: Epoch | None = None
@@ -864,6 +865,7 @@ class Epoch:
         self._t0: float | None = None
         self._t_train_end: float | None = None
         self._began_before = False  # on_epoch_begin ran before the checkpoint this epoch resumes from
+        self._batches_ended = False  # its batches ran to their end (fitlike's draw after them taken)
         if state is not None:
             self._load_state(state["meta"], state["arrays"])
         else:
@@ -893,11 +895,12 @@ class Epoch:
                 callback.on_epoch_begin(self.index, {})
         else:
             run.callbacks.on_epoch_begin(self.index)
+        fitlike.epoch_begins(run.models.values(), draw=not self._began_before)
         self._t0 = time.perf_counter()
         items = _items(run._batches(self.index, self.start), self.steps - self.start, k)
         if run._device_copy is not None:
             items = device.prefetch(items, run._device_copy, run.device_prefetch_depth)
-        finished = False
+        finished = ended = False
         try:
             while True:
                 if run._should_stop():
@@ -909,6 +912,7 @@ class Epoch:
                     raise Interrupted(f"stopped by {run.interrupted} while waiting for the data of "
                                       f"{batch_text(self.index, run.batch, self.steps)} (checkpoint written)") from None
                 if item is None:
+                    ended = True
                     break
                 self._current, self._handed = item, time.perf_counter()
                 self._values, self._logs = {}, {}
@@ -924,6 +928,8 @@ class Epoch:
             raise
         finally:
             items.close()
+            fitlike.epoch_batches_end(run.models.values(), complete=ended and not self._batches_ended)
+            self._batches_ended = self._batches_ended or ended
             self._current = None
             self._t_train_end = time.perf_counter()
             # The stream is positioned at the next epoch only if this one ran to its end.
@@ -1148,6 +1154,7 @@ class Epoch:
         meta = {
             "counters": {name: getattr(self, name) for name in self.COUNTERS},
             "began": self._began_before or self._t0 is not None,
+            "batches_ended": self._batches_ended,  # (a Ctrl-C during validation)
             "train_s": train_s,
             "means": self._means.state(),
             "models": [],
@@ -1167,6 +1174,7 @@ class Epoch:
             setattr(self, name, value)
         self.train_s = meta["train_s"]
         self._began_before = meta.get("began", True)
+        self._batches_ended = meta.get("batches_ended", False)
         self._means.load_state(meta["means"])
         self._train_logs = meta.get("train_logs")
         self.run.metrics.load_state([arrays[k] for k in sorted((k for k in arrays if k.startswith("metrics/")),
@@ -1194,20 +1202,21 @@ def evaluate(model, source: H5Source, batch_size: int, *, workers: int = 2, max_
     own = sums is None
     sums = sums or MetricSums(model, "test")
     sums.reset(partial_batch=source.rows % batch_size != 0)
-    if callbacks is not None:
-        callbacks.on_test_begin()
-    with Prefetcher(source, plan.batches(0), plan.blocks, plan.local_batch_size, workers=workers,
-                    max_queue=max_queue, priority=priority, name="val", on_raised=on_raised,
-                    cancel=interrupted) as batches:
-        for batch in batches:
-            if interrupted is not None and interrupted():
-                raise _Interrupted
-            if callbacks is not None and batch_hooks:
-                callbacks.on_test_batch_begin(batch.index)
-            with distributed.batch_scope(plan.replicated(batch.index)):
-                logs = sums.accumulate(lambda b=batch: _test_on_batch(model, b))
-            if callbacks is not None and batch_hooks:
-                callbacks.on_test_batch_end(batch.index, pythonify(logs))
+    with fitlike.validating(model):
+        if callbacks is not None:
+            callbacks.on_test_begin()
+        with Prefetcher(source, plan.batches(0), plan.blocks, plan.local_batch_size, workers=workers,
+                        max_queue=max_queue, priority=priority, name="val", on_raised=on_raised,
+                        cancel=interrupted) as batches:
+            for batch in batches:
+                if interrupted is not None and interrupted():
+                    raise _Interrupted
+                if callbacks is not None and batch_hooks:
+                    callbacks.on_test_batch_begin(batch.index)
+                with distributed.batch_scope(plan.replicated(batch.index)):
+                    logs = sums.accumulate(lambda b=batch: _test_on_batch(model, b))
+                if callbacks is not None and batch_hooks:
+                    callbacks.on_test_batch_end(batch.index, pythonify(logs))
     logs = sums.result()
     if own:
         sums.detach()

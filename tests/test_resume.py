@@ -67,6 +67,8 @@ def resumed_at(kill: str) -> tuple[int, int | None]:
     """(epoch, batch or None: any) at which a run killed at ``kill`` resumes."""
     if kill == "write:10":  # that checkpoint never landed: the run goes on from the one before
         return 0, 8
+    if kill.startswith("int-val"):  # Ctrl-C during validation: the epoch's batches are all trained
+        return int(kill.split(":")[1]), None
     if kill.startswith("int"):  # Ctrl-C: every batch of the epoch was trained
         return int(kill.split(":")[1]), int(kill.split(":")[2]) + 1
     return int(kill.split(":")[1]), None
@@ -77,8 +79,9 @@ def resumed_at(kill: str) -> tuple[int, int | None]:
 # resumed run is killed too.)
 @pytest.mark.parametrize("kills", [
     pytest.param(("batch:1:6",    # mid-epoch, between checkpoints (checkpoints every 4 batches: 10 per epoch)
-                  "int-batch:1:9"),  # Ctrl-C in the last batch: stops with every batch trained, before validation
-                 id="mid-epoch,ctrl-c"),
+                  "int-batch:1:9",  # Ctrl-C in the last batch: stops with every batch trained, before validation
+                  "int-val:1:0"),  # Ctrl-C in that validation: it runs again (on PyTorch, drawing as fit once)
+                 id="mid-epoch,ctrl-c,validation"),
     pytest.param(("write:10",   # writing the epoch-end checkpoint (step 10), training on
                   "batch:1:2",  # right after a checkpoint (the 12th step completed just before)
                   "val:1:1",    # during validation

@@ -15,6 +15,7 @@ from tests.conftest import write_h5
 
 pytestmark = pytest.mark.model
 
+BACKEND = keras.backend.backend()
 RTOL = 1e-5  # the promise; in practice the numbers are bit-for-bit equal
 
 
@@ -180,6 +181,76 @@ def test_multi_input_multi_output_equal_fit(multi_files, batch_size):
     history = pipetrain.train(model, source, epochs=2, batch_size=batch_size, shuffle="none", verbose=0)
     assert_same_history(history.history, expected.history)
     assert_same_weights(model, reference)
+
+
+def dropout_model(k=1, seed=0):
+    """An unseeded Dropout: on PyTorch its masks come from torch's global generator."""
+    keras.utils.set_random_seed(seed)
+    model = keras.Sequential([keras.Input((10,)), keras.layers.Dense(16, activation="relu"),
+                              keras.layers.Dropout(0.3), keras.layers.Dense(1, activation="sigmoid")])
+    model.compile(keras.optimizers.Adam(0.01), "binary_crossentropy", metrics=["accuracy"],
+                  steps_per_execution=1 if BACKEND == "torch" else k)  # PyTorch's fit takes 1 only
+    return model
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_a_dropout_model_draws_the_masks_fit_draws(binary_files, k):
+    """Same dropout masks as fit, so the same history (validation included) and weights:
+    on PyTorch, fit's DataLoader draws from the generator the masks come from, and
+    pipetrain draws the same at the same moments (pipetrain.fitlike); before, the masks
+    differed from the first batch on."""
+    train_paths, val_path = binary_files
+    x, y = arrays(train_paths, "x", "y")
+    xv, yv = arrays([val_path], "x", "y")
+    reference = dropout_model(k)
+    expected = reference.fit(x, y, batch_size=32, epochs=3, shuffle=False, validation_data=(xv, yv), verbose=0)
+    model = dropout_model()
+    history = pipetrain.train(model, pipetrain.H5Source(train_paths, x="x", y="y"), epochs=3, batch_size=32,
+                              validation=pipetrain.H5Source(val_path, x="x", y="y"), shuffle="none", verbose=0,
+                              steps_per_execution=k)
+    assert_same_history(history.history, expected.history)
+    assert_same_weights(model, reference)
+
+
+@pytest.mark.skipif(BACKEND != "torch", reason="a torch Module's training mode is PyTorch's")
+def test_a_wrapped_torch_layer_trains_in_torchs_training_mode_as_in_fit(binary_files):
+    """fit puts the model in torch's training mode for each epoch (a model evaluated
+    before is in evaluation mode): a wrapped torch.nn.Dropout drops as in fit (before,
+    pipetrain trained such a model with the dropout off)."""
+    import torch
+
+    def wrapped():
+        keras.utils.set_random_seed(0)
+        model = keras.Sequential([keras.Input((10,)), keras.layers.Dense(16, activation="relu"),
+                                  keras.layers.TorchModuleWrapper(torch.nn.Dropout(0.3)),
+                                  keras.layers.Dense(1, activation="sigmoid")])
+        model.compile(keras.optimizers.Adam(0.01), "binary_crossentropy", metrics=["accuracy"])
+        return model
+
+    train_paths, val_path = binary_files
+    x, y = arrays(train_paths, "x", "y")
+    xv, yv = arrays([val_path], "x", "y")
+    reference = wrapped()  # (each model made just before its run: the seed sets torch's generator too)
+    reference.evaluate(xv, yv, verbose=0)  # leaves the Module in evaluation mode
+    expected = reference.fit(x, y, batch_size=32, epochs=2, shuffle=False, validation_data=(xv, yv), verbose=0)
+    model = wrapped()
+    model.evaluate(xv, yv, verbose=0)
+    history = pipetrain.train(model, pipetrain.H5Source(train_paths, x="x", y="y"), epochs=2, batch_size=32,
+                              validation=pipetrain.H5Source(val_path, x="x", y="y"), shuffle="none", verbose=0)
+    assert_same_history(history.history, expected.history)
+    assert_same_weights(model, reference)
+    assert not model.training  # left in evaluation mode, as fit leaves it
+
+    # A custom loop's validation mid-epoch (fit has none) leaves the model in training mode.
+    with pipetrain.Run(pipetrain.H5Source(train_paths, x="x", y="y"), batch_size=32, epochs=1, models=model,
+                       verbose=0) as run:
+        for epoch in run.epochs():
+            for batch in epoch:
+                epoch.train_on_batch(model, batch.x, batch.y)
+                if batch.index == 1:
+                    epoch.evaluate(model, pipetrain.H5Source(val_path, x="x", y="y"))
+                    assert model.training
+    assert not model.training
 
 
 def test_shapes_that_do_not_fit_the_model_are_refused(binary_files):
