@@ -41,6 +41,15 @@ def _draw(count: int = 1) -> None:
         torch.empty((), dtype=torch.int64).random_()
 
 
+def _mode(model, training: bool) -> None:
+    """torch's training or evaluation mode, set as ``torch.nn.Module.train`` sets it: a
+    model class of the user's may have a method of its own named ``train`` (a GAN's,
+    say), which ``fit`` would call but a custom loop never meant to be called."""
+    import torch
+
+    torch.nn.Module.train(model, training)
+
+
 def unbuilt(model) -> bool:
     """Whether ``fit`` would build ``model`` from a first batch."""
     compiled_metrics = getattr(model, "_compile_metrics", None)
@@ -65,7 +74,7 @@ def epoch_begins(models: Iterable, draw: bool) -> None:
     if not _on_torch():
         return
     for model in models:
-        model.train()
+        _mode(model, training=True)
     if draw:
         _draw()
 
@@ -77,7 +86,7 @@ def epoch_batches_end(models: Iterable, complete: bool) -> None:
     if complete:
         _draw()
     for model in models:
-        model.eval()
+        _mode(model, training=False)
 
 
 @contextlib.contextmanager
@@ -92,9 +101,9 @@ def validating(model):
         yield
         return
     training = model.training
-    model.eval()
+    _mode(model, training=False)
     try:
         yield
         _draw(2)
     finally:
-        model.train(training)
+        _mode(model, training)

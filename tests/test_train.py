@@ -253,6 +253,24 @@ def test_a_wrapped_torch_layer_trains_in_torchs_training_mode_as_in_fit(binary_f
     assert not model.training
 
 
+@pytest.mark.skipif(BACKEND != "torch", reason="a torch Module's training mode is PyTorch's")
+def test_a_models_own_method_named_train_is_never_called(binary_files):
+    """The Module's mode is set as torch.nn.Module.train sets it: a model class may have a
+    method of its own named train (a GAN's), which pipetrain must not run."""
+    class Trainer(keras.Sequential):
+        def train(self, *args, **kwargs):
+            raise AssertionError("the model's own train() was called")
+
+    train_paths, val_path = binary_files
+    keras.utils.set_random_seed(0)
+    model = Trainer([keras.Input((10,)), keras.layers.Dense(4, activation="relu"),
+                     keras.layers.Dense(1, activation="sigmoid")])
+    model.compile("adam", "binary_crossentropy")
+    pipetrain.train(model, pipetrain.H5Source(train_paths, x="x", y="y"), epochs=2, batch_size=32,
+                    validation=pipetrain.H5Source(val_path, x="x", y="y"), verbose=0)
+    assert not model.training
+
+
 def test_shapes_that_do_not_fit_the_model_are_refused(binary_files):
     train_paths, _ = binary_files
     keras.utils.set_random_seed(0)
