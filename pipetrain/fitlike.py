@@ -47,11 +47,14 @@ def _mode(model, training: bool) -> None:
     say), which ``fit`` would call but a custom loop never meant to be called."""
     import torch
 
-    torch.nn.Module.train(model, training)
+    if isinstance(model, torch.nn.Module):
+        torch.nn.Module.train(model, training)
 
 
 def unbuilt(model) -> bool:
     """Whether ``fit`` would build ``model`` from a first batch."""
+    if not isinstance(model, keras.Model):
+        return False
     compiled_metrics = getattr(model, "_compile_metrics", None)
     compiled_loss = getattr(model, "_compile_loss", None)
     return (not all(layer.built for layer in model._flatten_layers())
@@ -100,7 +103,7 @@ def validating(model):
     if not _on_torch():
         yield
         return
-    training = model.training
+    training = getattr(model, "training", False)
     _mode(model, training=False)
     try:
         yield
