@@ -606,6 +606,12 @@ class Run:
             previous = epoch
             if self._should_stop():
                 break
+            if self.epoch < self.epochs_total and self.interrupted:
+                # A signal since the last check (during validation's last batch, or the
+                # epoch's end): the epoch's checkpoint is the place to stop, not a batch later.
+                self._checkpoints.wait()
+                raise Interrupted(f"stopped by {self.interrupted} at the end of epoch {epoch.index + 1} "
+                                  "(checkpoint written)")
         self._end_training(previous)
 
     def _end_epoch(self, epoch: Epoch) -> None:

@@ -61,6 +61,7 @@ def weights(run_dir):
 
 
 METRICS = ("loss", "accuracy", "top2", "val_loss", "val_accuracy", "val_top2")
+VAL_BATCHES = 2  # val.h5's 50 rows in batches of 32
 
 
 def resumed_at(kill: str) -> tuple[int, int | None]:
@@ -68,7 +69,9 @@ def resumed_at(kill: str) -> tuple[int, int | None]:
     if kill == "write:10":  # that checkpoint never landed: the run goes on from the one before
         return 0, 8
     if kill.startswith("int-val"):  # Ctrl-C during validation: the epoch's batches are all trained
-        return int(kill.split(":")[1]), None
+        epoch, batch = map(int, kill.split(":")[1:])
+        # In its last batch: the epoch ends (record, checkpoint) and the run stops there.
+        return (epoch + 1, 0) if batch == VAL_BATCHES - 1 else (epoch, 10)
     if kill.startswith("int"):  # Ctrl-C: every batch of the epoch was trained
         return int(kill.split(":")[1]), int(kill.split(":")[2]) + 1
     return int(kill.split(":")[1]), None
@@ -85,8 +88,9 @@ def resumed_at(kill: str) -> tuple[int, int | None]:
     pytest.param(("write:10",   # writing the epoch-end checkpoint (step 10), training on
                   "batch:1:2",  # right after a checkpoint (the 12th step completed just before)
                   "val:1:1",    # during validation
+                  "int-val:1:1",  # Ctrl-C in validation's last batch: the run stops at the epoch's end
                   "batch:2:0"),  # right after the epoch-end checkpoint
-                 marks=ONE_BACKEND, id="write,after-checkpoint,validation,epoch-end"),
+                 marks=ONE_BACKEND, id="write,after-checkpoint,validation,ctrl-c-last-val,epoch-end"),
 ])
 def test_killed_and_resumed_equals_uninterrupted(data, uninterrupted, tmp_path, kills):
     for i, kill in enumerate(kills):
