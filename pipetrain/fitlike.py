@@ -14,9 +14,9 @@ model's numbers, done here at the same moments (on TensorFlow and JAX, nothing).
   (``TorchModuleWrapper``) reads that mode, not Keras' ``training`` argument.
 
 A resumed run draws as the run never stopped would: the checkpoint holds torch's
-generator, an epoch resumed inside draws no second time at its start, nor after its
-batches if they had ended (a Ctrl-C during validation), and a validation's two draws are
-taken at its end (:func:`validating`).
+generator, an epoch resumed inside draws no second time at its start, the draw after an
+epoch's batches is taken with its last batch (:func:`after_last_batch`), and a
+validation's two draws at its end (:func:`validating`).
 
 (Keras 3.15: ``EpochIterator._enumerate_iterator``, ``TorchEpochIterator``,
 ``Trainer._symbolic_build``.)
@@ -25,7 +25,7 @@ taken at its end (:func:`validating`).
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import keras
 
@@ -82,12 +82,20 @@ def epoch_begins(models: Iterable, draw: bool) -> None:
         _draw()
 
 
-def epoch_batches_end(models: Iterable, complete: bool) -> None:
-    """An epoch's batches are over (``complete``: all of them, not left early)."""
+def after_last_batch(stopping: Callable[[], bool]) -> None:
+    """An epoch's last batch is trained and its callbacks have run: unless the run is
+    stopping there (``fit`` then breaks out before readying its next pass), the draw
+    after the batches. Taken here, before any checkpoint of that batch, rather than once
+    the loop asks for a batch more: the checkpoint then holds the draw, and a run
+    resumed from it (with no batch left) does not draw again."""
+    if _on_torch() and not stopping():
+        _draw()
+
+
+def epoch_batches_end(models: Iterable) -> None:
+    """An epoch's batches are over, all of them or not: evaluation mode."""
     if not _on_torch():
         return
-    if complete:
-        _draw()
     for model in models:
         _mode(model, training=False)
 

@@ -871,7 +871,6 @@ class Epoch:
         self._t0: float | None = None
         self._t_train_end: float | None = None
         self._began_before = False  # on_epoch_begin ran before the checkpoint this epoch resumes from
-        self._batches_ended = False  # its batches ran to their end (fitlike's draw after them taken)
         if state is not None:
             self._load_state(state["meta"], state["arrays"])
         else:
@@ -906,7 +905,7 @@ class Epoch:
         items = _items(run._batches(self.index, self.start), self.steps - self.start, k)
         if run._device_copy is not None:
             items = device.prefetch(items, run._device_copy, run.device_prefetch_depth)
-        finished = ended = False
+        finished = False
         try:
             while True:
                 if run._should_stop():
@@ -918,7 +917,6 @@ class Epoch:
                     raise Interrupted(f"stopped by {run.interrupted} while waiting for the data of "
                                       f"{batch_text(self.index, run.batch, self.steps)} (checkpoint written)") from None
                 if item is None:
-                    ended = True
                     break
                 self._current, self._handed = item, time.perf_counter()
                 self._values, self._logs = {}, {}
@@ -934,8 +932,7 @@ class Epoch:
             raise
         finally:
             items.close()
-            fitlike.epoch_batches_end(run.models.values(), complete=ended and not self._batches_ended)
-            self._batches_ended = self._batches_ended or ended
+            fitlike.epoch_batches_end(run.models.values())
             self._current = None
             self._t_train_end = time.perf_counter()
             # The stream is positioned at the next epoch only if this one ran to its end.
@@ -979,6 +976,8 @@ class Epoch:
         )
         if run._batch_hooks:
             run.callbacks.on_train_batch_end(last, self._running_logs())
+        if run.batch == self.steps:  # before a checkpoint that follows holds the generator
+            fitlike.after_last_batch(stopping=run._should_stop)
         if not check:
             return
         self._check_finite(last)
@@ -1160,7 +1159,6 @@ class Epoch:
         meta = {
             "counters": {name: getattr(self, name) for name in self.COUNTERS},
             "began": self._began_before or self._t0 is not None,
-            "batches_ended": self._batches_ended,  # (a Ctrl-C during validation)
             "train_s": train_s,
             "means": self._means.state(),
             "models": [],
@@ -1180,7 +1178,6 @@ class Epoch:
             setattr(self, name, value)
         self.train_s = meta["train_s"]
         self._began_before = meta.get("began", True)
-        self._batches_ended = meta.get("batches_ended", False)
         self._means.load_state(meta["means"])
         self._train_logs = meta.get("train_logs")
         self.run.metrics.load_state([arrays[k] for k in sorted((k for k in arrays if k.startswith("metrics/")),
