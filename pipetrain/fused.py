@@ -242,6 +242,11 @@ class _TorchStep(FusedStep):
     def _build(self):
         pass  # nothing to compile: the k steps run in Python
 
+    def _fresh(self) -> bool:
+        # Nothing compiled to go stale: every step calls the model's train_step as it is
+        # now (reading trainable_variables to check cost a dozen microseconds a step).
+        return True
+
     def _one(self, data):
         torch = self.torch
         with torch.no_grad():
@@ -268,6 +273,8 @@ class _TorchStep(FusedStep):
                 for v, g in zip(self.variables, group, strict=True):
                     v.value.copy_(g)
             logs = self.model.get_metrics_result()
+        if type(logs) is dict and all(torch.is_tensor(v) for v in logs.values()):  # the usual logs, directly
+            return {name: value.detach().cpu().numpy() for name, value in logs.items()}
         return keras.tree.map_structure(
             lambda value: value.detach().cpu().numpy() if torch.is_tensor(value) else np.asarray(value), logs)
 
