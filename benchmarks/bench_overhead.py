@@ -180,19 +180,17 @@ def run_interleaved(rounds: int, short: int, settle: float, variants: list[str],
     turns = {v: _Turns(v, lambda pause, v=v: _one(v, short + rounds, x, y, source, folder, pause)) for v in variants}
     seconds: dict[str, list[float]] = {v: [] for v in variants}
     after: dict[str, list[float]] = {v: [] for v in variants}
-    try:
-        for r in range(short + rounds):
-            order = variants[r % len(variants):] + variants[:r % len(variants)]
-            for variant in order:
-                took = turns[variant].turn()
-                cpu = time.process_time()
-                time.sleep(settle)  # the variant's threads finish its epoch's work here, not in the next turn
-                if r >= short:
-                    seconds[variant].append(took)
-                    after[variant].append(time.process_time() - cpu)
-    finally:
-        for t in turns.values():
-            t.finish()
+    for r in range(short + rounds):  # (on an error, the variants' daemon threads end with the process)
+        order = variants[r % len(variants):] + variants[:r % len(variants)]
+        for variant in order:
+            took = turns[variant].turn()
+            cpu = time.process_time()
+            time.sleep(settle)  # the variant's threads finish its epoch's work here, not in the next turn
+            if r >= short:
+                seconds[variant].append(took)
+                after[variant].append(time.process_time() - cpu)
+    for t in turns.values():
+        t.finish()
     return {"seconds": seconds, "after_cpu_s": after}
 
 
