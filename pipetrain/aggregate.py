@@ -499,8 +499,7 @@ class _FusedSums:
         if self.step is None:
             self.eager.commit()
             return
-        for v, s in zip(self.eager.variables, self.step.get(), strict=True):
-            v.assign(s)
+        self.step.commit()
 
     def get(self) -> list[np.ndarray] | None:
         return self.step.get() if self.step is not None else self.eager.get()

@@ -367,7 +367,7 @@ class Cluster:
             self.channel.set(key, json.dumps({"json": value}))
             return
         path, meta, arrays, *more = value
-        blob = pack({"path": str(path), "meta": meta, "more": more}, dict(arrays)).getvalue()  # (pack empties the dict)
+        blob = pack({"path": str(path), "meta": meta, "more": more}, dict(arrays))  # (pack empties the dict)
         chunks = [blob[i : i + CHUNK] for i in range(0, len(blob), CHUNK)] or [b""]
         for i, chunk in enumerate(chunks):
             self.channel.client.key_value_set_bytes(f"{PREFIX}{key}/{i}", chunk)

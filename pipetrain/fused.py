@@ -80,6 +80,11 @@ class FusedStep:
         self._fresh()
         return self._run(data, k)
 
+    def commit(self) -> None:
+        """Put the epoch's sums in the model's metric variables (before its results are read)."""
+        for v, s in zip(self.variables, self.get(), strict=True):
+            v.assign(s)
+
     # backend specifics: _set_sums, _build, _run, get, reset_sums
 
 
@@ -280,6 +285,13 @@ class _TorchStep(FusedStep):
 
     def get(self):
         return [s.detach().cpu().numpy().copy() for s in self.sums]
+
+    def commit(self) -> None:
+        # Tensor to tensor: through numpy and Variable.assign it cost ~12 us a variable more
+        # at every epoch's end.
+        with self.torch.no_grad():
+            for v, s in zip(self.variables, self.sums, strict=True):
+                v.value.copy_(s)
 
     def set(self, arrays):
         with self.torch.no_grad():

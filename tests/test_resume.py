@@ -1,6 +1,7 @@
 """A run killed with SIGKILL at any point resumes at the exact next batch and ends with
 the same weights, the same epoch metrics and a history in which every batch appears once."""
 
+import io
 import json
 import os
 import signal
@@ -8,6 +9,7 @@ import subprocess
 import sys
 import threading
 import time
+import zipfile
 from pathlib import Path
 
 import keras
@@ -270,9 +272,14 @@ def test_a_submitted_checkpoint_is_the_state_at_submit_and_a_small_one_is_packed
     thread only writes its bytes; a large one is copied by the caller and packed by the
     thread. Either way, what the caller changes after submitting (weights trained on,
     the meta) is not in the checkpoint, and the arrays are let go of as they are packed."""
-    packed_in, write_array = set(), np.lib.format.write_array
-    monkeypatch.setattr(np.lib.format, "write_array", lambda *a, **k: (packed_in.add(threading.current_thread().name),
-                                                                       write_array(*a, **k))[1])
+    packed_in, members = set(), checkpoint._members
+
+    def recorded(*args):
+        for member in members(*args):
+            packed_in.add(threading.current_thread().name)
+            yield member
+
+    monkeypatch.setattr(checkpoint, "_members", recorded)
     monkeypatch.setattr(checkpoint, "PACK_HERE_BYTES", 48 if small else 47)  # the state: 6 float64
     writer, release = checkpoint.Writer(), threading.Event()
     writer.later(lambda: release.wait(5))  # holds the thread until the state changed
@@ -478,6 +485,36 @@ def relabel(folder: Path, backend: str | None) -> Path:
     if backend is not None:
         meta["backend"] = backend
     return checkpoint.save(folder, int(path.stem.split("-")[1]), meta, arrays)
+
+
+@ONE_BACKEND  # its subject is the archive's format alone
+def test_a_small_state_packed_in_memory_is_the_archive_zipfile_writes(tmp_path):
+    """The archive a small checkpoint gets in the loop's thread (written without zipfile,
+    for speed) holds what ``zipfile`` writes for it, member by member and byte for
+    byte, and numpy, zipfile and unpack read it: names not ASCII, a 0-d array, an empty
+    one, an extended type. (A Fortran-ordered array is stored in C order: the same
+    values.)"""
+    import ml_dtypes
+
+    arrays = {"model/m/0": np.arange(12, dtype="float32").reshape(3, 4), "opt/iterations": np.array(7, "int64"),
+              "empty": np.zeros((0, 3)), "modèle/ü": np.arange(3, dtype="uint8"), "flags": np.array([True, False]),
+              "bf16": np.linspace(-1, 1, 5).astype(ml_dtypes.bfloat16), "fortran": np.asfortranarray(np.eye(3)[:, :2])}
+    meta = {"run_id": "r", "note": "é"}
+    fast = checkpoint.pack(meta, dict(arrays))
+    reference = io.BytesIO()
+    checkpoint.pack_into(reference, json.dumps(meta).encode(), dict(arrays))
+    ours, theirs = zipfile.ZipFile(io.BytesIO(fast)), zipfile.ZipFile(reference)
+    assert ours.testzip() is None and ours.namelist() == theirs.namelist()
+    for name in ours.namelist():
+        if name != "fortran.npy":
+            assert ours.read(name) == theirs.read(name), name
+    with np.load(io.BytesIO(fast)) as f:
+        assert np.array_equal(f["fortran"], arrays["fortran"]) and f["opt/iterations"].shape == ()
+    back_meta, back = checkpoint.unpack(io.BytesIO(fast))
+    assert back_meta == meta and set(back) == set(arrays)
+    for name, array in arrays.items():
+        assert back[name].dtype == array.dtype and back[name].shape == array.shape, name
+        assert back[name].tobytes() == array.tobytes(), name
 
 
 @ONE_BACKEND  # its subject is the archive's format alone
