@@ -66,11 +66,11 @@ def located(where: str, exc: BaseException, path: str) -> str:
 
 
 class Interrupted(KeyboardInterrupt, SystemExit):
-    """A run stopped by SIGINT or SIGTERM, its checkpoint written: what ``run.epochs()``
-    (and ``train()``) raise. It is a ``KeyboardInterrupt`` (``except KeyboardInterrupt``
-    catches it) and, left uncaught, ends a script with exit status 130 and no traceback
-    (Python treats it as a ``SystemExit``); the run's closing summary says where it
-    stopped."""
+    """A run stopped by SIGINT or SIGTERM, its checkpoint written (a run with a history
+    keeps them): what ``run.epochs()`` (and ``train()``) raise. It is a
+    ``KeyboardInterrupt`` (``except KeyboardInterrupt`` catches it) and, left uncaught,
+    ends a script with exit status 130 and no traceback (Python treats it as a
+    ``SystemExit``); the run's closing summary says where it stopped."""
 
     def __init__(self, message: str):
         super().__init__(message)

@@ -610,9 +610,14 @@ class Run:
                 # A signal since the last check (during validation's last batch, or the
                 # epoch's end): the epoch's checkpoint is the place to stop, not a batch later.
                 self._checkpoints.wait()
-                raise Interrupted(f"stopped by {self.interrupted} at the end of epoch {epoch.index + 1} "
-                                  "(checkpoint written)")
+                raise self._stopped(f"at the end of epoch {epoch.index + 1}")
         self._end_training(previous)
+
+    def _stopped(self, where: str) -> Interrupted:
+        """The error a signal ends the run with, once its checkpoint is written (if the
+        run keeps checkpoints: one with a history does)."""
+        kept = "checkpoint written" if self.checkpoint_dir is not None else "no checkpoint: the run has no history"
+        return Interrupted(f"stopped by {self.interrupted} {where} ({kept})")
 
     def _end_epoch(self, epoch: Epoch) -> None:
         epoch._close_batches()
@@ -914,8 +919,8 @@ class Epoch:
                     item = next(items, None)
                 except Cancelled:  # a signal while waiting for data: stop here, as at a batch's end
                     run.save_checkpoint(self)
-                    raise Interrupted(f"stopped by {run.interrupted} while waiting for the data of "
-                                      f"{batch_text(self.index, run.batch, self.steps)} (checkpoint written)") from None
+                    where = batch_text(self.index, run.batch, self.steps)
+                    raise run._stopped(f"while waiting for the data of {where}") from None
                 if item is None:
                     break
                 self._current, self._handed = item, time.perf_counter()
@@ -983,8 +988,7 @@ class Epoch:
         self._check_finite(last)
         if run.interrupted:
             run.save_checkpoint(self)
-            raise Interrupted(f"stopped by {run.interrupted} after {batch_text(self.index, last, self.steps)} "
-                              "(checkpoint written)")
+            raise run._stopped(f"after {batch_text(self.index, last, self.steps)}")
         every = run.checkpoint_every
         if every and run.steps_done // every > (run.steps_done - count) // every and run.batch < self.steps:
             run.save_checkpoint(self, wait=False)
@@ -1106,8 +1110,7 @@ class Epoch:
             )
         except (_Interrupted, Cancelled):
             run.save_checkpoint(self)
-            raise Interrupted(f"stopped by {run.interrupted} during validation of epoch {self.index + 1} "
-                              "(checkpoint written)") from None
+            raise run._stopped(f"during validation of epoch {self.index + 1}") from None
         self.val_time_s += time.perf_counter() - t0
         logs = {prefix + k: v for k, v in logs.items()}
         self._val_logs.update(logs)

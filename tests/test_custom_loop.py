@@ -390,6 +390,15 @@ def test_a_custom_loops_mistakes_are_told_and_its_numbers_stay_right(tmp_path):
                 epoch.train_on_batch(model, batch.x, batch.y)
         os.kill(os.getpid(), signal.SIGINT)
     assert run.status == "completed"
+    # Without a history a run keeps no checkpoint: the error does not claim one.
+    with pytest.raises(pipetrain.Interrupted) as stopped, \
+            pipetrain.Run(source, batch_size=16, epochs=2, models=model, verbose=0) as run:
+        for epoch in run.epochs():
+            for batch in epoch:
+                epoch.train_on_batch(model, batch.x, batch.y)
+                os.kill(os.getpid(), signal.SIGINT)
+    assert re.fullmatch(r"stopped by SIGINT after epoch 1, batch 1/\d+ \(no checkpoint: the run has no history\)",
+                        str(stopped.value))
 
 
 @pytest.mark.one_backend  # the checkpoint's checks, not the backend's: TensorFlow covers it (CI time)
