@@ -488,7 +488,7 @@ def relabel(folder: Path, backend: str | None) -> Path:
 
 
 @ONE_BACKEND  # its subject is the archive's format alone
-def test_a_small_state_packed_in_memory_is_the_archive_zipfile_writes(tmp_path):
+def test_a_small_state_packed_in_memory_is_the_archive_zipfile_writes(tmp_path, monkeypatch):
     """The archive a small checkpoint gets in the loop's thread (written without zipfile,
     for speed) holds what ``zipfile`` writes for it, member by member and byte for
     byte, and numpy, zipfile and unpack read it: names not ASCII, a 0-d array, an empty
@@ -515,6 +515,11 @@ def test_a_small_state_packed_in_memory_is_the_archive_zipfile_writes(tmp_path):
     for name, array in arrays.items():
         assert back[name].dtype == array.dtype and back[name].shape == array.shape, name
         assert back[name].tobytes() == array.tobytes(), name
+    # A state beyond what fits without ZIP64 records goes through zipfile: the same members.
+    monkeypatch.setattr(checkpoint, "_ZIP32_BYTES", 100)
+    large = zipfile.ZipFile(io.BytesIO(checkpoint.pack(meta, dict(arrays))))
+    assert [i.filename for i in large.infolist()] == theirs.namelist()
+    assert all(large.read(name) == theirs.read(name) for name in theirs.namelist())
 
 
 @ONE_BACKEND  # its subject is the archive's format alone
