@@ -85,13 +85,15 @@ def pack(meta: dict, arrays: dict[str, np.ndarray]) -> bytes:
     """A checkpoint file's bytes in memory (the archive of :func:`pack_into`); takes the
     arrays out of ``arrays``.
 
-    Up to 2 GiB it is written here rather than by ``zipfile``, whose Python costs about
-    15 us a member: a small model's checkpoint is packed by the training loop's thread at
-    each epoch's end (the digits' 18 arrays, warm: 0.30 ms through ``zipfile``, 0.07
-    here). The archive is the same: stored members, each an ``.npy`` whose header numpy
-    wrote; sizes and offsets all fit in 32 bits, so no ZIP64 records."""
+    Up to 2 GiB and 65,535 members it is written here rather than by ``zipfile``, whose
+    Python costs about 15 us a member: a small model's checkpoint is packed by the
+    training loop's thread at each epoch's end (the digits' 18 arrays, warm: 0.30 ms
+    through ``zipfile``, 0.07 here). Member by member the archive is ``zipfile``'s:
+    stored, each an ``.npy`` whose header numpy wrote, made on Unix, mode 0600; sizes,
+    offsets and the count fit the 32- and 16-bit fields, so no ZIP64 records."""
     document = _document(meta)
-    if len(document) + sum(np.asarray(a).nbytes for a in arrays.values()) > _ZIP32_BYTES:
+    if (len(arrays) + 2 > _ZIP32_MEMBERS  # (with __meta__ and __dtypes__)
+            or len(document) + sum(np.asarray(a).nbytes for a in arrays.values()) > _ZIP32_BYTES):
         packed = io.BytesIO()
         pack_into(packed, document, arrays)
         return packed.getvalue()
@@ -106,8 +108,8 @@ def pack(meta: dict, arrays: dict[str, np.ndarray]) -> bytes:
         flags = 0 if path.isascii() else _UTF8_NAME
         parts += (_LOCAL.pack(_LOCAL_SIGNATURE, 20, flags, 0, 0, _DOS_DATE, crc, size, size, len(path), 0),
                   path, header, data)
-        directory.append(_CENTRAL.pack(_CENTRAL_SIGNATURE, 20, 20, flags, 0, 0, _DOS_DATE, crc, size, size,
-                                       len(path), 0, 0, 0, 0, 0, offset) + path)
+        directory.append(_CENTRAL.pack(_CENTRAL_SIGNATURE, _MADE_ON_UNIX, 20, flags, 0, 0, _DOS_DATE, crc, size,
+                                       size, len(path), 0, 0, 0, 0, _MODE_0600, offset) + path)
         offset += _LOCAL.size + len(path) + size
     listing = b"".join(directory)
     parts += (listing, _END.pack(_END_SIGNATURE, 0, 0, len(directory), len(directory), len(listing), offset, 0))
@@ -119,16 +121,38 @@ _LOCAL, _LOCAL_SIGNATURE = struct.Struct("<4s5H3L2H"), b"PK\x03\x04"
 _CENTRAL, _CENTRAL_SIGNATURE = struct.Struct("<4s6H3L5H2L"), b"PK\x01\x02"
 _END, _END_SIGNATURE = struct.Struct("<4s4H2LH"), b"PK\x05\x06"
 _DOS_DATE, _UTF8_NAME = (1 << 5) | 1, 0x800
-_ZIP32_BYTES = 2 << 30  # the archive pack() writes itself, at most
+# As zipfile on Unix: "version made by" Unix (3), 2.0 (unzip reads names as UTF-8 only then), and rw-------.
+_MADE_ON_UNIX, _MODE_0600 = (3 << 8) | 20, 0o600 << 16
+_ZIP32_BYTES, _ZIP32_MEMBERS = 2 << 30, 0xFFFF  # the archive pack() writes itself, at most
 
 
 @functools.lru_cache(maxsize=4096)
 def _npy_header(dtype: np.dtype, shape: tuple) -> bytes:
     """The ``.npy`` header numpy writes for a C-ordered array of ``dtype`` and ``shape``
-    (the same shapes come back at every checkpoint)."""
-    out, example = io.BytesIO(), np.empty(shape, dtype)
-    np.lib.format.write_array(out, example, allow_pickle=False)
-    return out.getvalue()[: out.tell() - example.nbytes]
+    (the same shapes come back at every checkpoint): numpy writes it for an array of one
+    value seen through zero strides, and its first write, the header, is all kept."""
+    if dtype.hasobject:
+        raise ValueError("Object arrays cannot be saved when allow_pickle=False")
+    header = _FirstWrite()
+    try:
+        np.lib.format.write_array(header, np.broadcast_to(np.zeros((), dtype), shape), allow_pickle=False)
+    except _FirstWrite.Done:
+        pass
+    return header.data
+
+
+class _FirstWrite:
+    """A file that keeps the first bytes written to it, then stops the writer."""
+
+    class Done(Exception):
+        pass
+
+    def __init__(self):
+        self.data = b""
+
+    def write(self, data) -> int:
+        self.data = bytes(data)
+        raise _FirstWrite.Done
 
 
 def pack_into(file: BinaryIO, document: bytes, arrays: dict[str, np.ndarray]) -> None:
@@ -153,7 +177,7 @@ def _members(document: bytes, arrays: dict[str, np.ndarray]) -> Iterator[tuple[s
     extended: dict[str, str] = {}
     yield "__meta__", np.frombuffer(document, dtype=np.uint8)
     for name in list(arrays):
-        array = np.asanyarray(arrays.pop(name))
+        array = np.asarray(arrays.pop(name))
         if _extended(array.dtype):
             extended[name] = array.dtype.name
             array = array.view(f"u{array.dtype.itemsize}")
@@ -562,7 +586,7 @@ def _pack(value, key: str, arrays: dict[str, np.ndarray]):
     if type(value) in (list, tuple) and all(type(v) in _SCALARS for v in value):
         return list(value)  # (a History's column, one value an epoch: at once, not value by value)
     if isinstance(value, np.ndarray):
-        if value.dtype.hasobject:  # read back only through a pickle, which a checkpoint never holds
+        if value.dtype.hasobject or isinstance(value, np.ma.MaskedArray):  # (a pickle; the mask would be lost)
             return None
         arrays[key] = value
         return {"__array__": key}

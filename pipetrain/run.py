@@ -128,8 +128,9 @@ class _Signals:
     """SIGINT and SIGTERM ask the run to stop at the next batch boundary; a second one
     stops at once (:class:`pipetrain.Interrupted`). Installed only in the main thread."""
 
-    def __init__(self):
+    def __init__(self, checkpoints: bool = True):
         self.received: str | None = None
+        self.checkpoints = checkpoints  # whether the run keeps any (one with a history does)
         self._previous: dict[int, object] = {}
 
     def install(self) -> None:
@@ -143,8 +144,9 @@ class _Signals:
     def _handle(self, signum, frame) -> None:
         name = signal.Signals(signum).name
         if self.received is not None:
-            raise Interrupted(f"stopped at once by a second signal ({self.received}, then {name}); "
-                              "a resume starts from the last checkpoint")
+            then = ("a resume starts from the last checkpoint" if self.checkpoints
+                    else "no checkpoint: the run has no history")
+            raise Interrupted(f"stopped at once by a second signal ({self.received}, then {name}); {then}")
         self.received = name
 
     def restore(self) -> None:
@@ -327,7 +329,7 @@ class Run:
         self.complete: str | None = None  # resumed a run with nothing left to train: why
         self._callback_ended = False  # a callback set stop_training: the run is complete
         self._checkpoints = ckpt.Writer()
-        self._signals = _Signals() if handle_signals else None
+        self._signals = _Signals(checkpoints=self.checkpoint_dir is not None) if handle_signals else None
         self._sums: dict[tuple[int, str, str], MetricSums] = {}
         self._resumed: tuple[dict, dict] | None = None  # checkpoint (meta, arrays) to apply
         self._saved_names: dict[str, str] = {}  # model name in the checkpoint -> name here

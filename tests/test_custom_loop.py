@@ -399,6 +399,10 @@ def test_a_custom_loops_mistakes_are_told_and_its_numbers_stay_right(tmp_path):
                 os.kill(os.getpid(), signal.SIGINT)
     assert re.fullmatch(r"stopped by SIGINT after epoch 1, batch 1/\d+ \(no checkpoint: the run has no history\)",
                         str(stopped.value))
+    signals = pipetrain.run._Signals(checkpoints=False)  # (a second signal stops at once)
+    signals._handle(signal.SIGINT, None)
+    with pytest.raises(pipetrain.Interrupted, match=r"then SIGTERM\); no checkpoint: the run has no history$"):
+        signals._handle(signal.SIGTERM, None)
 
 
 @pytest.mark.one_backend  # the checkpoint's checks, not the backend's: TensorFlow covers it (CI time)

@@ -505,6 +505,9 @@ def test_a_small_state_packed_in_memory_is_the_archive_zipfile_writes(tmp_path, 
     checkpoint.pack_into(reference, json.dumps(meta).encode(), dict(arrays))
     ours, theirs = zipfile.ZipFile(io.BytesIO(fast)), zipfile.ZipFile(reference)
     assert ours.testzip() is None and ours.namelist() == theirs.namelist()
+    # Made on Unix with mode 0600, as zipfile's (Info-ZIP's unzip reads UTF-8 names only then).
+    assert [(i.create_system, i.external_attr, i.flag_bits & 0x800) for i in ours.infolist()] == \
+        [(i.create_system, i.external_attr, i.flag_bits & 0x800) for i in theirs.infolist()]
     for name in ours.namelist():
         if name != "fortran.npy":
             assert ours.read(name) == theirs.read(name), name
@@ -515,11 +518,27 @@ def test_a_small_state_packed_in_memory_is_the_archive_zipfile_writes(tmp_path, 
     for name, array in arrays.items():
         assert back[name].dtype == array.dtype and back[name].shape == array.shape, name
         assert back[name].tobytes() == array.tobytes(), name
-    # A state beyond what fits without ZIP64 records goes through zipfile: the same members.
-    monkeypatch.setattr(checkpoint, "_ZIP32_BYTES", 100)
-    large = zipfile.ZipFile(io.BytesIO(checkpoint.pack(meta, dict(arrays))))
-    assert [i.filename for i in large.infolist()] == theirs.namelist()
-    assert all(large.read(name) == theirs.read(name) for name in theirs.namelist())
+    # A state beyond what fits without ZIP64 records (its bytes, or its members' count: 16
+    # bits in the end record) goes through zipfile: the same members.
+    for limit, value in (("_ZIP32_BYTES", 100), ("_ZIP32_MEMBERS", len(arrays))):
+        with monkeypatch.context() as patched:
+            patched.setattr(checkpoint, limit, value)
+            large = zipfile.ZipFile(io.BytesIO(checkpoint.pack(meta, dict(arrays))))
+        assert [i.filename for i in large.infolist()] == theirs.namelist(), limit
+        assert all(large.read(name) == theirs.read(name) for name in theirs.namelist()), limit
+    # An object array is refused as before; a masked one (whose mask would be lost) is not plain data.
+    with pytest.raises(ValueError, match="Object arrays cannot be saved"):
+        checkpoint.pack(meta, {"o": np.array([None, 1], dtype=object)})
+
+    class Masking(keras.callbacks.Callback):
+        def get_state(self):
+            return {"kept": np.ma.masked_array([1.0, 2.0], mask=[True, False])}
+
+        def set_state(self, state):
+            pass
+
+    with pytest.raises(checkpoint.CheckpointError, match="state 'kept' is not plain data \\(MaskedArray\\)"):
+        checkpoint.callback_state([Masking()])
 
 
 @ONE_BACKEND  # its subject is the archive's format alone
