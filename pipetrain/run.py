@@ -124,6 +124,9 @@ RECORD_FIELDS = frozenset({"type", "run", "t", "epoch", "batch", "step", "size",
                            "val_time_s", "complete"})
 
 
+NO_CHECKPOINT = "no checkpoint: the run has no history"  # what a run stopped by a signal without one says
+
+
 class _Signals:
     """SIGINT and SIGTERM ask the run to stop at the next batch boundary; a second one
     stops at once (:class:`pipetrain.Interrupted`). Installed only in the main thread."""
@@ -144,8 +147,7 @@ class _Signals:
     def _handle(self, signum, frame) -> None:
         name = signal.Signals(signum).name
         if self.received is not None:
-            then = ("a resume starts from the last checkpoint" if self.checkpoints
-                    else "no checkpoint: the run has no history")
+            then = "a resume starts from the last checkpoint" if self.checkpoints else NO_CHECKPOINT
             raise Interrupted(f"stopped at once by a second signal ({self.received}, then {name}); {then}")
         self.received = name
 
@@ -618,7 +620,7 @@ class Run:
     def _stopped(self, where: str) -> Interrupted:
         """The error a signal ends the run with, once its checkpoint is written (if the
         run keeps checkpoints: one with a history does)."""
-        kept = "checkpoint written" if self.checkpoint_dir is not None else "no checkpoint: the run has no history"
+        kept = "checkpoint written" if self.checkpoint_dir is not None else NO_CHECKPOINT
         return Interrupted(f"stopped by {self.interrupted} {where} ({kept})")
 
     def _end_epoch(self, epoch: Epoch) -> None:
