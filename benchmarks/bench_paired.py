@@ -12,10 +12,16 @@ written as a generator that yields after each step, with its own model (same
 architecture, same seed). One process runs them in turn, ``--block`` steps each, round
 after round: variants measured seconds apart share the machine's state, so each round's
 ratio of a variant's block to ``memory``'s block is free of the drift, and the report
-gives the median ms/step and the median of those per-round ratios. Before each block the
+gives the median ms/step and the median of those per-round ratios. It also gives
+``positions``: each step of the block timed, the median over the rounds taken at each
+position in the block, summed, over ``memory``'s. A block of one epoch (``--block 45`` on
+digits) puts the epoch's end at the same position every round, so that ratio counts its
+cost every round while the noisy rounds drop out (the block medians' spread on this
+machine is wider than the epoch end's whole cost). Before each block the
 process sleeps ``--settle`` seconds: the loaders whose turn just ended refill their
 bounded queues then, not inside the next variant's block (a loader's producers would
-otherwise decode on the time of the variant measured after it).
+otherwise decode on the time of the variant measured after it). The order rotates by
+round, so no variant always runs first or always after the same neighbour.
 
 - ``memory``: ``model.train_on_batch`` on in-memory slices of the file's arrays (training
   alone: what the step itself costs);
@@ -141,13 +147,21 @@ def run(name: str, block: int, rounds: int, data_dir: Path, settle: float, parts
             loops[f"pipetrain-{priority}"] = with_pipetrain(path, x_name, y_name, spec["batch"], builder(),
                                                            Path(tmp) / priority, priority=priority)
         ms: dict[str, list[float]] = {v: [] for v in loops}
+        steps: dict[str, list[list[float]]] = {v: [[] for _ in range(block)] for v in loops}  # ms, by position
         try:
+            names = list(loops)
             for r in range(rounds + 1):  # round 0 warms up (tracing, workers, page cache): not counted
-                for variant, loop in loops.items():
+                # the order rotates by round: no variant always follows the same one (whose threads
+                # may still be busy) or always comes first
+                for variant in names[r % len(names):] + names[:r % len(names)]:
                     time.sleep(settle)
-                    t0 = time.perf_counter()
-                    for _ in range(block):
+                    loop = loops[variant]
+                    t0 = t = time.perf_counter()
+                    for i in range(block):
                         next(loop)
+                        if r:
+                            steps[variant][i].append(1000 * (time.perf_counter() - t))
+                        t = time.perf_counter()
                     if r:
                         ms[variant].append(1000 * (time.perf_counter() - t0) / block)
         finally:
@@ -155,6 +169,10 @@ def run(name: str, block: int, rounds: int, data_dir: Path, settle: float, parts
                 loop.close()
     out = {"workload": name, "backend": BACKEND, "device": _device(), "batch": spec["batch"], "block": block,
            "rounds": rounds, "settle_s": settle, "variants": {}}
+    # The block's step at each position, its median over the rounds, summed over the block: robust to
+    # the rounds a noisy neighbour slowed, yet every position's cost counts (with a block of one epoch,
+    # the epoch's end and checkpoint, which a median of whole blocks can hide in the noise).
+    positions = {v: sum(statistics.median(t) for t in by_position) for v, by_position in steps.items()}
     for variant, values in ms.items():
         ratios = [v / m for v, m in zip(values, ms["memory"], strict=True)]
         quartiles = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else [ratios[0]] * 3
@@ -164,6 +182,7 @@ def run(name: str, block: int, rounds: int, data_dir: Path, settle: float, parts
             "x_memory_iqr": [round(quartiles[0], 3), round(quartiles[2], 3)],
             # the whole time of the variant's blocks over training alone's: one ratio of all rounds' sums
             "x_memory_total": round(sum(values) / sum(ms["memory"]), 3),
+            "x_memory_positions": round(positions[variant] / positions["memory"], 3),
             "x_loader": round(statistics.median(v / m for v, m in zip(values, ms[LOADER], strict=True)), 3)}
     return out
 
@@ -193,7 +212,8 @@ def main() -> None:
         for variant, v in r["variants"].items():
             low, high = v["x_memory_iqr"]
             print(f"  {variant:17s} {v['median_ms']:8.2f} ms/step   x memory {v['x_memory']:.3f} "
-                  f"(rounds' IQR {low:.3f}-{high:.3f}, sums {v['x_memory_total']:.3f})   "
+                  f"(rounds' IQR {low:.3f}-{high:.3f}, sums {v['x_memory_total']:.3f}, "
+                  f"positions {v['x_memory_positions']:.3f})   "
                   f"x {LOADER} {v['x_loader']:.3f}", flush=True)
     if args.out:
         meta = {"cpus": os.cpu_count(), "python": platform.python_version(), "keras": keras.__version__,
