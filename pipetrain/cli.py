@@ -476,8 +476,9 @@ def cmd_train(args) -> int:
             settings, history = _run_history(args)
             if cluster is not None:
                 _same_flags(cluster, _comparable(settings))
-            folder = runfolder.claim(history, history.parent / "checkpoint", joinable=True)
-            held.callback(folder.release)
+            with runfolder.signals_held():  # a SIGTERM now finds the release registered
+                folder = runfolder.claim(history, history.parent / "checkpoint", joinable=True)
+                held.callback(folder.release)
             if args.resume:
                 settings = _resumed_settings(args, history, folder)
             state = _say_if_complete(history, settings["epochs"], args.quiet) if args.resume else None

@@ -40,10 +40,12 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import errno
 import json
 import os
+import signal
 import socket
 import stat
 import tempfile
@@ -302,17 +304,42 @@ def claim(history: str | os.PathLike, checkpoint_dir: str | os.PathLike | None =
     history = Path(history)
     checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else history.parent / "checkpoint"
     _check_history_path(history)
-    try:
-        lock = FolderLock(history.parent, joinable=joinable)
-    except OSError as e:
-        raise RunError(f"{history}: cannot write the history here ({_why(e, history.parent)})") from None
-    folder = RunFolder(history, checkpoint_dir, lock)
-    try:
-        folder.check_writable()
-    except BaseException:
-        lock.release()
-        raise
+    with signals_held() as release_signals:
+        try:
+            lock = FolderLock(history.parent, joinable=joinable)
+        except OSError as e:
+            raise RunError(f"{history}: cannot write the history here ({_why(e, history.parent)})") from None
+        folder = RunFolder(history, checkpoint_dir, lock)
+        try:
+            folder.check_writable()
+            release_signals()  # a Ctrl-C or SIGTERM held meanwhile is raised here, and the lock let go
+        except BaseException:
+            lock.release()
+            raise
     return folder
+
+
+@contextlib.contextmanager
+def signals_held():
+    """Hold SIGINT and SIGTERM back (in the main thread) while a lock file is made and
+    its owner recorded: a handler raising in between would leave the file behind. The
+    context gives a function that lets them through early, where an exception they
+    raise can still be cleaned up after; the context's end does it otherwise."""
+    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "pthread_sigmask"):
+        yield lambda: None
+        return
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    held = [True]
+
+    def let_through() -> None:
+        if held[0]:
+            held[0] = False
+            signal.pthread_sigmask(signal.SIG_SETMASK, before)  # runs the handlers of signals that came
+
+    try:
+        yield let_through
+    finally:
+        let_through()
 
 
 def _check_history_path(history: Path) -> None:

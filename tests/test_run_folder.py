@@ -121,6 +121,35 @@ def test_a_lock_left_by_a_killed_process_is_no_lock(tmp_path):
     assert len(pipetrain.read_history(folder).batches) == 3 and not (folder / LOCK_NAME).exists()
 
 
+def test_a_signal_while_the_lock_is_taken_leaves_no_lock_file(tmp_path, monkeypatch):
+    """SIGTERM (as the command line turns it into an exception) arriving after the lock
+    file is made but before its owner is recorded: raised once the lock is held, which
+    is then let go, file and folder (CI once saw `train` killed at start leave it)."""
+    from pipetrain import runfolder
+
+    class Stop(Exception):
+        pass
+
+    def stop(signum, frame):
+        raise Stop
+
+    def flock_then_signal(fd, folder):
+        os.kill(os.getpid(), signal.SIGTERM)  # delivered here, between the file and its lock, without the fix
+        return real_flock(fd, folder)
+
+    real_flock = runfolder._flock
+    monkeypatch.setattr(runfolder, "_flock", flock_then_signal)
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        with pytest.raises(Stop):
+            runfolder.claim(tmp_path / "run" / "history.jsonl")
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert not (tmp_path / "run").exists()  # nor its lock file
+    monkeypatch.setattr(runfolder, "_flock", real_flock)
+    runfolder.claim(tmp_path / "run" / "history.jsonl").lock.release()  # and the next run takes the folder
+
+
 @pytest.mark.one_backend  # its subject is not the backend's: TensorFlow covers it (CI time)
 @pytest.mark.model
 def test_a_second_train_on_a_running_folder_is_refused_and_touches_nothing(tmp_path, monkeypatch, capsys):
