@@ -319,22 +319,30 @@ def claim(history: str | os.PathLike, checkpoint_dir: str | os.PathLike | None =
     return folder
 
 
+_HELD = (signal.SIGINT, signal.SIGTERM)
+
+
 @contextlib.contextmanager
 def signals_held():
     """Hold SIGINT and SIGTERM back (in the main thread) while a lock file is made and
     its owner recorded: a handler raising in between would leave the file behind. The
     context gives a function that lets them through early, where an exception they
-    raise can still be cleaned up after; the context's end does it otherwise."""
-    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "pthread_sigmask"):
-        yield lambda: None
+    raise can still be cleaned up after; the context's end does it otherwise. (Python
+    runs handlers in the main thread whichever thread the kernel picked, so they are
+    swapped for one that notes the signal; a mask would hold back one thread only.)"""
+    if threading.current_thread() is not threading.main_thread() or None in map(signal.getsignal, _HELD):
+        yield lambda: None  # (None: a handler set outside Python, which could not be put back)
         return
-    before = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
-    held = [True]
+    came: list[int] = []
+    before = {s: signal.signal(s, lambda signum, frame: came.append(signum)) for s in _HELD}
 
     def let_through() -> None:
-        if held[0]:
-            held[0] = False
-            signal.pthread_sigmask(signal.SIG_SETMASK, before)  # runs the handlers of signals that came
+        while before:
+            number, handler = before.popitem()
+            signal.signal(number, handler)
+        for number in dict.fromkeys(came):
+            signal.raise_signal(number)  # to its own handler now (which may raise here)
+        came.clear()
 
     try:
         yield let_through
