@@ -324,7 +324,7 @@ _HELD = (signal.SIGINT, signal.SIGTERM)
 
 @contextlib.contextmanager
 def signals_held():
-    """Hold SIGINT and SIGTERM back (in the main thread) while a lock file is made and
+    """Hold SIGINT and SIGTERM back (when called in the main thread) while a lock file is made and
     its owner recorded: a handler raising in between would leave the file behind. The
     context gives a function that lets them through early, where an exception they
     raise can still be cleaned up after; the context's end does it otherwise. (Python
@@ -333,16 +333,17 @@ def signals_held():
     if threading.current_thread() is not threading.main_thread() or None in map(signal.getsignal, _HELD):
         yield lambda: None  # (None: a handler set outside Python, which could not be put back)
         return
-    came: list[int] = []
-    before = {s: signal.signal(s, lambda signum, frame: came.append(signum)) for s in _HELD}
+    came: dict[int, None] = {}  # the signals noted, in order, each once
+    before = {s: signal.signal(s, lambda signum, frame: came.setdefault(signum)) for s in _HELD}
 
     def let_through() -> None:
         while before:
             number, handler = before.popitem()
             signal.signal(number, handler)
-        for number in dict.fromkeys(came):
-            signal.raise_signal(number)  # to its own handler now (which may raise here)
-        came.clear()
+        while came:  # each taken off before its handler runs: one that raises is not run again
+            number = next(iter(came))
+            del came[number]
+            signal.raise_signal(number)
 
     try:
         yield let_through

@@ -130,7 +130,10 @@ def test_a_signal_while_the_lock_is_taken_leaves_no_lock_file(tmp_path, monkeypa
     class Stop(Exception):
         pass
 
+    stops = []
+
     def stop(signum, frame):
+        stops.append(signum)
         raise Stop
 
     def flock_then_signal(fd, folder):
@@ -145,6 +148,7 @@ def test_a_signal_while_the_lock_is_taken_leaves_no_lock_file(tmp_path, monkeypa
             runfolder.claim(tmp_path / "run" / "history.jsonl")
     finally:
         signal.signal(signal.SIGTERM, previous)
+    assert stops == [signal.SIGTERM]  # once: the handler sees one signal, as sent
     assert not (tmp_path / "run").exists()  # nor its lock file
     monkeypatch.setattr(runfolder, "_flock", real_flock)
     runfolder.claim(tmp_path / "run" / "history.jsonl").lock.release()  # and the next run takes the folder
