@@ -17,7 +17,12 @@ gives the median ms/step and the median of those per-round ratios. It also gives
 position in the block, summed, over ``memory``'s. A block of one epoch (``--block 45`` on
 digits) puts the epoch's end at the same position every round, so that ratio counts its
 cost every round while the noisy rounds drop out (the block medians' spread on this
-machine is wider than the epoch end's whole cost). Before each block the
+machine is wider than the epoch end's whole cost). From the same medians, with a block of
+one epoch: ``step_us``, the median of positions 1 to the last but one (what a step
+costs), and ``first_step_us``, position 0: the step plus everything done between one
+epoch's last step and the next's first (the epoch's metrics and record, the checkpoint,
+the next epoch's first block); ``first_step_extra_us`` is that less training alone's
+step. Before each block the
 process sleeps ``--settle`` seconds: the loaders whose turn just ended refill their
 bounded queues then, not inside the next variant's block (a loader's producers would
 otherwise decode on the time of the variant measured after it). The order rotates by
@@ -172,7 +177,9 @@ def run(name: str, block: int, rounds: int, data_dir: Path, settle: float, parts
     # The block's step at each position, its median over the rounds, summed over the block: robust to
     # the rounds a noisy neighbour slowed, yet every position's cost counts (with a block of one epoch,
     # the epoch's end and checkpoint, which a median of whole blocks can hide in the noise).
-    positions = {v: sum(statistics.median(t) for t in by_position) for v, by_position in steps.items()}
+    medians = {v: [statistics.median(t) for t in by_position] for v, by_position in steps.items()}
+    positions = {v: sum(m) for v, m in medians.items()}
+    step_us = {v: 1000 * statistics.median(m[1:-1] or m) for v, m in medians.items()}
     for variant, values in ms.items():
         ratios = [v / m for v, m in zip(values, ms["memory"], strict=True)]
         quartiles = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else [ratios[0]] * 3
@@ -183,6 +190,11 @@ def run(name: str, block: int, rounds: int, data_dir: Path, settle: float, parts
             # the whole time of the variant's blocks over training alone's: one ratio of all rounds' sums
             "x_memory_total": round(sum(values) / sum(ms["memory"]), 3),
             "x_memory_positions": round(positions[variant] / positions["memory"], 3),
+            # with a block of one epoch: a step, and the first step (with what the epoch's end costs)
+            "step_us": round(step_us[variant]), "step_x_memory": round(step_us[variant] / step_us["memory"], 3),
+            "first_step_us": round(1000 * medians[variant][0]),
+            "first_step_extra_us": round(1000 * medians[variant][0] - step_us["memory"]),
+            "position_medians_ms": [round(m, 4) for m in medians[variant]],
             "x_loader": round(statistics.median(v / m for v, m in zip(values, ms[LOADER], strict=True)), 3)}
     return out
 
@@ -214,7 +226,8 @@ def main() -> None:
             print(f"  {variant:17s} {v['median_ms']:8.2f} ms/step   x memory {v['x_memory']:.3f} "
                   f"(rounds' IQR {low:.3f}-{high:.3f}, sums {v['x_memory_total']:.3f}, "
                   f"positions {v['x_memory_positions']:.3f})   "
-                  f"x {LOADER} {v['x_loader']:.3f}", flush=True)
+                  f"x {LOADER} {v['x_loader']:.3f}   step {v['step_us']} us ({v['step_x_memory']:.3f}x), "
+                  f"first step {v['first_step_extra_us']:+d} us", flush=True)
     if args.out:
         meta = {"cpus": os.cpu_count(), "python": platform.python_version(), "keras": keras.__version__,
                 "load_1min": round(os.getloadavg()[0], 2), "argv": sys.argv[1:]}
