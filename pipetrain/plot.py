@@ -291,7 +291,10 @@ def plot(paths: Sequence[str | os.PathLike], output: str | os.PathLike, *, metri
     formats = figure.canvas.get_supported_filetypes()
     if output.suffix.lower().lstrip(".") not in formats:
         raise BadInput(f"{output}: unknown picture format {output.suffix!r} (use .png, .svg or .pdf)")
-    figure.savefig(output, dpi=110)
+    try:
+        figure.savefig(output, dpi=110)
+    except OSError as e:  # a folder of that name, no permission, a full disk: the flag's fault, not the plot's
+        raise BadInput(f"{output}: cannot write the plot: {e.strerror or e}") from None
     return output
 
 

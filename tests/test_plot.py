@@ -87,10 +87,12 @@ def test_rolling_mean_leaves_out_missing_values():
     (["plot", "headless.jsonl", "-o", "x.png"], "headless.jsonl: no run to plot (1 record(s) but no run record before"),
     (["plot", "a/runs/exp", "-o", "x.bmpx"], "x.bmpx: unknown picture format '.bmpx' (use .png, .svg or .pdf)"),
     (["plot", "a/runs/exp", "-o", "no/such/dir/x.png"], "cannot write the plot (no/such/dir is not a folder)"),
+    (["plot", "a/runs/exp", "-o", "taken.png"], "taken.png: cannot write the plot: Is a directory"),
 ])
 def test_bad_input_is_one_line_and_exit_2(runs, capsys, args, message):
     (runs / "empty.jsonl").write_text("")
     (runs / "headless.jsonl").write_text('{"type":"epoch","run":"r","t":1.0,"epoch":0,"loss":0.5}\n')
+    (runs / "taken.png").mkdir()  # a folder where the picture goes (as a full disk or no permission: savefig fails)
     assert cli.main(args) == 2
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1, err
