@@ -8,6 +8,7 @@ interrupted. ``--debug`` shows full tracebacks.
 from __future__ import annotations
 
 import argparse
+import codecs
 import contextlib
 import datetime as _dt
 import json
@@ -627,11 +628,42 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(sys, name) is None:
             setattr(sys, name, open(os.devnull, "w"))
     previous = _terminate_as_interrupt()
+    errors = _printable(sys.stdout)
     try:
         return _main(argv)
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
+        if errors is not None:
+            with contextlib.suppress(Exception):  # (closed meanwhile: nothing to restore)
+                sys.stdout.reconfigure(errors=errors)
+
+
+def _shown(error: UnicodeEncodeError):
+    """A lone surrogate that Python made of a byte not UTF-8 (a file name's) as that
+    byte, any other (a hand-edited record's "\\ud800") escaped: never a crash."""
+    try:
+        return codecs.lookup_error("surrogateescape")(error)
+    except UnicodeError:
+        return codecs.lookup_error("backslashreplace")(error)
+
+
+codecs.register_error("pipetrain.shown", _shown)
+
+
+def _printable(stream) -> str | None:
+    """Let ``stream`` print any text that histories and paths hold: a UTF-8 stdout is
+    strict outside the C locale, and a run folder named in bytes that are not UTF-8
+    (or a record with a lone surrogate) made tail, ls and train fail. The error
+    handler it had, to restore; None when it was left alone."""
+    errors = getattr(stream, "errors", None)
+    if errors not in ("strict", "surrogateescape") or not hasattr(stream, "reconfigure"):
+        return None
+    try:
+        stream.reconfigure(errors="pipetrain.shown")
+    except Exception:  # (a stream that cannot: left as it is)
+        return None
+    return errors
 
 
 def _hold_interrupts():

@@ -513,3 +513,21 @@ def test_a_zombie_writer_is_gone_and_a_folder_held_by_a_resume_keeps_a_follower_
     assert not follower.finished and _writer({"process": process}, path) == "alive"
     lock.write_text(json.dumps({"pid": child.pid, "host": socket.gethostname(), "since": "then"}))  # a stale lock
     assert follower.finished and _writer({"process": process}, path) == "gone"
+
+
+def test_a_run_folder_named_in_bytes_that_are_not_utf8_is_shown(tmp_path, monkeypatch):
+    """A folder name Python decodes with a lone surrogate (b'exp\\xff'), or a hand-edited
+    record with one, is printed on a strict UTF-8 stdout (en_US.UTF-8, PYTHONIOENCODING)
+    by tail and ls; both failed ('surrogates not allowed', exit 1)."""
+    import os
+
+    folder = Path(os.fsdecode(bytes(tmp_path) + b"/runs/exp\xff"))
+    records = known_records()
+    records[-1] = dict(records[-1], error="cannot read /data/\udcff.h5 \ud800")
+    write_records(folder / "history.jsonl", records)
+    for args in (["tail", str(folder)], ["ls", str(folder.parent)]):
+        out = io.BytesIO()
+        monkeypatch.setattr(sys, "stdout", io.TextIOWrapper(out, encoding="utf-8", errors="strict"))
+        assert cli.main(args) == 0, args
+        sys.stdout.flush()
+        assert b"exp\xff" in out.getvalue(), args
