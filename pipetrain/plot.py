@@ -344,7 +344,21 @@ def draw(series: Sequence[Series], figure_class, *, metrics: Sequence[str] | Non
         ax.set_visible(False)
     figure.suptitle(_title(series), fontsize=14, fontweight="bold")
     _legend(figure, series, colors)
+    for text in figure.findobj(lambda o: hasattr(o, "get_text") and hasattr(o, "set_text")):
+        _drawable(text)
     return figure
+
+
+def _drawable(text) -> None:
+    """Matplotlib refuses a lone surrogate (a run folder named in bytes that are not
+    UTF-8, as Python decodes it; a hand-edited metric name): such text is drawn with
+    the byte replaced, any other surrogate escaped (cli's error handler)."""
+    value = text.get_text()
+    if isinstance(value, str) and not value.isascii():
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            text.set_text(value.encode("utf-8", "pipetrain.shown").decode("utf-8", "replace"))
 
 
 def _style(ax, title: str, xlabel: str, ylabel: str) -> None:

@@ -206,3 +206,16 @@ def test_more_than_ten_runs_get_colours_of_their_own(tmp_path):
     paths = [write_records(tmp_path / f"r{i}" / "history.jsonl", known_records(run_id=f"r{i}")) for i in range(12)]
     figure = draw(load(paths), Figure)
     assert len({to_rgba(line.get_color()) for line in figure.axes[0].get_lines()}) == 12
+
+
+def test_a_run_folder_named_in_bytes_that_are_not_utf8_is_plotted(tmp_path, capsys):
+    """Its name (b'exp\\xff', a lone surrogate in Python) and a metric named with a
+    lone surrogate in a hand-edited record are drawn; matplotlib refused the text
+    ('set_text(): incompatible function arguments', exit 1)."""
+    import os
+
+    folder = tmp_path / os.fsdecode(b"exp\xff")
+    records = [dict(r, **{"acc\ud800": 0.5}) if r["type"] == "epoch" else r for r in known_records()]
+    write_records(folder / "history.jsonl", records)
+    assert cli.main(["plot", str(folder), "-o", str(tmp_path / "x.png")]) == 0, capsys.readouterr().err
+    assert png_size(tmp_path / "x.png")[0] > 0
