@@ -55,10 +55,12 @@ import warnings
 import zipfile
 from pathlib import Path
 
+import psutil
+
 from pipetrain import index
 from pipetrain.errors import RunError, argument
 from pipetrain.history import file_kind, run_records
-from pipetrain.process import running
+from pipetrain.process import STARTED_SLACK_S, running
 
 try:
     import fcntl
@@ -255,9 +257,22 @@ def held(history: Path) -> bool:
     without taking the lock, which a reader never does."""
     try:
         info = json.loads((Path(history).parent / LOCK_NAME).read_bytes())
-        return info.get("host") == socket.gethostname() and running(int(info["pid"]))
+        pid = int(info["pid"])
+        return info.get("host") == socket.gethostname() and running(pid) and not _started_after(pid, info.get("since"))
     except (OSError, ValueError, TypeError, KeyError, AttributeError):
         return False
+
+
+def _started_after(pid: int, since) -> bool:
+    """Whether process ``pid`` started after ``since`` (the holder's note, to the second):
+    the note of a killed run whose pid a later process has taken (pids are reused, soon in
+    a container). False when it cannot be told."""
+    try:
+        noted = _dt.datetime.fromisoformat(since).timestamp()
+        started = psutil.Process(pid).create_time()
+    except Exception:
+        return False
+    return started > noted + 1 + STARTED_SLACK_S  # (the note is cut to the second; start times known to a tick)
 
 
 def _write_holder(fd: int) -> None:

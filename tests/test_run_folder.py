@@ -121,6 +121,26 @@ def test_a_lock_left_by_a_killed_process_is_no_lock(tmp_path):
     assert len(pipetrain.read_history(folder).batches) == 3 and not (folder / LOCK_NAME).exists()
 
 
+def test_a_lock_file_left_by_a_killed_run_whose_pid_is_taken_again_is_not_held(tmp_path):
+    """A run killed -9 leaves its lock file (pid, host, since); a process started later
+    under that pid (pids are reused, soon in a container) does not hold the folder: tail
+    --follow waited on such a run for ever (a killed run 'alive', a finished one not done)."""
+    from pipetrain.history import Follower
+    from pipetrain.runfolder import held
+
+    history = tmp_path / "run" / "history.jsonl"
+    history.parent.mkdir()
+    history.write_text('{"type":"end","run":"r","t":1.0,"status":"completed"}\n')
+    note = {"pid": os.getpid(), "host": socket.gethostname(), "since": "2001-09-09T01:46:40+00:00"}
+    (history.parent / LOCK_NAME).write_text(json.dumps(note))  # this process started long after
+    assert not held(history)
+    with Follower(history) as follower:
+        follower.read()
+        assert follower.finished
+    with FolderLock(history.parent):  # the holder itself, whose note is its own
+        assert held(history)
+
+
 def test_a_signal_while_the_lock_is_taken_leaves_no_lock_file(tmp_path, monkeypatch):
     """SIGTERM (as the command line turns it into an exception) arriving after the lock
     file is made but before its owner is recorded: raised once the lock is held, which
