@@ -106,8 +106,8 @@ class _Selection:
             r = self.epoch_range
             if r.step == 1:
                 keep &= (epoch >= r.start) & (epoch < r.stop)
-            else:
-                keep &= np.isin(epoch, np.array(list(r), dtype=np.int64))
+            else:  # (not the range's list: range(0, 2**62, 2), every even epoch, is 2**61 of them)
+                keep &= np.fromiter((e in r for e in epoch.tolist()), dtype=bool, count=len(epoch))
         return keep
 
 

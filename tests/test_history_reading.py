@@ -213,6 +213,17 @@ def test_bad_selections_name_the_argument(tmp_path):
             read_history(path, **{name: float("nan")})
 
 
+def test_an_epoch_range_with_a_step_is_never_listed(tmp_path):
+    """Every other epoch up to any epoch: the batch lines' pre-filter made a list of the
+    range's numbers (MemoryError for range(1, 2**62, 2), minutes and gigabytes for 10**9)."""
+    path = write_records(tmp_path / "h.jsonl", resumed_records())
+    full = reference(path)
+    for epochs in (range(1, 2**62, 2), range(2**62, -1, -2), range(0, 10**9, 3)):
+        part = read_history(path, epochs=epochs)
+        assert items(part.batches) == items(b for b in full.batches if int(b.get("epoch") or 0) in epochs), epochs
+        assert items(part.epochs) == items(e for e in full.epochs if int(e.get("epoch") or 0) in epochs), epochs
+
+
 def test_until_keeps_integer_times_just_below_it_that_round_up_to_it(tmp_path):
     """Times beyond 2**53 written as integers: 10**17 + 10 is below until = 10**17 + 16
     (a float), but rounds up to it as a float; the batch lines' range pre-filter dropped them."""
