@@ -269,13 +269,20 @@ def processes_of(run: Mapping) -> int:
     return count if type(count) is int and count > 0 else 0
 
 
+# The schema's measurements that are single numbers (a metric may be a vector, gpu_mb a dict).
+_MEASUREMENTS = frozenset({"step", "size", "step_s", "wait_s", "samples_per_s", "samples", "batches", "time_s",
+                           "input_bound_pct", "read_mb", "read_mb_s", "disk_mb", "val_time_s", "rss_mb",
+                           "peak_rss_mb", "cpu_pct", "sys_available_mb", "threads"})
+
+
 def numeric_view(record: dict) -> dict:
     """A ``batch``, ``epoch`` or ``system`` record as it is displayed and plotted: text
-    where measurements are numbers (a hand-edited file) shows as missing. Other
-    records are returned as they are."""
+    where measurements are numbers, or a list or an object where the schema has one
+    number (a hand-edited file), shows as missing. Other records are returned as they are."""
     if record.get("type") not in ("batch", "epoch", "system"):
         return record
-    return {k: None if isinstance(v, str) and k not in ("type", "run") else v for k, v in record.items()}
+    return {k: None if (isinstance(v, str) and k not in ("type", "run"))
+            or (isinstance(v, (list, dict)) and k in _MEASUREMENTS) else v for k, v in record.items()}
 
 
 _NUMBERS = {int, float}

@@ -158,6 +158,22 @@ def test_text_where_numbers_belong_shows_as_missing(tmp_path, capsys):
     text_of(dashboard(state_of(records), Path("edited.jsonl")))  # draws
 
 
+@pytest.mark.parametrize("value", [[1, 2], {"a": 1}, True], ids=["list", "object", "bool"])
+def test_a_list_or_an_object_where_a_measurement_belongs_shows_as_missing(tmp_path, capsys, value):
+    """As text does: tail failed on it ('unsupported format string passed to
+    dict.__format__', 'float and list', exit 1). A vector metric stays a metric."""
+    records = known_records()
+    for record in records:
+        if record["type"] in ("batch", "epoch", "system"):
+            record.update({k: value for k in ("size", "wait_s", "step_s", "samples_per_s", "time_s", "rss_mb",
+                                              "input_bound_pct", "read_mb_s", "step") if k in record})
+    write_records(tmp_path / "edited.jsonl", records)
+    assert cli.main(["tail", str(tmp_path / "edited.jsonl")]) == 0, capsys.readouterr().err
+    assert "Epoch 1/3  loss 0.5  accuracy 0.8" in capsys.readouterr().out
+    for cut in (4, 9, len(records)):  # mid-epoch too: the batches so far are summed
+        text_of(dashboard(state_of(records[:cut]), Path("edited.jsonl")))  # draws
+
+
 def test_epoch_lines_show_a_non_finite_metric_and_a_partial_epoch():
     record = dict(known_records()[12], loss=None, complete=False, batches=4)
     assert epoch_line(record, 3) == (
