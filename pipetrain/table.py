@@ -305,10 +305,10 @@ class Table(Sequence):
                 data[name] = column.values  # (copied by pandas)
             elif column.kind == "f" or (column.kind == "i" and lacking is not None):
                 data[name] = self.array(name)  # NaN where null or missing, as pandas has it
-            elif column.kind in ("i", "b"):
+            elif column.kind == "i" or (column.kind == "b" and lacking is None):
                 data[name] = column.values
-            elif column.kind == "s":
-                values = column.objects()
+            elif column.kind in ("s", "b"):  # (a bool's filler where the key is missing is False: NaN, as pandas has it)
+                values = column.objects() if column.kind == "s" else column.values.astype(object)
                 if lacking is not None:
                     values[lacking] = np.nan
                 data[name] = values

@@ -171,6 +171,18 @@ def test_to_pandas_is_pandas_of_the_full_parse(tmp_path):
             pd.testing.assert_frame_equal(frames[table], pd.DataFrame(getattr(full, table)), obj=f"{name}: {table}")
 
 
+def test_a_flag_some_records_lack_is_missing_in_pandas_not_false(tmp_path):
+    """A bool recorded on some batches only (epoch.record(skipped=True)): to_pandas said
+    False for the batches without it, where pandas of the records says NaN."""
+    pd = pytest.importorskip("pandas")
+    records = [{"type": "run", "run": "r", "t": 0.0}]
+    records += [batch(0, b, 1.0 + b, **({"skipped": True} if b % 10 == 3 else {})) for b in range(100)]
+    path = write_records(tmp_path / "h.jsonl", records)
+    frame = read_history(path).to_pandas()["batches"]
+    pd.testing.assert_frame_equal(frame, pd.DataFrame(reference(path).batches))
+    assert frame["skipped"].isna().sum() == 90
+
+
 def test_columns_are_numbers_where_records_hold_numbers(tmp_path):
     h = read_history(histories(tmp_path)[4][1])  # hand-edited
     loss = h.batches.array("loss")
