@@ -27,7 +27,8 @@ from pipetrain.outcome import best_epoch
 from pipetrain.process import writer_state
 from pipetrain.progress import fmt, fmt_duration
 
-FIRST_LINE_BYTES = 1 << 20  # a run record is shorter than this
+FIRST_LINE_BYTES = 1 << 20  # a run record is shorter than this, unless it begins as the writer's (_RUN_LINE)
+_RUN_LINE = b'{"type":"run"'  # how the history writer begins a run record (compact JSON, "type" first)
 
 
 def histories(folder: Path) -> Iterator[Path]:
@@ -53,6 +54,8 @@ def _starts_a_history(path: Path) -> bool:
             return False  # a named pipe would never answer
         with open(path, "rb") as f:
             first = f.readline(FIRST_LINE_BYTES)
+            if not first.endswith(b"\n") and first.startswith(_RUN_LINE):  # a run on thousands of files: read on
+                first += f.readline()
     except OSError:
         return False
     record = decode_line(first)

@@ -67,3 +67,16 @@ def test_pipes_devices_and_files_that_are_not_histories_are_refused_not_waited_o
                           (("ls", "data.h5"), "data.h5: is not a pipetrain history (its first line is not a run")]:
         done = pipetrain(*args)
         assert done.returncode == 2 and message in done.stderr and len(done.stderr.splitlines()) == 1, args
+
+
+def test_a_run_record_longer_than_a_megabyte_is_listed(tmp_path, capsys):
+    """A run on thousands of data files writes them all in its run record (60,000 shards:
+    2.4 MB): ls left it out ('no runs under'), and ls FILE said it was no history (exit 2)."""
+    records = known_records()
+    records[0]["data"]["files"] = [f"/data/shards/part-{i:06d}-of-060000.h5" for i in range(60_000)]
+    history = write_records(tmp_path / "runs" / "big" / "history.jsonl", records)
+    assert history.stat().st_size > 2_000_000
+    for where in (tmp_path / "runs", history):
+        assert cli.main(["ls", str(where)]) == 0
+        lines = capsys.readouterr().out.splitlines()
+        assert len(lines) == 2 and lines[1].split()[1:4] == ["completed", "no", "2/3"], lines
