@@ -276,10 +276,28 @@ _MEASUREMENTS = frozenset({"step", "size", "step_s", "wait_s", "samples_per_s", 
 
 
 def numeric_view(record: dict) -> dict:
-    """A ``batch``, ``epoch`` or ``system`` record as it is displayed and plotted: text
-    where measurements are numbers, or a list or an object where the schema has one
-    number (a hand-edited file), shows as missing. Other records are returned as they are."""
-    if record.get("type") not in ("batch", "epoch", "system"):
+    """A record as it is displayed and plotted: in a ``batch``, ``epoch`` or ``system``
+    record, text where measurements are numbers, or a list or an object where the schema
+    has one number (a hand-edited file), shows as missing; so do the parts of a ``run``
+    or ``end`` record that have another shape than the schema's (another tool's: a
+    ``model`` given as text, a ``status`` that is not text). Other records are returned
+    as they are."""
+    kind = record.get("type")
+    if kind == "run":
+        odd = {k for k in ("model", "host", "config") if record.get(k) is not None and not isinstance(record[k], dict)}
+        model = record.get("model")
+        params = model.get("params") if isinstance(model, dict) else None
+        if not odd and (params is None or _is_int(params)):
+            return record
+        view = {k: v for k, v in record.items() if k not in odd}
+        if "model" not in odd and params is not None and not _is_int(params):
+            view["model"] = {k: v for k, v in model.items() if k != "params"}
+        return view
+    if kind == "end":
+        status = record.get("status")
+        return record if status is None or isinstance(status, str) else {k: v for k, v in record.items()
+                                                                           if k != "status"}
+    if kind not in ("batch", "epoch", "system"):
         return record
     return {k: None if (isinstance(v, str) and k not in ("type", "run"))
             or (isinstance(v, (list, dict)) and k in _MEASUREMENTS) else v for k, v in record.items()}

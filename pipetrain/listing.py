@@ -22,7 +22,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from pipetrain.history import HistoryPathError, decode_line, history_file, read_history
+from pipetrain.history import HistoryPathError, decode_line, history_file, numeric_view, read_history
 from pipetrain.outcome import best_epoch
 from pipetrain.process import writer_state
 from pipetrain.progress import fmt, fmt_duration
@@ -65,7 +65,8 @@ def _starts_a_history(path: Path) -> bool:
 def describe(path: Path, now: float | None = None) -> dict:
     """One run, as ``ls`` lists it: run, status, running, epochs, best, started."""
     h = read_history(path, tables=("epochs",))
-    run = h.runs[-1] if h.runs else {}
+    h.end = numeric_view(h.end) if h.end is not None else None  # (a status of another shape shows as '?')
+    run = numeric_view(h.runs[-1]) if h.runs else {}
     data = run.get("data") or {}
     done = sum(1 for e in h.epochs if e.get("complete") is not False)
     planned = data.get("epochs") or (run.get("config") or {}).get("epochs")

@@ -263,6 +263,7 @@ def load(paths: Sequence[str | os.PathLike]) -> list[Series]:
         except OSError as e:
             raise BadInput(f"{path}: cannot read the history: {e.strerror or e}") from None
         history.epochs = [numeric_view(r) for r in history.epochs]  # the tables give numbers already
+        history.runs = [numeric_view(r) for r in history.runs]  # (a model given as text: its name left out)
         if not history.runs:
             found = len(history.epochs) + len(history.batches) + len(history.system)
             problem = (f"{found} record(s) but no run record before them" if found

@@ -607,7 +607,7 @@ def lines_for(record: dict, state: RunState, history_path=None) -> list[str]:
     the run line, one line per epoch, and the closing summary."""
     kind = record.get("type")
     if kind == "run":
-        return [run_line(record)]
+        return [run_line(numeric_view(record))]
     if kind == "epoch":
         return [epoch_line(numeric_view(record), state.epochs_total)]
     if kind == "end":

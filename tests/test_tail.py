@@ -174,6 +174,26 @@ def test_a_list_or_an_object_where_a_measurement_belongs_shows_as_missing(tmp_pa
         text_of(dashboard(state_of(records[:cut]), Path("edited.jsonl")))  # draws
 
 
+@pytest.mark.parametrize("where, key, value", [
+    (0, "model", "resnet50"), (0, "host", "box"), (0, "config", ["--epochs", "3"]),
+    (0, "model", {"name": "m", "params": "1M"}), (-1, "status", ["failed"]), (-1, "status", 3),
+], ids=["model text", "host text", "config list", "params text", "status list", "status number"])
+def test_run_and_end_records_of_another_shape_show_what_they_can(tmp_path, capsys, where, key, value):
+    """A run or end record whose parts have another shape (another tool's, a hand edit):
+    what is not as the schema has it shows as missing. tail, its view, ls and plot
+    failed ("'str' object has no attribute 'get'", "Cannot specify ',' with 's'", exit 1)."""
+    records = known_records()
+    records[where][key] = value
+    path = write_records(tmp_path / "runs" / "odd" / "history.jsonl", records)
+    assert cli.main(["tail", str(path)]) == 0, capsys.readouterr().err
+    assert "Epoch 2/3  loss 0.25" in capsys.readouterr().out
+    text_of(dashboard(state_of(records), path, now=0.0))  # draws
+    assert cli.main(["ls", str(tmp_path / "runs")]) == 0, capsys.readouterr().err
+    assert "2/3" in capsys.readouterr().out
+    pytest.importorskip("matplotlib")
+    assert cli.main(["plot", str(path), "-o", str(tmp_path / "odd.png")]) == 0, capsys.readouterr().err
+
+
 def test_epoch_lines_show_a_non_finite_metric_and_a_partial_epoch():
     record = dict(known_records()[12], loss=None, complete=False, batches=4)
     assert epoch_line(record, 3) == (
