@@ -158,7 +158,9 @@ def _read_index(path: Path) -> bytes:
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             return b""
-        chunks = []
+        chunks = [os.read(fd, _HEADER.size)]
+        if chunks[0][:len(MAGIC)] not in VERSIONS:  # no index (zeros, another file): its header says so, not all of it
+            return b""
         while chunk := os.read(fd, 1 << 20):
             chunks.append(chunk)
         return b"".join(chunks)

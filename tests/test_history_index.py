@@ -269,6 +269,19 @@ def test_a_stale_index_of_another_file_is_ignored(tmp_path):
     assert known(path).covered == 0
 
 
+def test_a_big_file_in_the_indexs_place_that_is_no_index_is_not_read_whole(tmp_path, monkeypatch):
+    """A file of zeros (or anything not an index) where the index goes: readers read its
+    header, not all of it (1 GB took tail 5 s and 2 GB of memory; more ran out of it)."""
+    path = damaged(tmp_path, "a")
+    with open(index.path_for(path), "wb") as f:
+        f.truncate(1 << 30)  # sparse: no disk used
+    read = []
+    real = os.read
+    monkeypatch.setattr(os, "read", lambda fd, n: read.append(n) or real(fd, n))
+    assert known(path).covered == 0 and look(path) == look(path, use_index=False)
+    assert sum(read) < 1 << 16, sum(read)
+
+
 def test_a_torn_or_garbled_index_counts_up_to_its_last_good_entry(tmp_path):
     path = damaged(tmp_path, "torn")
     ipath = index.path_for(path)
