@@ -73,7 +73,8 @@ EXIT_FOR_STATUS = {"completed": EXIT_OK, "stopped": EXIT_OK, "failed": EXIT_FAIL
 def exit_status(end: dict | None) -> int:
     """The exit status for a run that ended with ``end``: 0 completed or stopped, 1
     failed, 130 interrupted (0 without an end record: a view of a running job)."""
-    return EXIT_FOR_STATUS.get((end or {}).get("status"), EXIT_OK) if end else EXIT_OK
+    status = (end or {}).get("status")
+    return EXIT_FOR_STATUS.get(status, EXIT_OK) if isinstance(status, str) else EXIT_OK  # (a list: not a key)
 
 
 def gone_text(run: dict, path: Path) -> str:

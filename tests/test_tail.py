@@ -188,6 +188,8 @@ def test_run_and_end_records_of_another_shape_show_what_they_can(tmp_path, capsy
     assert cli.main(["tail", str(path)]) == 0, capsys.readouterr().err
     assert "Epoch 2/3  loss 0.25" in capsys.readouterr().out
     text_of(dashboard(state_of(records), path, now=0.0))  # draws
+    assert cli.main(["tail", "--raw", "--follow", str(path)]) == 0, capsys.readouterr().err  # (status of no kind: 0)
+    capsys.readouterr()
     assert cli.main(["ls", str(tmp_path / "runs")]) == 0, capsys.readouterr().err
     assert "2/3" in capsys.readouterr().out
     pytest.importorskip("matplotlib")
