@@ -103,12 +103,24 @@ class _Selection:
         if self.until is not None:
             keep &= t <= self.until
         if self.epoch_range is not None and epoch is not None:
-            r = self.epoch_range
-            if r.step == 1:
-                keep &= (epoch >= r.start) & (epoch < r.stop)
-            else:  # (not the range's list: range(0, 2**62, 2), every even epoch, is 2**61 of them)
-                keep &= np.fromiter((e in r for e in epoch.tolist()), dtype=bool, count=len(epoch))
+            keep &= _within(epoch, self.epoch_range)
         return keep
+
+
+def _within(values: np.ndarray, r: range) -> np.ndarray:
+    """``value in r`` for each integer of ``values``, vectorised (never the range's list:
+    range(0, 2**62, 2), every even epoch, is 2**61 of them)."""
+    r = r if r.step > 0 else r[::-1]
+    inside = (values >= r.start) & (values < r.stop)
+    if r.step == 1 or not inside.any():
+        return inside
+    low = int(values[inside].min())
+    first = r.start + -(-(low - r.start) // r.step) * r.step  # the range's first number from low on
+    if r.step >= 2**64:  # (one of its numbers at most is an int64)
+        return inside & (values == first) if first < 2**63 else np.zeros_like(inside)
+    # Offsets from low in uint64: exact for every value inside (their spread may pass int64's).
+    offsets = values.astype(np.int64).view(np.uint64) - np.uint64(low % 2**64)
+    return inside & (offsets % np.uint64(r.step) == (first - low) % r.step)
 
 
 class _Reader:
