@@ -679,8 +679,10 @@ def follow(
     Waits for the file to appear; never yields half a line; starts again from the top
     when the file is truncated or replaced (a new inode). With ``until_end`` (the
     default) it returns once the run has ended: after an ``end`` record that is the last
-    record in the file (an ``end`` followed by a resumed segment does not stop it).
-    ``timeout`` returns after that many seconds without a new record.
+    record in the file (an ``end`` followed by a resumed segment does not stop it), or
+    once the run's process is known to be gone without writing one (killed, on this host;
+    the last record is then not an ``end``). ``timeout`` returns after that many seconds
+    without a new record.
 
     Example::
 
@@ -688,8 +690,11 @@ def follow(
             if record["type"] == "epoch":
                 print(record["epoch"], record["loss"])
     """
+    from pipetrain.runfolder import writer  # (runfolder reads histories: imported here)
+
     last_news = time.monotonic()
-    with Follower(history_file(path)) as follower:
+    path = history_file(path)
+    with Follower(path) as follower:
         while True:
             for _, record in follower.read():
                 if record is not None:
@@ -697,6 +702,9 @@ def follow(
                     yield record
             if until_end and follower.finished:
                 return
+            if until_end and follower.at_eof and follower.last_run is not None \
+                    and writer(follower.last_run, path) == "gone":
+                return  # killed: no end record will come (as tail --follow, which says so)
             if follower.at_eof:
                 if timeout is not None and time.monotonic() - last_news > timeout:
                     return

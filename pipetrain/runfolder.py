@@ -60,7 +60,7 @@ import psutil
 from pipetrain import index
 from pipetrain.errors import RunError, argument
 from pipetrain.history import file_kind, run_records
-from pipetrain.process import STARTED_SLACK_S, running
+from pipetrain.process import STARTED_SLACK_S, running, writer_state
 
 try:
     import fcntl
@@ -249,6 +249,14 @@ def _same_file(fd: int, path: Path) -> bool:
         return False
     mine = os.fstat(fd)
     return (mine.st_dev, mine.st_ino) == (now.st_dev, now.st_ino)
+
+
+def writer(run: dict, history: Path) -> str:
+    """:func:`~pipetrain.process.writer_state` of the process of ``run`` (a run record of
+    ``history``); "alive" as well when that one is gone but a live process holds the
+    run's folder (a resume starting)."""
+    state = writer_state(run.get("process"))
+    return "alive" if state == "gone" and held(history) else state
 
 
 def held(history: Path) -> bool:

@@ -37,7 +37,6 @@ from rich.text import Text
 from pipetrain import index, scan
 from pipetrain.cli import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, BadInput
 from pipetrain.history import Follower, HistoryPathError, history_file, resume_point, run_name
-from pipetrain.process import writer_state
 from pipetrain.progress import (
     BATCH_KEYS,
     RunState,
@@ -57,7 +56,7 @@ from pipetrain.progress import (
     position_line,
 )
 from pipetrain.reading import last_look
-from pipetrain.runfolder import held
+from pipetrain.runfolder import writer
 
 STALE_S = 60.0  # a running job silent for this long is flagged in the live view
 DRAW_S = 0.25  # the live view redraws at most this often while catching up on a long file
@@ -165,7 +164,7 @@ def updates(path: Path, *, follow: bool = True, poll: float = 0.25) -> Iterator[
             if follower.at_eof and lines_seen and not records_seen:
                 raise BadInput(f"{path}: not a pipetrain history (no pipetrain records in {lines_seen} line(s))")
             if follower.at_eof and state.runs and state.end is None:
-                update.writer = _writer(state.run, path)
+                update.writer = writer(state.run, path)
             yield update
             if follower.finished or (not follow and follower.at_eof) or update.writer == "gone":
                 return
@@ -488,18 +487,11 @@ def tail_raw(path: Path, *, follow: bool, poll: float, out=None) -> int:
                 return exit_status(follower.last_end) if follow else EXIT_OK
             if not follow and follower.at_eof:
                 return EXIT_OK
-            if follower.at_eof and follower.last_run is not None and _writer(follower.last_run, path) == "gone":
+            if follower.at_eof and follower.last_run is not None and writer(follower.last_run, path) == "gone":
                 print(f"pipetrain: {gone_text(follower.last_run, path)}", file=sys.stderr, flush=True)
                 return EXIT_FAILED
             if follower.at_eof:
                 time.sleep(poll)
-
-
-def _writer(run: dict, path: Path) -> str:
-    """:func:`writer_state` of the run record's process; "alive" as well when that one is
-    gone but a live process holds the run's folder (a resume starting)."""
-    state = writer_state(run.get("process"))
-    return "alive" if state == "gone" and held(path) else state
 
 
 def _say_restarted(path: Path) -> None:

@@ -8,6 +8,7 @@ import json
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -15,6 +16,7 @@ import psutil
 import pytest
 from rich.console import Console
 
+import pipetrain
 from pipetrain import cli
 from pipetrain.history import encode, read_history
 from pipetrain.progress import Progress, RunState, epoch_line, lines_for
@@ -445,6 +447,12 @@ def test_a_run_whose_process_is_gone_says_so_and_follow_exits_1(tmp_path, capsys
     assert cli.main(["tail", str(path)]) == 0
     captured = capsys.readouterr()
     assert captured.out.splitlines()[-1].endswith("(not running)") and "is gone" in captured.err
+    # pipetrain.follow ends there too, with every record (it waited for ever)
+    followed: list[dict] = []
+    reader = threading.Thread(target=lambda: followed.extend(pipetrain.follow(path, poll=0.05)), daemon=True)
+    reader.start()
+    reader.join(60)
+    assert not reader.is_alive() and followed == records
     state = state_of(records)
     text = text_of(dashboard(state, path, now=state.last_t + 5, writer="gone"))
     assert "not running: the run's process (pid" in text and "it would go on at epoch 3, batch 5/10" in text
@@ -531,7 +539,7 @@ def test_a_zombie_writer_is_gone_and_a_folder_held_by_a_resume_keeps_a_follower_
 
     from pipetrain.history import Follower
     from pipetrain.process import boot_id, writer_state
-    from pipetrain.tail import _writer
+    from pipetrain.runfolder import writer
 
     child = subprocess.Popen(["sleep", "30"])
     try:
@@ -548,9 +556,9 @@ def test_a_zombie_writer_is_gone_and_a_folder_held_by_a_resume_keeps_a_follower_
     assert follower.finished
     lock = tmp_path / "run" / ".pipetrain.lock"
     lock.write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": "now"}))
-    assert not follower.finished and _writer({"process": process}, path) == "alive"
+    assert not follower.finished and writer({"process": process}, path) == "alive"
     lock.write_text(json.dumps({"pid": child.pid, "host": socket.gethostname(), "since": "then"}))  # a stale lock
-    assert follower.finished and _writer({"process": process}, path) == "gone"
+    assert follower.finished and writer({"process": process}, path) == "gone"
 
 
 def test_a_run_folder_named_in_bytes_that_are_not_utf8_is_shown(tmp_path, monkeypatch):
