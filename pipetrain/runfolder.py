@@ -329,7 +329,8 @@ def claim(history: str | os.PathLike, checkpoint_dir: str | os.PathLike | None =
     _check_history_path(history)
     with signals_held() as release_signals:
         try:
-            lock = FolderLock(history.parent, joinable=joinable)
+            # (a history given through a link is written where it is: its folder's lock, not the link's)
+            lock = FolderLock(history.resolve().parent if history.is_symlink() else history.parent, joinable=joinable)
         except OSError as e:
             raise RunError(f"{history}: cannot write the history here ({_why(e, history.parent)})") from None
         folder = RunFolder(history, checkpoint_dir, lock)

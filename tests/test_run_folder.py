@@ -236,6 +236,25 @@ def test_python_runs_hold_the_same_lock(tmp_path):
     pipetrain.train(tiny_model(), source, history=history, overwrite=True, verbose=0)  # free again
 
 
+def test_a_history_given_through_a_symbolic_link_is_locked_where_it_is(tmp_path):
+    """``--history latest.jsonl`` (a link to runs/exp1/history.jsonl) writes exp1's
+    history: it must take exp1's lock, not one in the link's folder, or it would write
+    into a live run's history."""
+    from pipetrain.runfolder import claim
+
+    real = tmp_path / "runs" / "exp1" / "history.jsonl"
+    real.parent.mkdir(parents=True)
+    (tmp_path / "latest.jsonl").symlink_to(real)
+    folder = claim(real)
+    try:
+        with pytest.raises(FolderBusy, match="another run is writing this folder"):
+            claim(tmp_path / "latest.jsonl")
+        assert not (tmp_path / LOCK_NAME).exists()
+    finally:
+        folder.release()
+    claim(tmp_path / "latest.jsonl").release()  # free again
+
+
 # -- a place that can be written -------------------------------------------------------------------
 
 
