@@ -31,6 +31,8 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import dataclasses
+import math
+import numbers
 import os
 import random
 import threading
@@ -79,6 +81,14 @@ class FetchSettings:
     max_backoff_s: float = 5.0
     timeout_s: float = 60.0
 
+    def __post_init__(self):
+        # Checked here, not only in from_env: no request slot (max_requests=0) waited
+        # forever, and a time-out of 0 or NaN failed every read as the network's fault.
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if not _valid(f.name, value):
+                raise RemoteInputError(f"fetch: {f.name}={value!r}: {_VALID[f.name]}")
+
     @classmethod
     def from_env(cls, text: str | None = None) -> FetchSettings:
         """The defaults, changed by ``$PIPETRAIN_FETCH`` (e.g. ``"retries=3
@@ -90,7 +100,7 @@ class FetchSettings:
             name, _, value = item.partition("=")
             try:
                 number = float(value) if kinds.get(name) in ("float", float) else int(value)
-                if name not in kinds or number < 0 or (name == "max_requests" and number < 1):
+                if name not in kinds or not _valid(name, number):
                     raise ValueError
             except ValueError:
                 raise RemoteInputError(
@@ -102,6 +112,28 @@ class FetchSettings:
     def backoff(self, attempt: int) -> float:
         """Seconds to wait before retry ``attempt`` (from 0): doubling, with jitter."""
         return min(self.max_backoff_s, self.backoff_s * 2**attempt) * random.uniform(0.5, 1.0)
+
+
+_VALID = {
+    "max_requests": "expected a whole number >= 1",
+    "coalesce_bytes": "expected a whole number >= 0",
+    "readahead_bytes": "expected a whole number >= 0",
+    "retries": "expected a whole number >= 0",
+    "backoff_s": "expected a number of seconds >= 0",
+    "max_backoff_s": "expected a number of seconds >= 0",
+    "timeout_s": "expected a number of seconds above 0",
+}
+
+
+def _valid(name: str, value) -> bool:
+    """Whether ``value`` is a usable FetchSettings ``name`` (NaN never is)."""
+    if name in ("backoff_s", "max_backoff_s", "timeout_s"):
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or math.isnan(value):
+            return False
+        return value > 0 if name == "timeout_s" else value >= 0
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        return False
+    return value >= (1 if name == "max_requests" else 0)
 
 
 class _Request:

@@ -268,6 +268,24 @@ def test_fetch_settings_from_the_environment():
             FetchSettings.from_env(text)
 
 
+def test_fetch_settings_that_cannot_work_are_refused_in_one_line():
+    """max_requests=0 left every request waiting for a slot that never came (the open
+    hung), and a time-out of 0 or NaN failed every read after the retries as a network
+    failure (exit 1), not as a setting."""
+    from pipetrain.errors import InputError
+
+    for bad_setting in ({"max_requests": 0}, {"retries": -1}, {"timeout_s": 0}, {"timeout_s": float("nan")},
+                        {"backoff_s": float("nan")}, {"max_backoff_s": -1.0}, {"coalesce_bytes": 1.5}):
+        name = next(iter(bad_setting))
+        with pytest.raises(InputError, match=rf"^fetch: {name}=.*: expected ") as info:
+            FetchSettings(**bad_setting)
+        assert "\n" not in str(info.value)
+    for text in ("timeout_s=0", "timeout_s=nan", "backoff_s=nan", "max_backoff_s=nan"):
+        with pytest.raises(InputError, match="PIPETRAIN_FETCH: .* is not NAME=NUMBER"):
+            FetchSettings.from_env(text)
+    assert FetchSettings(max_requests=np.int64(4), timeout_s=float("inf")).max_requests == 4
+
+
 # ------------------------------------------------------------------- faults and bad input
 
 
