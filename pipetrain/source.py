@@ -488,6 +488,7 @@ class H5Source:
                             f"{path}: dataset '{name}' is a virtual dataset reading {target}, which "
                             "does not exist (allow it with allow_external=True or --allow-external)"
                         )
+                _check_virtual_source(path, name, dset, source)
 
     def check_model(self, model) -> None:
         """Check that the datasets fit the model's inputs (and output names), once the
@@ -776,6 +777,34 @@ def _open_dataset(f: h5py.File, name: str) -> h5py.Dataset | h5py.Group:
     dapl.set_efile_prefix(b"${ORIGIN}")
     dapl.set_virtual_prefix(b"${ORIGIN}")
     return h5py.Dataset(h5py.h5d.open(f.id, name.encode(), dapl=dapl))
+
+
+def _check_virtual_source(path: Path | str, name: str, dset: h5py.Dataset, source) -> None:
+    """A virtual dataset's source file (beside the data file, or the data file itself)
+    holds the dataset it maps: HDF5 reads a missing one as fill values, without a word."""
+    if "%" in source.file_name or "%" in source.dset_name:
+        return  # a printf-style pattern of an unlimited mapping: its sources come and go
+    if source.file_name == ".":
+        holder, where = dset.file, path
+    else:
+        target = _beside(path, source.file_name)
+        if not isinstance(target, Path) or not target.is_file():
+            return  # (refused above, or found by HDF5 elsewhere: allow_external)
+        try:
+            holder, where = h5py.File(target, "r"), target
+        except OSError as e:
+            raise SourceError(f"{path}: dataset '{name}' is a virtual dataset reading {target}, which cannot be "
+                              f"opened as HDF5 ({one_line(e)}); HDF5 would read fill values there") from None
+    try:
+        found = holder.get(source.dset_name)
+    except (KeyError, OSError, ValueError):
+        found = None
+    finally:
+        if holder is not dset.file:
+            holder.close()
+    if not isinstance(found, h5py.Dataset):
+        raise SourceError(f"{path}: dataset '{name}' is a virtual dataset reading '{source.dset_name}' of "
+                          f"{where}, which holds no such dataset; HDF5 would read fill values there")
 
 
 def _check_filters(path: Path | str, name: str, dset: h5py.Dataset) -> None:

@@ -279,3 +279,25 @@ def test_labels_out_of_the_models_range_name_file_dataset_and_row(make_h5):
         source.read(0, 0, 24)
         with pytest.raises(LabelRangeError, match=r"labels\.h5: dataset 'y' row 29 holds label 9, but the model's output 'dense' has 4 classes"):
             source.read(0, 24, 40)
+
+
+def test_a_virtual_dataset_whose_source_dataset_is_missing_is_refused_not_read_as_zeros(tmp_path):
+    """HDF5 reads the rows a virtual dataset maps from a dataset that is not there as
+    fill values: a typo in the source's name trained on zeros, with no word said."""
+    with h5py.File(tmp_path / "src.h5", "w") as f:
+        f["data"] = np.arange(20, dtype="f4").reshape(10, 2)
+        f.create_group("group")
+    with h5py.File(tmp_path / "v.h5", "w") as f:
+        for name, (file_name, dset_name) in {"good": ("src.h5", "data"), "typo": ("src.h5", "dtaa"),
+                                            "group": ("src.h5", "group"), "here": (".", "nothing")}.items():
+            layout = h5py.VirtualLayout(shape=(10, 2), dtype="f4")
+            layout[:] = h5py.VirtualSource(file_name, dset_name, shape=(10, 2))
+            f.create_virtual_dataset(name, layout)
+    with H5Source(tmp_path / "v.h5", x="good") as source:
+        np.testing.assert_array_equal(source.read(0, 0, 10)[0]["good"], np.arange(20).reshape(10, 2))
+    bad(r"v\.h5: dataset 'typo' is a virtual dataset reading 'dtaa' of .*src\.h5, which holds no such dataset",
+        tmp_path / "v.h5", x="typo")
+    bad(r"v\.h5: dataset 'group' is a virtual dataset reading 'group' of .*src\.h5, which holds no such dataset",
+        tmp_path / "v.h5", x="group")
+    bad(r"v\.h5: dataset 'here' is a virtual dataset reading 'nothing' of .*v\.h5, which holds no such dataset",
+        tmp_path / "v.h5", x="here")
