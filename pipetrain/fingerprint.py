@@ -44,16 +44,38 @@ SAMPLES = 8  # places sampled per file
 SAMPLE_BYTES = 4096  # bytes read at each
 
 
-def of_hdf5(path: str | os.PathLike, datasets: Mapping[str, object]) -> dict:
+def of_hdf5(path: str | os.PathLike, datasets: Mapping[str, object], linked=()) -> dict:
     """The fingerprint of a local HDF5 file whose ``datasets`` (name -> the raw-chunk
-    reader or the h5py dataset that reads it) a run trains on."""
+    reader or the h5py dataset that reads it) a run trains on; ``linked``: the other
+    files those datasets are read from (an external link's, external storage, a virtual
+    dataset's sources), each fingerprinted by its size and sampled bytes (``linked``)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         info = os.fstat(fd)
         sample = _sample(fd, info.st_size)
     finally:
         os.close(fd)
-    return {"size": info.st_size, "layout": layout(datasets), "sample": sample, "mtime_ns": info.st_mtime_ns}
+    out = {"size": info.st_size, "layout": layout(datasets), "sample": sample, "mtime_ns": info.st_mtime_ns}
+    # A file regenerated behind an external link has this file's size, layout, samples
+    # and time: without its own part, a resume went on "exactly" over the new data.
+    others = {os.fspath(p): _contents(p) for p in linked if os.path.abspath(p) != os.path.abspath(path)}
+    if others:
+        out["linked"] = others
+    return out
+
+
+def _contents(path: str | os.PathLike) -> str:
+    """A file's size and sampled bytes in a few characters ("missing" when there is none;
+    no modification time, which a copy on another host need not share)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return "missing"
+    try:
+        size = os.fstat(fd).st_size
+        return f"{size}:{_sample(fd, size)}"
+    finally:
+        os.close(fd)
 
 
 def of_object(size: int, version: str | None, datasets: Mapping[str, object]) -> dict:
@@ -103,7 +125,7 @@ def index_digest(shape, dtype: np.dtype, chunks, filters, *arrays: np.ndarray) -
     return digest.digest()
 
 
-ORDER = ("size", "layout", "sample", "version")  # compared first; mtime_ns last
+ORDER = ("size", "layout", "sample", "linked", "version")  # compared first; mtime_ns last
 
 
 def changes(then: Mapping, now: Mapping) -> str | None:
@@ -118,9 +140,12 @@ def changes(then: Mapping, now: Mapping) -> str | None:
                 return "its datasets' shape, chunks or chunk index differ"
             if key == "sample":
                 return "its bytes differ at sampled places"
+            if key == "linked":
+                other = sorted(f for f in {*then[key], *now[key]} if then[key].get(f) != now[key].get(f))[0]
+                return f"{other}, which its datasets are read from, changed (its size or sampled bytes differ)"
             return f"its {key} went from {then[key]!r} to {now[key]!r}"
     if "mtime_ns" in then and "mtime_ns" in now and then["mtime_ns"] != now["mtime_ns"]:
-        names = [{"sample": "sampled bytes"}.get(k, k) for k in keys]
+        names = [{"sample": "sampled bytes", "linked": "linked files"}.get(k, k) for k in keys]
         same = " and ".join([", ".join(names[:-1]), names[-1]] if len(names) > 1 else names)
         return (f"it was modified at {_time(now['mtime_ns'])} (it was {_time(then['mtime_ns'])} "
                 f"when the run read it)" + (f", though its {same} are the same" if same else ""))

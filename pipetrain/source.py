@@ -207,6 +207,7 @@ class H5Source:
         self._readers: list[dict[str, ChunkReader | h5py.Dataset]] = []
         self._zero_first: list[set[str]] = []  # per file: datasets read by h5py that HDF5 never fills
         self._datasets: list[dict[str, h5py.Dataset]] = []  # per file, as opened (see _open_dataset)
+        self._linked: list[set[str]] = []  # per file: other files its datasets are read from (links, storage)
         self._label_limits: dict = {}  # dataset name -> pipetrain.labels.LabelLimit
         self.rows_per_file: list[int] = []
         self.fields: dict[str, Field] = {}
@@ -325,6 +326,7 @@ class H5Source:
         self._zero_first.append(set())
         datasets: dict[str, h5py.Dataset] = {}
         self._datasets.append(datasets)
+        self._linked.append(set())
         rows: dict[str, int] = {}
         for name in self.names:
             try:
@@ -392,6 +394,7 @@ class H5Source:
             elsewhere = Path(dset.file.filename).resolve() != path.resolve()
         if elsewhere:  # reached through a link into another file
             self._refuse(path, name, "an external link to", dset.file.filename)
+            self._linked[-1].add(dset.file.filename)
         if dset.shape is None:
             raise SourceError(f"{path}: dataset '{name}' has a null dataspace (no values at all); pipetrain needs one row per sample")
         if dset.dtype.kind == "O":
@@ -477,11 +480,13 @@ class H5Source:
                 prefix = os.fsdecode(dset.id.get_access_plist().get_efile_prefix() or b"")
                 target = Path(prefix or os.getcwd()) / filename
             self._refuse(path, name, "stored in the external file", target)
+            self._linked[-1].add(str(target))
         if dset.is_virtual:
             for source in dset.virtual_sources():
                 if source.file_name != ".":
                     target = _beside(path, source.file_name)
                     self._refuse(path, name, "a virtual dataset reading", target)
+                    self._linked[-1].add(str(target))
                     if not self.allow_external and not target.exists():
                         # HDF5 would look for it elsewhere (the working folder) instead
                         raise SourceError(
@@ -670,7 +675,8 @@ class H5Source:
         if isinstance(path, str):  # a URL
             opened = self.versions[path]
             return of_object(opened["size"], opened["version"], self._readers[file])
-        return of_hdf5(path, self._readers[file])
+        # (the files that external links, external storage and virtual datasets read too)
+        return of_hdf5(path, self._readers[file], sorted(self._linked[file]))
 
     def describe(self) -> dict:
         return {
@@ -696,6 +702,7 @@ class H5Source:
         if self._fetcher is not None:
             self._fetcher.close()
         self._readers, self._files, self._zero_first, self._datasets, self._remote = [], [], [], [], []
+        self._linked = []
 
     def __enter__(self) -> H5Source:
         return self

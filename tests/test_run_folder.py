@@ -491,6 +491,36 @@ def test_a_fingerprint_tells_regenerated_or_edited_data_from_a_copy(tmp_path, la
     assert fingerprint.changes(first, fp(path)) is not None
 
 
+@pytest.mark.parametrize("how", ["external link", "virtual dataset"])
+def test_data_regenerated_behind_a_link_changes_the_fingerprint(tmp_path, how):
+    """A file whose datasets are external links (or virtual datasets) into another file
+    of the data folder: the other file regenerated with a new seed, the same layout,
+    left this file's size, layout, samples and time as they were, and a resume went on
+    "exactly" over the new rows."""
+    def fp():
+        with pipetrain.H5Source(tmp_path / "index.h5", x="x", y="y") as source:
+            return source.fingerprint(0), source.read(0, 0, 50)[0]["x"].copy()
+
+    data_file(tmp_path / "part.h5", rows=50, compression=None)
+    with h5py.File(tmp_path / "index.h5", "w") as f:
+        for name in ("x", "y"):
+            if how == "external link":
+                f[name] = h5py.ExternalLink("part.h5", name)
+            else:  # (shape and dtype from the file)
+                with h5py.File(tmp_path / "part.h5", "r") as part:
+                    shape, dtype = part[name].shape, part[name].dtype
+                layout = h5py.VirtualLayout(shape, dtype)
+                layout[:] = h5py.VirtualSource("part.h5", name, shape)
+                f.create_virtual_dataset(name, layout)
+    first, rows = fp()
+    assert fingerprint.changes(first, fp()[0]) is None
+    data_file(tmp_path / "part.h5", rows=50, seed=1, compression=None)
+    again, new_rows = fp()
+    assert not np.array_equal(rows, new_rows)
+    assert fingerprint.changes(first, again) == (
+        f"{tmp_path / 'part.h5'}, which its datasets are read from, changed (its size or sampled bytes differ)")
+
+
 @pytest.mark.model
 def test_a_resume_over_changed_data_is_refused_unless_allowed(tmp_path):
     paths = [data_file(tmp_path / "a.h5", rows=200), data_file(tmp_path / "b.h5", rows=100, seed=5)]
