@@ -150,7 +150,7 @@ def cmd_inspect(args) -> int:
     """The ``pipetrain inspect`` command."""
     from pipetrain.cli import BadInput
     from pipetrain.remote import RemoteInputError, RemoteReadError, is_url, stat
-    from pipetrain.source import SourceError, SourceReadError, check_path
+    from pipetrain.source import SourceError, SourceReadError, check_path, open_failure
 
     if is_url(args.file):
         try:
@@ -172,6 +172,6 @@ def cmd_inspect(args) -> int:
     except SourceReadError:
         raise  # the disk failed: not bad input
     except Exception as e:  # OSError, or others from a damaged file
-        raise BadInput(f"{path}: cannot be opened as HDF5 (truncated or corrupted?): {one_line(e)}") from None
+        raise BadInput(open_failure(path, e)) from None
     print(render(path, rows))
     return 0

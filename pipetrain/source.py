@@ -290,7 +290,7 @@ class H5Source:
         try:  # check_path has said what is not an HDF5 file
             f = h5py.File(path, "r")
         except Exception as e:  # OSError, or others from a damaged superblock
-            raise SourceError(f"{path}: cannot be opened as HDF5 (truncated or corrupted?): {one_line(e)}") from None
+            raise SourceError(open_failure(path, e)) from None
         self._add_file(f, path)
 
     def _open_remote(self, url: str) -> None:
@@ -768,6 +768,14 @@ def check_path(path: Path) -> None:
         raise SourceError(f"{path}: cannot be read: {e.strerror or one_line(e)}") from None
     if not hdf5:
         raise SourceError(f"{path}: not an HDF5 file")
+
+
+def open_failure(path: Path, exc: BaseException) -> str:
+    """Why h5py could not open a file that holds the HDF5 signature, in one line."""
+    if "unable to lock file" in str(exc):  # a writer holds it (a notebook, make-data still running)
+        return (f"{path}: is open for writing in another process (HDF5 cannot lock it: {one_line(exc)}); "
+                "close it there first")
+    return f"{path}: cannot be opened as HDF5 (truncated or corrupted?): {one_line(exc)}"
 
 
 def _open_dataset(f: h5py.File, name: str) -> h5py.Dataset | h5py.Group:

@@ -301,3 +301,30 @@ def test_a_virtual_dataset_whose_source_dataset_is_missing_is_refused_not_read_a
         tmp_path / "v.h5", x="group")
     bad(r"v\.h5: dataset 'here' is a virtual dataset reading 'nothing' of .*v\.h5, which holds no such dataset",
         tmp_path / "v.h5", x="here")
+
+
+def test_a_file_another_process_holds_open_for_writing_is_said_so_not_called_corrupted(tmp_path):
+    """HDF5's file lock refuses a reader while a notebook (or make-data) has the file open
+    for writing: that read "cannot be opened as HDF5 (truncated or corrupted?)"."""
+    import subprocess
+    import sys
+
+    path = tmp_path / "held.h5"
+    with h5py.File(path, "w") as f:
+        f["x"] = np.zeros((4, 2))
+    writer = subprocess.Popen([sys.executable, "-c", "import sys, h5py; f = h5py.File(sys.argv[1], 'a'); "
+                               "print('open', flush=True); sys.stdin.read()", str(path)],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert writer.stdout.readline().strip() == "open"
+        try:
+            h5py.File(path, "r").close()
+            pytest.skip("this HDF5 does not lock files (HDF5_USE_FILE_LOCKING=FALSE?)")
+        except OSError:
+            pass
+        bad(r"held\.h5: is open for writing in another process \(HDF5 cannot lock it: .*\); close it there first$",
+            path, x="x")
+    finally:
+        writer.communicate("")
+    with H5Source(path, x="x") as source:
+        assert source.rows == 4
