@@ -107,6 +107,8 @@ def default_model(source: H5Source, learning_rate: float = 3e-3, validation: H5S
     layers = [keras.Input(x.row_shape, name=layer_name(source.x)), scale]
     if len(x.row_shape) > 1:
         layers.append(keras.layers.Flatten())
+    elif not x.row_shape:  # one number a row (x of shape (rows,)): Dense needs a feature axis
+        layers.append(keras.layers.Reshape((1,)))
     layers.append(keras.layers.Dense(128, activation="relu"))
     if y.dtype.kind in "ui" and y.row_shape in ((), (1,)):
         classes = label_classes(source, source.y)

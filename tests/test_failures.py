@@ -600,6 +600,25 @@ def test_datasets_in_groups_train_with_the_default_model(tmp_path):
 
 
 @pytest.mark.model
+def test_one_number_a_row_trains_with_the_default_model(tmp_path):
+    """x of shape (rows,): the source takes it (rows of shape ()), but the default model
+    put a Dense on it straight ("expected min_ndim=2, found ndim=1"): training failed."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=200).astype("float32")
+    with h5py.File(tmp_path / "one.h5", "w") as f:
+        f["x"] = x
+        f["y"] = (x > 0).astype("int64")
+        f["t"] = 2 * x
+    from pipetrain.cli import main
+
+    for y in ("y", "t"):
+        history = tmp_path / "runs" / y / "history.jsonl"
+        assert main(["train", "--data", str(tmp_path / "one.h5"), "--x", "x", "--y", y, "--epochs", "1",
+                     "--quiet", "--history", str(history)]) == 0
+        assert pipetrain.read_history(history).end["status"] == "completed"
+
+
+@pytest.mark.model
 def test_unsafe_model_loads_code_with_a_warning_and_the_resume_keeps_it(folder, capsys, monkeypatch):
     from pipetrain.cli import main
 
