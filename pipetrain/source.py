@@ -482,7 +482,8 @@ class H5Source:
             self._refuse(path, name, "stored in the external file", target)
             self._linked[-1].add(str(target))
         if dset.is_virtual:
-            for source in dset.virtual_sources():
+            sources = dset.virtual_sources()
+            for source in sources:
                 if source.file_name != ".":
                     target = _beside(path, source.file_name)
                     self._refuse(path, name, "a virtual dataset reading", target)
@@ -493,7 +494,7 @@ class H5Source:
                             f"{path}: dataset '{name}' is a virtual dataset reading {target}, which "
                             "does not exist (allow it with allow_external=True or --allow-external)"
                         )
-                _check_virtual_source(path, name, dset, source)
+            _check_virtual_sources(path, name, dset, sources)
 
     def check_model(self, model) -> None:
         """Check that the datasets fit the model's inputs (and output names), once the
@@ -794,32 +795,42 @@ def _open_dataset(f: h5py.File, name: str) -> h5py.Dataset | h5py.Group:
     return h5py.Dataset(h5py.h5d.open(f.id, name.encode(), dapl=dapl))
 
 
-def _check_virtual_source(path: Path | str, name: str, dset: h5py.Dataset, source) -> None:
-    """A virtual dataset's source file (beside the data file, or the data file itself)
-    holds the dataset it maps: HDF5 reads a missing one as fill values, without a word."""
-    if "%" in source.file_name or "%" in source.dset_name:
-        return  # a printf-style pattern of an unlimited mapping: its sources come and go
-    if source.file_name == ".":
-        holder, where = dset.file, path
-    else:
-        target = _beside(path, source.file_name)
-        if not isinstance(target, Path) or not target.is_file():
-            return  # (refused above, or found by HDF5 elsewhere: allow_external)
+def _check_virtual_sources(path: Path | str, name: str, dset: h5py.Dataset, sources) -> None:
+    """Each source file of a virtual dataset (beside the data file, or the data file
+    itself) holds the datasets it maps: HDF5 reads a missing one as fill values, without
+    a word. Each file is opened once, however many mappings read it."""
+    wanted: dict[str, set[str]] = {}
+    for source in sources:
+        if "%" not in source.file_name and "%" not in source.dset_name:  # (a printf-style pattern of
+            wanted.setdefault(source.file_name, set()).add(source.dset_name)  # an unlimited mapping)
+    for file_name, names in wanted.items():
+        if file_name == ".":
+            holder, where = dset.file, path
+        else:
+            target = _beside(path, file_name)
+            if not isinstance(target, Path) or not target.is_file():
+                continue  # (refused above, or found by HDF5 elsewhere: allow_external)
+            try:
+                holder, where = h5py.File(target, "r"), target
+            except OSError as e:
+                raise SourceError(f"{path}: dataset '{name}' is a virtual dataset reading {target}, which cannot "
+                                  f"be opened as HDF5 ({one_line(e)}); HDF5 would read fill values there") from None
         try:
-            holder, where = h5py.File(target, "r"), target
-        except OSError as e:
-            raise SourceError(f"{path}: dataset '{name}' is a virtual dataset reading {target}, which cannot be "
-                              f"opened as HDF5 ({one_line(e)}); HDF5 would read fill values there") from None
+            missing = sorted(n for n in names if not isinstance(_get(holder, n), h5py.Dataset))
+        finally:
+            if holder is not dset.file:
+                holder.close()
+        if missing:
+            raise SourceError(f"{path}: dataset '{name}' is a virtual dataset reading '{missing[0]}' of "
+                              f"{where}, which holds no such dataset; HDF5 would read fill values there")
+
+
+def _get(group: h5py.Group, name: str):
+    """``group.get(name)``, None where it cannot be opened (a dangling link)."""
     try:
-        found = holder.get(source.dset_name)
+        return group.get(name)
     except (KeyError, OSError, ValueError):
-        found = None
-    finally:
-        if holder is not dset.file:
-            holder.close()
-    if not isinstance(found, h5py.Dataset):
-        raise SourceError(f"{path}: dataset '{name}' is a virtual dataset reading '{source.dset_name}' of "
-                          f"{where}, which holds no such dataset; HDF5 would read fill values there")
+        return None
 
 
 def _check_filters(path: Path | str, name: str, dset: h5py.Dataset) -> None:
