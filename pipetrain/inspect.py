@@ -61,7 +61,8 @@ def describe(path: str | Path, storage_options: dict | None = None) -> list[dict
             link = f.get(name, getlink=True)
             try:
                 obj = f[name]
-            except (KeyError, OSError, ValueError):  # a dangling link, or a file that cannot be opened
+            except (KeyError, OSError, ValueError, RuntimeError):  # a dangling link, a file that cannot be
+                # opened, a loop of soft links (RuntimeError: too many links)
                 if isinstance(link, (h5py.SoftLink, h5py.ExternalLink)):
                     rows.append({"dataset": name, "shape": "?", "dtype": "?", "chunks": "?", "filters": "?",
                                  "stored": "-", "ratio": "-", "read path": ""})

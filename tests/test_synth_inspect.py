@@ -164,3 +164,17 @@ def test_inspect_lists_datasets_reached_through_links_and_links_that_lead_nowher
     assert sorted(rows) == ["gone", "labels", "x", "y"]
     assert rows["x"]["shape"] == "(200, 8)" and rows["labels"]["shape"] == "(200,)"
     assert not rows["x"]["read path"].startswith("refused") and rows["gone"]["read path"].startswith("refused")
+
+
+def test_inspect_of_a_file_with_a_loop_of_soft_links_lists_it_and_the_rest(tmp_path, capsys):
+    """Two soft links naming each other: h5py's open of one raises RuntimeError ("too many
+    links"), and the whole inspect failed as "cannot be opened as HDF5 (truncated or
+    corrupted?)", the file's good datasets unseen."""
+    with h5py.File(tmp_path / "loop.h5", "w") as f:
+        f["a"], f["b"] = h5py.SoftLink("/b"), h5py.SoftLink("/a")
+        f["x"] = np.zeros((10, 2), np.float32)
+    assert main(["inspect", str(tmp_path / "loop.h5")]) == 0
+    lines = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()[2:]}
+    assert sorted(lines) == ["a", "b", "x"]
+    assert "refused: is a loop of soft links" in lines["a"] and "raw chunks" not in lines["a"]
+    assert "(10, 2)" in lines["x"] and "refused" not in lines["x"]
