@@ -58,7 +58,11 @@ def of_hdf5(path: str | os.PathLike, datasets: Mapping[str, object], linked=()) 
     out = {"size": info.st_size, "layout": layout(datasets), "sample": sample, "mtime_ns": info.st_mtime_ns}
     # A file regenerated behind an external link has this file's size, layout, samples
     # and time: without its own part, a resume went on "exactly" over the new data.
-    others = {os.fspath(p): _contents(p) for p in linked if os.path.abspath(p) != os.path.abspath(path)}
+    # (named from this file's folder: a data folder moved, or mounted elsewhere by another
+    # process of a distributed run, keeps its fingerprints)
+    folder = os.path.dirname(os.path.abspath(path))
+    others = {os.path.relpath(os.path.abspath(p), folder): _contents(p) for p in linked
+              if os.path.abspath(p) != os.path.abspath(path)}
     if others:
         out["linked"] = others
     return out
