@@ -117,6 +117,9 @@ class Store:
         if info.get("type") == "directory":  # (it said "not an HDF5 file (0 bytes)")
             raise RemoteInputError(f"{url}: a bucket or a folder of objects, not an object; name a file, "
                                    f"or its files with a glob ({url.rstrip('/')}/*.h5)")
+        if url.endswith("/"):  # s3fs (gcsfs) found the key without its slash; every GET would ask with it
+            raise RemoteInputError(f"{url}: a key ending in '/' names a folder, not an object "
+                                   f"(the object is {url.rstrip('/')})")
         return self.object(url, info)
 
     def object(self, url: str, info: dict) -> ObjectInfo:

@@ -645,6 +645,14 @@ def test_a_bucket_or_a_folder_given_as_a_file_is_told_so(bucket, tmp_path):
             rf"glob \({re.escape(url.rstrip('/'))}/\*\.h5\)", url, x="x", storage_options=bucket.options(), fetch=FAST)
 
 
+def test_an_object_url_with_a_trailing_slash_is_told_it_names_a_folder(bucket, tmp_path):
+    """s3fs finds s3://b/a.h5/ as the object a.h5, but every GET asks for the key 'a.h5/'
+    (404): the run said "the object changed while it was read"."""
+    url = bucket.put(labelled(tmp_path / "a.h5"), "a.h5")
+    bad(rf"{re.escape(url)}/: a key ending in '/' names a folder, not an object \(the object is {re.escape(url)}\)$",
+        url + "/", x="x", storage_options=bucket.options(), fetch=FAST, metadata_cache=None)
+
+
 def test_a_web_servers_answer_to_opening_an_object_is_told_as_it_is(tmp_path):
     """Opening an https:// object: a server that does not answer fails after the reads'
     time-out and retries (not minutes later, not as "no such object"); 403 is access
