@@ -133,8 +133,9 @@ class Store:
 
     def glob(self, pattern: str) -> list[ObjectInfo]:
         found = self.fs.glob(self.path(pattern), detail=True)
+        # (a key ending in '/' is a folder too: the empty marker a console's "create folder" makes)
         return [self.object(self.url(name), info) for name, info in sorted(found.items())
-                if info.get("type", "file") != "directory"]
+                if info.get("type", "file") != "directory" and not name.endswith("/")]
 
     async def get(self, obj: ObjectInfo, start: int, stop: int) -> bytes:
         """Bytes [start, stop) of this version of the object, in one request."""

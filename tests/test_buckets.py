@@ -645,6 +645,22 @@ def test_a_bucket_or_a_folder_given_as_a_file_is_told_so(bucket, tmp_path):
             rf"glob \({re.escape(url.rstrip('/'))}/\*\.h5\)", url, x="x", storage_options=bucket.options(), fetch=FAST)
 
 
+def test_a_glob_leaves_out_the_empty_markers_of_folders(bucket, moto, tmp_path):
+    """A console's "create folder" stores an empty object whose key ends in '/': a glob
+    such as s3://b/data/** took it as a file, and the run failed on it ("not an HDF5 file
+    (0 bytes, no HDF5 signature)")."""
+    import boto3
+
+    client = boto3.client("s3", endpoint_url=moto, aws_access_key_id="testing", aws_secret_access_key="testing",
+                          region_name="us-east-1")
+    for key in ("data/", "data/sub/"):
+        client.put_object(Bucket=bucket.name, Key=key, Body=b"")
+    urls = [bucket.put(labelled(tmp_path / "a.h5"), "data/a.h5"), bucket.put(labelled(tmp_path / "b.h5"), "data/sub/b.h5")]
+    with H5Source(f"s3://{bucket.name}/data/**", x="x", y="y", storage_options=bucket.options(), fetch=FAST,
+                  metadata_cache=None) as source:
+        assert source.paths == urls
+
+
 def test_an_object_url_with_a_trailing_slash_is_told_it_names_a_folder(bucket, tmp_path):
     """s3fs finds s3://b/a.h5/ as the object a.h5, but every GET asks for the key 'a.h5/'
     (404): the run said "the object changed while it was read"."""
