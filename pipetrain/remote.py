@@ -329,8 +329,9 @@ class HTTPStore(Store):
                     "Last-Modified": r.headers.get("Last-Modified")}
 
     def glob(self, pattern: str) -> list[ObjectInfo]:
-        # fsspec lists a web server's links; their size and version come from a HEAD each.
-        return [self.info(url) for url in sorted(self.fs.glob(pattern))]
+        # fsspec lists a web server's links; their size and version come from a HEAD each. A link
+        # ending in '/' is a folder (its listing page was taken for a file: "not an HDF5 file").
+        return [self.info(url) for url in sorted(self.fs.glob(pattern)) if not url.endswith("/")]
 
     async def get(self, obj: ObjectInfo, start: int, stop: int) -> bytes:
         session = await self.fs.set_session()

@@ -540,6 +540,22 @@ def test_https_objects_read_with_ranges_and_globs_from_a_listing(tmp_path):
         server.stop()
 
 
+def test_a_web_servers_glob_leaves_out_folder_links(tmp_path):
+    """A listing's link to a folder (sub/) matched https://host/*, and the run failed on
+    the folder's own listing page: "not an HDF5 file (24 bytes, no HDF5 signature)"."""
+    folder = tmp_path / "www"
+    (folder / "sub").mkdir(parents=True)
+    path = labelled(folder / "d.h5")
+    labelled(folder / "sub" / "e.h5")
+    server = FileServer(folder)
+    try:
+        with H5Source(f"{server.url}/*", x="x", y="y", fetch=FAST, metadata_cache=None) as source:
+            assert source.paths == [f"{server.url}/d.h5"]
+            assert_same_reads(source, path)
+    finally:
+        server.stop()
+
+
 def test_a_web_server_without_etags_has_its_objects_checked_by_last_modified(tmp_path):
     """A server that says an object's version by Last-Modified alone: an object replaced
     while it is read (same size, other bytes) is refused, never read as a mix of two."""
