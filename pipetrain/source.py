@@ -208,6 +208,7 @@ class H5Source:
         self._zero_first: list[set[str]] = []  # per file: datasets read by h5py that HDF5 never fills
         self._datasets: list[dict[str, h5py.Dataset]] = []  # per file, as opened (see _open_dataset)
         self._linked: list[set[str]] = []  # per file: other files its datasets are read from (links, storage)
+        self._as_opened: list[tuple | None] = []  # per local file: (device, inode, size, mtime) when opened
         self._label_limits: dict = {}  # dataset name -> pipetrain.labels.LabelLimit
         self.rows_per_file: list[int] = []
         self.fields: dict[str, Field] = {}
@@ -327,6 +328,7 @@ class H5Source:
         datasets: dict[str, h5py.Dataset] = {}
         self._datasets.append(datasets)
         self._linked.append(set())
+        self._as_opened.append(_identity(path) if remote is None else None)
         rows: dict[str, int] = {}
         for name in self.names:
             try:
@@ -602,7 +604,19 @@ class H5Source:
             limit = self._label_limits.get(name)
             if limit is not None:
                 self._check_labels(file, start, name, arrays[name], limit)
+        self._check_unchanged(file)
         return arrays, fetched
+
+    def _check_unchanged(self, file: int) -> None:
+        """A local file written over in place (``cp new.h5 data.h5``) while it is read: its
+        readers hold the same inode, so their rows were a mix of both versions, without a
+        word. A file replaced by a rename is read whole from the version opened."""
+        opened = self._as_opened[file]
+        now = _identity(self.paths[file]) if opened is not None else None
+        if now is not None and now[:2] == opened[:2] and now != opened:
+            what = f"its {opened[2]:,} bytes became {now[2]:,}" if now[2] != opened[2] else "modified in place"
+            raise CorruptDataError(f"{self.paths[file]}: the file changed while it was read ({what}); pipetrain "
+                                   "does not mix two versions of a file")
 
     def will_need(self, file: int, start: int, stop: int) -> bool:
         """A hint: rows [start, stop) of file number ``file`` will be read soon. A remote
@@ -703,7 +717,7 @@ class H5Source:
         if self._fetcher is not None:
             self._fetcher.close()
         self._readers, self._files, self._zero_first, self._datasets, self._remote = [], [], [], [], []
-        self._linked = []
+        self._linked, self._as_opened = [], []
 
     def __enter__(self) -> H5Source:
         return self
@@ -900,6 +914,15 @@ def _failing_rows(dset: h5py.Dataset, start: int, stop: int) -> tuple[int, int]:
         except OSError:
             return a, b
     return start, stop
+
+
+def _identity(path: Path) -> tuple | None:
+    """(device, inode, size, modification time) of a file, or None where it cannot be had."""
+    try:
+        info = os.stat(path)
+    except OSError:
+        return None
+    return info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns
 
 
 def _io_error(e: OSError) -> bool:

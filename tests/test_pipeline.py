@@ -322,12 +322,12 @@ def test_a_producer_error_reaches_the_consumer_with_where_and_traceback(make_h5)
 
 def test_a_read_error_names_file_dataset_and_rows(make_h5, tmp_path):
     path = make_h5("gone.h5", chunks=10, x=np.zeros((100, 3), np.float32))
+    with h5py.File(path, "r") as f:
+        offset = f["x"].id.get_chunk_info(5).byte_offset
+    with open(path, "r+b") as fh:  # corrupt the chunk holding rows 50-60 (before the open: an edit under
+        fh.seek(offset)  # an open source is a file changed while it is read)
+        fh.write(b"\xff" * 16)
     with H5Source(path, x="x") as source:
-        with h5py.File(path, "r") as f:
-            offset = f["x"].id.get_chunk_info(5).byte_offset
-        with open(path, "r+b") as fh:  # corrupt the chunk holding rows 50-60
-            fh.seek(offset)
-            fh.write(b"\xff" * 16)
         plan = Plan(source.rows_per_file, 10, block_rows=10)
         with pytest.raises(PipelineError) as info, Prefetcher(source, plan.batches(0), plan.blocks, 10) as stream:
             list(stream)

@@ -1,6 +1,8 @@
 """H5Source: reads equal h5py's, and every bad input gets one line naming the file, the
 dataset and what is wrong."""
 
+import os
+
 import h5py
 import numpy as np
 import pytest
@@ -328,3 +330,29 @@ def test_a_file_another_process_holds_open_for_writing_is_said_so_not_called_cor
         writer.communicate("")
     with H5Source(path, x="x") as source:
         assert source.rows == 4
+
+
+def test_a_file_written_over_in_place_while_it_is_read_is_refused_not_mixed(tmp_path):
+    """``cp new.h5 data.h5`` during a run keeps the inode the readers hold: the rows read
+    after it came from the new file, those before from the old, without a word. A file
+    replaced by a rename is read whole from the version opened."""
+    from pipetrain.source import CorruptDataError
+
+    def write(path, value, chunks):
+        with h5py.File(path, "w") as f:
+            f.create_dataset("x", data=np.full((100, 4), value, np.float32), chunks=chunks)
+        return path.read_bytes()
+
+    for chunks in ((10, 4), None):  # raw chunks, and h5py's read
+        new = write(tmp_path / "new.h5", 7, chunks)
+        write(tmp_path / "d.h5", 0, chunks)
+        with H5Source(tmp_path / "d.h5", x="x") as source:
+            assert (source.read(0, 0, 20)[0]["x"] == 0).all()
+            (tmp_path / "d.h5").write_bytes(new)  # the same size, in place
+            with pytest.raises(CorruptDataError, match=r"^.*d\.h5: the file changed while it was read \(modified in "
+                                                       r"place\); pipetrain does not mix two versions of a file$"):
+                source.read(0, 0, 20)
+        write(tmp_path / "d.h5", 0, chunks)
+        with H5Source(tmp_path / "d.h5", x="x") as source:
+            os.replace(tmp_path / "new.h5", tmp_path / "d.h5")  # a new file under the name
+            assert (source.read(0, 0, 100)[0]["x"] == 0).all()
