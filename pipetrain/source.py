@@ -107,9 +107,10 @@ def _expand(paths, storage_options) -> tuple[list[Path | str], dict]:
             else:
                 files.append(text)
         elif glob.has_magic(text) and not os.path.lexists(text):
-            matches = sorted(glob.glob(text))
+            found = glob.glob(text)
+            matches = sorted(m for m in found if not os.path.isdir(m))  # (a folder beside the files: as buckets)
             if not matches:
-                raise SourceError(f"{text}: no file matches")
+                raise SourceError(f"{text}: no file matches" + (" (only folders)" if found else ""))
             files.extend(Path(m) for m in matches)
         else:
             files.append(Path(text))

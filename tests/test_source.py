@@ -45,6 +45,17 @@ def test_missing_file_and_unmatched_glob(tmp_path):
     bad(r"train-\*\.h5: no file matches", str(tmp_path / "train-*.h5"), x="x")
 
 
+def test_a_local_glob_leaves_out_folders_as_a_bucket_glob_does(tmp_path, make_h5):
+    """``data/*`` matching a subfolder beside the files trains on the files (a bucket's and
+    a web server's globs leave folders out too); a glob matching folders only is none."""
+    make_h5("a.h5", x=np.zeros((4, 2)))
+    make_h5("b.h5", x=np.ones((3, 2)))
+    (tmp_path / "old").mkdir()
+    with H5Source(str(tmp_path / "*"), x="x") as source:
+        assert [os.path.basename(p) for p in source.paths] == ["a.h5", "b.h5"] and source.rows_per_file == [4, 3]
+    bad(r"o\*: no file matches \(only folders\)", str(tmp_path / "o*"), x="x")
+
+
 def test_not_hdf5_and_truncated_files(tmp_path, make_h5):
     (tmp_path / "text.h5").write_text("hello, I am not HDF5\n" * 100)
     bad(r"text\.h5: not an HDF5 file", tmp_path / "text.h5", x="x")
