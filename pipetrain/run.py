@@ -888,6 +888,7 @@ class Epoch:
     # -- batches --------------------------------------------------------------------
 
     def __iter__(self) -> Iterator[Batch]:
+        self._once()
         self._iterator = self._batches(1)
         return self._iterator
 
@@ -899,8 +900,17 @@ class Epoch:
         between groups."""
         k = whole_setting("steps_per_execution", k)
         distributed.check_steps_per_execution(k)
+        self._once()
         self._iterator = self._batches(k)
         return self._iterator
+
+    def _once(self) -> None:
+        """An epoch's batches are handed out once: a second loop would start again at
+        its first batch and train those batches twice (and begin the epoch twice)."""
+        if self._iterator is not None or self.ended:
+            self._close_batches()  # the batch in hand was trained: it is recorded
+            raise RuntimeError(f"the batches of epoch {self.index + 1} were handed out already: iterate an epoch "
+                               "once (leaving its loop early stops the run there)")
 
     def _batches(self, k: int) -> Iterator[Batch | Group]:
         run = self.run

@@ -405,6 +405,31 @@ def test_a_custom_loops_mistakes_are_told_and_its_numbers_stay_right(tmp_path):
         signals._handle(signal.SIGTERM, None)
 
 
+@pytest.mark.one_backend  # the loop's bookkeeping, not the backend's: TensorFlow covers it (CI time)
+@pytest.mark.parametrize("second", ["batches", "groups"])
+def test_an_epochs_batches_iterated_a_second_time_are_refused_not_trained_again(tmp_path, second):
+    """A second loop over an epoch (after a break, say) would start again at its first
+    batch: those batches trained twice, the epoch begun twice, its record wrong."""
+    source, _ = _tiny(tmp_path)
+    model = _model()
+    seen = []
+    with pytest.raises(RuntimeError, match="the batches of epoch 1 were handed out already"), \
+            pipetrain.Run(source, batch_size=16, epochs=1, shuffle="none", models=model, verbose=0,
+                          history=tmp_path / "run" / "history.jsonl") as run:
+        for epoch in run.epochs():
+            for batch in epoch:
+                seen.append(batch.index)
+                epoch.train_on_batch(model, batch.x, batch.y)
+                if batch.index == 1:
+                    break
+            for batch in (epoch if second == "batches" else epoch.groups(2)):
+                seen.append(batch.index)
+                epoch.train_on_batch(model, batch.x, batch.y)
+    assert seen == [0, 1]
+    h = pipetrain.read_history(tmp_path / "run" / "history.jsonl")
+    assert [(r["epoch"], r["batch"]) for r in h.batches] == [(0, 0), (0, 1)] and h.end["status"] == "failed"
+
+
 @pytest.mark.one_backend  # the checkpoint's checks, not the backend's: TensorFlow covers it (CI time)
 def test_a_resume_with_other_metrics_is_refused_before_anything_is_written(tmp_path):
     source, _ = _tiny(tmp_path)
