@@ -193,8 +193,9 @@ class Run:
         resume: continue the run whose history is ``history`` from its last checkpoint,
             at the exact next batch; ``"auto"`` resumes when a checkpoint exists and
             starts afresh otherwise (a script that is simply run again). A run killed
-            before its first checkpoint and before any epoch ended starts again from its
-            first batch; its earlier records are superseded. Defaults to False.
+            before its first checkpoint (written at its first epoch's end at the latest)
+            starts again from its first batch; its earlier records are superseded.
+            Defaults to False.
         allow_changed_data: resume although a data file changed since the run read it
             (its fingerprint differs); the run record says which. Defaults to False
             (refused: the resume would be exact over other data).

@@ -45,6 +45,7 @@ import datetime as _dt
 import errno
 import json
 import os
+import re
 import signal
 import socket
 import stat
@@ -74,7 +75,7 @@ HISTORY = "a pipetrain history"
 _NO_LOCKS = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS}
 # How the history writer begins every run and epoch record (compact JSON, "type" first).
 _RUN_LINE = b'{"type":"run"'
-_EPOCH_LINE = b'\n{"type":"epoch"'
+_EPOCH_NUMBER = re.compile(rb'\n\{"type":"epoch",[^\n]{0,400}?"epoch":(\d+)')  # (its "epoch" follows "run", "t")
 
 
 class FolderBusy(RunError):
@@ -440,9 +441,10 @@ class RunFolder:
 
     def decide(self, *, resume: bool | str, overwrite: bool, reads=()) -> str:
         """What starting here means: ``"new"``, ``"resume"`` (from the newest checkpoint)
-        or ``"restart"`` (a resume of a run killed before its first checkpoint and before
-        any epoch ended: it starts again from the first batch, and its earlier records
-        are superseded). ``reads`` are the data files of the run. Nothing is changed."""
+        or ``"restart"`` (a resume of a run killed before its first checkpoint, which
+        lands after its first epoch's record at the latest: it starts again from the
+        first batch, and its earlier records are superseded). ``reads`` are the data
+        files of the run. Nothing is changed."""
         from pipetrain.checkpoint import latest
 
         history, folder = self.history, self.checkpoint_dir
@@ -461,7 +463,10 @@ class RunFolder:
             if found is not None:
                 return "resume"
             if kind == HISTORY:
-                if has_epochs(history):
+                # The first checkpoint is written after the first epoch's record (never
+                # ahead of it): a kill between the two leaves epoch 0 ended and no
+                # checkpoint, which starts again. A later epoch ended had one.
+                if has_epochs(history, first=1):
                     raise RunError(
                         f"{folder}: no checkpoint to resume from, yet {history} records finished epochs "
                         f"(were the checkpoints removed?); start afresh with "
@@ -600,12 +605,14 @@ def describe(path: Path) -> str | None:
     return "a file with no run record at its start"
 
 
-def has_epochs(history: Path, block: int = 1 << 20) -> bool:
-    """Whether a history records an ended epoch (scanned in blocks, not parsed)."""
+def has_epochs(history: Path, block: int = 1 << 20, first: int = 0) -> bool:
+    """Whether a history records an ended epoch, of index ``first`` or more (scanned in
+    blocks, not parsed)."""
     tail = b"\n"
     with open(history, "rb") as f:
         while data := f.read(block):
-            if _EPOCH_LINE in tail + data:
-                return True
-            tail = data[-len(_EPOCH_LINE):]
+            data = tail + data
+            if any(int(m.group(1)) >= first for m in _EPOCH_NUMBER.finditer(data)):
+                return True  # (a number cut at the block's end reads smaller: found whole in the next)
+            tail = data[-512:]
     return False

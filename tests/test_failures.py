@@ -86,7 +86,8 @@ def folder(tmp_path, model_files):
     (tmp_path / "past" / "done").mkdir()
     (tmp_path / "past" / "done" / "history.jsonl").write_bytes(
         encode({"type": "run", "run": "r2", "t": 1.0, "resume": None, "config": {"cli": {}}})
-        + encode({"type": "epoch", "run": "r2", "t": 2.0, "epoch": 0, "loss": 0.5, "complete": True}))
+        + encode({"type": "epoch", "run": "r2", "t": 2.0, "epoch": 0, "loss": 0.5, "complete": True})
+        + encode({"type": "epoch", "run": "r2", "t": 3.0, "epoch": 1, "loss": 0.4, "complete": True}))
     (tmp_path / "past" / "ckfile").mkdir()
     (tmp_path / "past" / "ckfile" / "checkpoint").write_text("a file where the checkpoint folder goes\n")
     (tmp_path / "past" / "m").mkdir()

@@ -399,7 +399,8 @@ def test_a_history_with_ended_epochs_but_no_checkpoint_is_not_restarted(tmp_path
     history = tmp_path / "run" / "history.jsonl"
     history.parent.mkdir()
     history.write_bytes(encode({"type": "run", "run": "r", "t": 1.0, "resume": None})
-                        + encode({"type": "epoch", "run": "r", "t": 2.0, "epoch": 0, "complete": True}))
+                        + encode({"type": "epoch", "run": "r", "t": 2.0, "epoch": 0, "complete": True})
+                        + encode({"type": "epoch", "run": "r", "t": 3.0, "epoch": 1, "complete": True}))
     before = history.read_bytes()
     with pytest.raises(RunError, match=r"no checkpoint to resume from, yet .* records finished epochs .* "
                                        r"start afresh with overwrite=True \(and resume=False\)"):
@@ -419,6 +420,29 @@ history.HistoryWriter.write = write_then_die
 from pipetrain.cli import main
 sys.exit(main(sys.argv[1:]))
 """
+
+
+@pytest.mark.one_backend  # its subject is not the backend's: TensorFlow covers it (CI time)
+@pytest.mark.model
+def test_a_run_killed_between_its_first_epochs_record_and_checkpoint_starts_again(tmp_path, monkeypatch):
+    """The first checkpoint lands after epoch 0's record (never ahead of it): a kill -9
+    between the two left a history that no resume would take ("were the checkpoints
+    removed?"), not even a script's resume="auto"."""
+    data_file(tmp_path / "d.h5")
+    history = tmp_path / "runs" / "k" / "history.jsonl"
+    killer = KILLED_AT_BATCH_3.replace('record.get("type") == "batch" and record.get("batch") == 3',
+                                       'record.get("type") == "epoch" and record.get("epoch") == 0')
+    victim = subprocess.run([sys.executable, "-c", killer, "train", "--data", "d.h5", "--x", "x", "--y", "y",
+                             "--epochs", "2", "--batch-size", "8", "--quiet", "--history", str(history)],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=180)
+    assert victim.returncode == -signal.SIGKILL, victim.stderr
+    assert checkpoint.latest(history.parent / "checkpoint") is None and '"type":"epoch"' in history.read_text()
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", "--resume", str(history.parent), "--quiet"]) == 0
+    h = pipetrain.read_history(history)
+    assert len(h.runs) == 2 and h.runs[1]["resume"]["checkpoint"] is None and "restart" in h.runs[1]["resume"]
+    assert [(b["epoch"], b["batch"]) for b in h.batches] == [(e, b) for e in range(2) for b in range(38)]
+    assert [e["epoch"] for e in h.epochs] == [0, 1] and h.end["status"] == "completed"
 
 
 @pytest.mark.one_backend  # its subject is not the backend's: TensorFlow covers it (CI time)
