@@ -1124,6 +1124,10 @@ class Epoch:
                 on_raised=lambda info: run._producers_raised("val", info),
             )
         except (_Interrupted, Cancelled):
+            if self._current is not None and (self._logs or self._values):
+                # Validating inside the batch loop, after the batch in hand was trained:
+                # it counts, or a resume would train it a second time.
+                self._finish_batch(check=False)
             run.save_checkpoint(self)
             raise run._stopped(f"during validation of epoch {self.index + 1}") from None
         self.val_time_s += time.perf_counter() - t0

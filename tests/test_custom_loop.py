@@ -430,6 +430,41 @@ def test_an_epochs_batches_iterated_a_second_time_are_refused_not_trained_again(
     assert [(r["epoch"], r["batch"]) for r in h.batches] == [(0, 0), (0, 1)] and h.end["status"] == "failed"
 
 
+def test_ctrl_c_in_a_validation_inside_the_batch_loop_resumes_exactly(tmp_path):
+    """A signal during an epoch.evaluate called after the batch in hand was trained: the
+    checkpoint must count that batch, or the resume trains it a second time."""
+    import os
+
+    source, validation = _tiny(tmp_path)
+
+    def run_loop(history=None, resume=False, interrupt=False):
+        model = _model()
+        with pipetrain.Run(source, batch_size=16, epochs=2, shuffle="none", models=model, verbose=0,
+                           monitor_interval=None, history=history, resume=resume, validation=validation) as run:
+            for epoch in run.epochs():
+                for batch in epoch:
+                    epoch.train_on_batch(model, batch.x, batch.y)
+                    if epoch.index == 0 and batch.index == 1:
+                        if interrupt:
+                            os.kill(os.getpid(), signal.SIGINT)
+                        epoch.evaluate(model, validation)
+                epoch.evaluate(model, validation)
+        return model, epoch
+
+    straight, last = run_loop()
+    history = tmp_path / "run" / "history.jsonl"
+    with pytest.raises(pipetrain.Interrupted, match="during validation of epoch 1"):
+        run_loop(history, interrupt=True)
+    h = pipetrain.read_history(history)
+    assert [(r["epoch"], r["batch"]) for r in h.batches] == [(0, 0), (0, 1)]
+    resumed, resumed_last = run_loop(history, resume=True)
+    h = pipetrain.read_history(history)
+    assert [(r["epoch"], r["batch"]) for r in h.batches] == [(e, b) for e in range(2) for b in range(4)]
+    assert resumed_last.logs == last.logs
+    for a, b in zip(resumed.get_weights(), straight.get_weights(), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
 @pytest.mark.one_backend  # the checkpoint's checks, not the backend's: TensorFlow covers it (CI time)
 def test_a_resume_with_other_metrics_is_refused_before_anything_is_written(tmp_path):
     source, _ = _tiny(tmp_path)
