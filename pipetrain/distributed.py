@@ -647,7 +647,8 @@ def check_steps_per_execution(k: int) -> None:
     distribution lays out and trains one batch a step, through the model's own
     ``train_on_batch``."""
     if k > 1 and active() is not None:
-        raise DistributedError(f"steps_per_execution={k}: a run with a Keras distribution trains one batch "
+        said = argument(f"steps_per_execution={k}", f"--steps-per-execution {k}")
+        raise DistributedError(f"{said}: a run with a Keras distribution trains one batch "
                                "a step (the model's own distributed train_on_batch); use 1")
 
 

@@ -1266,8 +1266,8 @@ def check_groups(model, k: int) -> None:
     """Groups of k > 1 batches need pipetrain's compiled step, which some models cannot use."""
     why = unfused_reason(model) if k > 1 else None
     if why is not None:
-        raise RunError(f"steps_per_execution={k}: model {getattr(model, 'name', '?')!r} trains one batch a step: "
-                       f"{why}; use 1")
+        said = argument(f"steps_per_execution={k}", f"--steps-per-execution {k}")  # the flag on the command line
+        raise RunError(f"{said}: model {getattr(model, 'name', '?')!r} trains one batch a step: {why}; use 1")
 
 
 def whole_setting(name: str, value, low: int = 1, high: int | None = None) -> int:

@@ -68,6 +68,10 @@ def folder(tmp_path, model_files):
     for name, data in model_files.items():
         (tmp_path / name).write_bytes(data)
     (tmp_path / "junk.keras").write_bytes(b"PK\x03\x04 not really a zip")
+    (tmp_path / "eager_model.py").write_text(  # a factory of a model that cannot train k batches a call
+        "import keras\n\ndef build():\n    m = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)], name='eager')\n"
+        "    m.compile('sgd', keras.losses.SparseCategoricalCrossentropy(from_logits=True), run_eagerly=True)\n"
+        "    return m\n")
     # An external link pointing outside the data folder.
     (tmp_path / "sub").mkdir()
     with h5py.File(tmp_path / "sub" / "link.h5", "w") as f:
@@ -189,6 +193,9 @@ BAD_INPUTS = {
                         "code.keras: cannot load the model: it holds Python code (a Lambda layer's function), "
                         "which would run as it loads; if you trust the file, pass --unsafe-model"),
     "model factory": (["--data", "d.h5", "--x", "x", "--y", "y", "--model", "nomodule:f"], "--model nomodule:f: cannot import nomodule"),
+    "model eager with steps per execution": (["--data", "d.h5", "--x", "x", "--y", "y", "--model", "eager_model:build",
+                                              "--steps-per-execution", "4"],
+                                             "--steps-per-execution 4: model 'eager' trains one batch a step"),
     "external link": (["--data", "sub/link.h5", "--x", "x", "--y", "y"], "link.h5: dataset 'x' is an external link to"),
     "epochs": (["--data", "d.h5", "--x", "x", "--epochs", "0"], "--epochs: must be >= 1, got 0"),
     "batch size": (["--data", "d.h5", "--x", "x", "--batch-size", "x"], "--batch-size: expected a whole number, got 'x'"),
