@@ -677,11 +677,16 @@ def rng_state() -> tuple[dict, dict[str, np.ndarray]]:
 
 
 def restore_rng(meta: dict, arrays: dict[str, np.ndarray]) -> None:
+    generator = _keras_global_seed_generator()
+    if generator is None and "rng/keras" in arrays:
+        # The run made it at its first unseeded draw (keras.random.normal() in a loop), before
+        # the checkpoint; made only at the next draw here, it would start from another seed.
+        # Made before Python's state is restored: making one draws its seed from there.
+        generator = _keras_global_seed_generator(create=True)
     version, internal, gauss = meta["python"]
     random.setstate((version, tuple(internal), gauss))
     kind, pos, has_gauss, cached = meta["numpy"]
     np.random.set_state((kind, arrays["rng/numpy"], pos, has_gauss, cached))
-    generator = _keras_global_seed_generator()
     if generator is not None and "rng/keras" in arrays:
         generator.state.assign(arrays["rng/keras"])
     torch = _torch_backend()
@@ -703,12 +708,15 @@ def _torch_backend():
     return torch
 
 
-def _keras_global_seed_generator():
-    """Keras' global seed generator (used by unseeded random ops), if one exists yet."""
+def _keras_global_seed_generator(create: bool = False):
+    """Keras' global seed generator (used by unseeded random ops), if one exists yet (or
+    made now, with ``create``)."""
     try:
         from keras.src.backend.common import global_state
-        from keras.src.random.seed_generator import GLOBAL_SEED_GENERATOR
+        from keras.src.random.seed_generator import GLOBAL_SEED_GENERATOR, global_seed_generator
 
+        if create:
+            return global_seed_generator()
         return global_state.get_global_attribute(GLOBAL_SEED_GENERATOR)
     except Exception:  # a Keras without it (private API): nothing to save
         return None

@@ -465,6 +465,33 @@ def test_ctrl_c_in_a_validation_inside_the_batch_loop_resumes_exactly(tmp_path):
         np.testing.assert_array_equal(a, b)
 
 
+def test_unseeded_keras_random_draws_in_the_loop_resume_exactly(tmp_path):
+    """keras.random.normal() without a seed draws from Keras' global seed generator, which
+    the run makes at its first draw: a resume must go on with its state, not make a new
+    one from another seed when it first draws."""
+    source, _ = _tiny(tmp_path)
+
+    def run_loop(history=None, resume=False, stop=False):
+        model = _model()  # (keras.utils.set_random_seed: no global seed generator yet)
+        with pipetrain.Run(source, batch_size=16, epochs=2, shuffle="none", models=model, verbose=0,
+                           monitor_interval=None, history=history, resume=resume) as run:
+            for epoch in run.epochs():
+                for batch in epoch:
+                    noisy = batch.x + keras.ops.convert_to_numpy(keras.random.normal(batch.x.shape, stddev=0.5))
+                    epoch.train_on_batch(model, noisy, batch.y)
+                    if stop and (epoch.index, batch.index) == (1, 1):
+                        run.stop()
+        return model, epoch
+
+    straight, last = run_loop()
+    history = tmp_path / "run" / "history.jsonl"
+    run_loop(history, stop=True)
+    resumed, resumed_last = run_loop(history, resume=True)
+    assert resumed_last.logs == last.logs
+    for a, b in zip(resumed.get_weights(), straight.get_weights(), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
 @pytest.mark.one_backend  # the checkpoint's checks, not the backend's: TensorFlow covers it (CI time)
 def test_a_resume_with_other_metrics_is_refused_before_anything_is_written(tmp_path):
     source, _ = _tiny(tmp_path)
