@@ -728,6 +728,12 @@ class Run:
         the next checkpoint or at its end."""
         if self.checkpoint_dir is None:
             return None
+        if epoch is None and self._epoch is not None and not self._epoch.ended:
+            epoch = self._epoch  # mid-epoch: without the epoch's state a resume would begin it anew at its position
+        if epoch is not None and epoch._current is not None and (epoch._logs or epoch._values):
+            raise RuntimeError("run.save_checkpoint() with a trained batch in hand (inside the batch loop) would "
+                               "resume at that batch and train it again: call it from a callback's "
+                               "on_train_batch_end, or outside the batch loop")
         self._checkpoints.join_checkpoint()  # the previous snapshot leaves memory before this one is taken
         arrays: dict[str, np.ndarray] = {}
         for name, model in self.models.items():

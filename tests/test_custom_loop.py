@@ -492,6 +492,53 @@ def test_unseeded_keras_random_draws_in_the_loop_resume_exactly(tmp_path):
         np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.one_backend  # the loop's bookkeeping, not the backend's: TensorFlow covers it (CI time)
+def test_a_checkpoint_the_loop_asks_for_mid_epoch_resumes_exactly(tmp_path):
+    """run.save_checkpoint() mid-epoch (from a batch callback) holds the epoch so far: the
+    resume goes on in that epoch, not as a new one of fewer batches that stops the run;
+    inside the batch loop, with a trained batch in hand, it is refused."""
+    source, _ = _tiny(tmp_path)
+    history = tmp_path / "run" / "history.jsonl"
+
+    class SaveAt(keras.callbacks.Callback):
+        def __init__(self, save):
+            super().__init__()
+            self.save = save
+
+        def on_train_batch_end(self, batch, logs=None):
+            if self.save and run.epoch == 0 and batch == 1:
+                run.save_checkpoint()
+
+    def run_loop(resume=False, fail=False, history=history):
+        nonlocal run
+        model = _model()
+        with pipetrain.Run(source, batch_size=16, epochs=2, shuffle="none", models=model, verbose=0,
+                           monitor_interval=None, history=history, resume=resume, checkpoint_every=None,
+                           callbacks=[SaveAt(fail)]) as run:
+            for epoch in run.epochs():
+                for batch in epoch:
+                    if fail and batch.index == 3:
+                        raise ValueError("the loop fails before its next checkpoint")
+                    epoch.train_on_batch(model, batch.x, batch.y)
+        return model, epoch
+
+    run = None
+    straight, last = run_loop(history=None)
+    with pytest.raises(ValueError, match="the loop fails"):
+        run_loop(fail=True)
+    resumed, resumed_last = run_loop(resume=True)
+    assert run.status == "completed" and resumed_last.logs == last.logs
+    for a, b in zip(resumed.get_weights(), straight.get_weights(), strict=True):
+        np.testing.assert_array_equal(a, b)
+    model = _model()
+    with pytest.raises(RuntimeError, match=r"run.save_checkpoint\(\) with a trained batch in hand"), \
+            pipetrain.Run(source, batch_size=16, models=model, verbose=0, history=tmp_path / "b" / "history.jsonl") as run:
+        for epoch in run.epochs():
+            for batch in epoch:
+                epoch.train_on_batch(model, batch.x, batch.y)
+                run.save_checkpoint()
+
+
 @pytest.mark.one_backend  # the checkpoint's checks, not the backend's: TensorFlow covers it (CI time)
 def test_a_resume_with_other_metrics_is_refused_before_anything_is_written(tmp_path):
     source, _ = _tiny(tmp_path)
