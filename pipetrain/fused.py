@@ -11,9 +11,11 @@ the class or the instance included) inside a function compiled by the backend:
 - per batch: zero the metric state, run ``train_step``, add the state to the epoch's
   sums (and to the group's), all inside the compiled call;
 - per call: k batches (``steps_per_execution``), stacked on a leading axis: a
-  ``tf.while_loop`` on TensorFlow, ``lax.scan`` on JAX. PyTorch has no compiled loop
-  without ``torch.compile``; there the k steps run back to back in Python, still with
-  the sums kept as tensors (no host transfer until the record).
+  ``tf.while_loop`` on TensorFlow. On JAX, as Keras' own ``fit`` does, the compiled step
+  runs k times from Python with the state kept on the device (a ``lax.scan`` of k steps
+  is another program, whose results differ from ``fit``'s in the last bits). PyTorch
+  has no compiled loop without ``torch.compile``; there the k steps run back to back in
+  Python. On all three the sums stay on the device (no host transfer until the record).
 
 The logs of a call are the batch's own metrics (k = 1) or the group's: the model's
 metrics over those k batches, as ``fit`` would report them for the k batches alone.
@@ -196,30 +198,35 @@ class _JaxStep(FusedStep):
             sums = [s + v for s, v in zip(sums, state[3], strict=True)]
             return logs, state, sums
 
-        def many(state, sums, stacked):
-            def body(carry, data):
-                state, sums, group = carry
-                _, state, sums = one(state, sums, data)
-                group = [g + v for g, v in zip(group, state[3], strict=True)]
-                return (state, sums, group), None
+        def one_of_group(state, sums, group, data):
+            _, state, sums = one(state, sums, data)
+            return state, sums, [g + v for g, v in zip(group, state[3], strict=True)]
 
-            group = [jnp.zeros_like(s) for s in sums]
-            (state, sums, group), _ = jax.lax.scan(body, (state, sums, group), stacked)
+        def results(group):
             mapping = list(zip(model.metrics_variables, group, strict=True))
             with keras.StatelessScope(state_mapping=mapping):
-                logs = model.get_metrics_result()
-            return logs, (*state[:3], group), sums
+                return model.get_metrics_result()
 
         self._one_fn = jax.jit(one, donate_argnums=(0, 1))
-        self._many_fn = jax.jit(many, donate_argnums=(0, 1))
+        self._group_fn = jax.jit(one_of_group, donate_argnums=(0, 1, 2))
+        self._results_fn = jax.jit(results)
 
     def _run(self, data, k):
         model = self.model
         groups = (model.trainable_variables, model.non_trainable_variables, model.optimizer.variables,
                   model.metrics_variables)
         state = tuple([v.value for v in vs] for vs in groups)
-        fn = self._one_fn if k == 1 else self._many_fn
-        logs, state, self.sums = fn(state, self.sums, data)
+        if k == 1:
+            logs, state, self.sums = self._one_fn(state, self.sums, data)
+        else:
+            # The compiled step k times from Python, the state kept on the device, as Keras'
+            # fit runs steps_per_execution: one lax.scan program of k steps is compiled
+            # otherwise, and its weights and losses differ from fit's in the last bits.
+            sums, group = self.sums, [self.jax.numpy.zeros_like(s) for s in self.sums]
+            for i in range(k):
+                state, sums, group = self._group_fn(state, sums, group, each(lambda a, i=i: a[i], data))
+            self.sums, logs = sums, self._results_fn(group)
+            state = (*state[:3], group)
         for variables, values in zip(groups, state, strict=True):
             for ref, value in zip(variables, values, strict=True):
                 ref.assign(value)
