@@ -1053,6 +1053,7 @@ class Epoch:
 
         Returns the batch's own metrics (not running averages). The epoch's metrics for
         this model are aggregated from the metric state exactly as ``fit`` does."""
+        self._in_hand("train_on_batch")
         sums = self._track(model, prefix)
         if class_weight is not None:
             sample_weight = _class_weights(y, sample_weight, class_weight)
@@ -1071,6 +1072,7 @@ class Epoch:
         ``fit``'s. A model's very first group trains its first batch on its own (that
         call builds the model) and reports the metrics of the rest. ``groups(1)`` gives
         batches, which train as :meth:`train_on_batch` does."""
+        self._in_hand("train_on_group")
         if not isinstance(group, Group):
             return self.train_on_batch(model, group.x, group.y, group.sample_weight, class_weight, prefix)
         check_groups(model, group.count)
@@ -1095,10 +1097,15 @@ class Epoch:
         self._logs.update(logs)
         return logs
 
+    def _in_hand(self, method: str) -> None:
+        """Training and recording are for the batch in hand: outside the batch loop there is
+        none to record, count or check (the model would train unseen)."""
+        if self._current is None:
+            raise RuntimeError(f"Epoch.{method}() is for the batch being trained: call it inside the batch loop")
+
     def record(self, **values: float) -> None:
         """Record scalar values of the current batch (averaged over the epoch by batch size)."""
-        if self._current is None:
-            raise RuntimeError("Epoch.record() is for the batch being trained: call it inside the batch loop")
+        self._in_hand("record")
         taken = sorted(values.keys() & RECORD_FIELDS)
         if taken:
             raise RunError(f"Epoch.record({', '.join(f'{k}=' for k in taken)}...): the batch and epoch records' own "

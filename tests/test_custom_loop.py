@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import keras
 import numpy as np
@@ -428,6 +429,29 @@ def test_an_epochs_batches_iterated_a_second_time_are_refused_not_trained_again(
     assert seen == [0, 1]
     h = pipetrain.read_history(tmp_path / "run" / "history.jsonl")
     assert [(r["epoch"], r["batch"]) for r in h.batches] == [(0, 0), (0, 1)] and h.end["status"] == "failed"
+
+
+@pytest.mark.one_backend  # the loop's bookkeeping, not the backend's: TensorFlow covers it (CI time)
+def test_epoch_train_on_batch_outside_the_batch_loop_is_refused_and_trains_nothing(tmp_path):
+    """Before or after ``for batch in epoch`` there is no batch to record: the model
+    trained, its metrics joined the epoch's, but no record, no count, no check followed."""
+    source, _ = _tiny(tmp_path)
+    model = _model()
+    x, y = np.zeros((4, 3), "float32"), np.zeros(4, "int64")
+    with pipetrain.Run(source, batch_size=16, epochs=1, shuffle="none", models=model, verbose=0) as run:
+        for epoch in run.epochs():
+            before = [w.copy() for w in model.get_weights()]
+            for method in (lambda: epoch.train_on_batch(model, x, y),
+                           lambda: epoch.train_on_group(model, SimpleNamespace(x=x, y=y, sample_weight=None))):
+                with pytest.raises(RuntimeError, match=r"Epoch\.train_on_(batch|group)\(\) is for the batch being "
+                                                       "trained: call it inside the batch loop"):
+                    method()
+            assert all(np.array_equal(a, b) for a, b in zip(before, model.get_weights(), strict=True))
+            for batch in epoch:
+                epoch.train_on_batch(model, batch.x, batch.y)
+            with pytest.raises(RuntimeError, match="inside the batch loop"):
+                epoch.train_on_batch(model, x, y)
+    assert epoch.logs["loss"] > 0 and epoch.samples == sum(source.rows_per_file)
 
 
 def test_ctrl_c_in_a_validation_inside_the_batch_loop_resumes_exactly(tmp_path):
