@@ -581,7 +581,11 @@ class Run:
     # -- the loop -------------------------------------------------------------------
 
     def epochs(self) -> Iterator[Epoch]:
-        """The epochs still to train, each an iterable of its batches."""
+        """The epochs still to train, each an iterable of its batches (given once: a
+        loop left early stops the run there, resumable)."""
+        if self._epochs_iter is not None:  # a second would begin training again (callbacks and all)
+            raise RuntimeError("run.epochs() was called already: a run gives its epochs once (a loop left early "
+                               "stops the run; resume it in a new Run)")
         self._epochs_iter = self._epochs()
         return self._epochs_iter
 

@@ -381,6 +381,8 @@ def test_a_custom_loops_mistakes_are_told_and_its_numbers_stay_right(tmp_path):
             for batch in epoch:
                 epoch.train_on_batch(model, batch.x, batch.y)
             break
+        with pytest.raises(RuntimeError, match=r"run\.epochs\(\) was called already"):
+            run.epochs()  # a second loop began training again, on_train_begin included
     assert pipetrain.read_history(tmp_path / "h.jsonl").end["reason"] == "the loop left after 1 of 3 epochs"
     with pytest.raises(pipetrain.errors.RunError, match="BackupAndRestore would load its own backup"):
         pipetrain.train(_model(), source, callbacks=[keras.callbacks.BackupAndRestore(str(tmp_path / "b"))], verbose=0)
