@@ -133,9 +133,9 @@ def _epoch_rates(t, size, wait, step, window: int, t0: float) -> np.ndarray:
     first = np.maximum(np.arange(len(t)) - window + 1, 0)
     wall = t - began[first]
     wall = np.where(wall > 0, wall, np.nan)  # no time measured: no rate
-    rate = _window_sums(size, first) / wall
-    bound = 100 * _window_sums(wait, first) / wall
-    return np.vstack([t - t0, rate, bound])
+    with np.errstate(over="ignore", invalid="ignore"):  # (a hand-edited 1e308 s: missing, not an axis of inf)
+        rates = np.vstack([_window_sums(size, first) / wall, 100 * _window_sums(wait, first) / wall])
+    return np.vstack([t - t0, np.where(np.isfinite(rates), rates, np.nan)])
 
 
 def _window_sums(values: np.ndarray, first: np.ndarray) -> np.ndarray:

@@ -118,6 +118,16 @@ def test_text_where_numbers_belong_is_plotted_as_missing(tmp_path):
     assert png_size(tmp_path / "e.png")[0] > 0
 
 
+def test_measurements_too_large_to_add_up_are_plotted_as_missing(tmp_path):
+    """A batch's wait of 1e308 s (a hand edit) made the input-bound share infinite, and
+    matplotlib refused the axis ('Axis limits cannot be NaN or Inf', exit 1)."""
+    records = known_records()
+    next(r for r in records if r["type"] == "batch").update(wait_s=1e308)
+    write_records(tmp_path / "edited.jsonl", records)
+    assert cli.main(["plot", str(tmp_path / "edited.jsonl"), "-o", str(tmp_path / "e.png")]) == 0
+    assert png_size(tmp_path / "e.png")[0] > 0
+
+
 def test_a_list_or_an_object_where_a_number_belongs_is_plotted_as_missing(tmp_path):
     """A metric that is a list in one epoch and a number in others (or a loss that is an
     object): drawn where it is a number, missing where it is not."""
