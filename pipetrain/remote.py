@@ -167,13 +167,14 @@ class S3Store(Store):
         return url.split("://", 1)[1]
 
     async def get(self, obj: ObjectInfo, start: int, stop: int) -> bytes:
-        bucket, key, _ = self.fs.split_path(self.path(obj.url))
+        # (the version a URL names, ?versionId=..., not the key's newest: the one the open read)
+        bucket, key, version_id = self.fs.split_path(self.path(obj.url))
         if not self.presigned:
-            return await self._get_botocore(obj, bucket, key, start, stop)
+            return await self._get_botocore(obj, bucket, key, version_id, start, stop)
         headers = {"If-Match": obj.version} if obj.version else {}
         session = await self._http()
         for fresh in (False, True):
-            url = await self._url(bucket, key, fresh)
+            url = await self._url(bucket, key, version_id, fresh)
             try:
                 return await _ranged(session, url, headers, obj, start, stop)
             except _HTTPStatus as e:
@@ -181,15 +182,15 @@ class S3Store(Store):
                     raise
         raise AssertionError("unreachable")
 
-    async def _url(self, bucket: str, key: str, fresh: bool):
+    async def _url(self, bucket: str, key: str, version_id: str | None, fresh: bool):
         import yarl
 
-        signed = self._signed.get((bucket, key))
+        signed = self._signed.get((bucket, key, version_id))
         if fresh or signed is None or time.monotonic() - signed[1] > self.RESIGN_S:
             client = await self.fs.get_s3(bucket)
-            url = await client.generate_presigned_url("get_object", Params={"Bucket": bucket, "Key": key},
-                                                      ExpiresIn=self.SIGN_S)
-            signed = self._signed[bucket, key] = (yarl.URL(url, encoded=True), time.monotonic())
+            params = {"Bucket": bucket, "Key": key, **({"VersionId": version_id} if version_id else {})}
+            url = await client.generate_presigned_url("get_object", Params=params, ExpiresIn=self.SIGN_S)
+            signed = self._signed[bucket, key, version_id] = (yarl.URL(url, encoded=True), time.monotonic())
         return signed[0]
 
     async def _http(self):
@@ -203,13 +204,16 @@ class S3Store(Store):
             weakref.finalize(self, HTTPFileSystem.close_session, self.loop, self._session)
         return self._session
 
-    async def _get_botocore(self, obj: ObjectInfo, bucket: str, key: str, start: int, stop: int) -> bytes:
+    async def _get_botocore(self, obj: ObjectInfo, bucket: str, key: str, version_id: str | None, start: int,
+                            stop: int) -> bytes:
         client = await self.fs.get_s3(bucket)
         extra = {**self.fs.s3_additional_kwargs, **self.fs.req_kw}
         filter_kwargs = getattr(self.fs, "_filter_kwargs", None)  # s3fs drops what GetObject does not take
         extra = filter_kwargs(client.get_object, extra) if filter_kwargs else {}
         if obj.version:
             extra["IfMatch"] = obj.version
+        if version_id:
+            extra["VersionId"] = version_id
         response = await client.get_object(Bucket=bucket, Key=key, Range=f"bytes={start}-{stop - 1}", **extra)
         try:
             if obj.version and response.get("ETag") not in (None, obj.version):

@@ -995,3 +995,22 @@ def pipetrain_history(folder: Path):
     import pipetrain
 
     return pipetrain.read_history(folder / "history.jsonl")
+
+
+@pytest.mark.parametrize("through", ["presigned", "botocore"])
+def test_an_object_version_named_in_the_url_is_the_one_read(bucket, moto, tmp_path, through):
+    """s3://b/d.h5?versionId=V on a versioned bucket: the ranged reads asked for the key's
+    newest version, not V (and failed: 'the object changed while it was read')."""
+    import boto3
+
+    client = boto3.client("s3", endpoint_url=moto, aws_access_key_id="testing", aws_secret_access_key="testing",
+                          region_name="us-east-1")
+    client.put_bucket_versioning(Bucket=bucket.name, VersioningConfiguration={"Status": "Enabled"})
+    old, new = labelled(tmp_path / "old.h5", seed=0), labelled(tmp_path / "new.h5", seed=1)
+    first = client.put_object(Bucket=bucket.name, Key="d.h5", Body=old.read_bytes())["VersionId"]
+    client.put_object(Bucket=bucket.name, Key="d.h5", Body=new.read_bytes())
+    url = f"s3://{bucket.name}/d.h5?versionId={first}"
+    options = {**bucket.options(), "version_aware": True, **({"requester_pays": True} if through == "botocore" else {})}
+    with H5Source(url, x="x", y="y", storage_options=options, fetch=FAST, metadata_cache=None) as source:
+        assert source._remote[0].store.presigned == (through == "presigned")
+        assert_same_reads(source, old)
