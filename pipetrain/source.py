@@ -497,6 +497,12 @@ class H5Source:
                             f"{path}: dataset '{name}' is a virtual dataset reading {target}, which "
                             "does not exist (allow it with allow_external=True or --allow-external)"
                         )
+                    if not any(Path(p).exists() for p in _vds_places(target, source.file_name)):
+                        # (HDF5 reads the rows of a source file it finds nowhere as fill values)
+                        raise SourceError(
+                            f"{path}: dataset '{name}' is a virtual dataset reading {target}, which does not "
+                            "exist beside it, in the working folder or under $HDF5_VDS_PREFIX"
+                        )
             _check_virtual_sources(path, name, dset, sources)
 
     def check_model(self, model) -> None:
@@ -942,6 +948,16 @@ def _url_has_magic(url: str) -> bool:
 
     path = urlsplit(url).path if url.lower().startswith(("http://", "https://")) else url.split("://", 1)[1]
     return glob.has_magic(path)
+
+
+def _vds_places(beside: Path, filename: str) -> list[Path]:
+    """Where HDF5 looks for a virtual dataset's source file: beside the data file, under
+    $HDF5_VDS_PREFIX, as named (an absolute name, or from the working folder). A
+    printf-style name (an unlimited mapping's ``%b``) counts as found."""
+    if "%" in filename:
+        return [Path(".")]
+    prefix = os.environ.get("HDF5_VDS_PREFIX")
+    return [beside, Path(filename), *([Path(prefix) / filename] if prefix else [])]
 
 
 def _beside(path: Path | str, filename: str) -> Path | str:

@@ -316,6 +316,25 @@ def test_a_virtual_dataset_whose_source_dataset_is_missing_is_refused_not_read_a
         tmp_path / "v.h5", x="here")
 
 
+def test_a_virtual_dataset_whose_source_file_is_nowhere_is_refused_even_when_allowed(tmp_path, monkeypatch):
+    """With allow_external, HDF5 looks for a virtual dataset's source file beside it, in
+    the working folder and under $HDF5_VDS_PREFIX; found nowhere, its rows read as fill
+    values: zeros trained on, with no word said."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("HDF5_VDS_PREFIX", raising=False)
+    (tmp_path / "data").mkdir()
+    with h5py.File(tmp_path / "data" / "v.h5", "w") as f:
+        layout = h5py.VirtualLayout(shape=(10, 2), dtype="f4")
+        layout[:] = h5py.VirtualSource("gone.h5", "data", shape=(10, 2))
+        f.create_virtual_dataset("x", layout)
+    bad(r"v\.h5: dataset 'x' is a virtual dataset reading .*gone\.h5, which does not exist beside it, in the "
+        r"working folder or under \$HDF5_VDS_PREFIX", tmp_path / "data" / "v.h5", x="x", allow_external=True)
+    with h5py.File(tmp_path / "gone.h5", "w") as f:  # in the working folder: HDF5 finds it there
+        f["data"] = np.arange(20, dtype="f4").reshape(10, 2)
+    with H5Source(tmp_path / "data" / "v.h5", x="x", allow_external=True) as source:
+        np.testing.assert_array_equal(source.read(0, 0, 10)[0]["x"], np.arange(20).reshape(10, 2))
+
+
 def test_a_file_another_process_holds_open_for_writing_is_said_so_not_called_corrupted(tmp_path):
     """HDF5's file lock refuses a reader while a notebook (or make-data) has the file open
     for writing: that read "cannot be opened as HDF5 (truncated or corrupted?)"."""
