@@ -38,7 +38,9 @@ def free_port() -> int:
     except (OSError, ValueError, IndexError):
         low = 32768
     ports = list(range(max(1024, low - 12000), low))
-    random.shuffle(ports)
+    # Not the global random: keras.utils.set_random_seed(0) seeds it alike in every xdist
+    # worker, which then picked the same ports (two tests' coordinators on one port).
+    random.SystemRandom().shuffle(ports)
     for port in ports:
         with socket.socket() as s:
             try:

@@ -286,7 +286,7 @@ def test_several_batches_a_step_are_refused_with_a_distribution(data, tmp_path):
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 2, done.stderr
     lines = done.stderr.strip().splitlines()
-    assert len(lines) == 1 and "steps_per_execution=2: a run with a Keras distribution trains one batch" in lines[0]
+    assert len(lines) == 1 and "--steps-per-execution 2: a run with a Keras distribution trains one batch" in lines[0]
     assert not (tmp_path / "runs" / "r" / "history.jsonl").exists()
 
 
