@@ -111,7 +111,13 @@ class FetchSettings:
 
     def backoff(self, attempt: int) -> float:
         """Seconds to wait before retry ``attempt`` (from 0): doubling, with jitter."""
-        return min(self.max_backoff_s, self.backoff_s * 2**attempt) * random.uniform(0.5, 1.0)
+        return min(self.max_backoff_s, self.backoff_s * 2**attempt) * _JITTER.uniform(0.5, 1.0)
+
+
+# Not the global random: a retry would move the user's random state (which a checkpoint
+# holds: a resume without that retry would draw otherwise), and processes seeded alike
+# would retry in step.
+_JITTER = random.Random()
 
 
 _VALID = {

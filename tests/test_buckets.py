@@ -268,6 +268,20 @@ def test_fetch_settings_from_the_environment():
             FetchSettings.from_env(text)
 
 
+def test_a_retrys_jitter_leaves_the_global_random_state_alone():
+    """The global random state is the user's (a checkpoint holds it for an exact resume);
+    a retry's jitter drew from it, and processes seeded alike retried in step."""
+    import random
+
+    from pipetrain.ranges import FetchSettings
+
+    random.seed(0)
+    state = random.getstate()
+    waits = [FetchSettings().backoff(2) for _ in range(5)]
+    assert random.getstate() == state
+    assert all(0.4 <= w <= 0.8 for w in waits) and len(set(waits)) > 1
+
+
 def test_fetch_settings_that_cannot_work_are_refused_in_one_line():
     """max_requests=0 left every request waiting for a slot that never came (the open
     hung), and a time-out of 0 or NaN failed every read after the retries as a network
