@@ -1181,10 +1181,10 @@ class Epoch:
         run.emit("epoch", epoch=self.index, **self.logs, **stats)
         if run._writer is not None:  # on disk before the checkpoint that follows, not waited for here
             run._checkpoints.later(run._writer.sync)
-        run.callbacks.on_epoch_end(self.index, dict(self.logs))
-        if complete:
+        if complete:  # (before the callbacks: a checkpoint one of them asks for resumes at the next epoch)
             run.epochs_done = self.index + 1
             run.epoch, run.batch = self.index + 1, 0
+        run.callbacks.on_epoch_end(self.index, dict(self.logs))
         return self.logs
 
     # -- checkpointed state -----------------------------------------------------------

@@ -565,6 +565,46 @@ def test_a_checkpoint_the_loop_asks_for_mid_epoch_resumes_exactly(tmp_path):
                 run.save_checkpoint()
 
 
+def test_a_checkpoint_a_callback_asks_for_at_an_epochs_end_resumes_at_the_next_epoch(tmp_path):
+    """run.save_checkpoint() from on_epoch_end (a callback keeping milestones, say), then a
+    kill: the checkpoint named the ended epoch's last batch as the next, so the resume
+    began that epoch again with no batch left, stopped there ('epoch 1 left after 0 of 4
+    batches') and the weights were not a straight run's."""
+    source, _ = _tiny(tmp_path)
+
+    class Killed(Exception):
+        pass
+
+    class SaveThenDie(keras.callbacks.Callback):
+        def __init__(self, run=None):
+            super().__init__()
+            self.run = run
+
+        def on_epoch_end(self, epoch, logs=None):
+            if epoch == 0 and self.run is not None:
+                self.run.save_checkpoint()
+                raise Killed  # (the loop's own checkpoint never comes)
+
+    def loop(model, callback, resume):
+        with pipetrain.Run(source, batch_size=16, epochs=3, shuffle="none", models=model, verbose=0, resume=resume,
+                           history=tmp_path / "run" / "history.jsonl", callbacks=[callback]) as run:
+            callback.run = callback.run and run
+            for epoch in run.epochs():
+                for batch in epoch:
+                    epoch.train_on_batch(model, batch.x, batch.y)
+
+    straight = _model()
+    pipetrain.train(straight, source, epochs=3, batch_size=16, shuffle="none", verbose=0)
+    with pytest.raises(Killed):
+        loop(_model(), SaveThenDie(run=True), resume=False)
+    resumed = _model()
+    loop(resumed, SaveThenDie(), resume=True)
+    h = pipetrain.read_history(tmp_path / "run" / "history.jsonl")
+    assert [(e["epoch"], e["batches"]) for e in h.epochs] == [(0, 4), (1, 4), (2, 4)] and h.end["status"] == "completed"
+    for a, b in zip(resumed.get_weights(), straight.get_weights(), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
 @pytest.mark.one_backend  # the checkpoint's checks, not the backend's: TensorFlow covers it (CI time)
 def test_a_resume_with_other_metrics_is_refused_before_anything_is_written(tmp_path):
     source, _ = _tiny(tmp_path)
