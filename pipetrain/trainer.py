@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from pipetrain import distributed
 from pipetrain.errors import RunError
 from pipetrain.labels import sparse_label_limits
-from pipetrain.run import Run, check_groups, whole_setting
+from pipetrain.run import MAX_ROWS, Run, check_groups, whole_setting
 from pipetrain.source import H5Source
 
 
@@ -117,6 +117,8 @@ def train(
             data.limit_labels(sparse_label_limits(model, data.y))  # checked as the rows are read
     # Before anything is written:
     steps_per_execution = whole_setting("steps_per_execution", steps_per_execution)
+    if validation_batch_size:  # (0 or None: batch_size, as fit) else checked only at the first validation
+        validation_batch_size = whole_setting("validation_batch_size", validation_batch_size, 1, MAX_ROWS)
     distributed.check_steps_per_execution(steps_per_execution)
     check_groups(model, steps_per_execution)
     settings = {

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 import pipetrain
+from pipetrain.errors import RunError
 from tests.conftest import write_h5
 
 pytestmark = pytest.mark.model
@@ -279,6 +280,20 @@ def test_shapes_that_do_not_fit_the_model_are_refused(binary_files):
     with pytest.raises(pipetrain.SourceError, match=r"dataset 'x' rows are \(10,\) but the model's input .* expects \(11,\)"):
         pipetrain.train(model, pipetrain.H5Source(train_paths, x="x", y="y"), verbose=0)
 
+
+
+@pytest.mark.parametrize("size", ["7", 2.5, 10**30])
+def test_a_bad_validation_batch_size_is_refused_before_anything_is_trained(binary_files, tmp_path, size):
+    """It was taken as given and failed only at the first validation, after a whole epoch
+    trained (a TypeError, a batch_size message that did not name it, a producer's
+    overflow)."""
+    train_paths, val_path = binary_files
+    history = tmp_path / "run" / "history.jsonl"
+    with pytest.raises(RunError, match=r"validation_batch_size=.* must be a whole number"):
+        pipetrain.train(binary_model(), pipetrain.H5Source(train_paths, x="x", y="y"), epochs=1,
+                        validation=pipetrain.H5Source(val_path, x="x", y="y"), validation_batch_size=size,
+                        history=history, verbose=0)
+    assert not history.exists()
 
 # -- Keras callbacks, driven by hand as fit drives them ------------------------------------
 
