@@ -15,7 +15,7 @@ from pipetrain import distributed
 from pipetrain.errors import RunError
 from pipetrain.labels import sparse_label_limits
 from pipetrain.run import MAX_ROWS, Run, check_groups, whole_setting
-from pipetrain.source import H5Source
+from pipetrain.source import H5Source, SourceError
 
 
 def train(
@@ -115,6 +115,8 @@ def train(
         if data is not None:
             data.check_model(model)
             data.limit_labels(sparse_label_limits(model, data.y))  # checked as the rows are read
+    if validation is not None:
+        _check_like_training(validation, source, model)
     # Before anything is written:
     steps_per_execution = whole_setting("steps_per_execution", steps_per_execution)
     if validation_batch_size:  # (0 or None: batch_size, as fit) else checked only at the first validation
@@ -147,3 +149,30 @@ def train(
             if validation is not None:  # also after a callback stopped the epoch, as fit does
                 epoch.evaluate(model, validation, validation_batch_size or batch_size)
     return run.history
+
+
+def _pairs(ours, theirs) -> list[tuple[str, str]]:
+    """The datasets of one role (y or sample_weight) of two sources, paired by output name
+    or by position; none where the two are not given alike."""
+    if isinstance(ours, Mapping) and isinstance(theirs, Mapping):
+        return [(ours[k], theirs[k]) for k in ours if k in theirs]
+    ours, theirs = ([n] if isinstance(n, str) else list(n or []) for n in (ours, theirs))
+    return list(zip(ours, theirs)) if len(ours) == len(theirs) else []
+
+
+def _check_like_training(validation: H5Source, source: H5Source, model) -> None:
+    """Validation targets (and weights) whose rows are not shaped as the training data's:
+    the model's inputs are checked, its losses are not, and they failed only at the first
+    validation, after a whole epoch trained. A lone axis of 1 is the same row to a loss;
+    where an input has a free axis (sequences of any length), only the number of axes."""
+    try:
+        fixed = all(None not in tuple(t.shape[1:]) for t in list(getattr(model, "inputs", None) or [None]))
+    except (TypeError, AttributeError):  # (a model not built yet)
+        fixed = False
+    for role in ("y", "sample_weight"):
+        for ours, theirs in _pairs(getattr(validation, role), getattr(source, role)):
+            got, expected = validation.fields[ours].row_shape, source.fields[theirs].row_shape
+            a, b = (tuple(d for d in shape if d != 1) for shape in (got, expected))
+            if (a != b) if fixed else (len(a) != len(b)):
+                raise SourceError(f"{validation.paths[0]}: dataset '{ours}' rows are {got} but the training "
+                                  f"data's '{theirs}' rows are {expected} ({source.paths[0]})")

@@ -295,6 +295,22 @@ def test_a_bad_validation_batch_size_is_refused_before_anything_is_trained(binar
                         history=history, verbose=0)
     assert not history.exists()
 
+
+def test_validation_targets_shaped_unlike_the_training_targets_are_refused_before_training(binary_files, tmp_path):
+    """y rows of (2,) against the training's (): it failed at the first validation, after
+    a whole epoch trained (exit 1, no checkpoint, no file named)."""
+    train_paths, _ = binary_files
+    val = write_h5(tmp_path / "val2.h5", x=np.zeros((20, 10), "float32"), y=np.zeros((20, 2), "float32"))
+    history = tmp_path / "run" / "history.jsonl"
+    with pytest.raises(pipetrain.SourceError, match=r"val2\.h5: dataset 'y' rows are \(2,\) but the training data's 'y' rows are \(\)"):
+        pipetrain.train(binary_model(), pipetrain.H5Source(train_paths, x="x", y="y"), epochs=1,
+                        validation=pipetrain.H5Source(val, x="x", y="y"), history=history, verbose=0)
+    assert not history.exists()
+    # (rows,) and (rows, 1) are the same targets to a loss: still taken
+    val1 = write_h5(tmp_path / "val1.h5", x=np.zeros((20, 10), "float32"), y=np.zeros((20, 1), "float32"))
+    pipetrain.train(binary_model(), pipetrain.H5Source(train_paths, x="x", y="y"), epochs=1,
+                    validation=pipetrain.H5Source(val1, x="x", y="y"), verbose=0)
+
 # -- Keras callbacks, driven by hand as fit drives them ------------------------------------
 
 
