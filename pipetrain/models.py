@@ -56,6 +56,17 @@ def label_classes(source: H5Source, name: str) -> int:
 
 def _check_below(source: H5Source, name: str, classes: int, train: H5Source) -> None:
     """Labels of ``source`` are classes of the default model sized from ``train``."""
+    if source.fields[name].dtype.kind == "f":  # float labels: whole numbers only (a NaN made label_classes fail)
+        for f, rows in enumerate(source.rows_per_file):
+            for start in range(0, rows, 1 << 20):
+                labels = source.read(f, start, min(rows, start + (1 << 20)), names=[name])[0][name].reshape(-1)
+                bad = np.flatnonzero(~np.isfinite(labels) | (labels != np.round(labels)))
+                if bad.size:
+                    raise ModelError(
+                        f"{source.paths[f]}: dataset '{name}' row {start + int(bad[0])} holds label {labels[bad[0]]}, "
+                        f"which is not a class number (the default model classifies, sized from the integer labels "
+                        f"of {train.paths[0]})"
+                    )
     found = label_classes(source, name)
     if found <= classes:
         return

@@ -142,6 +142,11 @@ def bad_files(tmp_path: Path, x: np.ndarray) -> None:
     labels[200] = 9
     write_h5(tmp_path / "lab.h5", x=x, y=labels)
     write_h5(tmp_path / "val9.h5", x=x[:50], y=labels[170:220])  # 9 at row 30
+    halves = labels[170:220].astype(np.float32)
+    halves[12] = np.nan
+    write_h5(tmp_path / "valnan.h5", x=x[:50], y=halves)  # float labels, NaN at row 12
+    halves[12] = 0.5
+    write_h5(tmp_path / "valhalf.h5", x=x[:50], y=halves)  # 0.5 at row 12
     big = y.copy()
     big[5] = 2**45
     write_h5(tmp_path / "big.h5", x=x, y=big)
@@ -278,6 +283,10 @@ BAD_INPUTS = {
                                        "lab.h5: dataset 'y' row 200 holds label 9, but the model's output"),
     "validation label out of the default model's range": (["--data", "d.h5", "--val", "val9.h5", "--x", "x", "--y", "y"],
                                                            "val9.h5: dataset 'y' row 30 holds label 9, but the default model has 2 classes"),
+    "validation label NaN, default model": (["--data", "d.h5", "--val", "valnan.h5", "--x", "x", "--y", "y"],
+                                            "valnan.h5: dataset 'y' row 12 holds label nan, which is not a class number"),
+    "validation label 0.5, default model": (["--data", "d.h5", "--val", "valhalf.h5", "--x", "x", "--y", "y"],
+                                            "valhalf.h5: dataset 'y' row 12 holds label 0.5, which is not a class number"),
     "validation label out of the model's range": (["--data", "d.h5", "--val", "val9.h5", "--x", "x", "--y", "y", "--model", "four.keras",
                                                    "--batch-size", "100", "--history", "runs/w/h.jsonl"],
                                                   "val9.h5: dataset 'y' row 30 holds label 9, but the model's output"),
@@ -304,6 +313,7 @@ BAD_INPUTS = {
 # mid-run: those leave a run folder whose history records the failure; nothing that was
 # there before changes.
 MODEL_CASES = {"label out of the model's range", "validation label out of the default model's range",
+               "validation label NaN, default model", "validation label 0.5, default model",
                "validation label out of the model's range",
                "label 2**45, default model", "label uint64 max, default model", "label uint64 max, user model",
                "NaN in x, default model", "fletcher32 checksum", "scaleoffset+gzip corruption"}
