@@ -400,6 +400,9 @@ def _run_history(args) -> tuple[dict | None, Path]:
         raise BadInput("--allow-changed-data is for --resume (a new run reads the data as it is)")
     if args.name is not None and (not args.name.strip(". ") or any(c in args.name for c in "/\\\0")):
         raise BadInput(f"--name {args.name!r}: a name, not a path (it goes under runs/); give a path with --history")
+    if args.history and args.history.endswith(("/", os.sep)):  # Path() drops the slash: a file "x", the run in "."
+        raise BadInput(f"--history {args.history}: names a folder; give the history file (say "
+                       f"{Path(args.history) / 'history.jsonl'})")
     settings = _new_run_settings(args)
     name = args.name or _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     return settings, Path(args.history) if args.history else Path("runs") / name / "history.jsonl"

@@ -299,6 +299,10 @@ class Run:
         self.model = next(iter(self.models.values()), None)
         self._stand_in = None if self.models else _NoModel()
         self.metrics = MetricObjects(metrics or [])
+        given = os.fspath(history) if history is not None else None
+        if isinstance(given, str) and given.endswith(("/", os.sep)):  # Path() drops the slash: the run would be in "."
+            raise RunError(f"{argument(f'history={history!r}', f'--history {history}')}: names a folder; give the "
+                           f"history file (say {Path(given) / 'history.jsonl'})")
         self.history_path = Path(history) if history is not None else None
         self.run_dir = self.history_path.parent if self.history_path is not None else None
         self.checkpoint_dir = self.run_dir / "checkpoint" if self.run_dir is not None else None

@@ -306,6 +306,8 @@ BAD_INPUTS = {
     "chunk key flipped": (["--data", "key.h5", "--x", "x", "--y", "y"],
                           "key.h5: dataset 'x': the chunk index is damaged (it lists a chunk at (1099511627776, 0), outside the dataset's (300, 3))"),
     "damaged structure": (["--data", "stub.h5", "--x", "x", "--y", "y"], "stub.h5: dataset 'x' cannot be read (damaged file?): RuntimeError"),
+    "history ending in a slash": (["--data", "d.h5", "--x", "x", "--y", "y", "--history", "newrun/"],
+                                  "--history newrun/: names a folder; give the history file (say newrun/history.jsonl)"),
     "make-data one class": (["make-data", "m.h5", "--rows", "10", "--classes", "1"], "pipetrain: --classes 1: must be >= 2"),
     "make-data flag": (["make-data", "m.h5"], "pipetrain: make-data: give either --rows N (one file) or --splits NAME=ROWS"),
 }

@@ -638,3 +638,17 @@ def test_an_object_written_again_under_a_resume_is_refused_by_its_version(tmp_pa
         assert [e["epoch"] for e in pipetrain.read_history(history).epochs] == [0, 1]
     finally:
         server.stop()
+
+
+def test_a_history_path_ending_in_a_slash_is_refused_not_written_as_a_file_beside_a_run_in_the_working_folder(tmp_path, monkeypatch):
+    """Path() drops the slash: history="new/" wrote a history file "new" and put the run's
+    checkpoint/ (and, from the command line, model.keras) in the working folder."""
+    source = pipetrain.H5Source(data_file(tmp_path / "d.h5"), x="x")
+    monkeypatch.chdir(tmp_path)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    with pytest.raises(RunError, match=r"history='new/': names a folder; give the history file \(say new/history.jsonl\)"):
+        with pipetrain.Run(source, batch_size=32, epochs=1, history="new/", verbose=0) as run:
+            for epoch in run.epochs():
+                for _ in epoch:
+                    pass
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
