@@ -222,6 +222,11 @@ def _make_folders(folder: Path) -> list[Path]:
         except FileNotFoundError:
             if attempt == 99:  # a folder that takes no new folder (/proc)
                 raise
+        except OSError:  # (a name too long, say): the parents made for it are not left behind
+            for path in reversed(made):
+                with contextlib.suppress(OSError):
+                    os.rmdir(path)
+            raise
     return made
 
 
@@ -377,7 +382,11 @@ def signals_held():
 
 
 def _check_history_path(history: Path) -> None:
-    if history.is_dir():
+    try:
+        folder = history.is_dir()  # (raises for a name too long: is_dir() passes only a few errors)
+    except OSError as e:
+        raise RunError(f"{history}: cannot write the history ({_why(e, history)})") from None
+    if folder:
         raise RunError(f"{history}: is a folder; give the history file (say {history / 'history.jsonl'})")
     try:
         mode = history.stat().st_mode
@@ -423,11 +432,12 @@ class RunFolder:
     def check_writable(self) -> None:
         """The history (when it exists) opens for appending; the checkpoint folder, when
         it exists, takes a new file. (The lock file was just created beside them.)"""
-        if self.history.exists():
-            try:
+        try:
+            exists = self.history.exists()  # (raises for a name too long: exists() passes only a few errors)
+            if exists:
                 os.close(os.open(self.history, os.O_WRONLY | os.O_APPEND))
-            except OSError as e:
-                raise RunError(f"{self.history}: cannot write the history ({_why(e, self.history)})") from None
+        except OSError as e:
+            raise RunError(f"{self.history}: cannot write the history ({_why(e, self.history)})") from None
         folder = self.checkpoint_dir
         if os.path.lexists(folder) and not folder.is_dir():
             raise RunError(f"{folder}: is a file, where the run keeps its checkpoints; move it away")

@@ -308,6 +308,10 @@ BAD_INPUTS = {
     "damaged structure": (["--data", "stub.h5", "--x", "x", "--y", "y"], "stub.h5: dataset 'x' cannot be read (damaged file?): RuntimeError"),
     "history ending in a slash": (["--data", "d.h5", "--x", "x", "--y", "y", "--history", "newrun/"],
                                   "--history newrun/: names a folder; give the history file (say newrun/history.jsonl)"),
+    "history name too long": (["--data", "d.h5", "--x", "x", "--y", "y", "--history", "h/" + "n" * 300 + ".jsonl"],
+                              "n.jsonl: File name too long)"),
+    "run name too long": (["--data", "d.h5", "--x", "x", "--y", "y", "--name", "n" * 300],
+                          "nnnnnnnn: File name too long)"),
     "make-data one class": (["make-data", "m.h5", "--rows", "10", "--classes", "1"], "pipetrain: --classes 1: must be >= 2"),
     "make-data flag": (["make-data", "m.h5"], "pipetrain: make-data: give either --rows N (one file) or --splits NAME=ROWS"),
 }
