@@ -12,7 +12,7 @@ import os
 from collections.abc import Mapping
 
 from pipetrain import distributed
-from pipetrain.errors import RunError
+from pipetrain.errors import RunError, argument
 from pipetrain.labels import sparse_label_limits
 from pipetrain.run import MAX_ROWS, Run, check_groups, whole_setting
 from pipetrain.source import H5Source, SourceError
@@ -111,6 +111,10 @@ def train(
                            "x=..., y=...))")
     if class_weight is not None and not isinstance(class_weight, Mapping):
         raise RunError(f"class_weight={class_weight!r}: expected a dict of weights by class index, as fit takes")
+    if source.y is None and getattr(model, "loss", None) is not None and not _own_loss(model):
+        # (else train_on_batch failed at the first batch: "None values not supported")
+        raise RunError(f"the model's loss ({_loss_name(model.loss)}) needs targets, but the source has none: "
+                       f"{argument('give H5Source(..., y=DATASET)', 'give --y DATASET')}")
     for data in (source, validation):
         if data is not None:
             data.check_model(model)
@@ -176,3 +180,15 @@ def _check_like_training(validation: H5Source, source: H5Source, model) -> None:
             if (a != b) if fixed else (len(a) != len(b)):
                 raise SourceError(f"{validation.paths[0]}: dataset '{ours}' rows are {got} but the training "
                                   f"data's '{theirs}' rows are {expected} ({source.paths[0]})")
+
+
+def _own_loss(model) -> bool:
+    """The model computes its loss itself (a compute_loss or train_step of its own): it
+    may need no targets."""
+    import keras
+
+    return any(getattr(type(model), name) is not getattr(keras.Model, name) for name in ("compute_loss", "train_step"))
+
+
+def _loss_name(loss) -> str:
+    return loss if isinstance(loss, str) else getattr(loss, "name", None) or type(loss).__name__

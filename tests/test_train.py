@@ -311,6 +311,25 @@ def test_validation_targets_shaped_unlike_the_training_targets_are_refused_befor
     pipetrain.train(binary_model(), pipetrain.H5Source(train_paths, x="x", y="y"), epochs=1,
                     validation=pipetrain.H5Source(val1, x="x", y="y"), verbose=0)
 
+
+def test_a_model_whose_loss_needs_targets_refuses_a_source_without_y_before_training(binary_files, tmp_path):
+    """It failed at the first batch: "training failed: None values not supported." (exit 1,
+    no flag named). A model that computes its own loss may take no targets."""
+    train_paths, _ = binary_files
+    history = tmp_path / "run" / "history.jsonl"
+    with pytest.raises(RunError, match=r"the model's loss \(binary_crossentropy\) needs targets, but the source has none"):
+        pipetrain.train(binary_model(), pipetrain.H5Source(train_paths, x="x"), epochs=1, history=history, verbose=0)
+    assert not history.exists()
+
+    class OwnLoss(keras.Model):
+        def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
+            return keras.ops.mean(keras.ops.square(y_pred))
+
+    inputs = keras.Input((10,))
+    model = OwnLoss(inputs, keras.layers.Dense(1)(inputs))
+    model.compile("sgd", "mse")
+    assert pipetrain.train(model, pipetrain.H5Source(train_paths, x="x"), epochs=1, verbose=0).history["loss"]
+
 # -- Keras callbacks, driven by hand as fit drives them ------------------------------------
 
 
