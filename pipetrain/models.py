@@ -184,6 +184,8 @@ def load_model(spec: str, source: H5Source, *, unsafe: bool = False, folders=())
         except SystemExit as e:  # (it ended pipetrain with its code, silently)
             raise ModelError(f"--model {spec}: {func_name}() exited (SystemExit({e.code!r})) instead of "
                              "returning a model") from None
+        except Exception as e:  # (said as "training failed: <its message>", naming neither --model nor the function)
+            raise ModelError(f"--model {spec}: {func_name}() raised {type(e).__name__}: {_shorten(' '.join(str(e).split()))}") from e
     else:
         raise ModelError(f"--model {spec}: expected FILE.keras or package.module:function")
     if not isinstance(model, keras.Model):

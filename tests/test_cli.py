@@ -330,3 +330,19 @@ def test_a_second_ctrl_c_while_the_first_is_told_ends_in_one_line(tmp_path, monk
         signal.signal(signal.SIGINT, previous)
     assert capsys.readouterr().err == "pipetrain: interrupted\n"
     assert signal.getsignal(signal.SIGINT) is previous
+
+
+def test_a_model_function_that_raises_is_said_in_one_line_naming_it(tmp_path, monkeypatch, capsys):
+    """It ended as "training failed: bad layer config" (exit 1), naming neither --model nor
+    the function."""
+    (tmp_path / "broken_models.py").write_text("def boom():\n    raise ValueError('bad layer config')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    from pipetrain.cli import main
+
+    data = write_h5(tmp_path / "d.h5", x=np.zeros((40, 3), "float32"), y=np.zeros(40, "int64"))
+    code = main(["train", "--data", str(data), "--x", "x", "--y", "y", "--model", "broken_models:boom", "--epochs", "1",
+                 "--history", str(tmp_path / "run" / "history.jsonl")])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert err.strip() == "pipetrain: --model broken_models:boom: boom() raised ValueError: bad layer config"
