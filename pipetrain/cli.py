@@ -398,6 +398,9 @@ def _run_history(args) -> tuple[dict | None, Path]:
         return None, _run_to_resume(args.resume)
     if args.allow_changed_data:
         raise BadInput("--allow-changed-data is for --resume (a new run reads the data as it is)")
+    if args.name is not None and args.history:  # (the name went unused: the run was not where it said)
+        raise BadInput("--name and --history both place the run (runs/NAME/history.jsonl, or the file given): "
+                       "give one")
     if args.name is not None and (not args.name.strip(". ") or any(c in args.name for c in "/\\\0")):
         raise BadInput(f"--name {args.name!r}: a name, not a path (it goes under runs/); give a path with --history")
     if args.history and args.history.endswith(("/", os.sep)):  # Path() drops the slash: a file "x", the run in "."

@@ -306,6 +306,9 @@ BAD_INPUTS = {
     "chunk key flipped": (["--data", "key.h5", "--x", "x", "--y", "y"],
                           "key.h5: dataset 'x': the chunk index is damaged (it lists a chunk at (1099511627776, 0), outside the dataset's (300, 3))"),
     "damaged structure": (["--data", "stub.h5", "--x", "x", "--y", "y"], "stub.h5: dataset 'x' cannot be read (damaged file?): RuntimeError"),
+    "name and history": (["--data", "d.h5", "--x", "x", "--y", "y", "--name", "a", "--history", "b/h.jsonl"],
+                         "pipetrain: --name and --history both place the run (runs/NAME/history.jsonl, or the file "
+                         "given): give one"),
     "history ending in a slash": (["--data", "d.h5", "--x", "x", "--y", "y", "--history", "newrun/"],
                                   "--history newrun/: names a folder; give the history file (say newrun/history.jsonl)"),
     "history name too long": (["--data", "d.h5", "--x", "x", "--y", "y", "--history", "h/" + "n" * 300 + ".jsonl"],
