@@ -345,7 +345,7 @@ def _resumed_settings(args, history: Path, folder) -> dict:
         raise BadInput(f"--resume {args.resume}: the run was not started by `pipetrain train`; resume it from Python")
     for key in FIXED_ON_RESUME:
         given = getattr(args, key, None)
-        if given is not None and given is not False:
+        if given is not None and given is not False and given != settings.get(key):  # (the same value: no change)
             flag = "--" + key.replace("_", "-")
             raise BadInput(f"{flag} cannot change when resuming (the run was started with {settings.get(key)!r})")
     for key in ("epochs", "workers", "max_queue", "monitor_interval", "checkpoint_every", "producer_priority",
