@@ -302,6 +302,14 @@ class Cluster:
                    "devices": [str(d) for d in mesh if d.process_index == self.index]}
         self.channel = _Channel(self) if self.count > 1 else None
         self.hosts = self.channel.hello(self.me) if self.channel else [self.me]
+        # Each process builds its own mesh: one over other devices (another --devices) than
+        # the others' made the first collective wait forever, heartbeats still beating.
+        for host in self.hosts:
+            if len(host["devices"]) != self.local_devices:
+                raise DistributedError(
+                    f"{self.name(host['process'])} trains on {len(host['devices'])} device(s) of its own and "
+                    f"process {self.index} on {self.local_devices} (the distribution's devices, "
+                    f"{argument('devices=', '--devices')}): every process must use the same number")
         self.runs = 0  # runs started in this process: the same count everywhere, so they share keys
         self.ended_together = False  # the last run ended on every process at the same point
         self._replicated = None

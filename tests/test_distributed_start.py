@@ -303,3 +303,25 @@ def test_distributed_flags_that_do_not_fit_are_one_line(flags, message, capsys):
     assert main(["train", *flags]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and message in err, err
+
+
+def test_processes_given_other_devices_are_refused_on_every_process(data, tmp_path):
+    """Two local devices on each process, process 1 with --devices all (2) and process 0
+    without (1): each built its own mesh, and both waited forever in the first
+    collective (their heartbeats beating, so no watchdog ended them)."""
+    port = free_port()
+    common = ["-m", "pipetrain", "train", "--data", *data.split(","), "--x", "x", "--y", "y", "--name", "r",
+              "--quiet", "--epochs", "1", "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id"]
+    two = env(XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    procs = [subprocess.Popen([sys.executable, *common, *extra], cwd=tmp_path, env=two, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for extra in (["0"], ["1", "--devices", "all"])]
+    try:
+        outputs = [p.communicate(timeout=180)[1] for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    assert [p.returncode for p in procs] == [2, 2], outputs
+    for err in outputs:
+        assert len(err.strip().splitlines()) == 1 and "--devices" in err and "every process must use the same number" \
+            in err, err
+    assert not (tmp_path / "runs" / "r" / "history.jsonl").exists()
