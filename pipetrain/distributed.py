@@ -151,7 +151,9 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
             signal.signal(signal.SIGTERM, handler)
         _same_local_devices()
         _agree_on_a_seed()
-    chosen = _devices(devices)
+        chosen = _devices_everywhere(devices)
+    else:
+        chosen = _devices(devices)
     keras.distribution.set_distribution(keras.distribution.DataParallel(devices=chosen))
     return active()
 
@@ -193,6 +195,28 @@ def _same_local_devices() -> None:
                                ", ".join(f"process {i}: {n}" for i, n in enumerate(counts)) +
                                "): JAX's collectives over processes need the same number on each, whatever "
                                "--devices uses (give every process the same XLA_FLAGS or GPUs)")
+
+
+def _devices_everywhere(devices: str | int | None) -> list:
+    """:func:`_devices` on every process, refused on every process where one refuses it:
+    a process refused its own --devices alone, and then waited in JAX's shutdown for the
+    others, which waited for it to join the run (minutes, without a word)."""
+    import jax
+    from jax._src import distributed as jax_distributed
+
+    client = jax_distributed.global_state.client
+    try:
+        chosen, error = _devices(devices), None
+    except DistributedError as e:
+        chosen, error = None, e
+    client.key_value_set(f"{PREFIX}devices/{jax.process_index()}", json.dumps(str(error) if error else None))
+    if error is not None:
+        raise error
+    for i in range(jax.process_count()):
+        theirs = json.loads(client.blocking_key_value_get(f"{PREFIX}devices/{i}", int(START_S * 1000)))
+        if theirs is not None:
+            raise DistributedError(f"process {i}: {theirs}")
+    return chosen
 
 
 def _agree_on_a_seed() -> None:

@@ -325,3 +325,24 @@ def test_processes_given_other_devices_are_refused_on_every_process(data, tmp_pa
         assert len(err.strip().splitlines()) == 1 and "--devices" in err and "every process must use the same number" \
             in err, err
     assert not (tmp_path / "runs" / "r" / "history.jsonl").exists()
+
+
+def test_a_process_given_more_devices_than_it_has_stops_every_process(data, tmp_path):
+    """Process 1 with --devices 3 of its 2: it said so, then waited in JAX's shutdown
+    barrier for process 0, which waited for it to join the run (10 minutes), silent."""
+    port = free_port()
+    common = ["-m", "pipetrain", "train", "--data", *data.split(","), "--x", "x", "--y", "y", "--name", "r",
+              "--quiet", "--epochs", "1", "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id"]
+    two = env(XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    procs = [subprocess.Popen([sys.executable, *common, *extra], cwd=tmp_path, env=two, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for extra in (["0"], ["1", "--devices", "3"])]
+    try:
+        outputs = [p.communicate(timeout=120)[1] for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    assert [p.returncode for p in procs] == [2, 2], outputs
+    for err in outputs:
+        assert len(err.strip().splitlines()) == 1 and "--devices 3: expected 'all' or a number of devices from 1 to 2" \
+            in err, err
+    assert outputs[0].startswith("pipetrain: process 1: "), outputs[0]
