@@ -263,6 +263,8 @@ TRAIN_DEFAULTS = {
 }
 FIXED_ON_RESUME = ("data", "val", "val_split", "x", "y", "sample_weight", "model", "batch_size", "shuffle", "seed",
                    "shuffle_window", "partitions", "allow_external")
+CHANGED_ON_RESUME = ("epochs", "workers", "max_queue", "monitor_interval", "checkpoint_every", "producer_priority",
+                     "compute_threads", "steps_per_execution")
 
 
 def _new_run_settings(args) -> dict:
@@ -348,8 +350,7 @@ def _resumed_settings(args, history: Path, folder) -> dict:
         if given is not None and given is not False and given != settings.get(key):  # (the same value: no change)
             flag = "--" + key.replace("_", "-")
             raise BadInput(f"{flag} cannot change when resuming (the run was started with {settings.get(key)!r})")
-    for key in ("epochs", "workers", "max_queue", "monitor_interval", "checkpoint_every", "producer_priority",
-                "compute_threads", "steps_per_execution"):
+    for key in CHANGED_ON_RESUME:
         if getattr(args, key) is not None:
             settings[key] = getattr(args, key)
     settings["allow_nonfinite"] = settings.get("allow_nonfinite", False) or args.allow_nonfinite
@@ -440,12 +441,13 @@ def _join_cluster(args):
                                   detect=args.distributed, devices=args.devices or (None if several else "all"))
 
 
-def _comparable(settings: dict | None) -> dict | None:
+def _comparable(settings: dict | None, args) -> dict:
     """What every process of a distributed run must give alike: a new run's settings
-    without each process's own folder and cores (None for a resume, whose settings
-    come from its checkpoint)."""
-    if settings is None:
-        return None
+    without each process's own folder and cores; for a resume (whose settings come from
+    its checkpoint), the flags that change them or would be refused, as given."""
+    if settings is None:  # a process's own --resume --epochs went unheard (process 0's were trained)
+        return {k: getattr(args, k) for k in (*FIXED_ON_RESUME, *CHANGED_ON_RESUME, "allow_nonfinite", "unsafe_model",
+                                              "allow_changed_data") if k != "compute_threads"}
     return {k: v for k, v in settings.items() if k not in ("model_dir", "compute_threads")}
 
 
@@ -471,7 +473,7 @@ def cmd_train(args) -> int:
         _compute_backend()  # a backend without the setting: refused before anything is written
     cluster = _join_cluster(args)
     if cluster is not None and cluster.channel is not None and not cluster.is_writer:
-        cluster.channel.set(f"cli/flags/{cluster.index}", json.dumps(_comparable(_run_history(args)[0])))
+        cluster.channel.set(f"cli/flags/{cluster.index}", json.dumps(_comparable(_run_history(args)[0], args)))
     with contextlib.ExitStack() as held:  # the data closes, then the folder is let go
         folder = None
 
@@ -482,7 +484,7 @@ def cmd_train(args) -> int:
             nonlocal folder
             settings, history = _run_history(args)
             if cluster is not None:
-                _same_flags(cluster, _comparable(settings))
+                _same_flags(cluster, _comparable(settings, args))
             with runfolder.signals_held():  # a SIGTERM now finds the release registered
                 folder = runfolder.claim(history, history.parent / "checkpoint", joinable=True)
                 held.callback(folder.release)

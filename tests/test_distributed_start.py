@@ -346,3 +346,28 @@ def test_a_process_given_more_devices_than_it_has_stops_every_process(data, tmp_
         assert len(err.strip().splitlines()) == 1 and "--devices 3: expected 'all' or a number of devices from 1 to 2" \
             in err, err
     assert outputs[0].startswith("pipetrain: process 1: "), outputs[0]
+
+
+def test_processes_resumed_with_other_flags_are_refused_on_every_process(data, tmp_path):
+    """--resume on both, process 1 with its own --epochs and a --batch-size that a resume
+    refuses: the flags of a resume were never compared, so process 1 trained process
+    0's run without a word (and a --resume on one process beside a new run on the other
+    went unnoticed the same way)."""
+    (tmp_path / "runs" / "r").mkdir(parents=True)
+    (tmp_path / "runs" / "r" / "history.jsonl").write_text(json.dumps({"type": "run", "run": "old", "t": 1.0}) + "\n")
+    port = free_port()
+    common = ["-m", "pipetrain", "train", "--resume", "runs/r", "--quiet", "--coordinator", f"127.0.0.1:{port}",
+              "--num-processes", "2", "--process-id"]
+    procs = [subprocess.Popen([sys.executable, *common, *extra], cwd=tmp_path, env=env(), stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)
+             for extra in (["0", "--epochs", "3"], ["1", "--epochs", "5", "--batch-size", "16"])]
+    try:
+        outputs = [p.communicate(timeout=120)[1] for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    assert [p.returncode for p in procs] == [2, 2], outputs
+    for err in outputs:
+        assert len(err.strip().splitlines()) == 1, err
+        assert "process 1 (host" in err and "was started with other flags: --batch-size 16 there, None here; " \
+            "--epochs 5 there, 3 here" in err, err
