@@ -473,7 +473,9 @@ def cmd_train(args) -> int:
         _compute_backend()  # a backend without the setting: refused before anything is written
     cluster = _join_cluster(args)
     if cluster is not None and cluster.channel is not None and not cluster.is_writer:
-        cluster.channel.set(f"cli/flags/{cluster.index}", json.dumps(_comparable(_run_history(args)[0], args)))
+        # (a resume's folder is process 0's to read: this host need not see it)
+        mine = _comparable(None if args.resume else _run_history(args)[0], args)
+        cluster.channel.set(f"cli/flags/{cluster.index}", json.dumps(mine))
     with contextlib.ExitStack() as held:  # the data closes, then the folder is let go
         folder = None
 

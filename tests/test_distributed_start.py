@@ -371,3 +371,30 @@ def test_processes_resumed_with_other_flags_are_refused_on_every_process(data, t
         assert len(err.strip().splitlines()) == 1, err
         assert "process 1 (host" in err and "was started with other flags: --batch-size 16 there, None here; " \
             "--epochs 5 there, 3 here" in err, err
+
+
+def test_a_resume_needs_the_run_folder_on_process_0_only(data, tmp_path):
+    """docs/distributed.md: process 0 reads the checkpoint and sends it, "so the other
+    hosts need not see the folder"; but process 1 looked for --resume's folder itself to
+    send its flags, and refused the resume: "no such run folder" (exit 2 on both)."""
+    elsewhere = tmp_path / "elsewhere"  # process 1's working folder: no runs/ there
+    elsewhere.mkdir()
+
+    def both(*flags: str) -> list[str]:
+        port = free_port()
+        common = ["-m", "pipetrain", "train", *flags, "--quiet", "--coordinator", f"127.0.0.1:{port}",
+                  "--num-processes", "2", "--process-id"]
+        procs = [subprocess.Popen([sys.executable, *common, str(i)], cwd=cwd, env=env(), stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True) for i, cwd in enumerate((tmp_path, elsewhere))]
+        try:
+            outputs = [p.communicate(timeout=180)[1] for p in procs]
+        finally:
+            for p in procs:
+                p.kill()
+        assert [p.returncode for p in procs] == [0, 0], outputs
+        return outputs
+
+    both("--data", *data.split(","), "--x", "x", "--y", "y", "--name", "r", "--epochs", "1")
+    both("--resume", "runs/r", "--epochs", "2")
+    assert [e["epoch"] for e in pipetrain.read_history(tmp_path / "runs" / "r").epochs] == [0, 1]
+    assert not (elsewhere / "runs").exists()
