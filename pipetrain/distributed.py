@@ -653,7 +653,7 @@ def explain(exc: BaseException, text: str) -> str:
     (text)", not Gloo's "Connection closed by peer"."""
     cluster = _active
     channel = cluster.channel if cluster is not None else None
-    if channel is None or is_bad_input(exc) or not _collective(exc):
+    if channel is None or is_bad_input(exc) or not collective_failed(exc):
         return text
     deadline = time.monotonic() + LOST_S + 2 * BEAT_S
     while channel.lost is None and time.monotonic() < deadline:
@@ -986,7 +986,7 @@ def _differences(theirs: dict, ours: dict) -> str:
                      for k in dict.fromkeys([*flat_ours, *flat_theirs]) if flat_theirs.get(k) != flat_ours.get(k))
 
 
-def _collective(exc: BaseException) -> bool:
+def collective_failed(exc: BaseException) -> bool:
     """An error out of a cross-process computation or the coordination service."""
     seen = exc
     while seen is not None:

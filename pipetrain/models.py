@@ -185,6 +185,10 @@ def load_model(spec: str, source: H5Source, *, unsafe: bool = False, folders=())
             raise ModelError(f"--model {spec}: {func_name}() exited (SystemExit({e.code!r})) instead of "
                              "returning a model") from None
         except Exception as e:  # (said as "training failed: <its message>", naming neither --model nor the function)
+            from pipetrain.distributed import collective_failed
+
+            if collective_failed(e):  # another process was lost meanwhile: said as such (naming it), not the model's
+                raise
             raise ModelError(f"--model {spec}: {func_name}() raised {type(e).__name__}: {_shorten(' '.join(str(e).split()))}") from e
     else:
         raise ModelError(f"--model {spec}: expected FILE.keras or package.module:function")
