@@ -305,22 +305,35 @@ def test_distributed_flags_that_do_not_fit_are_one_line(flags, message, capsys):
     assert len(err.splitlines()) == 1 and message in err, err
 
 
+def two_processes(flags: list[str], extras, cwds, environment: dict, timeout: float) -> tuple[list[int], list[str]]:
+    """Two processes of one ``pipetrain train`` on 127.0.0.1, ``flags`` to both, each its
+    own ``extras`` (its process id first) and working folder: exit codes and stderr."""
+    common = ["-m", "pipetrain", "train", *flags, "--quiet", "--coordinator", f"127.0.0.1:{free_port()}",
+              "--num-processes", "2", "--process-id"]
+    procs = [subprocess.Popen([sys.executable, *common, *extra], cwd=cwd, env=environment, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for extra, cwd in zip(extras, cwds, strict=True)]
+    try:
+        outputs = [p.communicate(timeout=timeout)[1] for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    return [p.returncode for p in procs], outputs
+
+
+def two_devices_each(data, tmp_path, process_1_flags: list[str], timeout: float) -> tuple[list[int], list[str]]:
+    """A one-epoch run of two processes with two local devices each, process 1 given
+    ``process_1_flags`` too."""
+    return two_processes(["--data", *data.split(","), "--x", "x", "--y", "y", "--name", "r", "--epochs", "1"],
+                         (["0"], ["1", *process_1_flags]), (tmp_path, tmp_path),
+                         env(XLA_FLAGS="--xla_force_host_platform_device_count=2"), timeout)
+
+
 def test_processes_given_other_devices_are_refused_on_every_process(data, tmp_path):
     """Two local devices on each process, process 1 with --devices all (2) and process 0
     without (1): each built its own mesh, and both waited forever in the first
     collective (their heartbeats beating, so no watchdog ended them)."""
-    port = free_port()
-    common = ["-m", "pipetrain", "train", "--data", *data.split(","), "--x", "x", "--y", "y", "--name", "r",
-              "--quiet", "--epochs", "1", "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id"]
-    two = env(XLA_FLAGS="--xla_force_host_platform_device_count=2")
-    procs = [subprocess.Popen([sys.executable, *common, *extra], cwd=tmp_path, env=two, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for extra in (["0"], ["1", "--devices", "all"])]
-    try:
-        outputs = [p.communicate(timeout=180)[1] for p in procs]
-    finally:
-        for p in procs:
-            p.kill()
-    assert [p.returncode for p in procs] == [2, 2], outputs
+    codes, outputs = two_devices_each(data, tmp_path, ["--devices", "all"], timeout=180)
+    assert codes == [2, 2], outputs
     for err in outputs:
         assert len(err.strip().splitlines()) == 1 and "--devices" in err and "every process must use the same number" \
             in err, err
@@ -330,18 +343,8 @@ def test_processes_given_other_devices_are_refused_on_every_process(data, tmp_pa
 def test_a_process_given_more_devices_than_it_has_stops_every_process(data, tmp_path):
     """Process 1 with --devices 3 of its 2: it said so, then waited in JAX's shutdown
     barrier for process 0, which waited for it to join the run (10 minutes), silent."""
-    port = free_port()
-    common = ["-m", "pipetrain", "train", "--data", *data.split(","), "--x", "x", "--y", "y", "--name", "r",
-              "--quiet", "--epochs", "1", "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id"]
-    two = env(XLA_FLAGS="--xla_force_host_platform_device_count=2")
-    procs = [subprocess.Popen([sys.executable, *common, *extra], cwd=tmp_path, env=two, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for extra in (["0"], ["1", "--devices", "3"])]
-    try:
-        outputs = [p.communicate(timeout=120)[1] for p in procs]
-    finally:
-        for p in procs:
-            p.kill()
-    assert [p.returncode for p in procs] == [2, 2], outputs
+    codes, outputs = two_devices_each(data, tmp_path, ["--devices", "3"], timeout=120)
+    assert codes == [2, 2], outputs
     for err in outputs:
         assert len(err.strip().splitlines()) == 1 and "--devices 3: expected 'all' or a number of devices from 1 to 2" \
             in err, err
@@ -355,18 +358,9 @@ def test_processes_resumed_with_other_flags_are_refused_on_every_process(data, t
     went unnoticed the same way)."""
     (tmp_path / "runs" / "r").mkdir(parents=True)
     (tmp_path / "runs" / "r" / "history.jsonl").write_text(json.dumps({"type": "run", "run": "old", "t": 1.0}) + "\n")
-    port = free_port()
-    common = ["-m", "pipetrain", "train", "--resume", "runs/r", "--quiet", "--coordinator", f"127.0.0.1:{port}",
-              "--num-processes", "2", "--process-id"]
-    procs = [subprocess.Popen([sys.executable, *common, *extra], cwd=tmp_path, env=env(), stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True)
-             for extra in (["0", "--epochs", "3"], ["1", "--epochs", "5", "--batch-size", "16"])]
-    try:
-        outputs = [p.communicate(timeout=120)[1] for p in procs]
-    finally:
-        for p in procs:
-            p.kill()
-    assert [p.returncode for p in procs] == [2, 2], outputs
+    extras = (["0", "--epochs", "3"], ["1", "--epochs", "5", "--batch-size", "16"])
+    codes, outputs = two_processes(["--resume", "runs/r"], extras, (tmp_path, tmp_path), env(), 120)
+    assert codes == [2, 2], outputs
     for err in outputs:
         assert len(err.strip().splitlines()) == 1, err
         assert "process 1 (host" in err and "was started with other flags: --batch-size 16 there, None here; " \
@@ -381,17 +375,8 @@ def test_a_resume_needs_the_run_folder_on_process_0_only(data, tmp_path):
     elsewhere.mkdir()
 
     def both(*flags: str) -> list[str]:
-        port = free_port()
-        common = ["-m", "pipetrain", "train", *flags, "--quiet", "--coordinator", f"127.0.0.1:{port}",
-                  "--num-processes", "2", "--process-id"]
-        procs = [subprocess.Popen([sys.executable, *common, str(i)], cwd=cwd, env=env(), stdout=subprocess.PIPE,
-                                  stderr=subprocess.PIPE, text=True) for i, cwd in enumerate((tmp_path, elsewhere))]
-        try:
-            outputs = [p.communicate(timeout=180)[1] for p in procs]
-        finally:
-            for p in procs:
-                p.kill()
-        assert [p.returncode for p in procs] == [0, 0], outputs
+        codes, outputs = two_processes(list(flags), (["0"], ["1"]), (tmp_path, elsewhere), env(), 180)
+        assert codes == [0, 0], outputs
         return outputs
 
     both("--data", *data.split(","), "--x", "x", "--y", "y", "--name", "r", "--epochs", "1")
