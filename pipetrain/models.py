@@ -29,56 +29,61 @@ class ModelError(InputError):
     """A model that cannot be loaded or built, said in one line."""
 
 
-def label_classes(source: H5Source, name: str) -> int:
-    """Number of classes of an integer label dataset: its largest value + 1, scanned
-    block by block (memory stays bounded). Negative labels, and labels too large to be
-    class numbers, are refused naming the file, dataset and row."""
-    top = -1
+def _label_blocks(source: H5Source, name: str):
+    """(file, first row, labels) of a label dataset, 2**20 rows at a time (memory stays
+    bounded)."""
+    step = 1 << 20
     for f, rows in enumerate(source.rows_per_file):
-        step = 1 << 20
         for start in range(0, rows, step):
             arrays, _ = source.read(f, start, min(rows, start + step), names=[name])
-            labels = arrays[name].reshape(-1)
-            if not labels.size:
-                continue
-            low, high = labels.min(), labels.max()
-            if low < 0 or high >= MAX_CLASSES:
-                row = int(np.flatnonzero((labels < 0) | (labels >= MAX_CLASSES))[0])
-                value = labels[row]
-                why = ("class labels cannot be negative" if value < 0 else
-                       f"the default model takes class numbers 0 to {MAX_CLASSES - 1:,}")
-                raise SourceError(
-                    f"{source.paths[f]}: dataset '{name}' row {start + row} holds label {value}; {why} (or pass --model)"
-                )
-            top = max(top, int(high))
+            yield f, start, arrays[name].reshape(-1)
+
+
+def label_classes(source: H5Source, name: str, check=None) -> int:
+    """Number of classes of an integer label dataset: its largest value + 1, scanned
+    block by block. Negative labels, and labels too large to be class numbers, are
+    refused naming the file, dataset and row; ``check(file, start, labels)``, when given,
+    sees each block first."""
+    top = -1
+    for f, start, labels in _label_blocks(source, name):
+        if check is not None:
+            check(f, start, labels)
+        if not labels.size:
+            continue
+        low, high = labels.min(), labels.max()
+        if low < 0 or high >= MAX_CLASSES:
+            row = int(np.flatnonzero((labels < 0) | (labels >= MAX_CLASSES))[0])
+            value = labels[row]
+            why = ("class labels cannot be negative" if value < 0 else
+                   f"the default model takes class numbers 0 to {MAX_CLASSES - 1:,}")
+            raise SourceError(
+                f"{source.paths[f]}: dataset '{name}' row {start + row} holds label {value}; {why} (or pass --model)"
+            )
+        top = max(top, int(high))
     return top + 1
 
 
 def _check_below(source: H5Source, name: str, classes: int, train: H5Source) -> None:
     """Labels of ``source`` are classes of the default model sized from ``train``."""
-    if source.fields[name].dtype.kind == "f":  # float labels: whole numbers only (a NaN made label_classes fail)
-        for f, rows in enumerate(source.rows_per_file):
-            for start in range(0, rows, 1 << 20):
-                labels = source.read(f, start, min(rows, start + (1 << 20)), names=[name])[0][name].reshape(-1)
-                bad = np.flatnonzero(~np.isfinite(labels) | (labels != np.round(labels)))
-                if bad.size:
-                    raise ModelError(
-                        f"{source.paths[f]}: dataset '{name}' row {start + int(bad[0])} holds label {labels[bad[0]]}, "
-                        f"which is not a class number (the default model classifies, sized from the integer labels "
-                        f"of {train.paths[0]})"
-                    )
-    found = label_classes(source, name)
-    if found <= classes:
+
+    def whole_numbers(f: int, start: int, labels: np.ndarray) -> None:  # (a NaN made label_classes fail)
+        bad = np.flatnonzero(~np.isfinite(labels) | (labels != np.round(labels)))
+        if bad.size:
+            raise ModelError(
+                f"{source.paths[f]}: dataset '{name}' row {start + int(bad[0])} holds label {labels[bad[0]]}, "
+                f"which is not a class number (the default model classifies, sized from the integer labels "
+                f"of {train.paths[0]})"
+            )
+
+    if label_classes(source, name, whole_numbers if source.fields[name].dtype.kind == "f" else None) <= classes:
         return
-    for f, rows in enumerate(source.rows_per_file):
-        for start in range(0, rows, 1 << 20):
-            labels = source.read(f, start, min(rows, start + (1 << 20)), names=[name])[0][name].reshape(-1)
-            over = np.flatnonzero(labels >= classes)
-            if over.size:
-                raise ModelError(
-                    f"{source.paths[f]}: dataset '{name}' row {start + int(over[0])} holds label {labels[over[0]]}, "
-                    f"but the default model has {classes} classes (sized from the labels of {train.paths[0]})"
-                )
+    for f, start, labels in _label_blocks(source, name):
+        over = np.flatnonzero(labels >= classes)
+        if over.size:
+            raise ModelError(
+                f"{source.paths[f]}: dataset '{name}' row {start + int(over[0])} holds label {labels[over[0]]}, "
+                f"but the default model has {classes} classes (sized from the labels of {train.paths[0]})"
+            )
 
 
 def _check_finite(source: H5Source, sample) -> None:
