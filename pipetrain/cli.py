@@ -404,12 +404,12 @@ def _run_history(args) -> tuple[dict | None, Path]:
                        "give one")
     if args.name is not None and (not args.name.strip(". ") or any(c in args.name for c in "/\\\0")):
         raise BadInput(f"--name {args.name!r}: a name, not a path (it goes under runs/); give a path with --history")
-    if args.history and args.history.endswith(("/", os.sep)):  # Path() drops the slash: a file "x", the run in "."
-        raise BadInput(f"--history {args.history}: names a folder; give the history file (say "
-                       f"{Path(args.history) / 'history.jsonl'})")
+    from pipetrain import runfolder
+
+    history = runfolder.history_path(args.history) if args.history else None
     settings = _new_run_settings(args)
     name = args.name or _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    return settings, Path(args.history) if args.history else Path("runs") / name / "history.jsonl"
+    return settings, history or Path("runs") / name / "history.jsonl"
 
 
 def _join_cluster(args):

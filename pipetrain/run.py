@@ -299,11 +299,7 @@ class Run:
         self.model = next(iter(self.models.values()), None)
         self._stand_in = None if self.models else _NoModel()
         self.metrics = MetricObjects(metrics or [])
-        given = os.fspath(history) if history is not None else None
-        if isinstance(given, str) and given.endswith(("/", os.sep)):  # Path() drops the slash: the run would be in "."
-            raise RunError(f"{argument(f'history={history!r}', f'--history {history}')}: names a folder; give the "
-                           f"history file (say {Path(given) / 'history.jsonl'})")
-        self.history_path = Path(history) if history is not None else None
+        self.history_path = runfolder.history_path(history) if history is not None else None
         self.run_dir = self.history_path.parent if self.history_path is not None else None
         self.checkpoint_dir = self.run_dir / "checkpoint" if self.run_dir is not None else None
         self.checkpoint_every = checkpoint_every or 0
@@ -738,7 +734,7 @@ class Run:
             return None
         if epoch is None and self._epoch is not None and not self._epoch.ended:
             epoch = self._epoch  # mid-epoch: without the epoch's state a resume would begin it anew at its position
-        if epoch is not None and epoch._current is not None and (epoch._logs or epoch._values):
+        if epoch is not None and epoch._trained_in_hand():
             raise RuntimeError("run.save_checkpoint() with a trained batch in hand (inside the batch loop) would "
                                "resume at that batch and train it again: call it from a callback's "
                                "on_train_batch_end, or outside the batch loop")
@@ -1105,6 +1101,10 @@ class Epoch:
         self._logs.update(logs)
         return logs
 
+    def _trained_in_hand(self) -> bool:
+        """Whether the loop holds a batch it has trained (or recorded values for), not yet finished."""
+        return self._current is not None and bool(self._logs or self._values)
+
     def _in_hand(self, method: str) -> None:
         """Training and recording are for the batch in hand: outside the batch loop there is
         none to record, count or check (the model would train unseen)."""
@@ -1145,7 +1145,7 @@ class Epoch:
                 on_raised=lambda info: run._producers_raised("val", info),
             )
         except (_Interrupted, Cancelled):
-            if self._current is not None and (self._logs or self._values):
+            if self._trained_in_hand():
                 # Validating inside the batch loop, after the batch in hand was trained:
                 # it counts, or a resume would train it a second time.
                 self._finish_batch(check=False)

@@ -325,6 +325,17 @@ def _holder(fd: int) -> str:
 # -- a run folder ----------------------------------------------------------------------------
 
 
+def history_path(given: str | os.PathLike) -> Path:
+    """``given`` (``history=``, ``--history``) as the history file's path. One ending in a
+    slash names a folder and is refused: ``Path()`` drops the slash, so the run would
+    write a file of the folder's name and keep its checkpoints beside it."""
+    text = os.fspath(given)
+    if isinstance(text, str) and text.endswith(("/", os.sep)):
+        raise RunError(f"{argument(f'history={given!r}', f'--history {given}')}: names a folder; give the "
+                       f"history file (say {Path(text) / 'history.jsonl'})")
+    return Path(text)
+
+
 def claim(history: str | os.PathLike, checkpoint_dir: str | os.PathLike | None = None, *,
           joinable: bool = False) -> RunFolder:
     """Lock the run folder of ``history`` and check that the history and the checkpoint
