@@ -165,6 +165,42 @@ def test_compute_threads_on_jax_is_refused_before_anything_is_written(tmp_path):
     assert (run_dir / "history.jsonl").read_text() == '{"type":"run","run":"old","t":0}\n'
 
 
+
+# What each random source draws after keras.utils.set_random_seed(7), and whether
+# TensorFlow is imported, in a process that ran `pipetrain train` first when ``train``.
+SEEDED = """
+import json, random, sys
+import numpy as np
+if {train}:
+    from pipetrain.cli import main
+    assert main(["train", "--data", "d.h5", "--x", "x", "--y", "y", "--epochs", "1", "--quiet"]) == 0
+import keras
+keras.utils.set_random_seed(7)
+draws = [random.random(), float(np.random.random()), float(keras.ops.convert_to_numpy(keras.random.normal(())))]
+if keras.backend.backend() == "torch":
+    import torch
+    draws.append(float(torch.rand(())))
+print(json.dumps([draws, "tensorflow" in sys.modules]))
+"""
+
+
+@pytest.mark.parametrize("backend", ["jax", "torch"])
+def test_a_run_on_jax_or_torch_does_not_import_tensorflow_and_seeds_as_keras_does(tmp_path, data, backend):
+    """Keras imports TensorFlow (3-4 s) on every backend, to seed it and to check the
+    objects model.save writes; nothing a run on JAX or PyTorch does uses it, and each of
+    its processes paid that."""
+    def draws(train: bool) -> tuple[list, bool]:
+        done = subprocess.run([sys.executable, "-c", SEEDED.format(train=train)], cwd=tmp_path, capture_output=True,
+                              text=True, timeout=300, env={**os.environ, "KERAS_BACKEND": backend})
+        assert done.returncode == 0, done.stderr
+        return json.loads(done.stdout.strip().splitlines()[-1])
+
+    after_a_run, imported = draws(train=True)
+    assert not imported
+    assert (tmp_path / "runs").is_dir() and len(list((tmp_path / "runs").glob("*/model.keras"))) == 1
+    assert after_a_run == draws(train=False)[0]  # every other source seeded as Keras seeds it
+
+
 @pytest.mark.one_backend  # its subject is not the backend's: TensorFlow covers it (CI time)
 @pytest.mark.model
 def test_val_split_is_kept_and_a_finished_run_resumed_changes_nothing(tmp_path):
