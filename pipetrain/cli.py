@@ -328,13 +328,16 @@ def _run_to_resume(given: str) -> Path:
 
 def _resumed_settings(args, history: Path, folder) -> dict:
     """The settings the run recorded: in its newest checkpoint, or, for a run killed
-    before its first checkpoint (which starts again), in its last run record."""
+    before its first checkpoint (which starts again), in its last run record. Those a
+    resume may change are its newest segment's (its run record), which may have ended
+    before its first checkpoint: a `--resume --epochs 5` killed early."""
     from pipetrain import checkpoint
     from pipetrain.history import run_records
 
+    records = run_records(history)
+    newest = (records[-1].get("config") or {}) if records else {}
     if folder.decide(resume=True, overwrite=False) == "restart":
-        records = run_records(history)
-        config, position = (records[-1].get("config") or {}) if records else {}, {"epoch": 0, "batch": 0}
+        config, position = newest, {"epoch": 0, "batch": 0}
     else:
         path = checkpoint.latest(folder.checkpoint_dir)
         try:
@@ -345,6 +348,8 @@ def _resumed_settings(args, history: Path, folder) -> dict:
     settings = dict(config.get("cli") or {})
     if not settings:
         raise BadInput(f"--resume {args.resume}: the run was not started by `pipetrain train`; resume it from Python")
+    changed = newest.get("cli") or {}
+    settings.update({key: changed[key] for key in CHANGED_ON_RESUME if key in changed})
     for key in FIXED_ON_RESUME:
         given = getattr(args, key, None)
         if given is not None and given is not False and given != settings.get(key):  # (the same value: no change)
@@ -353,8 +358,8 @@ def _resumed_settings(args, history: Path, folder) -> dict:
     for key in CHANGED_ON_RESUME:
         if getattr(args, key) is not None:
             settings[key] = getattr(args, key)
-    settings["allow_nonfinite"] = settings.get("allow_nonfinite", False) or args.allow_nonfinite
-    settings["unsafe_model"] = settings.get("unsafe_model", False) or args.unsafe_model
+    for key in ("allow_nonfinite", "unsafe_model"):  # once given, kept
+        settings[key] = bool(settings.get(key) or changed.get(key) or getattr(args, key))
     if settings["epochs"] < position["epoch"] + (1 if position["batch"] else 0):
         raise BadInput(f"--epochs {settings['epochs']}: the run is at epoch {position['epoch'] + 1} already")
     return settings

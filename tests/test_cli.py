@@ -384,3 +384,35 @@ def test_a_model_function_that_raises_is_said_in_one_line_naming_it(tmp_path, mo
     err = capsys.readouterr().err
     assert code == 2, err
     assert err.strip() == "pipetrain: --model broken_models:boom: boom() raised ValueError: bad layer config"
+
+
+@pytest.mark.one_backend  # the command line's settings, not the backend's (CI time)
+@pytest.mark.model
+def test_a_resume_that_extended_the_run_and_was_killed_before_its_first_checkpoint_keeps_the_extension(
+        tmp_path, monkeypatch, capsys):
+    """`--resume --epochs 3` of a 2-epoch run, killed before its first checkpoint, leaves its
+    run record (epochs 3) after the checkpoint's settings (epochs 2); a plain `--resume`
+    then said the run was complete and trained nothing: the extension was lost."""
+    from pipetrain import cli
+
+    monkeypatch.chdir(tmp_path)
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(40, 3)).astype(np.float32)
+    write_h5(tmp_path / "d.h5", x=x, y=(x[:, 0] > 0).astype(np.int64))
+    assert cli.main(["train", "--data", "d.h5", "--x", "x", "--y", "y", "--epochs", "2", "--batch-size", "8",
+                     "--name", "e", "--quiet"]) == 0
+    history = tmp_path / "runs" / "e" / "history.jsonl"
+    first = json.loads(history.read_text().splitlines()[0])
+    # What the killed `--resume --epochs 3` left: its run record, then a batch (no checkpoint yet).
+    extended = {**first, "t": first["t"] + 60, "config": {**first["config"], "cli": {**first["config"]["cli"],
+                                                                                       "epochs": 3}},
+                "resume": {"epoch": 2, "batch": 0, "checkpoint": None}}
+    with history.open("a") as f:
+        f.write(json.dumps(extended) + "\n")
+        f.write(json.dumps({"type": "batch", "run": first["run"], "t": first["t"] + 61, "epoch": 2, "batch": 0,
+                            "step": 10, "size": 8, "loss": 0.5, "step_s": 0.01, "wait_s": 0.0}) + "\n")
+    capsys.readouterr()
+    assert cli.main(["train", "--resume", "runs/e", "--quiet"]) == 0, capsys.readouterr().err
+    h = read_history(history)
+    assert [e["epoch"] for e in h.epochs] == [0, 1, 2] and h.end["status"] == "completed"
+    assert h.runs[-1]["config"]["cli"]["epochs"] == 3
