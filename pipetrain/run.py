@@ -1239,12 +1239,7 @@ def evaluate(model, source: H5Source, batch_size: int, *, workers: int = 2, max_
 
     Returns the metrics ``model.evaluate(..., return_dict=True)`` returns for the same
     batches; ``callbacks`` (a ``CallbackList``) get the ``on_test_*`` hooks."""
-    cluster = distributed.active()  # in a distributed run each process evaluates its share
-    try:
-        plan = Plan(source.row_ranges, batch_size, block_rows=source.block_rows(), shuffle="none",
-                    share=cluster.share if cluster is not None else None)
-    except ValueError as e:
-        raise RunError(f"validation: {e}") from None
+    plan = evaluation_plan(source, batch_size)
     own = sums is None
     sums = sums or MetricSums(model, "test")
     sums.reset(partial_batch=source.rows % batch_size != 0)
@@ -1269,6 +1264,17 @@ def evaluate(model, source: H5Source, batch_size: int, *, workers: int = 2, max_
     if callbacks is not None:
         callbacks.on_test_end(logs)
     return logs
+
+
+def evaluation_plan(source: H5Source, batch_size: int) -> Plan:
+    """The batches :func:`evaluate` reads: every row in file order; in a distributed run
+    each process its share of each batch, which must split evenly over the devices."""
+    cluster = distributed.active()
+    try:
+        return Plan(source.row_ranges, batch_size, block_rows=source.block_rows(), shuffle="none",
+                    share=cluster.share if cluster is not None else None)
+    except ValueError as e:
+        raise RunError(f"validation: {e}") from None
 
 
 def _params(model) -> int | None:

@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from pipetrain import distributed
 from pipetrain.errors import RunError, argument
 from pipetrain.labels import sparse_label_limits
-from pipetrain.run import MAX_ROWS, Run, check_groups, whole_setting
+from pipetrain.run import MAX_ROWS, Run, check_groups, evaluation_plan, whole_setting
 from pipetrain.source import H5Source, SourceError
 
 
@@ -125,6 +125,8 @@ def train(
     steps_per_execution = whole_setting("steps_per_execution", steps_per_execution)
     if validation_batch_size:  # (0 or None: batch_size, as fit) else checked only at the first validation
         validation_batch_size = whole_setting("validation_batch_size", validation_batch_size, 1, MAX_ROWS)
+    if validation is not None:  # its batches split over a distributed run's devices
+        evaluation_plan(validation, validation_batch_size or whole_setting("batch_size", batch_size, 1, MAX_ROWS))
     distributed.check_steps_per_execution(steps_per_execution)
     check_groups(model, steps_per_execution)
     settings = {

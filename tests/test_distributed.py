@@ -392,3 +392,29 @@ def test_the_guardian_counts_the_epochs_of_a_run_whose_epoch_outgrew_its_tail(tm
     history.write_text("".join(json.dumps(r) + "\n" for r in lines))
     record = end_record(history, "r1", "process 0")
     assert (record["epochs"], record["steps"]) == (2, 20000 + count)
+
+
+TWO_DEVICES_TRAIN = """
+import keras, pipetrain, pipetrain.distributed
+pipetrain.distributed.initialize(devices="all")
+model = keras.Sequential([keras.Input((12,)), keras.layers.Dense(3, activation="softmax")])
+model.compile("sgd", "sparse_categorical_crossentropy")
+source = pipetrain.H5Source({files}, x="x", y="y")
+try:
+    pipetrain.train(model, source, epochs=1, batch_size=32, validation=source, validation_batch_size=3,
+                    history="run/history.jsonl", verbose=0)
+except pipetrain.errors.InputError as e:
+    print("refused:", e)
+"""
+
+
+def test_a_validation_batch_size_that_does_not_split_over_the_devices_is_refused_before_training(data, tmp_path):
+    """It was refused at the first validation, after the first epoch had trained."""
+    done = subprocess.run([sys.executable, "-c", TWO_DEVICES_TRAIN.format(files=data.split(","))], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300,
+                          env=env(XLA_FLAGS="--xla_force_host_platform_device_count=2"))
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == (
+        "refused: validation: batch_size=3 must be a multiple of the run's 2 devices (1 process(es) x 2): "
+        "each takes an equal share")
+    assert not (tmp_path / "run").exists()
