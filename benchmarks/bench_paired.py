@@ -3,7 +3,7 @@ step for step, on a machine whose speed drifts.
 
     KERAS_BACKEND=torch python benchmarks/bench_paired.py [--workload digits w1 w2]
         [--block 200] [--rounds 8] [--settle 0.5] [--parts] [--control] [--priorities low normal]
-        [--data-dir /tmp/bt-data] [--out results/paired-torch.json]
+        [--processes 1] [--data-dir /tmp/bt-data] [--out results/paired-torch.json]
 
 bench_train.py and bench_overhead.py run each variant for whole epochs, one after the
 other; on this shared 2-core machine the speed of the same work swings by 25-70% within
@@ -26,7 +26,11 @@ step. Before each block the
 process sleeps ``--settle`` seconds: the loaders whose turn just ended refill their
 bounded queues then, not inside the next variant's block (a loader's producers would
 otherwise decode on the time of the variant measured after it). The order rotates by
-round, so no variant always runs first or always after the same neighbour.
+round, so no variant always runs first or always after the same neighbour. Two identical
+loops (``--control``) still differ by up to 3% within one process, the same way all
+through it (where each model's memory lies, presumably), and otherwise in the next
+process: ``--processes N`` runs the whole measurement in N fresh processes, one after the
+other, and reports the median of their ratios.
 
 - ``memory``: ``model.train_on_batch`` on in-memory slices of the file's arrays (training
   alone: what the step itself costs);
@@ -212,8 +216,14 @@ def main() -> None:
                    help="also pipetrain with its producers at these CPU priorities (default: idle only)")
     p.add_argument("--control", action="store_true",
                    help="also training alone a second time (memory-again): how far two identical loops differ here")
+    p.add_argument("--processes", type=int, default=1,
+                   help="run the whole measurement this many times, each in a fresh process, and give the median "
+                        "of their ratios: two identical loops differ by up to 3%% within one process (where each "
+                        "model's memory happens to lie), and that differs from one process to the next")
     p.add_argument("--out", default=None, help="JSON file for the results")
     args = p.parse_args()
+    if args.processes > 1:
+        return in_processes(args)
     results = []
     for name in args.workload:
         block = args.block or (80 if name == "w2" else 200)
@@ -232,6 +242,48 @@ def main() -> None:
         meta = {"cpus": os.cpu_count(), "python": platform.python_version(), "keras": keras.__version__,
                 "load_1min": round(os.getloadavg()[0], 2), "argv": sys.argv[1:]}
         Path(args.out).write_text(json.dumps({"meta": meta, "results": results}, indent=1) + "\n")
+
+
+def in_processes(args) -> None:
+    """``--processes N``: the measurement N times, one fresh process after the other; per
+    workload and variant the median over the processes of each ratio, and each one's."""
+    import subprocess
+
+    runs = []
+    for i in range(args.processes):
+        with tempfile.TemporaryDirectory() as tmp:
+            out = Path(tmp) / "run.json"
+            argv = ["--workload", *args.workload, "--rounds", str(args.rounds), "--settle", str(args.settle),
+                    "--data-dir", args.data_dir, "--out", str(out), *(["--block", str(args.block)] if args.block else []),
+                    *(["--parts"] if args.parts else []), *(["--control"] if args.control else []),
+                    *(["--priorities", *args.priorities] if args.priorities else [])]
+            print(f"process {i + 1} of {args.processes}:", flush=True)
+            subprocess.run([sys.executable, __file__, *argv], check=True)
+            runs.append(json.loads(out.read_text()))
+    ratios = ("x_memory", "x_memory_positions", "step_x_memory", "x_loader")
+    summary = []
+    for w, first in enumerate(runs[0]["results"]):
+        variants = {}
+        for variant in first["variants"]:
+            each = [run["results"][w]["variants"][variant] for run in runs]
+            variants[variant] = {**{f"{r}_median": round(statistics.median(v[r] for v in each), 3) for r in ratios},
+                                 **{f"{r}_each": [v[r] for v in each] for r in ratios},
+                                 "median_ms_each": [v["median_ms"] for v in each],
+                                 "first_step_extra_us_median": round(statistics.median(
+                                     v["first_step_extra_us"] for v in each))}
+        summary.append({key: first[key] for key in ("workload", "backend", "device", "batch", "block", "rounds")}
+                       | {"processes": args.processes, "variants": variants})
+    print(f"medians over {args.processes} processes:")
+    for s in summary:
+        print(f"{s['workload']} on {s['backend']} ({s['device']}):")
+        for variant, v in s["variants"].items():
+            print(f"  {variant:17s} x memory {v['x_memory_median']:.3f}  positions {v['x_memory_positions_median']:.3f} "
+                  f"(each {', '.join(f'{x:.3f}' for x in v['x_memory_positions_each'])})  "
+                  f"step {v['step_x_memory_median']:.3f}  first step {v['first_step_extra_us_median']:+d} us")
+    if args.out:
+        meta = {"cpus": os.cpu_count(), "python": platform.python_version(), "keras": keras.__version__,
+                "argv": sys.argv[1:]}
+        Path(args.out).write_text(json.dumps({"meta": meta, "results": summary, "runs": runs}, indent=1) + "\n")
 
 
 if __name__ == "__main__":
