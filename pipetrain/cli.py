@@ -335,7 +335,8 @@ def _resumed_settings(args, history: Path, folder) -> dict:
     from pipetrain.history import run_records
 
     records = run_records(history)
-    newest = (records[-1].get("config") or {}) if records else {}
+    newest = records[-1].get("config") if records else None
+    newest = newest if isinstance(newest, dict) else {}
     if folder.decide(resume=True, overwrite=False) == "restart":
         config, position = newest, {"epoch": 0, "batch": 0}
     else:
@@ -348,8 +349,10 @@ def _resumed_settings(args, history: Path, folder) -> dict:
     settings = dict(config.get("cli") or {})
     if not settings:
         raise BadInput(f"--resume {args.resume}: the run was not started by `pipetrain train`; resume it from Python")
-    changed = newest.get("cli") or {}
-    settings.update({key: changed[key] for key in CHANGED_ON_RESUME if key in changed})
+    changed = newest.get("cli") if isinstance(newest.get("cli"), dict) else {}
+    # (of the kind of value it replaces: a history is a text file anyone can edit)
+    settings.update({key: changed[key] for key in CHANGED_ON_RESUME
+                     if key in changed and len({type(changed[key]), type(settings.get(key))} - {type(None)}) == 1})
     for key in FIXED_ON_RESUME:
         given = getattr(args, key, None)
         if given is not None and given is not False and given != settings.get(key):  # (the same value: no change)

@@ -416,3 +416,8 @@ def test_a_resume_that_extended_the_run_and_was_killed_before_its_first_checkpoi
     h = read_history(history)
     assert [e["epoch"] for e in h.epochs] == [0, 1, 2] and h.end["status"] == "completed"
     assert h.runs[-1]["config"]["cli"]["epochs"] == 3
+    # A run record edited by hand (a setting of another kind) is not taken for a setting.
+    with history.open("a") as f:
+        f.write(json.dumps({**extended, "config": {"cli": {"epochs": "4", "workers": [2]}}}) + "\n")
+    assert cli.main(["train", "--resume", "runs/e"]) == 0, capsys.readouterr().err
+    assert "is already complete (all 3 epochs trained)" in capsys.readouterr().out
