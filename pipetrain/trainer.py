@@ -123,7 +123,7 @@ def train(
         _check_like_training(validation, source, model)
     # Before anything is written:
     steps_per_execution = whole_setting("steps_per_execution", steps_per_execution)
-    if validation_batch_size:  # (0 or None: batch_size, as fit) else checked only at the first validation
+    if validation_batch_size:  # (0 or None: batch_size, as fit)
         validation_batch_size = whole_setting("validation_batch_size", validation_batch_size, 1, MAX_ROWS)
     if validation is not None:  # its batches split over a distributed run's devices
         evaluation_plan(validation, validation_batch_size or whole_setting("batch_size", batch_size, 1, MAX_ROWS))
