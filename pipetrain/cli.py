@@ -16,6 +16,7 @@ import os
 import signal
 import sys
 import threading
+import warnings
 from pathlib import Path
 
 from pipetrain.errors import InputError, Interrupted, command_line, is_bad_input, one_line
@@ -676,14 +677,30 @@ def main(argv: list[str] | None = None) -> int:
             setattr(sys, name, open(os.devnull, "w"))
     previous = _terminate_as_interrupt()
     errors = _printable(sys.stdout)
+    shown = warnings.showwarning
+    warnings.showwarning = _one_line_if_ours(shown)
     try:
         return _main(argv)
     finally:
+        warnings.showwarning = shown
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
         if errors is not None:
             with contextlib.suppress(Exception):  # (closed meanwhile: nothing to restore)
                 sys.stdout.reconfigure(errors=errors)
+
+
+def _one_line_if_ours(show):
+    """pipetrain's own warnings said as its errors are, in one line (Python's way adds
+    pipetrain's file and line, and the source line of the call); others by ``show``."""
+    ours = os.path.dirname(os.path.abspath(__file__)) + os.sep
+
+    def shown(message, category, filename, lineno, file=None, line=None):
+        if not os.path.abspath(filename).startswith(ours):
+            return show(message, category, filename, lineno, file, line)
+        print(f"pipetrain: warning: {' '.join(str(message).split())}", file=file or sys.stderr)
+
+    return shown
 
 
 def _shown(error: UnicodeEncodeError):

@@ -421,3 +421,24 @@ def test_a_resume_that_extended_the_run_and_was_killed_before_its_first_checkpoi
         f.write(json.dumps({**extended, "config": {"cli": {"epochs": "4", "workers": [2]}}}) + "\n")
     assert cli.main(["train", "--resume", "runs/e"]) == 0, capsys.readouterr().err
     assert "is already complete (all 3 epochs trained)" in capsys.readouterr().out
+
+
+@pytest.mark.one_backend  # the command line's output, not the backend's (CI time)
+@pytest.mark.model
+def test_a_warning_of_pipetrain_on_the_command_line_is_one_line(tmp_path, data, monkeypatch, capsys):
+    """A run folder on a file system without locks: the run goes on, with a warning that
+    was Python's two lines (pipetrain's file and line, then the source line of the call)."""
+    import errno
+
+    from pipetrain import cli, runfolder
+
+    def no_locks(fd, operation):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(runfolder.fcntl, "flock", no_locks)
+    assert cli.main(["train", "--data", "d.h5", "--x", "x", "--y", "y", "--epochs", "1", "--quiet",
+                     "--name", "w"]) == 0
+    err = capsys.readouterr().err
+    assert err == ("pipetrain: warning: runs/w: this file system refuses file locks (No locks available): nothing "
+                   "keeps a second run from writing this folder at the same time\n")
