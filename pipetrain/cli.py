@@ -536,8 +536,8 @@ def _train(args, settings: dict, history: Path, folder, held: contextlib.ExitSta
         from pipetrain.models import default_model, load_model
         from pipetrain.trainer import train as train_model
 
-        tensorflow_only_once_imported()
-        keras.utils.set_random_seed(settings["seed"])
+        with runfolder.tensorflow_left_unimported():  # (a TensorFlow imported later is not seeded: nothing seeded uses it)
+            keras.utils.set_random_seed(settings["seed"])
         train = sources["data"]
         if settings["model"] and settings.get("unsafe_model"):
             print(f"pipetrain: warning: --unsafe-model: loading {settings['model']} runs the Python code "
@@ -631,34 +631,6 @@ def set_compute_threads(n: int) -> None:
         import torch
 
         torch.set_num_threads(n)
-
-
-def tensorflow_only_once_imported() -> None:
-    """On JAX and PyTorch, let Keras count TensorFlow as available only once something
-    has imported it.
-
-    Keras imports TensorFlow wherever it is installed, on every backend: to seed it
-    (``keras.utils.set_random_seed``) and to ask whether each object ``model.save``
-    writes is a TensorFlow one. That import takes 3-4 s, a third of a short run's time
-    on those backends and paid by every process of a distributed run, and nothing in
-    the run uses it: no TensorFlow object exists before TensorFlow is imported. (Its
-    seed is then left unset: nothing seeded draws from it.)"""
-    import keras
-
-    try:
-        from keras.src.utils.module_utils import LazyModule
-        from keras.src.utils.module_utils import tensorflow as lazy
-    except ImportError:  # another Keras: it imports TensorFlow as it does
-        return
-    if keras.backend.backend() == "tensorflow" or type(lazy) is not LazyModule:
-        return
-
-    class ImportedOnly(LazyModule):
-        @property
-        def available(self):
-            return "tensorflow" in sys.modules and super().available
-
-    lazy.__class__ = ImportedOnly
 
 
 def _compute_backend() -> str:

@@ -237,12 +237,13 @@ def save_model(model, path) -> None:
     import tempfile
 
     from pipetrain.runfolder import save_model as save_whole
+    from pipetrain.runfolder import tensorflow_left_unimported
 
     cluster = active()
     if cluster is None or cluster.is_writer:
         save_whole(model, Path(path))
         return
-    with tempfile.TemporaryDirectory() as folder:
+    with tempfile.TemporaryDirectory() as folder, tensorflow_left_unimported():
         model.save(os.path.join(folder, "model.keras"))
 
 

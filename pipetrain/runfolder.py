@@ -539,7 +539,8 @@ def save_model(model, path: Path) -> None:
 
     part = path.with_name(_MODEL_PART)
     try:
-        model.save(part)
+        with tensorflow_left_unimported():
+            model.save(part)
         fd = os.open(part, os.O_RDONLY)
         try:
             os.fsync(fd)
@@ -550,6 +551,34 @@ def save_model(model, path: Path) -> None:
         part.unlink(missing_ok=True)
         raise
     fsync_folder(path.parent)
+
+
+@contextlib.contextmanager
+def tensorflow_left_unimported():
+    """Within: Keras on JAX or PyTorch counts TensorFlow as missing if nothing has imported it.
+
+    Keras imports TensorFlow wherever it is installed, on every backend: to seed it
+    (``keras.utils.set_random_seed``) and to ask whether each object ``model.save``
+    writes is a TensorFlow one. That import takes 3-4 s, a third of a short run's time,
+    paid by every process of a distributed run, and no TensorFlow object exists before
+    it. (Only within: Keras' preprocessing layers, made of TensorFlow, import it.)"""
+    import sys
+
+    import keras
+
+    try:
+        from keras.src.utils.module_utils import tensorflow as lazy
+    except ImportError:  # another Keras: it imports TensorFlow as it does
+        lazy = None
+    skip = (getattr(lazy, "_available", False) is None and "tensorflow" not in sys.modules
+            and keras.backend.backend() != "tensorflow")
+    if skip:
+        lazy._available = False
+    try:
+        yield
+    finally:
+        if skip:
+            lazy._available = None  # asked again next time
 
 
 def model_is_saved(path: Path, checkpoint: Path | None) -> bool:

@@ -25,7 +25,7 @@ import numpy as np  # noqa: E402
 
 import pipetrain  # noqa: E402
 from pipetrain import checkpoint  # noqa: E402
-from pipetrain.cli import tensorflow_only_once_imported  # noqa: E402
+from pipetrain.runfolder import tensorflow_left_unimported  # noqa: E402
 
 
 WRITERS = []  # the run's background writers, for the kill points to wait on
@@ -84,8 +84,8 @@ def stateful_callbacks(run_dir):
 
 
 def model():
-    tensorflow_only_once_imported()  # as pipetrain train: seeding on JAX and PyTorch imports no TensorFlow (seconds)
-    keras.utils.set_random_seed(0)
+    with tensorflow_left_unimported():  # as pipetrain train: on JAX and PyTorch no TensorFlow import (seconds)
+        keras.utils.set_random_seed(0)
     m = keras.Sequential([
         keras.Input((12,)),
         keras.layers.Dense(16, activation="relu"),
