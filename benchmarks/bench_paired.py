@@ -26,11 +26,11 @@ step. Before each block the
 process sleeps ``--settle`` seconds: the loaders whose turn just ended refill their
 bounded queues then, not inside the next variant's block (a loader's producers would
 otherwise decode on the time of the variant measured after it). The order rotates by
-round, so no variant always runs first or always after the same neighbour. Two identical
-loops (``--control``) still differ by up to 3% within one process, the same way all
-through it (where each model's memory lies, presumably), and otherwise in the next
-process: ``--processes N`` runs the whole measurement in N fresh processes, one after the
-other, and reports the median of their ratios.
+round, so no variant always runs first or always after the same neighbour. The medians
+of two identical loops (``--control``) still differ by up to 6% in one process (0.98 to
+1.06 in a week's runs), and by another amount in the next: ``--processes N`` runs the
+whole measurement in N fresh processes, one after the other, and reports the median of
+their ratios.
 
 - ``memory``: ``model.train_on_batch`` on in-memory slices of the file's arrays (training
   alone: what the step itself costs);
@@ -218,8 +218,8 @@ def main() -> None:
                    help="also training alone a second time (memory-again): how far two identical loops differ here")
     p.add_argument("--processes", type=int, default=1,
                    help="run the whole measurement this many times, each in a fresh process, and give the median "
-                        "of their ratios: two identical loops differ by up to 3%% within one process (where each "
-                        "model's memory happens to lie), and that differs from one process to the next")
+                        "of their ratios: two identical loops differ by up to 6%% in one process, and by another "
+                        "amount in the next")
     p.add_argument("--out", default=None, help="JSON file for the results")
     args = p.parse_args()
     if args.processes > 1:
