@@ -11,6 +11,7 @@ import argparse
 import codecs
 import contextlib
 import datetime as _dt
+import itertools
 import json
 import os
 import signal
@@ -165,7 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--allow-nonfinite", action="store_true", help="keep training when a loss is NaN or infinite")
     t.add_argument("--allow-changed-data", action="store_true",
                    help="with --resume: go on although a data file changed since the run read it")
-    t.add_argument("--name", type=nonempty, help="run name, for the default history path (default: the start time)")
+    t.add_argument("--name", type=nonempty, help="run name, for the default history path (default: the start time, with -2, -3... where another run took it in that second)")
     t.add_argument("--monitor-interval", type=positive_seconds, default=None, metavar="S",
                    help="seconds between system samples (default 2)")
     t.add_argument("--allow-external", action="store_true", help="allow HDF5 external links and virtual datasets outside the data folders")
@@ -421,6 +422,24 @@ def _run_history(args) -> tuple[dict | None, Path]:
     return settings, history or Path("runs") / name / "history.jsonl"
 
 
+def _claim(args, history: Path):
+    """Lock the run folder of ``history``. The default folder is named after the start
+    time, to the second: where another run took it in that second (jobs started side by
+    side), the next free ``NAME-2``, ``NAME-3``... is this run's."""
+    from pipetrain import runfolder
+
+    default = not (args.resume or args.history or args.name)
+    first = history.parent
+    for n in itertools.count(2):
+        if not (default and os.path.lexists(history.parent)):
+            try:
+                return runfolder.claim(history, history.parent / "checkpoint", joinable=True)
+            except runfolder.FolderBusy:  # (locked between the look and the lock)
+                if not default:
+                    raise
+        history = first.with_name(f"{first.name}-{n}") / history.name
+
+
 def _join_cluster(args):
     """--coordinator/--num-processes/--process-id, --distributed, --devices: join the JAX
     cluster (before anything touches JAX) and set Keras' DataParallel; None without them."""
@@ -497,8 +516,9 @@ def cmd_train(args) -> int:
             if cluster is not None:
                 _same_flags(cluster, _comparable(settings, args))
             with runfolder.signals_held():  # a SIGTERM now finds the release registered
-                folder = runfolder.claim(history, history.parent / "checkpoint", joinable=True)
+                folder = _claim(args, history)
                 held.callback(folder.release)
+            history = folder.history
             if args.resume:
                 settings = _resumed_settings(args, history, folder)
             state = _say_if_complete(history, settings["epochs"], args.quiet) if args.resume else None

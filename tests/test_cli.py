@@ -449,3 +449,32 @@ def test_a_warning_of_pipetrain_on_the_command_line_is_one_line(tmp_path, data, 
     err = capsys.readouterr().err
     assert err == ("pipetrain: warning: runs/w: this file system refuses file locks (No locks available): nothing "
                    "keeps a second run from writing this folder at the same time\n")
+
+
+@pytest.mark.one_backend  # the command line's run folder, not the backend's (CI time)
+@pytest.mark.model
+def test_runs_started_in_the_same_second_without_a_name_each_get_a_folder(tmp_path, data, monkeypatch, capsys):
+    """The default folder is the start time to the second: a second job started beside
+    the first (`for s in 1 2; do pipetrain train --seed $s & done`) found its folder
+    locked and exited 2, and one started after a run in that second found its history."""
+    import datetime
+    import types
+
+    from pipetrain import cli
+    from pipetrain.runfolder import FolderLock
+
+    class Frozen(datetime.datetime):
+        @classmethod
+        def now(cls, tz=None):
+            return cls(2026, 1, 2, 3, 4, 5, tzinfo=tz)
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(cli, "_dt", types.SimpleNamespace(datetime=Frozen))
+    finished = tmp_path / "runs" / "20260102-030405-2" / "history.jsonl"
+    finished.parent.mkdir(parents=True)
+    finished.write_text('{"type":"run","run":"old","t":0}\n')
+    with FolderLock(tmp_path / "runs" / "20260102-030405"):  # a run starting in the same second
+        assert cli.main(["train", "--data", "d.h5", "--x", "x", "--y", "y", "--epochs", "1", "--quiet"]) == 0, \
+            capsys.readouterr().err
+    assert read_history(tmp_path / "runs" / "20260102-030405-3").end["status"] == "completed"
+    assert finished.read_text() == '{"type":"run","run":"old","t":0}\n'
