@@ -145,7 +145,7 @@ def default_model(source: H5Source, learning_rate: float = 3e-3, validation: H5S
 def load_model(spec: str, source: H5Source, *, unsafe: bool = False, folders=()):
     """A compiled model from ``FILE.keras`` (loaded in Keras' safe mode: no code from the
     file runs, unless ``unsafe``) or from ``package.module:function`` (called with the
-    source if it takes an argument, else with none), imported as ``python -m`` would:
+    source if it has a parameter without a default, else with none), imported as ``python -m`` would:
     from the current folder first, then ``folders`` (where a resumed run was started)."""
     import keras
 
@@ -183,9 +183,8 @@ def load_model(spec: str, source: H5Source, *, unsafe: bool = False, folders=())
         if len(required) > 1:
             raise ModelError(f"--model {spec}: {func_name}() takes {len(required)} arguments "
                              f"({', '.join(required)}); a model function takes none, or the data source")
-        takes_source = bool(parameters)
-        try:
-            model = factory(source) if takes_source else factory()
+        try:  # (parameters with defaults are the function's own settings: the source is not one)
+            model = factory(source) if required else factory()
         except SystemExit as e:  # (it ended pipetrain with its code, silently)
             raise ModelError(f"--model {spec}: {func_name}() exited (SystemExit({e.code!r})) instead of "
                              "returning a model") from None

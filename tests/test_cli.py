@@ -478,3 +478,33 @@ def test_runs_started_in_the_same_second_without_a_name_each_get_a_folder(tmp_pa
             capsys.readouterr().err
     assert read_history(tmp_path / "runs" / "20260102-030405-3").end["status"] == "completed"
     assert finished.read_text() == '{"type":"run","run":"old","t":0}\n'
+
+
+OPTIONAL_ARGUMENTS = """
+import keras
+
+def build(units=4):
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(units), keras.layers.Dense(2, activation="softmax")])
+    model.compile("adam", "sparse_categorical_crossentropy")
+    return model
+
+def build_keywords(*, units=4):
+    return build(units)
+"""
+
+
+@pytest.mark.one_backend  # the command line's model loading, not the backend's (CI time)
+@pytest.mark.model
+@pytest.mark.parametrize("factory", ["build", "build_keywords"])
+def test_a_model_function_whose_parameters_all_have_defaults_is_called_with_none(tmp_path, data, monkeypatch,
+                                                                                 capsys, factory):
+    """It was given the data source: `build(units=4)` made Dense(H5Source(...)) and
+    `build(*, units=4)` raised TypeError, both said as the function's error (exit 2)."""
+    from pipetrain import cli
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    (tmp_path / "optional_models.py").write_text(OPTIONAL_ARGUMENTS)
+    assert cli.main(["train", "--data", "d.h5", "--x", "x", "--y", "y", "--epochs", "1", "--quiet", "--name", "o",
+                     "--model", f"optional_models:{factory}"]) == 0, capsys.readouterr().err
+    assert read_history(tmp_path / "runs" / "o").end["status"] == "completed"
