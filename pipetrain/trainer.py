@@ -111,6 +111,9 @@ def train(
                            "x=..., y=...))")
     if class_weight is not None and not isinstance(class_weight, Mapping):
         raise RunError(f"class_weight={class_weight!r}: expected a dict of weights by class index, as fit takes")
+    if class_weight is not None and source.sample_weight is not None:  # (else a failed run at its first batch)
+        raise RunError(f"class_weight={dict(class_weight)} and the sample weights of the source "
+                       f"({source.sample_weight!r}) exclude each other, as in fit: give one")
     if source.y is None and getattr(model, "loss", None) is not None and not _own_loss(model):
         # (else train_on_batch failed at the first batch: "None values not supported")
         raise RunError(f"the model's loss ({_loss_name(model.loss)}) needs targets, but the source has none: "

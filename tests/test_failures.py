@@ -734,6 +734,21 @@ def test_a_seed_or_partition_count_out_of_range_is_refused_naming_it(tmp_path, s
     assert not (tmp_path / "h.jsonl").exists()
 
 
+def test_sample_weights_and_class_weights_together_are_refused_before_anything_is_written(tmp_path):
+    """As fit refuses them: train() started the run and failed at its first batch, a
+    ValueError leaving a failed run in the history."""
+    from pipetrain.errors import RunError
+
+    path = write_h5(tmp_path / "d.h5", x=np.zeros((40, 3), np.float32), y=np.zeros(40, np.int64),
+                    w=np.ones(40, np.float32))
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2, activation="softmax")])
+    model.compile("adam", "sparse_categorical_crossentropy")
+    with pipetrain.H5Source(path, x="x", y="y", sample_weight="w") as source, \
+            pytest.raises(RunError, match="class_weight=.*sample weights of the source .*'w'.*exclude each other"):
+        pipetrain.train(model, source, verbose=0, history=tmp_path / "run" / "history.jsonl", class_weight={0: 2.0})
+    assert not (tmp_path / "run").exists()
+
+
 def test_arguments_of_the_wrong_kind_are_refused_naming_them(tmp_path):
     """What a Python user gets wrong first: a path where a source belongs, a callback or a
     mode where a list or a dict belongs, None or a number where paths or names belong; and
