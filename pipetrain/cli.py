@@ -222,7 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
     make.add_argument("--task-seed", type=seed_int, default=0, help="seed of the task (the class prototypes) (default 0)")
     make.add_argument("--x-name", default="x", metavar="NAME", help="name of the features dataset (default x)")
     make.add_argument("--y-name", default="y", metavar="NAME", help="name of the labels dataset (default y)")
-    make.add_argument("--overwrite", action="store_true", help="replace an existing file")
+    make.add_argument("--overwrite", action="store_true", help="replace an existing HDF5 file (never another kind of file)")
     make.add_argument("--quiet", action="store_true")
     make.add_argument("--debug", action="store_true", help="show full tracebacks")
     make.set_defaults(func=_lazy("pipetrain.synth", "cmd_make_data"))

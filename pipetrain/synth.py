@@ -18,6 +18,7 @@ memory holds one block whatever the number of rows.
 from __future__ import annotations
 
 import os
+import stat
 import sys
 import time
 from pathlib import Path
@@ -207,6 +208,8 @@ def cmd_make_data(args) -> int:
     """The ``pipetrain make-data`` command: one file (``--rows``) or one file per split
     (``--splits``, into the folder OUT) of one task."""
     from pipetrain.cli import BadInput
+    from pipetrain.history import file_kind
+    from pipetrain.runfolder import describe
 
     out = Path(args.output)
     if (args.rows is None) == (args.splits is None):
@@ -226,6 +229,11 @@ def cmd_make_data(args) -> int:
     for path, _ in jobs:
         if path.exists() and not args.overwrite:
             raise BadInput(f"{path}: exists already; pass --overwrite to replace it")
+        if path.exists():  # (a script or a history named by mistake; a device, which the rename would replace)
+            mode = path.stat().st_mode
+            what = describe(path) if stat.S_ISREG(mode) else file_kind(mode)  # (None: an empty file)
+            if what is not None and not (stat.S_ISREG(mode) and h5py.is_hdf5(path)):
+                raise BadInput(f"{path}: is {what}, not an HDF5 file; --overwrite replaces only an HDF5 file")
     x_name, y_name = args.x_name.strip("/"), args.y_name.strip("/")  # (HDF5 reads "/x" as "x")
     if not x_name or not y_name or x_name == y_name:
         raise BadInput(f"--x-name {args.x_name!r} --y-name {args.y_name!r}: two different, non-empty dataset names needed")

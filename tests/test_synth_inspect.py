@@ -1,7 +1,9 @@
 """make-data writes a learnable file of any size in constant memory; inspect shows the
 datasets and the read path pipetrain will use."""
 
+import os
 import re
+import stat
 
 import h5py
 import numpy as np
@@ -60,6 +62,30 @@ def test_make_data_refuses_what_memory_cannot_hold_and_names_that_are_not_datase
         assert main(["make-data", str(tmp_path / "n.h5"), "--rows", "10", *args]) == 2, args
         assert message in capsys.readouterr().err, args
     assert list(tmp_path.iterdir()) == []
+
+
+def test_make_data_overwrite_replaces_only_an_hdf5_file(tmp_path, capsys):
+    """`make-data train.py --rows 10 --overwrite` (a name completed wrongly) replaced the
+    script, `make-data runs/a/history.jsonl --overwrite` a run's history, with HDF5, and
+    as root `make-data /dev/null --overwrite` replaced the device with a file."""
+    script = tmp_path / "train.py"
+    script.write_text("print('mine')\n")
+    history = tmp_path / "history.jsonl"
+    history.write_text('{"type":"run","run":"a","t":0}\n')
+    device = tmp_path / "null"  # /dev/null's node: the file written was renamed over it
+    if os.geteuid() == 0:
+        os.mknod(device, 0o666 | stat.S_IFCHR, os.makedev(1, 3))
+    for path, what in [(script, "a file with no run record at its start"), (history, "a pipetrain history"),
+                       *([(device, "a character device")] if device.exists() else [])]:
+        assert main(["make-data", str(path), "--rows", "10", "--overwrite"]) == 2
+        assert capsys.readouterr().err.strip() == (f"pipetrain: {path}: is {what}, not an HDF5 file; --overwrite "
+                                                   "replaces only an HDF5 file")
+    assert script.read_text() == "print('mine')\n" and history.read_text() == '{"type":"run","run":"a","t":0}\n'
+    out = tmp_path / "d.h5"
+    assert main(["make-data", str(out), "--rows", "10", "--quiet"]) == 0
+    assert main(["make-data", str(out), "--rows", "20", "--overwrite", "--quiet"]) == 0
+    with h5py.File(out) as f:
+        assert f["x"].shape[0] == 20
 
 
 def test_make_data_stopped_by_sigterm_leaves_no_partial_file(tmp_path):
