@@ -92,8 +92,10 @@ def _expand(paths, storage_options) -> tuple[list[Path | str], dict]:
         raise SourceError(f"paths={given!r}: expected a file, URL or glob, or a list of them")
     files: list[Path | str] = []
     objects: dict = {}
+    seen: dict[str, str] = {}  # each file, where it was named: a file twice would be read twice an epoch
     for p in paths:
         text = os.fsdecode(p)
+        count = len(files)
         if is_url(text):
             if _url_has_magic(text):
                 from pipetrain import remote
@@ -114,6 +116,11 @@ def _expand(paths, storage_options) -> tuple[list[Path | str], dict]:
             files.extend(Path(m) for m in matches)
         else:
             files.append(Path(text))
+        for file in files[count:]:
+            key = file if isinstance(file, str) else os.path.realpath(file)
+            if key in seen:
+                raise SourceError(f"{file}: given twice (as {seen[key]} and {text}); name each file once")
+            seen[key] = text
     if not files:
         raise SourceError("no data files given")
     return files, objects

@@ -56,6 +56,16 @@ def test_a_local_glob_leaves_out_folders_as_a_bucket_glob_does(tmp_path, make_h5
     bad(r"o\*: no file matches \(only folders\)", str(tmp_path / "o*"), x="x")
 
 
+def test_a_file_given_twice_is_refused_naming_both(tmp_path, make_h5, monkeypatch):
+    """`--data 'data/*.h5' data/a.h5` (or `a.h5 ./a.h5`) trained on the file's rows twice
+    an epoch, silently."""
+    make_h5("a.h5", x=np.zeros((4, 2)))
+    make_h5("b.h5", x=np.ones((3, 2)))
+    monkeypatch.chdir(tmp_path)
+    bad(r"a\.h5: given twice \(as \*\.h5 and \./a\.h5\); name each file once", ["*.h5", "./a.h5"], x="x")
+    bad(r"b\.h5: given twice \(as b\.h5 and b\.h5\)", ["b.h5", "b.h5"], x="x")
+
+
 def test_not_hdf5_and_truncated_files(tmp_path, make_h5):
     (tmp_path / "text.h5").write_text("hello, I am not HDF5\n" * 100)
     bad(r"text\.h5: not an HDF5 file", tmp_path / "text.h5", x="x")
