@@ -501,6 +501,11 @@ class RunFolder:
                 if not is_checkpoint(path):
                     raise RunError(f"{path}: is not a pipetrain checkpoint; overwrite replaces only "
                                    "pipetrain's own files: move it away")
+            owner = _other_owner(found, history) if found is not None else None
+            if owner is not None:
+                raise RunError(f"{folder}: holds the checkpoints of the run of {owner}, not of {history}; "
+                               f"{argument('overwrite=True', '--overwrite')} replaces only the run of the history "
+                               "given: choose another folder")
             return "new"
         if kind == HISTORY:
             raise RunError(f"{history}: a history exists already; pass "
@@ -591,6 +596,23 @@ def model_is_saved(path: Path, checkpoint: Path | None) -> bool:
         return checkpoint is None or os.stat(path).st_mtime_ns >= os.stat(checkpoint).st_mtime_ns
     except (OSError, zipfile.BadZipFile):
         return False
+
+
+def _other_owner(checkpoint: Path, history: Path) -> Path | None:
+    """Another history beside ``history`` whose run wrote ``checkpoint`` (its last run
+    record's), or None."""
+    from pipetrain.checkpoint import load_meta
+
+    try:
+        run_id = load_meta(checkpoint).get("run_id")
+    except (OSError, ValueError, KeyError):
+        return None
+    for other in sorted(history.parent.glob("*.jsonl")):
+        if other.name != history.name and describe(other) == HISTORY:
+            runs = run_records(other)
+            if runs and runs[-1].get("run") == run_id:
+                return other
+    return None
 
 
 def check_resume(history: Path, run_id: str) -> None:

@@ -359,6 +359,23 @@ def test_overwrite_never_replaces_the_data_and_python_errors_name_python_argumen
     assert "--" not in str(info.value)
 
 
+@pytest.mark.one_backend  # its subject is the run folder's, not the backend's (CI time)
+@pytest.mark.model
+def test_overwrite_of_a_new_history_never_replaces_the_checkpoints_of_another_history_in_its_folder(tmp_path):
+    """`--history runs/a/h2.jsonl --overwrite` beside a run of `runs/a/h1.jsonl`: the new
+    run removed h1's checkpoints (h1 could no longer be resumed); on the command line
+    h1's model.keras stopped it with "is not a run's model (no pipetrain history beside it)"."""
+    source = pipetrain.H5Source(data_file(tmp_path / "d.h5", rows=40), x="x", y="y")
+    first = tmp_path / "run" / "h1.jsonl"
+    pipetrain.train(tiny_model(), source, epochs=1, batch_size=8, history=first, verbose=0)
+    kept = sorted((tmp_path / "run" / "checkpoint").iterdir())
+    with pytest.raises(RunError, match=r"checkpoint: holds the checkpoints of the run of .*h1\.jsonl, not of .*h2\.jsonl"):
+        pipetrain.train(tiny_model(), source, epochs=1, batch_size=8, history=tmp_path / "run" / "h2.jsonl",
+                        overwrite=True, verbose=0)
+    assert sorted((tmp_path / "run" / "checkpoint").iterdir()) == kept and not (tmp_path / "run" / "h2.jsonl").exists()
+    pipetrain.train(tiny_model(), source, epochs=2, batch_size=8, history=first, resume=True, verbose=0)
+
+
 # -- a run killed before its first checkpoint --------------------------------------------------------
 
 
