@@ -47,6 +47,13 @@ def _loss_name(loss) -> tuple[str, int | None]:
     return str(name).lower(), ignore
 
 
+def _output_name(tensor, i: int) -> str:
+    """The name of the layer that makes an output (a Sequential model has no
+    output_names, and its tensors' own names, "keras_tensor_2", are found nowhere)."""
+    layer = getattr(getattr(tensor, "_keras_history", None), "operation", None)
+    return getattr(layer, "name", None) or getattr(tensor, "name", f"output_{i}")
+
+
 def sparse_label_limits(model, y) -> dict[str, LabelLimit]:
     """Per target dataset name: the label limit of the model's output it feeds, for the
     outputs whose loss takes class numbers (sparse categorical). Empty when the model's
@@ -54,7 +61,7 @@ def sparse_label_limits(model, y) -> dict[str, LabelLimit]:
     if y is None:
         return {}
     outputs = list(getattr(model, "outputs", None) or [])
-    names = list(getattr(model, "output_names", None) or [getattr(t, "name", f"output_{i}") for i, t in enumerate(outputs)])
+    names = list(getattr(model, "output_names", None) or [_output_name(t, i) for i, t in enumerate(outputs)])
     if not outputs or len(names) != len(outputs):
         return {}
     loss = getattr(model, "loss", None)

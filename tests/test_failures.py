@@ -779,3 +779,16 @@ def test_arguments_of_the_wrong_kind_are_refused_naming_them(tmp_path):
             pipetrain.H5Source(*args, **kwargs)
     with pipetrain.H5Source(bytes(path), x="x") as source, pipetrain.H5Source(tmp_path.glob("d.h5"), x="x") as again:
         assert source.rows == again.rows == 40
+
+
+@pytest.mark.one_backend  # the message's name for the output, not the backend's (CI time)
+@pytest.mark.model
+def test_a_label_out_of_a_sequential_models_range_names_its_output_layer():
+    """A Sequential model has no output_names in Keras 3: the output was named by its
+    symbolic tensor, 'keras_tensor_2', a name found nowhere in the user's code."""
+    from pipetrain.labels import sparse_label_limits
+
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(4, name="hidden"),
+                              keras.layers.Dense(3, activation="softmax", name="classes")])
+    model.compile("adam", "sparse_categorical_crossentropy")
+    assert sparse_label_limits(model, "y")["y"].output == "classes"
