@@ -343,6 +343,7 @@ class Run:
         self._stream_at: tuple[int, int] | None = None  # where the open stream delivers next
         self._epoch: Epoch | None = None
         self._epochs_iter = None
+        self._entered = False  # the folder, history and progress are opened by `with`
         self._failing = False
         self._end_lock = threading.Lock()
         self._ended = False
@@ -401,6 +402,7 @@ class Run:
     # -- lifetime -------------------------------------------------------------------
 
     def __enter__(self) -> Run:
+        self._entered = True
         try:
             resume = self._open_folder()
             if self.complete is not None:  # nothing to train: nothing is written either
@@ -583,6 +585,9 @@ class Run:
     def epochs(self) -> Iterator[Epoch]:
         """The epochs still to train, each an iterable of its batches (given once: a
         loop left early stops the run there, resumable)."""
+        if not self._entered:  # (it trained with no history, lock or progress, and wrote checkpoints)
+            raise RuntimeError("a Run is used in a with statement, which opens its folder and history: "
+                               "with pipetrain.Run(...) as run: for epoch in run.epochs(): ...")
         if self._epochs_iter is not None:  # a second would begin training again (callbacks and all)
             raise RuntimeError("run.epochs() was called already: a run gives its epochs once (a loop left early "
                                "stops the run; resume it in a new Run)")

@@ -622,3 +622,20 @@ def test_a_resume_with_other_metrics_is_refused_before_anything_is_written(tmp_p
         pipetrain.Run(source, batch_size=16, epochs=2, models=_model(), verbose=0, history=history,
                       resume=True).__enter__()
     assert history.read_bytes() == before
+
+
+@pytest.mark.one_backend  # its subject is the Run's use, not the backend's (CI time)
+@pytest.mark.model
+def test_a_run_used_without_with_is_refused_before_it_trains(tmp_path):
+    """`run = pipetrain.Run(...)` then `for epoch in run.epochs()`, without `with`: it
+    trained every batch with no history, no lock and no progress, yet wrote checkpoints,
+    which the next run in the folder took for another run's."""
+    path = write_h5(tmp_path / "d.h5", x=np.zeros((40, 3), np.float32), y=np.zeros(40, np.int64))
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2, activation="softmax")])
+    model.compile("adam", "sparse_categorical_crossentropy")
+    with pipetrain.H5Source(path, x="x", y="y") as source:
+        run = pipetrain.Run(source, batch_size=8, epochs=1, history=tmp_path / "run" / "history.jsonl",
+                            models=model, verbose=0)
+        with pytest.raises(RuntimeError, match=re.escape("with pipetrain.Run(...) as run:")):
+            run.epochs()
+    assert not (tmp_path / "run").exists()
