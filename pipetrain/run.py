@@ -1123,7 +1123,11 @@ class Epoch:
         if taken:
             raise RunError(f"Epoch.record({', '.join(f'{k}=' for k in taken)}...): the batch and epoch records' own "
                            "field(s); give your values other names")
-        self._values.update({k: float(v) for k, v in values.items()})
+        for name, value in values.items():
+            try:
+                self._values[name] = float(value)
+            except (TypeError, ValueError):  # (float()'s own words name neither record nor the value)
+                raise RunError(f"Epoch.record({name}={value!r}): expected one number, not a {type(value).__name__}") from None
 
     def _train_results(self) -> dict:
         if self._train_logs is None:
