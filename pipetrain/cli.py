@@ -312,6 +312,16 @@ def _recorded(settings: dict) -> dict:
             "val": absolute(settings["val"]) if settings["val"] else None}
 
 
+def _as_recorded(key: str, given):
+    """A flag's value in the form the run recorded it (names parsed, paths absolute), so
+    that the same value given again on resume is no change."""
+    if key in ("x", "y"):
+        return _names(given, None)
+    if key in ("data", "val", "model"):
+        return _recorded({"data": [], "val": None, "model": None, key: given})[key]
+    return given
+
+
 def _run_to_resume(given: str) -> Path:
     """The history of the run that ``--resume`` names: a run folder, or a history file
     (found as ``pipetrain tail`` finds it)."""
@@ -357,7 +367,7 @@ def _resumed_settings(args, history: Path, folder) -> dict:
                      if key in changed and len({type(changed[key]), type(settings.get(key))} - {type(None)}) == 1})
     for key in FIXED_ON_RESUME:
         given = getattr(args, key, None)
-        if given is not None and given is not False and given != settings.get(key):  # (the same value: no change)
+        if given is not None and given is not False and _as_recorded(key, given) != settings.get(key):
             flag = "--" + key.replace("_", "-")
             raise BadInput(f"{flag} cannot change when resuming (the run was started with {settings.get(key)!r})")
     for key in CHANGED_ON_RESUME:

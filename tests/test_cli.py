@@ -233,7 +233,8 @@ def test_val_split_is_kept_and_a_finished_run_resumed_changes_nothing(tmp_path):
     assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == files
     changed = pipetrain("train", "--resume", str(run_dir), "--val-split", "0.5", cwd=tmp_path)
     assert changed.returncode == 2 and "--val-split cannot change when resuming" in changed.stderr
-    same = pipetrain("train", "--resume", str(run_dir), "--val-split", "0.25", "--batch-size", "8", cwd=tmp_path)
+    same = pipetrain("train", "--resume", str(run_dir), "--val-split", "0.25", "--batch-size", "8",
+                     "--data", "d.h5", "--x", "x", "--y", "y", cwd=tmp_path)  # (recorded as an absolute path, 'x')
     assert same.returncode == 0 and "is already complete" in same.stdout, same.stderr  # the same values: no change
 
     more = pipetrain("train", "--resume", str(run_dir), "--epochs", "3", "--quiet", cwd=tmp_path)
