@@ -256,6 +256,8 @@ class Run:
         epochs = whole_setting("epochs", epochs)
         seed = whole_setting("seed", seed, 0, MAX_SEED)
         workers, max_queue = whole_setting("workers", workers, 1, MAX_WORKERS), whole_setting("max_queue", max_queue)
+        if max_queue_bytes is not None:
+            max_queue_bytes = whole_setting("max_queue_bytes", max_queue_bytes)
         if checkpoint_every:  # None or 0: at epoch ends only
             checkpoint_every = whole_setting("checkpoint_every", checkpoint_every)
         if monitor_interval is not None and not (isinstance(monitor_interval, (int, float))
@@ -288,7 +290,7 @@ class Run:
         try:
             self.plan = Plan(
                 source.row_ranges, batch_size, block_rows=source.block_rows(), shuffle=shuffle,
-                seed=seed, window=shuffle_window, drop_remainder=drop_remainder,
+                seed=seed, window=whole_setting("shuffle_window", shuffle_window), drop_remainder=drop_remainder,
                 partitions=whole_setting("partitions", partitions, 1, MAX_PARTITIONS), share=self._dist.share,
             )
         except ValueError as e:

@@ -722,10 +722,16 @@ def test_tensorflow_op_errors_become_the_one_line_that_says_what_failed():
     ({"seed": 2**40}, "seed=1099511627776 must be a whole number from 0 to 4294967295"),
     ({"seed": "a"}, "seed='a' must be a whole number from 0 to 4294967295"),
     ({"partitions": 10**7}, "partitions=10000000 must be a whole number from 1 to 65536"),
+    ({"shuffle_window": None}, "shuffle_window=None must be a whole number >= 1"),
+    ({"shuffle_window": float("inf")}, "shuffle_window=inf must be a whole number >= 1"),
+    ({"shuffle_window": -5}, "shuffle_window=-5 must be a whole number >= 1"),
+    ({"max_queue_bytes": "1e9"}, "max_queue_bytes='1e9' must be a whole number >= 1"),
 ])
-def test_a_seed_or_partition_count_out_of_range_is_refused_naming_it(tmp_path, settings, message):
+def test_a_setting_out_of_range_or_of_the_wrong_kind_is_refused_naming_it(tmp_path, settings, message):
     """Before anything is written: a negative seed failed in a producer thread, a huge
-    partition count took minutes and gigabytes to plan each epoch."""
+    partition count took minutes and gigabytes to plan each epoch, a shuffle window or
+    a byte bound of the wrong kind was a TypeError (or an OverflowError) from the plan or
+    the pool, a negative window was taken as one block."""
     import re
 
     path = write_h5(tmp_path / "d.h5", x=np.zeros((20, 2), np.float32))
