@@ -329,10 +329,14 @@ def _run_to_resume(given: str) -> Path:
     from pipetrain.history import history_file
 
     path = history_file(given)
-    if not path.is_file():
-        if Path(given).is_dir() and runfolder.held(Path(given) / "history.jsonl"):  # a run starting there
+    empty = path.is_file() and path.stat().st_size == 0  # a run killed before its first record: no settings
+    if not path.is_file() or empty:
+        if (empty or Path(given).is_dir()) and runfolder.held(path):  # a run starting there
             raise BadInput(f"--resume {given}: another run is starting in this folder (before its first record); "
                            "wait for it to end, or choose another folder")
+        if empty:
+            raise BadInput(f"--resume {given}: {path} is empty (the run was stopped before its first record): "
+                           "nothing to resume; start the run again")
         raise BadInput(f"--resume {given}: no such run folder or history file" if not Path(given).is_dir() else
                        f"--resume {given}: no history file there (is it a run folder?)")
     return path

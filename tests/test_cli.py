@@ -352,6 +352,22 @@ def test_resume_of_a_folder_a_run_is_starting_in_says_so(tmp_path, capsys):
     assert f"--resume {folder}: another run is starting in this folder" in err and len(err.strip().splitlines()) == 1
 
 
+def test_resume_of_a_run_killed_before_its_first_record_says_so(tmp_path, capsys):
+    """kill -9 between the history's creation and its run record leaves an empty history
+    (no settings, no checkpoint): --resume said '.../checkpoint: no checkpoint to resume
+    from', as if the checkpoints were the trouble; a run at the same path starts afresh."""
+    from pipetrain import cli
+
+    folder = tmp_path / "early"
+    folder.mkdir()
+    (folder / "history.jsonl").write_bytes(b"")
+    assert cli.main(["train", "--resume", str(folder)]) == 2
+    err = capsys.readouterr().err
+    assert err == (f"pipetrain: --resume {folder}: {folder / 'history.jsonl'} is empty (the run was stopped before "
+                   "its first record): nothing to resume; start the run again\n")
+    assert os.listdir(folder) == ["history.jsonl"]
+
+
 def test_a_second_ctrl_c_while_the_first_is_told_ends_in_one_line(tmp_path, monkeypatch, capsys):
     """Ctrl-C twice quickly during start-up: the second landed in the handler of the first
     (its import of pipetrain.distributed) and printed two tracebacks."""
