@@ -45,7 +45,20 @@ def parse_shape(text: str) -> tuple[int, ...]:
         raise DataSpecError(f"--features {text!r}: expected a row shape such as 784 or 28x28x1") from None
     if not shape or any(n < 1 for n in shape):
         raise DataSpecError(f"--features {text!r}: every dimension must be >= 1")
+    if len(shape) > 31:  # HDF5 holds 32 dimensions, the rows' among them
+        raise DataSpecError(f"--features {text!r}: at most 31 dimensions")
     return shape
+
+
+def dataset_names(x_name: str, y_name: str, said: str) -> tuple[str, str]:
+    """The two dataset names as HDF5 reads them ("/x/." is "x"), or a DataSpecError
+    beginning with ``said`` (how the caller gave them) when they cannot both be written."""
+    x, y = ("/".join(part for part in name.split("/") if part not in ("", ".")) for name in (x_name, y_name))
+    if not x or not y or x == y:
+        raise DataSpecError(f"{said}: two different, non-empty dataset names needed")
+    if x.startswith(y + "/") or y.startswith(x + "/"):
+        raise DataSpecError(f"{said}: neither can hold the other (a dataset is no group)")
+    return x, y
 
 
 def compression_options(text: str, shuffle: bool) -> dict:
@@ -119,8 +132,7 @@ def make_data(
     stream of rows of the same seed, as ``--splits`` uses for its second file on)."""
     path = Path(path)
     dtype = np.dtype(dtype)
-    if not x_name or not y_name or x_name == y_name:
-        raise DataSpecError(f"x_name={x_name!r}, y_name={y_name!r}: two different, non-empty dataset names needed")
+    x_name, y_name = dataset_names(x_name, y_name, f"x_name={x_name!r}, y_name={y_name!r}")
     if rows < 1:
         raise DataSpecError(f"rows={rows}: must be >= 1")
     if classes < 2:
@@ -234,9 +246,7 @@ def cmd_make_data(args) -> int:
             what = describe(path) if stat.S_ISREG(mode) else file_kind(mode)  # (None: an empty file)
             if what is not None and not (stat.S_ISREG(mode) and h5py.is_hdf5(path)):
                 raise BadInput(f"{path}: is {what}, not an HDF5 file; --overwrite replaces only an HDF5 file")
-    x_name, y_name = args.x_name.strip("/"), args.y_name.strip("/")  # (HDF5 reads "/x" as "x")
-    if not x_name or not y_name or x_name == y_name:
-        raise BadInput(f"--x-name {args.x_name!r} --y-name {args.y_name!r}: two different, non-empty dataset names needed")
+    dataset_names(args.x_name, args.y_name, f"--x-name {args.x_name!r} --y-name {args.y_name!r}")  # before any file
     features = parse_shape(args.features)
     if args.classes < 2:
         raise BadInput(f"--classes {args.classes}: must be >= 2 (labels of one class teach nothing)")

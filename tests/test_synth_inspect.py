@@ -58,7 +58,14 @@ def test_make_data_refuses_what_memory_cannot_hold_and_names_that_are_not_datase
     for args, message in [(["--features", "100000x100000"], "GiB of memory to write"),
                           (["--classes", "1000000000"], "--classes 1000000000 with --features of 784 values a row"),
                           (["--x-name", "/"], "--x-name '/' --y-name 'y': two different, non-empty dataset names"),
-                          (["--x-name", "/y"], "two different, non-empty dataset names")]:
+                          (["--x-name", "/y"], "two different, non-empty dataset names"),
+                          # HDF5 reads "." as the group itself, and cannot nest a dataset in one:
+                          # these failed while writing (exit 1, "make-data failed: ... already exists")
+                          (["--x-name", "."], "--x-name '.' --y-name 'y': two different, non-empty dataset names"),
+                          (["--x-name", "y/./."], "two different, non-empty dataset names"),
+                          (["--x-name", "a", "--y-name", "a/b"], "--x-name 'a' --y-name 'a/b': neither can hold"),
+                          (["--x-name", "a/b", "--y-name", "a"], "neither can hold the other"),
+                          (["--features", "x".join(["1"] * 32)], "at most 31 dimensions")]:
         assert main(["make-data", str(tmp_path / "n.h5"), "--rows", "10", *args]) == 2, args
         assert message in capsys.readouterr().err, args
     assert list(tmp_path.iterdir()) == []
