@@ -250,7 +250,12 @@ def _names(values: list[str] | None, default: str | None):
     if not values:
         return default
     if all("=" in v for v in values):
-        return dict(v.split("=", 1) for v in values)
+        pairs = [v.split("=", 1) for v in values]
+        for key in {key for key, _ in pairs}:
+            given = [f"{k}={v}" for k, v in pairs if k == key]
+            if len(given) > 1:
+                raise BadInput(f"--x/--y: {key!r} is named twice ({', '.join(given)})")
+        return dict(pairs)
     if any("=" in v for v in values):
         raise BadInput("--x/--y: give either all names as NAME=DATASET or none")
     return values[0] if len(values) == 1 else list(values)

@@ -315,13 +315,16 @@ def exits():
                                        "function takes none, or the data source"),
     (["--model", "factories:exits"], "--model factories:exits: exits() exited (SystemExit(0)) instead of returning a model"),
     (["--model", "folder.keras"], "folder.keras: a folder, not a model file"),
-], ids=["name-up", "name-path", "dev-null", "workers", "batch-size", "not-a-model", "two-args", "exits", "folder"])
+    (["--x", "a=x", "b=x", "a=y"], "--x/--y: 'a' is named twice (a=x, a=y)"),
+], ids=["name-up", "name-path", "dev-null", "workers", "batch-size", "not-a-model", "two-args", "exits", "folder",
+        "input-twice"])
 def test_flags_a_hostile_review_found_are_bad_input_and_write_nothing(tmp_path, data, monkeypatch, capsys, args,
                                                                       message):
     """Each was taken: --name '../x' wrote outside runs/, --history /dev/null put the run's
     checkpoints and model in /dev, --workers 100000 and --batch-size 10**20 failed in the
     producers (exit 1, a failed run left behind), a factory's SystemExit(0) ended
-    pipetrain silently with 0, and the others said something else."""
+    pipetrain silently with 0, --x a=x a=y took the last silently, and the others said
+    something else."""
     from pipetrain import cli
 
     monkeypatch.chdir(tmp_path)
