@@ -1125,11 +1125,11 @@ class Epoch:
         if taken:
             raise RunError(f"Epoch.record({', '.join(f'{k}=' for k in taken)}...): the batch and epoch records' own "
                            "field(s); give your values other names")
-        for name, value in values.items():
-            try:
-                self._values[name] = float(value)
-            except (TypeError, ValueError):  # (float()'s own words name neither record nor the value)
-                raise RunError(f"Epoch.record({name}={value!r}): expected one number, not a {type(value).__name__}") from None
+        try:
+            self._values.update({k: float(v) for k, v in values.items()})
+        except (TypeError, ValueError):  # name the value: float()'s own words do not
+            bad = next(k for k, v in values.items() if not _is_number(v))
+            raise RunError(f"Epoch.record({bad}=...): expected a number, got {type(values[bad]).__name__}") from None
 
     def _train_results(self) -> dict:
         if self._train_logs is None:
@@ -1306,6 +1306,14 @@ def check_groups(model, k: int) -> None:
     if why is not None:
         said = argument(f"steps_per_execution={k}", f"--steps-per-execution {k}")  # the flag on the command line
         raise RunError(f"{said}: model {getattr(model, 'name', '?')!r} trains one batch a step: {why}; use 1")
+
+
+def _is_number(value) -> bool:
+    try:
+        float(value)
+    except (TypeError, ValueError):
+        return False
+    return True
 
 
 def whole_setting(name: str, value, low: int = 1, high: int | None = None) -> int:

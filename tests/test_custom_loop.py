@@ -355,9 +355,10 @@ def test_a_custom_loops_mistakes_are_told_and_its_numbers_stay_right(tmp_path):
     source, validation = _tiny(tmp_path)
     for values, message in [({"type": 0.5}, "Epoch.record(type=...): the batch and epoch records' own field"),
                             ({"loss": 1.0}, "Epoch.record(loss=...): the model's train_on_batch reports that"),
-                            # (they were float()'s own words, naming neither record nor the value)
-                            ({"note": "hi"}, "Epoch.record(note='hi'): expected one number, not a str"),
-                            ({"pair": [1.0, 2.0]}, "Epoch.record(pair=[1.0, 2.0]): expected one number, not a list")]:
+                            # (float()'s own ValueError and TypeError named no value)
+                            ({"ok": 1.0, "note": "hi"}, "Epoch.record(note=...): expected a number, got str"),
+                            ({"per_class": np.ones(3)}, "Epoch.record(per_class=...): expected a number, got ndarray"),
+                            ({"pair": [1.0, 2.0]}, "Epoch.record(pair=...): expected a number, got list")]:
         model = _model()
         with pytest.raises(pipetrain.errors.RunError, match=re.escape(message)), \
                 pipetrain.Run(source, batch_size=16, epochs=1, models=model, verbose=0) as run:
