@@ -345,7 +345,7 @@ class Run:
         self._stream_at: tuple[int, int] | None = None  # where the open stream delivers next
         self._epoch: Epoch | None = None
         self._epochs_iter = None
-        self._entered = False  # the folder, history and progress are opened by `with`
+        self._entered = False  # the folder claimed, the history open, the signals caught: __enter__'s
         self._failing = False
         self._end_lock = threading.Lock()
         self._ended = False
@@ -404,13 +404,13 @@ class Run:
     # -- lifetime -------------------------------------------------------------------
 
     def __enter__(self) -> Run:
-        self._entered = True
         try:
             resume = self._open_folder()
             if self.complete is not None:  # nothing to train: nothing is written either
                 if self.verbose:
                     print(f"pipetrain: {self.history_path} is already complete ({self.complete}); nothing to "
                           f"train (more epochs than {self._resumed[0]['epochs']} would extend it)", flush=True)
+                self._entered = True
                 return self
         except BaseException as e:
             self._release_folder()
@@ -449,6 +449,7 @@ class Run:
                 self._close_sinks()
             self._release_folder()
             raise
+        self._entered = True
         return self
 
     def _open_folder(self) -> dict | None:

@@ -347,7 +347,8 @@ def test_a_model_compiled_to_run_eagerly_runs_its_own_step_eagerly_as_fit_does(t
 @pytest.mark.one_backend  # the loop's bookkeeping, not the backend's: TensorFlow covers it (CI time)
 def test_a_custom_loops_mistakes_are_told_and_its_numbers_stay_right(tmp_path):
     """Values recorded under the records' own names (or the model's) are refused, not
-    written over them; an evaluate mid-epoch leaves the epoch's figures whole; a loop
+    written over them, nor values that are not numbers; a run used outside its `with` is
+    refused; an evaluate mid-epoch leaves the epoch's figures whole; a loop
     left between epochs says so; BackupAndRestore (which would load old weights over a
     resumed run's) is refused; a Ctrl-C after the last batch is not swallowed."""
     import os
@@ -366,6 +367,11 @@ def test_a_custom_loops_mistakes_are_told_and_its_numbers_stay_right(tmp_path):
                 for batch in epoch:
                     epoch.train_on_batch(model, batch.x, batch.y)
                     epoch.record(**values)
+    model = _model()
+    outside = pipetrain.Run(source, batch_size=16, epochs=1, models=model, verbose=0, history=tmp_path / "o.jsonl")
+    with pytest.raises(RuntimeError, match=re.escape("a Run is used in a with statement")):
+        outside.epochs()  # it trained, and wrote checkpoints beside no history, outside the folder's lock
+    assert not (tmp_path / "checkpoint").exists() and not (tmp_path / "o.jsonl").exists()
     logs = []
     for mid in (False, True):
         model = _model()
