@@ -8,6 +8,8 @@ custom loops.
 
 from __future__ import annotations
 
+import math
+import numbers
 import os
 from collections.abc import Mapping
 
@@ -109,11 +111,8 @@ def train(
         if data is not None and not isinstance(data, H5Source):
             raise RunError(f"{name}={data!r}: expected a pipetrain.H5Source (such as pipetrain.H5Source(path, "
                            "x=..., y=...))")
-    if class_weight is not None and not isinstance(class_weight, Mapping):
-        raise RunError(f"class_weight={class_weight!r}: expected a dict of weights by class index, as fit takes")
-    if class_weight is not None and source.sample_weight is not None:  # (else a failed run at its first batch)
-        raise RunError(f"class_weight={dict(class_weight)} and the sample weights of the source "
-                       f"({source.sample_weight!r}) exclude each other, as in fit: give one")
+    if class_weight is not None:
+        _check_class_weight(class_weight, source)
     if source.y is None and getattr(model, "loss", None) is not None and not _own_loss(model):
         # (else train_on_batch failed at the first batch: "None values not supported")
         raise RunError(f"the model's loss ({_loss_name(model.loss)}) needs targets, but the source has none: "
@@ -197,3 +196,15 @@ def _own_loss(model) -> bool:
 
 def _loss_name(loss) -> str:
     return loss if isinstance(loss, str) else getattr(loss, "name", None) or type(loss).__name__
+
+
+def _check_class_weight(class_weight, source: H5Source) -> None:
+    """Before anything is written (else the first batch failed: a failed run left behind)."""
+    if not isinstance(class_weight, Mapping):
+        raise RunError(f"class_weight={class_weight!r}: expected a dict of weights by class index, as fit takes")
+    if source.sample_weight is not None:
+        raise RunError(f"class_weight={dict(class_weight)} and the sample weights of the source "
+                       f"({source.sample_weight!r}) exclude each other, as in fit: give one")
+    for label, weight in class_weight.items():
+        if isinstance(weight, bool) or not isinstance(weight, numbers.Real) or not math.isfinite(weight):
+            raise RunError(f"class_weight={{{label!r}: {weight!r}}}: a weight must be a finite number")

@@ -765,15 +765,22 @@ def test_arguments_of_the_wrong_kind_are_refused_naming_them(tmp_path):
     from pipetrain.source import SourceError
 
     path = write_h5(tmp_path / "d.h5", x=np.zeros((40, 3), np.float32), y=np.zeros(40, np.int64),
-                    w2=np.ones((40, 2), np.float32))
+                    w2=np.ones((40, 2), np.float32), w=np.ones(40, np.float32))
     model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2, activation="softmax")])
     model.compile("adam", "sparse_categorical_crossentropy")
-    with pipetrain.H5Source(path, x="x", y="y") as source:
-        for settings, message in [({"validation": str(path)}, f"validation='{path}': expected a pipetrain.H5Source"),
-                                  ({"callbacks": 5}, "callbacks=5: expected a list of keras.callbacks.Callback"),
-                                  ({"class_weight": "balanced"}, "class_weight='balanced': expected a dict")]:
+    with pipetrain.H5Source(path, x="x", y="y") as source, \
+            pipetrain.H5Source(path, x="x", y="y", sample_weight="w") as weighted:
+        # (bad class weights failed at the first batch: a failed run, a raw ValueError or a NaN loss)
+        for data, settings, message in [
+                (source, {"validation": str(path)}, f"validation='{path}': expected a pipetrain.H5Source"),
+                (source, {"callbacks": 5}, "callbacks=5: expected a list of keras.callbacks.Callback"),
+                (source, {"class_weight": "balanced"}, "class_weight='balanced': expected a dict"),
+                (source, {"class_weight": {0: "x", 1: 1.0}}, "class_weight={0: 'x'}: a weight must be a finite number"),
+                (source, {"class_weight": {0: 1.0, 1: None}}, "class_weight={1: None}: a weight must be a finite"),
+                (source, {"class_weight": {0: float("inf")}}, "class_weight={0: inf}: a weight must be a finite"),
+                (weighted, {"class_weight": {0: 1.0}}, "exclude each other, as in fit: give one")]:
             with pytest.raises(RunError, match=re.escape(message)):
-                pipetrain.train(model, source, verbose=0, history=tmp_path / "h.jsonl", **settings)
+                pipetrain.train(model, data, verbose=0, history=tmp_path / "h.jsonl", **settings)
     with pytest.raises(RunError, match=re.escape(f"source='{path}': expected a pipetrain.H5Source")):
         pipetrain.train(model, str(path), verbose=0)
     assert not (tmp_path / "h.jsonl").exists()
