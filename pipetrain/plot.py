@@ -288,6 +288,11 @@ def plot(paths: Sequence[str | os.PathLike], output: str | os.PathLike, *, metri
     output = Path(output)
     if not output.parent.is_dir():
         raise BadInput(f"{output}: cannot write the plot ({output.parent} is not a folder)")
+    from pipetrain.runfolder import HDF5, HISTORY, describe
+
+    kind = describe(output)  # a history or data given as -o (one of the histories plotted, even) was replaced
+    if kind in (HISTORY, HDF5):
+        raise BadInput(f"{output}: is {kind}, not a picture; give the plot another path")
     figure = draw(load(paths), figure_class, metrics=metrics, log=log)
     formats = figure.canvas.get_supported_filetypes()
     if output.suffix.lower().lstrip(".") not in formats:

@@ -72,6 +72,7 @@ LOCK_NAME = ".pipetrain.lock"
 MODEL = "model.keras"  # the model the command line saves at a run's end, beside the history
 _MODEL_PART = ".model.saving.keras"  # a model being saved: renamed to MODEL once whole
 HISTORY = "a pipetrain history"
+HDF5 = "an HDF5 file"
 _NO_LOCKS = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS}
 # How the history writer begins every run and epoch record (compact JSON, "type" first).
 _RUN_LINE = b'{"type":"run"'
@@ -660,7 +661,7 @@ def describe(path: Path) -> str | None:
     if head.startswith(_RUN_LINE):
         return HISTORY
     if head.startswith(b"\x89HDF\r\n\x1a\n"):
-        return "an HDF5 file"
+        return HDF5
     if head.startswith(b"PK\x03\x04"):
         return "a zip archive (a .keras model or a checkpoint?)"
     if head.startswith(b"\x93NUMPY"):

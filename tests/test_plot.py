@@ -88,14 +88,22 @@ def test_rolling_mean_leaves_out_missing_values():
     (["plot", "a/runs/exp", "-o", "x.bmpx"], "x.bmpx: unknown picture format '.bmpx' (use .png, .svg or .pdf)"),
     (["plot", "a/runs/exp", "-o", "no/such/dir/x.png"], "cannot write the plot (no/such/dir is not a folder)"),
     (["plot", "a/runs/exp", "-o", "taken.png"], "taken.png: cannot write the plot: Is a directory"),
+    # (each was replaced by the picture)
+    (["plot", "history.png", "-o", "history.png"], "history.png: is a pipetrain history, not a picture; give the "
+                                                   "plot another path"),
+    (["plot", "a/runs/exp", "-o", "data.png"], "data.png: is an HDF5 file, not a picture"),
 ])
 def test_bad_input_is_one_line_and_exit_2(runs, capsys, args, message):
+    (runs / "history.png").write_bytes((runs / "a/runs/exp/history.jsonl").read_bytes())
+    (runs / "data.png").write_bytes(b"\x89HDF\r\n\x1a\n" + bytes(100))
+    kept = {name: (runs / name).read_bytes() for name in ("history.png", "data.png")}
     (runs / "empty.jsonl").write_text("")
     (runs / "headless.jsonl").write_text('{"type":"epoch","run":"r","t":1.0,"epoch":0,"loss":0.5}\n')
     (runs / "taken.png").mkdir()  # a folder where the picture goes (as a full disk or no permission: savefig fails)
     assert cli.main(args) == 2
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1, err
+    assert {name: (runs / name).read_bytes() for name in kept} == kept
 
 
 def test_without_matplotlib_a_clear_line_and_exit_2(runs, capsys, monkeypatch):
