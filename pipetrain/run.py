@@ -1034,9 +1034,9 @@ class Epoch:
                if k.endswith("loss") and isinstance(v, float) and not math.isfinite(v)}
         if bad:
             shown = ", ".join(f"{k}={v}" for k, v in bad.items())
+            kept = "the last checkpoint holds finite weights" if run.last_checkpoint else "no checkpoint was written"
             raise NonFiniteLoss(
-                f"non-finite loss at {batch_text(self.index, last, self.steps)}: {shown} "
-                "(training stopped; the last checkpoint holds finite weights)"
+                f"non-finite loss at {batch_text(self.index, last, self.steps)}: {shown} (training stopped; {kept})"
             )
 
     def _running_logs(self) -> dict:

@@ -419,6 +419,8 @@ def test_a_non_finite_loss_fails_clearly_unless_allowed(folder):
     assert "non-finite loss at epoch 1, batch" in done.stderr and len(done.stderr.strip().splitlines()) == 1
     h = pipetrain.read_history(folder / "runs/n/history.jsonl")
     assert h.end["status"] == "failed" and "non-finite loss" in h.end["error"]
+    # Before the first checkpoint (which is at the epoch's end): it said "the last checkpoint holds finite weights"
+    assert h.end["checkpoint"] is None and "(training stopped; no checkpoint was written)" in done.stderr
     done = cli("train", "--data", "d.h5", "--x", "x", "--y", "y", "--model", "explode:model", "--quiet",
                "--epochs", "2", "--allow-nonfinite", "--history", "runs/m/history.jsonl", cwd=folder, env=env)
     assert done.returncode == 0, done.stderr
