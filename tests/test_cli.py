@@ -166,27 +166,30 @@ def test_compute_threads_on_jax_is_refused_before_anything_is_written(tmp_path):
 
 
 
-# In a process on JAX or PyTorch, after a `pipetrain train` when ``train``: whether it
-# imported TensorFlow, what each random source draws after seeding with 7 (as pipetrain
-# train seeds when ``ours``, else with Keras alone), and a Keras layer made of TensorFlow.
+# In a process on JAX or PyTorch, after a `pipetrain train`: whether it imported
+# TensorFlow; what each random source draws after seeding with 7 as pipetrain train seeds,
+# then as Keras alone seeds (which imports TensorFlow); a Keras layer made of TensorFlow.
 SEEDED = """
 import contextlib, json, random, sys
 import numpy as np
-imported = None
-if {train}:
-    from pipetrain.cli import main
-    assert main(["train", "--data", "d.h5", "--x", "x", "--y", "y", "--epochs", "1", "--quiet"]) == 0
-    imported = "tensorflow" in sys.modules
+from pipetrain.cli import main
+assert main(["train", "--data", "d.h5", "--x", "x", "--y", "y", "--epochs", "1", "--quiet"]) == 0
+imported = "tensorflow" in sys.modules
 import keras
 from pipetrain.runfolder import tensorflow_left_unimported
-with tensorflow_left_unimported() if {ours} else contextlib.nullcontext():
-    keras.utils.set_random_seed(7)
-draws = [random.random(), float(np.random.random()), float(keras.ops.convert_to_numpy(keras.random.normal(())))]
-if keras.backend.backend() == "torch":
-    import torch
-    draws.append(float(torch.rand(())))
+
+def draws(seeding):
+    with seeding:
+        keras.utils.set_random_seed(7)
+    drawn = [random.random(), float(np.random.random()), float(keras.ops.convert_to_numpy(keras.random.normal(())))]
+    if keras.backend.backend() == "torch":
+        import torch
+        drawn.append(float(torch.rand(())))
+    return drawn
+
+ours, theirs = draws(tensorflow_left_unimported()), draws(contextlib.nullcontext())
 keras.layers.Hashing(num_bins=4)  # (it needs TensorFlow, and imports it)
-print(json.dumps([imported, draws]))
+print(json.dumps([imported, ours, theirs]))
 """
 
 
@@ -196,16 +199,13 @@ def test_a_run_on_jax_or_torch_does_not_import_tensorflow_and_seeds_as_keras_doe
     objects model.save writes; nothing a run on JAX or PyTorch does uses it, and each of
     its processes paid that. Only while seeding and saving is it left out: a layer made
     of TensorFlow still gets it."""
-    def run(train: bool, ours: bool) -> tuple[bool | None, list]:
-        done = subprocess.run([sys.executable, "-c", SEEDED.format(train=train, ours=ours)], cwd=tmp_path,
-                              capture_output=True, text=True, timeout=300, env={**os.environ, "KERAS_BACKEND": backend})
-        assert done.returncode == 0, done.stderr
-        return json.loads(done.stdout.strip().splitlines()[-1])
-
-    imported, ours = run(train=True, ours=True)
+    done = subprocess.run([sys.executable, "-c", SEEDED], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "KERAS_BACKEND": backend})
+    assert done.returncode == 0, done.stderr
+    imported, ours, theirs = json.loads(done.stdout.strip().splitlines()[-1])
     assert imported is False
     assert len(list((tmp_path / "runs").glob("*/model.keras"))) == 1
-    assert ours == run(train=False, ours=False)[1]  # every other source seeded as Keras seeds it
+    assert ours == theirs  # every other source seeded as Keras seeds it
 
 
 @pytest.mark.one_backend  # its subject is not the backend's: TensorFlow covers it (CI time)
