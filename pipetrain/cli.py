@@ -305,26 +305,28 @@ def _new_run_settings(args) -> dict:
 def _recorded(settings: dict) -> dict:
     """The settings as the checkpoint keeps them: paths made absolute, so that a resume
     from another folder finds the same files."""
-    model = settings["model"]
-    if model and (model.endswith(".keras") or os.path.isfile(model)):
-        model = os.path.abspath(model)
+    return {key: _recorded_value(key, value) for key, value in settings.items()}
+
+
+def _recorded_value(key: str, value):
     from pipetrain.remote import is_url
 
     def absolute(paths):  # a URL is the same from any folder and any machine
         return [p if is_url(p) else os.path.abspath(p) for p in paths]
 
-    return {**settings, "model": model, "data": absolute(settings["data"]),
-            "val": absolute(settings["val"]) if settings["val"] else None}
+    if key == "model" and value and (value.endswith(".keras") or os.path.isfile(value)):
+        return os.path.abspath(value)
+    if key == "data":
+        return absolute(value)
+    if key == "val":
+        return absolute(value) if value else None
+    return value
 
 
 def _as_recorded(key: str, given):
     """A flag's value in the form the run recorded it (names parsed, paths absolute), so
     that the same value given again on resume is no change."""
-    if key in ("x", "y"):
-        return _names(given, None)
-    if key in ("data", "val", "model"):
-        return _recorded({"data": [], "val": None, "model": None, key: given})[key]
-    return given
+    return _recorded_value(key, _names(given, None) if key in ("x", "y") else given)
 
 
 def _run_to_resume(given: str) -> Path:
